@@ -1,0 +1,97 @@
+"""Causal self-attention over a fused qkv buffer, grouped-query aware.
+
+qkv is (B, T, (NH + 2*NKV) * hs): NH query heads, then NKV key heads, then NKV value
+heads. Query head h reads key/value head h // (NH // NKV): NKV == NH is multi-head
+attention, NKV == 1 multi-query. window > 0 limits each query to the last `window` keys.
+
+No T x T matrix is ever stored. The forward runs an online softmax per query row and
+saves only the row's log-sum-exp; the backward recomputes each probability from it.
+"""
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def attention_forward(out, lse, qkv, NH, NKV, window):
+    """out (B, T, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T)."""
+    B, T, _ = qkv.shape
+    hs = out.shape[2] // NH
+    group = NH // NKV
+    scale = 1.0 / np.sqrt(hs)
+    k_off = NH * hs
+    v_off = (NH + NKV) * hs
+    for r in prange(B * NH * T):
+        b = r // (NH * T)
+        h = (r // T) % NH
+        t = r % T
+        kv = h // group
+        q = qkv[b, t, h * hs:(h + 1) * hs]
+        o = out[b, t, h * hs:(h + 1) * hs]
+        o[:] = 0.0
+        m = -np.inf
+        l = 0.0
+        j0 = max(0, t - window + 1) if window > 0 else 0
+        for j in range(j0, t + 1):
+            k = qkv[b, j, k_off + kv * hs:k_off + (kv + 1) * hs]
+            s = 0.0
+            for c in range(hs):
+                s += q[c] * k[c]
+            s *= scale
+            if s > m:  # new running max: rescale what was accumulated so far
+                correction = np.exp(m - s)
+                l *= correction
+                for c in range(hs):
+                    o[c] *= correction
+                m = s
+            p = np.exp(s - m)
+            l += p
+            v = qkv[b, j, v_off + kv * hs:v_off + (kv + 1) * hs]
+            for c in range(hs):
+                o[c] += p * v[c]
+        inv = 1.0 / l
+        for c in range(hs):
+            o[c] *= inv
+        lse[b, h, t] = m + np.log(l)
+
+
+@njit(parallel=True, cache=True)
+def attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window):
+    """Accumulate dqkv from dout. Tasks own one (batch, kv head) pair, so the key and
+    value grads that several query heads and rows add into have a single writer."""
+    B, T, _ = qkv.shape
+    hs = out.shape[2] // NH
+    group = NH // NKV
+    scale = 1.0 / np.sqrt(hs)
+    k_off = NH * hs
+    v_off = (NH + NKV) * hs
+    for u in prange(B * NKV):
+        b = u // NKV
+        kv = u % NKV
+        for h in range(kv * group, (kv + 1) * group):
+            for t in range(T):
+                q = qkv[b, t, h * hs:(h + 1) * hs]
+                dq = dqkv[b, t, h * hs:(h + 1) * hs]
+                do = dout[b, t, h * hs:(h + 1) * hs]
+                o = out[b, t, h * hs:(h + 1) * hs]
+                # D = sum_j p_j dp_j = do . o, the softmax backward's shared term
+                D = 0.0
+                for c in range(hs):
+                    D += do[c] * o[c]
+                L = lse[b, h, t]
+                j0 = max(0, t - window + 1) if window > 0 else 0
+                for j in range(j0, t + 1):
+                    k = qkv[b, j, k_off + kv * hs:k_off + (kv + 1) * hs]
+                    v = qkv[b, j, v_off + kv * hs:v_off + (kv + 1) * hs]
+                    dk = dqkv[b, j, k_off + kv * hs:k_off + (kv + 1) * hs]
+                    dv = dqkv[b, j, v_off + kv * hs:v_off + (kv + 1) * hs]
+                    s = 0.0
+                    dp = 0.0
+                    for c in range(hs):
+                        s += q[c] * k[c]
+                        dp += do[c] * v[c]
+                    p = np.exp(s * scale - L)
+                    ds = p * (dp - D) * scale
+                    for c in range(hs):
+                        dq[c] += ds * k[c]
+                        dk[c] += ds * q[c]
+                        dv[c] += p * do[c]

@@ -1,0 +1,71 @@
+"""LayerNorm over the last axis of (N, C) rows: out = (x - mean) * rstd * weight + bias."""
+import numpy as np
+from numba import njit, prange
+
+COL_BLOCK = 64  # columns per parallel task when reducing weight/bias grads over rows
+
+
+@njit(parallel=True, cache=True)
+def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
+    """Normalise each row; save mean and 1/std for the backward. bias may be empty."""
+    N, C = inp.shape
+    has_bias = bias.shape[0] > 0
+    for n in prange(N):
+        x = inp[n]
+        m = 0.0
+        for c in range(C):
+            m += x[c]
+        m /= C
+        var = 0.0
+        for c in range(C):
+            d = x[c] - m
+            var += d * d
+        var /= C
+        s = 1.0 / np.sqrt(var + eps)
+        o = out[n]
+        for c in range(C):
+            o[c] = (x[c] - m) * s * weight[c]
+            if has_bias:
+                o[c] += bias[c]
+        mean[n] = m
+        rstd[n] = s
+
+
+@njit(parallel=True, cache=True)
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    """Accumulate input, weight and bias grads. dbias may be empty (no bias).
+
+    dx = rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w * xhat)), per row; the weight and
+    bias grads sum over rows, done in a second pass that gives each task a block of
+    columns, so the result does not depend on the thread count.
+    """
+    N, C = inp.shape
+    for n in prange(N):
+        x = inp[n]
+        dy = dout[n]
+        m = mean[n]
+        s = rstd[n]
+        dnorm_mean = 0.0
+        dnorm_norm_mean = 0.0
+        for c in range(C):
+            xhat = (x[c] - m) * s
+            dnorm = dy[c] * weight[c]
+            dnorm_mean += dnorm
+            dnorm_norm_mean += dnorm * xhat
+        dnorm_mean /= C
+        dnorm_norm_mean /= C
+        dx = dinp[n]
+        for c in range(C):
+            xhat = (x[c] - m) * s
+            dx[c] += (dy[c] * weight[c] - dnorm_mean - xhat * dnorm_norm_mean) * s
+    has_bias = dbias.shape[0] > 0
+    for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
+        c0 = blk * COL_BLOCK
+        c1 = min(c0 + COL_BLOCK, C)
+        for n in range(N):
+            m = mean[n]
+            s = rstd[n]
+            for c in range(c0, c1):
+                dweight[c] += dout[n, c] * (inp[n, c] - m) * s
+                if has_bias:
+                    dbias[c] += dout[n, c]

@@ -1,0 +1,41 @@
+"""Linear layer: out = inp @ weight^T + bias, weight stored (OC, C) as in llm.c."""
+from numba import njit, prange
+
+from .blas import gemm
+
+BIAS_BLOCK = 64  # columns per parallel task when summing bias grads
+
+
+@njit(parallel=True, cache=True)
+def matmul_forward(out, inp, weight, bias):
+    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,); bias may be empty (no bias)."""
+    N, C = inp.shape
+    OC = weight.shape[0]
+    beta = 0.0
+    if bias.shape[0] > 0:
+        for n in prange(N):
+            out[n, :] = bias
+        beta = 1.0
+    gemm(False, True, N, OC, C, 1.0, inp, C, weight, C, beta, out, OC)
+
+
+@njit(parallel=True, cache=True)
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+    """Accumulate dinp += dout @ weight, dweight += dout^T @ inp, dbias += sum_n dout.
+
+    Any of dinp, dweight, dbias may be empty: that gradient is not wanted.
+    """
+    N, C = inp.shape
+    OC = weight.shape[0]
+    if dinp.shape[0] > 0:
+        gemm(False, False, N, C, OC, 1.0, dout, OC, weight, C, 1.0, dinp, C)
+    if dweight.shape[0] > 0:
+        gemm(True, False, OC, C, N, 1.0, dout, OC, inp, C, 1.0, dweight, C)
+    if dbias.shape[0] > 0:
+        # Each task owns a block of columns and walks all rows: no races, fixed order.
+        for blk in prange((OC + BIAS_BLOCK - 1) // BIAS_BLOCK):
+            o0 = blk * BIAS_BLOCK
+            o1 = min(o0 + BIAS_BLOCK, OC)
+            for n in range(N):
+                for o in range(o0, o1):
+                    dbias[o] += dout[n, o]

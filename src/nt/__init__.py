@@ -1,0 +1,15 @@
+"""nt: transformer training and inference where every op is a Numba kernel.
+
+    import nt
+    model = nt.models.GPT2(nt.models.GPT2Config.preset("mini", vocab_size=256))
+    opt = nt.optim.AdamW(model.params, lr=1e-3, weight_decay=0.1)
+    logits, loss = model(x, y)        # forward
+    model.zero_grad(); model.backward(); opt.step()
+"""
+from . import data, io, models, ops, optim
+from .backend import backend
+from .tape import Tape
+from .tensor import Arena, Params, Tensor
+
+__version__ = "0.1.0"
+__all__ = ["Tape", "Tensor", "Arena", "Params", "backend", "ops", "optim", "models", "io", "data"]

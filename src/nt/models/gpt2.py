@@ -1,0 +1,222 @@
+"""GPT-2 exactly as llm.c defines it: pre-LN blocks, fused QKV, 4x GELU MLP, tied embedding."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from .. import ops
+from ..tape import Tape
+from ..tensor import Params, Tensor
+
+
+@dataclass
+class GPT2Config:
+    """Shape of a GPT-2 model. `padded_vocab_size` rounds the vocabulary up to 128."""
+
+    block_size: int = 1024   # maximum sequence length T
+    vocab_size: int = 50257  # real vocabulary V
+    n_layer: int = 12        # L
+    n_head: int = 12         # NH
+    n_embd: int = 768        # C
+
+    PRESETS = {
+        # llm.c's GPT-2 family (124M, 350M, 774M, 1558M)
+        "d12": dict(n_layer=12, n_head=12, n_embd=768),
+        "d24": dict(n_layer=24, n_head=16, n_embd=1024),
+        "d36": dict(n_layer=36, n_head=20, n_embd=1280),
+        "d48": dict(n_layer=48, n_head=25, n_embd=1600),
+        # laptop sizes
+        "d6": dict(n_layer=6, n_head=6, n_embd=384),
+        "mini": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
+        "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64),
+    }
+
+    def __post_init__(self):
+        for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, field)) <= 0:
+                raise ValueError(f"GPT2Config.{field} must be positive, got {getattr(self, field)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return (self.vocab_size + 127) // 128 * 128
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPT2Config":
+        """A named shape ('d12', 'd24', 'd36', 'd48', 'd6', 'mini', 'tiny') with overrides."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose from {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+
+def param_layout(cfg: GPT2Config) -> list[tuple[str, tuple, bool]]:
+    """(name, shape, weight-decay?) in llm.c's checkpoint order: the flat buffer IS the file."""
+    Vp, T, L, C = cfg.padded_vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd
+    return [
+        ("wte", (Vp, C), True), ("wpe", (T, C), True),
+        ("ln1w", (L, C), False), ("ln1b", (L, C), False),
+        ("qkvw", (L, 3 * C, C), True), ("qkvb", (L, 3 * C), False),
+        ("attprojw", (L, C, C), True), ("attprojb", (L, C), False),
+        ("ln2w", (L, C), False), ("ln2b", (L, C), False),
+        ("fcw", (L, 4 * C, C), True), ("fcb", (L, 4 * C), False),
+        ("fcprojw", (L, C, 4 * C), True), ("fcprojb", (L, C), False),
+        ("lnfw", (C,), False), ("lnfb", (C,), False),
+    ]
+
+
+class GPT2:
+    """GPT-2 on nt's tape.
+
+    >>> model = GPT2(GPT2Config.preset("tiny", vocab_size=256))
+    >>> logits, loss = model(idx, targets)   # forward: (B, T, V) logits, mean loss
+    >>> model.zero_grad(); model.backward()  # grads land in model.params.grad
+    """
+
+    def __init__(self, config: GPT2Config, device: str = "cpu", dtype=np.float32, seed: Optional[int] = 0):
+        self.config = config
+        self.tape = Tape(device, dtype)
+        self.params = Params(self.tape.k, dtype, param_layout(config))
+        self.logits: Optional[Tensor] = None
+        self.loss: Optional[Tensor] = None
+        if seed is not None:
+            self.init_weights(seed)
+
+    # ------------------------------------------------------------------ weights
+
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 init: N(0, 0.02) matrices and embeddings, residual projections scaled by
+        1/sqrt(2L), zero biases, unit layernorm weights, zero padded-vocabulary rows."""
+        cfg = self.config
+        rng = np.random.default_rng(seed)
+        host = np.zeros(self.params.size, dtype=np.float64)
+        residual_std = 0.02 / np.sqrt(2 * cfg.n_layer)
+        for name, t in self.params.items():
+            view = host[t.offset:t.offset + t.size].reshape(t.shape)
+            if name in ("ln1w", "ln2w", "lnfw"):
+                view[:] = 1.0
+            elif name in ("attprojw", "fcprojw"):
+                view[:] = rng.normal(0.0, residual_std, t.shape)
+            elif self.params.decay[name]:
+                view[:] = rng.normal(0.0, 0.02, t.shape)
+        host[self.params["wte"].offset + cfg.vocab_size * cfg.n_embd:self.params["wpe"].offset] = 0.0
+        self.load_flat(host)
+
+    def load_flat(self, values: np.ndarray) -> None:
+        """Set every parameter from one flat array in this model's layout."""
+        if values.shape != (self.params.size,):
+            raise ValueError(f"expected {self.params.size} parameter values, got shape {values.shape}")
+        k = self.tape.k
+        k.copy_(self.params.flat, k.to_device(np.ascontiguousarray(values, dtype=self.params.dtype)))
+
+    @property
+    def num_params(self) -> int:
+        return self.params.size
+
+    # ------------------------------------------------------------------ forward / backward
+
+    def forward(self, idx: np.ndarray, targets: Optional[np.ndarray] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Run the model on (B, T) token ids; returns the (B, T, Vp) logits tensor and,
+        with (B, T) targets (-1 = ignore), the (1,) mean-loss tensor. Records for backward()."""
+        cfg, p, t = self.config, self.params, self.tape
+        if not isinstance(idx, np.ndarray) or idx.ndim != 2:
+            raise ValueError(f"idx must be a (B, T) integer NumPy array, got {getattr(idx, 'shape', type(idx))}")
+        if idx.shape[1] > cfg.block_size:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's block_size {cfg.block_size}")
+        if targets is not None and getattr(targets, "shape", None) != idx.shape:
+            raise ValueError(f"targets must have the same shape as idx {idx.shape}, got {getattr(targets, 'shape', None)}")
+        t.reset()
+        x = ops.embedding(t, idx, p["wte"], p["wpe"])
+        for l in range(cfg.n_layer):
+            h = ops.layernorm(t, x, p["ln1w"][l], p["ln1b"][l])
+            qkv = ops.linear(t, h, p["qkvw"][l], p["qkvb"][l])
+            h = ops.attention(t, qkv, cfg.n_head)
+            h = ops.linear(t, h, p["attprojw"][l], p["attprojb"][l])
+            x = ops.add(t, x, h)
+            h = ops.layernorm(t, x, p["ln2w"][l], p["ln2b"][l])
+            h = ops.linear(t, h, p["fcw"][l], p["fcb"][l])
+            h = ops.gelu(t, h)
+            h = ops.linear(t, h, p["fcprojw"][l], p["fcprojb"][l])
+            x = ops.add(t, x, h)
+        x = ops.layernorm(t, x, p["lnfw"], p["lnfb"])
+        self.logits = ops.linear(t, x, p["wte"])  # tied classifier over the padded vocabulary
+        self.loss = ops.cross_entropy(t, self.logits, targets, cfg.vocab_size) if targets is not None else None
+        return self.logits, self.loss
+
+    def __call__(self, idx: np.ndarray, targets: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[float]]:
+        """nanoGPT-style: (logits (B, T, V) as a NumPy array, mean loss or None).
+
+        The logits are a view of the model's activation memory (on the CPU) and are
+        overwritten by the next forward: copy them to keep them.
+        """
+        logits, loss = self.forward(idx, targets)
+        V = self.config.vocab_size
+        return logits.numpy()[..., :V], (float(loss.numpy()[0]) if loss is not None else None)
+
+    def backward(self) -> None:
+        """Backpropagate the last forward's loss; parameter grads accumulate."""
+        if self.loss is None:
+            raise RuntimeError("backward() needs a forward with targets first")
+        self.tape.backward(self.loss)
+
+    def zero_grad(self) -> None:
+        self.params.zero_grad()
+
+    # ------------------------------------------------------------------ sampling
+
+    def generate(self, idx: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, seed: Optional[int] = None,
+                 on_token: Optional[Callable[[int], None]] = None) -> np.ndarray:
+        """Sample `max_new_tokens` continuations of a (T,) prompt; returns prompt + new ids.
+
+        temperature 0 is greedy. The context is cropped to block_size.
+        """
+        idx = np.asarray(idx).reshape(-1).astype(np.int32)
+        if idx.size == 0:
+            raise ValueError("generate() needs at least one prompt token")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        rng = np.random.default_rng(seed)
+        V = self.config.vocab_size
+        out = list(idx)
+        for _ in range(max_new_tokens):
+            ctx = np.asarray(out[-self.config.block_size:], dtype=np.int32)[None, :]
+            logits, _ = self.forward(ctx)
+            row = logits.numpy()[0, -1, :V].astype(np.float64)
+            nxt = sample_logits(row, temperature, top_k, rng)
+            out.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+        self.tape.reset()
+        return np.asarray(out, dtype=np.int32)
+
+    # ------------------------------------------------------------------ llm.c interop
+
+    @classmethod
+    def from_llmc(cls, path, device: str = "cpu", dtype=np.float32) -> "GPT2":
+        """Load an llm.c GPT-2 checkpoint (`gpt2_124M.bin`-style, magic 20240326)."""
+        from ..io.llmc import read_llmc_checkpoint
+        config, flat = read_llmc_checkpoint(path)
+        model = cls(config, device=device, dtype=dtype, seed=None)
+        model.load_flat(flat)
+        return model
+
+    def save_llmc(self, path) -> None:
+        """Write the weights as an llm.c GPT-2 checkpoint (fp32, version 3)."""
+        from ..io.llmc import write_llmc_checkpoint
+        write_llmc_checkpoint(path, self.config, self.tape.k.to_host(self.params.flat))
+
+
+def sample_logits(logits: np.ndarray, temperature: float, top_k: Optional[int], rng: np.random.Generator) -> int:
+    """One token id from a row of logits: greedy at temperature 0, else softmax(logits/T)
+    restricted to the top_k largest."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    if top_k is not None and 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    z = np.exp(z - z.max())
+    return int(rng.choice(z.size, p=z / z.sum()))

@@ -1,0 +1,75 @@
+"""The tape: records ops during the forward, replays their backwards in reverse.
+
+A tape owns two arenas: `acts` for op outputs (with a grad mirror) and `saved` for what
+backwards need but nobody differentiates (layernorm statistics, attention log-sum-exps).
+`reset()` rewinds both, so a step with the same shapes as the last one reuses the same
+memory at the same offsets and allocates nothing.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from .backend import backend
+from .tensor import Arena, Tensor
+
+
+class Tape:
+    """Records ops in order; `backward(out)` runs their backward kernels in reverse."""
+
+    def __init__(self, device: str = "cpu", dtype=np.float32):
+        self.device = device
+        self.k = backend(device)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"tape dtype must be float32 or float64, got {self.dtype}")
+        self.acts = Arena(self.k, self.dtype, with_grad=True, name="acts")
+        self.saved = Arena(self.k, self.dtype, with_grad=False, name="saved")
+        self.records: list[tuple] = []
+        self.recording = True
+
+    def reset(self, recording: bool = True) -> None:
+        """Forget the recorded ops and rewind the arenas for the next forward.
+
+        With `recording=False` ops still run but record nothing (inference).
+        """
+        self.acts.reset()
+        self.saved.reset()
+        self.records.clear()
+        self.recording = recording
+
+    def new(self, shape) -> Tensor:
+        """Space for an op output (it gets a grad slot)."""
+        return self.acts.alloc(shape)
+
+    def new_saved(self, shape) -> Tensor:
+        """Space for something a backward needs and nothing differentiates."""
+        return self.saved.alloc(shape)
+
+    def record(self, backward_fn: Callable, *args) -> None:
+        """Remember that `backward_fn(kernels, *args)` must run during the backward."""
+        if self.recording:
+            self.records.append((backward_fn, args))
+
+    def backward(self, out: Tensor, grad: Optional[np.ndarray] = None) -> None:
+        """Backpropagate from `out`, seeding its grad with ones (or `grad`).
+
+        Activation grads are zeroed first; parameter grads ACCUMULATE (call the
+        model's or params' zero_grad() between steps, or not, to accumulate micro-batches).
+        """
+        if not self.recording:
+            raise RuntimeError("this forward ran without recording; call tape.reset() "
+                               "(recording=True) before the forward you want to differentiate")
+        if out.arena is not self.acts:
+            raise ValueError("backward() needs a tensor produced on this tape")
+        self.acts.zero_grad()
+        if grad is None:
+            self.k.fill_(out.gflat, 1.0)
+        else:
+            grad = np.asarray(grad, dtype=self.dtype)
+            if grad.shape != out.shape:
+                raise ValueError(f"seed grad has shape {grad.shape}, output has {out.shape}")
+            self.k.copy_(out.gflat, self.k.to_device(grad.reshape(-1)))
+        for backward_fn, args in reversed(self.records):
+            backward_fn(self.k, *args)

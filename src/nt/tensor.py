@@ -1,0 +1,191 @@
+"""Tensors are small handles into arenas: one flat buffer for values, one for grads.
+
+An `Arena` is a bump allocator over one contiguous buffer (and, when it tracks grads, a
+second buffer with the same layout). A `Tensor` is (arena, offset, shape); its `.data`
+and `.grad` are views made on demand, so an arena may grow during the first step
+without invalidating the handles made before.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+
+ALIGN = 16  # elements; keeps every tensor 64-byte aligned in float32
+
+
+class Arena:
+    """A growable, reusable bump allocator over one flat buffer (plus its grad mirror)."""
+
+    def __init__(self, kernels, dtype, with_grad: bool, name: str):
+        self.k = kernels
+        self.dtype = np.dtype(dtype)
+        self.with_grad = with_grad
+        self.name = name
+        self.buf = kernels.empty(0, self.dtype)
+        self.gbuf = kernels.empty(0, self.dtype) if with_grad else None
+        self.top = 0      # next free element
+        self.grows = 0    # how many times the buffers were reallocated (a steady step: none)
+
+    def alloc(self, shape: Sequence[int]) -> "Tensor":
+        """A new tensor of `shape` at the top of the arena (contents undefined)."""
+        shape = tuple(int(s) for s in shape)
+        size = math.prod(shape)
+        offset = self.top
+        self.top = offset + (size + ALIGN - 1) // ALIGN * ALIGN
+        if self.top > self.buf.shape[0]:
+            self._grow(self.top)
+        return Tensor(self, offset, shape)
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.buf.shape[0])
+        self.buf = self._moved(self.buf, capacity)
+        if self.with_grad:
+            self.gbuf = self._moved(self.gbuf, capacity)
+        self.grows += 1
+
+    def _moved(self, old, capacity):
+        new = self.k.empty(capacity, self.dtype)
+        if old.shape[0]:
+            self.k.copy_(new[:old.shape[0]], old)
+        return new
+
+    def reset(self) -> None:
+        """Rewind: the next allocations reuse the same memory at the same offsets."""
+        self.top = 0
+
+    def zero_grad(self) -> None:
+        """Zero the grads of everything allocated since the last reset."""
+        if self.with_grad and self.top:
+            self.k.fill_(self.gbuf[:self.top], 0.0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.shape[0] * self.dtype.itemsize * (2 if self.with_grad else 1)
+
+
+class Tensor:
+    """A handle on `prod(shape)` elements at `offset` of an arena's buffers."""
+
+    __slots__ = ("arena", "offset", "shape", "size")
+
+    def __init__(self, arena: Arena, offset: int, shape: tuple):
+        self.arena = arena
+        self.offset = offset
+        self.shape = shape
+        self.size = math.prod(shape)
+
+    @property
+    def data(self):
+        """The values, as a view of the arena with this tensor's shape."""
+        return self.arena.buf[self.offset:self.offset + self.size].reshape(self.shape)
+
+    @property
+    def grad(self):
+        """The gradient, same shape; None when the arena keeps no grads."""
+        if self.arena.gbuf is None:
+            return None
+        return self.arena.gbuf[self.offset:self.offset + self.size].reshape(self.shape)
+
+    @property
+    def flat(self):
+        return self.arena.buf[self.offset:self.offset + self.size]
+
+    @property
+    def gflat(self):
+        return self.arena.gbuf[self.offset:self.offset + self.size]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.arena.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numpy(self) -> np.ndarray:
+        """The values as a NumPy array: a view on the CPU, a copy from a GPU."""
+        return self.arena.k.to_host(self.data)
+
+    def __getitem__(self, i: int) -> "Tensor":
+        """The i-th slice along the first axis (e.g. one layer of a stacked weight)."""
+        n = self.shape[0]
+        if not (isinstance(i, (int, np.integer)) and -n <= i < n):
+            raise IndexError(f"index {i!r} out of range for a tensor of shape {self.shape}")
+        i = int(i) % n
+        inner = self.size // n
+        return Tensor(self.arena, self.offset + i * inner, self.shape[1:])
+
+    def view(self, *shape: int) -> "Tensor":
+        """The same elements with another shape (no copy)."""
+        if math.prod(shape) != self.size:
+            raise ValueError(f"cannot view a tensor of shape {self.shape} as {shape}")
+        return Tensor(self.arena, self.offset, tuple(shape))
+
+    def __repr__(self) -> str:
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}, arena={self.arena.name}@{self.offset})"
+
+
+class Params:
+    """All parameters of a model in one contiguous buffer, grads in a mirror of it.
+
+    `layout` lists (name, shape, decay) in storage order; `params[name]` is the tensor.
+    Zeroing grads is one fill, the optimizer is one kernel over `params.flat`, and a
+    checkpoint is one write of it.
+    """
+
+    def __init__(self, kernels, dtype, layout: Sequence[tuple[str, tuple, bool]]):
+        self.arena = Arena(kernels, dtype, with_grad=True, name="params")
+        self.tensors: dict[str, Tensor] = {}
+        self.decay: dict[str, bool] = {}
+        for name, shape, decay in layout:
+            if name in self.tensors:
+                raise ValueError(f"parameter {name!r} declared twice")
+            # packed without alignment gaps, so the buffer is exactly the checkpoint
+            t = Tensor(self.arena, self.arena.top, tuple(shape))
+            self.arena.top += t.size
+            self.tensors[name] = t
+            self.decay[name] = decay
+        self.arena._grow(self.arena.top)
+        self.k = kernels
+        self.size = self.arena.top
+        self.k.fill_(self.arena.buf, 0.0)
+        self.k.fill_(self.arena.gbuf, 0.0)
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"no parameter named {name!r}; have {list(self.tensors)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def items(self):
+        return self.tensors.items()
+
+    @property
+    def flat(self):
+        """Every parameter value, one flat buffer."""
+        return self.arena.buf[:self.size]
+
+    @property
+    def grad(self):
+        """Every gradient, one flat buffer laid out like `flat`."""
+        return self.arena.gbuf[:self.size]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.arena.dtype
+
+    def zero_grad(self) -> None:
+        self.k.fill_(self.grad, 0.0)
+
+    def decay_mask(self) -> np.ndarray:
+        """uint8 per element: 1 where weight decay applies (host array)."""
+        mask = np.zeros(self.size, dtype=np.uint8)
+        for name, t in self.tensors.items():
+            if self.decay[name]:
+                mask[t.offset:t.offset + t.size] = 1
+        return mask

@@ -1,0 +1,57 @@
+"""Shared test helpers: run an op on a fresh tape, and check its backward by finite differences."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+import nt
+from nt import Params, Tape
+
+
+def make_params(arrays: dict[str, np.ndarray], dtype=np.float64, device: str = "cpu") -> Params:
+    """Params holding copies of `arrays` (so every input has a grad slot)."""
+    params = Params(nt.backend(device), dtype, [(name, a.shape, False) for name, a in arrays.items()])
+    for name, a in arrays.items():
+        params[name].data[...] = a
+    return params
+
+
+def run_op(build: Callable, arrays: dict[str, np.ndarray], dtype=np.float64):
+    """Run build(tape, params) once; returns (tape, params, out tensor)."""
+    params = make_params(arrays, dtype)
+    tape = Tape("cpu", dtype)
+    out = build(tape, params)
+    return tape, params, out
+
+
+def check_grads(build: Callable, arrays: dict[str, np.ndarray], seed: int = 0, h: float = 1e-6,
+                rtol: float = 1e-6, atol: float = 1e-8, max_checks: int = 400) -> None:
+    """Compare the tape's float64 gradients of sum(out * dout) with central differences.
+
+    Every input element is checked when there are at most `max_checks` of them, else a
+    random subset of that many.
+    """
+    rng = np.random.default_rng(seed)
+    tape, params, out = run_op(build, arrays)
+    dout = rng.standard_normal(out.shape)
+    params.zero_grad()
+    tape.backward(out, dout)
+    analytic = params.grad.copy()
+
+    def objective() -> float:
+        tape.reset()
+        return float(np.sum(build(tape, params).data * dout))
+
+    flat = params.flat
+    indices = np.arange(flat.size) if flat.size <= max_checks else rng.choice(flat.size, max_checks, replace=False)
+    numeric = np.empty(indices.size)
+    for j, i in enumerate(indices):
+        old = flat[i]
+        flat[i] = old + h
+        plus = objective()
+        flat[i] = old - h
+        minus = objective()
+        flat[i] = old
+        numeric[j] = (plus - minus) / (2 * h)
+    np.testing.assert_allclose(analytic[indices], numeric, rtol=rtol, atol=atol)

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from helpers import check_grads, run_op
+from nt import Tape, ops
+
+
+def reference(qkv, NH, NKV, window=0):
+    """Plain causal attention with K/V heads repeated for grouped queries."""
+    B, T, W = qkv.shape
+    hs = W // (NH + 2 * NKV)
+    q = qkv[..., :NH * hs].reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
+    k = qkv[..., NH * hs:(NH + NKV) * hs].reshape(B, T, NKV, hs).transpose(0, 2, 1, 3)
+    v = qkv[..., (NH + NKV) * hs:].reshape(B, T, NKV, hs).transpose(0, 2, 1, 3)
+    k, v = np.repeat(k, NH // NKV, axis=1), np.repeat(v, NH // NKV, axis=1)
+    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
+    i, j = np.indices((T, T))
+    allowed = (j <= i) & ((j > i - window) if window > 0 else True)
+    att = np.where(allowed, att, -np.inf)
+    att = np.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    return (att @ v).transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
+
+
+CASES = [(4, 4, 0), (4, 2, 0), (4, 1, 0), (2, 2, 3)]  # MHA, GQA, MQA, sliding window
+
+
+@pytest.mark.parametrize("NH,NKV,window", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention_forward_matches_numpy(NH, NKV, window, dtype):
+    hs, B, T = 8, 2, 7
+    qkv = np.random.default_rng(0).standard_normal((B, T, (NH + 2 * NKV) * hs)) * 2
+    _, _, out = run_op(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, window), {"qkv": qkv}, dtype)
+    np.testing.assert_allclose(out.data, reference(qkv, NH, NKV, window),
+                               rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("NH,NKV,window", CASES)
+def test_attention_backward_finite_differences(NH, NKV, window):
+    hs, B, T = 3, 2, 5
+    qkv = np.random.default_rng(1).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    check_grads(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, window), {"qkv": qkv})
+
+
+def test_attention_rejects_bad_heads():
+    _, p, _ = run_op(lambda t, p: p["qkv"], {"qkv": np.ones((1, 2, 18))})
+    t = Tape("cpu", np.float64)
+    with pytest.raises(ValueError, match="divide"):
+        ops.attention(t, p["qkv"], 4, 3)
+    with pytest.raises(ValueError, match="width"):
+        ops.attention(t, p["qkv"], 4, 4)

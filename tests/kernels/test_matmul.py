@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from helpers import check_grads, run_op
+from nt import Tape, ops
+
+
+def _linear(bias: bool):
+    def build(t, p):
+        return ops.linear(t, p["x"], p["w"], p["b"] if bias else None)
+    return build
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_forward_matches_numpy(dtype, bias):
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((3, 5, 7)), rng.standard_normal((11, 7)), rng.standard_normal(11)
+    _, _, out = run_op(_linear(bias), {"x": x, "w": w, "b": b}, dtype)
+    ref = x @ w.T + (b if bias else 0)
+    np.testing.assert_allclose(out.data, ref, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_backward_finite_differences(bias):
+    rng = np.random.default_rng(1)
+    check_grads(_linear(bias), {"x": rng.standard_normal((2, 3, 4)), "w": rng.standard_normal((5, 4)),
+                                "b": rng.standard_normal(5)})
+
+
+def test_linear_backward_accumulates():
+    rng = np.random.default_rng(2)
+    t, p, out = run_op(_linear(True), {"x": rng.standard_normal((4, 3)), "w": rng.standard_normal((2, 3)),
+                                       "b": rng.standard_normal(2)})
+    dout = rng.standard_normal(out.shape)
+    p.zero_grad()
+    t.backward(out, dout)
+    once = p.grad.copy()
+    t.backward(out, dout)
+    np.testing.assert_allclose(p.grad, 2 * once)
+
+
+def test_linear_rejects_bad_input():
+    rng = np.random.default_rng(3)
+    _, p, _ = run_op(lambda t, p: p["x"], {"x": rng.standard_normal((4, 3)), "w": rng.standard_normal((2, 5)),
+                                           "b": rng.standard_normal(3)})
+    t = Tape("cpu", np.float64)
+    with pytest.raises(ValueError, match="features"):
+        ops.linear(t, p["x"], p["w"])
+    with pytest.raises(TypeError, match="nt Tensor"):
+        ops.linear(t, np.zeros((4, 3)), p["w"])
+    t32 = Tape("cpu", np.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.linear(t32, p["x"], p["w"])

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from helpers import check_grads, run_op
+from nt import ops
+
+V, VP = 10, 16  # real vocabulary and padded width
+
+
+def reference(logits, targets):
+    z = logits[..., :V]
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    valid = targets >= 0
+    picked = np.take_along_axis(z, np.maximum(targets, 0)[..., None], -1)[..., 0]
+    return ((lse - picked) * valid).sum() / valid.sum()
+
+
+TARGETS = np.array([[3, -1, 9], [0, 5, -1]], dtype=np.int32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_forward_matches_numpy(dtype):
+    logits = np.random.default_rng(0).standard_normal((2, 3, VP)) * 3
+    logits[..., V:] = 100.0  # padding must be ignored however large
+    _, _, loss = run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V), {"logits": logits}, dtype)
+    np.testing.assert_allclose(loss.data[0], reference(logits, TARGETS), rtol=1e-5)
+
+
+def test_cross_entropy_backward_finite_differences():
+    logits = np.random.default_rng(1).standard_normal((2, 3, VP))
+    check_grads(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V), {"logits": logits})
+
+
+def test_cross_entropy_ignored_positions_and_padding_get_no_grad():
+    logits = np.random.default_rng(2).standard_normal((2, 3, VP))
+    t, p, loss = run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V), {"logits": logits})
+    p.zero_grad()
+    t.backward(loss)
+    g = p["logits"].grad
+    assert np.all(g[0, 1] == 0) and np.all(g[1, 2] == 0) and np.all(g[..., V:] == 0)
+    assert np.abs(g[0, 0]).sum() > 0
+
+
+def test_cross_entropy_rejects_bad_targets():
+    logits = np.zeros((2, 3, VP))
+    with pytest.raises(ValueError, match="outside"):
+        run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS + 1, V), {"logits": logits})
+    with pytest.raises(ValueError, match="outside"):
+        run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS - 1, V), {"logits": logits})
+    with pytest.raises(ValueError, match="do not match"):
+        run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS[:, :2], V), {"logits": logits})
+    with pytest.raises(ValueError, match="vocab_size"):
+        run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, VP + 1), {"logits": logits})
