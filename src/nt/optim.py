@@ -68,15 +68,19 @@ class Optimizer:
             raise ValueError(f"{type(self).__name__} state is missing {missing}")
         for name in self._device + self._host:
             current, value = getattr(self, name), np.asarray(state[name])
-            if value.shape != current.shape:
-                raise ValueError(f"{type(self).__name__} state {name!r} has shape {value.shape}, "
-                                 f"expected {current.shape}")
             if name in self._device:
+                if value.shape != current.shape:
+                    raise ValueError(f"{type(self).__name__} state {name!r} has shape {value.shape}, "
+                                     f"expected {current.shape}")
                 self.k.copy_(current, self.k.to_device(np.ascontiguousarray(value, dtype=current.dtype)))
-            else:
-                current[...] = value
+            else:  # host state may be sized by a hyperparameter that is restored too
+                setattr(self, name, np.array(value, dtype=current.dtype))
         for name in self._hyper + self._scalars:
             setattr(self, name, type(getattr(self, name))(state[name]))
+        self._check_state()
+
+    def _check_state(self) -> None:
+        """Raise if loaded host state does not fit these parameters."""
 
 
 def _check(cond: bool, what: str) -> None:
@@ -204,15 +208,15 @@ def segment_tables(params: Params, block: int = 4096):
 
 
 def loss_trend(window: np.ndarray) -> tuple[float, float]:
-    """(slope, oscillation) of losses in chronological order.
+    """(relative slope, oscillation) of losses in chronological order.
 
-    slope: the least-squares slope per step. oscillation: the fraction of consecutive
-    loss differences that change sign (0 for a monotone run, 1 for a strict zigzag,
-    2/3 on average for independent noise)."""
+    relative slope: the least-squares slope per step divided by the mean |loss|.
+    oscillation: the fraction of consecutive loss differences that change sign (0 for a
+    monotone run, 1 for a strict zigzag, 2/3 on average for independent noise)."""
     y = np.asarray(window, dtype=np.float64)
     n = y.size
     j = np.arange(n) - (n - 1) / 2.0
-    slope = float(np.dot(j, y - y.mean()) / np.dot(j, j))
+    slope = float(np.dot(j, y - y.mean()) / np.dot(j, j)) / max(float(np.mean(np.abs(y))), 1e-30)
     d = np.diff(y)
     osc = float(np.count_nonzero(d[1:] * d[:-1] < 0) / (n - 2))
     return slope, osc
@@ -226,10 +230,12 @@ class Chuck(Adam):
     switch is 0):
 
     (a) loss-trend damping (`trend_window` W >= 3, 0 = off). The last W losses are kept.
-        Once W are seen, every step computes their least-squares slope and oscillation
-        (fraction of consecutive differences that change sign, see `loss_trend`). If the
-        slope is > 0 or the oscillation > `trend_osc`: damp = max(damp_min, damp*damp_down).
-        Else, if the slope is < 0: damp = min(1, damp*damp_up). damp starts at 1.
+        Once W are seen, every step computes their least-squares slope relative to the
+        mean |loss| and their oscillation (fraction of consecutive differences that
+        change sign; see `loss_trend`). Rising (slope > `trend_tol`) or oscillating
+        (oscillation > `trend_osc`): damp = max(damp_min, damp * damp_down). Else falling
+        (slope < -trend_tol): damp = min(1, damp * damp_up). Else (flat): unchanged.
+        damp starts at 1.
     (b) per-tensor grad-norm scaling (`gnorm_ratio` R, 0 = off). With n[s] the tensor's
         grad norm this step and a[s] its running average (an EMA with `gnorm_beta`,
         started at the first step's norm and updated after use):
@@ -253,7 +259,7 @@ class Chuck(Adam):
 
     decoupled = True
     _hyper = Adam._hyper + (
-        "trend_window", "trend_osc", "damp_down", "damp_up", "damp_min",
+        "trend_window", "trend_tol", "trend_osc", "damp_down", "damp_up", "damp_min",
         "gnorm_beta", "gnorm_ratio",
         "noise_patience", "noise_scale", "seed",
         "freeze_threshold", "freeze_patience",
@@ -264,7 +270,7 @@ class Chuck(Adam):
 
     def __init__(self, params: Params, lr: float = 3e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *,
-                 trend_window: int = 16, trend_osc: float = 0.7, damp_down: float = 0.9,
+                 trend_window: int = 16, trend_tol: float = 1e-6, trend_osc: float = 0.7, damp_down: float = 0.9,
                  damp_up: float = 1.05, damp_min: float = 0.1,
                  gnorm_beta: float = 0.99, gnorm_ratio: float = 2.0,
                  noise_patience: int = 100, noise_scale: float = 1.0, seed: int = 0,
@@ -273,15 +279,15 @@ class Chuck(Adam):
                  improve_tol: float = 1e-3):
         super().__init__(params, lr, betas, eps, weight_decay)
         _check(trend_window == 0 or trend_window >= 3, f"Chuck: trend_window must be 0 (off) or >= 3, got {trend_window}")
-        _check(0 < damp_down <= 1 <= damp_up and 0 < damp_min <= 1 and 0 <= trend_osc <= 1,
-               f"Chuck: need 0 < damp_down <= 1 <= damp_up, 0 < damp_min <= 1, 0 <= trend_osc <= 1")
+        _check(0 < damp_down <= 1 <= damp_up and 0 < damp_min <= 1 and 0 <= trend_osc <= 1 and trend_tol >= 0,
+               "Chuck: need 0 < damp_down <= 1 <= damp_up, 0 < damp_min <= 1, 0 <= trend_osc <= 1, trend_tol >= 0")
         _check(0 <= gnorm_beta < 1 and (gnorm_ratio == 0 or gnorm_ratio >= 1),
-               f"Chuck: need 0 <= gnorm_beta < 1 and gnorm_ratio 0 (off) or >= 1")
+               "Chuck: need 0 <= gnorm_beta < 1 and gnorm_ratio 0 (off) or >= 1")
         _check(min(noise_patience, freeze_patience, patience, seed) >= 0 and noise_scale >= 0
                and freeze_threshold >= 0, "Chuck: patiences, seed, noise_scale, freeze_threshold must be >= 0")
         _check(0 < lr_decay <= 1 and 0 < lr_floor <= 1 and improve_tol >= 0,
                "Chuck: need 0 < lr_decay <= 1, 0 < lr_floor <= 1, improve_tol >= 0")
-        self.trend_window, self.trend_osc = int(trend_window), float(trend_osc)
+        self.trend_window, self.trend_tol, self.trend_osc = int(trend_window), float(trend_tol), float(trend_osc)
         self.damp_down, self.damp_up, self.damp_min = float(damp_down), float(damp_up), float(damp_min)
         self.gnorm_beta, self.gnorm_ratio = float(gnorm_beta), float(gnorm_ratio)
         self.noise_patience, self.noise_scale, self.seed = int(noise_patience), float(noise_scale), int(seed)
@@ -309,6 +315,16 @@ class Chuck(Adam):
         self.scale = np.ones(S, dtype=np.float64)   # this step's per-tensor multiplier (0 = frozen)
         self.grad_norms = np.zeros(S, dtype=np.float64)
 
+    def _check_state(self) -> None:
+        S = self._sqrt_sizes.size
+        for name in ("gnorm_avg", "tiny_count", "tensor_steps"):
+            if getattr(self, name).shape != (S,):
+                raise ValueError(f"Chuck state {name!r} has shape {getattr(self, name).shape}, "
+                                 f"expected ({S},): one entry per parameter tensor")
+        if self.loss_window.shape != (max(self.trend_window, 1),):
+            raise ValueError(f"Chuck state 'loss_window' has shape {self.loss_window.shape}, "
+                             f"expected ({max(self.trend_window, 1)},) for trend_window={self.trend_window}")
+
     @property
     def _watches_loss(self) -> bool:
         return bool(self.trend_window or self.noise_patience or self.patience)
@@ -333,9 +349,9 @@ class Chuck(Adam):
             self.losses_seen += 1
             if self.losses_seen >= W:
                 slope, osc = loss_trend(np.roll(self.loss_window, -(self.losses_seen % W)))
-                if slope > 0 or osc > self.trend_osc:
+                if slope > self.trend_tol or osc > self.trend_osc:
                     self.damp = max(self.damp_min, self.damp * self.damp_down)
-                elif slope < 0:
+                elif slope < -self.trend_tol:
                     self.damp = min(1.0, self.damp * self.damp_up)
         return bool(self.noise_patience and self.since_best and self.since_best % self.noise_patience == 0)
 
