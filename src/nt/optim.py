@@ -153,21 +153,24 @@ class Adam(Optimizer):
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.m = self._zeros(params.size, params.dtype)
         self.v = self._zeros(params.size, params.dtype)
-        # one segment over everything, scale 1; its step count is refreshed every step
-        self._all = self.k.to_device(np.array([0, params.size], dtype=np.int64))
+        # blocks of one segment over everything, scale 1; its step count is set every step
+        block_offsets, block_seg = block_table(np.array([0, params.size], dtype=np.int64))
+        self._block_offsets = self.k.to_device(block_offsets)
+        self._block_seg = self.k.to_device(block_seg)
         self._one = self.k.to_device(np.ones(1, dtype=np.float64))
         self._step_host = np.zeros(1, dtype=np.int64)
 
-    def _update(self, seg_offsets, seg_scale, seg_step, lr: float) -> None:
+    def _update(self, seg_scale, seg_step, lr: float) -> None:
         l2, decay = (0.0, self.weight_decay) if self.decoupled else (self.weight_decay, 0.0)
         self.k.adam_update(self.params.flat, self.params.grad, self.m, self.v, self.decay_mask,
-                           seg_offsets, seg_scale, seg_step, lr, self.beta1, self.beta2, self.eps, l2, decay)
+                           self._block_offsets, self._block_seg, seg_scale, seg_step,
+                           lr, self.beta1, self.beta2, self.eps, l2, decay)
 
     def step(self, lr: Optional[float] = None) -> None:
         """One update from the grads in `params.grad` (lr overrides the default for this step)."""
         self.step_count += 1
         self._step_host[0] = self.step_count
-        self._update(self._all, self._one, self.k.to_device(self._step_host), self.lr if lr is None else lr)
+        self._update(self._one, self.k.to_device(self._step_host), self.lr if lr is None else lr)
 
 
 class AdamW(Adam):
@@ -188,23 +191,24 @@ class AdamW(Adam):
 # ============================================================================ Chuck
 
 
-def segment_tables(params: Params, block: int = 4096):
-    """Host int64 tables describing the parameter tensors as segments of the flat buffer:
-    (seg_offsets (S+1,), block_offsets (NB+1,), block_seg (NB,)), blocks of at most
-    `block` elements that never straddle two tensors."""
+def tensor_offsets(params: Params) -> np.ndarray:
+    """(S+1,) int64: tensor s of the flat buffer is [offsets[s], offsets[s+1]), in storage order."""
     tensors = sorted(params.tensors.values(), key=lambda t: t.offset)
-    seg_offsets = np.array([t.offset for t in tensors] + [params.size], dtype=np.int64)
-    sizes = np.array([t.size for t in tensors], dtype=np.int64)
-    if seg_offsets[0] != 0 or np.any(np.diff(seg_offsets) != sizes):
+    offsets = np.array([t.offset for t in tensors] + [params.size], dtype=np.int64)
+    if offsets[0] != 0 or np.any(np.diff(offsets) != [t.size for t in tensors]):
         raise ValueError("parameter tensors do not tile the flat buffer")
+    return offsets
+
+
+def block_table(seg_offsets: np.ndarray, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """(block_offsets (NB+1,), block_seg (NB,)) int64: the segments cut into blocks of at
+    most `block` elements that never straddle two segments (the kernels' parallel tasks)."""
     starts, segs = [], []
-    for s in range(len(tensors)):
-        lo, hi = int(seg_offsets[s]), int(seg_offsets[s + 1])
-        for b in range(lo, hi, block):
+    for s in range(seg_offsets.size - 1):
+        for b in range(int(seg_offsets[s]), int(seg_offsets[s + 1]), block):
             starts.append(b)
             segs.append(s)
-    block_offsets = np.array(starts + [params.size], dtype=np.int64)
-    return seg_offsets, block_offsets, np.array(segs, dtype=np.int64)
+    return np.array(starts + [int(seg_offsets[-1])], dtype=np.int64), np.array(segs, dtype=np.int64)
 
 
 def loss_trend(window: np.ndarray) -> tuple[float, float]:
@@ -300,11 +304,11 @@ class Chuck(Adam):
         self.noise_events, self.last_lr = 0, 0.0
         self.loss_window = np.zeros(max(self.trend_window, 1), dtype=np.float64)
 
-        seg_offsets, block_offsets, block_seg = segment_tables(params)
+        seg_offsets = tensor_offsets(params)
+        block_offsets, block_seg = block_table(seg_offsets)
         S = seg_offsets.size - 1
         self.names = [name for name, t in sorted(params.items(), key=lambda kv: kv[1].offset)]
         self._sqrt_sizes = np.sqrt(np.maximum(np.diff(seg_offsets), 1)).astype(np.float64)
-        self._seg_offsets = self.k.to_device(seg_offsets)
         self._block_offsets = self.k.to_device(block_offsets)
         self._block_seg = self.k.to_device(block_seg)
         self._partial = self._zeros(block_seg.size, np.float64)
@@ -385,11 +389,12 @@ class Chuck(Adam):
         self.tensor_steps += self.scale > 0
         lr_eff = (self.lr if lr is None else lr) * self.lr_mult * self.damp
         self.last_lr = lr_eff
-        self._update(self._seg_offsets, self.k.to_device(self.scale), self.k.to_device(self.tensor_steps), lr_eff)
+        self._update(self.k.to_device(self.scale), self.k.to_device(self.tensor_steps), lr_eff)
         if noise_due:
             sigma = self.noise_scale * lr_eff * self._segment_norms(self.params.flat) / self._sqrt_sizes
             sigma[self.scale == 0] = 0.0
-            self.k.add_noise_(self.params.flat, self._seg_offsets, self.k.to_device(sigma), self.seed, self.noise_events)
+            self.k.add_noise_(self.params.flat, self._block_offsets, self._block_seg, self.k.to_device(sigma),
+                              self.seed, self.noise_events)
             self.noise_events += 1
 
     def stats(self) -> dict:

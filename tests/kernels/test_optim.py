@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import nt
+from nt.optim import block_table
 from optim_reference import gauss_ref
 
 k = nt.backend("cpu")
@@ -10,12 +11,13 @@ k = nt.backend("cpu")
 
 def tables(sizes, block):
     seg = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    starts, owner = [], []
-    for s in range(len(sizes)):
-        for b in range(seg[s], seg[s + 1], block):
-            starts.append(b)
-            owner.append(s)
-    return seg, np.array(starts + [seg[-1]], dtype=np.int64), np.array(owner, dtype=np.int64)
+    return (seg, *block_table(seg, block))
+
+
+def test_block_table_cuts_segments_without_straddling():
+    seg, blocks, owner = tables([5, 0, 9, 1], 4)
+    assert blocks.tolist() == [0, 4, 5, 9, 13, 14, 15]
+    assert owner.tolist() == [0, 0, 2, 2, 2, 3]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -49,10 +51,10 @@ def test_unscale_check_counts_float32_overflow():
 
 
 def test_noise_matches_reference_hash():
-    seg = np.array([0, 5, 9, 12], dtype=np.int64)
+    seg, blocks, owner = tables([5, 4, 3], 2)
     sigma = np.array([0.5, 0.0, 2.0])
     x = np.arange(12, dtype=np.float64)
-    k.add_noise_(x, seg, sigma, 7, 3)
+    k.add_noise_(x, blocks, owner, sigma, 7, 3)
     z = gauss_ref(7, 3, 12)
     want = np.arange(12, dtype=np.float64) + np.repeat(sigma, np.diff(seg)) * z
     np.testing.assert_allclose(x, want, rtol=0, atol=1e-13)
@@ -61,12 +63,12 @@ def test_noise_matches_reference_hash():
 
 def test_noise_is_standard_normal_and_seeded():
     n = 200_000
-    seg = np.array([0, n], dtype=np.int64)
+    _, blocks, owner = tables([n], 4096)
     one = np.ones(1)
     a, b, c = np.zeros(n), np.zeros(n), np.zeros(n)
-    k.add_noise_(a, seg, one, 1, 0)
-    k.add_noise_(b, seg, one, 1, 0)
-    k.add_noise_(c, seg, one, 1, 1)
+    k.add_noise_(a, blocks, owner, one, 1, 0)
+    k.add_noise_(b, blocks, owner, one, 1, 0)
+    k.add_noise_(c, blocks, owner, one, 1, 1)
     assert np.array_equal(a, b)
     assert abs(a.mean()) < 0.01 and abs(a.std() - 1.0) < 0.01
     assert abs(np.corrcoef(a, c)[0, 1]) < 0.01  # another event: independent numbers
