@@ -26,7 +26,7 @@ def grads(steps: int, n: int, seed: int = 1):
 
 # a run that exercises all of Chuck's mechanisms: grad spikes on "w" (b), "g" tiny for
 # steps 5..14 (d), losses falling, then a zigzag plateau (a, c, e), then falling again
-CHUCK_HP = dict(lr=1e-2, weight_decay=0.1, trend_window=5, damp_min=0.3, gnorm_beta=0.9,
+CHUCK_HP = dict(lr=1e-2, weight_decay=0.1, loss_beta=0.5, trend_window=5, damp_min=0.3, gnorm_beta=0.9,
                 gnorm_ratio=1.5, noise_patience=4, noise_scale=5.0, seed=3, freeze_threshold=1e-4,
                 freeze_patience=3, patience=6, lr_decay=0.5, lr_floor=0.2)
 
