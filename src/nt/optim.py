@@ -278,8 +278,9 @@ class Chuck(Adam):
 
     def __init__(self, params: Params, lr: float = 3e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *,
-                 loss_beta: float = 0.9, trend_window: int = 16, trend_tol: float = 1e-3, trend_osc: float = 0.7, damp_down: float = 0.9,
-                 damp_up: float = 1.05, damp_min: float = 0.1,
+                 loss_beta: float = 0.9,
+                 trend_window: int = 16, trend_tol: float = 1e-3, trend_osc: float = 0.7,
+                 damp_down: float = 0.9, damp_up: float = 1.05, damp_min: float = 0.1,
                  gnorm_beta: float = 0.99, gnorm_ratio: float = 2.0,
                  noise_patience: int = 100, noise_scale: float = 1.0, seed: int = 0,
                  freeze_threshold: float = 1e-8, freeze_patience: int = 20,
