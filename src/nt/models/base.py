@@ -71,6 +71,17 @@ class LanguageModel:
     def num_params(self) -> int:
         return self.params.size
 
+    def _begin_generation(self, capacity: int) -> None:
+        """Called before sampling at most `capacity` positions (a model with a KV cache
+        sizes it here)."""
+
+    def _next_logits(self, tokens: list) -> np.ndarray:
+        """The float64 next-token logits (V,) after `tokens`: a full forward over the last
+        block_size tokens (models with a KV cache override this)."""
+        ctx = np.asarray(tokens[-self.config.block_size:], dtype=np.int32)[None, :]
+        logits, _ = self.forward(ctx)
+        return logits.numpy()[0, -1, :self.config.vocab_size].astype(np.float64)
+
     def generate(self, idx: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, seed: Optional[int] = None,
                  on_token: Optional[Callable[[int], None]] = None) -> np.ndarray:
@@ -85,16 +96,13 @@ class LanguageModel:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         rng = np.random.default_rng(seed)
-        V = self.config.vocab_size
         out = list(idx)
         was_training = self.training
         self.eval()
         try:
+            self._begin_generation(min(len(out) + max_new_tokens, self.config.block_size))
             for _ in range(max_new_tokens):
-                ctx = np.asarray(out[-self.config.block_size:], dtype=np.int32)[None, :]
-                logits, _ = self.forward(ctx)
-                row = logits.numpy()[0, -1, :V].astype(np.float64)
-                nxt = sample_logits(row, temperature, top_k, rng)
+                nxt = sample_logits(self._next_logits(out), temperature, top_k, rng)
                 out.append(nxt)
                 if on_token is not None:
                     on_token(nxt)

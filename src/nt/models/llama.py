@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import ops
 from ..tape import Tape
-from ..tensor import Params, Tensor
+from ..tensor import Arena, Params, Tensor
 from .base import LanguageModel
 
 FFN_ACTS = {"swiglu": "silu", "geglu": "gelu_tanh"}
@@ -52,6 +52,8 @@ class LlamaConfig:
     rope_local_theta: float = 0.0   # RoPE base of local layers (Gemma-3: 10000); 0 = rope_theta
     dropout: float = 0.0            # on the attention and MLP outputs, in training mode
     n_predict: int = 1              # multi-token prediction: heads for tokens t+1..t+n_predict
+    label_smoothing: float = 0.0    # of the training loss (PyTorch's definition)
+    z_loss: float = 0.0             # coefficient of logsumexp^2 in the loss (PaLM)
     init_std: float = 0.02
 
     PRESETS = {
@@ -167,6 +169,12 @@ class Llama(LanguageModel):
         self.params = Params(self.tape.k, dtype, param_layout(config))
         self.logits: Optional[Tensor] = None
         self.loss: Optional[Tensor] = None
+        # generation's KV cache: per layer, the rotated qkv rows of the positions seen so far
+        self.use_kv_cache = True
+        self._kv = Arena(self.tape.k, dtype, with_grad=False, name="kv_cache")
+        self._kv_layers: list[Tensor] = []
+        self._kv_len = 0     # positions held in the cache
+        self._kv_start = 0   # index in the token list of the first cached position
         if seed is not None:
             self.init_weights(seed)
 
@@ -197,7 +205,16 @@ class Llama(LanguageModel):
             return ops.rmsnorm(t, x, weight, cfg.norm_eps)
         return ops.layernorm(t, x, weight, None, cfg.norm_eps)
 
-    def _block(self, x: Tensor, l: int, pos0: int) -> Tensor:
+    def _loss(self, logits: Tensor, targets: np.ndarray) -> Tensor:
+        """Cross-entropy; label smoothing and z-loss apply in training mode only, so an
+        evaluation reports the plain next-token loss."""
+        cfg = self.config
+        smoothing, z_loss = (cfg.label_smoothing, cfg.z_loss) if self.tape.training else (0.0, 0.0)
+        return ops.cross_entropy(self.tape, logits, targets, cfg.vocab_size, smoothing, z_loss)
+
+    def _block(self, x: Tensor, l: int, pos0: int = 0, cache: Optional[Tensor] = None) -> Tensor:
+        """One transformer block on positions pos0.. of x. With a cache (block_size, W),
+        the rotated qkv rows are stored at pos0.. and attention reads keys 0..pos0+T-1."""
         cfg, p, t = self.config, self.params, self.tape
         NH, NKV = cfg.n_heads, cfg.n_kv_heads
         local = cfg.is_local(l)
@@ -207,7 +224,14 @@ class Llama(LanguageModel):
             qkv = ops.qk_norm(t, qkv, p["q_norm"][l], p["k_norm"][l], NH, NKV, cfg.norm_eps)
         theta = cfg.rope_local_theta if (local and cfg.rope_local_theta) else cfg.rope_theta
         qkv = ops.rope(t, qkv, NH, NKV, pos0, theta, cfg.rope_pairing)
-        h = ops.attention(t, qkv, NH, NKV, cfg.sliding_window if local else 0)
+        window = cfg.sliding_window if local else 0
+        if cache is None:
+            h = ops.attention(t, qkv, NH, NKV, window)
+        else:  # batch 1: rows 0..pos0+T-1 of the cache are one contiguous (1, pos0+T, W) tensor
+            T = qkv.shape[1]
+            rows = Tensor(cache.arena, cache.offset, (1, pos0 + T, cfg.qkv_width))
+            t.k.copy_(rows.data[:, pos0:], qkv.data)
+            h = ops.attention(t, rows, NH, NKV, window, q0=pos0)
         h = ops.linear(t, h, p["attn_out"][l])
         if cfg.post_norms:
             h = self._norm(h, p["post_attn_norm"][l])
@@ -219,6 +243,16 @@ class Llama(LanguageModel):
         if cfg.post_norms:
             h = self._norm(h, p["post_ffn_norm"][l])
         return ops.add(t, x, ops.dropout(t, h, cfg.dropout))
+
+    def _trunk(self, idx: np.ndarray, pos0: int = 0, caches: Optional[list] = None) -> Tensor:
+        """Embedding and every block: the final residual stream (B, T, C), before the norm."""
+        cfg, p, t = self.config, self.params, self.tape
+        x = ops.embedding(t, idx, p["wte"])
+        if cfg.embed_scale:
+            x = ops.scale(t, x, math.sqrt(cfg.dim))
+        for l in range(cfg.n_layers):
+            x = self._block(x, l, pos0, caches[l] if caches else None)
+        return x
 
     def forward(self, idx: np.ndarray, targets: Optional[np.ndarray] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Run the model on (B, T) token ids; returns the (B, T, Vp) logits tensor and,
@@ -234,21 +268,48 @@ class Llama(LanguageModel):
         if t.training:
             t.step += 1  # a fresh dropout mask per training forward
         t.reset()
-        x = ops.embedding(t, idx, p["wte"])
-        if cfg.embed_scale:
-            x = ops.scale(t, x, math.sqrt(cfg.dim))
-        for l in range(cfg.n_layers):
-            x = self._block(x, l, 0)
+        x = self._trunk(idx)
         classifier = p["wte"] if cfg.tie_embeddings else p["lm_head"]
         self.logits = ops.linear(t, self._norm(x, p["norm_f"]), classifier)
         self.loss = None
         if targets is not None:
-            self.loss = ops.cross_entropy(t, self.logits, targets, cfg.vocab_size)
+            self.loss = self._loss(self.logits, targets)
             if cfg.n_predict > 1:
                 for k in range(1, cfg.n_predict):
                     h = ops.add(t, x, ops.linear(t, x, p["mtp"][k - 1]))
                     logits_k = ops.linear(t, self._norm(h, p["norm_f"]), classifier)
-                    loss_k = ops.cross_entropy(t, logits_k, multi_token_targets(targets, k), cfg.vocab_size)
+                    loss_k = self._loss(logits_k, multi_token_targets(targets, k))
                     self.loss = ops.add(t, self.loss, loss_k)
                 self.loss = ops.scale(t, self.loss, 1.0 / cfg.n_predict)
         return self.logits, self.loss
+
+    # ------------------------------------------------------------------ generation with a KV cache
+
+    def _begin_generation(self, capacity: int) -> None:
+        """Size the KV cache for `capacity` positions (at most block_size) and empty it."""
+        cfg = self.config
+        self._kv.reset()
+        self._kv_layers = [self._kv.alloc((capacity, cfg.qkv_width)) for _ in range(cfg.n_layers)]
+        self._kv_len = self._kv_start = 0
+
+    def _next_logits(self, tokens: list) -> np.ndarray:
+        """Next-token logits: the new token alone through the cached blocks when it extends
+        the cached positions; otherwise (the first call, or a full cache) a prefill of the
+        last tokens (the cache's capacity at first, half of it when it overflowed)."""
+        if not self.use_kv_cache:
+            return super()._next_logits(tokens)
+        capacity = self._kv_layers[0].shape[0]
+        if len(tokens) == self._kv_start + self._kv_len + 1 and 0 < self._kv_len < capacity:
+            new, pos0 = tokens[-1:], self._kv_len
+        else:
+            keep = min(len(tokens), capacity if self._kv_len == 0 else max(1, capacity // 2))
+            new, pos0 = tokens[-keep:], 0
+            self._kv_start = len(tokens) - keep
+        cfg, p, t = self.config, self.params, self.tape
+        t.reset(recording=False)
+        x = self._trunk(np.asarray(new, dtype=np.int32)[None, :], pos0, self._kv_layers)
+        last = Tensor(x.arena, x.offset + (len(new) - 1) * cfg.dim, (1, 1, cfg.dim))
+        classifier = p["wte"] if cfg.tie_embeddings else p["lm_head"]
+        logits = ops.linear(t, self._norm(last, p["norm_f"]), classifier)
+        self._kv_len = pos0 + len(new)
+        return logits.numpy()[0, 0, :cfg.vocab_size].astype(np.float64)
