@@ -75,6 +75,19 @@ def qk_norm_forward(out, rstd, qkv, q_weight, k_weight, NH, NKV, eps):
         out[b, t, v_off:] = qkv[b, t, v_off:]
 
 
+@njit(cache=True)
+def _head_weight_grad(dw, c, dout, qkv, rstd, h0, h1):
+    """dw[c] += sum over positions and heads h0..h1-1 of dout * qkv * rstd at column c."""
+    B, T, _ = qkv.shape
+    hs = dw.shape[0]
+    acc = 0.0
+    for b in range(B):
+        for t in range(T):
+            for h in range(h0, h1):
+                acc += dout[b, t, h * hs + c] * qkv[b, t, h * hs + c] * rstd[b, t, h]
+    dw[c] += acc
+
+
 @njit(parallel=True, cache=True)
 def qk_norm_backward(dqkv, dq_weight, dk_weight, dout, qkv, q_weight, k_weight, rstd, NH, NKV):
     """Accumulate dqkv (normalised heads and the passed-through v) and both weight grads.
@@ -95,15 +108,3 @@ def qk_norm_backward(dqkv, dq_weight, dk_weight, dout, qkv, q_weight, k_weight, 
         _head_weight_grad(dq_weight if col < hs else dk_weight, col % hs, dout, qkv, rstd,
                           NH if col >= hs else 0, NH + NKV if col >= hs else NH)
 
-
-@njit(cache=True)
-def _head_weight_grad(dw, c, dout, qkv, rstd, h0, h1):
-    """dw[c] += sum over positions and heads h0..h1-1 of dout * qkv * rstd at column c."""
-    B, T, _ = qkv.shape
-    hs = dw.shape[0]
-    acc = 0.0
-    for b in range(B):
-        for t in range(T):
-            for h in range(h0, h1):
-                acc += dout[b, t, h * hs + c] * qkv[b, t, h * hs + c] * rstd[b, t, h]
-    dw[c] += acc
