@@ -418,11 +418,16 @@ class Chuck(Adam):
 # ============================================================================ clipping, accumulation
 
 
-def grad_norm(params: Params) -> float:
-    """The global L2 norm of all gradients (one reduction over the flat grad buffer)."""
+def _partials(params: Params):
+    """The params' scratch for whole-buffer reductions (one float64 per block), made once."""
     if params.norm_partials is None:
         params.norm_partials = params.k.empty(params.k.sum_squares_blocks(params.size), np.float64)
-    return math.sqrt(params.k.sum_squares(params.grad, params.norm_partials))
+    return params.norm_partials
+
+
+def grad_norm(params: Params) -> float:
+    """The global L2 norm of all gradients (one reduction over the flat grad buffer)."""
+    return math.sqrt(params.k.sum_squares(params.grad, _partials(params)))
 
 
 def clip_grad_norm(params: Params, max_norm: float) -> float:
@@ -513,7 +518,7 @@ class GradScaler:
         """grads /= scale, in place; True when every grad is finite. Once per step."""
         if self._finite is not None:
             raise RuntimeError("unscale_() was already called this step; call step()/update() first")
-        bad = self.k.unscale_check_(self.params.grad, 1.0 / self.scale)
+        bad = self.k.unscale_check_(self.params.grad, 1.0 / self.scale, _partials(self.params))
         self._finite = bad == 0
         return self._finite
 
