@@ -153,12 +153,17 @@ class Adam(Optimizer):
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.m = self._zeros(params.size, params.dtype)
         self.v = self._zeros(params.size, params.dtype)
-        # blocks of one segment over everything, scale 1; its step count is set every step
-        block_offsets, block_seg = block_table(np.array([0, params.size], dtype=np.int64))
+        # the kernel's block table: for Adam one segment over everything (scale 1, its step
+        # count set every step); Chuck's segments are the tensors
+        self._seg_offsets = self._segments(params)
+        block_offsets, block_seg = block_table(self._seg_offsets)
         self._block_offsets = self.k.to_device(block_offsets)
         self._block_seg = self.k.to_device(block_seg)
         self._one = self.k.to_device(np.ones(1, dtype=np.float64))
         self._step_host = np.zeros(1, dtype=np.int64)
+
+    def _segments(self, params: Params) -> np.ndarray:
+        return np.array([0, params.size], dtype=np.int64)
 
     def _update(self, seg_scale, seg_step, lr: float) -> None:
         l2, decay = (0.0, self.weight_decay) if self.decoupled else (self.weight_decay, 0.0)
@@ -311,20 +316,19 @@ class Chuck(Adam):
         self.noise_events, self.last_lr = 0, 0.0
         self.loss_window = np.zeros(max(self.trend_window, 1), dtype=np.float64)
 
-        seg_offsets = tensor_offsets(params)
-        block_offsets, block_seg = block_table(seg_offsets)
-        S = seg_offsets.size - 1
+        S = self._seg_offsets.size - 1
         self.names = [name for name, t in sorted(params.items(), key=lambda kv: kv[1].offset)]
-        self._sqrt_sizes = np.sqrt(np.maximum(np.diff(seg_offsets), 1)).astype(np.float64)
-        self._block_offsets = self.k.to_device(block_offsets)
-        self._block_seg = self.k.to_device(block_seg)
-        self._partial = self._zeros(block_seg.size, np.float64)
+        self._sqrt_sizes = np.sqrt(np.maximum(np.diff(self._seg_offsets), 1)).astype(np.float64)
+        self._partial = self._zeros(self._block_seg.shape[0], np.float64)
         self._seg_sumsq = self._zeros(S, np.float64)
         self.gnorm_avg = np.zeros(S, dtype=np.float64)
         self.tiny_count = np.zeros(S, dtype=np.int64)
         self.tensor_steps = np.zeros(S, dtype=np.int64)
         self.scale = np.ones(S, dtype=np.float64)   # this step's per-tensor multiplier (0 = frozen)
         self.grad_norms = np.zeros(S, dtype=np.float64)
+
+    def _segments(self, params: Params) -> np.ndarray:
+        return tensor_offsets(params)
 
     def _check_state(self) -> None:
         S = self._sqrt_sizes.size
