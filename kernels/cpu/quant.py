@@ -63,17 +63,18 @@ def dequantize_f16(out, raw, f16):
 
 @njit(parallel=True, cache=True)
 def dequantize_bf16(out, raw, f16):
-    """out (n,) float32 <- raw (2n,) bytes of bfloat16 (the top half of a float32)."""
-    bits = out.view(np.uint32)
+    """out (n,) uint32 <- float32 bit patterns of raw (2n,) bytes of bfloat16 (the top half
+    of a float32). The caller passes its float32 output viewed as uint32: a view taken
+    inside a parallel kernel does not alias reliably in Numba (measured: writes were lost)."""
     for i in prange(out.shape[0]):
-        bits[i] = np.uint32((np.int64(raw[2 * i]) | (np.int64(raw[2 * i + 1]) << 8)) << 16)
+        out[i] = np.uint32((np.int64(raw[2 * i]) | (np.int64(raw[2 * i + 1]) << 8)) << 16)
 
 
 @njit(parallel=True, cache=True)
-def quantize_bf16(out, x):
-    """out (n,) uint16 <- bf16 of x (n,) float32, rounding to nearest even; NaNs stay quiet NaNs."""
-    bits = x.view(np.uint32)
-    for i in prange(x.shape[0]):
+def quantize_bf16(out, bits):
+    """out (n,) uint16 <- bf16 of the float32 bit patterns bits (n,) uint32 (a view of the
+    float32 input), rounding to nearest even; NaNs stay quiet NaNs."""
+    for i in prange(bits.shape[0]):
         n = np.int64(bits[i])
         if (n & 0x7FFFFFFF) > 0x7F800000:
             n = (n & 0xFFFF0000) | (64 << 16)
