@@ -393,8 +393,9 @@ _DTYPE_VALUE_TYPES = {np.dtype(d).newbyteorder("<"): t for t, d in _VALUE_DTYPES
 
 
 def _encode_value(key: str, v: Any) -> tuple[int, bytes]:
-    """(GGUF value type, encoded bytes). Python ints become uint32 when they fit (else int32,
-    int64, uint64), floats float32, lists arrays; NumPy scalars and arrays keep their type."""
+    """(GGUF value type, encoded bytes). Python ints become uint32 (negative ones int32) when
+    they fit, else uint64 (int64); floats float32; lists arrays (ints int32 or int64, floats
+    float32); NumPy scalars and arrays keep their type: use them to choose one."""
     if isinstance(v, (bool, np.bool_)):
         return BOOL, struct.pack("<B", bool(v))
     if isinstance(v, np.generic):
@@ -403,7 +404,7 @@ def _encode_value(key: str, v: Any) -> tuple[int, bytes]:
             raise ValueError(f"metadata {key!r}: NumPy type {v.dtype} has no GGUF equivalent")
         return t, np.asarray(v, dtype=_VALUE_DTYPES[t]).tobytes()
     if isinstance(v, int):
-        for t, lo, hi in ((UINT32, 0, 2 ** 32), (INT32, -2 ** 31, 0), (INT64, -2 ** 63, 2 ** 63), (UINT64, 0, 2 ** 64)):
+        for t, lo, hi in ((UINT32, 0, 2 ** 32), (INT32, -2 ** 31, 0), (UINT64, 0, 2 ** 64), (INT64, -2 ** 63, 0)):
             if lo <= v < hi:
                 return t, struct.pack(_STRUCT_FORMATS[t], v)
         raise ValueError(f"metadata {key!r}: integer {v} does not fit in 64 bits")
@@ -522,17 +523,16 @@ def _gpt2_export(model) -> tuple[dict, dict]:
         "gpt2.feed_forward_length": 4 * cfg.n_embd, "gpt2.block_count": cfg.n_layer,
         "gpt2.attention.head_count": cfg.n_head, "gpt2.attention.layer_norm_epsilon": 1e-5,
     }
-    arrays = {}
-    for nt_name, gguf_name in GPT2_TENSOR_NAMES:
+    values = {}
+    for nt_name, _ in GPT2_TENSOR_NAMES:
         t = model.params[nt_name]
-        value = host[t.offset:t.offset + t.size].reshape(t.shape)
-        if nt_name == "wte":
-            value = value[:cfg.vocab_size]   # drop nt's vocabulary padding
-        if "{l}" in gguf_name:
-            for l in range(cfg.n_layer):
-                arrays[gguf_name.format(l=l)] = value[l]
-        else:
-            arrays[gguf_name] = value
+        values[nt_name] = host[t.offset:t.offset + t.size].reshape(t.shape)
+    values["wte"] = values["wte"][:cfg.vocab_size]   # drop nt's vocabulary padding
+    per_layer = [(n, g) for n, g in GPT2_TENSOR_NAMES if "{l}" in g]
+    arrays = {g: values[n] for n, g in GPT2_TENSOR_NAMES if "{l}" not in g and not g.startswith("output")}
+    for l in range(cfg.n_layer):   # llama.cpp's order: layer by layer
+        arrays.update({g.format(l=l): values[n][l] for n, g in per_layer})
+    arrays.update({g: values[n] for n, g in GPT2_TENSOR_NAMES if g.startswith("output")})
     # the classifier is tied to the embedding; llama.cpp's converter writes it out as well
     arrays["output.weight"] = arrays["token_embd.weight"]
     return meta, arrays
