@@ -538,17 +538,73 @@ def _gpt2_export(model) -> tuple[dict, dict]:
     return meta, arrays
 
 
+# What nt's Llama must look like to be llama.cpp's "llama" architecture.
+_LLAMA_PLAIN = dict(norm="rmsnorm", ffn_kind="swiglu", qkv_bias=False, qk_norm=False, post_norms=False,
+                    embed_scale=False, sliding_window=0, n_predict=1)
+
+
+def _rope_rows_half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder the rows of a q or k projection (n_heads*hs, C) so that RoPE pairs (i, i+hs/2)
+    become pairs (2i, 2i+1): row 2i+k of a head takes row k*hs/2 + i. llama.cpp's converter
+    applies this permutation to HF checkpoints for the "llama" architecture."""
+    R, C = w.shape
+    return w.reshape(n_heads, 2, R // n_heads // 2, C).swapaxes(1, 2).reshape(R, C)
+
+
+def _llama_export(model) -> tuple[dict, dict]:
+    cfg = model.config
+    odd = {k: getattr(cfg, k) for k, v in _LLAMA_PLAIN.items() if getattr(cfg, k) != v}
+    if odd:
+        raise ValueError(f"llama.cpp's llama architecture has no equivalent of {odd}")
+    host = model.tape.k.to_host(model.params.flat)
+    p = {}
+    for name, t in model.params.items():
+        p[name] = host[t.offset:t.offset + t.size].reshape(t.shape)
+    V, C, H, hs, NH, NKV = cfg.vocab_size, cfg.dim, cfg.ffn_hidden, cfg.hs, cfg.n_heads, cfg.n_kv_heads
+    meta = {
+        "general.architecture": "llama", "general.name": "nt-llama",
+        "llama.context_length": cfg.block_size, "llama.embedding_length": C,
+        "llama.block_count": cfg.n_layers, "llama.feed_forward_length": H,
+        "llama.attention.head_count": NH, "llama.attention.head_count_kv": NKV,
+        "llama.rope.dimension_count": hs, "llama.rope.freq_base": float(cfg.rope_theta),
+        "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps), "llama.vocab_size": V,
+    }
+    if hs * NH != C:
+        meta["llama.attention.key_length"] = meta["llama.attention.value_length"] = hs
+    arrays = {"token_embd.weight": p["wte"][:V]}
+    for l in range(cfg.n_layers):
+        qkv = p["qkvw"][l]
+        q, k, v = qkv[:NH * hs], qkv[NH * hs:(NH + NKV) * hs], qkv[(NH + NKV) * hs:]
+        if cfg.rope_pairing == "half":
+            q, k = _rope_rows_half_to_interleaved(q, NH), _rope_rows_half_to_interleaved(k, NKV)
+        arrays.update({
+            f"blk.{l}.attn_norm.weight": p["attn_norm"][l], f"blk.{l}.attn_q.weight": q,
+            f"blk.{l}.attn_k.weight": k, f"blk.{l}.attn_v.weight": v,
+            f"blk.{l}.attn_output.weight": p["attn_out"][l], f"blk.{l}.ffn_norm.weight": p["ffn_norm"][l],
+            f"blk.{l}.ffn_gate.weight": p["gate_up"][l][:H], f"blk.{l}.ffn_up.weight": p["gate_up"][l][H:],
+            f"blk.{l}.ffn_down.weight": p["down"][l],
+        })
+    arrays["output_norm.weight"] = p["norm_f"]
+    if not cfg.tie_embeddings:   # tied: llama.cpp falls back to token_embd when output is absent
+        arrays["output.weight"] = p["lm_head"][:V]
+    return meta, arrays
+
+
 def write(path, model, dtype: str = "F32", metadata: dict | None = None) -> None:
-    """Export an nt model to GGUF for llama.cpp: matrices as `dtype` (one of WRITE_TYPES),
-    norms and biases as F32. `metadata` adds keys (e.g. the tokenizer.ggml.* vocabulary,
+    """Export an nt GPT2 or Llama to GGUF for llama.cpp (architectures "gpt2" and "llama"):
+    matrices as `dtype` (one of WRITE_TYPES), norms and biases as F32. A Llama with HF's
+    "half" RoPE pairing has its q/k rows permuted to llama.cpp's interleaved pairing, as
+    llama.cpp's converter does. `metadata` adds keys (e.g. the tokenizer.ggml.* vocabulary,
     which llama.cpp needs to run the file and nt models do not carry)."""
-    from ..models.gpt2 import GPT2
+    from ..models import GPT2, Llama
     if dtype not in WRITE_TYPES:
         raise ValueError(f"dtype must be one of {', '.join(WRITE_TYPES)}, got {dtype!r}")
     if isinstance(model, GPT2):
         meta, arrays = _gpt2_export(model)
+    elif isinstance(model, Llama):
+        meta, arrays = _llama_export(model)
     else:
-        raise TypeError(f"cannot export a {type(model).__name__} to GGUF (supported: GPT2)")
+        raise TypeError(f"cannot export a {type(model).__name__} to GGUF (supported: GPT2, Llama)")
     meta["general.file_type"] = _FILE_TYPES[dtype]
     meta.update(metadata or {})
     _, bs, _ = GGML_TYPES[GGML_TYPE_IDS[dtype]]
@@ -602,11 +658,59 @@ def _gpt2_import(f: GGUFFile, device: str):
     return model
 
 
+def _llama_import(f: GGUFFile, device: str):
+    from ..models.llama import Llama, LlamaConfig
+    if "rope_freqs.weight" in f or f.metadata.get("llama.rope.scaling.type", "none") not in ("none", "linear") \
+            or f.metadata.get("llama.rope.scaling.factor", 1.0) != 1.0:
+        raise FormatError(f"{f.path}: RoPE scaling (rope_freqs / llama.rope.scaling.*) is not supported by nt's Llama")
+    if "token_embd.weight" not in f:
+        raise FormatError(f"{f.path}: missing tensor 'token_embd.weight'")
+    C, NH = _need(f, "llama.embedding_length"), _need(f, "llama.attention.head_count")
+    hs = f.metadata.get("llama.attention.key_length", C // NH if NH else 0)
+    if f.metadata.get("llama.rope.dimension_count", hs) != hs or f.metadata.get("llama.attention.value_length", hs) != hs:
+        raise FormatError(f"{f.path}: partial RoPE or distinct key/value head sizes are not supported")
+    try:
+        cfg = LlamaConfig(
+            dim=C, n_layers=_need(f, "llama.block_count"), n_heads=NH,
+            n_kv_heads=f.metadata.get("llama.attention.head_count_kv", NH), ffn_hidden=_need(f, "llama.feed_forward_length"),
+            vocab_size=f.tensor_infos["token_embd.weight"].shape[0], block_size=_need(f, "llama.context_length"),
+            head_dim=0 if hs * NH == C else hs, norm_eps=_need(f, "llama.attention.layer_norm_rms_epsilon", float),
+            rope_theta=float(f.metadata.get("llama.rope.freq_base", 10000.0)), rope_pairing="interleaved",
+            tie_embeddings="output.weight" not in f)
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{f.path}: metadata describes an impossible Llama: {e}") from None
+    model = Llama(cfg, device=device, seed=None)
+    V, H, NKV, L = cfg.vocab_size, cfg.ffn_hidden, cfg.n_kv_heads, cfg.n_layers
+    host = np.zeros(model.params.size, dtype=np.float32)
+    p = {name: host[t.offset:t.offset + t.size].reshape(t.shape) for name, t in model.params.items()}
+    p["wte"][:V] = _tensor(f, "token_embd.weight", (V, C))
+    for l in range(L):
+        b = f"blk.{l}."
+        p["attn_norm"][l] = _tensor(f, b + "attn_norm.weight", (C,))
+        p["qkvw"][l] = np.concatenate([_tensor(f, b + "attn_q.weight", (NH * hs, C)),
+                                       _tensor(f, b + "attn_k.weight", (NKV * hs, C)),
+                                       _tensor(f, b + "attn_v.weight", (NKV * hs, C))])
+        p["attn_out"][l] = _tensor(f, b + "attn_output.weight", (C, NH * hs))
+        p["ffn_norm"][l] = _tensor(f, b + "ffn_norm.weight", (C,))
+        p["gate_up"][l] = np.concatenate([_tensor(f, b + "ffn_gate.weight", (H, C)),
+                                          _tensor(f, b + "ffn_up.weight", (H, C))])
+        p["down"][l] = _tensor(f, b + "ffn_down.weight", (C, H))
+    p["norm_f"][:] = _tensor(f, "output_norm.weight", (C,))
+    if not cfg.tie_embeddings:
+        p["lm_head"][:V] = _tensor(f, "output.weight", (V, C))
+    model.load_flat(host)
+    return model
+
+
 def load(path, device: str = "cpu"):
-    """Build an nt model from a GGUF file (architectures: gpt2). Weights are dequantised to
-    float32. A GPT-2 `output.weight`, if present, is taken to be tied to token_embd."""
+    """Build an nt model from a GGUF file: GPT2 for architecture "gpt2", Llama (with
+    llama.cpp's interleaved RoPE pairing, so q/k are used as stored) for "llama". Weights
+    are dequantised to float32. A GPT-2 `output.weight`, if present, is taken to be tied
+    to token_embd (nt's GPT-2 ties them); a Llama without `output.weight` is tied."""
     f = GGUFFile(path)
     arch = f.metadata.get("general.architecture")
     if arch == "gpt2":
         return _gpt2_import(f, device)
-    raise FormatError(f"{f.path}: general.architecture {arch!r} is not supported (supported: gpt2)")
+    if arch == "llama":
+        return _llama_import(f, device)
+    raise FormatError(f"{f.path}: general.architecture {arch!r} is not supported (supported: gpt2, llama)")
