@@ -310,3 +310,81 @@ def test_load_rejects_incomplete_models(tmp_path):
     G.write_gguf(tmp_path / "y.gguf", {"general.architecture": "gpt2", "gpt2.embedding_length": 64}, {})
     with pytest.raises(FormatError, match="token_embd.weight"):
         G.load(tmp_path / "y.gguf")
+
+
+def _tiny_llama(**kw):
+    from nt.models import Llama, LlamaConfig
+    return Llama(LlamaConfig.preset("llama-tiny", vocab_size=300, rope_theta=5000.0, **kw), seed=4)
+
+
+@pytest.mark.parametrize("pairing", ["interleaved", "half"])
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("dtype,tol", [("F32", 1e-6), ("Q8_0", 2e-2)])
+def test_llama_export_import_logits(tmp_path, pairing, tie, dtype, tol):
+    """HF-style ("half") models are stored with llama.cpp's interleaved q/k rows and come back
+    as interleaved models: the same function, so the same logits."""
+    model = _tiny_llama(rope_pairing=pairing, tie_embeddings=tie)
+    idx = np.random.default_rng(8).integers(0, 300, (2, 16)).astype(np.int32)
+    ref = model(idx)[0].copy()
+    G.write(tmp_path / "l.gguf", model, dtype)
+    back = G.load(tmp_path / "l.gguf")
+    assert back.config.rope_pairing == "interleaved" and back.config.tie_embeddings == tie
+    assert (back.config.dim, back.config.n_kv_heads, back.config.ffn_hidden) == (64, 2, 192)
+    assert np.abs(back(idx)[0] - ref).max() <= tol * np.abs(ref).max()
+
+
+def test_llama_export_uses_llama_cpp_names_and_shapes(tmp_path):
+    model = _tiny_llama(tie_embeddings=False)
+    G.write(tmp_path / "l.gguf", model, "F16")
+    r = gguf.GGUFReader(tmp_path / "l.gguf")
+    ne = {t.name: t.shape.tolist() for t in r.tensors}
+    assert ne["token_embd.weight"] == [64, 300] and ne["output.weight"] == [64, 300]
+    assert ne["blk.0.attn_q.weight"] == [64, 64] and ne["blk.0.attn_k.weight"] == [64, 32]
+    assert ne["blk.1.attn_v.weight"] == [64, 32] and ne["blk.1.attn_output.weight"] == [64, 64]
+    assert ne["blk.0.ffn_gate.weight"] == [64, 192] and ne["blk.0.ffn_up.weight"] == [64, 192]
+    assert ne["blk.0.ffn_down.weight"] == [192, 64] and ne["output_norm.weight"] == [64]
+    f = {k: v.contents() for k, v in r.fields.items()}
+    assert f["general.architecture"] == "llama" and f["llama.attention.head_count_kv"] == 2
+    assert f["llama.feed_forward_length"] == 192 and f["llama.rope.freq_base"] == 5000.0
+    assert r.fields["llama.attention.layer_norm_rms_epsilon"].types == [gguf.GGUFValueType.FLOAT32]
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(_write_tied(tmp_path)).tensors}
+
+
+def _write_tied(tmp_path):
+    G.write(tmp_path / "tied.gguf", _tiny_llama(), "F32")
+    return tmp_path / "tied.gguf"
+
+
+def test_from_gguf_llama_file_written_by_gguf_package(tmp_path):
+    """nt.models.from_gguf on a file from llama.cpp's writer: same logits as an nt Llama
+    (interleaved pairing, as llama.cpp's llama arch) built from the same weights."""
+    from nt.models import from_gguf
+    model = _tiny_llama(rope_pairing="interleaved", tie_embeddings=False)
+    _, arrays = G._llama_export(model)
+    w = gguf.GGUFWriter(str(tmp_path / "o.gguf"), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(64)
+    w.add_block_count(2)
+    w.add_feed_forward_length(192)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(5000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    for name, a in arrays.items():
+        w.add_tensor(name, np.ascontiguousarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    idx = np.arange(30, dtype=np.int32).reshape(2, 15)
+    # not bitwise: the file holds eps as float32 (1e-5 -> 9.99999975e-06)
+    np.testing.assert_allclose(from_gguf(tmp_path / "o.gguf")(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_llama_unsupported_features_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="qk_norm"):
+        G.write(tmp_path / "x.gguf", _tiny_llama(qk_norm=True), "F32")
+    G.write_gguf(tmp_path / "r.gguf", {"general.architecture": "llama"},
+                 {"rope_freqs.weight": (np.ones(16, np.float32), "F32")})
+    with pytest.raises(FormatError, match="RoPE scaling"):
+        G.load(tmp_path / "r.gguf")
