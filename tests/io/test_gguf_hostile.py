@@ -55,6 +55,8 @@ def test_valid_baseline(tmp_path):
     (tmp_path / "ok.gguf").write_bytes(_build([_kv("k", 4, struct.pack("<I", 7))], [F32_4x32], DATA))
     f = G.GGUFFile(tmp_path / "ok.gguf")
     assert f.metadata == {"k": 7} and np.array_equal(f.dequantize("w").reshape(-1), np.arange(128))
+    (tmp_path / "v2.gguf").write_bytes(_build([], [F32_4x32], DATA, version=2))   # same layout as v3
+    assert G.GGUFFile(tmp_path / "v2.gguf").version == 2
 
 
 @pytest.mark.parametrize("content,fragments", [
