@@ -299,8 +299,9 @@ def test_gpt2_load_from_gguf_package_file(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    from nt.models import from_gguf
     idx = np.arange(20, dtype=np.int32).reshape(2, 10)
-    assert np.array_equal(G.load(tmp_path / "o.gguf")(idx)[0], model(idx)[0])
+    assert np.array_equal(from_gguf(tmp_path / "o.gguf")(idx)[0], model(idx)[0])
 
 
 def test_load_rejects_incomplete_models(tmp_path):
