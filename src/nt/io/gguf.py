@@ -129,14 +129,27 @@ class _Cursor:
         return n
 
     def string(self, what: str) -> str:
-        at = self.pos
-        n = self.count(f"{what} (string length)", 1)
-        raw = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise self.fail(what, f"string is not valid UTF-8 ({e.reason})", at) from None
+        return self.strings(1, what, indexed=False)[0]
+
+    def strings(self, n: int, what: str, indexed: bool = True) -> list[str]:
+        """n consecutive strings (u64 length + UTF-8), element i named what[i]. One tight
+        loop: vocabularies hold hundreds of thousands of them."""
+        buf, size, pos, out = self.buf, self.size, self.pos, []
+        for i in range(n):
+            name = f"{what}[{i}]" if indexed else what
+            if size - pos < 8:
+                self.pos = pos
+                self.need(8, f"{name} (string length)")
+            length = struct.unpack_from("<Q", buf, pos)[0]
+            if length > size - pos - 8:
+                raise self.fail(f"{name} (string length)", f"count {length} cannot fit in the {size - pos - 8} bytes left", pos)
+            try:
+                out.append(buf[pos + 8:pos + 8 + length].decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise self.fail(name, f"string is not valid UTF-8 ({e.reason})", pos) from None
+            pos += 8 + length
+        self.pos = pos
+        return out
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype == STRING:
@@ -156,8 +169,10 @@ class _Cursor:
         if etype not in _MIN_VALUE_BYTES:
             raise self.fail(what, f"unknown array element type {etype}", at)
         n = self.count(f"{what} (array length)", _MIN_VALUE_BYTES[etype])
-        if etype in (STRING, ARRAY):
-            return [self.value(etype, f"{what}[{i}]", depth) for i in range(n)]
+        if etype == STRING:
+            return self.strings(n, what)
+        if etype == ARRAY:
+            return [self.array(f"{what}[{i}]", depth + 1) for i in range(n)]
         dtype = np.dtype(_VALUE_DTYPES[etype])
         a = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).copy()
         self.pos += n * dtype.itemsize
