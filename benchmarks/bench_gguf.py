@@ -70,7 +70,7 @@ def main() -> None:
         t = timed(lambda: kernel(target, raw, quant.F16_TABLE), args.reps)
         print(f"{qtype:6} {t * 1e3:8.2f} {4 * n / t / 1e9:9.2f} {raw.size / t / 1e9:8.2f}")
 
-    print(f"\nmatvec out (N, OC) = x (N, C) @ W^T")
+    print("\nmatvec out (N, OC) = x (N, C) @ W^T")
     print(f"{'W (OC x C)':12} {'N':>3} {'type':5} {'ms':>8} {'weight GB/s':>11} {'vs f32':>7} {'max rel err':>11}")
     for OC, C in ((2048, 2048), (8192, 2048), (2048, 8192)):
         W = (rng.standard_normal((OC, C)) * 0.02).astype(np.float32)

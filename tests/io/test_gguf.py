@@ -1,16 +1,12 @@
 """GGUF reader, writer, dequantisers and quantisers against the `gguf` package (llama.cpp's
-own Python implementation, a test oracle only), plus hostile files and a fuzz test."""
+own Python implementation, a test oracle only). Hostile files: test_gguf_hostile.py."""
 import os
-import struct
-import tempfile
 
 import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 from nt.io import FormatError  # noqa: E402
 from nt.io import gguf as G  # noqa: E402
