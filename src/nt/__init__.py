@@ -6,7 +6,7 @@
     logits, loss = model(x, y)        # forward
     model.zero_grad(); model.backward(); opt.step()
 """
-from . import data, io, models, ops, optim
+from . import data, io, models, ops, optim, profile
 from .backend import backend
 from .tape import Tape
 from .tensor import Arena, Params, Tensor
