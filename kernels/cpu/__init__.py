@@ -9,5 +9,5 @@ from .embedding import embedding_backward, embedding_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .matmul import matmul_backward, matmul_forward
 from .memory import DEVICE, copy_, empty, fill_, to_device, to_host
-from .optim import adamw_update, scale_, sum_squares
+from .optim import adamw_update, scale_, sum_squares, sum_squares_blocks
 from .softmax_xent import softmax_xent_backward, softmax_xent_forward
