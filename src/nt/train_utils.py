@@ -170,7 +170,8 @@ class LossLog:
         if resume_step is not None and self.path.exists():
             for line in self.path.read_text().splitlines():
                 entry = json.loads(line)
-                if entry["step"] < resume_step or (entry["step"] == resume_step and "train_loss" not in entry):
+                # step k's train loss came before the checkpoint; its evaluation runs again
+                if entry["step"] < resume_step or (entry["step"] == resume_step and "train_loss" in entry):
                     keep.append(line + "\n")
         self.path.write_text("".join(keep))
 
