@@ -4,6 +4,7 @@ real pattern (pre-tokenizer), HF `tokenizers` and `tiktoken` loading the files n
 import json
 import unicodedata
 
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -173,3 +174,21 @@ def test_bad_inputs(bpe, tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
     with pytest.raises(ValueError, match="merges.txt:2: bad merge line"):
         BPE.from_gpt2_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+
+
+def test_gpt2_files_with_any_id_order(bpe, saved, tmp_path):
+    # OpenAI's vocab.json does not number single bytes by byte value: permute every id
+    vocab = json.loads((saved / "vocab.json").read_text(encoding="utf-8"))
+    perm = np.random.default_rng(0).permutation(len(vocab))
+    shuffled = {token: int(perm[i]) for token, i in vocab.items()}
+    (tmp_path / "vocab.json").write_text(json.dumps(shuffled), encoding="utf-8")
+    merges_text = (saved / "merges.txt").read_text(encoding="utf-8")
+    (tmp_path / "merges.txt").write_text(merges_text, encoding="utf-8")
+    other = BPE.from_gpt2_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    ranks = {tuple(line.split(" ")): r for r, line in enumerate(merges_text.splitlines()[1:])}
+    for text in SAMPLES:
+        ids = other.encode(text)
+        assert ids == reference_bpe_encode(ranks, bytes_to_unicode(), shuffled, text)
+        assert ids == [int(perm[i]) for i in bpe.encode(text)]
+        assert other.decode(ids) == text
+    assert other.special_tokens == {s: int(perm[i]) for s, i in bpe.special_tokens.items()}
