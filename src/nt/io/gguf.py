@@ -539,6 +539,7 @@ def _gpt2_export(model) -> tuple[dict, dict]:
         "gpt2.context_length": cfg.block_size, "gpt2.embedding_length": cfg.n_embd,
         "gpt2.feed_forward_length": 4 * cfg.n_embd, "gpt2.block_count": cfg.n_layer,
         "gpt2.attention.head_count": cfg.n_head, "gpt2.attention.layer_norm_epsilon": 1e-5,
+        "gpt2.vocab_size": cfg.vocab_size,
     }
     values = {}
     for nt_name, _ in GPT2_TENSOR_NAMES:
@@ -611,8 +612,9 @@ def write(path, model, dtype: str = "F32", metadata: dict | None = None) -> None
     """Export an nt GPT2 or Llama to GGUF for llama.cpp (architectures "gpt2" and "llama"):
     matrices as `dtype` (one of WRITE_TYPES), norms and biases as F32. A Llama with HF's
     "half" RoPE pairing has its q/k rows permuted to llama.cpp's interleaved pairing, as
-    llama.cpp's converter does. `metadata` adds keys (e.g. the tokenizer.ggml.* vocabulary,
-    which llama.cpp needs to run the file and nt models do not carry)."""
+    llama.cpp's converter does. `metadata` adds or overrides keys: nt models carry no
+    vocabulary, so tokenizer.ggml.model is "none" (llama.cpp runs on token ids) unless
+    the tokenizer.ggml.* keys are passed here."""
     from ..models import GPT2, Llama
     if dtype not in WRITE_TYPES:
         raise ValueError(f"dtype must be one of {', '.join(WRITE_TYPES)}, got {dtype!r}")
@@ -623,6 +625,9 @@ def write(path, model, dtype: str = "F32", metadata: dict | None = None) -> None
     else:
         raise TypeError(f"cannot export a {type(model).__name__} to GGUF (supported: GPT2, Llama)")
     meta["general.file_type"] = _FILE_TYPES[dtype]
+    # llama.cpp refuses a file without a tokenizer model; "none" (vocab_size dummy tokens)
+    # lets it run on token ids. Callers with a vocabulary pass tokenizer.ggml.* instead.
+    meta["tokenizer.ggml.model"] = "none"
     meta.update(metadata or {})
     _, bs, _ = GGML_TYPES[GGML_TYPE_IDS[dtype]]
     tensors = {name: (a, dtype if a.ndim >= 2 and a.shape[-1] % bs == 0 else "F32")
