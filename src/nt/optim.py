@@ -419,6 +419,20 @@ class Chuck(Adam):
                 "noise_events": self.noise_events}
 
 
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "chuck": Chuck}
+
+
+def make_optimizer(name: str, params: Params, lr: float, weight_decay: float = 0.0,
+                   betas=(0.9, 0.95), momentum: float = 0.9) -> Optimizer:
+    """The optimizer a training script's --optimizer names, with the script's lr and
+    weight decay (SGD takes `momentum`, the Adam family `betas`; Chuck its defaults)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
+    if name == "sgd":
+        return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return OPTIMIZERS[name](params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
 # ============================================================================ clipping, accumulation
 
 
