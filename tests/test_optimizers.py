@@ -7,7 +7,7 @@ import pytest
 from numba.core.runtime import _nrt_python, rtsys
 
 import nt
-from nt.optim import SGD, Adam, AdamW, Chuck, GradScaler, clip_grad_norm
+from nt.optim import OPTIMIZERS, SGD, Adam, AdamW, Chuck, GradScaler, clip_grad_norm, make_optimizer
 from optim_reference import AdamRef, ChuckRef, SGDRef
 
 LAYOUT = [("w", (6, 5), True), ("b", (5,), False), ("e", (40,), True), ("g", (3,), False)]
@@ -226,3 +226,13 @@ def test_bad_hyperparameters_and_state():
     bad["gnorm_avg"] = np.zeros(7)
     with pytest.raises(ValueError, match="gnorm_avg"):
         Chuck(p).load_state_dict(bad)
+
+
+def test_make_optimizer_by_name():
+    p = make()
+    for name, cls in OPTIMIZERS.items():
+        opt = make_optimizer(name, p, lr=0.5, weight_decay=0.1)
+        assert type(opt) is cls and opt.lr == 0.5 and opt.weight_decay == 0.1
+    assert make_optimizer("adamw", p, 1e-3).beta2 == 0.95 and make_optimizer("sgd", p, 1e-3).momentum == 0.9
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("lion", p, 1e-3)
