@@ -317,6 +317,7 @@ class Chuck(Adam):
         self.loss_window = np.zeros(max(self.trend_window, 1), dtype=np.float64)
 
         S = self._seg_offsets.size - 1
+        # names[s] is tensor s, for reading the per-tensor arrays (scale, grad_norms, tensor_steps)
         self.names = [name for name, t in sorted(params.items(), key=lambda kv: kv[1].offset)]
         self._sqrt_sizes = np.sqrt(np.maximum(np.diff(self._seg_offsets), 1)).astype(np.float64)
         self._partial = self._zeros(self._block_seg.shape[0], np.float64)
