@@ -178,9 +178,9 @@ def _rmsnorm_backward(k, out, x, weight, rstd):
                        x.data.reshape(N, C), weight.data, rstd.data)
 
 
-def _qkv_heads(qkv: Tensor, n_head: int, n_kv_head: Optional[int], op: str) -> tuple[int, int, int]:
+def _qkv_heads(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int], op: str) -> tuple[int, int, int]:
     """(NH, NKV, hs) of a fused (B, T, (NH + 2*NKV) * hs) qkv tensor, validated."""
-    _check(qkv, "qkv", 3)
+    _check(qkv, "qkv", 3, t)
     NH = int(n_head)
     NKV = NH if n_kv_head is None else int(n_kv_head)
     if NH <= 0 or NKV <= 0 or NH % NKV:
@@ -196,8 +196,7 @@ def qk_norm(t: Tape, qkv: Tensor, q_weight: Tensor, k_weight: Tensor, n_head: in
             n_kv_head: Optional[int] = None, eps: float = 1e-6) -> Tensor:
     """RMSNorm of every query head (weight q_weight, size head_size, shared by the heads)
     and key head (k_weight) of a fused qkv tensor, values copied (Qwen3, Gemma-3)."""
-    NH, NKV, hs = _qkv_heads(qkv, n_head, n_kv_head, "qk_norm")
-    _check(qkv, "qkv", 3, t)
+    NH, NKV, hs = _qkv_heads(t, qkv, n_head, n_kv_head, "qk_norm")
     for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
         _check(w, name, 1, t)
         if w.shape[0] != hs:
@@ -230,8 +229,7 @@ def rope(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, pos
     pairing "half": pairs (i, i + hs/2) (HF transformers, GPT-NeoX); "interleaved":
     pairs (2i, 2i + 1) (Meta's LLaMA reference, RoFormer, llama.cpp's LLAMA arch).
     """
-    NH, NKV, hs = _qkv_heads(qkv, n_head, n_kv_head, "rope")
-    _check(qkv, "qkv", 3, t)
+    NH, NKV, hs = _qkv_heads(t, qkv, n_head, n_kv_head, "rope")
     if pairing not in ROPE_PAIRINGS:
         raise ValueError(f"rope: pairing must be one of {ROPE_PAIRINGS}, got {pairing!r}")
     if hs % 2:
@@ -454,8 +452,7 @@ def attention(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None
     makes rows 0..q0-1 a KV cache: only positions q0..T-1 are queries, attending keys
     0..T-1 (generation with a cache).
     """
-    NH, NKV, hs = _qkv_heads(qkv, n_head, n_kv_head, "attention")
-    _check(qkv, "qkv", 3, t)
+    NH, NKV, hs = _qkv_heads(t, qkv, n_head, n_kv_head, "attention")
     if window < 0:
         raise ValueError(f"attention: window must be >= 0 (0 = unlimited), got {window}")
     B, T, W = qkv.shape
