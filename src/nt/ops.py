@@ -405,7 +405,9 @@ def concat(t: Tape, a: Tensor, b: Tensor) -> Tensor:
     if a.shape[:-1] != b.shape[:-1]:
         raise ValueError(f"concat: leading shapes differ: {a.shape} and {b.shape}")
     Ca, Cb = a.shape[-1], b.shape[-1]
-    N = a.size // Ca if Ca else 0
+    if Ca == 0 or Cb == 0:
+        raise ValueError(f"concat: both inputs need at least one feature, got {a.shape} and {b.shape}")
+    N = a.size // Ca
     out = t.new(a.shape[:-1] + (Ca + Cb,))
     t.k.concat_forward(out.data.reshape(N, Ca + Cb), a.data.reshape(N, Ca), b.data.reshape(N, Cb))
     t.record(_concat_backward, out, a, b)
