@@ -7,7 +7,7 @@ theta^(-2i/hs), possibly rescaled (Llama-3), computed once by the op. Two pairin
                                                               llama.cpp's LLAMA arch
   half-split  (half=True):  pair i is channels (i, i + hs/2) HF transformers, GPT-NeoX
 The v heads are copied. The backward is the same rotation by the negative angle.
-cos/sin are computed in float64 per (position, pair) and shared by all heads: no tables.
+cos/sin are computed in float64 per (position, pair) and shared by all heads: no cos/sin tables.
 """
 import numpy as np
 from numba import njit, prange
