@@ -1,0 +1,17 @@
+"""CUDA kernels: `numba.cuda` twins of nt.kernels.cpu, same names and signatures.
+
+`nt.backend("cuda")` returns this module. Each function is a Python wrapper that picks a
+launch configuration (launch.py) and launches `@cuda.jit` kernels on device arrays.
+Integer inputs (token ids, targets) arrive as NumPy int32 arrays and are copied into
+reused device buffers (memory.ids_to_device). Runs on a GPU or, with
+NUMBA_ENABLE_CUDASIM=1, in Numba's CUDA simulator.
+"""
+from .activations import gelu_backward, gelu_forward
+from .attention import attention_backward, attention_forward
+from .elementwise import add_backward, add_forward
+from .embedding import embedding_backward, embedding_forward
+from .layernorm import layernorm_backward, layernorm_forward
+from .matmul import matmul_backward, matmul_forward
+from .memory import DEVICE, copy_, empty, fill_, ids_to_device, to_device, to_host
+from .optim import adamw_update, scale_, sum_squares
+from .softmax_xent import softmax_xent_backward, softmax_xent_forward
