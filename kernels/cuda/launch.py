@@ -11,7 +11,7 @@ from numba import cuda
 from numba.cuda.core import config
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
-THREADS = 32 if SIMULATOR else 256          # threads per 1-D block (a power of two)
+THREADS = 8 if SIMULATOR else 256          # threads per 1-D block (a power of two)
 MAX_BLOCKS = 4 if SIMULATOR else 8192       # grid-stride loops cover the rest
 TILE = 4 if SIMULATOR else 16               # GEMM fallback: TILE x TILE threads per block
 
