@@ -10,6 +10,7 @@ legacy default stream, the one Numba launches on by default, so GEMMs and our ke
 stay ordered without synchronisation.
 """
 import ctypes
+import ctypes.util
 
 import numpy as np
 from numba import cuda
@@ -19,20 +20,24 @@ from .launch import SIMULATOR
 _OP_N, _OP_T = 0, 1  # cublasOperation_t
 _lib = None
 _handle = None
+_tried = False  # look for the library once, not at every GEMM
 
 
 def _load():
     """Load libcublas and create a handle once; None when there is none to load."""
-    global _lib, _handle
-    if _handle is not None or SIMULATOR:
+    global _lib, _handle, _tried
+    if _tried or SIMULATOR:
         return _handle
+    _tried = True
     try:
         from cuda.pathfinder import load_nvidia_dynamic_lib
-        loaded = load_nvidia_dynamic_lib("cublas")
-        lib = ctypes.CDLL(loaded.abs_path, handle=loaded._handle_uint) if loaded.abs_path is None \
-            else ctypes.CDLL(loaded.abs_path)
-    except Exception:  # no wheel, no toolkit: the kernel fallback serves
+        path = load_nvidia_dynamic_lib("cublas").abs_path
+    except Exception:  # not in a wheel or toolkit cuda-pathfinder knows
+        path = None
+    path = path or ctypes.util.find_library("cublas")
+    if path is None:  # no cuBLAS anywhere: the tiled kernel serves
         return None
+    lib = ctypes.CDLL(path)
     c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
     for name in ("cublasSgemm_v2", "cublasDgemm_v2"):
         fn = getattr(lib, name)
