@@ -1,26 +1,102 @@
-"""Pointwise activations on flat arrays."""
+"""Pointwise activations, gated (GLU) activations and their backwards, on flat arrays.
+
+One scalar rule per activation (`_act`, `_dact`) serves every kernel here, chosen by an
+integer `kind`: GELU_TANH (GPT-2, Gemma's GeGLU), GELU (exact, erf), SILU, SIGMOID.
+
+Gated layout: `glu_*` take one (N, 2H) input, the gate in columns [0, H) and the up
+projection in [H, 2H), and produce (N, H) = act(gate) * up. A Llama MLP computes both
+halves with one fused (2H, C) linear, then this kernel: SwiGLU is kind SILU, GeGLU GELU_TANH.
+"""
+import math
+
 import numpy as np
 from numba import njit, prange
 
+GELU_TANH, GELU, SILU, SIGMOID = 0, 1, 2, 3
 GELU_SCALE = np.sqrt(2.0 / np.pi)
+INV_SQRT2 = 1.0 / np.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
+
+
+@njit(cache=True)
+def _sigmoid(x):
+    # both branches stay finite for any x (exp of a non-positive number)
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+@njit(cache=True)
+def _act(x, kind):
+    """The activation of one value."""
+    if kind == GELU_TANH:
+        return 0.5 * x * (1.0 + math.tanh(GELU_SCALE * (x + 0.044715 * x * x * x)))
+    if kind == GELU:
+        return 0.5 * x * (1.0 + math.erf(x * INV_SQRT2))
+    if kind == SILU:
+        return x * _sigmoid(x)
+    return _sigmoid(x)
+
+
+@njit(cache=True)
+def _dact(x, kind):
+    """The activation's derivative at one value."""
+    if kind == GELU_TANH:
+        th = math.tanh(GELU_SCALE * (x + 0.044715 * x * x * x))
+        sech2 = 1.0 - th * th
+        return 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+    if kind == GELU:
+        return 0.5 * (1.0 + math.erf(x * INV_SQRT2)) + x * INV_SQRT_2PI * math.exp(-0.5 * x * x)
+    sg = _sigmoid(x)
+    if kind == SILU:
+        return sg * (1.0 + x * (1.0 - sg))
+    return sg * (1.0 - sg)
+
+
+@njit(parallel=True, cache=True)
+def act_forward(out, inp, kind):
+    """out = act(inp), elementwise."""
+    for i in prange(inp.shape[0]):
+        out[i] = _act(inp[i], kind)
+
+
+@njit(parallel=True, cache=True)
+def act_backward(dinp, dout, inp, kind):
+    """Accumulate dinp += act'(inp) * dout."""
+    for i in prange(inp.shape[0]):
+        dinp[i] += _dact(inp[i], kind) * dout[i]
 
 
 @njit(parallel=True, cache=True)
 def gelu_forward(out, inp):
     """GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     for i in prange(inp.shape[0]):
-        x = inp[i]
-        u = GELU_SCALE * (x + 0.044715 * x * x * x)
-        out[i] = 0.5 * x * (1.0 + np.tanh(u))
+        out[i] = _act(inp[i], GELU_TANH)
 
 
 @njit(parallel=True, cache=True)
 def gelu_backward(dinp, dout, inp):
     """Accumulate dinp += gelu'(x) * dout."""
     for i in prange(inp.shape[0]):
-        x = inp[i]
-        u = GELU_SCALE * (x + 0.044715 * x * x * x)
-        th = np.tanh(u)
-        sech2 = 1.0 - th * th
-        local = 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
-        dinp[i] += local * dout[i]
+        dinp[i] += _dact(inp[i], GELU_TANH) * dout[i]
+
+
+@njit(parallel=True, cache=True)
+def glu_forward(out, inp, kind):
+    """out (N, H) = act(inp[:, :H]) * inp[:, H:]."""
+    N, H = out.shape
+    for n in prange(N):
+        for j in range(H):
+            out[n, j] = _act(inp[n, j], kind) * inp[n, H + j]
+
+
+@njit(parallel=True, cache=True)
+def glu_backward(dinp, dout, inp, kind):
+    """Accumulate d gate += act'(gate) * up * dout and d up += act(gate) * dout."""
+    N, H = dout.shape
+    for n in prange(N):
+        for j in range(H):
+            g = inp[n, j]
+            dinp[n, j] += _dact(g, kind) * inp[n, H + j] * dout[n, j]
+            dinp[n, H + j] += _act(g, kind) * dout[n, j]

@@ -4,6 +4,10 @@ qkv is (B, T, (NH + 2*NKV) * hs): NH query heads, then NKV key heads, then NKV v
 heads. Query head h reads key/value head h // (NH // NKV): NKV == NH is multi-head
 attention, NKV == 1 multi-query. window > 0 limits each query to the last `window` keys.
 
+With q0 > 0 only the last T - q0 rows are queries (positions q0..T-1), attending keys
+0..T-1: the rows before q0 are a KV cache whose q part is unused. out and lse then hold
+the T - q0 query rows. q0 = 0 is ordinary causal self-attention.
+
 No T x T matrix is ever stored. The forward runs an online softmax per query row and
 saves only the row's log-sum-exp; the backward recomputes each probability from it.
 """
@@ -12,21 +16,23 @@ from numba import njit, prange
 
 
 @njit(parallel=True, cache=True)
-def attention_forward(out, lse, qkv, NH, NKV, window):
-    """out (B, T, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T)."""
+def attention_forward(out, lse, qkv, NH, NKV, window, q0=0):
+    """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T-q0)."""
     B, T, _ = qkv.shape
+    Tq = T - q0
     hs = out.shape[2] // NH
     group = NH // NKV
     scale = 1.0 / np.sqrt(hs)
     k_off = NH * hs
     v_off = (NH + NKV) * hs
-    for r in prange(B * NH * T):
-        b = r // (NH * T)
-        h = (r // T) % NH
-        t = r % T
+    for r in prange(B * NH * Tq):
+        b = r // (NH * Tq)
+        h = (r // Tq) % NH
+        tq = r % Tq
+        t = q0 + tq  # the query's position
         kv = h // group
         q = qkv[b, t, h * hs:(h + 1) * hs]
-        o = out[b, t, h * hs:(h + 1) * hs]
+        o = out[b, tq, h * hs:(h + 1) * hs]
         o[:] = 0.0
         m = -np.inf
         l = 0.0
@@ -51,11 +57,11 @@ def attention_forward(out, lse, qkv, NH, NKV, window):
         inv = 1.0 / l
         for c in range(hs):
             o[c] *= inv
-        lse[b, h, t] = m + np.log(l)
+        lse[b, h, tq] = m + np.log(l)
 
 
 @njit(parallel=True, cache=True)
-def attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window):
+def attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window, q0=0):
     """Accumulate dqkv from dout. Tasks own one (batch, kv head) pair, so the key and
     value grads that several query heads and rows add into have a single writer."""
     B, T, _ = qkv.shape
@@ -68,16 +74,17 @@ def attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window):
         b = u // NKV
         kv = u % NKV
         for h in range(kv * group, (kv + 1) * group):
-            for t in range(T):
+            for tq in range(T - q0):
+                t = q0 + tq
                 q = qkv[b, t, h * hs:(h + 1) * hs]
                 dq = dqkv[b, t, h * hs:(h + 1) * hs]
-                do = dout[b, t, h * hs:(h + 1) * hs]
-                o = out[b, t, h * hs:(h + 1) * hs]
+                do = dout[b, tq, h * hs:(h + 1) * hs]
+                o = out[b, tq, h * hs:(h + 1) * hs]
                 # D = sum_j p_j dp_j = do . o, the softmax backward's shared term
                 D = 0.0
                 for c in range(hs):
                     D += do[c] * o[c]
-                L = lse[b, h, t]
+                L = lse[b, h, tq]
                 j0 = max(0, t - window + 1) if window > 0 else 0
                 for j in range(j0, t + 1):
                     k = qkv[b, j, k_off + kv * hs:k_off + (kv + 1) * hs]

@@ -1,4 +1,8 @@
-"""Linear layer: out = inp @ weight^T + bias, weight stored (OC, C) as in llm.c."""
+"""Linear layer: out = inp @ weight^T + bias, weight stored (OC, C) as in llm.c.
+
+With transposed=True the weight is stored (C, OC) and out = inp @ weight: a tied
+embedding used the other way round, without copying it.
+"""
 from numba import njit, prange
 
 from .blas import gemm
@@ -7,30 +11,41 @@ BIAS_BLOCK = 64  # columns per parallel task when summing bias grads
 
 
 @njit(parallel=True, cache=True)
-def matmul_forward(out, inp, weight, bias):
-    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,); bias may be empty (no bias)."""
+def matmul_forward(out, inp, weight, bias, transposed=False):
+    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,); bias may be empty (no bias).
+    transposed: weight is (C, OC) and out = inp @ weight + bias."""
     N, C = inp.shape
-    OC = weight.shape[0]
+    OC = out.shape[1]
     beta = 0.0
     if bias.shape[0] > 0:
         for n in prange(N):
             out[n, :] = bias
         beta = 1.0
-    gemm(False, True, N, OC, C, 1.0, inp, C, weight, C, beta, out, OC)
+    if transposed:
+        gemm(False, False, N, OC, C, 1.0, inp, C, weight, OC, beta, out, OC)
+    else:
+        gemm(False, True, N, OC, C, 1.0, inp, C, weight, C, beta, out, OC)
 
 
 @njit(parallel=True, cache=True)
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
-    """Accumulate dinp += dout @ weight, dweight += dout^T @ inp, dbias += sum_n dout.
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, transposed=False):
+    """Accumulate dinp += dout @ weight, dweight += dout^T @ inp, dbias += sum_n dout
+    (transposed: dinp += dout @ weight^T, dweight += inp^T @ dout).
 
     Any of dinp, dweight, dbias may be empty: that gradient is not wanted.
     """
     N, C = inp.shape
-    OC = weight.shape[0]
+    OC = dout.shape[1]
     if dinp.shape[0] > 0:
-        gemm(False, False, N, C, OC, 1.0, dout, OC, weight, C, 1.0, dinp, C)
+        if transposed:
+            gemm(False, True, N, C, OC, 1.0, dout, OC, weight, OC, 1.0, dinp, C)
+        else:
+            gemm(False, False, N, C, OC, 1.0, dout, OC, weight, C, 1.0, dinp, C)
     if dweight.shape[0] > 0:
-        gemm(True, False, OC, C, N, 1.0, dout, OC, inp, C, 1.0, dweight, C)
+        if transposed:
+            gemm(True, False, C, OC, N, 1.0, inp, C, dout, OC, 1.0, dweight, OC)
+        else:
+            gemm(True, False, OC, C, N, 1.0, dout, OC, inp, C, 1.0, dweight, C)
     if dbias.shape[0] > 0:
         # Each task owns a block of columns and walks all rows: no races, fixed order.
         for blk in prange((OC + BIAS_BLOCK - 1) // BIAS_BLOCK):

@@ -27,17 +27,26 @@ def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_
         params[i] = p - lr * update
 
 
+def sum_squares_blocks(n: int) -> int:
+    """Length of the `partials` buffer sum_squares needs for n elements."""
+    return max(1, (n + BLOCK - 1) // BLOCK)
+
+
 @njit(parallel=True, cache=True)
-def sum_squares(x):
-    """sum(x**2) in float64, blocked so each block's partial sum has a fixed order."""
+def sum_squares(x, partials):
+    """sum(x**2) in float64. Each block of BLOCK elements sums into its own slot of the
+    caller's `partials` (float64, sum_squares_blocks(n) long), then the slots add up in
+    order: no allocation, and the same result whatever the thread count."""
     n = x.shape[0]
     nblocks = (n + BLOCK - 1) // BLOCK
-    total = 0.0
     for blk in prange(nblocks):
         s = 0.0
         for i in range(blk * BLOCK, min((blk + 1) * BLOCK, n)):
             s += np.float64(x[i]) * np.float64(x[i])
-        total += s
+        partials[blk] = s
+    total = 0.0
+    for blk in range(nblocks):
+        total += partials[blk]
     return total
 
 

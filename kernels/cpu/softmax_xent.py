@@ -1,16 +1,50 @@
-"""Fused softmax + cross-entropy over a padded vocabulary.
+"""Softmax over the last axis, and fused softmax + cross-entropy over a padded vocabulary.
 
-logits are (N, Vp) with Vp >= V; columns V..Vp-1 are padding and take no part. A target
-of -1 marks a position that contributes nothing (the ignore index). The loss is the mean
-over the positions that count; the probabilities are never stored: the backward
-recomputes them from the saved log-sum-exp.
+Cross-entropy: logits are (N, Vp) with Vp >= V; columns V..Vp-1 are padding and take no
+part. A target of -1 marks a position that contributes nothing (the ignore index). Per
+counted row, with lse = log sum_v exp(z_v) and eps the label smoothing:
+    loss = (1 - eps) * (lse - z_target) + eps * mean_v (lse - z_v) + z_loss * lse^2
+(PyTorch's label_smoothing; PaLM's z-loss), and the mean over counted rows is reported.
+Its gradient is p_v (1 + 2 z_loss lse) - (1 - eps) onehot_v - eps / V. Probabilities are
+never stored: the backward recomputes them from the saved lse.
 """
 import numpy as np
 from numba import njit, prange
 
 
 @njit(parallel=True, cache=True)
-def softmax_xent_forward(loss, losses, lse, logits, targets, V):
+def softmax_forward(out, inp):
+    """out (N, C) = softmax of each row of inp."""
+    N, C = inp.shape
+    for n in prange(N):
+        x = inp[n]
+        m = -np.inf
+        for c in range(C):
+            m = max(m, x[c])
+        s = 0.0
+        for c in range(C):
+            e = np.exp(x[c] - m)
+            out[n, c] = e
+            s += e
+        inv = 1.0 / s
+        for c in range(C):
+            out[n, c] *= inv
+
+
+@njit(parallel=True, cache=True)
+def softmax_backward(dinp, dout, out):
+    """Accumulate dinp += y * (dy - sum(dy * y)) per row, y the softmax output."""
+    N, C = out.shape
+    for n in prange(N):
+        dot = 0.0
+        for c in range(C):
+            dot += dout[n, c] * out[n, c]
+        for c in range(C):
+            dinp[n, c] += out[n, c] * (dout[n, c] - dot)
+
+
+@njit(parallel=True, cache=True)
+def softmax_xent_forward(loss, losses, lse, logits, targets, V, smoothing=0.0, z_loss=0.0):
     """loss (1,) = mean of losses (N,) over targets >= 0; lse (N,) saved for the backward."""
     N = logits.shape[0]
     for n in prange(N):
@@ -19,11 +53,17 @@ def softmax_xent_forward(loss, losses, lse, logits, targets, V):
         for v in range(V):
             m = max(m, row[v])
         s = 0.0
+        zsum = 0.0
         for v in range(V):
             s += np.exp(row[v] - m)
-        lse[n] = m + np.log(s)
+            zsum += row[v]
+        L = m + np.log(s)
+        lse[n] = L
         tgt = targets[n]
-        losses[n] = lse[n] - row[tgt] if tgt >= 0 else 0.0
+        if tgt >= 0:
+            losses[n] = (1.0 - smoothing) * (L - row[tgt]) + smoothing * (L - zsum / V) + z_loss * L * L
+        else:
+            losses[n] = 0.0
     total = 0.0
     count = 0
     for n in range(N):
@@ -34,8 +74,8 @@ def softmax_xent_forward(loss, losses, lse, logits, targets, V):
 
 
 @njit(parallel=True, cache=True)
-def softmax_xent_backward(dlogits, dloss, logits, lse, targets, V):
-    """Accumulate dlogits += dloss / count * (softmax(logits) - onehot(target))."""
+def softmax_xent_backward(dlogits, dloss, logits, lse, targets, V, smoothing=0.0, z_loss=0.0):
+    """Accumulate dlogits += dloss / count * (p (1 + 2 z_loss lse) - (1-eps) onehot - eps/V)."""
     N = logits.shape[0]
     count = 0
     for n in range(N):
@@ -51,6 +91,8 @@ def softmax_xent_backward(dlogits, dloss, logits, lse, targets, V):
         row = logits[n]
         drow = dlogits[n]
         L = lse[n]
+        pscale = scale * (1.0 + 2.0 * z_loss * L)
+        uniform = scale * smoothing / V
         for v in range(V):
-            drow[v] += scale * np.exp(row[v] - L)
-        drow[tgt] -= scale
+            drow[v] += pscale * np.exp(row[v] - L) - uniform
+        drow[tgt] -= scale * (1.0 - smoothing)

@@ -14,7 +14,9 @@ import numpy as np
 from .tape import Tape
 from .tensor import Tensor
 
-__all__ = ["embedding", "linear", "layernorm", "gelu", "add", "attention", "cross_entropy"]
+__all__ = ["embedding", "linear", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
+           "glu", "swiglu", "geglu", "softmax", "add", "mul", "scale", "concat", "dropout", "attention",
+           "cross_entropy"]
 
 _EMPTY: dict = {}
 
@@ -89,13 +91,20 @@ def _embedding_backward(k, out, ids, wte, wpe, pos0):
 
 # ----------------------------------------------------------------------------- linear
 
-def linear(t: Tape, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """out = x @ weight^T + bias over the last axis; weight is (OC, C) as in llm.c."""
+def linear(t: Tape, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+           transposed: bool = False) -> Tensor:
+    """out = x @ weight^T + bias over the last axis; weight is (OC, C) as in llm.c.
+
+    transposed=True: weight is (C, OC) and out = x @ weight + bias (e.g. a tied
+    (V, C) embedding used to map V-wide inputs back to C).
+    """
     _check(x, "x", None, t)
     _check(weight, "weight", 2, t)
-    OC, C = weight.shape
+    transposed = bool(transposed)
+    C, OC = weight.shape if transposed else weight.shape[::-1]
     if x.shape[-1] != C:
-        raise ValueError(f"linear: x has {x.shape[-1]} features, weight expects {C} (weight {weight.shape})")
+        raise ValueError(f"linear: x has {x.shape[-1]} features, weight expects {C} "
+                         f"(weight {weight.shape}{', transposed' if transposed else ''})")
     if bias is not None:
         _check(bias, "bias", 1, t)
         if bias.shape[0] != OC:
@@ -103,17 +112,17 @@ def linear(t: Tape, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
     N = x.size // C
     out = t.new(x.shape[:-1] + (OC,))
     t.k.matmul_forward(out.data.reshape(N, OC), x.data.reshape(N, C), weight.data,
-                       bias.data if bias is not None else _none(t.k, t.dtype))
-    t.record(_linear_backward, out, x, weight, bias)
+                       bias.data if bias is not None else _none(t.k, t.dtype), transposed)
+    t.record(_linear_backward, out, x, weight, bias, transposed)
     return out
 
 
-def _linear_backward(k, out, x, weight, bias):
-    OC, C = weight.shape
+def _linear_backward(k, out, x, weight, bias, transposed):
+    C, OC = x.shape[-1], out.shape[-1]
     N = x.size // C
     dbias = bias.grad if bias is not None else _none(k, weight.dtype)
     k.matmul_backward(x.grad.reshape(N, C), weight.grad, dbias, out.grad.reshape(N, OC),
-                      x.data.reshape(N, C), weight.data)
+                      x.data.reshape(N, C), weight.data, transposed)
 
 
 # ----------------------------------------------------------------------------- layernorm
@@ -143,10 +152,121 @@ def _layernorm_backward(k, out, x, weight, bias, mean, rstd):
                          x.data.reshape(N, C), weight.data, mean.data, rstd.data)
 
 
+# ----------------------------------------------------------------------------- rmsnorm
+
+def rmsnorm(t: Tape, x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """out = x / sqrt(mean(x^2) + eps) * weight over the last axis (LLaMA's norm)."""
+    _check(x, "x", None, t)
+    _check(weight, "weight", 1, t)
+    C = x.shape[-1]
+    if weight.shape[0] != C:
+        raise ValueError(f"rmsnorm: x has {C} features, weight has shape {weight.shape}")
+    if not eps > 0:
+        raise ValueError(f"rmsnorm: eps must be positive, got {eps}")
+    N = x.size // C
+    out = t.new(x.shape)
+    rstd = t.new_saved((N,))
+    t.k.rmsnorm_forward(out.data.reshape(N, C), rstd.data, x.data.reshape(N, C), weight.data, float(eps))
+    t.record(_rmsnorm_backward, out, x, weight, rstd)
+    return out
+
+
+def _rmsnorm_backward(k, out, x, weight, rstd):
+    C = x.shape[-1]
+    N = x.size // C
+    k.rmsnorm_backward(x.grad.reshape(N, C), weight.grad, out.grad.reshape(N, C),
+                       x.data.reshape(N, C), weight.data, rstd.data)
+
+
+def _qkv_heads(qkv: Tensor, n_head: int, n_kv_head: Optional[int], op: str) -> tuple[int, int, int]:
+    """(NH, NKV, hs) of a fused (B, T, (NH + 2*NKV) * hs) qkv tensor, validated."""
+    _check(qkv, "qkv", 3)
+    NH = int(n_head)
+    NKV = NH if n_kv_head is None else int(n_kv_head)
+    if NH <= 0 or NKV <= 0 or NH % NKV:
+        raise ValueError(f"{op}: n_kv_head ({NKV}) must divide n_head ({NH}), both positive")
+    W = qkv.shape[2]
+    if W % (NH + 2 * NKV):
+        raise ValueError(f"{op}: qkv width {W} is not (n_head + 2*n_kv_head) * head_size "
+                         f"for n_head={NH}, n_kv_head={NKV}")
+    return NH, NKV, W // (NH + 2 * NKV)
+
+
+def qk_norm(t: Tape, qkv: Tensor, q_weight: Tensor, k_weight: Tensor, n_head: int,
+            n_kv_head: Optional[int] = None, eps: float = 1e-6) -> Tensor:
+    """RMSNorm of every query head (weight q_weight, size head_size, shared by the heads)
+    and key head (k_weight) of a fused qkv tensor, values copied (Qwen3, Gemma-3)."""
+    NH, NKV, hs = _qkv_heads(qkv, n_head, n_kv_head, "qk_norm")
+    _check(qkv, "qkv", 3, t)
+    for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
+        _check(w, name, 1, t)
+        if w.shape[0] != hs:
+            raise ValueError(f"qk_norm: {name} has shape {w.shape}, the head size is {hs}")
+    if not eps > 0:
+        raise ValueError(f"qk_norm: eps must be positive, got {eps}")
+    B, T, _ = qkv.shape
+    out = t.new(qkv.shape)
+    rstd = t.new_saved((B, T, NH + NKV))
+    t.k.qk_norm_forward(out.data, rstd.data, qkv.data, q_weight.data, k_weight.data, NH, NKV, float(eps))
+    t.record(_qk_norm_backward, out, qkv, q_weight, k_weight, rstd, NH, NKV)
+    return out
+
+
+def _qk_norm_backward(k, out, qkv, q_weight, k_weight, rstd, NH, NKV):
+    k.qk_norm_backward(qkv.grad, q_weight.grad, k_weight.grad, out.grad, qkv.data, q_weight.data,
+                       k_weight.data, rstd.data, NH, NKV)
+
+
+# ----------------------------------------------------------------------------- rope
+
+ROPE_PAIRINGS = ("half", "interleaved")
+
+
+def rope(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, pos0: int = 0,
+         theta: float = 10000.0, pairing: str = "half") -> Tensor:
+    """Rotary position embedding of the q and k heads of a fused qkv tensor (v copied).
+
+    Position pos0 + t rotates channel pair i of each head by (pos0 + t) * theta^(-2i/hs).
+    pairing "half": pairs (i, i + hs/2) (HF transformers, GPT-NeoX); "interleaved":
+    pairs (2i, 2i + 1) (Meta's LLaMA reference, RoFormer, llama.cpp's LLAMA arch).
+    """
+    NH, NKV, hs = _qkv_heads(qkv, n_head, n_kv_head, "rope")
+    _check(qkv, "qkv", 3, t)
+    if pairing not in ROPE_PAIRINGS:
+        raise ValueError(f"rope: pairing must be one of {ROPE_PAIRINGS}, got {pairing!r}")
+    if hs % 2:
+        raise ValueError(f"rope: head size {hs} must be even")
+    if pos0 < 0 or not theta > 0:
+        raise ValueError(f"rope: need pos0 >= 0 and theta > 0, got pos0={pos0}, theta={theta}")
+    out = t.new(qkv.shape)
+    args = (NH, NKV, int(pos0), float(theta), pairing == "half")
+    t.k.rope_forward(out.data, qkv.data, *args)
+    t.record(_rope_backward, out, qkv, args)
+    return out
+
+
+def _rope_backward(k, out, qkv, args):
+    k.rope_backward(qkv.grad, out.grad, *args)
+
+
 # ----------------------------------------------------------------------------- pointwise
 
-def gelu(t: Tape, x: Tensor) -> Tensor:
-    """GELU with GPT-2's tanh approximation."""
+def _pointwise(t: Tape, x: Tensor, kind: int) -> Tensor:
+    _check(x, "x", None, t)
+    out = t.new(x.shape)
+    t.k.act_forward(out.flat, x.flat, kind)
+    t.record(_pointwise_backward, out, x, kind)
+    return out
+
+
+def _pointwise_backward(k, out, x, kind):
+    k.act_backward(x.gflat, out.gflat, x.flat, kind)
+
+
+def gelu(t: Tape, x: Tensor, approximate: bool = True) -> Tensor:
+    """GELU: with GPT-2's tanh approximation (default), or exact x * Phi(x) (erf)."""
+    if not approximate:
+        return _pointwise(t, x, t.k.GELU)
     _check(x, "x", None, t)
     out = t.new(x.shape)
     t.k.gelu_forward(out.flat, x.flat)
@@ -156,6 +276,72 @@ def gelu(t: Tape, x: Tensor) -> Tensor:
 
 def _gelu_backward(k, out, x):
     k.gelu_backward(x.gflat, out.gflat, x.flat)
+
+
+def silu(t: Tape, x: Tensor) -> Tensor:
+    """SiLU (swish): x * sigmoid(x)."""
+    return _pointwise(t, x, t.k.SILU)
+
+
+def sigmoid(t: Tape, x: Tensor) -> Tensor:
+    """1 / (1 + exp(-x))."""
+    return _pointwise(t, x, t.k.SIGMOID)
+
+
+GLU_ACTS = ("silu", "gelu_tanh", "gelu", "sigmoid")
+
+
+def glu(t: Tape, x: Tensor, act: str = "silu") -> Tensor:
+    """Gated linear unit on a fused (..., 2H) input: act(x[..., :H]) * x[..., H:] -> (..., H).
+
+    The gate is the first half, the up projection the second (one fused gate_up linear).
+    act "silu" is SwiGLU (LLaMA), "gelu_tanh" GeGLU (Gemma), "gelu" GeGLU with exact GELU.
+    """
+    _check(x, "x", None, t)
+    if act not in GLU_ACTS:
+        raise ValueError(f"glu: act must be one of {GLU_ACTS}, got {act!r}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"glu: the last axis ({x.shape[-1]}) must be even: gate half then up half")
+    kind = {"silu": t.k.SILU, "gelu_tanh": t.k.GELU_TANH, "gelu": t.k.GELU, "sigmoid": t.k.SIGMOID}[act]
+    H = x.shape[-1] // 2
+    N = x.size // (2 * H)
+    out = t.new(x.shape[:-1] + (H,))
+    t.k.glu_forward(out.data.reshape(N, H), x.data.reshape(N, 2 * H), kind)
+    t.record(_glu_backward, out, x, kind)
+    return out
+
+
+def _glu_backward(k, out, x, kind):
+    H = out.shape[-1]
+    N = out.size // H
+    k.glu_backward(x.grad.reshape(N, 2 * H), out.grad.reshape(N, H), x.data.reshape(N, 2 * H), kind)
+
+
+def swiglu(t: Tape, x: Tensor) -> Tensor:
+    """silu(gate) * up on a fused (..., 2H) [gate | up] input."""
+    return glu(t, x, "silu")
+
+
+def geglu(t: Tape, x: Tensor) -> Tensor:
+    """gelu_tanh(gate) * up on a fused (..., 2H) [gate | up] input (Gemma)."""
+    return glu(t, x, "gelu_tanh")
+
+
+def softmax(t: Tape, x: Tensor) -> Tensor:
+    """Softmax over the last axis."""
+    _check(x, "x", None, t)
+    C = x.shape[-1]
+    N = x.size // C
+    out = t.new(x.shape)
+    t.k.softmax_forward(out.data.reshape(N, C), x.data.reshape(N, C))
+    t.record(_softmax_backward, out, x)
+    return out
+
+
+def _softmax_backward(k, out, x):
+    C = x.shape[-1]
+    N = x.size // C
+    k.softmax_backward(x.grad.reshape(N, C), out.grad.reshape(N, C), out.data.reshape(N, C))
 
 
 def add(t: Tape, a: Tensor, b: Tensor) -> Tensor:
@@ -174,50 +360,139 @@ def _add_backward(k, out, a, b):
     k.add_backward(a.gflat, b.gflat, out.gflat)
 
 
-# ----------------------------------------------------------------------------- attention
-
-def attention(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, window: int = 0) -> Tensor:
-    """Causal scaled-dot-product attention on a fused (B, T, (NH + 2*NKV) * hs) qkv tensor.
-
-    Returns (B, T, NH * hs). n_kv_head < n_head is grouped-query attention; window > 0
-    lets each position see only the last `window` positions (itself included).
-    """
-    _check(qkv, "qkv", 3, t)
-    NH = int(n_head)
-    NKV = NH if n_kv_head is None else int(n_kv_head)
-    if NH <= 0 or NKV <= 0 or NH % NKV:
-        raise ValueError(f"attention: n_kv_head ({NKV}) must divide n_head ({NH}), both positive")
-    if window < 0:
-        raise ValueError(f"attention: window must be >= 0 (0 = unlimited), got {window}")
-    B, T, W = qkv.shape
-    if W % (NH + 2 * NKV):
-        raise ValueError(f"attention: qkv width {W} is not (n_head + 2*n_kv_head) * head_size "
-                         f"for n_head={NH}, n_kv_head={NKV}")
-    hs = W // (NH + 2 * NKV)
-    out = t.new((B, T, NH * hs))
-    lse = t.new_saved((B, NH, T))
-    t.k.attention_forward(out.data, lse.data, qkv.data, NH, NKV, window)
-    t.record(_attention_backward, out, qkv, lse, NH, NKV, window)
+def mul(t: Tape, a: Tensor, b: Tensor) -> Tensor:
+    """a * b elementwise, same shapes."""
+    _check(a, "a", None, t)
+    _check(b, "b", None, t)
+    if a.shape != b.shape:
+        raise ValueError(f"mul: shapes {a.shape} and {b.shape} differ")
+    out = t.new(a.shape)
+    t.k.mul_forward(out.flat, a.flat, b.flat)
+    t.record(_mul_backward, out, a, b)
     return out
 
 
-def _attention_backward(k, out, qkv, lse, NH, NKV, window):
-    k.attention_backward(qkv.grad, out.grad, qkv.data, out.data, lse.data, NH, NKV, window)
+def _mul_backward(k, out, a, b):
+    k.mul_backward(a.gflat, b.gflat, out.gflat, a.flat, b.flat)
+
+
+def scale(t: Tape, x: Tensor, s) -> Tensor:
+    """s * x, where s is a Python number (a constant: no grad) or a (1,) Tensor (a learned
+    scalar, which gets the grad sum(x * dout))."""
+    _check(x, "x", None, t)
+    if isinstance(s, Tensor):
+        _check(s, "s", 1, t)
+        if s.shape != (1,):
+            raise ValueError(f"scale: a learned scale must have shape (1,), got {s.shape}")
+        learned = True
+    elif isinstance(s, (int, float, np.integer, np.floating)) and np.isfinite(s):
+        value, s, learned = float(s), t.new_saved((1,)), False
+        t.k.fill_(s.data, value)
+    else:
+        raise TypeError(f"scale: s must be a finite number or a (1,) Tensor, got {s!r}")
+    out = t.new(x.shape)
+    t.k.scale_forward(out.flat, x.flat, s.data)
+    t.record(_scale_backward, out, x, s, learned)
+    return out
+
+
+def _scale_backward(k, out, x, s, learned):
+    k.scale_backward(x.gflat, s.grad if learned else _none(k, x.dtype), out.gflat, x.flat, s.data)
+
+
+def concat(t: Tape, a: Tensor, b: Tensor) -> Tensor:
+    """[a | b] along the last (feature) axis; the leading axes must match."""
+    _check(a, "a", None, t)
+    _check(b, "b", None, t)
+    if a.shape[:-1] != b.shape[:-1]:
+        raise ValueError(f"concat: leading shapes differ: {a.shape} and {b.shape}")
+    Ca, Cb = a.shape[-1], b.shape[-1]
+    N = a.size // Ca if Ca else 0
+    out = t.new(a.shape[:-1] + (Ca + Cb,))
+    t.k.concat_forward(out.data.reshape(N, Ca + Cb), a.data.reshape(N, Ca), b.data.reshape(N, Cb))
+    t.record(_concat_backward, out, a, b)
+    return out
+
+
+def _concat_backward(k, out, a, b):
+    Ca, Cb = a.shape[-1], b.shape[-1]
+    N = a.size // Ca
+    k.concat_backward(a.grad.reshape(N, Ca), b.grad.reshape(N, Cb), out.grad.reshape(N, Ca + Cb))
+
+
+def dropout(t: Tape, x: Tensor, p: float) -> Tensor:
+    """Inverted dropout: in training, zero each element with probability p and scale the
+    rest by 1/(1-p); the identity (x itself) when p == 0 or the tape is not training.
+
+    The mask is a hash of (tape.seed, tape.step, this call's index in the forward,
+    element index): reproducible, never stored, regenerated by the backward.
+    """
+    _check(x, "x", None, t)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if p == 0.0 or not t.training:
+        return x
+    key = np.uint64(t.rng_key())
+    out = t.new(x.shape)
+    t.k.dropout_forward(out.flat, x.flat, float(p), key)
+    t.record(_dropout_backward, out, x, float(p), key)
+    return out
+
+
+def _dropout_backward(k, out, x, p, key):
+    k.dropout_backward(x.gflat, out.gflat, p, key)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, window: int = 0,
+              q0: int = 0) -> Tensor:
+    """Causal scaled-dot-product attention on a fused (B, T, (NH + 2*NKV) * hs) qkv tensor.
+
+    Returns (B, T - q0, NH * hs). n_kv_head < n_head is grouped-query attention; window > 0
+    lets each position see only the last `window` positions (itself included). q0 > 0
+    makes rows 0..q0-1 a KV cache: only positions q0..T-1 are queries, attending keys
+    0..T-1 (generation with a cache).
+    """
+    NH, NKV, hs = _qkv_heads(qkv, n_head, n_kv_head, "attention")
+    _check(qkv, "qkv", 3, t)
+    if window < 0:
+        raise ValueError(f"attention: window must be >= 0 (0 = unlimited), got {window}")
+    B, T, W = qkv.shape
+    if not 0 <= q0 < T:
+        raise ValueError(f"attention: q0 ({q0}) must be in [0, T) for T={T}")
+    q0, window = int(q0), int(window)
+    out = t.new((B, T - q0, NH * hs))
+    lse = t.new_saved((B, NH, T - q0))
+    t.k.attention_forward(out.data, lse.data, qkv.data, NH, NKV, window, q0)
+    t.record(_attention_backward, out, qkv, lse, NH, NKV, window, q0)
+    return out
+
+
+def _attention_backward(k, out, qkv, lse, NH, NKV, window, q0):
+    k.attention_backward(qkv.grad, out.grad, qkv.data, out.data, lse.data, NH, NKV, window, q0)
 
 
 # ----------------------------------------------------------------------------- loss
 
-def cross_entropy(t: Tape, logits: Tensor, targets: np.ndarray, vocab_size: Optional[int] = None) -> Tensor:
+def cross_entropy(t: Tape, logits: Tensor, targets: np.ndarray, vocab_size: Optional[int] = None,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0) -> Tensor:
     """Mean softmax cross-entropy over positions whose target is not -1.
 
     logits (..., Vp) may be padded past the real vocabulary `vocab_size` (V <= Vp);
     padded columns take no part. Returns a (1,) tensor holding the mean loss.
+    label_smoothing eps (PyTorch's): (1 - eps) * nll + eps * mean_v(-log p_v).
+    z_loss c (PaLM): adds c * logsumexp(logits)^2 per position, included in the loss.
     """
     _check(logits, "logits", None, t)
     Vp = logits.shape[-1]
     V = Vp if vocab_size is None else int(vocab_size)
     if not 0 < V <= Vp:
         raise ValueError(f"cross_entropy: vocab_size {V} must be in [1, {Vp}] (the logits' width)")
+    if not (0.0 <= label_smoothing <= 1.0 and z_loss >= 0.0):
+        raise ValueError(f"cross_entropy: need 0 <= label_smoothing <= 1 and z_loss >= 0, "
+                         f"got {label_smoothing} and {z_loss}")
+    opts = (float(label_smoothing), float(z_loss))
     N = logits.size // Vp
     targets = _check_ids(targets, "targets", V, len(logits.shape) - 1, ignore_index=True)
     if targets.shape != logits.shape[:-1]:
@@ -226,13 +501,13 @@ def cross_entropy(t: Tape, logits: Tensor, targets: np.ndarray, vocab_size: Opti
     losses = t.new_saved((N,))
     lse = t.new_saved((N,))
     flat_targets = targets.reshape(N)
-    t.k.softmax_xent_forward(loss.data, losses.data, lse.data, logits.data.reshape(N, Vp), flat_targets, V)
-    t.record(_cross_entropy_backward, loss, logits, lse, flat_targets, V)
+    t.k.softmax_xent_forward(loss.data, losses.data, lse.data, logits.data.reshape(N, Vp), flat_targets, V, *opts)
+    t.record(_cross_entropy_backward, loss, logits, lse, flat_targets, V, opts)
     return loss
 
 
-def _cross_entropy_backward(k, loss, logits, lse, targets, V):
+def _cross_entropy_backward(k, loss, logits, lse, targets, V, opts):
     Vp = logits.shape[-1]
     N = logits.size // Vp
     k.softmax_xent_backward(logits.grad.reshape(N, Vp), loss.grad, logits.data.reshape(N, Vp),
-                            lse.data, targets, V)
+                            lse.data, targets, V, *opts)

@@ -41,7 +41,9 @@ class AdamW:
 
 def grad_norm(params: Params) -> float:
     """The global L2 norm of all gradients (one reduction over the flat grad buffer)."""
-    return math.sqrt(params.k.sum_squares(params.grad))
+    if params.norm_partials is None:
+        params.norm_partials = params.k.empty(params.k.sum_squares_blocks(params.size), np.float64)
+    return math.sqrt(params.k.sum_squares(params.grad, params.norm_partials))
 
 
 def clip_grad_norm(params: Params, max_norm: float) -> float:

@@ -28,6 +28,12 @@ class Tape:
         self.saved = Arena(self.k, self.dtype, with_grad=False, name="saved")
         self.records: list[tuple] = []
         self.recording = True
+        # dropout: active only while training; its masks are a pure function of
+        # (seed, step, index of the dropout call in this forward, element index)
+        self.training = True
+        self.seed = 0
+        self.step = 0
+        self.rng_calls = 0
 
     def reset(self, recording: bool = True) -> None:
         """Forget the recorded ops and rewind the arenas for the next forward.
@@ -38,6 +44,15 @@ class Tape:
         self.saved.reset()
         self.records.clear()
         self.recording = recording
+        self.rng_calls = 0
+
+    def rng_key(self) -> int:
+        """A fresh 64-bit key for the next random op of this forward (dropout), derived
+        from (seed, step, call index): the same forward at the same step draws the same."""
+        key = (self.seed * 0x9E3779B97F4A7C15 + self.step * 0xD1B54A32D192ED03
+               + self.rng_calls * 0x8CB92BA72F3D8DD7) % 2 ** 64
+        self.rng_calls += 1
+        return key
 
     def new(self, shape) -> Tensor:
         """Space for an op output (it gets a grad slot)."""

@@ -150,6 +150,7 @@ class Params:
         self.arena._grow(self.arena.top)
         self.k = kernels
         self.size = self.arena.top
+        self.norm_partials = None  # scratch for grad-norm reductions, made on first use
         self.k.fill_(self.arena.buf, 0.0)
         self.k.fill_(self.arena.gbuf, 0.0)
 

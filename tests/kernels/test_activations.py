@@ -32,3 +32,83 @@ def test_add_forward_and_backward():
 def test_add_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="differ"):
         run_op(lambda t, p: ops.add(t, p["a"], p["b"]), {"a": np.ones((2, 3)), "b": np.ones((3, 2))})
+
+
+from math import erf  # noqa: E402
+
+import nt  # noqa: E402
+
+POINTWISE = {
+    "silu": (ops.silu, lambda x: x / (1 + np.exp(-x))),
+    "sigmoid": (ops.sigmoid, lambda x: 1 / (1 + np.exp(-x))),
+    "gelu_exact": (lambda t, x: ops.gelu(t, x, approximate=False),
+                   lambda x: 0.5 * x * (1 + np.vectorize(erf)(x / np.sqrt(2)))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pointwise_forward_matches_numpy(name, dtype):
+    op, ref = POINTWISE[name]
+    x = np.linspace(-30, 30, 301).reshape(7, 43)  # far tails too: sigmoid must not overflow
+    _, _, out = run_op(lambda t, p: op(t, p["x"]), {"x": x}, dtype)
+    assert np.all(np.isfinite(out.data))
+    np.testing.assert_allclose(out.data, ref(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+def test_pointwise_backward_finite_differences(name):
+    op, _ = POINTWISE[name]
+    x = np.random.default_rng(3).standard_normal((3, 5)) * 2
+    check_grads(lambda t, p: op(t, p["x"]), {"x": x})
+
+
+GLU = {"silu": lambda g: g / (1 + np.exp(-g)), "gelu_tanh": gelu_reference,
+       "gelu": lambda g: 0.5 * g * (1 + np.vectorize(erf)(g / np.sqrt(2)))}
+
+
+@pytest.mark.parametrize("act", sorted(GLU))
+@pytest.mark.parametrize("T", [1, 3])
+def test_glu_forward_matches_numpy(act, T):
+    x = np.random.default_rng(4).standard_normal((2, T, 10)) * 2
+    _, _, out = run_op(lambda t, p: ops.glu(t, p["x"], act), {"x": x})
+    np.testing.assert_allclose(out.data, GLU[act](x[..., :5]) * x[..., 5:], rtol=1e-12, atol=1e-12)
+
+
+def test_swiglu_geglu_are_glu():
+    x = np.random.default_rng(5).standard_normal((3, 8))
+    _, _, a = run_op(lambda t, p: ops.swiglu(t, p["x"]), {"x": x})
+    _, _, b = run_op(lambda t, p: ops.geglu(t, p["x"]), {"x": x})
+    np.testing.assert_allclose(a.data, GLU["silu"](x[:, :4]) * x[:, 4:], rtol=1e-12)
+    np.testing.assert_allclose(b.data, GLU["gelu_tanh"](x[:, :4]) * x[:, 4:], rtol=1e-12)
+
+
+@pytest.mark.parametrize("act", sorted(GLU))
+def test_glu_backward_finite_differences(act):
+    x = np.random.default_rng(6).standard_normal((2, 3, 8))
+    check_grads(lambda t, p: ops.glu(t, p["x"], act), {"x": x})
+
+
+def test_glu_rejects_bad_input():
+    _, p, _ = run_op(lambda t, p: p["x"], {"x": np.ones((2, 5))})
+    t = nt.Tape("cpu", np.float64)
+    with pytest.raises(ValueError, match="even"):
+        ops.glu(t, p["x"])
+    with pytest.raises(ValueError, match="act"):
+        ops.glu(t, p["x"], "relu")
+    with pytest.raises(TypeError, match="Tensor"):
+        ops.silu(t, np.ones(3))
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_softmax_forward_and_backward(T):
+    x = np.random.default_rng(7).standard_normal((2, T, 6)) * 3
+    _, _, out = run_op(lambda t, p: ops.softmax(t, p["x"]), {"x": x})
+    e = np.exp(x - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(out.data, e / e.sum(-1, keepdims=True), rtol=1e-12)
+    check_grads(lambda t, p: ops.softmax(t, p["x"]), {"x": x})
+
+
+def test_softmax_is_finite_for_huge_logits():
+    _, _, out = run_op(lambda t, p: ops.softmax(t, p["x"]), {"x": np.array([[1e30, 0.0, -1e30]])}, np.float32)
+    np.testing.assert_array_equal(out.data, [[1.0, 0.0, 0.0]])

@@ -49,3 +49,34 @@ def test_attention_rejects_bad_heads():
         ops.attention(t, p["qkv"], 4, 3)
     with pytest.raises(ValueError, match="width"):
         ops.attention(t, p["qkv"], 4, 4)
+
+
+@pytest.mark.parametrize("NH,NKV,window", CASES)
+@pytest.mark.parametrize("q0", [4, 6])
+def test_attention_with_kv_cache_rows_matches_last_rows(NH, NKV, window, q0):
+    """q0 > 0: rows before q0 only supply keys and values; the T - q0 query rows get the
+    same output as in full causal attention (the KV-cache case; q0 = T-1 is one token)."""
+    hs, B, T = 4, 2, 7
+    qkv = np.random.default_rng(2).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    _, _, out = run_op(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, window, q0), {"qkv": qkv})
+    assert out.shape == (B, T - q0, NH * hs)
+    np.testing.assert_allclose(out.data, reference(qkv, NH, NKV, window)[:, q0:], rtol=1e-12, atol=1e-12)
+
+
+def test_attention_with_kv_cache_rows_backward():
+    hs, B, T, NH, NKV = 3, 2, 5, 4, 2
+    qkv = np.random.default_rng(3).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    check_grads(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, 0, 3), {"qkv": qkv})
+
+
+def test_attention_single_position():
+    qkv = np.random.default_rng(4).standard_normal((2, 1, 4 * 4))
+    _, _, out = run_op(lambda t, p: ops.attention(t, p["qkv"], 2, 1), {"qkv": qkv})
+    np.testing.assert_allclose(out.data, reference(qkv, 2, 1), rtol=1e-12)  # = its own value
+    check_grads(lambda t, p: ops.attention(t, p["qkv"], 2, 1), {"qkv": qkv})
+
+
+def test_attention_rejects_bad_q0():
+    _, p, _ = run_op(lambda t, p: p["qkv"], {"qkv": np.ones((1, 3, 12))})
+    with pytest.raises(ValueError, match="q0"):
+        ops.attention(Tape("cpu", np.float64), p["qkv"], 2, 1, q0=3)

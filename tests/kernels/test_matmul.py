@@ -52,3 +52,23 @@ def test_linear_rejects_bad_input():
     t32 = Tape("cpu", np.float32)
     with pytest.raises(TypeError, match="dtype"):
         ops.linear(t32, p["x"], p["w"])
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_linear_transposed_forward_and_backward(T):
+    """transposed=True multiplies by the (C, OC) weight itself: x @ W, as a tied
+    embedding used the other way round."""
+    rng = np.random.default_rng(3)
+    arrays = {"x": rng.standard_normal((2, T, 5)), "w": rng.standard_normal((5, 3)), "b": rng.standard_normal(3)}
+
+    def build(t, p):
+        return ops.linear(t, p["x"], p["w"], p["b"], transposed=True)
+    _, _, out = run_op(build, arrays)
+    np.testing.assert_allclose(out.data, arrays["x"] @ arrays["w"] + arrays["b"], rtol=1e-12)
+    check_grads(build, arrays)
+
+
+def test_linear_transposed_rejects_mismatch():
+    _, p, _ = run_op(lambda t, p: p["x"], {"x": np.ones((2, 5)), "w": np.ones((3, 5))})
+    with pytest.raises(ValueError, match="transposed"):
+        ops.linear(Tape("cpu", np.float64), p["x"], p["w"], transposed=True)

@@ -51,3 +51,39 @@ def test_cross_entropy_rejects_bad_targets():
         run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS[:, :2], V), {"logits": logits})
     with pytest.raises(ValueError, match="vocab_size"):
         run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, VP + 1), {"logits": logits})
+
+
+def reference_options(logits, targets, eps, zc):
+    """PyTorch's label smoothing and PaLM's z-loss, written out."""
+    z = logits[..., :V]
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    logp = z - lse[..., None]
+    valid = targets >= 0
+    nll = -np.take_along_axis(logp, np.maximum(targets, 0)[..., None], -1)[..., 0]
+    per = (1 - eps) * nll + eps * (-logp.mean(-1)) + zc * lse ** 2
+    return (per * valid).sum() / valid.sum()
+
+
+OPTIONS = [(0.1, 0.0), (0.0, 1e-2), (0.2, 1e-3), (1.0, 0.0)]
+
+
+@pytest.mark.parametrize("eps,zc", OPTIONS)
+def test_cross_entropy_smoothing_and_z_loss_forward(eps, zc):
+    logits = np.random.default_rng(3).standard_normal((2, 3, VP)) * 3
+    logits[..., V:] = 50.0
+    _, _, loss = run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V, eps, zc), {"logits": logits})
+    np.testing.assert_allclose(loss.data[0], reference_options(logits, TARGETS, eps, zc), rtol=1e-12)
+
+
+@pytest.mark.parametrize("eps,zc", OPTIONS)
+def test_cross_entropy_smoothing_and_z_loss_backward(eps, zc):
+    logits = np.random.default_rng(4).standard_normal((2, 3, VP))
+    check_grads(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V, eps, zc), {"logits": logits})
+
+
+def test_cross_entropy_rejects_bad_options():
+    logits = np.zeros((2, 3, VP))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V, label_smoothing=1.5), {"logits": logits})
+    with pytest.raises(ValueError, match="z_loss"):
+        run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V, z_loss=-1.0), {"logits": logits})

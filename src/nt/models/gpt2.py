@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from .. import ops
 from ..tape import Tape
 from ..tensor import Params, Tensor
+from .base import LanguageModel
 
 
 @dataclass
@@ -67,7 +68,7 @@ def param_layout(cfg: GPT2Config) -> list[tuple[str, tuple, bool]]:
     ]
 
 
-class GPT2:
+class GPT2(LanguageModel):
     """GPT-2 on nt's tape.
 
     >>> model = GPT2(GPT2Config.preset("tiny", vocab_size=256))
@@ -104,29 +105,13 @@ class GPT2:
         host[self.params["wte"].offset + cfg.vocab_size * cfg.n_embd:self.params["wpe"].offset] = 0.0
         self.load_flat(host)
 
-    def load_flat(self, values: np.ndarray) -> None:
-        """Set every parameter from one flat array in this model's layout."""
-        if values.shape != (self.params.size,):
-            raise ValueError(f"expected {self.params.size} parameter values, got shape {values.shape}")
-        k = self.tape.k
-        k.copy_(self.params.flat, k.to_device(np.ascontiguousarray(values, dtype=self.params.dtype)))
-
-    @property
-    def num_params(self) -> int:
-        return self.params.size
-
     # ------------------------------------------------------------------ forward / backward
 
     def forward(self, idx: np.ndarray, targets: Optional[np.ndarray] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Run the model on (B, T) token ids; returns the (B, T, Vp) logits tensor and,
         with (B, T) targets (-1 = ignore), the (1,) mean-loss tensor. Records for backward()."""
         cfg, p, t = self.config, self.params, self.tape
-        if not isinstance(idx, np.ndarray) or idx.ndim != 2:
-            raise ValueError(f"idx must be a (B, T) integer NumPy array, got {getattr(idx, 'shape', type(idx))}")
-        if idx.shape[1] > cfg.block_size:
-            raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's block_size {cfg.block_size}")
-        if targets is not None and getattr(targets, "shape", None) != idx.shape:
-            raise ValueError(f"targets must have the same shape as idx {idx.shape}, got {getattr(targets, 'shape', None)}")
+        self._check_batch(idx, targets)
         t.reset()
         x = ops.embedding(t, idx, p["wte"], p["wpe"])
         for l in range(cfg.n_layer):
@@ -145,53 +130,6 @@ class GPT2:
         self.loss = ops.cross_entropy(t, self.logits, targets, cfg.vocab_size) if targets is not None else None
         return self.logits, self.loss
 
-    def __call__(self, idx: np.ndarray, targets: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[float]]:
-        """nanoGPT-style: (logits (B, T, V) as a NumPy array, mean loss or None).
-
-        The logits are a view of the model's activation memory (on the CPU) and are
-        overwritten by the next forward: copy them to keep them.
-        """
-        logits, loss = self.forward(idx, targets)
-        V = self.config.vocab_size
-        return logits.numpy()[..., :V], (float(loss.numpy()[0]) if loss is not None else None)
-
-    def backward(self) -> None:
-        """Backpropagate the last forward's loss; parameter grads accumulate."""
-        if self.loss is None:
-            raise RuntimeError("backward() needs a forward with targets first")
-        self.tape.backward(self.loss)
-
-    def zero_grad(self) -> None:
-        self.params.zero_grad()
-
-    # ------------------------------------------------------------------ sampling
-
-    def generate(self, idx: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, seed: Optional[int] = None,
-                 on_token: Optional[Callable[[int], None]] = None) -> np.ndarray:
-        """Sample `max_new_tokens` continuations of a (T,) prompt; returns prompt + new ids.
-
-        temperature 0 is greedy. The context is cropped to block_size.
-        """
-        idx = np.asarray(idx).reshape(-1).astype(np.int32)
-        if idx.size == 0:
-            raise ValueError("generate() needs at least one prompt token")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        rng = np.random.default_rng(seed)
-        V = self.config.vocab_size
-        out = list(idx)
-        for _ in range(max_new_tokens):
-            ctx = np.asarray(out[-self.config.block_size:], dtype=np.int32)[None, :]
-            logits, _ = self.forward(ctx)
-            row = logits.numpy()[0, -1, :V].astype(np.float64)
-            nxt = sample_logits(row, temperature, top_k, rng)
-            out.append(nxt)
-            if on_token is not None:
-                on_token(nxt)
-        self.tape.reset()
-        return np.asarray(out, dtype=np.int32)
-
     # ------------------------------------------------------------------ llm.c interop
 
     @classmethod
@@ -208,15 +146,3 @@ class GPT2:
         from ..io.llmc import write_llmc_checkpoint
         write_llmc_checkpoint(path, self.config, self.tape.k.to_host(self.params.flat))
 
-
-def sample_logits(logits: np.ndarray, temperature: float, top_k: Optional[int], rng: np.random.Generator) -> int:
-    """One token id from a row of logits: greedy at temperature 0, else softmax(logits/T)
-    restricted to the top_k largest."""
-    if temperature == 0:
-        return int(np.argmax(logits))
-    z = logits / temperature
-    if top_k is not None and 0 < top_k < z.size:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z >= kth, z, -np.inf)
-    z = np.exp(z - z.max())
-    return int(rng.choice(z.size, p=z / z.sum()))

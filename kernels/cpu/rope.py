@@ -1,0 +1,69 @@
+"""Rotary position embedding (RoPE) on the q and k heads of a fused qkv tensor.
+
+qkv is (B, T, (NH + 2*NKV) * hs) as in attention.py. Position p = pos0 + t rotates pair i
+(i < hs/2) of every q and k head by the angle p * theta^(-2i/hs). Two pairings exist:
+  interleaved (half=False): pair i is channels (2i, 2i+1)    RoFormer, Meta's LLaMA code,
+                                                              llama.cpp's LLAMA arch
+  half-split  (half=True):  pair i is channels (i, i + hs/2) HF transformers, GPT-NeoX
+The v heads are copied. The backward is the same rotation by the negative angle.
+cos/sin are computed in float64 per (position, pair) and shared by all heads: no tables.
+"""
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True)
+def _rotate_row(out, inp, T_idx, pos0, theta, half, sign, NQK, hs, accumulate):
+    """Rotate the NQK q/k heads of one position (a row of width >= NQK*hs).
+    sign = -1 rotates backwards; accumulate adds into out instead of storing."""
+    half_hs = hs // 2
+    p = pos0 + T_idx
+    for i in range(half_hs):
+        freq = theta ** (-2.0 * i / hs)
+        angle = p * freq
+        c = np.cos(angle)
+        s = sign * np.sin(angle)
+        for h in range(NQK):
+            if half:
+                a = h * hs + i
+                b = a + half_hs
+            else:
+                a = h * hs + 2 * i
+                b = a + 1
+            x0 = inp[a]
+            x1 = inp[b]
+            y0 = x0 * c - x1 * s
+            y1 = x0 * s + x1 * c
+            if accumulate:
+                out[a] += y0
+                out[b] += y1
+            else:
+                out[a] = y0
+                out[b] = y1
+
+
+@njit(parallel=True, cache=True)
+def rope_forward(out, qkv, NH, NKV, pos0, theta, half):
+    """out (B, T, W) = qkv with q and k heads rotated to positions pos0..pos0+T-1."""
+    B, T, W = qkv.shape
+    hs = W // (NH + 2 * NKV)
+    v_off = (NH + NKV) * hs
+    for bt in prange(B * T):
+        b = bt // T
+        t = bt % T
+        _rotate_row(out[b, t], qkv[b, t], t, pos0, theta, half, 1.0, NH + NKV, hs, False)
+        out[b, t, v_off:] = qkv[b, t, v_off:]
+
+
+@njit(parallel=True, cache=True)
+def rope_backward(dqkv, dout, NH, NKV, pos0, theta, half):
+    """Accumulate dqkv += dout rotated by the negative angles (v grads pass through)."""
+    B, T, W = dout.shape
+    hs = W // (NH + 2 * NKV)
+    v_off = (NH + NKV) * hs
+    for bt in prange(B * T):
+        b = bt // T
+        t = bt % T
+        _rotate_row(dqkv[b, t], dout[b, t], t, pos0, theta, half, -1.0, NH + NKV, hs, True)
+        for c in range(v_off, W):
+            dqkv[b, t, c] += dout[b, t, c]

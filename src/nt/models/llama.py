@@ -1,0 +1,315 @@
+"""The LLaMA family as one configurable model: LLaMA-2/3, Qwen2, SmolLM2, Gemma-3 shapes.
+
+A block is pre-norm attention then a pre-norm gated MLP, each added to the residual:
+    h = norm(x) -> fused qkv linear (+bias: Qwen2) -> [qk_norm: Qwen3/Gemma-3] -> RoPE
+      -> causal grouped-query attention (sliding window on local layers) -> out linear
+      -> [post norm: Gemma-3] -> dropout -> x += h
+    h = norm(x) -> fused gate_up linear (2H, C) -> SwiGLU / GeGLU -> down linear (C, H)
+      -> [post norm: Gemma-3] -> dropout -> x += h
+then a final norm and the classifier (tied to the embedding or its own lm_head).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .. import ops
+from ..tape import Tape
+from ..tensor import Arena, Params, Tensor
+from .base import LanguageModel
+
+FFN_ACTS = {"swiglu": "silu", "geglu": "gelu_tanh"}
+
+
+@dataclass
+class LlamaConfig:
+    """Shape and options of a LLaMA-family model. Sizes: C = dim, NH heads of head_dim
+    (default dim / n_heads), NKV key/value heads, H = ffn_hidden."""
+
+    dim: int = 256                  # C, the residual width
+    n_layers: int = 4               # L
+    n_heads: int = 4                # NH, query heads
+    n_kv_heads: int = 2             # NKV, key/value heads (NH % NKV == 0: grouped-query)
+    ffn_hidden: int = 768           # H, the MLP's inner width
+    vocab_size: int = 256           # V, the real vocabulary (padded to 128 for the matrices)
+    block_size: int = 1024          # maximum sequence length (RoPE has no table: a check only)
+    head_dim: int = 0               # hs; 0 = dim // n_heads (Gemma-3 sets it explicitly)
+    ffn_kind: str = "swiglu"        # "swiglu" (silu gate) or "geglu" (tanh-GELU gate, Gemma)
+    norm: str = "rmsnorm"           # "rmsnorm" or "layernorm" (weight only, no bias)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_pairing: str = "half"      # "half" (HF checkpoints) or "interleaved" (Meta / llama.cpp LLAMA)
+    tie_embeddings: bool = True     # classifier = embedding matrix (no lm_head)
+    qkv_bias: bool = False          # biases on the qkv projection (Qwen2)
+    qk_norm: bool = False           # RMSNorm over each q and k head (Qwen3, Gemma-3)
+    post_norms: bool = False        # extra norm after attention and after the MLP (Gemma-2/3)
+    embed_scale: bool = False       # multiply embeddings by sqrt(dim) (Gemma)
+    sliding_window: int = 0         # > 0: local layers see only the last `sliding_window` positions
+    global_every: int = 0           # with sliding_window: every n-th layer is global (Gemma-3: 6)
+    rope_local_theta: float = 0.0   # RoPE base of local layers (Gemma-3: 10000); 0 = rope_theta
+    dropout: float = 0.0            # on the attention and MLP outputs, in training mode
+    n_predict: int = 1              # multi-token prediction: heads for tokens t+1..t+n_predict
+    label_smoothing: float = 0.0    # of the training loss (PyTorch's definition)
+    z_loss: float = 0.0             # coefficient of logsumexp^2 in the loss (PaLM)
+    init_std: float = 0.02
+
+    PRESETS = {
+        # laptop sizes
+        "llama-tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, block_size=64),
+        "llama-mini": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=768, block_size=256),
+        # published small models (shapes as in their released configs)
+        "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=1536,
+                             vocab_size=49152, block_size=8192, rope_theta=100000.0),
+        "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_hidden=2560,
+                             vocab_size=49152, block_size=8192, rope_theta=100000.0),
+        "qwen2-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_hidden=4864,
+                           vocab_size=151936, block_size=32768, rope_theta=1000000.0, norm_eps=1e-6,
+                           qkv_bias=True),
+        "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
+                            vocab_size=128256, block_size=131072, rope_theta=500000.0),
+        "gemma3-270m": dict(dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256, ffn_hidden=2048,
+                            vocab_size=262144, block_size=32768, ffn_kind="geglu", norm_eps=1e-6,
+                            rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=512,
+                            global_every=6, qk_norm=True, post_norms=True, embed_scale=True),
+    }
+
+    def __post_init__(self):
+        for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "block_size",
+                      "n_predict"):
+            if int(getattr(self, field)) <= 0:
+                raise ValueError(f"LlamaConfig.{field} must be positive, got {getattr(self, field)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.head_dim == 0 and self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), or set head_dim")
+        if self.hs % 2:
+            raise ValueError(f"head_dim {self.hs} must be even for RoPE")
+        if self.ffn_kind not in FFN_ACTS:
+            raise ValueError(f"ffn_kind must be one of {sorted(FFN_ACTS)}, got {self.ffn_kind!r}")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+        if self.rope_pairing not in ops.ROPE_PAIRINGS:
+            raise ValueError(f"rope_pairing must be one of {ops.ROPE_PAIRINGS}, got {self.rope_pairing!r}")
+        if not 0.0 <= self.dropout < 1.0 or self.sliding_window < 0 or self.global_every < 0:
+            raise ValueError("need 0 <= dropout < 1, sliding_window >= 0, global_every >= 0")
+
+    @property
+    def hs(self) -> int:
+        """Head size."""
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def qkv_width(self) -> int:
+        return (self.n_heads + 2 * self.n_kv_heads) * self.hs
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return (self.vocab_size + 127) // 128 * 128
+
+    def is_local(self, layer: int) -> bool:
+        """Whether `layer` uses the sliding window (Gemma-3: five local layers, then a global one)."""
+        if self.sliding_window == 0:
+            return False
+        return not (self.global_every and (layer + 1) % self.global_every == 0)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LlamaConfig":
+        """A named shape (see PRESETS) with overrides, e.g. preset('llama-mini', vocab_size=256)."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown Llama preset {name!r}; choose from {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+
+def param_layout(cfg: LlamaConfig) -> list[tuple[str, tuple, bool]]:
+    """(name, shape, weight-decay?) in storage order; per-layer tensors are stacked (L, ...)."""
+    Vp, L, C, H, hs, W = cfg.padded_vocab_size, cfg.n_layers, cfg.dim, cfg.ffn_hidden, cfg.hs, cfg.qkv_width
+    layout = [("wte", (Vp, C), True), ("attn_norm", (L, C), False), ("qkvw", (L, W, C), True)]
+    if cfg.qkv_bias:
+        layout.append(("qkvb", (L, W), False))
+    if cfg.qk_norm:
+        layout += [("q_norm", (L, hs), False), ("k_norm", (L, hs), False)]
+    layout.append(("attn_out", (L, C, cfg.n_heads * hs), True))
+    if cfg.post_norms:
+        layout.append(("post_attn_norm", (L, C), False))
+    layout += [("ffn_norm", (L, C), False), ("gate_up", (L, 2 * H, C), True), ("down", (L, C, H), True)]
+    if cfg.post_norms:
+        layout.append(("post_ffn_norm", (L, C), False))
+    layout.append(("norm_f", (C,), False))
+    if not cfg.tie_embeddings:
+        layout.append(("lm_head", (Vp, C), True))
+    if cfg.n_predict > 1:
+        layout.append(("mtp", (cfg.n_predict - 1, C, C), True))
+    return layout
+
+
+def multi_token_targets(targets: np.ndarray, k: int) -> np.ndarray:
+    """Targets of the head predicting k tokens further than the next one: position t gets
+    targets[t + k] (the token t + 1 + k), and -1 (ignored) where that is past the end."""
+    shifted = np.full_like(targets, -1)
+    if k < targets.shape[1]:
+        shifted[:, :targets.shape[1] - k] = targets[:, k:]
+    return shifted
+
+
+class Llama(LanguageModel):
+    """A LLaMA-family decoder on nt's tape; the same interface as GPT2.
+
+    >>> model = Llama(LlamaConfig.preset("llama-mini", vocab_size=256))
+    >>> logits, loss = model(idx, targets)
+    >>> model.zero_grad(); model.backward()
+    """
+
+    def __init__(self, config: LlamaConfig, device: str = "cpu", dtype=np.float32, seed: Optional[int] = 0):
+        self.config = config
+        self.tape = Tape(device, dtype)
+        self.tape.seed = 0 if seed is None else int(seed)
+        self.params = Params(self.tape.k, dtype, param_layout(config))
+        self.logits: Optional[Tensor] = None
+        self.loss: Optional[Tensor] = None
+        # generation's KV cache: per layer, the rotated qkv rows of the positions seen so far
+        self.use_kv_cache = True
+        self._kv = Arena(self.tape.k, dtype, with_grad=False, name="kv_cache")
+        self._kv_layers: list[Tensor] = []
+        self._kv_len = 0     # positions held in the cache
+        self._kv_start = 0   # index in the token list of the first cached position
+        if seed is not None:
+            self.init_weights(seed)
+
+    def init_weights(self, seed: int = 0) -> None:
+        """N(0, init_std) matrices and embeddings, residual output projections (attn_out,
+        down, mtp) scaled by 1/sqrt(2L), zero biases, unit norm weights, zero padded rows."""
+        cfg = self.config
+        rng = np.random.default_rng(seed)
+        host = np.zeros(self.params.size, dtype=np.float64)
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for name, t in self.params.items():
+            view = host[t.offset:t.offset + t.size].reshape(t.shape)
+            if "norm" in name:
+                view[:] = 1.0
+            elif name in ("attn_out", "down", "mtp"):
+                view[:] = rng.normal(0.0, residual_std, t.shape)
+            elif self.params.decay[name]:
+                view[:] = rng.normal(0.0, cfg.init_std, t.shape)
+            if name in ("wte", "lm_head"):
+                view[cfg.vocab_size:] = 0.0
+        self.load_flat(host)
+
+    # ------------------------------------------------------------------ forward / backward
+
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        cfg, t = self.config, self.tape
+        if cfg.norm == "rmsnorm":
+            return ops.rmsnorm(t, x, weight, cfg.norm_eps)
+        return ops.layernorm(t, x, weight, None, cfg.norm_eps)
+
+    def _loss(self, logits: Tensor, targets: np.ndarray) -> Tensor:
+        """Cross-entropy; label smoothing and z-loss apply in training mode only, so an
+        evaluation reports the plain next-token loss."""
+        cfg = self.config
+        smoothing, z_loss = (cfg.label_smoothing, cfg.z_loss) if self.tape.training else (0.0, 0.0)
+        return ops.cross_entropy(self.tape, logits, targets, cfg.vocab_size, smoothing, z_loss)
+
+    def _block(self, x: Tensor, l: int, pos0: int = 0, cache: Optional[Tensor] = None) -> Tensor:
+        """One transformer block on positions pos0.. of x. With a cache (block_size, W),
+        the rotated qkv rows are stored at pos0.. and attention reads keys 0..pos0+T-1."""
+        cfg, p, t = self.config, self.params, self.tape
+        NH, NKV = cfg.n_heads, cfg.n_kv_heads
+        local = cfg.is_local(l)
+        h = self._norm(x, p["attn_norm"][l])
+        qkv = ops.linear(t, h, p["qkvw"][l], p["qkvb"][l] if cfg.qkv_bias else None)
+        if cfg.qk_norm:
+            qkv = ops.qk_norm(t, qkv, p["q_norm"][l], p["k_norm"][l], NH, NKV, cfg.norm_eps)
+        theta = cfg.rope_local_theta if (local and cfg.rope_local_theta) else cfg.rope_theta
+        qkv = ops.rope(t, qkv, NH, NKV, pos0, theta, cfg.rope_pairing)
+        window = cfg.sliding_window if local else 0
+        if cache is None:
+            h = ops.attention(t, qkv, NH, NKV, window)
+        else:  # batch 1: rows 0..pos0+T-1 of the cache are one contiguous (1, pos0+T, W) tensor
+            T = qkv.shape[1]
+            rows = Tensor(cache.arena, cache.offset, (1, pos0 + T, cfg.qkv_width))
+            t.k.copy_(rows.data[:, pos0:], qkv.data)
+            h = ops.attention(t, rows, NH, NKV, window, q0=pos0)
+        h = ops.linear(t, h, p["attn_out"][l])
+        if cfg.post_norms:
+            h = self._norm(h, p["post_attn_norm"][l])
+        x = ops.add(t, x, ops.dropout(t, h, cfg.dropout))
+        h = self._norm(x, p["ffn_norm"][l])
+        h = ops.linear(t, h, p["gate_up"][l])
+        h = ops.glu(t, h, FFN_ACTS[cfg.ffn_kind])
+        h = ops.linear(t, h, p["down"][l])
+        if cfg.post_norms:
+            h = self._norm(h, p["post_ffn_norm"][l])
+        return ops.add(t, x, ops.dropout(t, h, cfg.dropout))
+
+    def _trunk(self, idx: np.ndarray, pos0: int = 0, caches: Optional[list] = None) -> Tensor:
+        """Embedding and every block: the final residual stream (B, T, C), before the norm."""
+        cfg, p, t = self.config, self.params, self.tape
+        x = ops.embedding(t, idx, p["wte"])
+        if cfg.embed_scale:
+            x = ops.scale(t, x, math.sqrt(cfg.dim))
+        for l in range(cfg.n_layers):
+            x = self._block(x, l, pos0, caches[l] if caches else None)
+        return x
+
+    def forward(self, idx: np.ndarray, targets: Optional[np.ndarray] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Run the model on (B, T) token ids; returns the (B, T, Vp) logits tensor and,
+        with (B, T) targets (-1 = ignore), the (1,) mean-loss tensor. Records for backward().
+
+        With n_predict = K > 1 the loss is the MEAN over the K heads of each head's mean
+        cross-entropy; head k (k >= 1) predicts token t+1+k from norm(x + x @ mtp[k-1]^T),
+        x the last block's output, through the shared classifier. The returned logits are
+        the next-token head's.
+        """
+        cfg, p, t = self.config, self.params, self.tape
+        self._check_batch(idx, targets)
+        if t.training:
+            t.step += 1  # a fresh dropout mask per training forward
+        t.reset()
+        x = self._trunk(idx)
+        classifier = p["wte"] if cfg.tie_embeddings else p["lm_head"]
+        self.logits = ops.linear(t, self._norm(x, p["norm_f"]), classifier)
+        self.loss = None
+        if targets is not None:
+            self.loss = self._loss(self.logits, targets)
+            if cfg.n_predict > 1:
+                for k in range(1, cfg.n_predict):
+                    h = ops.add(t, x, ops.linear(t, x, p["mtp"][k - 1]))
+                    logits_k = ops.linear(t, self._norm(h, p["norm_f"]), classifier)
+                    loss_k = self._loss(logits_k, multi_token_targets(targets, k))
+                    self.loss = ops.add(t, self.loss, loss_k)
+                self.loss = ops.scale(t, self.loss, 1.0 / cfg.n_predict)
+        return self.logits, self.loss
+
+    # ------------------------------------------------------------------ generation with a KV cache
+
+    def _begin_generation(self, capacity: int) -> None:
+        """Size the KV cache for `capacity` positions (at most block_size) and empty it."""
+        cfg = self.config
+        self._kv.reset()
+        self._kv_layers = [self._kv.alloc((capacity, cfg.qkv_width)) for _ in range(cfg.n_layers)]
+        self._kv_len = self._kv_start = 0
+
+    def _next_logits(self, tokens: list) -> np.ndarray:
+        """Next-token logits: the new token alone through the cached blocks when it extends
+        the cached positions; otherwise (the first call, or a full cache) a prefill of the
+        last tokens (the cache's capacity at first, half of it when it overflowed)."""
+        if not self.use_kv_cache:
+            return super()._next_logits(tokens)
+        capacity = self._kv_layers[0].shape[0]
+        if len(tokens) == self._kv_start + self._kv_len + 1 and 0 < self._kv_len < capacity:
+            new, pos0 = tokens[-1:], self._kv_len
+        else:
+            keep = min(len(tokens), capacity if self._kv_len == 0 else max(1, capacity // 2))
+            new, pos0 = tokens[-keep:], 0
+            self._kv_start = len(tokens) - keep
+        cfg, p, t = self.config, self.params, self.tape
+        t.reset(recording=False)
+        x = self._trunk(np.asarray(new, dtype=np.int32)[None, :], pos0, self._kv_layers)
+        last = Tensor(x.arena, x.offset + (len(new) - 1) * cfg.dim, (1, 1, cfg.dim))
+        classifier = p["wte"] if cfg.tie_embeddings else p["lm_head"]
+        logits = ops.linear(t, self._norm(last, p["norm_f"]), classifier)
+        self._kv_len = pos0 + len(new)
+        return logits.numpy()[0, 0, :cfg.vocab_size].astype(np.float64)

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from helpers import check_grads, run_op
+from nt import Tape, ops
+
+
+def split(qkv, NH, NKV):
+    hs = qkv.shape[-1] // (NH + 2 * NKV)
+    B, T, _ = qkv.shape
+    return qkv[..., :(NH + NKV) * hs].reshape(B, T, NH + NKV, hs), hs
+
+
+def rope_interleaved_reference(qkv, NH, NKV, pos0, theta):
+    """Meta's LLaMA reference: view pairs (2i, 2i+1) as complex numbers, multiply by
+    exp(j * pos * theta^(-2i/hs))."""
+    qk, hs = split(qkv, NH, NKV)
+    T = qkv.shape[1]
+    freqs = 1.0 / theta ** (np.arange(0, hs, 2) / hs)
+    angles = np.outer(np.arange(pos0, pos0 + T), freqs)          # (T, hs/2)
+    z = qk[..., 0::2] + 1j * qk[..., 1::2]
+    z = z * np.exp(1j * angles)[None, :, None, :]
+    out = qkv.copy()
+    rot = np.stack([z.real, z.imag], axis=-1).reshape(qk.shape)
+    out[..., :(NH + NKV) * hs] = rot.reshape(qkv.shape[0], T, -1)
+    return out
+
+
+def rope_half_reference(qkv, NH, NKV, pos0, theta):
+    """HF transformers: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
+    qk, hs = split(qkv, NH, NKV)
+    T = qkv.shape[1]
+    freqs = 1.0 / theta ** (np.arange(0, hs, 2) / hs)
+    angles = np.outer(np.arange(pos0, pos0 + T), freqs)
+    emb = np.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    x1, x2 = qk[..., :hs // 2], qk[..., hs // 2:]
+    rotated = np.concatenate([-x2, x1], axis=-1)
+    out = qkv.copy()
+    out[..., :(NH + NKV) * hs] = (qk * np.cos(emb) + rotated * np.sin(emb)).reshape(qkv.shape[0], T, -1)
+    return out
+
+
+REFERENCES = {"interleaved": rope_interleaved_reference, "half": rope_half_reference}
+
+
+@pytest.mark.parametrize("pairing", ["interleaved", "half"])
+@pytest.mark.parametrize("T,pos0", [(6, 0), (1, 9), (3, 100)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rope_matches_published_formula(pairing, T, pos0, dtype):
+    NH, NKV, hs = 4, 2, 8
+    qkv = np.random.default_rng(0).standard_normal((2, T, (NH + 2 * NKV) * hs))
+    _, _, out = run_op(lambda t, p: ops.rope(t, p["qkv"], NH, NKV, pos0, 500.0, pairing), {"qkv": qkv}, dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out.data, REFERENCES[pairing](qkv, NH, NKV, pos0, 500.0), rtol=tol, atol=tol)
+
+
+def test_rope_pairings_differ():
+    qkv = np.random.default_rng(1).standard_normal((1, 3, 24))
+    assert not np.allclose(rope_interleaved_reference(qkv, 2, 1, 0, 1e4), rope_half_reference(qkv, 2, 1, 0, 1e4))
+
+
+@pytest.mark.parametrize("pairing", ["interleaved", "half"])
+def test_rope_backward_finite_differences(pairing):
+    NH, NKV, hs = 2, 1, 4
+    qkv = np.random.default_rng(2).standard_normal((2, 3, (NH + 2 * NKV) * hs))
+    check_grads(lambda t, p: ops.rope(t, p["qkv"], NH, NKV, 5, 10.0, pairing), {"qkv": qkv})
+
+
+def test_rope_rejects_bad_input():
+    _, p, _ = run_op(lambda t, p: p["qkv"], {"qkv": np.ones((1, 2, 18))})
+    t = Tape("cpu", np.float64)
+    with pytest.raises(ValueError, match="even"):
+        ops.rope(t, p["qkv"], 2, 2)  # hs = 3
+    with pytest.raises(ValueError, match="pairing"):
+        ops.rope(t, p["qkv"], 1, 1, pairing="neox")
+    with pytest.raises(ValueError, match="pos0"):
+        ops.rope(t, p["qkv"], 3, 3, pos0=-1)
