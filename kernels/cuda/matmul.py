@@ -1,4 +1,5 @@
-"""Linear layer on the GPU: out = inp @ weight^T + bias, weight stored (OC, C) as in llm.c.
+"""Linear layer on the GPU: out = inp @ weight^T + bias, weight stored (OC, C) as in llm.c
+(or (C, OC) with transposed=True: a tied embedding used the other way round).
 
 GEMMs go to cuBLAS when it loads (cublas.py, untested on hardware); otherwise (always
 under the simulator) to the tiled shared-memory kernel below, with the same semantics.
@@ -83,24 +84,29 @@ def _sum_rows_into(dbias, dout):
         dbias[o] += s
 
 
-def matmul_forward(out, inp, weight, bias):
-    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,); bias may be empty (no bias)."""
+def matmul_forward(out, inp, weight, bias, transposed=False):
+    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,); bias may be empty (no bias).
+    transposed: weight is (C, OC) and out = inp @ weight + bias."""
     N, OC = out.shape
     beta = 0.0
     if bias.shape[0] > 0:
         _broadcast_rows[blocks(N * OC), THREADS](out, bias)
         beta = 1.0
-    gemm(False, True, inp, weight, beta, out)
+    gemm(False, not transposed, inp, weight, beta, out)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
-    """Accumulate dinp += dout @ weight, dweight += dout^T @ inp, dbias += sum_n dout.
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, transposed=False):
+    """Accumulate dinp += dout @ weight, dweight += dout^T @ inp, dbias += sum_n dout
+    (transposed: dinp += dout @ weight^T, dweight += inp^T @ dout).
 
     Any of dinp, dweight, dbias may be empty: that gradient is not wanted.
     """
     if dinp.shape[0] > 0:
-        gemm(False, False, dout, weight, 1.0, dinp)
+        gemm(False, transposed, dout, weight, 1.0, dinp)
     if dweight.shape[0] > 0:
-        gemm(True, False, dout, inp, 1.0, dweight)
+        if transposed:
+            gemm(True, False, inp, dout, 1.0, dweight)
+        else:
+            gemm(True, False, dout, inp, 1.0, dweight)
     if dbias.shape[0] > 0:
         _sum_rows_into[blocks(dbias.shape[0]), THREADS](dbias, dout)

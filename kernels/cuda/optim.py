@@ -4,7 +4,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from .launch import MAX_BLOCKS, THREADS, block_sum, blocks
+from .launch import THREADS, block_sum, blocks
 
 
 @cuda.jit(cache=True)
@@ -57,20 +57,23 @@ def _sum_into_first(partial):
         partial[0] = s
 
 
-_scratch = {}
+_host = np.zeros(1, np.float64)  # where sum_squares' result lands on the host
 
 
-def sum_squares(x) -> float:
-    """sum(x**2) in float64. A fixed grid (so a fixed summation order) writes one partial
-    per block into a scratch buffer made once; a one-block pass adds the partials."""
-    if not _scratch:
-        _scratch["partial"] = cuda.device_array(MAX_BLOCKS, np.float64)
-        _scratch["host"] = np.zeros(1, np.float64)
-    partial, host = _scratch["partial"], _scratch["host"]
-    _sum_squares_partial[MAX_BLOCKS, THREADS](partial, x)
-    _sum_into_first[1, THREADS](partial)
-    partial[:1].copy_to_host(host)
-    return float(host[0])
+def sum_squares_blocks(n: int) -> int:
+    """Length of the `partials` buffer sum_squares needs for n elements: one per block."""
+    return blocks(n)
+
+
+def sum_squares(x, partials) -> float:
+    """sum(x**2) in float64. Block b of a fixed grid (sum_squares_blocks(n) blocks) writes
+    its partial sum to partials[b] (a float64 device buffer from the caller), then one
+    block adds the partials: no allocation, the same order every call."""
+    nb = sum_squares_blocks(x.shape[0])
+    _sum_squares_partial[nb, THREADS](partials, x)
+    _sum_into_first[1, THREADS](partials[:nb])
+    partials[:1].copy_to_host(_host)
+    return float(_host[0])
 
 
 @cuda.jit(cache=True)

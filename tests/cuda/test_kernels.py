@@ -45,15 +45,17 @@ def test_backend_has_every_cpu_kernel():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_matmul(dtype, bias):
+@pytest.mark.parametrize("bias, transposed", [(True, False), (False, False), (True, True)])
+def test_matmul(dtype, bias, transposed):
     rng = np.random.default_rng(0)
     N, C, OC = 5, 7, 6
-    inp, weight = randn(rng, dtype, N, C), randn(rng, dtype, OC, C)
+    wshape = (C, OC) if transposed else (OC, C)  # transposed: a tied embedding used as (C, OC)
+    inp, weight = randn(rng, dtype, N, C), randn(rng, dtype, *wshape)
     b = randn(rng, dtype, OC) if bias else empty(dtype, 0)
-    parity("matmul_forward", [randn(rng, dtype, N, OC), inp, weight, b], [0], dtype)
-    parity("matmul_backward", [randn(rng, dtype, N, C), randn(rng, dtype, OC, C), randn(rng, dtype, OC) if bias
-                               else empty(dtype, 0), randn(rng, dtype, N, OC), inp, weight], [0, 1, 2], dtype)
+    parity("matmul_forward", [randn(rng, dtype, N, OC), inp, weight, b, transposed], [0], dtype)
+    parity("matmul_backward", [randn(rng, dtype, N, C), randn(rng, dtype, *wshape), randn(rng, dtype, OC) if bias
+                               else empty(dtype, 0), randn(rng, dtype, N, OC), inp, weight, transposed],
+           [0, 1, 2], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,14 +74,86 @@ def test_layernorm(dtype, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gelu_and_add(dtype):
+def test_activations(dtype):
     rng = np.random.default_rng(2)
-    n = 150
+    n, N, H = 150, 3, 7
     x = 3 * randn(rng, dtype, n)
     parity("gelu_forward", [randn(rng, dtype, n), x], [0], dtype)
     parity("gelu_backward", [randn(rng, dtype, n), randn(rng, dtype, n), x], [0], dtype)
-    parity("add_forward", [randn(rng, dtype, n), x, randn(rng, dtype, n)], [0], dtype)
+    gate_up = 3 * randn(rng, dtype, N, 2 * H)
+    for kind in (cpu.GELU_TANH, cpu.GELU, cpu.SILU, cpu.SIGMOID):
+        assert getattr(gpu, ["GELU_TANH", "GELU", "SILU", "SIGMOID"][kind]) == kind
+        parity("act_forward", [randn(rng, dtype, n), x, kind], [0], dtype)
+        parity("act_backward", [randn(rng, dtype, n), randn(rng, dtype, n), x, kind], [0], dtype)
+        parity("glu_forward", [randn(rng, dtype, N, H), gate_up, kind], [0], dtype)
+        parity("glu_backward", [randn(rng, dtype, N, 2 * H), randn(rng, dtype, N, H), gate_up, kind], [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise(dtype):
+    rng = np.random.default_rng(7)
+    n, N, Ca, Cb = 150, 3, 4, 5
+    a, b = randn(rng, dtype, n), randn(rng, dtype, n)
+    parity("add_forward", [randn(rng, dtype, n), a, b], [0], dtype)
     parity("add_backward", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n)], [0, 1], dtype)
+    parity("mul_forward", [randn(rng, dtype, n), a, b], [0], dtype)
+    parity("mul_backward", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n), a, b], [0, 1], dtype)
+    s = np.array([0.7], dtype)
+    parity("scale_forward", [randn(rng, dtype, n), a, s], [0], dtype)
+    for ds in (randn(rng, dtype, 1), empty(dtype, 0)):  # a learned scale, a constant one
+        parity("scale_backward", [randn(rng, dtype, n), ds, randn(rng, dtype, n), a, s], [0, 1], dtype)
+    parity("concat_forward", [randn(rng, dtype, N, Ca + Cb), randn(rng, dtype, N, Ca), randn(rng, dtype, N, Cb)],
+           [0], dtype)
+    parity("concat_backward", [randn(rng, dtype, N, Ca), randn(rng, dtype, N, Cb), randn(rng, dtype, N, Ca + Cb)],
+           [0, 1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_same_mask_as_cpu(dtype):
+    rng = np.random.default_rng(8)
+    n, key = 200, np.uint64(0x1234_5678_9ABC_DEF0)
+    parity("dropout_forward", [randn(rng, dtype, n), randn(rng, dtype, n), 0.3, key], [0], dtype)
+    parity("dropout_backward", [randn(rng, dtype, n), randn(rng, dtype, n), 0.3, key], [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_and_qk_norm(dtype):
+    rng = np.random.default_rng(9)
+    N, C = 3, 20
+    inp, w, rstd = randn(rng, dtype, N, C), randn(rng, dtype, C), randn(rng, dtype, N)
+    parity("rmsnorm_forward", [randn(rng, dtype, N, C), rstd, inp, w, 1e-6], [0, 1], dtype)
+    cpu.rmsnorm_forward(randn(rng, dtype, N, C), rstd, inp, w, 1e-6)
+    parity("rmsnorm_backward", [randn(rng, dtype, N, C), randn(rng, dtype, C), randn(rng, dtype, N, C), inp, w, rstd],
+           [0, 1], dtype)
+    B, T, NH, NKV, hs = 2, 3, 2, 1, 4
+    W = (NH + 2 * NKV) * hs
+    qkv, qw, kw, rs = randn(rng, dtype, B, T, W), randn(rng, dtype, hs), randn(rng, dtype, hs), randn(rng, dtype, B, T, NH + NKV)
+    parity("qk_norm_forward", [randn(rng, dtype, B, T, W), rs, qkv, qw, kw, NH, NKV, 1e-6], [0, 1], dtype)
+    cpu.qk_norm_forward(randn(rng, dtype, B, T, W), rs, qkv, qw, kw, NH, NKV, 1e-6)
+    parity("qk_norm_backward", [randn(rng, dtype, B, T, W), randn(rng, dtype, hs), randn(rng, dtype, hs),
+                                randn(rng, dtype, B, T, W), qkv, qw, kw, rs, NH, NKV], [0, 1, 2], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("half", [False, True])
+def test_rope(dtype, half):
+    rng = np.random.default_rng(10)
+    B, T, NH, NKV, hs, pos0 = 2, 3, 2, 1, 4, 5
+    W = (NH + 2 * NKV) * hs
+    parity("rope_forward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, pos0, 10000.0, half],
+           [0], dtype)
+    parity("rope_backward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, pos0, 10000.0, half],
+           [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax(dtype):
+    rng = np.random.default_rng(11)
+    N, C = 3, 19
+    out = randn(rng, dtype, N, C)
+    parity("softmax_forward", [out, 3 * randn(rng, dtype, N, C)], [0], dtype)
+    cpu.softmax_forward(out, randn(rng, dtype, N, C))
+    parity("softmax_backward", [randn(rng, dtype, N, C), randn(rng, dtype, N, C), out], [0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,30 +171,31 @@ def test_embedding(dtype, positions):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("NH, NKV, window", [(2, 2, 0), (4, 2, 0), (4, 1, 2)])
-def test_attention(dtype, NH, NKV, window):
+@pytest.mark.parametrize("NH, NKV, window, q0", [(2, 2, 0, 0), (4, 2, 0, 0), (4, 1, 2, 0), (2, 1, 0, 2)])
+def test_attention(dtype, NH, NKV, window, q0):
     rng = np.random.default_rng(4)
-    B, T, hs = 2, 4, 3
+    B, T, hs = 2, 4, 3  # q0 > 0: rows before q0 are a KV cache, only T - q0 queries
     qkv = randn(rng, dtype, B, T, (NH + 2 * NKV) * hs)
-    out, lse = randn(rng, dtype, B, T, NH * hs), randn(rng, dtype, B, NH, T)
-    parity("attention_forward", [out, lse, qkv, NH, NKV, window], [0, 1], dtype)
-    cpu.attention_forward(out, lse, qkv, NH, NKV, window)  # what the backward reads
+    out, lse = randn(rng, dtype, B, T - q0, NH * hs), randn(rng, dtype, B, NH, T - q0)
+    parity("attention_forward", [out, lse, qkv, NH, NKV, window, q0], [0, 1], dtype)
+    cpu.attention_forward(out, lse, qkv, NH, NKV, window, q0)  # what the backward reads
     parity("attention_backward", [randn(rng, dtype, *qkv.shape), randn(rng, dtype, *out.shape), qkv, out, lse,
-                                  NH, NKV, window], [0], dtype)
+                                  NH, NKV, window, q0], [0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("targets", [[3, -1, 0, 9, 3], [-1, -1, -1, -1, -1]])
-def test_softmax_xent(dtype, targets):
+@pytest.mark.parametrize("targets, opts", [([3, -1, 0, 9, 3], (0.0, 0.0)), ([3, -1, 0, 9, 3], (0.1, 1e-3)),
+                                           ([-1, -1, -1, -1, -1], (0.0, 0.0))])
+def test_softmax_xent(dtype, targets, opts):
     rng = np.random.default_rng(5)
     N, V, Vp = 5, 10, 48  # padded columns V..Vp-1 take no part; Vp > simulated block
     targets = np.array(targets, dtype=np.int32)
     logits = 4 * randn(rng, dtype, N, Vp)
     loss, losses, lse = randn(rng, dtype, 1), randn(rng, dtype, N), randn(rng, dtype, N)
-    parity("softmax_xent_forward", [loss, losses, lse, logits, targets, V], [0, 1, 2], dtype)
-    cpu.softmax_xent_forward(loss, losses, lse, logits, targets, V)
-    parity("softmax_xent_backward", [randn(rng, dtype, N, Vp), np.array([0.7], dtype), logits, lse, targets, V],
-           [0], dtype)
+    parity("softmax_xent_forward", [loss, losses, lse, logits, targets, V, *opts], [0, 1, 2], dtype)
+    cpu.softmax_xent_forward(loss, losses, lse, logits, targets, V, *opts)
+    parity("softmax_xent_backward", [randn(rng, dtype, N, Vp), np.array([0.7], dtype), logits, lse, targets, V,
+                                     *opts], [0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -132,7 +207,9 @@ def test_optim_kernels(dtype):
         parity("adamw_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n),
                                 np.abs(randn(rng, dtype, n)), mask, 1e-2, 0.9, 0.95, 1e-8, 0.1, step],
                [0, 2, 3], dtype)
-    parity("sum_squares", [randn(rng, dtype, n)], [], dtype)
+    x = randn(rng, dtype, n)  # each backend sizes its own partials buffer
+    got = gpu.sum_squares(gpu.to_device(x), gpu.empty(gpu.sum_squares_blocks(n), np.float64))
+    np.testing.assert_allclose(got, cpu.sum_squares(x, np.empty(cpu.sum_squares_blocks(n))), rtol=1e-12)
     parity("scale_", [randn(rng, dtype, n), 0.37], [0], dtype)
     parity("fill_", [randn(rng, dtype, n), 2.5], [0], dtype)
 
