@@ -108,6 +108,7 @@ def test_elementwise(dtype):
            [0, 1], dtype)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the simulator hashes in NumPy uint64
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_same_mask_as_cpu(dtype):
     rng = np.random.default_rng(8)
