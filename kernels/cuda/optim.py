@@ -58,6 +58,7 @@ def _sum_into_first(partial):
 
 
 _host = np.zeros(1, np.float64)  # where sum_squares' result lands on the host
+_partials: dict = {}             # sum_squares' own scratch, per grid size, when the caller has none
 
 
 def sum_squares_blocks(n: int) -> int:
@@ -65,11 +66,15 @@ def sum_squares_blocks(n: int) -> int:
     return blocks(n)
 
 
-def sum_squares(x, partials) -> float:
+def sum_squares(x, partials=None) -> float:
     """sum(x**2) in float64. Block b of a fixed grid (sum_squares_blocks(n) blocks) writes
-    its partial sum to partials[b] (a float64 device buffer from the caller), then one
-    block adds the partials: no allocation, the same order every call."""
+    its partial sum to partials[b] (a float64 device buffer from the caller, or one made
+    once here when None), then one block adds the partials: the same order every call."""
     nb = sum_squares_blocks(x.shape[0])
+    if partials is None:
+        if _partials.get(nb) is None:
+            _partials[nb] = cuda.device_array(nb, np.float64)
+        partials = _partials[nb]
     _sum_squares_partial[nb, THREADS](partials, x)
     _sum_into_first[1, THREADS](partials[:nb])
     partials[:1].copy_to_host(_host)

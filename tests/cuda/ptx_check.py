@@ -25,7 +25,7 @@ dispatcher.get_current_device = _NoDevice
 
 import nt.kernels.cuda as package  # noqa: E402
 from nt.kernels.cuda import (activations, attention, dropout, elementwise, embedding, layernorm,  # noqa: E402
-                             matmul, memory, optim, rmsnorm, rope, softmax_xent)
+                             matmul, memory, optim, optim_blocks, rmsnorm, rope, softmax_xent)
 from numba.cuda.dispatcher import CUDADispatcher  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def signatures(f):
     A1, A2, A3 = f[::1], f[:, ::1], f[:, :, ::1]
     I1, I2 = types.int32[::1], types.int32[:, ::1]
     F, I, B, D1 = types.float64, types.int64, types.boolean, types.float64[::1]
-    U = types.uint64
+    U, L1 = types.uint64, types.int64[::1]
     return [
         (memory._fill, (A1, F)),
         (matmul._gemm_tiled, (B, B, F, A2, A2, F, A2)),
@@ -79,6 +79,12 @@ def signatures(f):
         (optim._sum_squares_partial, (D1, A1)),
         (optim._sum_into_first, (D1,)),
         (optim._scale, (A1, F)),
+        (optim_blocks._adam, (A1, A1, A1, A1, types.uint8[::1], L1, L1, D1, L1) + (F,) * 6),
+        (optim_blocks._sgd, (A1, A1, A1, types.uint8[::1]) + (F,) * 4 + (B, B)),
+        (optim_blocks._block_sum_squares, (D1, A1, L1)),
+        (optim_blocks._segments_from_partials, (D1, D1, L1)),
+        (optim_blocks._unscale_check, (D1, A1, F)),
+        (optim_blocks._add_noise, (A1, L1, L1, D1, U)),
     ]
 
 

@@ -215,6 +215,29 @@ def test_optim_kernels(dtype):
     parity("fill_", [randn(rng, dtype, n), 2.5], [0], dtype)
 
 
+@pytest.mark.skipif(not hasattr(cpu, "adam_update"), reason="the CPU block-table optimizer kernels "
+                    "(the optim branch) are not merged yet")
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the simulator hashes in NumPy uint64
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_table_optimizer_kernels(dtype):
+    rng = np.random.default_rng(12)
+    n = 300
+    bo = np.array([0, 64, 100, 170, 234, 300], np.int64)  # 5 blocks over 3 tensors
+    bs = np.array([0, 0, 1, 2, 2], np.int64)
+    mask = (rng.random(n) < 0.5).astype(np.uint8)
+    parity("adam_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n),
+                           np.abs(randn(rng, dtype, n)), mask, bo, bs, np.array([1.0, 0.0, 0.5]),
+                           np.array([3, 1, 7], np.int64), 1e-2, 0.9, 0.95, 1e-8, 0.01, 0.1], [0, 2, 3], dtype)
+    for first, nesterov, momentum in [(True, False, 0.9), (False, True, 0.9), (False, False, 0.0)]:
+        parity("sgd_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n), mask,
+                              0.1, momentum, 0.1, 0.01, nesterov, first], [0, 2], dtype)
+    parity("segment_sum_squares", [randn(rng, dtype, n), bo, bs, np.zeros(5), np.zeros(3)], [4], dtype)
+    x = randn(rng, dtype, n)
+    x[3], x[7] = np.inf, -np.inf
+    parity("unscale_check_", [x, 0.5], [0], dtype)
+    parity("add_noise_", [randn(rng, dtype, n), bo, bs, np.array([0.1, 0.0, 2.0]), 7, 3], [0], dtype)
+
+
 def test_memory_round_trip_and_views():
     x = gpu.empty(40, np.float32)
     gpu.fill_(x, 0.0)
