@@ -50,7 +50,11 @@ def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator):
         ("softmax_xent_backward", [r(N, Vp), np.ones(1, f), logits, xlse, targets, V]),
         ("adamw_update (1 layer)", [r(P), r(P), r(P), np.abs(r(P)), np.ones(P, np.uint8),
                                     1e-4, 0.9, 0.95, 1e-8, 0.1, 1]),
-        ("sum_squares (1 layer)", [r(P)]),
+        # partials: long enough for either backend's block count (each uses its prefix)
+        ("sum_squares (1 layer)", [r(P), np.zeros(max(nt.backend("cpu").sum_squares_blocks(P), 8192))]),
+        ("rmsnorm_forward", [r(N, C), r(N), r(N, C), r(C), 1e-5]),
+        ("rope_forward", [r(B, T, 3 * C), qkv, NH, NH, 0, 10000.0, True]),
+        ("glu_forward (swiglu)", [r(N, 4 * C), r(N, 8 * C), 2]),
     ]
 
 
