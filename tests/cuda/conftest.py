@@ -1,9 +1,10 @@
 """CUDA tests run in Numba's CUDA simulator unless NUMBA_ENABLE_CUDASIM=0 is set.
 
-numba-cuda reads NUMBA_ENABLE_CUDASIM once, when `numba.cuda` is first imported. Nothing
-outside the CUDA backend imports it (nt.backend loads nt.kernels.cuda lazily, and plain
-`import numba` does not import numba.cuda), so setting the default here, when pytest
-collects this folder, is early enough even in a full `pytest tests` run. On a GPU
+numba.cuda picks simulator or hardware once, when it is first imported, from numba's config
+(which numba re-reads from the environment on reload_config()). Nothing outside the CUDA
+backend imports numba.cuda (nt.backend loads nt.kernels.cuda lazily, and plain `import
+numba` does not import it), so setting the default here and reloading the config, when
+pytest collects this folder, is early enough even in a full `pytest tests` run. On a GPU
 machine, `NUMBA_ENABLE_CUDASIM=0 pytest tests/cuda` runs the same tests on the hardware
 plus the ones marked `gpu`.
 """
@@ -16,6 +17,11 @@ if "numba.cuda" in sys.modules and os.environ.get("NUMBA_ENABLE_CUDASIM") is Non
     raise RuntimeError("numba.cuda was imported before tests/cuda/conftest.py could choose "
                        "the simulator; set NUMBA_ENABLE_CUDASIM explicitly")
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+# numba.cuda's config IS numba.core.config, read when numba was first imported (before this
+# file): re-read the environment now, or numba.cuda would start in hardware mode.
+from numba.core import config as _numba_config  # noqa: E402
+
+_numba_config.reload_config()
 
 try:
     from numba import cuda
