@@ -46,3 +46,29 @@ def test_gpt2_step_matches_cpu(dtype):
     # rounding-sized amount times lr / eps-ish factors, so params get an lr-relative atol.
     np.testing.assert_allclose(runs["cuda"][2], runs["cpu"][2], rtol=tol["rtol"], atol=max(tol["atol"], 1e-3 * LR))
     assert runs["cuda"][1][1] < runs["cuda"][0][1]  # the step lowered the loss
+
+
+def test_steady_cuda_step_allocates_no_device_memory(monkeypatch):
+    """After the first step, a whole step (forward, backward, clipping, AdamW, reading the
+    loss) makes no device array: ids go to cached buffers, scratch is made once."""
+    from numba import cuda
+    cfg = GPT2Config(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8)
+    model = GPT2(cfg, device="cuda", dtype=np.float32, seed=0)
+    opt = AdamW(model.params, lr=LR)
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, cfg.vocab_size, (2, 4)).astype(np.int32) for _ in range(2)]
+    made = []
+    for name in ("device_array", "to_device", "device_array_like", "pinned_array"):
+        real = getattr(cuda, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            made.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(cuda, name, counting)
+    for i, idx in enumerate(batches):
+        before = len(made)
+        _step(model, opt, idx, np.roll(idx, -1, axis=1))
+        if i == 0:
+            assert made, "the first step sizes the arenas: the counter must have seen it"
+        else:
+            assert made[before:] == [], f"a steady step allocated device arrays: {made[before:]}"
