@@ -12,46 +12,50 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import vmath
+from .vmath import like
+
 GELU_TANH, GELU, SILU, SIGMOID = 0, 1, 2, 3
 GELU_SCALE = np.sqrt(2.0 / np.pi)
 INV_SQRT2 = 1.0 / np.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _sigmoid(x):
     # both branches stay finite for any x (exp of a non-positive number)
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
+    one = like(x, 1.0)
+    e = vmath.exp(-abs(x))
+    return one / (one + e) if x >= 0 else e / (one + e)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _act(x, kind):
-    """The activation of one value."""
+    """The activation of one value, computed in x's float type."""
+    half, one = like(x, 0.5), like(x, 1.0)
     if kind == GELU_TANH:
-        return 0.5 * x * (1.0 + math.tanh(GELU_SCALE * (x + 0.044715 * x * x * x)))
+        return half * x * (one + vmath.tanh(like(x, GELU_SCALE) * (x + like(x, 0.044715) * x * x * x)))
     if kind == GELU:
-        return 0.5 * x * (1.0 + math.erf(x * INV_SQRT2))
+        return half * x * (one + math.erf(x * like(x, INV_SQRT2)))
     if kind == SILU:
         return x * _sigmoid(x)
     return _sigmoid(x)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _dact(x, kind):
-    """The activation's derivative at one value."""
+    """The activation's derivative at one value, computed in x's float type."""
+    half, one = like(x, 0.5), like(x, 1.0)
     if kind == GELU_TANH:
-        th = math.tanh(GELU_SCALE * (x + 0.044715 * x * x * x))
-        sech2 = 1.0 - th * th
-        return 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+        th = vmath.tanh(like(x, GELU_SCALE) * (x + like(x, 0.044715) * x * x * x))
+        sech2 = one - th * th
+        return half * (one + th) + half * x * sech2 * like(x, GELU_SCALE) * (one + like(x, 3.0 * 0.044715) * x * x)
     if kind == GELU:
-        return 0.5 * (1.0 + math.erf(x * INV_SQRT2)) + x * INV_SQRT_2PI * math.exp(-0.5 * x * x)
+        return half * (one + math.erf(x * like(x, INV_SQRT2))) + x * like(x, INV_SQRT_2PI) * vmath.exp(-half * x * x)
     sg = _sigmoid(x)
     if kind == SILU:
-        return sg * (1.0 + x * (1.0 - sg))
-    return sg * (1.0 - sg)
+        return sg * (one + x * (one - sg))
+    return sg * (one - sg)
 
 
 @njit(parallel=True, cache=True)

@@ -10,19 +10,28 @@ the T - q0 query rows. q0 = 0 is ordinary causal self-attention.
 
 No T x T matrix is ever stored. The forward runs an online softmax per query row and
 saves only the row's log-sum-exp; the backward recomputes each probability from it.
+
+Arithmetic stays in the input's float type (vmath), and `reassoc` lets LLVM vectorize the
+head-size dot products; inf and NaN keep their IEEE meaning (no `nnan`/`ninf`).
 """
 import numpy as np
 from numba import njit, prange
 
+from . import vmath
+from .vmath import like
 
-@njit(parallel=True, cache=True)
+FASTMATH = {"reassoc", "contract"}
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def attention_forward(out, lse, qkv, NH, NKV, window, q0=0):
     """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T-q0)."""
     B, T, _ = qkv.shape
     Tq = T - q0
     hs = out.shape[2] // NH
     group = NH // NKV
-    scale = 1.0 / np.sqrt(hs)
+    scale = like(qkv[0, 0, 0], 1.0 / np.sqrt(hs))
+    zero = like(qkv[0, 0, 0], 0.0)
     k_off = NH * hs
     v_off = (NH + NKV) * hs
     for r in prange(B * NH * Tq):
@@ -33,41 +42,42 @@ def attention_forward(out, lse, qkv, NH, NKV, window, q0=0):
         kv = h // group
         q = qkv[b, t, h * hs:(h + 1) * hs]
         o = out[b, tq, h * hs:(h + 1) * hs]
-        o[:] = 0.0
-        m = -np.inf
-        l = 0.0
+        o[:] = zero
+        m = like(zero, -np.inf)
+        l = zero
         j0 = max(0, t - window + 1) if window > 0 else 0
         for j in range(j0, t + 1):
             k = qkv[b, j, k_off + kv * hs:k_off + (kv + 1) * hs]
-            s = 0.0
+            s = zero
             for c in range(hs):
                 s += q[c] * k[c]
             s *= scale
             if s > m:  # new running max: rescale what was accumulated so far
-                correction = np.exp(m - s)
+                correction = vmath.exp(m - s)
                 l *= correction
                 for c in range(hs):
                     o[c] *= correction
                 m = s
-            p = np.exp(s - m)
+            p = vmath.exp(s - m)
             l += p
             v = qkv[b, j, v_off + kv * hs:v_off + (kv + 1) * hs]
             for c in range(hs):
                 o[c] += p * v[c]
-        inv = 1.0 / l
+        inv = like(zero, 1.0) / l
         for c in range(hs):
             o[c] *= inv
         lse[b, h, tq] = m + np.log(l)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window, q0=0):
     """Accumulate dqkv from dout. Tasks own one (batch, kv head) pair, so the key and
     value grads that several query heads and rows add into have a single writer."""
     B, T, _ = qkv.shape
     hs = out.shape[2] // NH
     group = NH // NKV
-    scale = 1.0 / np.sqrt(hs)
+    scale = like(qkv[0, 0, 0], 1.0 / np.sqrt(hs))
+    zero = like(qkv[0, 0, 0], 0.0)
     k_off = NH * hs
     v_off = (NH + NKV) * hs
     for u in prange(B * NKV):
@@ -81,7 +91,7 @@ def attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window, q0=0):
                 do = dout[b, tq, h * hs:(h + 1) * hs]
                 o = out[b, tq, h * hs:(h + 1) * hs]
                 # D = sum_j p_j dp_j = do . o, the softmax backward's shared term
-                D = 0.0
+                D = zero
                 for c in range(hs):
                     D += do[c] * o[c]
                 L = lse[b, h, tq]
@@ -91,12 +101,12 @@ def attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window, q0=0):
                     v = qkv[b, j, v_off + kv * hs:v_off + (kv + 1) * hs]
                     dk = dqkv[b, j, k_off + kv * hs:k_off + (kv + 1) * hs]
                     dv = dqkv[b, j, v_off + kv * hs:v_off + (kv + 1) * hs]
-                    s = 0.0
-                    dp = 0.0
+                    s = zero
+                    dp = zero
                     for c in range(hs):
                         s += q[c] * k[c]
                         dp += do[c] * v[c]
-                    p = np.exp(s * scale - L)
+                    p = vmath.exp(s * scale - L)
                     ds = p * (dp - D) * scale
                     for c in range(hs):
                         dq[c] += ds * k[c]

@@ -16,8 +16,8 @@ from .embedding import embedding_backward, embedding_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .matmul import matmul_backward, matmul_forward
 from .memory import DEVICE, copy_, empty, fill_, ids_to_device, to_device, to_host
-from .optim import adamw_update, scale_, sum_squares, sum_squares_blocks
-from .optim_blocks import add_noise_, adam_update, segment_sum_squares, sgd_update, unscale_check_
+from .optim import (adam_update, add_noise_, scale_, segment_sum_squares, sgd_update, sum_squares,
+                    sum_squares_blocks, unscale_check_)
 from .rmsnorm import qk_norm_backward, qk_norm_forward, rmsnorm_backward, rmsnorm_forward
 from .rope import rope_backward, rope_forward
 from .softmax_xent import softmax_backward, softmax_forward, softmax_xent_backward, softmax_xent_forward

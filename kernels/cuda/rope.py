@@ -1,6 +1,7 @@
 """Rotary position embedding on the q and k heads of a fused qkv tensor (see the CPU twin).
 
-Position p = pos0 + t rotates pair i of every q and k head by p * theta^(-2i/hs);
+Position p = pos0 + t rotates pair i of every q and k head by p * inv_freq[i] (the op's
+float64 frequency table, theta^(-2i/hs) possibly rescaled);
 half=False pairs channels (2i, 2i+1), half=True pairs (i, i + hs/2). One thread per
 (position, pair) computes cos/sin once in float64 and rotates that pair in every head;
 the v heads are copied. The backward rotates by the negative angle and accumulates.
@@ -14,7 +15,7 @@ from .rmsnorm import _copy_values
 
 
 @cuda.jit(cache=True)
-def _rope(out, inp, NH, NKV, pos0, theta, half, sign, accumulate):
+def _rope(out, inp, NH, NKV, pos0, inv_freq, half, sign, accumulate):
     B, T, W = inp.shape
     hs = W // (NH + 2 * NKV)
     half_hs = hs // 2
@@ -22,7 +23,7 @@ def _rope(out, inp, NH, NKV, pos0, theta, half, sign, accumulate):
         b = r // (T * half_hs)
         t = r // half_hs % T
         i = r % half_hs
-        angle = (pos0 + t) * theta ** (-2.0 * i / hs)
+        angle = (pos0 + t) * inv_freq[i]
         c = math.cos(angle)
         s = sign * math.sin(angle)
         for h in range(NH + NKV):
@@ -44,17 +45,17 @@ def _rope(out, inp, NH, NKV, pos0, theta, half, sign, accumulate):
                 out[b, t, a2] = y1
 
 
-def rope_forward(out, qkv, NH, NKV, pos0, theta, half):
+def rope_forward(out, qkv, NH, NKV, pos0, inv_freq, half):
     """out (B, T, W) = qkv with q and k heads rotated to positions pos0..pos0+T-1."""
     B, T, W = qkv.shape
     hs = W // (NH + 2 * NKV)
-    _rope[blocks(B * T * (hs // 2)), THREADS](out, qkv, NH, NKV, pos0, theta, half, 1.0, False)
+    _rope[blocks(B * T * (hs // 2)), THREADS](out, qkv, NH, NKV, pos0, inv_freq, half, 1.0, False)
     _copy_values[blocks(B * T * NKV * hs), THREADS](out, qkv, (NH + NKV) * hs, False)
 
 
-def rope_backward(dqkv, dout, NH, NKV, pos0, theta, half):
+def rope_backward(dqkv, dout, NH, NKV, pos0, inv_freq, half):
     """Accumulate dqkv += dout rotated by the negative angles (v grads pass through)."""
     B, T, W = dout.shape
     hs = W // (NH + 2 * NKV)
-    _rope[blocks(B * T * (hs // 2)), THREADS](dqkv, dout, NH, NKV, pos0, theta, half, -1.0, True)
+    _rope[blocks(B * T * (hs // 2)), THREADS](dqkv, dout, NH, NKV, pos0, inv_freq, half, -1.0, True)
     _copy_values[blocks(B * T * NKV * hs), THREADS](dqkv, dout, (NH + NKV) * hs, True)

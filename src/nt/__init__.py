@@ -6,10 +6,21 @@
     logits, loss = model(x, y)        # forward
     model.zero_grad(); model.backward(); opt.step()
 """
-from . import data, io, models, ops, optim
+from . import io, models, ops, optim, profile
 from .backend import backend
 from .tape import Tape
 from .tensor import Arena, Params, Tensor
 
 __version__ = "0.1.0"
-__all__ = ["Tape", "Tensor", "Arena", "Params", "backend", "ops", "optim", "models", "io", "data"]
+
+
+def __getattr__(name: str):
+    # nt.data and nt.tokenizer load on first use, so `python -m nt.data` runs the module
+    # without importing it twice
+    if name in ("data", "tokenizer"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'nt' has no attribute {name!r}")
+
+
+__all__ = ["Tape", "Tensor", "Arena", "Params", "backend", "ops", "optim", "models", "io", "data", "tokenizer", "profile"]

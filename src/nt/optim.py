@@ -1,42 +1,413 @@
-"""Optimizers over the flat parameter buffer, gradient clipping and LR schedules."""
+"""Optimizers over the flat parameter buffer, clipping, gradient accumulation, loss scaling
+and learning-rate schedules.
+
+Every optimizer updates all parameters with one fused kernel over `params.flat` and keeps
+its per-element state (moments, momentum) in buffers that mirror it, allocated once in
+__init__: a steady-state step allocates nothing. Kernels are reached only through
+`params.k` (the backend module), and what crosses between host and device is explicit and
+small (a norm, a non-finite count, a few per-tensor numbers).
+
+Every optimizer, the GradScaler and every schedule has `state_dict()` (NumPy arrays and
+plain scalars) and `load_state_dict()`, so a checkpoint resumes a run bit for bit.
+"""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
 from .tensor import Params
 
 
-class AdamW:
-    """AdamW (PyTorch's / llm.c's update rule) as one fused kernel over all parameters.
+# ============================================================================ base
 
-    Weight decay applies to the parameters declared with decay (matrices and embeddings),
-    not to biases and norm weights. Moments m and v mirror the parameter buffer.
+
+class Optimizer:
+    """Common state handling. Subclasses name their state in four tuples:
+
+    `_hyper` hyperparameters and `_scalars` counters (plain Python numbers), `_device`
+    buffers on the parameters' device, `_host` small NumPy arrays kept on the host.
+    `state_dict()` copies all of them out; `load_state_dict()` copies them back in.
     """
 
-    def __init__(self, params: Params, lr: float = 3e-4, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        if lr < 0 or eps <= 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"AdamW: invalid hyperparameters lr={lr} betas={betas} eps={eps} "
-                             f"weight_decay={weight_decay}")
+    _hyper: tuple[str, ...] = ()
+    _scalars: tuple[str, ...] = ("step_count",)
+    _device: tuple[str, ...] = ()
+    _host: tuple[str, ...] = ()
+
+    def __init__(self, params: Params):
         self.params = params
         self.k = params.k
-        self.lr, self.beta1, self.beta2, self.eps, self.weight_decay = lr, betas[0], betas[1], eps, weight_decay
         self.step_count = 0
-        self.m = self.k.empty(params.size, params.dtype)
-        self.v = self.k.empty(params.size, params.dtype)
-        self.k.fill_(self.m, 0.0)
-        self.k.fill_(self.v, 0.0)
         self.decay_mask = self.k.to_device(params.decay_mask())
+
+    def _zeros(self, n: int, dtype):
+        buf = self.k.empty(n, dtype)
+        self.k.fill_(buf, 0.0)
+        return buf
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: hyperparameters, counters, buffers (host copies)."""
+        state = {"type": type(self).__name__}
+        for name in self._hyper + self._scalars:
+            state[name] = getattr(self, name)
+        for name in self._device:
+            state[name] = np.array(self.k.to_host(getattr(self, name)), copy=True)
+        for name in self._host:
+            state[name] = getattr(self, name).copy()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned (shapes must match this optimizer's)."""
+        if state.get("type") != type(self).__name__:
+            raise ValueError(f"state is for a {state.get('type')!r} optimizer, not {type(self).__name__}")
+        names = self._hyper + self._scalars + self._device + self._host
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise ValueError(f"{type(self).__name__} state is missing {missing}")
+        for name in self._device + self._host:
+            current, value = getattr(self, name), np.asarray(state[name])
+            if name in self._device:
+                if value.shape != current.shape:
+                    raise ValueError(f"{type(self).__name__} state {name!r} has shape {value.shape}, "
+                                     f"expected {current.shape}")
+                self.k.copy_(current, self.k.to_device(np.ascontiguousarray(value, dtype=current.dtype)))
+            else:  # host state may be sized by a hyperparameter that is restored too
+                setattr(self, name, np.array(value, dtype=current.dtype))
+        for name in self._hyper + self._scalars:
+            setattr(self, name, type(getattr(self, name))(state[name]))
+        self._check_state()
+
+    def _check_state(self) -> None:
+        """Raise if loaded host state does not fit these parameters."""
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(what)
+
+
+# ============================================================================ SGD
+
+
+class SGD(Optimizer):
+    """SGD with momentum, PyTorch's rule (weight decay is L2, only where decay applies):
+
+        g = grad + wd * p
+        b = g  (first step),  b = momentum * b + (1 - dampening) * g  (later)
+        p = p - lr * (g + momentum * b  if nesterov else  b)
+
+    momentum 0 is plain SGD (no momentum buffer is used).
+    """
+
+    _hyper = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+    _device = ("momentum_buf",)
+
+    def __init__(self, params: Params, lr: float = 1e-2, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False):
+        _check(lr >= 0 and 0 <= momentum < 1 and 0 <= dampening <= 1 and weight_decay >= 0,
+               f"SGD: invalid hyperparameters lr={lr} momentum={momentum} dampening={dampening} "
+               f"weight_decay={weight_decay}")
+        _check(not nesterov or (momentum > 0 and dampening == 0),
+               "SGD: nesterov needs momentum > 0 and dampening 0")
+        super().__init__(params)
+        self.lr, self.momentum, self.dampening = float(lr), float(momentum), float(dampening)
+        self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
+        self.momentum_buf = self._zeros(params.size, params.dtype)
 
     def step(self, lr: Optional[float] = None) -> None:
         """One update from the grads in `params.grad` (lr overrides the default for this step)."""
         self.step_count += 1
-        self.k.adamw_update(self.params.flat, self.params.grad, self.m, self.v, self.decay_mask,
-                            self.lr if lr is None else lr, self.beta1, self.beta2, self.eps,
-                            self.weight_decay, self.step_count)
+        self.k.sgd_update(self.params.flat, self.params.grad, self.momentum_buf, self.decay_mask,
+                          self.lr if lr is None else lr, self.momentum, self.dampening,
+                          self.weight_decay, self.nesterov, self.step_count == 1)
+
+
+# ============================================================================ Adam / AdamW
+
+
+class Adam(Optimizer):
+    """Adam, PyTorch's rule: weight decay is L2, added to the gradient before the moments
+    (only for parameters declared with decay):
+
+        g = grad + wd * p
+        m = b1 * m + (1 - b1) * g            v = b2 * v + (1 - b2) * g^2
+        p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    Adam, AdamW and Chuck share one kernel (`adam_update`) over segments of the flat buffer;
+    Adam and AdamW use one segment spanning all parameters.
+    """
+
+    decoupled = False  # AdamW: weight decay added to the update instead of the gradient
+    _hyper = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    _device = ("m", "v")
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        _check(lr >= 0 and eps > 0 and weight_decay >= 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1,
+               f"{type(self).__name__}: invalid hyperparameters lr={lr} betas={betas} eps={eps} "
+               f"weight_decay={weight_decay}")
+        super().__init__(params)
+        self.lr, self.beta1, self.beta2 = float(lr), float(betas[0]), float(betas[1])
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        self.m = self._zeros(params.size, params.dtype)
+        self.v = self._zeros(params.size, params.dtype)
+        # blocks of one segment over everything, scale 1; its step count is set every step
+        block_offsets, block_seg = block_table(np.array([0, params.size], dtype=np.int64))
+        self._block_offsets = self.k.to_device(block_offsets)
+        self._block_seg = self.k.to_device(block_seg)
+        self._one = self.k.to_device(np.ones(1, dtype=np.float64))
+        self._step_host = np.zeros(1, dtype=np.int64)
+        self._step = self.k.to_device(self._step_host)  # on a GPU: a device copy, refreshed each step
+
+    def _update(self, seg_scale, seg_step, lr: float) -> None:
+        l2, decay = (0.0, self.weight_decay) if self.decoupled else (self.weight_decay, 0.0)
+        self.k.adam_update(self.params.flat, self.params.grad, self.m, self.v, self.decay_mask,
+                           self._block_offsets, self._block_seg, seg_scale, seg_step,
+                           lr, self.beta1, self.beta2, self.eps, l2, decay)
+
+    def step(self, lr: Optional[float] = None) -> None:
+        """One update from the grads in `params.grad` (lr overrides the default for this step)."""
+        self.step_count += 1
+        self._step_host[0] = self.step_count
+        self.k.copy_(self._step, self._step_host)
+        self._update(self._one, self._step, self.lr if lr is None else lr)
+
+
+class AdamW(Adam):
+    """AdamW (PyTorch's / llm.c's rule): decoupled weight decay, only for parameters
+    declared with decay (matrices and embeddings, not biases and norm weights):
+
+        m, v as in Adam on the raw gradient
+        p = p - lr * ((m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + wd * p)
+    """
+
+    decoupled = True
+
+    def __init__(self, params: Params, lr: float = 3e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+
+# ============================================================================ Chuck
+
+
+def tensor_offsets(params: Params) -> np.ndarray:
+    """(S+1,) int64: tensor s of the flat buffer is [offsets[s], offsets[s+1]), in storage order."""
+    tensors = sorted(params.tensors.values(), key=lambda t: t.offset)
+    offsets = np.array([t.offset for t in tensors] + [params.size], dtype=np.int64)
+    if offsets[0] != 0 or np.any(np.diff(offsets) != [t.size for t in tensors]):
+        raise ValueError("parameter tensors do not tile the flat buffer")
+    return offsets
+
+
+def block_table(seg_offsets: np.ndarray, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """(block_offsets (NB+1,), block_seg (NB,)) int64: the segments cut into blocks of at
+    most `block` elements that never straddle two segments (the kernels' parallel tasks)."""
+    starts, segs = [], []
+    for s in range(seg_offsets.size - 1):
+        for b in range(int(seg_offsets[s]), int(seg_offsets[s + 1]), block):
+            starts.append(b)
+            segs.append(s)
+    return np.array(starts + [int(seg_offsets[-1])], dtype=np.int64), np.array(segs, dtype=np.int64)
+
+
+def loss_trend(window: np.ndarray) -> tuple[float, float]:
+    """(relative slope, oscillation) of losses in chronological order.
+
+    relative slope: the least-squares slope per step divided by the mean |loss|.
+    oscillation: the fraction of consecutive loss differences that change sign (0 for a
+    monotone run, 1 for a strict zigzag, 2/3 on average for independent noise)."""
+    y = np.asarray(window, dtype=np.float64)
+    n = y.size
+    j = np.arange(n) - (n - 1) / 2.0
+    slope = float(np.dot(j, y - y.mean()) / np.dot(j, j)) / max(float(np.mean(np.abs(y))), 1e-30)
+    d = np.diff(y)
+    osc = float(np.count_nonzero(d[1:] * d[:-1] < 0) / (n - 2))
+    return slope, osc
+
+
+class Chuck(Adam):
+    """Chuck: AdamW (decoupled weight decay) that watches the loss and every tensor's gradient.
+
+    Call `step(loss=...)` with the loss whose gradients are in `params.grad`. The step size
+    of tensor s is `lr * lr_mult * damp * scale[s]`, where (each mechanism off when its
+    switch is 0):
+
+    (a) loss-trend damping (`trend_window` W >= 3, 0 = off). The last W losses are kept.
+        Once W are seen, every step computes their least-squares slope relative to the
+        mean |loss| and their oscillation (fraction of consecutive differences that
+        change sign; see `loss_trend`). Rising (slope > `trend_tol`) or oscillating
+        (oscillation > `trend_osc`): damp = max(damp_min, damp * damp_down). Else falling
+        (slope < -trend_tol): damp = min(1, damp * damp_up). Else (flat): unchanged.
+        damp starts at 1.
+    (b) per-tensor grad-norm scaling (`gnorm_ratio` R, 0 = off). With n[s] the tensor's
+        grad norm this step and a[s] its running average (an EMA with `gnorm_beta`,
+        started at the first step's norm and updated after use):
+        scale[s] = R * a[s] / n[s] when a[s] > 0 and n[s] > R * a[s], else 1.
+    (c) stagnation noise (`noise_patience` N, 0 = off). A step improves when
+        loss < best - improve_tol * |best| (then best = loss). When the steps since the
+        last improvement reach N, 2N, 3N, ..., after the update every non-frozen tensor
+        gets p += noise_scale * lr_eff * rms(p) * z, z ~ N(0, 1) from the counter-based
+        generator (seed, event number): reproducible and resumable.
+    (d) freezing (`freeze_patience` M, 0 = off). A tensor whose grad RMS (n[s]/sqrt(size))
+        is below `freeze_threshold` for M consecutive steps is frozen: its parameters,
+        moments and step count are left untouched (scale 0). The first step its grad RMS
+        is back at or above the threshold it is updated again.
+    (e) macro patience (`patience` P, 0 = off). When the steps since the last improvement
+        reach P, 2P, ...: lr_mult = max(lr_floor, lr_mult * lr_decay). lr_mult starts at 1.
+
+    Each tensor keeps its own Adam step count (bias corrections), which a frozen tensor
+    does not advance. Per step: one kernel for the per-tensor grad norms (S numbers read
+    back), one update kernel, and on noise steps one norm kernel and one noise kernel.
+    """
+
+    decoupled = True
+    _hyper = Adam._hyper + (
+        "trend_window", "trend_tol", "trend_osc", "damp_down", "damp_up", "damp_min",
+        "gnorm_beta", "gnorm_ratio",
+        "noise_patience", "noise_scale", "seed",
+        "freeze_threshold", "freeze_patience",
+        "patience", "lr_decay", "lr_floor", "improve_tol")
+    _scalars = Adam._scalars + ("damp", "lr_mult", "best_loss", "since_best", "losses_seen",
+                                "noise_events", "last_lr")
+    _host = ("loss_window", "gnorm_avg", "tiny_count", "tensor_steps")
+
+    def __init__(self, params: Params, lr: float = 3e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *,
+                 trend_window: int = 16, trend_tol: float = 1e-6, trend_osc: float = 0.7, damp_down: float = 0.9,
+                 damp_up: float = 1.05, damp_min: float = 0.1,
+                 gnorm_beta: float = 0.99, gnorm_ratio: float = 2.0,
+                 noise_patience: int = 100, noise_scale: float = 1.0, seed: int = 0,
+                 freeze_threshold: float = 1e-8, freeze_patience: int = 20,
+                 patience: int = 300, lr_decay: float = 0.5, lr_floor: float = 0.01,
+                 improve_tol: float = 1e-3):
+        super().__init__(params, lr, betas, eps, weight_decay)
+        _check(trend_window == 0 or trend_window >= 3, f"Chuck: trend_window must be 0 (off) or >= 3, got {trend_window}")
+        _check(0 < damp_down <= 1 <= damp_up and 0 < damp_min <= 1 and 0 <= trend_osc <= 1 and trend_tol >= 0,
+               "Chuck: need 0 < damp_down <= 1 <= damp_up, 0 < damp_min <= 1, 0 <= trend_osc <= 1, trend_tol >= 0")
+        _check(0 <= gnorm_beta < 1 and (gnorm_ratio == 0 or gnorm_ratio >= 1),
+               "Chuck: need 0 <= gnorm_beta < 1 and gnorm_ratio 0 (off) or >= 1")
+        _check(min(noise_patience, freeze_patience, patience, seed) >= 0 and noise_scale >= 0
+               and freeze_threshold >= 0, "Chuck: patiences, seed, noise_scale, freeze_threshold must be >= 0")
+        _check(0 < lr_decay <= 1 and 0 < lr_floor <= 1 and improve_tol >= 0,
+               "Chuck: need 0 < lr_decay <= 1, 0 < lr_floor <= 1, improve_tol >= 0")
+        self.trend_window, self.trend_tol, self.trend_osc = int(trend_window), float(trend_tol), float(trend_osc)
+        self.damp_down, self.damp_up, self.damp_min = float(damp_down), float(damp_up), float(damp_min)
+        self.gnorm_beta, self.gnorm_ratio = float(gnorm_beta), float(gnorm_ratio)
+        self.noise_patience, self.noise_scale, self.seed = int(noise_patience), float(noise_scale), int(seed)
+        self.freeze_threshold, self.freeze_patience = float(freeze_threshold), int(freeze_patience)
+        self.patience, self.lr_decay, self.lr_floor = int(patience), float(lr_decay), float(lr_floor)
+        self.improve_tol = float(improve_tol)
+
+        self.damp, self.lr_mult = 1.0, 1.0
+        self.best_loss, self.since_best, self.losses_seen = math.inf, 0, 0
+        self.noise_events, self.last_lr = 0, 0.0
+        self.loss_window = np.zeros(max(self.trend_window, 1), dtype=np.float64)
+
+        seg_offsets = tensor_offsets(params)
+        block_offsets, block_seg = block_table(seg_offsets)
+        S = seg_offsets.size - 1
+        self.names = [name for name, t in sorted(params.items(), key=lambda kv: kv[1].offset)]
+        self._sqrt_sizes = np.sqrt(np.maximum(np.diff(seg_offsets), 1)).astype(np.float64)
+        self._block_offsets = self.k.to_device(block_offsets)
+        self._block_seg = self.k.to_device(block_seg)
+        self._partial = self._zeros(block_seg.size, np.float64)
+        self._seg_sumsq = self._zeros(S, np.float64)
+        self.gnorm_avg = np.zeros(S, dtype=np.float64)
+        self.tiny_count = np.zeros(S, dtype=np.int64)
+        self.tensor_steps = np.zeros(S, dtype=np.int64)
+        self.scale = np.ones(S, dtype=np.float64)   # this step's per-tensor multiplier (0 = frozen)
+        self.grad_norms = np.zeros(S, dtype=np.float64)
+
+    def _check_state(self) -> None:
+        S = self._sqrt_sizes.size
+        for name in ("gnorm_avg", "tiny_count", "tensor_steps"):
+            if getattr(self, name).shape != (S,):
+                raise ValueError(f"Chuck state {name!r} has shape {getattr(self, name).shape}, "
+                                 f"expected ({S},): one entry per parameter tensor")
+        if self.loss_window.shape != (max(self.trend_window, 1),):
+            raise ValueError(f"Chuck state 'loss_window' has shape {self.loss_window.shape}, "
+                             f"expected ({max(self.trend_window, 1)},) for trend_window={self.trend_window}")
+
+    @property
+    def _watches_loss(self) -> bool:
+        return bool(self.trend_window or self.noise_patience or self.patience)
+
+    def _segment_norms(self, x) -> np.ndarray:
+        """Per-tensor L2 norms of a flat buffer: one kernel, S numbers back to the host."""
+        self.k.segment_sum_squares(x, self._block_offsets, self._block_seg, self._partial, self._seg_sumsq)
+        return np.sqrt(self.k.to_host(self._seg_sumsq))
+
+    def _observe_loss(self, loss: float) -> bool:
+        """Mechanisms (a), (c), (e): update damp and lr_mult; True when noise is due."""
+        improved = math.isinf(self.best_loss) or loss < self.best_loss - self.improve_tol * abs(self.best_loss)
+        if improved:
+            self.best_loss, self.since_best = loss, 0
+        else:
+            self.since_best += 1
+        if self.patience and self.since_best and self.since_best % self.patience == 0:
+            self.lr_mult = max(self.lr_floor, self.lr_mult * self.lr_decay)
+        if self.trend_window:
+            W = self.trend_window
+            self.loss_window[self.losses_seen % W] = loss
+            self.losses_seen += 1
+            if self.losses_seen >= W:
+                slope, osc = loss_trend(np.roll(self.loss_window, -(self.losses_seen % W)))
+                if slope > self.trend_tol or osc > self.trend_osc:
+                    self.damp = max(self.damp_min, self.damp * self.damp_down)
+                elif slope < -self.trend_tol:
+                    self.damp = min(1.0, self.damp * self.damp_up)
+        return bool(self.noise_patience and self.since_best and self.since_best % self.noise_patience == 0)
+
+    def _observe_grads(self, norms: np.ndarray) -> None:
+        """Mechanisms (b), (d): this step's per-tensor scale (0 = frozen) and running stats."""
+        self.scale[:] = 1.0
+        if self.gnorm_ratio:
+            limit = self.gnorm_ratio * self.gnorm_avg
+            big = (self.gnorm_avg > 0) & (norms > limit)
+            self.scale[big] = limit[big] / norms[big]
+        if self.step_count == 0:
+            self.gnorm_avg[:] = norms
+        else:
+            self.gnorm_avg[:] = self.gnorm_beta * self.gnorm_avg + (1.0 - self.gnorm_beta) * norms
+        if self.freeze_patience:
+            tiny = norms / self._sqrt_sizes < self.freeze_threshold
+            self.tiny_count[:] = np.where(tiny, self.tiny_count + 1, 0)
+            self.scale[self.tiny_count >= self.freeze_patience] = 0.0
+
+    def step(self, loss: Optional[float] = None, lr: Optional[float] = None) -> None:
+        """One update from the grads in `params.grad`; `loss` is the loss they came from
+        (needed unless mechanisms a, c and e are all off); lr overrides the base lr."""
+        noise_due = False
+        if self._watches_loss:
+            if loss is None or not math.isfinite(float(loss)):
+                raise ValueError(f"Chuck.step needs the finite loss of this step (loss=...), got {loss!r}")
+            noise_due = self._observe_loss(float(loss))
+        self.grad_norms[:] = self._segment_norms(self.params.grad)
+        self._observe_grads(self.grad_norms)
+        self.step_count += 1
+        self.tensor_steps += self.scale > 0
+        lr_eff = (self.lr if lr is None else lr) * self.lr_mult * self.damp
+        self.last_lr = lr_eff
+        self._update(self.k.to_device(self.scale), self.k.to_device(self.tensor_steps), lr_eff)
+        if noise_due:
+            sigma = self.noise_scale * lr_eff * self._segment_norms(self.params.flat) / self._sqrt_sizes
+            sigma[self.scale == 0] = 0.0
+            self.k.add_noise_(self.params.flat, self._block_offsets, self._block_seg, self.k.to_device(sigma),
+                              self.seed, self.noise_events)
+            self.noise_events += 1
+
+    def stats(self) -> dict:
+        """What the last step did, for a training script to print."""
+        return {"lr": self.last_lr, "damp": self.damp, "lr_mult": self.lr_mult, "best_loss": self.best_loss,
+                "since_best": self.since_best, "frozen": int(np.count_nonzero(self.scale == 0)),
+                "scaled": int(np.count_nonzero((self.scale > 0) & (self.scale < 1))),
+                "noise_events": self.noise_events}
+
+
+# ============================================================================ clipping, accumulation
 
 
 def grad_norm(params: Params) -> float:
@@ -47,28 +418,214 @@ def grad_norm(params: Params) -> float:
 
 
 def clip_grad_norm(params: Params, max_norm: float) -> float:
-    """Scale all grads so their global norm is at most max_norm; returns the norm before."""
+    """Scale all grads so their global norm is at most max_norm; returns the norm before.
+
+    A non-finite norm is returned and the grads are left alone (see GradScaler)."""
     norm = grad_norm(params)
-    if norm > max_norm > 0:
+    if math.isfinite(norm) and norm > max_norm > 0:
         params.k.scale_(params.grad, max_norm / (norm + 1e-6))
     return norm
 
 
-class CosineSchedule:
-    """Linear warmup to `lr` over `warmup` steps, then cosine decay to `lr * min_ratio`
-    at `total` steps (and constant after)."""
+def scale_grads(params: Params, factor: float) -> None:
+    """grads *= factor, in place (one kernel)."""
+    params.k.scale_(params.grad, factor)
 
-    def __init__(self, lr: float, warmup: int, total: int, min_ratio: float = 0.1):
-        if warmup < 0 or total <= 0 or not 0 <= min_ratio <= 1:
-            raise ValueError(f"CosineSchedule: invalid warmup={warmup} total={total} min_ratio={min_ratio}")
-        self.lr, self.warmup, self.total, self.min_ratio = lr, warmup, total, min_ratio
+
+def accumulate_grads(model, micro_batches: Iterable, scaler: Optional["GradScaler"] = None) -> float:
+    """Gradient accumulation: zero the grads, forward and backward each (idx, targets)
+    micro-batch (grads add up), then scale the grads by 1/K. Returns the mean loss.
+
+    With K equal micro-batches of size B/K and a mean loss, the grads equal one batch of
+    size B. `model` needs `forward(idx, targets) -> (logits, loss)`, `backward()`,
+    `zero_grad()`, `params` and `tape` (GPT2 has them). With a `scaler`, each backward is
+    seeded with its loss scale (unscale with the scaler before the optimizer step).
+    """
+    model.zero_grad()
+    total, K = 0.0, 0
+    for idx, targets in micro_batches:
+        _, loss = model.forward(idx, targets)
+        total += float(model.tape.k.to_host(loss.data)[0])
+        if scaler is None:
+            model.backward()
+        else:
+            scaler.backward(model.tape, loss)
+        K += 1
+    if K == 0:
+        raise ValueError("accumulate_grads needs at least one micro-batch")
+    if K > 1:
+        scale_grads(model.params, 1.0 / K)
+    return total / K
+
+
+# ============================================================================ loss scaling
+
+
+class GradScaler:
+    """Dynamic loss scaling with a NaN/Inf guard.
+
+    The backward is seeded with `scale` instead of 1, so small grads survive low
+    precision; `unscale_()` multiplies the grads by 1/scale and counts non-finite values
+    in the same kernel (one integer read back). A step with a non-finite grad is
+    skipped: grads are zeroed and the scale is multiplied by `backoff_factor`. After
+    `growth_interval` clean steps in a row the scale is multiplied by `growth_factor`
+    (0 = never). init_scale=1, backoff_factor=1, growth_interval=0 is a plain NaN guard.
+
+        scaler.backward(model.tape, loss)      # or accumulate_grads(model, batches, scaler)
+        if scaler.unscale_():                  # optional: to clip the true grads first
+            clip_grad_norm(model.params, 1.0)
+        scaler.step(opt, lr=lr)                # skips opt.step on inf/nan, then update()
+    """
+
+    _fields = ("scale", "growth_factor", "backoff_factor", "growth_interval",
+               "good_steps", "skipped_steps", "total_steps")
+
+    def __init__(self, params: Params, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        _check(init_scale > 0 and growth_factor >= 1 and 0 < backoff_factor <= 1 and growth_interval >= 0,
+               f"GradScaler: invalid init_scale={init_scale} growth_factor={growth_factor} "
+               f"backoff_factor={backoff_factor} growth_interval={growth_interval}")
+        self.params = params
+        self.k = params.k
+        self.scale = float(init_scale)
+        self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
+        self.growth_interval = int(growth_interval)
+        self.good_steps = 0      # clean steps since the last change of scale
+        self.skipped_steps = 0
+        self.total_steps = 0
+        self._seed = np.empty(1, dtype=params.dtype)
+        self._finite: Optional[bool] = None  # unscale_() result of the current step
+
+    def backward(self, tape, loss) -> None:
+        """tape.backward(loss) seeded with the current scale (grads come out scaled)."""
+        self._seed[0] = self.scale
+        tape.backward(loss, self._seed)
+
+    def unscale_(self) -> bool:
+        """grads /= scale, in place; True when every grad is finite. Once per step."""
+        if self._finite is not None:
+            raise RuntimeError("unscale_() was already called this step; call step()/update() first")
+        bad = self.k.unscale_check_(self.params.grad, 1.0 / self.scale)
+        self._finite = bad == 0
+        return self._finite
+
+    def step(self, optimizer, **step_kwargs) -> bool:
+        """Unscale (unless done), run optimizer.step(**step_kwargs) if the grads are finite,
+        then update(). Returns whether the step was taken."""
+        finite = self.unscale_() if self._finite is None else self._finite
+        if finite:
+            optimizer.step(**step_kwargs)
+        self.update()
+        return finite
+
+    def update(self) -> None:
+        """Count the step; on non-finite grads zero them and back off, else maybe grow."""
+        if self._finite is None:
+            raise RuntimeError("update() before unscale_()/step()")
+        self.total_steps += 1
+        if self._finite:
+            self.good_steps += 1
+            if self.growth_interval and self.good_steps >= self.growth_interval:
+                self.scale *= self.growth_factor
+                self.good_steps = 0
+        else:
+            self.params.zero_grad()
+            self.skipped_steps += 1
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+        self._finite = None
+
+    def state_dict(self) -> dict:
+        return {"type": "GradScaler", **{name: getattr(self, name) for name in self._fields}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("type") != "GradScaler":
+            raise ValueError(f"state is for {state.get('type')!r}, not GradScaler")
+        for name in self._fields:
+            setattr(self, name, type(getattr(self, name))(state[name]))
+
+
+# ============================================================================ schedules
+
+
+class LRSchedule:
+    """A learning rate per step: linear warmup from lr/warmup to lr over `warmup` steps,
+    then the subclass's decay. Stateless but for its hyperparameters, which
+    `state_dict()` returns as JSON-ready numbers (`schedule_from_state` rebuilds one)."""
+
+    def __init__(self, lr: float, warmup: int = 0):
+        _check(lr >= 0 and warmup >= 0, f"{type(self).__name__}: invalid lr={lr} warmup={warmup}")
+        self.lr, self.warmup = float(lr), int(warmup)
 
     def __call__(self, step: int) -> float:
         """The learning rate for `step` (counting from 0)."""
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
-        if step >= self.total:
-            return self.lr * self.min_ratio
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return self.decayed(step)
+
+    def decayed(self, step: int) -> float:
+        """The rate for a step at or after warmup."""
+        return self.lr
+
+    def state_dict(self) -> dict:
+        return {"type": type(self).__name__, **vars(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("type") != type(self).__name__:
+            raise ValueError(f"state is for {state.get('type')!r}, not {type(self).__name__}")
+        for name, value in vars(self).items():
+            setattr(self, name, type(value)(state[name]))
+
+
+class ConstantSchedule(LRSchedule):
+    """Warmup, then constant lr."""
+
+
+class CosineSchedule(LRSchedule):
+    """Warmup, then cosine decay from lr to lr * min_ratio at `total` steps (constant after)."""
+
+    def __init__(self, lr: float, warmup: int, total: int, min_ratio: float = 0.1):
+        super().__init__(lr, warmup)
+        _check(total > 0 and 0 <= min_ratio <= 1, f"CosineSchedule: invalid total={total} min_ratio={min_ratio}")
+        self.total, self.min_ratio = int(total), float(min_ratio)
+
+    def decayed(self, step: int) -> float:
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.lr * (self.min_ratio + (1.0 - self.min_ratio) * coeff)
+
+
+class LinearSchedule(LRSchedule):
+    """Warmup, then linear decay from lr to lr * min_ratio at `total` steps (constant after)."""
+
+    def __init__(self, lr: float, warmup: int, total: int, min_ratio: float = 0.0):
+        super().__init__(lr, warmup)
+        _check(total > 0 and 0 <= min_ratio <= 1, f"LinearSchedule: invalid total={total} min_ratio={min_ratio}")
+        self.total, self.min_ratio = int(total), float(min_ratio)
+
+    def decayed(self, step: int) -> float:
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.lr * (1.0 - (1.0 - self.min_ratio) * progress)
+
+
+class StepSchedule(LRSchedule):
+    """Warmup, then lr * gamma ** ((step - warmup) // step_size)."""
+
+    def __init__(self, lr: float, warmup: int, step_size: int, gamma: float = 0.1):
+        super().__init__(lr, warmup)
+        _check(step_size > 0 and 0 < gamma <= 1, f"StepSchedule: invalid step_size={step_size} gamma={gamma}")
+        self.step_size, self.gamma = int(step_size), float(gamma)
+
+    def decayed(self, step: int) -> float:
+        return self.lr * self.gamma ** ((step - self.warmup) // self.step_size)
+
+
+SCHEDULES = {cls.__name__: cls for cls in (ConstantSchedule, CosineSchedule, LinearSchedule, StepSchedule)}
+
+
+def schedule_from_state(state: dict) -> LRSchedule:
+    """Rebuild a schedule from its state_dict()."""
+    if state.get("type") not in SCHEDULES:
+        raise ValueError(f"unknown schedule {state.get('type')!r}; known: {sorted(SCHEDULES)}")
+    # attribute names are the constructor's argument names, so the constructor validates
+    return SCHEDULES[state["type"]](**{k: v for k, v in state.items() if k != "type"})

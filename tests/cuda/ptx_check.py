@@ -25,7 +25,7 @@ dispatcher.get_current_device = _NoDevice
 
 import nt.kernels.cuda as package  # noqa: E402
 from nt.kernels.cuda import (activations, attention, dropout, elementwise, embedding, layernorm,  # noqa: E402
-                             matmul, memory, optim, optim_blocks, rmsnorm, rope, softmax_xent)
+                             matmul, memory, optim, rmsnorm, rope, softmax_xent)
 from numba.cuda.dispatcher import CUDADispatcher  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def signatures(f):
         (rmsnorm._qk_norm_backward_input, (A3, A3, A3, A1, A1, A3, I, I)),
         (rmsnorm._qk_norm_weights, (A1, A1, A3, A3, A3, I, I)),
         (rmsnorm._copy_values, (A3, A3, I, B)),
-        (rope._rope, (A3, A3, I, I, I, F, B, F, B)),
+        (rope._rope, (A3, A3, I, I, I, D1, B, F, B)),
         (embedding._embedding_forward, (A3, I2, A2, A2, I)),
         (embedding._embedding_backward_tokens, (A2, A3, I2)),
         (embedding._embedding_backward_positions, (A2, A3, I)),
@@ -75,16 +75,15 @@ def signatures(f):
         (softmax_xent._xent_rows, (A1, A1, A2, I1, I, F, F)),
         (softmax_xent._xent_mean, (A1, A1, I1)),
         (softmax_xent._xent_backward, (A2, A1, A2, A1, I1, I, F, F)),
-        (optim._adamw, (A1, A1, A1, A1, types.uint8[::1]) + (F,) * 7),
         (optim._sum_squares_partial, (D1, A1)),
         (optim._sum_into_first, (D1,)),
         (optim._scale, (A1, F)),
-        (optim_blocks._adam, (A1, A1, A1, A1, types.uint8[::1], L1, L1, D1, L1) + (F,) * 6),
-        (optim_blocks._sgd, (A1, A1, A1, types.uint8[::1]) + (F,) * 4 + (B, B)),
-        (optim_blocks._block_sum_squares, (D1, A1, L1)),
-        (optim_blocks._segments_from_partials, (D1, D1, L1)),
-        (optim_blocks._unscale_check, (D1, A1, F)),
-        (optim_blocks._add_noise, (A1, L1, L1, D1, U)),
+        (optim._adam, (A1, A1, A1, A1, types.uint8[::1], L1, L1, D1, L1) + (F,) * 6),
+        (optim._sgd, (A1, A1, A1, types.uint8[::1]) + (F,) * 4 + (B, B)),
+        (optim._block_sum_squares, (D1, A1, L1)),
+        (optim._segments_from_partials, (D1, D1, L1)),
+        (optim._unscale_check, (D1, A1, F)),
+        (optim._add_noise, (A1, L1, L1, D1, U)),
     ]
 
 

@@ -141,9 +141,10 @@ def test_rope(dtype, half):
     rng = np.random.default_rng(10)
     B, T, NH, NKV, hs, pos0 = 2, 3, 2, 1, 4, 5
     W = (NH + 2 * NKV) * hs
-    parity("rope_forward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, pos0, 10000.0, half],
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs)  # float64, as ops.rope passes it
+    parity("rope_forward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, pos0, inv_freq, half],
            [0], dtype)
-    parity("rope_backward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, pos0, 10000.0, half],
+    parity("rope_backward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, pos0, inv_freq, half],
            [0], dtype)
 
 
@@ -203,11 +204,6 @@ def test_softmax_xent(dtype, targets, opts):
 def test_optim_kernels(dtype):
     rng = np.random.default_rng(6)
     n = 300  # more than one simulated grid's worth of threads: exercises grid-stride loops
-    mask = (rng.random(n) < 0.5).astype(np.uint8)
-    for step in (1, 7):
-        parity("adamw_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n),
-                                np.abs(randn(rng, dtype, n)), mask, 1e-2, 0.9, 0.95, 1e-8, 0.1, step],
-               [0, 2, 3], dtype)
     x = randn(rng, dtype, n)  # each backend sizes its own partials buffer
     got = gpu.sum_squares(gpu.to_device(x), gpu.empty(gpu.sum_squares_blocks(n), np.float64))
     np.testing.assert_allclose(got, cpu.sum_squares(x, np.empty(cpu.sum_squares_blocks(n))), rtol=1e-12)
@@ -215,8 +211,6 @@ def test_optim_kernels(dtype):
     parity("fill_", [randn(rng, dtype, n), 2.5], [0], dtype)
 
 
-@pytest.mark.skipif(not hasattr(cpu, "adam_update"), reason="the CPU block-table optimizer kernels "
-                    "(the optim branch) are not merged yet")
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # the simulator hashes in NumPy uint64
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_block_table_optimizer_kernels(dtype):

@@ -3,6 +3,9 @@
 Both start with a 256 x int32 header. Checkpoint header: magic, version (3 = fp32 with a
 padded vocabulary), maxT, V, L, NH, C, Vp; then every parameter as fp32 in llm.c's order.
 Token shard header: magic, version 1, token count; then the tokens as uint16.
+Vocabularies beyond 65536 tokens use nt's uint32 variant of the shard: the same magic and
+header with version 2, then the tokens as little-endian uint32 (llm.c itself rejects
+version 2 with a clear error rather than misreading it).
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ HEADER_INTS = 256
 CHECKPOINT_MAGIC = 20240326
 CHECKPOINT_VERSION_FP32 = 3
 TOKENS_MAGIC = 20240520
-TOKENS_VERSION = 1
+TOKENS_VERSION = 1         # uint16 tokens (llm.c)
+TOKENS_VERSION_U32 = 2     # uint32 tokens (nt's extension)
+_TOKEN_DTYPES = {TOKENS_VERSION: np.dtype("<u2"), TOKENS_VERSION_U32: np.dtype("<u4")}
 
 
 class FormatError(ValueError):
@@ -81,24 +86,25 @@ def write_llmc_checkpoint(path, config: GPT2Config, flat: np.ndarray) -> None:
 
 
 def read_llmc_tokens(path, vocab_size: int | None = None) -> np.ndarray:
-    """The tokens of an llm.c shard as a uint16 array (memory-mapped, read-only).
-
-    With `vocab_size`, every token is checked to be below it.
+    """The tokens of an llm.c shard as a uint16 array (uint32 for version-2 shards),
+    memory-mapped and read-only. With `vocab_size`, every token is checked to be below it.
     """
     path = Path(path)
     with open(path, "rb") as f:
         h = _read_header(path, f)
     if h[0] != TOKENS_MAGIC:
         raise FormatError(f"{path}: bad magic {h[0]}, expected {TOKENS_MAGIC} (an llm.c token shard)")
-    if h[1] != TOKENS_VERSION:
-        raise FormatError(f"{path}: unsupported token shard version {h[1]}, expected {TOKENS_VERSION}")
+    if h[1] not in _TOKEN_DTYPES:
+        raise FormatError(f"{path}: unsupported token shard version {h[1]}, expected {TOKENS_VERSION} (uint16) "
+                          f"or {TOKENS_VERSION_U32} (uint32)")
+    dtype = _TOKEN_DTYPES[int(h[1])]
     n = int(h[2])
     size = path.stat().st_size - HEADER_INTS * 4
-    if n < 0 or size < 2 * n:
-        raise FormatError(f"{path}: truncated: header promises {n} tokens, file holds {max(size, 0) // 2}")
-    if size > 2 * n:
-        raise FormatError(f"{path}: header promises {n} tokens but the file holds {size // 2}")
-    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(n,)) if n else np.zeros(0, np.uint16)
+    if n < 0 or size < dtype.itemsize * n:
+        raise FormatError(f"{path}: truncated: header promises {n} tokens, file holds {max(size, 0) // dtype.itemsize}")
+    if size > dtype.itemsize * n:
+        raise FormatError(f"{path}: header promises {n} tokens but the file holds {size // dtype.itemsize}")
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(n,)) if n else np.zeros(0, dtype)
     if vocab_size is not None and n:
         hi = int(tokens.max())
         if hi >= vocab_size:
@@ -107,13 +113,19 @@ def read_llmc_tokens(path, vocab_size: int | None = None) -> np.ndarray:
     return tokens
 
 
-def write_llmc_tokens(path, tokens) -> None:
-    """Write tokens (values in [0, 65535]) as an llm.c uint16 shard, atomically."""
+def write_llmc_tokens(path, tokens, dtype=np.uint16) -> None:
+    """Write tokens as an llm.c uint16 shard (or, with dtype=np.uint32, nt's version-2
+    uint32 shard for vocabularies beyond 65536), atomically."""
     tokens = np.asarray(tokens)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise ValueError(f"token shards hold uint16 or uint32 ids, not {dtype}")
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and (tokens.dtype.kind not in "iu" or int(tokens.min()) < 0 or int(tokens.max()) > 65535):
-        raise ValueError("llm.c token shards hold uint16 ids: every token must be an integer in [0, 65535]")
+    hi = np.iinfo(dtype).max
+    if tokens.size and (tokens.dtype.kind not in "iu" or int(tokens.min()) < 0 or int(tokens.max()) > hi):
+        raise ValueError(f"this shard holds {dtype.name} ids: every token must be an integer in [0, {hi}]")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = [TOKENS_MAGIC, TOKENS_VERSION, tokens.size]
-    _atomic_write(path, [header, tokens.astype("<u2")])
+    version = TOKENS_VERSION if dtype == np.uint16 else TOKENS_VERSION_U32
+    header[:3] = [TOKENS_MAGIC, version, tokens.size]
+    _atomic_write(path, [header, tokens.astype(dtype.newbyteorder("<"))])

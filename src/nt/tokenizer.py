@@ -1,0 +1,300 @@
+"""Byte-level BPE tokenizer (GPT-2's algorithm): train merges, encode, decode, read/write
+GPT-2's vocab.json + merges.txt.
+
+    bpe = BPE.train(text, vocab_size=4096)          # learns 4096 - 256 - specials merges
+    ids = bpe.encode("Hello world")                 # list[int]
+    assert bpe.decode(ids) == "Hello world"
+    bpe.save("tok/"); bpe = BPE.load("tok/")
+    gpt2 = BPE.from_gpt2_files("vocab.json", "merges.txt")
+
+Text is first split into pre-tokens by GPT-2's regex (contractions, letters, numbers,
+other symbols, each optionally led by one space; whitespace runs that leave their last
+space to the next word). Each pre-token's UTF-8 bytes are then merged pair by pair in the
+order the merges were learned. Python's `re` has no \\p{L}, so the pattern is built here
+from explicit character classes derived from `unicodedata`; `\\s` is Unicode White_Space
+(Python's str.isspace() minus U+001C..U+001F, as the `regex` package defines it).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import numpy as np
+
+from .kernels.cpu.bpe import PAIR_BASE, bpe_encode, bpe_train
+
+ENDOFTEXT = "<|endoftext|>"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+SPECIAL_FILE = "special_tokens.json"
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters:
+    printable Latin-1 bytes map to themselves, the rest to U+0100 onwards in order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def _char_class(mask: np.ndarray, lo: int, hi: int) -> str:
+    """A regex character-class body (no brackets) of the code points in [lo, hi) where mask holds."""
+    m = np.zeros(hi - lo + 2, dtype=np.int8)
+    m[1:-1] = mask[lo:hi]
+    edges = np.diff(m)
+    starts = np.flatnonzero(edges == 1) + lo
+    ends = np.flatnonzero(edges == -1) + lo - 1
+    return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in zip(starts, ends))
+
+
+@functools.lru_cache(maxsize=2)
+def gpt2_pattern(astral: bool = True) -> re.Pattern:
+    """GPT-2's pre-tokenizer regex
+    's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
+    compiled for Python's `re` with \\p{L}, \\p{N} and \\s spelled out as character classes.
+
+    \\s is Unicode White_Space: what the `regex` package matches (str.isspace() also accepts
+    U+001C..U+001F). With astral=False the classes stop at U+FFFF: `re` matches those
+    4x faster, and they are exact for text without characters beyond the BMP.
+    """
+    chars = [chr(c) for c in range(0x110000)]
+    major = np.array([c[0] for c in map(unicodedata.category, chars)])
+    space = np.array([ch.isspace() for ch in chars[:0x10000]] + [False] * (0x110000 - 0x10000))
+    space[0x1C:0x20] = False
+    hi = 0x110000 if astral else 0x10000
+    L, N, S = (_char_class(major == "L", 0, hi), _char_class(major == "N", 0, hi), _char_class(space, 0, hi))
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
+
+
+def pretokenize(text: str) -> list[str]:
+    """Split text into GPT-2 pre-tokens (their concatenation is the text)."""
+    astral = bool(text) and max(text) > "\uffff"
+    return gpt2_pattern(astral).findall(text)
+
+
+class BPE:
+    """A byte-level BPE tokenizer: 256 byte tokens, merges, then special tokens.
+
+    `vocab[i]` is the byte string of token i (special tokens: their UTF-8 text);
+    `merges[r]` = (a, b) is the merge of rank r, making token `merge_ids[r]`.
+    """
+
+    def __init__(self, vocab: list[bytes], merges: list[tuple[int, int]], merge_ids: list[int],
+                 special_tokens: Optional[dict[str, int]] = None):
+        self.vocab = list(vocab)
+        self.merges = [(int(a), int(b)) for a, b in merges]
+        self.merge_ids = [int(i) for i in merge_ids]
+        self.special_tokens = dict(special_tokens or {})
+        self.special_ids = {i: s for s, i in self.special_tokens.items()}
+        n = len(self.vocab)
+        ids = {v: i for i, v in enumerate(self.vocab) if i not in self.special_ids}
+        if len(ids) + len(self.special_ids) != n:
+            raise ValueError("BPE vocabulary has duplicate byte strings")
+        missing = [b for b in range(256) if bytes([b]) not in ids]
+        if missing:
+            raise ValueError(f"BPE vocabulary lacks the single-byte tokens {missing[:8]}...")
+        self.byte_ids = np.array([ids[bytes([b])] for b in range(256)], dtype=np.int32)
+        for r, ((a, b), m) in enumerate(zip(self.merges, self.merge_ids)):
+            if not (0 <= a < n and 0 <= b < n and 0 <= m < n) or self.vocab[a] + self.vocab[b] != self.vocab[m]:
+                raise ValueError(f"merge {r} ({a}, {b}) -> {m} is inconsistent with the vocabulary")
+        keys = np.array([a * int(PAIR_BASE) + b for a, b in self.merges], dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        self._pair_keys = keys[order]
+        if np.any(self._pair_keys[1:] == self._pair_keys[:-1]):
+            raise ValueError("BPE merges list the same pair twice")
+        self._pair_rank = order.astype(np.int64)
+        self._pair_new = np.array(self.merge_ids, dtype=np.int32)[order] if self.merges else np.zeros(0, np.int32)
+        self._cache: dict[str, list[int]] = {}
+        self._special_re = None
+        if self.special_tokens:
+            alts = sorted(self.special_tokens, key=len, reverse=True)
+            self._special_re = re.compile("(" + "|".join(re.escape(s) for s in alts) + ")")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def __repr__(self) -> str:
+        return f"BPE(vocab_size={self.vocab_size}, merges={len(self.merges)}, special={list(self.special_tokens)})"
+
+    # ------------------------------------------------------------------ training
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int, special_tokens: Iterable[str] = (ENDOFTEXT,),
+              min_frequency: int = 2) -> "BPE":
+        """Learn merges on `text` until the vocabulary (256 bytes + merges + special tokens)
+        has `vocab_size` entries, or no pair occurs `min_frequency` times any more."""
+        special_tokens = list(dict.fromkeys(special_tokens))
+        n_merges = vocab_size - 256 - len(special_tokens)
+        if n_merges < 0:
+            raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
+        words = Counter(pretokenize(text))
+        encoded = [w.encode("utf-8") for w in words]
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        syms = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.int32)
+        counts = np.fromiter(words.values(), dtype=np.int64, count=len(words))
+        merges, done = bpe_train(syms, offsets, counts, n_merges, 256, max(1, min_frequency))
+        vocab = [bytes([b]) for b in range(256)]
+        for a, b in merges:
+            vocab.append(vocab[a] + vocab[b])
+        specials = {}
+        for s in special_tokens:
+            specials[s] = len(vocab)
+            vocab.append(s.encode("utf-8"))
+        return cls(vocab, merges.tolist(), list(range(256, 256 + done)), specials)
+
+    # ------------------------------------------------------------------ encoding
+
+    def _encode_words(self, words: list[str]) -> list[list[int]]:
+        """BPE ids of each pre-token (no cache)."""
+        encoded = [w.encode("utf-8") for w in words]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        ids = self.byte_ids[np.frombuffer(b"".join(encoded), dtype=np.uint8)]
+        out = np.empty(ids.shape[0], dtype=np.int32)
+        out_offsets = np.empty(len(words) + 1, dtype=np.int64)
+        bpe_encode(ids, offsets, self._pair_keys, self._pair_rank, self._pair_new, out, out_offsets)
+        out_list = out.tolist()
+        return [out_list[out_offsets[i]:out_offsets[i + 1]] for i in range(len(words))]
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of text, special-token strings treated as plain text."""
+        words = pretokenize(text)
+        cache = self._cache
+        new = [w for w in dict.fromkeys(words) if w not in cache]
+        if new:
+            if len(cache) > 500_000:
+                cache.clear()
+            cache.update(zip(new, self._encode_words(new)))
+        return list(itertools.chain.from_iterable(map(cache.__getitem__, words)))
+
+    def encode(self, text: str, allowed_special: Union[str, Iterable[str]] = ()) -> list[int]:
+        """Token ids of `text`.
+
+        allowed_special: the special tokens recognised in the text ("all", or a set such
+        as {"<|endoftext|>"}); others are encoded as the plain text they are (default).
+        """
+        if allowed_special == "all":
+            allowed = set(self.special_tokens)
+        else:
+            allowed = set(allowed_special)
+            unknown = allowed - set(self.special_tokens)
+            if unknown:
+                raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
+        if not allowed or self._special_re is None:
+            return self.encode_ordinary(text)
+        out: list[int] = []
+        start = 0
+        for m in self._special_re.finditer(text):
+            if m.group(0) not in allowed:
+                continue
+            out.extend(self.encode_ordinary(text[start:m.start()]))
+            out.append(self.special_tokens[m.group(0)])
+            start = m.end()
+        out.extend(self.encode_ordinary(text[start:]))
+        return out
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        vocab, n = self.vocab, len(self.vocab)
+        parts = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < n:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {n})")
+            parts.append(vocab[i])
+        return b"".join(parts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids (special tokens as their text; bytes that are not valid
+        UTF-8, e.g. a multi-byte character cut in half, become U+FFFD)."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ files
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_json, merges_txt, special_tokens: Optional[Iterable[str]] = None) -> "BPE":
+        """Read GPT-2's vocab.json (token string -> id, bytes spelled through
+        bytes_to_unicode) and merges.txt (one "a b" pair per line, in rank order).
+
+        Vocabulary entries that are not byte strings reachable by merges (like
+        <|endoftext|>) become special tokens; `special_tokens` may name them explicitly.
+        """
+        with open(vocab_json, encoding="utf-8") as f:
+            vocab_map = json.load(f)
+        decoder = {u: b for b, u in bytes_to_unicode().items()}
+        n = max(vocab_map.values()) + 1
+        if sorted(vocab_map.values()) != list(range(n)):
+            raise ValueError(f"{vocab_json}: ids are not 0..{n - 1} without gaps")
+        with open(merges_txt, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        if lines and lines[0].startswith("#version"):
+            lines = lines[1:]
+        merges, merge_ids = [], []
+        for lineno, line in enumerate(lines, 2):
+            if not line.strip():
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or parts[0] not in vocab_map or parts[1] not in vocab_map or \
+                    parts[0] + parts[1] not in vocab_map:
+                raise ValueError(f"{merges_txt}:{lineno}: bad merge line {line!r}")
+            merges.append((vocab_map[parts[0]], vocab_map[parts[1]]))
+            merge_ids.append(vocab_map[parts[0] + parts[1]])
+        made = {m for m in merge_ids}
+        vocab: list[bytes] = [b""] * n
+        specials = {}
+        explicit = set(special_tokens or ())
+        for token, i in vocab_map.items():
+            is_bytes = all(ch in decoder for ch in token)
+            if token in explicit or not is_bytes or (len(token) > 1 and i not in made):
+                specials[token] = i
+                vocab[i] = token.encode("utf-8")
+            else:
+                vocab[i] = bytes(decoder[ch] for ch in token)
+        return cls(vocab, merges, merge_ids, specials)
+
+    def save(self, directory) -> None:
+        """Write vocab.json + merges.txt (GPT-2's format) and special_tokens.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        enc = bytes_to_unicode()
+        spell = lambda i: self.vocab[i].decode("utf-8") if i in self.special_ids else \
+            "".join(enc[b] for b in self.vocab[i])  # noqa: E731
+        vocab_map = {spell(i): i for i in range(len(self.vocab))}
+        _write_text(directory / "vocab.json", json.dumps(vocab_map, ensure_ascii=False))
+        _write_text(directory / "merges.txt", "#version: 0.2\n" +
+                    "".join(f"{spell(a)} {spell(b)}\n" for a, b in self.merges))
+        _write_text(directory / SPECIAL_FILE, json.dumps(self.special_tokens, indent=1))
+
+    @classmethod
+    def load(cls, directory) -> "BPE":
+        """Read a tokenizer written by `save` (or any GPT-2-format folder)."""
+        directory = Path(directory)
+        special = None
+        if (directory / SPECIAL_FILE).exists():
+            special = json.loads((directory / SPECIAL_FILE).read_text(encoding="utf-8"))
+        return cls.from_gpt2_files(directory / "vocab.json", directory / "merges.txt", special)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

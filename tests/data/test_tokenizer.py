@@ -1,0 +1,194 @@
+"""nt.tokenizer against independent implementations: the `regex` package running GPT-2's
+real pattern (pre-tokenizer), HF `tokenizers` and `tiktoken` loading the files nt writes
+(encoder), a plain-Python GPT-2 bpe() written here (encoder), and round-trip properties."""
+import json
+import unicodedata
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from nt.tokenizer import BPE, ENDOFTEXT, bytes_to_unicode, pretokenize
+
+regex = pytest.importorskip("regex")
+
+GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+SAMPLES = [
+    "Hello world! It's a test: we've got 12345 numbers, they'll do 3.14159 and 1,000,000.",
+    "  leading spaces,\ttabs\t\tand\n\nnewlines   \n  trailing   ",
+    "Emoji 😀👍🏽 mixed with CJK 漢字かなカナ and Ελληνικά, русский, العربية, हिन्दी.",
+    "I'M SHOUTING, don't 'quote' me; 'S 'T 're've'm'll'd''s",
+    "x\u00a0y\u2003z\u3000w\u200bq \u0085 end\u2028line\x1c\x1d\x1e\x1fsep",
+    "numbers: ²³ ½ Ⅻ ٣٤ ० mixed1a2b3 __init__ a+b==c; (foo)[bar]{baz} -> 'ok'",
+    "    def f(x):\n        return x ** 2  # comment\n\n\n",
+    "",
+    " ",
+    "a",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    from nt.data import builtin_corpus_text
+    return builtin_corpus_text()[:200_000] + "".join(SAMPLES)
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus):
+    return BPE.train(corpus, 700, special_tokens=[ENDOFTEXT, "<|im_start|>", "<|im_end|>"])
+
+
+def assigned(ch: str) -> bool:
+    # Python's unicodedata (e.g. Unicode 14) is older than `regex`'s tables: characters
+    # assigned since then are classified differently by the two; leave them out.
+    return unicodedata.category(ch) not in ("Cn", "Cs")
+
+
+unicode_text = st.text(st.characters(blacklist_categories=("Cs",)).filter(assigned), max_size=60)
+spacey_text = st.text(st.sampled_from(list(" \t\n\r\x0b\x0c\x1c\u00a0\u2003'sStdl1é😀!.,")), max_size=40)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_pretokenize_matches_gpt2_regex(text):
+    assert pretokenize(text) == GPT2_PATTERN.findall(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(unicode_text, spacey_text))
+def test_pretokenize_matches_gpt2_regex_random(text):
+    assert pretokenize(text) == GPT2_PATTERN.findall(text)
+
+
+def test_pretokenize_attaches_space_to_next_word():
+    assert pretokenize("Hello  world") == ["Hello", " ", " world"]
+    assert pretokenize("a\n\nb") == ["a", "\n", "\n", "b"]  # the lookahead leaves the last \\s
+    assert pretokenize("it's 42") == ["it", "'s", " 42"]
+
+
+def reference_bpe_encode(bpe_ranks: dict, byte_encoder: dict, vocab: dict, text: str) -> list[int]:
+    """GPT-2's encoder.py algorithm, written plainly: regex pre-tokens, then per pre-token
+    repeatedly merge the lowest-ranked adjacent pair everywhere, left to right."""
+    ids = []
+    for token in GPT2_PATTERN.findall(text):
+        word = [byte_encoder[b] for b in token.encode("utf-8")]
+        while len(word) > 1:
+            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+            best = min(pairs, key=lambda p: bpe_ranks.get(p, float("inf")))
+            if best not in bpe_ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        ids.extend(vocab[w] for w in word)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def saved(bpe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    bpe.save(path)
+    return path
+
+
+def test_train_learns_requested_vocab(bpe):
+    assert bpe.vocab_size == 700
+    assert len(bpe.merges) == 700 - 256 - 3
+    assert bpe.special_tokens == {ENDOFTEXT: 697, "<|im_start|>": 698, "<|im_end|>": 699}
+    assert bpe.encode(" the")  # common words become single tokens
+    assert len(bpe.encode(" the")) == 1
+
+
+def test_encode_matches_reference_algorithm(bpe, saved, corpus):
+    vocab = json.loads((saved / "vocab.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split(" ")) for line in (saved / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]]
+    ranks = {m: r for r, m in enumerate(merges)}
+    for text in SAMPLES + [corpus[-5000:]]:
+        assert bpe.encode(text) == reference_bpe_encode(ranks, bytes_to_unicode(), vocab, text)
+
+
+def test_encode_matches_hf_tokenizers(bpe, saved, corpus):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers
+    tok = tokenizers.Tokenizer(models.BPE.from_file(str(saved / "vocab.json"), str(saved / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    for text in SAMPLES + [corpus[:20000]]:
+        assert bpe.encode(text) == tok.encode(text).ids
+
+
+def test_encode_matches_tiktoken(bpe, corpus):
+    tiktoken = pytest.importorskip("tiktoken")
+    # our ids are merge order (bytes 0-255 first), which is exactly tiktoken's rank order
+    ranks = {bpe.vocab[i]: i for i in range(bpe.vocab_size) if i not in bpe.special_ids}
+    enc = tiktoken.Encoding("nt-test", pat_str=GPT2_PATTERN.pattern, mergeable_ranks=ranks,
+                            special_tokens=bpe.special_tokens)
+    for text in SAMPLES + [corpus[:20000]]:
+        assert bpe.encode(text) == enc.encode_ordinary(text)
+    text = f"a{ENDOFTEXT}b<|im_start|>user\nhi<|im_end|>"
+    assert bpe.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+
+
+def test_save_load_and_gpt2_files_roundtrip(bpe, saved):
+    again = BPE.load(saved)
+    same = BPE.from_gpt2_files(saved / "vocab.json", saved / "merges.txt")
+    for other in (again, same):
+        assert other.vocab == bpe.vocab and other.merges == bpe.merges
+        assert other.special_tokens == bpe.special_tokens
+        for text in SAMPLES:
+            assert other.encode(text) == bpe.encode(text)
+
+
+def test_special_tokens(bpe):
+    text = f"one{ENDOFTEXT}<|im_start|>two<|im_end|>"
+    ids = bpe.encode(text, allowed_special="all")
+    assert ids.count(bpe.special_tokens[ENDOFTEXT]) == 1
+    assert bpe.special_tokens["<|im_start|>"] in ids and bpe.special_tokens["<|im_end|>"] in ids
+    assert bpe.decode(ids) == text
+    plain = bpe.encode(text)  # not allowed: encoded as ordinary text
+    assert not set(plain) & set(bpe.special_ids) and bpe.decode(plain) == text
+    only_eot = bpe.encode(text, allowed_special={ENDOFTEXT})
+    assert bpe.special_tokens[ENDOFTEXT] in only_eot and bpe.special_tokens["<|im_end|>"] not in only_eot
+    with pytest.raises(ValueError, match="not special tokens"):
+        bpe.encode(text, allowed_special={"<|nope|>"})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=80))
+def test_decode_encode_roundtrip(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_bad_inputs(bpe, tmp_path):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        bpe.decode([bpe.vocab_size])
+    with pytest.raises(ValueError, match="smaller than 256"):
+        BPE.train("abc", 200)
+    (tmp_path / "vocab.json").write_text(json.dumps({bytes_to_unicode()[b]: b for b in range(256)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(ValueError, match="merges.txt:2: bad merge line"):
+        BPE.from_gpt2_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+
+
+def test_gpt2_files_with_any_id_order(bpe, saved, tmp_path):
+    # OpenAI's vocab.json does not number single bytes by byte value: permute every id
+    vocab = json.loads((saved / "vocab.json").read_text(encoding="utf-8"))
+    perm = np.random.default_rng(0).permutation(len(vocab))
+    shuffled = {token: int(perm[i]) for token, i in vocab.items()}
+    (tmp_path / "vocab.json").write_text(json.dumps(shuffled), encoding="utf-8")
+    merges_text = (saved / "merges.txt").read_text(encoding="utf-8")
+    (tmp_path / "merges.txt").write_text(merges_text, encoding="utf-8")
+    other = BPE.from_gpt2_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    ranks = {tuple(line.split(" ")): r for r, line in enumerate(merges_text.splitlines()[1:])}
+    for text in SAMPLES:
+        ids = other.encode(text)
+        assert ids == reference_bpe_encode(ranks, bytes_to_unicode(), shuffled, text)
+        assert ids == [int(perm[i]) for i in bpe.encode(text)]
+        assert other.decode(ids) == text
+    assert other.special_tokens == {s: int(perm[i]) for s, i in bpe.special_tokens.items()}

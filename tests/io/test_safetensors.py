@@ -1,0 +1,77 @@
+"""Our safetensors writer/reader against the `safetensors` library (test oracle only)."""
+import json
+
+import numpy as np
+import pytest
+
+from nt.io import FormatError, load_safetensors, save_safetensors
+
+st_numpy = pytest.importorskip("safetensors.numpy")
+
+
+def sample():
+    rng = np.random.default_rng(0)
+    return {"wte": rng.standard_normal((5, 3)).astype(np.float32), "b": np.arange(7, dtype=np.int64),
+            "h": rng.standard_normal(4).astype(np.float16), "scalar": np.array(2.5),
+            "empty": np.zeros((0, 3), np.float32), "mask": np.array([True, False]), "u": np.arange(3, dtype=np.uint16)}
+
+
+def test_library_reads_ours(tmp_path):
+    tensors = sample()
+    save_safetensors(tmp_path / "a.safetensors", tensors, {"format": "nt"})
+    theirs = st_numpy.load_file(str(tmp_path / "a.safetensors"))
+    assert set(theirs) == set(tensors)
+    for k, v in tensors.items():
+        assert theirs[k].dtype == v.dtype and np.array_equal(theirs[k], v)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "a.safetensors"), framework="numpy") as f:
+        assert f.metadata() == {"format": "nt"}
+
+
+def test_we_read_library_files(tmp_path):
+    tensors = sample()
+    st_numpy.save_file(tensors, str(tmp_path / "b.safetensors"), metadata={"k": "v"})
+    ours, meta = load_safetensors(tmp_path / "b.safetensors")
+    assert meta == {"k": "v"} and set(ours) == set(tensors)
+    for k, v in tensors.items():
+        assert ours[k].dtype == v.dtype and np.array_equal(ours[k], v)
+
+
+def test_roundtrip_scalar_and_big_endian(tmp_path):
+    save_safetensors(tmp_path / "c.safetensors", {"s": np.array(2.5), "be": np.arange(3, dtype=">i4")})
+    ours, meta = load_safetensors(tmp_path / "c.safetensors")
+    assert ours["s"].shape == () and ours["s"] == 2.5 and meta == {}
+    assert ours["be"].tolist() == [0, 1, 2]
+
+
+def corrupt(tmp_path, header: dict, data: bytes = b"", length=None):
+    raw = json.dumps(header).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes((len(raw) if length is None else length).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header,data,length,message", [
+    ({}, b"", 10 ** 9, "header length"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "truncated"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12, None, "file holds 12"),
+    ({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "unsupported dtype"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12 bytes"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, b"\0" * 8, None, "non-negative"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, None, "overlap"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}, b"\0" * 8, None, "begin <= end"),
+    ({"__metadata__": {"a": 1}}, b"", None, "metadata"),
+])
+def test_reader_rejects_corrupt_files(tmp_path, header, data, length, message):
+    with pytest.raises(FormatError, match=message):
+        load_safetensors(corrupt(tmp_path, header, data, length))
+
+
+def test_reader_rejects_short_and_non_json(tmp_path):
+    (tmp_path / "s").write_bytes(b"\1\2")
+    with pytest.raises(FormatError, match="too short"):
+        load_safetensors(tmp_path / "s")
+    (tmp_path / "j").write_bytes((3).to_bytes(8, "little") + b"{{{")
+    with pytest.raises(FormatError, match="JSON"):
+        load_safetensors(tmp_path / "j")
