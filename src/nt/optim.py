@@ -161,6 +161,7 @@ class Adam(Optimizer):
         self._block_seg = self.k.to_device(block_seg)
         self._one = self.k.to_device(np.ones(1, dtype=np.float64))
         self._step_host = np.zeros(1, dtype=np.int64)
+        self._step = self.k.to_device(self._step_host)  # on a GPU: a device copy, refreshed each step
 
     def _segments(self, params: Params) -> np.ndarray:
         return np.array([0, params.size], dtype=np.int64)
@@ -175,7 +176,8 @@ class Adam(Optimizer):
         """One update from the grads in `params.grad` (lr overrides the default for this step)."""
         self.step_count += 1
         self._step_host[0] = self.step_count
-        self._update(self._one, self.k.to_device(self._step_host), self.lr if lr is None else lr)
+        self.k.copy_(self._step, self._step_host)
+        self._update(self._one, self._step, self.lr if lr is None else lr)
 
 
 class AdamW(Adam):

@@ -1,0 +1,23 @@
+"""CUDA kernels: `numba.cuda` twins of nt.kernels.cpu, same names and signatures.
+
+`nt.backend("cuda")` returns this module. Each function is a Python wrapper that picks a
+launch configuration (launch.py) and launches `@cuda.jit` kernels on device arrays.
+Integer inputs (token ids, targets) arrive as NumPy int32 arrays and are copied into
+reused device buffers (memory.ids_to_device). Runs on a GPU or, with
+NUMBA_ENABLE_CUDASIM=1, in Numba's CUDA simulator.
+"""
+from .activations import (GELU, GELU_TANH, SIGMOID, SILU, act_backward, act_forward, gelu_backward,
+                          gelu_forward, glu_backward, glu_forward)
+from .attention import attention_backward, attention_forward
+from .dropout import dropout_backward, dropout_forward
+from .elementwise import (add_backward, add_forward, concat_backward, concat_forward, mul_backward,
+                          mul_forward, scale_backward, scale_forward)
+from .embedding import embedding_backward, embedding_forward
+from .layernorm import layernorm_backward, layernorm_forward
+from .matmul import matmul_backward, matmul_forward
+from .memory import DEVICE, copy_, empty, fill_, ids_to_device, to_device, to_host
+from .optim import (adam_update, add_noise_, scale_, segment_sum_squares, sgd_update, sum_squares,
+                    sum_squares_blocks, unscale_check_)
+from .rmsnorm import qk_norm_backward, qk_norm_forward, rmsnorm_backward, rmsnorm_forward
+from .rope import rope_backward, rope_forward
+from .softmax_xent import softmax_backward, softmax_forward, softmax_xent_backward, softmax_xent_forward

@@ -1,0 +1,115 @@
+"""Elementwise and structural ops on flat device arrays (or (N, C) rows for concat)."""
+import numpy as np
+from numba import cuda
+
+from .launch import THREADS, block_sum, blocks
+
+
+@cuda.jit(cache=True)
+def _add_forward(out, a, b):
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        out[i] = a[i] + b[i]
+
+
+@cuda.jit(cache=True)
+def _add_backward(da, db, dout):
+    for i in range(cuda.grid(1), dout.shape[0], cuda.gridsize(1)):
+        da[i] += dout[i]
+        db[i] += dout[i]
+
+
+@cuda.jit(cache=True)
+def _mul_forward(out, a, b):
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        out[i] = a[i] * b[i]
+
+
+@cuda.jit(cache=True)
+def _mul_backward(da, db, dout, a, b):
+    for i in range(cuda.grid(1), dout.shape[0], cuda.gridsize(1)):
+        da[i] += dout[i] * b[i]
+        db[i] += dout[i] * a[i]
+
+
+@cuda.jit(cache=True)
+def _scale_forward(out, x, s):
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        out[i] = s[0] * x[i]
+
+
+@cuda.jit(cache=True)
+def _scale_backward_x(dx, dout, s):
+    for i in range(cuda.grid(1), dx.shape[0], cuda.gridsize(1)):
+        dx[i] += s[0] * dout[i]
+
+
+@cuda.jit(cache=True)
+def _scale_backward_s(ds, dout, x):
+    """ds[0] += sum(x * dout): one block, a fixed order (a few learned scalars use it)."""
+    buf = cuda.shared.array(THREADS, np.float64)
+    s = 0.0
+    for i in range(cuda.threadIdx.x, x.shape[0], cuda.blockDim.x):
+        s += x[i] * dout[i]
+    s = block_sum(buf, s)
+    if cuda.threadIdx.x == 0:
+        ds[0] += s
+
+
+@cuda.jit(cache=True)
+def _concat(out, a, b, backward):
+    """Forward: out = [a | b] per row. Backward: a += out[:, :Ca], b += out[:, Ca:]."""
+    N, Ca = a.shape
+    Cb = b.shape[1]
+    W = Ca + Cb
+    for i in range(cuda.grid(1), N * W, cuda.gridsize(1)):
+        n = i // W
+        c = i % W
+        if backward:
+            if c < Ca:
+                a[n, c] += out[n, c]
+            else:
+                b[n, c - Ca] += out[n, c]
+        else:
+            out[n, c] = a[n, c] if c < Ca else b[n, c - Ca]
+
+
+def add_forward(out, a, b):
+    """out = a + b (the residual connection)."""
+    _add_forward[blocks(out.shape[0]), THREADS](out, a, b)
+
+
+def add_backward(da, db, dout):
+    """Accumulate da += dout and db += dout."""
+    _add_backward[blocks(dout.shape[0]), THREADS](da, db, dout)
+
+
+def mul_forward(out, a, b):
+    """out = a * b."""
+    _mul_forward[blocks(out.shape[0]), THREADS](out, a, b)
+
+
+def mul_backward(da, db, dout, a, b):
+    """Accumulate da += dout * b and db += dout * a."""
+    _mul_backward[blocks(dout.shape[0]), THREADS](da, db, dout, a, b)
+
+
+def scale_forward(out, x, s):
+    """out = s[0] * x, s a (1,) device array."""
+    _scale_forward[blocks(x.shape[0]), THREADS](out, x, s)
+
+
+def scale_backward(dx, ds, dout, x, s):
+    """Accumulate dx += s[0] * dout and, when ds is not empty, ds[0] += sum(x * dout)."""
+    _scale_backward_x[blocks(x.shape[0]), THREADS](dx, dout, s)
+    if ds.shape[0] > 0:
+        _scale_backward_s[1, THREADS](ds, dout, x)
+
+
+def concat_forward(out, a, b):
+    """out (N, Ca + Cb) = [a (N, Ca) | b (N, Cb)] along the feature axis."""
+    _concat[blocks(out.size), THREADS](out, a, b, False)
+
+
+def concat_backward(da, db, dout):
+    """Accumulate da += dout[:, :Ca] and db += dout[:, Ca:]."""
+    _concat[blocks(dout.size), THREADS](dout, da, db, True)

@@ -1,0 +1,229 @@
+"""Optimizer kernels over the whole flat parameter buffer (see the CPU twin): one launch per step.
+
+Per-tensor work uses the CPU's block table: table block b is
+x[block_offsets[b]:block_offsets[b+1]], inside tensor (segment) block_seg[b]; blocks never
+straddle tensors. One CUDA block handles one table block at a time (grid-stride over the
+table), its threads striding inside it, so per-tensor sums have one writer per partial and
+a fixed order (no atomics).
+"""
+import math
+
+import numpy as np
+from numba import cuda
+
+from .launch import THREADS, block_sum, blocks
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@cuda.jit(cache=True)
+def _adam(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, seg_step,
+          lr, beta1, beta2, eps, l2, decay):
+    for b in range(cuda.blockIdx.x, block_seg.shape[0], cuda.gridDim.x):
+        s = block_seg[b]
+        scale = seg_scale[s]
+        if scale == 0.0:  # a frozen tensor: parameters and moments untouched
+            continue
+        bc1 = 1.0 - beta1 ** seg_step[s]
+        bc2 = 1.0 - beta2 ** seg_step[s]
+        lr_s = lr * scale
+        for i in range(block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1], cuda.blockDim.x):
+            p = params[i]
+            g = grads[i]
+            if decay_mask[i]:
+                g += l2 * p
+            mi = beta1 * m[i] + (1.0 - beta1) * g
+            vi = beta2 * v[i] + (1.0 - beta2) * g * g
+            m[i] = mi
+            v[i] = vi
+            update = (mi / bc1) / (math.sqrt(vi / bc2) + eps)
+            if decay_mask[i]:
+                update += decay * p
+            params[i] = p - lr_s * update
+
+
+def adam_update(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, seg_step,
+                lr, beta1, beta2, eps, l2, decay):
+    """Adam / AdamW over the blocks of the flat buffer, in place (see the CPU twin)."""
+    _adam[blocks(block_seg.shape[0], 1), THREADS](params, grads, m, v, decay_mask, block_offsets, block_seg,
+                                                  seg_scale, seg_step, lr, beta1, beta2, eps, l2, decay)
+
+
+@cuda.jit(cache=True)
+def _sgd(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first):
+    for i in range(cuda.grid(1), params.shape[0], cuda.gridsize(1)):
+        p = params[i]
+        g = grads[i]
+        if decay_mask[i]:
+            g += weight_decay * p
+        if momentum != 0.0:
+            if first:
+                b = g
+            else:
+                b = momentum * buf[i] + (1.0 - dampening) * g
+            buf[i] = b
+            if nesterov:
+                g = g + momentum * b
+            else:
+                g = b
+        params[i] = p - lr * g
+
+
+def sgd_update(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first):
+    """SGD with momentum (PyTorch's rule), in place."""
+    _sgd[blocks(params.shape[0]), THREADS](params, grads, buf, decay_mask, lr, momentum, dampening,
+                                           weight_decay, nesterov, first)
+
+
+@cuda.jit(cache=True)
+def _block_sum_squares(partial, x, block_offsets):
+    buf = cuda.shared.array(THREADS, np.float64)
+    for b in range(cuda.blockIdx.x, partial.shape[0], cuda.gridDim.x):
+        s = 0.0
+        for i in range(block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1], cuda.blockDim.x):
+            s += np.float64(x[i]) * np.float64(x[i])
+        s = block_sum(buf, s)
+        if cuda.threadIdx.x == 0:
+            partial[b] = s
+
+
+@cuda.jit(cache=True)
+def _segments_from_partials(out, partial, block_seg):
+    """out[s] = sum of the partials of segment s, in block order: one thread, one writer."""
+    if cuda.grid(1) == 0:
+        for s in range(out.shape[0]):
+            out[s] = 0.0
+        for b in range(block_seg.shape[0]):
+            out[block_seg[b]] += partial[b]
+
+
+def segment_sum_squares(x, block_offsets, block_seg, partial, out):
+    """out[s] = sum of x**2 over segment s, in float64; partial (one slot per block) is scratch."""
+    _block_sum_squares[blocks(block_seg.shape[0], 1), THREADS](partial, x, block_offsets)
+    _segments_from_partials[1, 1](out, partial, block_seg)
+
+
+@cuda.jit(cache=True)
+def _unscale_check(partial, x, inv_scale):
+    """x *= inv_scale; partial[block] = how many results are NaN or +-Inf (as stored)."""
+    buf = cuda.shared.array(THREADS, np.float64)
+    c = 0.0
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        x[i] = x[i] * inv_scale
+        y = x[i]
+        if math.isinf(y) or math.isnan(y):
+            c += 1.0
+    c = block_sum(buf, c)
+    if cuda.threadIdx.x == 0:
+        partial[cuda.blockIdx.x] = c
+
+
+def unscale_check_(x, inv_scale, partials) -> int:
+    """x *= inv_scale in place; returns how many elements are NaN or +-Inf (after scaling).
+    Block b counts into partials[b] (a float64 device buffer of sum_squares_blocks(n) from
+    the caller, as on the CPU), then one block adds the counts: one scalar comes back."""
+    nb = blocks(x.shape[0])
+    _unscale_check[nb, THREADS](partials, x, inv_scale)
+    _sum_into_first[1, THREADS](partials[:nb])
+    partials[:1].copy_to_host(_host)
+    return int(_host[0])
+
+
+@cuda.jit(device=True, cache=True)
+def _splitmix64(x):
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@cuda.jit(device=True, cache=True)
+def _gauss(key, i):
+    """Standard normal number i of the stream `key` (Box-Muller on two hashed uniforms)."""
+    j = np.uint64(2) * np.uint64(i)
+    u1 = (np.float64(_splitmix64(key + j) >> np.uint64(11)) + 0.5) * 2.0 ** -53
+    u2 = (np.float64(_splitmix64(key + j + np.uint64(1)) >> np.uint64(11)) + 0.5) * 2.0 ** -53
+    return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+
+
+def _noise_key(seed: int, counter: int) -> np.uint64:
+    """The CPU's noise_key(seed, counter) in exact integer arithmetic mod 2^64."""
+    def mix(x):
+        z = (x + 0x9E3779B97F4A7C15) % 2 ** 64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+        return z ^ (z >> 31)
+    return np.uint64(mix((mix(int(seed) % 2 ** 64) + int(counter)) % 2 ** 64))
+
+
+@cuda.jit(cache=True)
+def _add_noise(x, block_offsets, block_seg, seg_sigma, key):
+    for b in range(cuda.blockIdx.x, block_seg.shape[0], cuda.gridDim.x):
+        sigma = seg_sigma[block_seg[b]]
+        if sigma == 0.0:
+            continue
+        for i in range(block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1], cuda.blockDim.x):
+            x[i] += sigma * _gauss(key, i)
+
+
+def add_noise_(x, block_offsets, block_seg, seg_sigma, seed, counter):
+    """x[i] += seg_sigma[s] * N(0, 1) for every element of tensor s, the normal for element i
+    being gauss(noise_key(seed, counter), i): the same numbers as the CPU."""
+    _add_noise[blocks(block_seg.shape[0], 1), THREADS](x, block_offsets, block_seg, seg_sigma,
+                                                       _noise_key(seed, counter))
+
+
+@cuda.jit(cache=True)
+def _sum_squares_partial(partial, x):
+    """partial[block] = sum of x**2 over this block's grid-stride share, in float64."""
+    buf = cuda.shared.array(THREADS, np.float64)
+    s = 0.0
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        s += np.float64(x[i]) * np.float64(x[i])
+    s = block_sum(buf, s)
+    if cuda.threadIdx.x == 0:
+        partial[cuda.blockIdx.x] = s
+
+
+@cuda.jit(cache=True)
+def _sum_into_first(partial):
+    """partial[0] = sum(partial), one block."""
+    buf = cuda.shared.array(THREADS, np.float64)
+    s = 0.0
+    for i in range(cuda.threadIdx.x, partial.shape[0], cuda.blockDim.x):
+        s += partial[i]
+    s = block_sum(buf, s)
+    if cuda.threadIdx.x == 0:
+        partial[0] = s
+
+
+_host = np.zeros(1, np.float64)  # where sum_squares' result lands on the host
+
+
+def sum_squares_blocks(n: int) -> int:
+    """Length of the `partials` buffer sum_squares needs for n elements: one per block."""
+    return blocks(n)
+
+
+def sum_squares(x, partials) -> float:
+    """sum(x**2) in float64. Block b of a fixed grid (sum_squares_blocks(n) blocks) writes
+    its partial sum to partials[b] (a float64 device buffer from the caller), then one block
+    adds the partials: no allocation, the same order every call."""
+    nb = sum_squares_blocks(x.shape[0])
+    _sum_squares_partial[nb, THREADS](partials, x)
+    _sum_into_first[1, THREADS](partials[:nb])
+    partials[:1].copy_to_host(_host)
+    return float(_host[0])
+
+
+@cuda.jit(cache=True)
+def _scale(x, factor):
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        x[i] *= factor
+
+
+def scale_(x, factor):
+    """x *= factor, in place."""
+    _scale[blocks(x.shape[0]), THREADS](x, factor)

@@ -1,0 +1,143 @@
+"""Softmax over rows, and fused softmax + cross-entropy over a padded vocabulary (see the
+CPU twin for the formulas: label smoothing eps and z-loss included).
+
+logits (N, Vp), columns V..Vp-1 are padding; target -1 is ignored; the loss is the mean
+over the counted positions. One block per row reduces max and sum-exp in shared memory.
+"""
+import math
+
+import numpy as np
+from numba import cuda
+
+from .launch import THREADS, block_max, block_sum, blocks
+from .memory import ids_to_device
+
+
+@cuda.jit(cache=True)
+def _softmax_forward(out, inp):
+    buf = cuda.shared.array(THREADS, np.float64)
+    N, C = inp.shape
+    tid = cuda.threadIdx.x
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        m = -math.inf
+        for c in range(tid, C, cuda.blockDim.x):
+            m = max(m, inp[n, c])
+        m = block_max(buf, m)
+        s = 0.0
+        for c in range(tid, C, cuda.blockDim.x):
+            e = math.exp(inp[n, c] - m)
+            out[n, c] = e
+            s += e
+        inv = 1.0 / block_sum(buf, s)
+        for c in range(tid, C, cuda.blockDim.x):  # each thread rescales what it wrote
+            out[n, c] *= inv
+
+
+@cuda.jit(cache=True)
+def _softmax_backward(dinp, dout, out):
+    buf = cuda.shared.array(THREADS, np.float64)
+    N, C = out.shape
+    tid = cuda.threadIdx.x
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        dot = 0.0
+        for c in range(tid, C, cuda.blockDim.x):
+            dot += dout[n, c] * out[n, c]
+        dot = block_sum(buf, dot)
+        for c in range(tid, C, cuda.blockDim.x):
+            dinp[n, c] += out[n, c] * (dout[n, c] - dot)
+
+
+@cuda.jit(cache=True)
+def _xent_rows(losses, lse, logits, targets, V, smoothing, z_loss):
+    buf = cuda.shared.array(THREADS, np.float64)
+    N = logits.shape[0]
+    tid = cuda.threadIdx.x
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        m = -math.inf
+        for v in range(tid, V, cuda.blockDim.x):
+            m = max(m, logits[n, v])
+        m = block_max(buf, m)
+        s = 0.0
+        zsum = 0.0
+        for v in range(tid, V, cuda.blockDim.x):
+            s += math.exp(logits[n, v] - m)
+            zsum += logits[n, v]
+        s = block_sum(buf, s)
+        zsum = block_sum(buf, zsum)
+        if tid == 0:
+            L = m + math.log(s)
+            lse[n] = L
+            tgt = targets[n]
+            if tgt >= 0:
+                losses[n] = ((1.0 - smoothing) * (L - logits[n, tgt]) + smoothing * (L - zsum / V)
+                             + z_loss * L * L)
+            else:
+                losses[n] = 0.0
+
+
+@cuda.jit(device=True, cache=True)
+def _count_targets(buf, targets):
+    """How many targets are not ignored, reduced over the block."""
+    count = 0.0
+    for n in range(cuda.threadIdx.x, targets.shape[0], cuda.blockDim.x):
+        if targets[n] >= 0:
+            count += 1.0
+    return block_sum(buf, count)
+
+
+@cuda.jit(cache=True)
+def _xent_mean(loss, losses, targets):
+    """loss[0] = mean of losses over counted targets; a single block, fixed order."""
+    buf = cuda.shared.array(THREADS, np.float64)
+    s = 0.0
+    for n in range(cuda.threadIdx.x, losses.shape[0], cuda.blockDim.x):
+        s += losses[n]  # ignored rows hold 0
+    total = block_sum(buf, s)
+    count = _count_targets(buf, targets)
+    if cuda.threadIdx.x == 0:
+        loss[0] = total / count if count > 0 else 0.0
+
+
+@cuda.jit(cache=True)
+def _xent_backward(dlogits, dloss, logits, lse, targets, V, smoothing, z_loss):
+    buf = cuda.shared.array(THREADS, np.float64)
+    N = logits.shape[0]
+    count = _count_targets(buf, targets)  # every block recounts: N ints, cheap next to N*V
+    if count == 0:
+        return
+    scale = dloss[0] / count
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        tgt = targets[n]
+        if tgt < 0:
+            continue
+        L = lse[n]
+        pscale = scale * (1.0 + 2.0 * z_loss * L)
+        uniform = scale * smoothing / V
+        for v in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            g = pscale * math.exp(logits[n, v] - L) - uniform
+            if v == tgt:  # the thread owning the target column subtracts: one writer
+                g -= scale * (1.0 - smoothing)
+            dlogits[n, v] += g
+
+
+def softmax_forward(out, inp):
+    """out (N, C) = softmax of each row of inp."""
+    _softmax_forward[blocks(inp.shape[0], 1), THREADS](out, inp)
+
+
+def softmax_backward(dinp, dout, out):
+    """Accumulate dinp += y * (dy - sum(dy * y)) per row, y the softmax output."""
+    _softmax_backward[blocks(out.shape[0], 1), THREADS](dinp, dout, out)
+
+
+def softmax_xent_forward(loss, losses, lse, logits, targets, V, smoothing=0.0, z_loss=0.0):
+    """loss (1,) = mean of losses (N,) over targets >= 0; lse (N,) saved for the backward."""
+    targets = ids_to_device(targets)
+    _xent_rows[blocks(logits.shape[0], 1), THREADS](losses, lse, logits, targets, V, smoothing, z_loss)
+    _xent_mean[1, THREADS](loss, losses, targets)
+
+
+def softmax_xent_backward(dlogits, dloss, logits, lse, targets, V, smoothing=0.0, z_loss=0.0):
+    """Accumulate dlogits += dloss / count * (p (1 + 2 z_loss lse) - (1-eps) onehot - eps/V)."""
+    _xent_backward[blocks(logits.shape[0], 1), THREADS](dlogits, dloss, logits, lse,
+                                                        ids_to_device(targets), V, smoothing, z_loss)

@@ -1,0 +1,56 @@
+"""CUDA tests run in Numba's CUDA simulator unless NUMBA_ENABLE_CUDASIM=0 is set.
+
+numba.cuda picks simulator or hardware once, when it is first imported, from numba's config
+(which numba re-reads from the environment on reload_config()). Nothing outside the CUDA
+backend imports numba.cuda (nt.backend loads nt.kernels.cuda lazily, and plain `import
+numba` does not import it), so setting the default here and reloading the config, when
+pytest collects this folder, is early enough even in a full `pytest tests` run. On a GPU
+machine, `NUMBA_ENABLE_CUDASIM=0 pytest tests/cuda` runs the same tests on the hardware
+plus the ones marked `gpu`.
+"""
+import os
+import sys
+
+import pytest
+
+if "numba.cuda" in sys.modules and os.environ.get("NUMBA_ENABLE_CUDASIM") is None:
+    raise RuntimeError("numba.cuda was imported before tests/cuda/conftest.py could choose "
+                       "the simulator; set NUMBA_ENABLE_CUDASIM explicitly")
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+# numba.cuda's config IS numba.core.config, read when numba was first imported (before this
+# file): re-read the environment now, or numba.cuda would start in hardware mode.
+from numba.core import config as _numba_config  # noqa: E402
+
+_numba_config.reload_config()
+
+try:
+    from numba import cuda
+except ImportError:  # numba-cuda not installed: skip the whole folder
+    cuda = None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip this folder without numba-cuda, and `gpu` tests without real hardware."""
+    here = os.path.dirname(__file__)
+    no_cuda = pytest.mark.skip(reason="numba-cuda is not installed (pip install 'nt[dev]')")
+    simulated = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    no_gpu = pytest.mark.skip(reason="needs a real NVIDIA GPU (running under the CUDA simulator)"
+                              if simulated else "needs a real NVIDIA GPU (none found)")
+    for item in items:
+        if not str(item.fspath).startswith(here):
+            continue
+        if cuda is None:
+            item.add_marker(no_cuda)
+        elif "gpu" in item.keywords and (simulated or not cuda.is_available()):
+            item.add_marker(no_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fast_simulator_switching():
+    """The simulator runs each CUDA thread as a Python thread and polls them at every
+    syncthreads; a short GIL switch interval makes those barriers ~10x faster."""
+    old = sys.getswitchinterval()
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)

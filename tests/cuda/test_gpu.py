@@ -1,0 +1,53 @@
+"""Checks that only mean something on a real GPU: cuBLAS, and the kernels at the launch
+configurations they use there (256-thread blocks). Skipped under the simulator; run them
+on a GPU machine with `NUMBA_ENABLE_CUDASIM=0 pytest tests/cuda`."""
+import numpy as np
+import pytest
+
+import nt
+from test_kernels import parity, randn
+
+pytestmark = pytest.mark.gpu
+gpu = nt.backend("cuda")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a, trans_b", [(False, True), (False, False), (True, False)])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_cublas_matches_tiled_kernel(dtype, trans_a, trans_b, beta):
+    from nt.kernels.cuda import cublas, matmul
+    assert cublas.available(), "cuBLAS did not load: pip install 'nt[cuda]'"
+    rng = np.random.default_rng(0)
+    M, N, K = 67, 129, 33  # not multiples of the tile size
+    A = randn(rng, dtype, *((K, M) if trans_a else (M, K)))
+    B = randn(rng, dtype, *((N, K) if trans_b else (K, N)))
+    C0 = randn(rng, dtype, M, N)
+    dA, dB = gpu.to_device(A), gpu.to_device(B)
+    c_blas, c_kernel = gpu.to_device(C0), gpu.to_device(C0)
+    cublas.gemm(trans_a, trans_b, M, N, K, 1.0, dA, dB, beta, c_blas)
+    matmul._gemm_tiled[8, (matmul.TILE, matmul.TILE)](trans_a, trans_b, 1.0, dA, dB, beta, c_kernel)
+    want = (A.T if trans_a else A).astype(np.float64) @ (B.T if trans_b else B) + beta * C0
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gpu.to_host(c_blas), want, **tol)
+    np.testing.assert_allclose(gpu.to_host(c_kernel), want, **tol)
+
+
+def test_kernels_at_gpu_sizes():
+    rng = np.random.default_rng(1)
+    dtype = np.float32
+    N, C, OC, V, Vp = 96, 768, 300, 1000, 1024
+    inp, w = randn(rng, dtype, N, C), randn(rng, dtype, C)
+    parity("matmul_forward", [randn(rng, dtype, N, OC), inp, randn(rng, dtype, OC, C), randn(rng, dtype, OC)],
+           [0], dtype)
+    mean, rstd = randn(rng, dtype, N), randn(rng, dtype, N)
+    parity("layernorm_forward", [randn(rng, dtype, N, C), mean, rstd, inp, w, w, 1e-5], [0, 1, 2], dtype)
+    targets = rng.integers(-1, V, N).astype(np.int32)
+    parity("softmax_xent_forward", [randn(rng, dtype, 1), randn(rng, dtype, N), randn(rng, dtype, N),
+                                    randn(rng, dtype, N, Vp), targets, V], [0, 1, 2], dtype)
+    B, T, NH, hs = 2, 64, 4, 16
+    qkv = randn(rng, dtype, B, T, 3 * NH * hs)
+    parity("attention_forward", [randn(rng, dtype, B, T, NH * hs), randn(rng, dtype, B, NH, T), qkv, NH, NH, 0],
+           [0, 1], dtype)
+    x = randn(rng, dtype, 1_000_003)
+    got = gpu.sum_squares(gpu.to_device(x), gpu.empty(gpu.sum_squares_blocks(x.size), np.float64))
+    np.testing.assert_allclose(got, np.sum(x.astype(np.float64) ** 2), rtol=1e-10)

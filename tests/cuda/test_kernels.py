@@ -1,0 +1,252 @@
+"""Every CUDA kernel against its CPU twin, forward and backward, on tiny shapes.
+
+Both backends get the same inputs; every argument a kernel writes is compared afterwards.
+Outputs start as random values (a forward must overwrite them) and grads start random
+(a backward must accumulate into them). Float buffers go to the device; int32 ids and
+targets stay NumPy arrays, as nt.ops passes them.
+"""
+import numpy as np
+import pytest
+
+import nt
+
+cpu = nt.backend("cpu")
+gpu = nt.backend("cuda")
+
+DTYPES = [np.float64, np.float32]
+TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+def randn(rng, dtype, *shape):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def empty(dtype, *shape):
+    return np.zeros(shape, dtype=dtype)
+
+
+def parity(name, args, written, dtype):
+    """Run kernel `name` on both backends; compare the args at indices `written` and the
+    return values."""
+    host = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    dev = [gpu.to_device(a) if isinstance(a, np.ndarray) and a.dtype != np.int32 else a for a in args]
+    want = getattr(cpu, name)(*host)
+    got = getattr(gpu, name)(*dev)
+    for i in written:
+        np.testing.assert_allclose(gpu.to_host(dev[i]), host[i], **TOL[dtype], err_msg=f"{name}: argument {i}")
+    if want is not None:
+        np.testing.assert_allclose(got, want, **TOL[dtype], err_msg=f"{name}: return value")
+
+
+def test_backend_has_every_cpu_kernel():
+    public = {n for n in dir(cpu) if not n.startswith("_") and callable(getattr(cpu, n))}
+    assert public <= set(dir(gpu)), f"missing on cuda: {sorted(public - set(dir(gpu)))}"
+    assert gpu.DEVICE == "cuda" and nt.backend("cuda") is gpu
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias, transposed", [(True, False), (False, False), (True, True)])
+def test_matmul(dtype, bias, transposed):
+    rng = np.random.default_rng(0)
+    N, C, OC = 5, 7, 6
+    wshape = (C, OC) if transposed else (OC, C)  # transposed: a tied embedding used as (C, OC)
+    inp, weight = randn(rng, dtype, N, C), randn(rng, dtype, *wshape)
+    b = randn(rng, dtype, OC) if bias else empty(dtype, 0)
+    parity("matmul_forward", [randn(rng, dtype, N, OC), inp, weight, b, transposed], [0], dtype)
+    parity("matmul_backward", [randn(rng, dtype, N, C), randn(rng, dtype, *wshape), randn(rng, dtype, OC) if bias
+                               else empty(dtype, 0), randn(rng, dtype, N, OC), inp, weight, transposed],
+           [0, 1, 2], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm(dtype, bias):
+    rng = np.random.default_rng(1)
+    N, C = 3, 40  # C > threads per simulated block: each thread strides over channels
+    inp, weight = randn(rng, dtype, N, C), randn(rng, dtype, C)
+    b = randn(rng, dtype, C) if bias else empty(dtype, 0)
+    mean, rstd = randn(rng, dtype, N), randn(rng, dtype, N)
+    parity("layernorm_forward", [randn(rng, dtype, N, C), mean, rstd, inp, weight, b, 1e-5], [0, 1, 2], dtype)
+    cpu.layernorm_forward(randn(rng, dtype, N, C), mean, rstd, inp, weight, b, 1e-5)  # real statistics
+    parity("layernorm_backward", [randn(rng, dtype, N, C), randn(rng, dtype, C), randn(rng, dtype, C) if bias
+                                  else empty(dtype, 0), randn(rng, dtype, N, C), inp, weight, mean, rstd],
+           [0, 1, 2], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activations(dtype):
+    rng = np.random.default_rng(2)
+    n, N, H = 150, 3, 7
+    x = 3 * randn(rng, dtype, n)
+    parity("gelu_forward", [randn(rng, dtype, n), x], [0], dtype)
+    parity("gelu_backward", [randn(rng, dtype, n), randn(rng, dtype, n), x], [0], dtype)
+    gate_up = 3 * randn(rng, dtype, N, 2 * H)
+    for kind in (cpu.GELU_TANH, cpu.GELU, cpu.SILU, cpu.SIGMOID):
+        assert getattr(gpu, ["GELU_TANH", "GELU", "SILU", "SIGMOID"][kind]) == kind
+        parity("act_forward", [randn(rng, dtype, n), x, kind], [0], dtype)
+        parity("act_backward", [randn(rng, dtype, n), randn(rng, dtype, n), x, kind], [0], dtype)
+        parity("glu_forward", [randn(rng, dtype, N, H), gate_up, kind], [0], dtype)
+        parity("glu_backward", [randn(rng, dtype, N, 2 * H), randn(rng, dtype, N, H), gate_up, kind], [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise(dtype):
+    rng = np.random.default_rng(7)
+    n, N, Ca, Cb = 150, 3, 4, 5
+    a, b = randn(rng, dtype, n), randn(rng, dtype, n)
+    parity("add_forward", [randn(rng, dtype, n), a, b], [0], dtype)
+    parity("add_backward", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n)], [0, 1], dtype)
+    parity("mul_forward", [randn(rng, dtype, n), a, b], [0], dtype)
+    parity("mul_backward", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n), a, b], [0, 1], dtype)
+    s = np.array([0.7], dtype)
+    parity("scale_forward", [randn(rng, dtype, n), a, s], [0], dtype)
+    for ds in (randn(rng, dtype, 1), empty(dtype, 0)):  # a learned scale, a constant one
+        parity("scale_backward", [randn(rng, dtype, n), ds, randn(rng, dtype, n), a, s], [0, 1], dtype)
+    parity("concat_forward", [randn(rng, dtype, N, Ca + Cb), randn(rng, dtype, N, Ca), randn(rng, dtype, N, Cb)],
+           [0], dtype)
+    parity("concat_backward", [randn(rng, dtype, N, Ca), randn(rng, dtype, N, Cb), randn(rng, dtype, N, Ca + Cb)],
+           [0, 1], dtype)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the simulator hashes in NumPy uint64
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_same_mask_as_cpu(dtype):
+    rng = np.random.default_rng(8)
+    n, key = 200, np.uint64(0x1234_5678_9ABC_DEF0)
+    parity("dropout_forward", [randn(rng, dtype, n), randn(rng, dtype, n), 0.3, key], [0], dtype)
+    parity("dropout_backward", [randn(rng, dtype, n), randn(rng, dtype, n), 0.3, key], [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_and_qk_norm(dtype):
+    rng = np.random.default_rng(9)
+    N, C = 3, 20
+    inp, w, rstd = randn(rng, dtype, N, C), randn(rng, dtype, C), randn(rng, dtype, N)
+    parity("rmsnorm_forward", [randn(rng, dtype, N, C), rstd, inp, w, 1e-6], [0, 1], dtype)
+    cpu.rmsnorm_forward(randn(rng, dtype, N, C), rstd, inp, w, 1e-6)
+    parity("rmsnorm_backward", [randn(rng, dtype, N, C), randn(rng, dtype, C), randn(rng, dtype, N, C), inp, w, rstd],
+           [0, 1], dtype)
+    B, T, NH, NKV, hs = 2, 3, 2, 1, 4
+    W = (NH + 2 * NKV) * hs
+    qkv, qw, kw, rs = randn(rng, dtype, B, T, W), randn(rng, dtype, hs), randn(rng, dtype, hs), randn(rng, dtype, B, T, NH + NKV)
+    parity("qk_norm_forward", [randn(rng, dtype, B, T, W), rs, qkv, qw, kw, NH, NKV, 1e-6], [0, 1], dtype)
+    cpu.qk_norm_forward(randn(rng, dtype, B, T, W), rs, qkv, qw, kw, NH, NKV, 1e-6)
+    parity("qk_norm_backward", [randn(rng, dtype, B, T, W), randn(rng, dtype, hs), randn(rng, dtype, hs),
+                                randn(rng, dtype, B, T, W), qkv, qw, kw, rs, NH, NKV], [0, 1, 2], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("half", [False, True])
+def test_rope(dtype, half):
+    rng = np.random.default_rng(10)
+    B, T, NH, NKV, hs, pos0 = 2, 3, 2, 1, 4, 5
+    W = (NH + 2 * NKV) * hs
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs)  # float64, as ops.rope passes it
+    parity("rope_forward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, pos0, inv_freq, half],
+           [0], dtype)
+    parity("rope_backward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, pos0, inv_freq, half],
+           [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax(dtype):
+    rng = np.random.default_rng(11)
+    N, C = 3, 19
+    out = randn(rng, dtype, N, C)
+    parity("softmax_forward", [out, 3 * randn(rng, dtype, N, C)], [0], dtype)
+    cpu.softmax_forward(out, randn(rng, dtype, N, C))
+    parity("softmax_backward", [randn(rng, dtype, N, C), randn(rng, dtype, N, C), out], [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("positions", [True, False])
+def test_embedding(dtype, positions):
+    rng = np.random.default_rng(3)
+    B, T, C, V, maxT, pos0 = 2, 4, 5, 6, 7, 2
+    ids = np.array([[1, 3, 1, 1], [5, 1, 0, 3]], dtype=np.int32)  # repeated ids: racing writers
+    wte = randn(rng, dtype, V, C)
+    wpe = randn(rng, dtype, maxT, C) if positions else empty(dtype, 0, C)
+    parity("embedding_forward", [randn(rng, dtype, B, T, C), ids, wte, wpe, pos0], [0], dtype)
+    dwpe = randn(rng, dtype, maxT, C) if positions else empty(dtype, 0, C)
+    parity("embedding_backward", [randn(rng, dtype, V, C), dwpe, randn(rng, dtype, B, T, C), ids, pos0],
+           [0, 1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("NH, NKV, window, q0", [(2, 2, 0, 0), (4, 2, 0, 0), (4, 1, 2, 0), (2, 1, 0, 2)])
+def test_attention(dtype, NH, NKV, window, q0):
+    rng = np.random.default_rng(4)
+    B, T, hs = 2, 4, 3  # q0 > 0: rows before q0 are a KV cache, only T - q0 queries
+    qkv = randn(rng, dtype, B, T, (NH + 2 * NKV) * hs)
+    out, lse = randn(rng, dtype, B, T - q0, NH * hs), randn(rng, dtype, B, NH, T - q0)
+    parity("attention_forward", [out, lse, qkv, NH, NKV, window, q0], [0, 1], dtype)
+    cpu.attention_forward(out, lse, qkv, NH, NKV, window, q0)  # what the backward reads
+    parity("attention_backward", [randn(rng, dtype, *qkv.shape), randn(rng, dtype, *out.shape), qkv, out, lse,
+                                  NH, NKV, window, q0], [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("targets, opts", [([3, -1, 0, 9, 3], (0.0, 0.0)), ([3, -1, 0, 9, 3], (0.1, 1e-3)),
+                                           ([-1, -1, -1, -1, -1], (0.0, 0.0))])
+def test_softmax_xent(dtype, targets, opts):
+    rng = np.random.default_rng(5)
+    N, V, Vp = 5, 10, 48  # padded columns V..Vp-1 take no part; Vp > simulated block
+    targets = np.array(targets, dtype=np.int32)
+    logits = 4 * randn(rng, dtype, N, Vp)
+    loss, losses, lse = randn(rng, dtype, 1), randn(rng, dtype, N), randn(rng, dtype, N)
+    parity("softmax_xent_forward", [loss, losses, lse, logits, targets, V, *opts], [0, 1, 2], dtype)
+    cpu.softmax_xent_forward(loss, losses, lse, logits, targets, V, *opts)
+    parity("softmax_xent_backward", [randn(rng, dtype, N, Vp), np.array([0.7], dtype), logits, lse, targets, V,
+                                     *opts], [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_optim_kernels(dtype):
+    rng = np.random.default_rng(6)
+    n = 300  # more than one simulated grid's worth of threads: exercises grid-stride loops
+    x = randn(rng, dtype, n)  # each backend sizes its own partials buffer
+    got = gpu.sum_squares(gpu.to_device(x), gpu.empty(gpu.sum_squares_blocks(n), np.float64))
+    np.testing.assert_allclose(got, cpu.sum_squares(x, np.empty(cpu.sum_squares_blocks(n))), rtol=1e-12)
+    parity("scale_", [randn(rng, dtype, n), 0.37], [0], dtype)
+    parity("fill_", [randn(rng, dtype, n), 2.5], [0], dtype)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the simulator hashes in NumPy uint64
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_table_optimizer_kernels(dtype):
+    rng = np.random.default_rng(12)
+    n = 300
+    bo = np.array([0, 64, 100, 170, 234, 300], np.int64)  # 5 blocks over 3 tensors
+    bs = np.array([0, 0, 1, 2, 2], np.int64)
+    mask = (rng.random(n) < 0.5).astype(np.uint8)
+    parity("adam_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n),
+                           np.abs(randn(rng, dtype, n)), mask, bo, bs, np.array([1.0, 0.0, 0.5]),
+                           np.array([3, 1, 7], np.int64), 1e-2, 0.9, 0.95, 1e-8, 0.01, 0.1], [0, 2, 3], dtype)
+    for first, nesterov, momentum in [(True, False, 0.9), (False, True, 0.9), (False, False, 0.0)]:
+        parity("sgd_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n), mask,
+                              0.1, momentum, 0.1, 0.01, nesterov, first], [0, 2], dtype)
+    parity("segment_sum_squares", [randn(rng, dtype, n), bo, bs, np.zeros(5), np.zeros(3)], [4], dtype)
+    x = randn(rng, dtype, n)
+    x[3], x[7] = np.inf, -np.inf
+    parity("unscale_check_", [x, 0.5], [0], dtype)
+    parity("add_noise_", [randn(rng, dtype, n), bo, bs, np.array([0.1, 0.0, 2.0]), 7, 3], [0], dtype)
+
+
+def test_memory_round_trip_and_views():
+    x = gpu.empty(40, np.float32)
+    gpu.fill_(x, 0.0)
+    gpu.copy_(x[16:28], np.arange(12, dtype=np.float32))          # host -> device view
+    view = x[16:28].reshape(3, 4)                                  # how Tensor.data slices arenas
+    np.testing.assert_array_equal(gpu.to_host(view), np.arange(12).reshape(3, 4))
+    y = gpu.empty(12, np.float32)
+    gpu.copy_(y, x[16:28])                                         # device -> device
+    np.testing.assert_array_equal(gpu.to_host(y), np.arange(12))
+    assert gpu.to_host(x)[:16].sum() == 0 and gpu.to_host(x)[28:].sum() == 0
+
+
+def test_ids_buffer_is_reused_and_refreshed():
+    a = np.array([[1, 2], [3, 4]], dtype=np.int32)
+    first = gpu.ids_to_device(a)
+    second = gpu.ids_to_device(a[::-1].copy())
+    assert first is second  # one buffer per shape: no allocation per step
+    np.testing.assert_array_equal(gpu.to_host(second), a[::-1])
