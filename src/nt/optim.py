@@ -329,6 +329,10 @@ class Chuck(Adam):
         self.tensor_steps = np.zeros(S, dtype=np.int64)
         self.scale = np.ones(S, dtype=np.float64)   # this step's per-tensor multiplier (0 = frozen)
         self.grad_norms = np.zeros(S, dtype=np.float64)
+        # the kernel reads scale and tensor_steps from these copies, refreshed every step
+        # (on a GPU this avoids uploading two new arrays per step; on the CPU they are views)
+        self._scale_dev = self.k.to_device(self.scale)
+        self._steps_dev = self.k.to_device(self.tensor_steps)
 
     def _segments(self, params: Params) -> np.ndarray:
         return tensor_offsets(params)
@@ -405,7 +409,9 @@ class Chuck(Adam):
         self.tensor_steps += self.scale > 0
         lr_eff = (self.lr if lr is None else lr) * self.lr_mult * self.damp
         self.last_lr = lr_eff
-        self._update(self.k.to_device(self.scale), self.k.to_device(self.tensor_steps), lr_eff)
+        self.k.copy_(self._scale_dev, self.scale)
+        self.k.copy_(self._steps_dev, self.tensor_steps)
+        self._update(self._scale_dev, self._steps_dev, lr_eff)
         if noise_due:
             sigma = self.noise_scale * lr_eff * self._segment_norms(self.params.flat) / self._sqrt_sizes
             sigma[self.scale == 0] = 0.0

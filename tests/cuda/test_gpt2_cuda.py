@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from nt.models.gpt2 import GPT2, GPT2Config
-from nt.optim import AdamW, clip_grad_norm
+from nt.optim import AdamW, Chuck, clip_grad_norm
 
 LR = 1e-2
 TOL = {np.float64: dict(rtol=1e-9, atol=1e-12), np.float32: dict(rtol=1e-4, atol=2e-6)}
@@ -16,7 +16,7 @@ def _step(model, opt, idx, targets):
     model.backward()
     norm = clip_grad_norm(model.params, 1.0)
     grads = np.array(model.tape.k.to_host(model.params.grad))  # a copy: on the CPU to_host is a view
-    opt.step()
+    opt.step(loss=loss) if isinstance(opt, Chuck) else opt.step()
     return logits.copy(), loss, norm, grads
 
 
@@ -48,13 +48,15 @@ def test_gpt2_step_matches_cpu(dtype):
     assert runs["cuda"][1][1] < runs["cuda"][0][1]  # the step lowered the loss
 
 
-def test_steady_cuda_step_allocates_no_device_memory(monkeypatch):
-    """After the first step, a whole step (forward, backward, clipping, AdamW, reading the
-    loss) makes no device array: ids go to cached buffers, scratch is made once."""
+@pytest.mark.parametrize("optimizer", ["adamw", "chuck"])
+def test_steady_cuda_step_allocates_no_device_memory(monkeypatch, optimizer):
+    """After the first step, a whole step (forward, backward, clipping, the optimizer,
+    reading the loss) makes no device array: ids go to cached buffers, scratch is made once.
+    (Chuck's noise events, off here, upload their per-tensor sigmas.)"""
     from numba import cuda
     cfg = GPT2Config(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8)
     model = GPT2(cfg, device="cuda", dtype=np.float32, seed=0)
-    opt = AdamW(model.params, lr=LR)
+    opt = AdamW(model.params, lr=LR) if optimizer == "adamw" else Chuck(model.params, lr=LR, noise_patience=0)
     rng = np.random.default_rng(1)
     batches = [rng.integers(0, cfg.vocab_size, (2, 4)).astype(np.int32) for _ in range(2)]
     made = []
