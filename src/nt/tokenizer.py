@@ -137,7 +137,11 @@ class BPE:
     def train(cls, text: str, vocab_size: int, special_tokens: Iterable[str] = (ENDOFTEXT,),
               min_frequency: int = 2) -> "BPE":
         """Learn merges on `text` until the vocabulary (256 bytes + merges + special tokens)
-        has `vocab_size` entries, or no pair occurs `min_frequency` times any more."""
+        has `vocab_size` entries, or no pair occurs `min_frequency` times any more.
+
+        Special tokens take the last ids, e.g. special_tokens=(ENDOFTEXT, *CHAT_TOKENS)
+        for <|endoftext|>, <|im_start|>, <|im_end|>.
+        """
         special_tokens = list(dict.fromkeys(special_tokens))
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
