@@ -7,55 +7,63 @@ counted row, with lse = log sum_v exp(z_v) and eps the label smoothing:
 (PyTorch's label_smoothing; PaLM's z-loss), and the mean over counted rows is reported.
 Its gradient is p_v (1 + 2 z_loss lse) - (1 - eps) onehot_v - eps / V. Probabilities are
 never stored: the backward recomputes them from the saved lse.
+
+Arithmetic stays in the logits' float type with vmath's vectorizable exp; `reassoc` lets
+the row sums vectorize (LLVM keeps many partial sums, which also bounds float32 rounding).
 """
 import numpy as np
 from numba import njit, prange
 
+from . import vmath
+from .vmath import like
 
-@njit(parallel=True, cache=True)
+FASTMATH = {"reassoc", "contract"}
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def softmax_forward(out, inp):
     """out (N, C) = softmax of each row of inp."""
     N, C = inp.shape
     for n in prange(N):
         x = inp[n]
-        m = -np.inf
+        m = like(x[0], -np.inf)
         for c in range(C):
             m = max(m, x[c])
-        s = 0.0
+        s = like(m, 0.0)
         for c in range(C):
-            e = np.exp(x[c] - m)
+            e = vmath.exp(x[c] - m)
             out[n, c] = e
             s += e
-        inv = 1.0 / s
+        inv = like(m, 1.0) / s
         for c in range(C):
             out[n, c] *= inv
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def softmax_backward(dinp, dout, out):
     """Accumulate dinp += y * (dy - sum(dy * y)) per row, y the softmax output."""
     N, C = out.shape
     for n in prange(N):
-        dot = 0.0
+        dot = like(out[0, 0], 0.0)
         for c in range(C):
             dot += dout[n, c] * out[n, c]
         for c in range(C):
             dinp[n, c] += out[n, c] * (dout[n, c] - dot)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def softmax_xent_forward(loss, losses, lse, logits, targets, V, smoothing=0.0, z_loss=0.0):
     """loss (1,) = mean of losses (N,) over targets >= 0; lse (N,) saved for the backward."""
     N = logits.shape[0]
     for n in prange(N):
         row = logits[n]
-        m = -np.inf
+        m = like(row[0], -np.inf)
         for v in range(V):
             m = max(m, row[v])
-        s = 0.0
-        zsum = 0.0
+        s = like(m, 0.0)
+        zsum = like(m, 0.0)
         for v in range(V):
-            s += np.exp(row[v] - m)
+            s += vmath.exp(row[v] - m)
             zsum += row[v]
         L = m + np.log(s)
         lse[n] = L
@@ -73,7 +81,7 @@ def softmax_xent_forward(loss, losses, lse, logits, targets, V, smoothing=0.0, z
     loss[0] = total / count if count > 0 else 0.0
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def softmax_xent_backward(dlogits, dloss, logits, lse, targets, V, smoothing=0.0, z_loss=0.0):
     """Accumulate dlogits += dloss / count * (p (1 + 2 z_loss lse) - (1-eps) onehot - eps/V)."""
     N = logits.shape[0]
@@ -91,8 +99,8 @@ def softmax_xent_backward(dlogits, dloss, logits, lse, targets, V, smoothing=0.0
         row = logits[n]
         drow = dlogits[n]
         L = lse[n]
-        pscale = scale * (1.0 + 2.0 * z_loss * L)
-        uniform = scale * smoothing / V
+        pscale = like(L, scale * (1.0 + 2.0 * z_loss * L))
+        uniform = like(L, scale * smoothing / V)
         for v in range(V):
-            drow[v] += pscale * np.exp(row[v] - L) - uniform
+            drow[v] += pscale * vmath.exp(row[v] - L) - uniform
         drow[tgt] -= scale * (1.0 - smoothing)

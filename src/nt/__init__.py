@@ -6,7 +6,7 @@
     logits, loss = model(x, y)        # forward
     model.zero_grad(); model.backward(); opt.step()
 """
-from . import io, models, ops, optim
+from . import io, models, ops, optim, profile
 from .backend import backend
 from .tape import Tape
 from .tensor import Arena, Params, Tensor
@@ -23,4 +23,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'nt' has no attribute {name!r}")
 
 
-__all__ = ["Tape", "Tensor", "Arena", "Params", "backend", "ops", "optim", "models", "io", "data", "tokenizer"]
+__all__ = ["Tape", "Tensor", "Arena", "Params", "backend", "ops", "optim", "models", "io", "data", "tokenizer", "profile"]

@@ -1,0 +1,317 @@
+"""ggml's quantised block formats: dequantisers, quantisers, and matmul straight on blocks.
+
+Every format stores a tensor's elements in order, fastest axis first, cut into blocks of
+`block_size` elements that take `type_size` bytes each (little-endian):
+
+  type   block  bytes  layout (offsets in bytes)                         element value
+  Q4_0     32     18   d f16 | qs[16] (nibbles)                          d * (q - 8)
+  Q4_1     32     20   d f16 | m f16 | qs[16]                            d * q + m
+  Q5_0     32     22   d f16 | qh u32 | qs[16]                           d * (q - 16)
+  Q5_1     32     24   d f16 | m f16 | qh u32 | qs[16]                   d * q + m
+  Q8_0     32     34   d f16 | qs[32] int8                               d * q
+  Q2_K    256     84   scales[16] | qs[64] | d f16 | dmin f16            (d*sc) * q - (dmin*m)
+  Q3_K    256    110   hmask[32] | qs[64] | scales[12] | d f16           (d*sc) * q
+  Q4_K    256    144   d f16 | dmin f16 | scales[12] | qs[128]           (d*sc) * q - (dmin*m)
+  Q5_K    256    176   d f16 | dmin f16 | scales[12] | qh[32] | qs[128]  (d*sc) * q - (dmin*m)
+  Q6_K    256    210   ql[128] | qh[64] | scales[16] int8 | d f16        (d*sc) * q
+
+In the 32-element formats byte j of qs holds element j in its low nibble and element
+j + 16 in its high nibble; Q5's 5th bits are bit j of qh. The K-quants ("super-blocks")
+carry one scale (and min) per sub-block of 16 or 32 elements; the exact bit positions are
+spelled out in each kernel. Products are formed in float32 in the same order as ggml, so
+the results are bit-identical to ggml's (and the `gguf` package's) dequantisers.
+
+Kernels read raw bytes (uint8 arrays, any alignment) and assemble multi-byte fields with
+shifts, so they are independent of the host's byte order and of the file's alignment.
+f16 values are decoded through a 65536-entry table (`F16_TABLE`), exact by construction.
+"""
+import numba
+import numpy as np
+from numba import njit, prange
+
+QK = 32      # elements per block of the 32-element formats
+QK_K = 256   # elements per K-quant super-block
+
+# every half-precision bit pattern -> its float32 value (NumPy's conversion is exact)
+F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(cache=True)
+def _f16(raw, i, f16):
+    return f16[np.int64(raw[i]) | (np.int64(raw[i + 1]) << 8)]
+
+
+@njit(cache=True)
+def _u32(raw, i):
+    return (np.int64(raw[i]) | (np.int64(raw[i + 1]) << 8) | (np.int64(raw[i + 2]) << 16)
+            | (np.int64(raw[i + 3]) << 24))
+
+
+# ---------------------------------------------------------------------- plain float formats
+
+@njit(parallel=True, cache=True)
+def dequantize_f16(out, raw, f16):
+    """out (n,) float32 <- raw (2n,) bytes of little-endian IEEE halves."""
+    for i in prange(out.shape[0]):
+        out[i] = _f16(raw, 2 * i, f16)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_bf16(out, raw, f16):
+    """out (n,) uint32 <- float32 bit patterns of raw (2n,) bytes of bfloat16 (the top half
+    of a float32). The caller passes its float32 output viewed as uint32: a view taken
+    inside a parallel kernel does not alias reliably in Numba (measured: writes were lost)."""
+    for i in prange(out.shape[0]):
+        out[i] = np.uint32((np.int64(raw[2 * i]) | (np.int64(raw[2 * i + 1]) << 8)) << 16)
+
+
+@njit(parallel=True, cache=True)
+def quantize_bf16(out, bits):
+    """out (n,) uint16 <- bf16 of the float32 bit patterns bits (n,) uint32 (a view of the
+    float32 input), rounding to nearest even; NaNs stay quiet NaNs."""
+    for i in prange(bits.shape[0]):
+        n = np.int64(bits[i])
+        if (n & 0x7FFFFFFF) > 0x7F800000:
+            n = (n & 0xFFFF0000) | (64 << 16)
+        out[i] = np.uint16((n + 0x7FFF + ((n >> 16) & 1)) >> 16)
+
+
+# ---------------------------------------------------------------------- 32-element blocks
+
+@njit(parallel=True, cache=True)
+def dequantize_q4_0(out, raw, f16):
+    for b in prange(out.shape[0] // QK):
+        p, o = b * 18, b * QK
+        d = _f16(raw, p, f16)
+        for j in range(16):
+            x = np.int64(raw[p + 2 + j])
+            out[o + j] = d * np.float32((x & 15) - 8)
+            out[o + j + 16] = d * np.float32((x >> 4) - 8)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q4_1(out, raw, f16):
+    for b in prange(out.shape[0] // QK):
+        p, o = b * 20, b * QK
+        d, m = _f16(raw, p, f16), _f16(raw, p + 2, f16)
+        for j in range(16):
+            x = np.int64(raw[p + 4 + j])
+            out[o + j] = d * np.float32(x & 15) + m
+            out[o + j + 16] = d * np.float32(x >> 4) + m
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q5_0(out, raw, f16):
+    for b in prange(out.shape[0] // QK):
+        p, o = b * 22, b * QK
+        d = _f16(raw, p, f16)
+        qh = _u32(raw, p + 2)
+        for j in range(16):
+            x = np.int64(raw[p + 6 + j])
+            lo = (x & 15) | (((qh >> j) & 1) << 4)
+            hi = (x >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            out[o + j] = d * np.float32(lo - 16)
+            out[o + j + 16] = d * np.float32(hi - 16)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q5_1(out, raw, f16):
+    for b in prange(out.shape[0] // QK):
+        p, o = b * 24, b * QK
+        d, m = _f16(raw, p, f16), _f16(raw, p + 2, f16)
+        qh = _u32(raw, p + 4)
+        for j in range(16):
+            x = np.int64(raw[p + 8 + j])
+            lo = (x & 15) | (((qh >> j) & 1) << 4)
+            hi = (x >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            out[o + j] = d * np.float32(lo) + m
+            out[o + j + 16] = d * np.float32(hi) + m
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q8_0(out, raw, f16):
+    for b in prange(out.shape[0] // QK):
+        p, o = b * 34, b * QK
+        d = _f16(raw, p, f16)
+        for j in range(QK):
+            out[o + j] = np.float32(np.int8(raw[p + 2 + j])) * d
+
+
+# ---------------------------------------------------------------------- K-quant super-blocks
+
+@njit(parallel=True, cache=True)
+def dequantize_q2_k(out, raw, f16):
+    """16 sub-blocks of 16; scales[g] = sc (low nibble) | m (high nibble); 2-bit q.
+    Element e = n*128 + s*32 + t (n < 2, s < 4, t < 32) is bits 2s..2s+1 of qs[n*32 + t]."""
+    for b in prange(out.shape[0] // QK_K):
+        p, o = b * 84, b * QK_K
+        d, dmin = _f16(raw, p + 80, f16), _f16(raw, p + 82, f16)
+        for e in range(QK_K):
+            n, s, t = e >> 7, (e >> 5) & 3, e & 31
+            sc = np.int64(raw[p + (e >> 4)])
+            q = (np.int64(raw[p + 16 + n * 32 + t]) >> (2 * s)) & 3
+            out[o + e] = (d * np.float32(sc & 15)) * np.float32(q) - dmin * np.float32(sc >> 4)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q3_k(out, raw, f16):
+    """16 sub-blocks of 16 with 6-bit signed scales (stored +32): the low 4 bits of scale i
+    are nibble i//8 of scales[i%8], the high 2 bits are bits 2*(i//4).. of scales[8 + i%4].
+    q = (2 low bits as in Q2_K) - 4 unless bit n*4+s of hmask[t] is set."""
+    for b in prange(out.shape[0] // QK_K):
+        p, o = b * 110, b * QK_K
+        d = _f16(raw, p + 108, f16)
+        for e in range(QK_K):
+            n, s, t, i = e >> 7, (e >> 5) & 3, e & 31, e >> 4
+            lo = (np.int64(raw[p + 96 + (i & 7)]) >> (4 * (i >> 3))) & 15
+            hi = (np.int64(raw[p + 104 + (i & 3)]) >> (2 * (i >> 2))) & 3
+            sc = (lo | (hi << 4)) - 32
+            q = (np.int64(raw[p + 32 + n * 32 + t]) >> (2 * s)) & 3
+            if not (np.int64(raw[p + t]) >> (n * 4 + s)) & 1:
+                q -= 4
+            out[o + e] = (d * np.float32(sc)) * np.float32(q)
+
+
+@njit(cache=True)
+def _scale_min_k4(raw, p, g):
+    """Q4_K/Q5_K 6-bit scale and min of sub-block g (< 8) from the 12 bytes at raw[p]."""
+    if g < 4:
+        return np.int64(raw[p + g]) & 63, np.int64(raw[p + g + 4]) & 63
+    sc = (np.int64(raw[p + g + 4]) & 15) | ((np.int64(raw[p + g - 4]) >> 6) << 4)
+    m = (np.int64(raw[p + g + 4]) >> 4) | ((np.int64(raw[p + g]) >> 6) << 4)
+    return sc, m
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q4_k(out, raw, f16):
+    """8 sub-blocks of 32; sub-block g = 2c + k is nibble k of qs[c*32 .. c*32 + 31]."""
+    for b in prange(out.shape[0] // QK_K):
+        p, o = b * 144, b * QK_K
+        d, dmin = _f16(raw, p, f16), _f16(raw, p + 2, f16)
+        for g in range(8):
+            sc, m = _scale_min_k4(raw, p + 4, g)
+            dl, ml = d * np.float32(sc), dmin * np.float32(m)
+            c, k = g >> 1, g & 1
+            for t in range(32):
+                q = (np.int64(raw[p + 16 + c * 32 + t]) >> (4 * k)) & 15
+                out[o + g * 32 + t] = dl * np.float32(q) - ml
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q5_k(out, raw, f16):
+    """As Q4_K, plus a 5th bit: bit g of qh[t] for element t of sub-block g."""
+    for b in prange(out.shape[0] // QK_K):
+        p, o = b * 176, b * QK_K
+        d, dmin = _f16(raw, p, f16), _f16(raw, p + 2, f16)
+        for g in range(8):
+            sc, m = _scale_min_k4(raw, p + 4, g)
+            dl, ml = d * np.float32(sc), dmin * np.float32(m)
+            c, k = g >> 1, g & 1
+            for t in range(32):
+                q = (np.int64(raw[p + 48 + c * 32 + t]) >> (4 * k)) & 15
+                q |= ((np.int64(raw[p + 16 + t]) >> g) & 1) << 4
+                out[o + g * 32 + t] = dl * np.float32(q) - ml
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q6_k(out, raw, f16):
+    """16 sub-blocks of 16 with int8 scales. Element e = n*128 + r: low 4 bits are nibble
+    r//64 of ql[n*64 + r%64], high 2 bits are bits 2*(r//32).. of qh[n*32 + r%32]; q - 32."""
+    for b in prange(out.shape[0] // QK_K):
+        p, o = b * 210, b * QK_K
+        d = _f16(raw, p + 208, f16)
+        for e in range(QK_K):
+            n, r = e >> 7, e & 127
+            lo = (np.int64(raw[p + n * 64 + (r & 63)]) >> (4 * (r >> 6))) & 15
+            hi = (np.int64(raw[p + 128 + n * 32 + (r & 31)]) >> (2 * (r >> 5))) & 3
+            sc = np.int64(np.int8(raw[p + 192 + (e >> 4)]))
+            out[o + e] = (d * np.float32(sc)) * np.float32((lo | (hi << 4)) - 32)
+
+
+# ---------------------------------------------------------------------- quantisers
+
+@njit(parallel=True, cache=True)
+def quantize_q8_0(raw, d_out, x):
+    """Q8_0 blocks of x (nb*32,) as ggml does: d = max|x| / 127, q = round-half-away(x / d).
+
+    Writes the int8 q's into raw (nb*34,) and d as float32 into d_out (nb,); the caller
+    stores d as f16 in each block's first two bytes (exact rounding is NumPy's job)."""
+    for b in prange(x.shape[0] // QK):
+        o, p = b * QK, b * 34
+        amax = np.float32(0.0)
+        for j in range(QK):
+            amax = max(amax, abs(x[o + j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        d_out[b] = d
+        for j in range(QK):
+            v = x[o + j] * inv
+            a = abs(v)
+            r = np.floor(a) + np.floor(np.float32(2.0) * (a - np.floor(a)))  # roundf, in float32
+            q = np.int64(-r if v < 0 else r)
+            raw[p + 2 + j] = np.uint8(q & 255)
+
+
+@njit(parallel=True, cache=True)
+def quantize_q4_0(raw, d_out, x):
+    """Q4_0 blocks as ggml does: m = the element of largest magnitude (with its sign),
+    d = m / -8, q = min(15, trunc(x / d + 8.5)). Same contract as quantize_q8_0 (18-byte blocks)."""
+    for b in prange(x.shape[0] // QK):
+        o, p = b * QK, b * 18
+        m = x[o]
+        for j in range(1, QK):
+            if abs(x[o + j]) > abs(m):
+                m = x[o + j]
+        d = m / np.float32(-8.0)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        d_out[b] = d
+        for j in range(16):
+            lo = min(15, max(0, np.int64(x[o + j] * inv + np.float32(8.5))))
+            hi = min(15, max(0, np.int64(x[o + j + 16] * inv + np.float32(8.5))))
+            raw[p + 2 + j] = np.uint8(lo | (hi << 4))
+
+
+# ---------------------------------------------------------------------- matmul on blocks
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def matmul_q8_0(out, x, w, f16, scratch):
+    """out (N, OC) = x (N, C) @ W^T with W stored as Q8_0 rows w (OC, C/32*34) uint8.
+
+    Parallel over output rows; blocks are decoded where they are used and the matrix is
+    never expanded. Each thread sums into its own 32 lanes (scratch (threads, 32) float32,
+    row numba.get_thread_id()): lane j += d * q_j * x_j over all blocks, one horizontal
+    sum per output instead of one per block (2.5x faster, measured). fastmath reassoc
+    lets the lane loop vectorise (tested against dequantise-then-matmul)."""
+    N, C = x.shape
+    for oc in prange(w.shape[0]):
+        acc = scratch[numba.get_thread_id()]
+        row = w[oc]
+        for n in range(N):
+            xn = x[n]
+            acc[:] = 0.0
+            for b in range(C // QK):
+                p = b * 34
+                d = _f16(row, p, f16)
+                for j in range(QK):
+                    acc[j] += d * (np.float32(np.int8(row[p + 2 + j])) * xn[b * QK + j])
+            out[n, oc] = acc.sum()
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def matmul_q4_0(out, x, w, f16, scratch):
+    """As matmul_q8_0 for Q4_0 rows w (OC, C/32*18)."""
+    N, C = x.shape
+    for oc in prange(w.shape[0]):
+        acc = scratch[numba.get_thread_id()]
+        row = w[oc]
+        for n in range(N):
+            xn = x[n]
+            acc[:] = 0.0
+            for b in range(C // QK):
+                p = b * 18
+                d = _f16(row, p, f16)
+                for j in range(16):
+                    q = np.int32(row[p + 2 + j])
+                    acc[j] += d * (np.float32((q & 15) - 8) * xn[b * QK + j])
+                    acc[j + 16] += d * (np.float32((q >> 4) - 8) * xn[b * QK + j + 16])
+            out[n, oc] = acc.sum()
