@@ -17,12 +17,12 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from .io.llmc import read_llmc_tokens, write_llmc_tokens
-from .tokenizer import BPE, ENDOFTEXT
+from .tokenizer import BPE, ENDOFTEXT, text_chunks
 
 BYTE_VOCAB = 256
 DEFAULT_BPE_VOCAB = 4096
@@ -101,32 +101,11 @@ def _shard_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
-def _text_chunks(text: str, size: int) -> Iterator[str]:
-    """Pieces of about `size` characters whose pre-tokens are exactly the text's: each cut
-    falls right after a newline that has a non-space on both sides, where GPT-2's
-    pre-tokenizer ends a token whether or not the text continues."""
-    start = 0
-    while start < len(text):
-        cut = len(text)
-        if start + size < len(text):
-            pos = start + size
-            while True:
-                pos = text.find("\n", pos)
-                if pos < 0 or pos + 1 >= len(text):
-                    break
-                if not text[pos - 1].isspace() and not text[pos + 1].isspace():
-                    cut = pos + 1
-                    break
-                pos += 1
-        yield text[start:cut]
-        start = cut
-
-
 def encode_text(bpe: BPE, text: str, chunk_chars: int = 1 << 20, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """BPE token ids of a (long) text as an integer array, encoded chunk by chunk;
     `progress(n_chars_done)` is called after each chunk."""
     parts, done = [], 0
-    for chunk in _text_chunks(text, chunk_chars):
+    for chunk in text_chunks(text, chunk_chars):
         parts.append(np.asarray(bpe.encode_ordinary(chunk), dtype=np.uint32))
         done += len(chunk)
         if progress is not None:

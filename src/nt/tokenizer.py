@@ -24,7 +24,7 @@ import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -86,6 +86,27 @@ def pretokenize(text: str) -> list[str]:
     return gpt2_pattern(astral).findall(text)
 
 
+def text_chunks(text: str, size: int) -> Iterator[str]:
+    """Pieces of about `size` characters whose pre-tokens are exactly the text's: each cut
+    falls right after a newline that has a non-space on both sides, where GPT-2's
+    pre-tokenizer ends a token whether or not the text continues."""
+    start = 0
+    while start < len(text):
+        cut = len(text)
+        if start + size < len(text):
+            pos = start + size
+            while True:
+                pos = text.find("\n", pos)
+                if pos < 0 or pos + 1 >= len(text):
+                    break
+                if not text[pos - 1].isspace() and not text[pos + 1].isspace():
+                    cut = pos + 1
+                    break
+                pos += 1
+        yield text[start:cut]
+        start = cut
+
+
 class BPE:
     """A byte-level BPE tokenizer: 256 byte tokens, merges, then special tokens.
 
@@ -137,12 +158,18 @@ class BPE:
     def train(cls, text: str, vocab_size: int, special_tokens: Iterable[str] = (ENDOFTEXT,),
               min_frequency: int = 2) -> "BPE":
         """Learn merges on `text` until the vocabulary (256 bytes + merges + special tokens)
-        has `vocab_size` entries, or no pair occurs `min_frequency` times any more."""
+        has `vocab_size` entries, or no pair occurs `min_frequency` times any more.
+
+        Special tokens take the last ids, e.g. special_tokens=(ENDOFTEXT, *CHAT_TOKENS)
+        for <|endoftext|>, <|im_start|>, <|im_end|>.
+        """
         special_tokens = list(dict.fromkeys(special_tokens))
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
-        words = Counter(pretokenize(text))
+        words: Counter = Counter()
+        for chunk in text_chunks(text, 1 << 20):  # bounded memory for the pre-token lists
+            words.update(pretokenize(chunk))
         encoded = [w.encode("utf-8") for w in words]
         lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)

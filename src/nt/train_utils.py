@@ -1,26 +1,60 @@
-"""What every training script shares: data and tokenizer options, run folders with
-checkpoints and resume, the loss log (JSONL + PNG curve), the progress bar.
+"""What every training script shares: the common flags, data and tokenizer, run folders
+with checkpoints and resume, the loss log (JSONL + PNG curve), the training loop.
 
-    p = argparse.ArgumentParser(); add_data_args(p); add_run_args(p)
-    data = load_data(args)                     # shards + tokenizer, BPE by default
+    p = argparse.ArgumentParser(); add_training_args(p); ...model flags...
+    args = p.parse_args()
+    data = load_data(args)                     # token arrays + tokenizer, BPE by default
     resume = resume_path(args)                 # a checkpoint folder or None
-    log = LossLog(args.out_dir, resume_step)   # log.write(step=..., train_loss=...)
+    model = load_model(resume) if resume else MyModel(...)
+    train(args, model, data, resume)           # loop, eval, log, checkpoints, sample
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .data import (BYTE_VOCAB, DEFAULT_BPE_VOCAB, builtin_corpus, builtin_tokenizer, byte_tokens_to_text,
-                   encode_text, text_to_byte_tokens)
-from .io import latest_checkpoint, read_llmc_tokens
+from .data import (BYTE_VOCAB, DEFAULT_BPE_VOCAB, DataLoader, builtin_corpus, builtin_tokenizer,
+                   byte_tokens_to_text, encode_text, text_to_byte_tokens)
+from .io import latest_checkpoint, load_checkpoint, read_llmc_tokens, save_run_checkpoint
+from .optim import OPTIMIZERS, Chuck, CosineSchedule, GradScaler, accumulate_grads, clip_grad_norm, make_optimizer
 from .tokenizer import BPE
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """The flags every training script takes: data, run folder, optimisation, sampling."""
+    add_data_args(p)
+    add_run_args(p)
+    p.add_argument("-B", "--batch-size", type=int, default=16)
+    p.add_argument("-T", "--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw",
+                   help="adamw (default), adam, sgd (momentum 0.9) or chuck (AdamW that watches the loss)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches of -B sequences per optimizer step (effective batch: grad_accum * B)")
+    p.add_argument("--loss-scale", action="store_true",
+                   help="dynamic loss scaling with a NaN/Inf guard: steps with non-finite grads are skipped")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--sample-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--prompt", default="The")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -214,3 +248,93 @@ def progress(step: int, total: int, text: str) -> None:
     if sys.stderr.isatty() or step == total or step % 10 == 0:
         print(f"\r[{bar}] {step}/{total} {text}", end=end, file=sys.stderr, flush=True)
 
+
+
+def train(args, model, data: Data, resume: Optional[Path] = None) -> None:
+    """The training loop shared by the scripts: --optimizer with warmup + cosine decay,
+    gradient accumulation, optional loss scaling, grad clipping, evaluation, log.jsonl,
+    checkpoints every --checkpoint-every steps, exact resume from `resume`, a loss curve
+    and a sample at the end."""
+    cfg = model.config
+    if cfg.vocab_size < data.vocab_size:
+        sys.exit(f"error: model vocab {cfg.vocab_size} < data vocab {data.vocab_size}")
+    if args.seq_len > cfg.block_size:
+        sys.exit(f"error: -T {args.seq_len} exceeds the model's block_size {cfg.block_size}")
+    B, T = args.batch_size, args.seq_len
+    train_loader = DataLoader(data.train, B, T, shuffle=True, seed=args.seed, vocab_size=cfg.vocab_size)
+    val_loader = DataLoader(data.val, B, T, vocab_size=cfg.vocab_size)
+    baseline = unigram_loss(data.train, data.val, cfg.vocab_size)
+    print(f"unigram baseline val loss: {baseline:.4f}   uniform: {math.log(cfg.vocab_size):.4f}")
+
+    if args.grad_accum < 1:
+        sys.exit(f"error: --grad-accum must be >= 1, got {args.grad_accum}")
+    optimizer = make_optimizer(args.optimizer, model.params, args.lr, args.weight_decay)
+    schedule = CosineSchedule(args.lr, args.warmup, args.steps, args.min_lr_ratio)
+    scaler = GradScaler(model.params) if args.loss_scale else None
+    start = 0
+    if resume is not None:
+        restored = load_checkpoint(resume, model, optimizer, loaders={"train": train_loader})
+        start = restored.step
+        if scaler is not None and "scaler" in restored.extra:
+            scaler.load_state_dict(restored.extra["scaler"])
+        print(f"resumed from {resume} at step {start}")
+    log = LossLog(args.out_dir, start if resume is not None else None)
+
+    def evaluate() -> float:
+        model.eval()
+        val_loader.set_state({"epoch": 0, "position": 0})
+        n = min(args.eval_batches, val_loader.batches_per_epoch)
+        loss = sum(model(*val_loader.next_batch())[1] for _ in range(n)) / n
+        model.train()
+        return loss
+
+    def checkpoint(step: int) -> None:
+        path = save_run_checkpoint(args.out_dir, step, model, optimizer, keep_last=args.keep_last,
+                                   loaders={"train": train_loader}, schedule=schedule,
+                                   extra={"scaler": scaler.state_dict()} if scaler is not None else None)
+        print(f"\nsaved checkpoint {path}", file=sys.stderr, flush=True)
+
+    times = []
+    for step in range(start, args.steps + 1):
+        last = step == args.steps
+        if args.eval_every > 0 and (step % args.eval_every == 0 or last):
+            val = evaluate()
+            log.write(step=step, val_loss=val)
+            print(f"\nstep {step}: val loss {val:.4f}", file=sys.stderr, flush=True)
+        if last:
+            break
+        t0 = time.perf_counter()
+        # zero grads, forward + backward each micro-batch, grads /= grad_accum
+        loss_value = accumulate_grads(model, [train_loader.next_batch() for _ in range(args.grad_accum)], scaler)
+        finite = scaler.unscale_() if scaler is not None else True  # grads /= loss scale, inf/nan check
+        norm = clip_grad_norm(model.params, args.grad_clip) if args.grad_clip > 0 and finite else float("nan")
+        lr = schedule(step)
+        step_args = {"lr": lr, **({"loss": loss_value} if isinstance(optimizer, Chuck) else {})}
+        if scaler is not None:
+            scaler.step(optimizer, **step_args)  # skipped (and counted) on non-finite grads
+        else:
+            optimizer.step(**step_args)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        log.write(step=step + 1, train_loss=loss_value, lr=lr, ms=round(dt * 1e3, 2))
+        extra = f" scale {scaler.scale:g} skipped {scaler.skipped_steps}" if scaler is not None else ""
+        progress(step + 1, args.steps, f"loss {loss_value:.4f} norm {norm:.2f} lr {lr:.2e}{extra} "
+                                       f"{dt * 1e3:.0f} ms/step {B * T * args.grad_accum / dt:,.0f} tok/s")
+        if args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            checkpoint(step + 1)
+    if args.checkpoint_every > 0 and start < args.steps:
+        checkpoint(args.steps)
+    if len(times) > 1:
+        steady = sorted(times[1:])[len(times[1:]) // 2]
+        print(f"median step {steady * 1e3:.1f} ms, {B * T * args.grad_accum / steady:,.0f} tokens/s "
+              f"(first step with compilation: {times[0]:.1f} s)")
+    png = log.plot(baseline)
+    print(f"loss log: {log.path}" + (f", curve: {png}" if png else ""))
+
+    if args.sample_tokens > 0:
+        prompt = data.encode(args.prompt) if data.tokenizer is not None or data.is_bytes else np.array([0])
+        out = model.generate(prompt, args.sample_tokens, temperature=args.temperature, top_k=args.top_k,
+                             seed=args.seed)
+        text = data.decode(out)
+        print(f"\n--- sample (temperature {args.temperature}, top-k {args.top_k}) ---")
+        print(text if text is not None else out.tolist())

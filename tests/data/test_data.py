@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from nt.data import DataLoader, _text_chunks, encode_text, prepare
+from nt.data import DataLoader, encode_text, prepare
 from nt.io import FormatError, read_llmc_tokens, write_llmc_tokens
-from nt.tokenizer import BPE, pretokenize
+from nt.tokenizer import BPE, pretokenize, text_chunks
 
 
 def windows_of(loader, batches):
@@ -96,7 +96,7 @@ def test_uint32_shards(tmp_path):
 
 def test_text_chunks_keep_pretokens():
     text = "a\n\n  b\nword \nnext\n\tx\ny z\n" * 50 + "end\n"
-    chunks = list(_text_chunks(text, 7))
+    chunks = list(text_chunks(text, 7))
     assert "".join(chunks) == text and len(chunks) > 10
     assert [t for c in chunks for t in pretokenize(c)] == pretokenize(text)
 

@@ -1,5 +1,6 @@
-"""train/train_gpt2.py end to end on a tiny model: a run stopped and resumed logs the
-same losses as an uninterrupted one, bit for bit."""
+"""train/train_gpt2.py and train/train_llama.py end to end on tiny models: a run stopped
+and resumed logs the same losses as an uninterrupted one, bit for bit (Llama with dropout,
+so the tape's RNG counter must come back too)."""
 import importlib.util
 import json
 import shutil
@@ -10,24 +11,31 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def train_main():
-    spec = importlib.util.spec_from_file_location("train_gpt2", ROOT / "train" / "train_gpt2.py")
+def script_main(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "train" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+@pytest.fixture(scope="module")
+def train_main():
+    return script_main("train_gpt2")
 
 
 def log_of(out_dir):
     return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_resume_matches_uninterrupted_run(train_main, tmp_path, capsys):
+@pytest.mark.parametrize("script,flags", [("train_gpt2", ["--preset", "tiny"]),
+                                          ("train_llama", ["--preset", "llama-tiny", "--dropout", "0.1"])])
+def test_resume_matches_uninterrupted_run(script, flags, tmp_path, capsys):
     from nt.data import builtin_corpus_text
+    train_main = script_main(script)
     text = tmp_path / "data.txt"
     text.write_text(builtin_corpus_text()[:40_000])
-    common = ["--data", str(text), "--vocab-size", "300", "--preset", "tiny", "-B", "2", "-T", "16",
-              "--steps", "6", "--eval-every", "3", "--eval-batches", "2", "--sample-tokens", "5", "--warmup", "2"]
+    common = flags + ["--data", str(text), "--vocab-size", "300", "-B", "2", "-T", "16",
+                      "--steps", "6", "--eval-every", "3", "--eval-batches", "2", "--sample-tokens", "5", "--warmup", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
     train_main(common + ["--out-dir", str(full)])
     train_main(common + ["--out-dir", str(part), "--checkpoint-every", "3", "--keep-last", "0"])

@@ -6,7 +6,8 @@
         config.json            {"model": "GPT2", "config_class": "GPT2Config", "config": {...}}
         optimizer.safetensors  optimizer arrays (AdamW: m, v) -- when an optimizer is given
         state.json             step, optimizer scalars, schedule, data loader positions,
-                               RNG states, anything extra (e.g. the loss scaler)
+                               RNG states (incl. the tape's dropout counter), anything
+                               extra (e.g. the loss scaler's state_dict())
 
 `save_checkpoint` writes everything into a hidden temporary folder, fsyncs each file and
 the folder, then renames it into place: a crash mid-save leaves no half checkpoint. A run
@@ -172,6 +173,8 @@ def save_checkpoint(directory, model, optimizer=None, *, step: int = 0, schedule
     state["schedule"] = _stateful(schedule)
     state["data"] = {name: loader.state() for name, loader in (loaders or {}).items()}
     state["rng"] = {name: g.bit_generator.state for name, g in (rngs or {}).items()}
+    # the tape's counter-based RNG (dropout masks come from (seed, step, call, index))
+    state["tape"] = {name: int(getattr(model.tape, name)) for name in ("seed", "step") if hasattr(model.tape, name)}
     state["extra"] = extra or {}
     _write_json(tmp / "state.json", state)  # last: its presence marks a complete folder
     _fsync_dir(tmp)
@@ -238,6 +241,8 @@ def load_checkpoint(directory, model=None, optimizer=None, *, schedule=None,
         model = load_model(directory, device=device, dtype=dtype)
     else:
         load_weights(directory / "model.safetensors", model)
+    for name, value in state.get("tape", {}).items():
+        setattr(model.tape, name, int(value))
     if optimizer is not None:
         if "optimizer" not in state:
             raise FormatError(f"{directory}: the checkpoint holds no optimizer state")
