@@ -8,6 +8,8 @@ one launch covers all tensors, balanced, and per-tensor sums have a fixed order.
 import numpy as np
 from numba import njit, prange
 
+from .vmath import like
+
 BLOCK = 4096  # elements per parallel task in reductions
 
 
@@ -31,23 +33,28 @@ def adam_update(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_s
         scale = seg_scale[s]
         if scale == 0.0:
             continue
-        bc1 = 1.0 - beta1 ** seg_step[s]
-        bc2 = 1.0 - beta2 ** seg_step[s]
-        lr_s = lr * scale
         lo, hi = block_offsets[b], block_offsets[b + 1]
         P, G, M, V, D = params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], decay_mask[lo:hi]
+        # every coefficient in the parameters' float type, so a float32 update runs in
+        # float32 SIMD lanes (PyTorch's fused AdamW also computes in the parameter type)
+        p0 = P[0]
+        b1, b2 = like(p0, beta1), like(p0, beta2)
+        c1, c2 = like(p0, 1.0 - beta1), like(p0, 1.0 - beta2)
+        inv_bc1 = like(p0, 1.0 / (1.0 - beta1 ** seg_step[s]))
+        inv_bc2 = like(p0, 1.0 / (1.0 - beta2 ** seg_step[s]))
+        eps_, l2_, decay_, lr_s = like(p0, eps), like(p0, l2), like(p0, decay), like(p0, lr * scale)
         for i in range(hi - lo):
             p = P[i]
             g = G[i]
             if D[i]:
-                g += l2 * p
-            mi = beta1 * M[i] + (1.0 - beta1) * g
-            vi = beta2 * V[i] + (1.0 - beta2) * g * g
+                g += l2_ * p
+            mi = b1 * M[i] + c1 * g
+            vi = b2 * V[i] + c2 * g * g
             M[i] = mi
             V[i] = vi
-            update = (mi / bc1) / (np.sqrt(vi / bc2) + eps)
+            update = (mi * inv_bc1) / (np.sqrt(vi * inv_bc2) + eps_)
             if D[i]:
-                update += decay * p
+                update += decay_ * p
             P[i] = p - lr_s * update
 
 
