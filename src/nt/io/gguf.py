@@ -724,6 +724,51 @@ def _llama_import(f: GGUFFile, device: str):
     return model
 
 
+def tokenizer_from_metadata(f: GGUFFile):
+    """The tokenizer a GGUF file describes in its tokenizer.ggml.* keys, or None (model
+    "none" or no vocabulary). Model "gpt2": byte-level BPE (nt.tokenizer.BPE, GPT-2's
+    pre-tokenizer regex) from tokens + merges; model "llama": SentencePiece BPE
+    (nt.tokenizer.SentencePieceBPE) from tokens + scores + token_type. The result carries
+    bos_id, eos_id, add_bos and chat_template (the Jinja source, or None)."""
+    from ..tokenizer import BPE, SP_CONTROL, SP_USER_DEFINED, SentencePieceBPE
+    md = f.metadata
+    kind = md.get("tokenizer.ggml.model", "none")
+    tokens = md.get("tokenizer.ggml.tokens")
+    if kind == "none" or tokens is None:
+        return None
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise FormatError(f"{f.path}: tokenizer.ggml.tokens must be an array of strings")
+    types = md.get("tokenizer.ggml.token_type")
+    if types is not None and len(types) != len(tokens):
+        raise FormatError(f"{f.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    try:
+        if kind == "gpt2":
+            merges = md.get("tokenizer.ggml.merges", [])
+            special = [t for t, k in zip(tokens, types) if k in (SP_CONTROL, SP_USER_DEFINED)] if types is not None else None
+            tok = BPE.from_tokens(tokens, merges, special)
+            tok.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
+        elif kind == "llama":
+            tok = SentencePieceBPE(tokens, md.get("tokenizer.ggml.scores"), types,
+                                   add_space_prefix=bool(md.get("tokenizer.ggml.add_space_prefix", True)),
+                                   unk_id=md.get("tokenizer.ggml.unknown_token_id"))
+            tok.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", True))
+        else:
+            raise FormatError(f"{f.path}: tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, llama)")
+    except ValueError as e:
+        raise FormatError(f"{f.path}: bad {kind} vocabulary: {e}") from None
+    for key, attr in (("tokenizer.ggml.bos_token_id", "bos_id"), ("tokenizer.ggml.eos_token_id", "eos_id")):
+        v = md.get(key)
+        if v is not None:
+            if not isinstance(v, int) or not 0 <= v < len(tokens):
+                raise FormatError(f"{f.path}: {key} = {v!r} is not a token id in [0, {len(tokens)})")
+            setattr(tok, attr, v)
+    if tok.add_bos and tok.bos_id is None:
+        tok.add_bos = False
+    template = md.get("tokenizer.chat_template")
+    tok.chat_template = template if isinstance(template, str) else None
+    return tok
+
+
 def load(path, device: str = "cpu"):
     """Build an nt model from a GGUF file: GPT2 for architecture "gpt2", Llama (with
     llama.cpp's interleaved RoPE pairing, so q/k are used as stored) for "llama". Weights
@@ -732,7 +777,10 @@ def load(path, device: str = "cpu"):
     f = GGUFFile(path)
     arch = f.metadata.get("general.architecture")
     if arch == "gpt2":
-        return _gpt2_import(f, device)
-    if arch == "llama":
-        return _llama_import(f, device)
-    raise FormatError(f"{f.path}: general.architecture {arch!r} is not supported (supported: gpt2, llama)")
+        model = _gpt2_import(f, device)
+    elif arch == "llama":
+        model = _llama_import(f, device)
+    else:
+        raise FormatError(f"{f.path}: general.architecture {arch!r} is not supported (supported: gpt2, llama)")
+    model.tokenizer = tokenizer_from_metadata(f)
+    return model

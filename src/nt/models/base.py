@@ -3,7 +3,7 @@ train/eval modes and flat weight loading. A model supplies `config` (with block_
 vocab_size), `tape`, `params` and `forward(idx, targets) -> (logits, loss)` tensors."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 
@@ -14,6 +14,7 @@ class LanguageModel:
     """Mixin: the model interface built on `forward`."""
 
     loss: Optional[Tensor] = None
+    tokenizer = None   # a tokenizer (encode/decode/token_bytes) when the model file carried one
 
     def forward(self, idx: np.ndarray, targets: Optional[np.ndarray] = None):
         raise NotImplementedError
@@ -84,37 +85,60 @@ class LanguageModel:
 
     def generate(self, idx: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, seed: Optional[int] = None,
-                 on_token: Optional[Callable[[int], None]] = None) -> np.ndarray:
-        """Sample `max_new_tokens` continuations of a (T,) prompt; returns prompt + new ids.
+                 on_token: Optional[Callable[[int], None]] = None, top_p: Optional[float] = None,
+                 stop: Iterable[Union[int, str]] = ()) -> np.ndarray:
+        """Sample up to `max_new_tokens` continuations of a (T,) prompt; returns prompt + new ids.
 
-        temperature 0 is greedy. The context is cropped to block_size. Runs in eval mode
-        (no dropout) and restores the previous mode.
+        temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the
+        top_k largest logits and then to the top_p nucleus (the smallest set of most likely
+        tokens whose probabilities sum to >= top_p). `seed` makes sampling reproducible.
+        on_token(id) is called with each new token as soon as it is chosen (streaming).
+        stop: token ids and/or strings; generation ends after the token that produces one
+        (it is included in the result). Strings need `self.tokenizer` (attached by
+        nt.models.from_gguf) and are matched on the generated text's bytes.
+        The context is cropped to block_size. Runs in eval mode (no dropout) and restores
+        the previous mode.
         """
         idx = np.asarray(idx).reshape(-1).astype(np.int32)
         if idx.size == 0:
             raise ValueError("generate() needs at least one prompt token")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        stop_ids = {int(s) for s in stop if not isinstance(s, str)}
+        stop_strs = [s.encode("utf-8") for s in stop if isinstance(s, str) and s]
+        if stop_strs and getattr(self, "tokenizer", None) is None:
+            raise ValueError("stop strings need a tokenizer (model.tokenizer); pass token ids instead")
+        tail_len = max((len(s) for s in stop_strs), default=0)
         rng = np.random.default_rng(seed)
         out = list(idx)
+        text_tail = b""   # the last bytes generated, enough to see a stop string end
         was_training = self.training
         self.eval()
         try:
             self._begin_generation(min(len(out) + max_new_tokens, self.config.block_size))
             for _ in range(max_new_tokens):
-                nxt = sample_logits(self._next_logits(out), temperature, top_k, rng)
+                nxt = sample_logits(self._next_logits(out), temperature, top_k, rng, top_p)
                 out.append(nxt)
                 if on_token is not None:
                     on_token(nxt)
+                if nxt in stop_ids:
+                    break
+                if stop_strs:
+                    text_tail = (text_tail + self.tokenizer.token_bytes(nxt))[-(tail_len + 64):]
+                    if any(s in text_tail for s in stop_strs):
+                        break
         finally:
             self.train(was_training)
             self.tape.reset()
         return np.asarray(out, dtype=np.int32)
 
 
-def sample_logits(logits: np.ndarray, temperature: float, top_k: Optional[int], rng: np.random.Generator) -> int:
+def sample_logits(logits: np.ndarray, temperature: float, top_k: Optional[int], rng: np.random.Generator,
+                  top_p: Optional[float] = None) -> int:
     """One token id from a row of logits: greedy at temperature 0, else softmax(logits/T)
-    restricted to the top_k largest."""
+    restricted to the top_k largest, then to the top_p nucleus."""
     if temperature == 0:
         return int(np.argmax(logits))
     z = logits / temperature
@@ -122,4 +146,13 @@ def sample_logits(logits: np.ndarray, temperature: float, top_k: Optional[int], 
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= kth, z, -np.inf)
     z = np.exp(z - z.max())
-    return int(rng.choice(z.size, p=z / z.sum()))
+    p = z / z.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = int(np.searchsorted(cum, top_p)) + 1   # smallest prefix with mass >= top_p
+        mask = np.zeros(p.size, dtype=bool)
+        mask[order[:keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))
