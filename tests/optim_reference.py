@@ -71,7 +71,7 @@ class ChuckRef:
     """Chuck's five mechanisms as documented, tensor by tensor in plain NumPy."""
 
     def __init__(self, p, mask, sizes, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 trend_window=16, trend_tol=1e-6, trend_osc=0.7, damp_down=0.9, damp_up=1.05,
+                 loss_beta=0.9, trend_window=16, trend_tol=1e-3, trend_osc=0.7, damp_down=0.9, damp_up=1.05,
                  damp_min=0.1, gnorm_beta=0.99, gnorm_ratio=2.0, noise_patience=100, noise_scale=1.0,
                  seed=0, freeze_threshold=1e-8, freeze_patience=20, patience=300, lr_decay=0.5,
                  lr_floor=0.01, improve_tol=1e-3):
@@ -79,12 +79,12 @@ class ChuckRef:
         self.off = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         S = len(sizes)
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
-        self.hp = dict(W=trend_window, tol=trend_tol, osc=trend_osc, down=damp_down, up=damp_up,
+        self.hp = dict(beta=loss_beta, W=trend_window, tol=trend_tol, osc=trend_osc, down=damp_down, up=damp_up,
                        dmin=damp_min, gbeta=gnorm_beta, R=gnorm_ratio, N=noise_patience,
                        nscale=noise_scale, seed=seed, thr=freeze_threshold, M=freeze_patience,
                        P=patience, decay=lr_decay, floor=lr_floor, itol=improve_tol)
         self.m, self.v = np.zeros_like(p), np.zeros_like(p)
-        self.losses = []
+        self.losses, self.raw = [], []
         self.damp, self.lr_mult, self.best, self.since = 1.0, 1.0, None, 0
         self.avg, self.tiny, self.tsteps = np.zeros(S), np.zeros(S, int), np.zeros(S, int)
         self.events, self.t = 0, 0
@@ -96,7 +96,10 @@ class ChuckRef:
     def step(self, grad, loss):
         h = self.hp
         S = len(self.off) - 1
-        # loss bookkeeping: improvement, patience (e), trend (a), noise due (c)
+        # loss bookkeeping on the bias-corrected EMA: improvement, patience (e), trend (a), noise (c)
+        self.raw.append(loss)
+        w = h["beta"] ** np.arange(len(self.raw))[::-1] * (1 - h["beta"])
+        loss = float(np.dot(w, self.raw) / (1 - h["beta"] ** len(self.raw)))
         if self.best is None or loss < self.best - h["itol"] * abs(self.best):
             self.best, self.since = loss, 0
         else:
@@ -112,7 +115,7 @@ class ChuckRef:
                 osc = sum(1 for a, b in zip(signs[:-1], signs[1:]) if a * b < 0) / (y.size - 2)
                 if slope > h["tol"] or osc > h["osc"]:
                     self.damp = max(h["dmin"], self.damp * h["down"])
-                elif slope < -h["tol"]:
+                else:
                     self.damp = min(1.0, self.damp * h["up"])
         noise_due = h["N"] and self.since and self.since % h["N"] == 0
         # per-tensor grad norms: scaling (b) and freezing (d)

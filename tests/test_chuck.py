@@ -12,7 +12,8 @@ from optim_reference import gauss_ref
 
 LAYOUT = [("w", (6, 5), True), ("b", (5,), False), ("e", (40,), True)]
 W, B, E = slice(0, 30), slice(30, 35), slice(35, 75)
-OFF = dict(trend_window=0, gnorm_ratio=0, noise_patience=0, freeze_patience=0, patience=0)
+# all off, and the raw loss (no smoothing) so the expected sequences are easy to follow
+OFF = dict(trend_window=0, gnorm_ratio=0, noise_patience=0, freeze_patience=0, patience=0, loss_beta=0.0)
 LR = 1e-2
 
 
@@ -71,7 +72,7 @@ def test_damping_down_on_rise_floor_then_up_on_fall_capped_at_one():
         damps.append(chuck.damp)
         assert chuck.last_lr == LR * chuck.damp
     # no verdict before 4 losses; then halving to the 0.1 floor; the window [1.5 1.6 1.7 1.5]
-    # still rises; then falling windows (at most one sign change in 2) double it, capped at 1
+    # still rises; then calm falling windows (one sign change in 2) double it, capped at 1
     assert damps == [1.0, 1.0, 1.0, 0.5, 0.25, 0.125, 0.1, 0.1,
                      0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]
     assert np.array_equal(chuck.params.flat, adamw.params.flat)  # damp only scales the lr
@@ -83,11 +84,24 @@ def test_damping_on_oscillation_and_flat_loss():
         chuck.params.grad[:] = g
         chuck.step(loss=loss)
     assert chuck.damp == 0.5 ** 3
-    flat, _ = pair(trend_window=4, damp_down=0.5)
-    for g in grad_seq(6):
+    # a rise, then a flat calm loss: damped while the window still rises, then recovers
+    flat, _ = pair(trend_window=4, damp_down=0.5, damp_up=2.0)
+    damps = []
+    for g, loss in zip(grad_seq(10), [1.0, 1.1, 1.2, 1.3] + [1.3] * 6):
         flat.params.grad[:] = g
-        flat.step(loss=2.3)
-    assert flat.damp == 1.0
+        flat.step(loss=loss)
+        damps.append(flat.damp)
+    assert damps == [1.0, 1.0, 1.0, 0.5, 0.25, 0.125, 0.25, 0.5, 1.0, 1.0]
+
+
+def test_mechanisms_watch_the_smoothed_loss():
+    chuck, _ = pair(noise_patience=5, loss_beta=0.5)
+    for g, loss in zip(grad_seq(3), [4.0, 2.0, 3.0]):
+        chuck.params.grad[:] = g
+        chuck.step(loss=loss)
+        # bias-corrected EMA: 4, (0.5*2 + 0.25*4)/0.75, (0.5*3 + 0.25*2 + 0.125*4)/0.875
+    assert chuck.stats()["smoothed_loss"] == pytest.approx(2.5 / 0.875)
+    assert chuck.best_loss == pytest.approx(2.0 / 0.75) and chuck.since_best == 1
 
 
 # ---------------------------------------------------------------- (b) grad-norm scaling

@@ -17,7 +17,7 @@ import numpy as np
 from nt.data import DataLoader
 from nt.io import load_checkpoint, load_model, save_run_checkpoint
 from nt.models import GPT2, GPT2Config
-from nt.optim import AdamW, CosineSchedule, clip_grad_norm
+from nt.optim import OPTIMIZERS, Chuck, CosineSchedule, GradScaler, accumulate_grads, clip_grad_norm, make_optimizer
 from nt.train_utils import LossLog, add_data_args, add_run_args, load_data, progress, resume_path, unigram_loss
 
 
@@ -36,6 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw",
+                   help="adamw (default), adam, sgd (momentum 0.9) or chuck (AdamW that watches the loss)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches of -B sequences per optimizer step (effective batch: grad_accum * B)")
+    p.add_argument("--loss-scale", action="store_true",
+                   help="dynamic loss scaling with a NaN/Inf guard: steps with non-finite grads are skipped")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--sample-tokens", type=int, default=100)
@@ -81,11 +87,17 @@ def main(argv=None) -> None:
     baseline = unigram_loss(data.train, data.val, cfg.vocab_size)
     print(f"unigram baseline val loss: {baseline:.4f}   uniform: {math.log(cfg.vocab_size):.4f}")
 
-    optimizer = AdamW(model.params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    if args.grad_accum < 1:
+        sys.exit(f"error: --grad-accum must be >= 1, got {args.grad_accum}")
+    optimizer = make_optimizer(args.optimizer, model.params, args.lr, args.weight_decay)
     schedule = CosineSchedule(args.lr, args.warmup, args.steps, args.min_lr_ratio)
+    scaler = GradScaler(model.params) if args.loss_scale else None
     start = 0
     if resume is not None:
-        start = load_checkpoint(resume, model, optimizer, loaders={"train": train_loader}).step
+        restored = load_checkpoint(resume, model, optimizer, loaders={"train": train_loader})
+        start = restored.step
+        if scaler is not None and "scaler" in restored.extra:
+            scaler.load_state_dict(restored.extra["scaler"])
         print(f"resumed from {resume} at step {start}")
     log = LossLog(args.out_dir, start if resume is not None else None)
 
@@ -96,7 +108,8 @@ def main(argv=None) -> None:
 
     def checkpoint(step: int) -> None:
         path = save_run_checkpoint(args.out_dir, step, model, optimizer, keep_last=args.keep_last,
-                                   loaders={"train": train_loader}, schedule=schedule)
+                                   loaders={"train": train_loader}, schedule=schedule,
+                                   extra={"scaler": scaler.state_dict()} if scaler is not None else None)
         print(f"\nsaved checkpoint {path}", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- train
@@ -110,26 +123,29 @@ def main(argv=None) -> None:
         if last:
             break
         t0 = time.perf_counter()
-        x, y = train_loader.next_batch()
-        _, loss = model.forward(x, y)
-        model.zero_grad()
-        model.backward()
-        norm = clip_grad_norm(model.params, args.grad_clip) if args.grad_clip > 0 else float("nan")
+        # zero grads, forward + backward each micro-batch, grads /= grad_accum
+        loss_value = accumulate_grads(model, [train_loader.next_batch() for _ in range(args.grad_accum)], scaler)
+        finite = scaler.unscale_() if scaler is not None else True  # grads /= loss scale, inf/nan check
+        norm = clip_grad_norm(model.params, args.grad_clip) if args.grad_clip > 0 and finite else float("nan")
         lr = schedule(step)
-        optimizer.step(lr)
-        loss_value = float(model.tape.k.to_host(loss.data)[0])
+        step_args = {"lr": lr, **({"loss": loss_value} if isinstance(optimizer, Chuck) else {})}
+        if scaler is not None:
+            scaler.step(optimizer, **step_args)  # skipped (and counted) on non-finite grads
+        else:
+            optimizer.step(**step_args)
         dt = time.perf_counter() - t0
         times.append(dt)
         log.write(step=step + 1, train_loss=loss_value, lr=lr, ms=round(dt * 1e3, 2))
-        progress(step + 1, args.steps, f"loss {loss_value:.4f} norm {norm:.2f} lr {lr:.2e} "
-                                       f"{dt * 1e3:.0f} ms/step {B * T / dt:,.0f} tok/s")
+        extra = f" scale {scaler.scale:g} skipped {scaler.skipped_steps}" if scaler is not None else ""
+        progress(step + 1, args.steps, f"loss {loss_value:.4f} norm {norm:.2f} lr {lr:.2e}{extra} "
+                                       f"{dt * 1e3:.0f} ms/step {B * T * args.grad_accum / dt:,.0f} tok/s")
         if args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
             checkpoint(step + 1)
     if args.checkpoint_every > 0 and start < args.steps:
         checkpoint(args.steps)
     if len(times) > 1:
         steady = sorted(times[1:])[len(times[1:]) // 2]
-        print(f"median step {steady * 1e3:.1f} ms, {B * T / steady:,.0f} tokens/s "
+        print(f"median step {steady * 1e3:.1f} ms, {B * T * args.grad_accum / steady:,.0f} tokens/s "
               f"(first step with compilation: {times[0]:.1f} s)")
     png = log.plot(baseline)
     print(f"loss log: {log.path}" + (f", curve: {png}" if png else ""))

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from nt.data import BYTE_VOCAB, DataLoader, builtin_corpus, byte_tokens_to_text, text_to_byte_tokens
-from nt.io import read_llmc_tokens
 from nt.models import Llama, LlamaConfig
 from nt.optim import AdamW, CosineSchedule, clip_grad_norm
+from train_gpt2 import load_tokens, progress, unigram_loss  # the sibling script's data helpers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,25 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_tokens(paths: list[str], vocab_size: int) -> np.ndarray:
-    parts = []
-    for name in paths:
-        path = Path(name)
-        if not path.exists():
-            sys.exit(f"error: data file {path} does not exist")
-        if path.suffix == ".bin":
-            parts.append(np.asarray(read_llmc_tokens(path, vocab_size)))
-        else:
-            parts.append(text_to_byte_tokens(path.read_text(encoding="utf-8", errors="replace")))
-    return np.concatenate(parts)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     dtype = np.float32 if args.dtype == "float32" else np.float64
 
     # ---------------------------------------------------------------- data
-    if args.data:
+    if args.data:  # like train_gpt2.py: text files are bytes as tokens, .bin files llm.c shards
         has_shards = any(Path(p).suffix == ".bin" for p in args.data)
         vocab_size = args.vocab_size or (50257 if has_shards else BYTE_VOCAB)
         tokens = load_tokens(args.data, vocab_size)
@@ -97,7 +84,8 @@ def main(argv=None) -> None:
     B, T = args.batch_size, args.seq_len
     train_loader = DataLoader(train_tokens, B, T, shuffle=True, seed=args.seed, vocab_size=cfg.vocab_size)
     val_loader = DataLoader(val_tokens, B, T, vocab_size=cfg.vocab_size)
-    print(f"uniform-guess loss: {math.log(cfg.vocab_size):.4f}")
+    baseline = unigram_loss(np.asarray(train_tokens), np.asarray(val_tokens), cfg.vocab_size)
+    print(f"unigram baseline val loss: {baseline:.4f}   uniform: {math.log(cfg.vocab_size):.4f}")
 
     optimizer = AdamW(model.params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     schedule = CosineSchedule(args.lr, args.warmup, args.steps, args.min_lr_ratio)
@@ -115,7 +103,7 @@ def main(argv=None) -> None:
     for step in range(args.steps + 1):
         last = step == args.steps
         if args.eval_every > 0 and (step % args.eval_every == 0 or last):
-            print(f"step {step}: val loss {evaluate():.4f}", flush=True)
+            print(f"\nstep {step}: val loss {evaluate():.4f}", file=sys.stderr, flush=True)
         if last:
             break
         t0 = time.perf_counter()
@@ -129,9 +117,8 @@ def main(argv=None) -> None:
         loss_value = float(model.tape.k.to_host(loss.data)[0])
         dt = time.perf_counter() - t0
         times.append(dt)
-        if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step + 1}/{args.steps} loss {loss_value:.4f} norm {norm:.2f} lr {lr:.2e} "
-                  f"{dt * 1e3:.0f} ms {B * T / dt:,.0f} tok/s", flush=True)
+        progress(step + 1, args.steps, f"loss {loss_value:.4f} norm {norm:.2f} lr {lr:.2e} "
+                                       f"{dt * 1e3:.0f} ms/step {B * T / dt:,.0f} tok/s")
     if len(times) > 1:
         steady = sorted(times[1:])[len(times[1:]) // 2]
         print(f"median step {steady * 1e3:.1f} ms, {B * T / steady:,.0f} tokens/s "

@@ -119,18 +119,23 @@ def segment_sum_squares(x, block_offsets, block_seg, partial, out):
 
 
 @njit(parallel=True, cache=True)
-def unscale_check_(x, inv_scale):
-    """x *= inv_scale in place; returns how many elements are NaN or +-Inf (after scaling)."""
+def unscale_check_(x, inv_scale, partials):
+    """x *= inv_scale in place; returns how many elements are NaN or +-Inf after scaling.
+
+    Each block counts into its own slot of `partials` (float64, sum_squares_blocks(n)
+    long, as for sum_squares): a parfor reduction variable would allocate."""
     n = x.shape[0]
     nblocks = (n + BLOCK - 1) // BLOCK
-    bad = 0
     for blk in prange(nblocks):
         c = 0
         for i in range(blk * BLOCK, min((blk + 1) * BLOCK, n)):
             x[i] = x[i] * inv_scale
             if not np.isfinite(x[i]):  # checked as stored (a float32 can overflow)
                 c += 1
-        bad += c
+        partials[blk] = c
+    bad = 0
+    for blk in range(nblocks):
+        bad += int(partials[blk])
     return bad
 
 

@@ -1,26 +1,25 @@
 """Rotary position embedding (RoPE) on the q and k heads of a fused qkv tensor.
 
 qkv is (B, T, (NH + 2*NKV) * hs) as in attention.py. Position p = pos0 + t rotates pair i
-(i < hs/2) of every q and k head by the angle p * theta^(-2i/hs). Two pairings exist:
+(i < hs/2) of every q and k head by the angle p * inv_freq[i], where inv_freq (hs/2,) is
+theta^(-2i/hs), possibly rescaled (Llama-3), computed once by the op. Two pairings exist:
   interleaved (half=False): pair i is channels (2i, 2i+1)    RoFormer, Meta's LLaMA code,
                                                               llama.cpp's LLAMA arch
   half-split  (half=True):  pair i is channels (i, i + hs/2) HF transformers, GPT-NeoX
 The v heads are copied. The backward is the same rotation by the negative angle.
-cos/sin are computed in float64 per (position, pair) and shared by all heads: no tables.
+cos/sin are computed in float64 per (position, pair) and shared by all heads: no cos/sin tables.
 """
 import numpy as np
 from numba import njit, prange
 
 
 @njit(cache=True)
-def _rotate_row(out, inp, T_idx, pos0, theta, half, sign, NQK, hs, accumulate):
+def _rotate_row(out, inp, p, inv_freq, half, sign, NQK, hs, accumulate):
     """Rotate the NQK q/k heads of one position (a row of width >= NQK*hs).
     sign = -1 rotates backwards; accumulate adds into out instead of storing."""
     half_hs = hs // 2
-    p = pos0 + T_idx
     for i in range(half_hs):
-        freq = theta ** (-2.0 * i / hs)
-        angle = p * freq
+        angle = p * inv_freq[i]
         c = np.cos(angle)
         s = sign * np.sin(angle)
         for h in range(NQK):
@@ -43,7 +42,7 @@ def _rotate_row(out, inp, T_idx, pos0, theta, half, sign, NQK, hs, accumulate):
 
 
 @njit(parallel=True, cache=True)
-def rope_forward(out, qkv, NH, NKV, pos0, theta, half):
+def rope_forward(out, qkv, NH, NKV, pos0, inv_freq, half):
     """out (B, T, W) = qkv with q and k heads rotated to positions pos0..pos0+T-1."""
     B, T, W = qkv.shape
     hs = W // (NH + 2 * NKV)
@@ -51,12 +50,12 @@ def rope_forward(out, qkv, NH, NKV, pos0, theta, half):
     for bt in prange(B * T):
         b = bt // T
         t = bt % T
-        _rotate_row(out[b, t], qkv[b, t], t, pos0, theta, half, 1.0, NH + NKV, hs, False)
+        _rotate_row(out[b, t], qkv[b, t], pos0 + t, inv_freq, half, 1.0, NH + NKV, hs, False)
         out[b, t, v_off:] = qkv[b, t, v_off:]
 
 
 @njit(parallel=True, cache=True)
-def rope_backward(dqkv, dout, NH, NKV, pos0, theta, half):
+def rope_backward(dqkv, dout, NH, NKV, pos0, inv_freq, half):
     """Accumulate dqkv += dout rotated by the negative angles (v grads pass through)."""
     B, T, W = dout.shape
     hs = W // (NH + 2 * NKV)
@@ -64,6 +63,6 @@ def rope_backward(dqkv, dout, NH, NKV, pos0, theta, half):
     for bt in prange(B * T):
         b = bt // T
         t = bt % T
-        _rotate_row(dqkv[b, t], dout[b, t], t, pos0, theta, half, -1.0, NH + NKV, hs, True)
+        _rotate_row(dqkv[b, t], dout[b, t], pos0 + t, inv_freq, half, -1.0, NH + NKV, hs, True)
         for c in range(v_off, W):
             dqkv[b, t, c] += dout[b, t, c]

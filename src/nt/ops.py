@@ -222,9 +222,9 @@ def _rmsnorm_backward(k, out, x, weight, rstd):
                        x.data.reshape(N, C), weight.data, rstd.data)
 
 
-def _qkv_heads(qkv: Tensor, n_head: int, n_kv_head: Optional[int], op: str) -> tuple[int, int, int]:
+def _qkv_heads(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int], op: str) -> tuple[int, int, int]:
     """(NH, NKV, hs) of a fused (B, T, (NH + 2*NKV) * hs) qkv tensor, validated."""
-    _check(qkv, "qkv", 3)
+    _check(qkv, "qkv", 3, t)
     NH = int(n_head)
     NKV = NH if n_kv_head is None else int(n_kv_head)
     if NH <= 0 or NKV <= 0 or NH % NKV:
@@ -240,8 +240,7 @@ def qk_norm(t: Tape, qkv: Tensor, q_weight: Tensor, k_weight: Tensor, n_head: in
             n_kv_head: Optional[int] = None, eps: float = 1e-6) -> Tensor:
     """RMSNorm of every query head (weight q_weight, size head_size, shared by the heads)
     and key head (k_weight) of a fused qkv tensor, values copied (Qwen3, Gemma-3)."""
-    NH, NKV, hs = _qkv_heads(qkv, n_head, n_kv_head, "qk_norm")
-    _check(qkv, "qkv", 3, t)
+    NH, NKV, hs = _qkv_heads(t, qkv, n_head, n_kv_head, "qk_norm")
     for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
         _check(w, name, 1, t)
         if w.shape[0] != hs:
@@ -264,26 +263,56 @@ def _qk_norm_backward(k, out, qkv, q_weight, k_weight, rstd, NH, NKV):
 # ----------------------------------------------------------------------------- rope
 
 ROPE_PAIRINGS = ("half", "interleaved")
+_ROPE_FREQS: dict = {}
+
+
+def rope_frequencies(hs: int, theta: float, scaling: Optional[tuple] = None) -> np.ndarray:
+    """inv_freq[i] = theta^(-2i/hs), i < hs/2, in float64.
+
+    scaling = (factor, low_freq_factor, high_freq_factor, original_context) applies
+    Llama-3's rule: wavelengths shorter than original_context / high_freq_factor keep
+    their frequency, longer than original_context / low_freq_factor are divided by
+    factor, and those between are interpolated smoothly.
+    """
+    inv_freq = 1.0 / theta ** (np.arange(0, hs, 2, dtype=np.float64) / hs)
+    if scaling is None:
+        return inv_freq
+    factor, low, high, context = (float(v) for v in scaling)
+    if not (factor > 0 and 0 < low < high and context > 0):
+        raise ValueError(f"rope scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor "
+                         f"and original_context > 0, got {scaling}")
+    wavelen = 2 * np.pi / inv_freq
+    smooth = np.clip((context / wavelen - low) / (high - low), 0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def _rope_table(k, hs: int, theta: float, scaling: Optional[tuple]):
+    """The op's frequencies as a device array, made once per (device, hs, theta, scaling)."""
+    key = (k.DEVICE, hs, theta, scaling)
+    if key not in _ROPE_FREQS:
+        _ROPE_FREQS[key] = k.to_device(rope_frequencies(hs, theta, scaling))
+    return _ROPE_FREQS[key]
 
 
 def rope(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, pos0: int = 0,
-         theta: float = 10000.0, pairing: str = "half") -> Tensor:
+         theta: float = 10000.0, pairing: str = "half", scaling: Optional[tuple] = None) -> Tensor:
     """Rotary position embedding of the q and k heads of a fused qkv tensor (v copied).
 
-    Position pos0 + t rotates channel pair i of each head by (pos0 + t) * theta^(-2i/hs).
-    pairing "half": pairs (i, i + hs/2) (HF transformers, GPT-NeoX); "interleaved":
-    pairs (2i, 2i + 1) (Meta's LLaMA reference, RoFormer, llama.cpp's LLAMA arch).
+    Position pos0 + t rotates channel pair i of each head by (pos0 + t) * theta^(-2i/hs)
+    (frequencies rescaled by `scaling`, see rope_frequencies). pairing "half": pairs
+    (i, i + hs/2) (HF transformers, GPT-NeoX); "interleaved": pairs (2i, 2i + 1) (Meta's
+    LLaMA reference, RoFormer, llama.cpp's LLAMA arch).
     """
-    NH, NKV, hs = _qkv_heads(qkv, n_head, n_kv_head, "rope")
-    _check(qkv, "qkv", 3, t)
+    NH, NKV, hs = _qkv_heads(t, qkv, n_head, n_kv_head, "rope")
     if pairing not in ROPE_PAIRINGS:
         raise ValueError(f"rope: pairing must be one of {ROPE_PAIRINGS}, got {pairing!r}")
     if hs % 2:
         raise ValueError(f"rope: head size {hs} must be even")
     if pos0 < 0 or not theta > 0:
         raise ValueError(f"rope: need pos0 >= 0 and theta > 0, got pos0={pos0}, theta={theta}")
+    scaling = None if scaling is None else tuple(float(v) for v in scaling)
     out = t.new(qkv.shape)
-    args = (NH, NKV, int(pos0), float(theta), pairing == "half")
+    args = (NH, NKV, int(pos0), _rope_table(t.k, hs, float(theta), scaling), pairing == "half")
     t.k.rope_forward(out.data, qkv.data, *args)
     t.record(_rope_backward, out, qkv, args)
     return out
@@ -451,7 +480,9 @@ def concat(t: Tape, a: Tensor, b: Tensor) -> Tensor:
     if a.shape[:-1] != b.shape[:-1]:
         raise ValueError(f"concat: leading shapes differ: {a.shape} and {b.shape}")
     Ca, Cb = a.shape[-1], b.shape[-1]
-    N = a.size // Ca if Ca else 0
+    if Ca == 0 or Cb == 0:
+        raise ValueError(f"concat: both inputs need at least one feature, got {a.shape} and {b.shape}")
+    N = a.size // Ca
     out = t.new(a.shape[:-1] + (Ca + Cb,))
     t.k.concat_forward(out.data.reshape(N, Ca + Cb), a.data.reshape(N, Ca), b.data.reshape(N, Cb))
     t.record(_concat_backward, out, a, b)
@@ -498,8 +529,7 @@ def attention(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None
     makes rows 0..q0-1 a KV cache: only positions q0..T-1 are queries, attending keys
     0..T-1 (generation with a cache).
     """
-    NH, NKV, hs = _qkv_heads(qkv, n_head, n_kv_head, "attention")
-    _check(qkv, "qkv", 3, t)
+    NH, NKV, hs = _qkv_heads(t, qkv, n_head, n_kv_head, "attention")
     if window < 0:
         raise ValueError(f"attention: window must be >= 0 (0 = unlimited), got {window}")
     B, T, W = qkv.shape

@@ -153,12 +153,17 @@ class Adam(Optimizer):
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.m = self._zeros(params.size, params.dtype)
         self.v = self._zeros(params.size, params.dtype)
-        # blocks of one segment over everything, scale 1; its step count is set every step
-        block_offsets, block_seg = block_table(np.array([0, params.size], dtype=np.int64))
+        # the kernel's block table: for Adam one segment over everything (scale 1, its step
+        # count set every step); Chuck's segments are the tensors
+        self._seg_offsets = self._segments(params)
+        block_offsets, block_seg = block_table(self._seg_offsets)
         self._block_offsets = self.k.to_device(block_offsets)
         self._block_seg = self.k.to_device(block_seg)
         self._one = self.k.to_device(np.ones(1, dtype=np.float64))
         self._step_host = np.zeros(1, dtype=np.int64)
+
+    def _segments(self, params: Params) -> np.ndarray:
+        return np.array([0, params.size], dtype=np.int64)
 
     def _update(self, seg_scale, seg_step, lr: float) -> None:
         l2, decay = (0.0, self.weight_decay) if self.decoupled else (self.weight_decay, 0.0)
@@ -229,23 +234,27 @@ def loss_trend(window: np.ndarray) -> tuple[float, float]:
 class Chuck(Adam):
     """Chuck: AdamW (decoupled weight decay) that watches the loss and every tensor's gradient.
 
-    Call `step(loss=...)` with the loss whose gradients are in `params.grad`. The step size
-    of tensor s is `lr * lr_mult * damp * scale[s]`, where (each mechanism off when its
+    Call `step(loss=...)` with the loss whose gradients are in `params.grad`. Mechanisms
+    a, c and e watch the smoothed loss L = ema / (1 - loss_beta^t), where
+    ema = loss_beta * ema + (1 - loss_beta) * loss (loss_beta 0: the raw loss), because
+    minibatch losses are too noisy to judge a trend or a best value on. The step size of
+    tensor s is `lr * lr_mult * damp * scale[s]`, where (each mechanism off when its
     switch is 0):
 
-    (a) loss-trend damping (`trend_window` W >= 3, 0 = off). The last W losses are kept.
-        Once W are seen, every step computes their least-squares slope relative to the
-        mean |loss| and their oscillation (fraction of consecutive differences that
+    (a) loss-trend damping (`trend_window` W >= 3, 0 = off). The last W values of L are
+        kept. Once W are seen, every step computes their least-squares slope relative
+        to their mean |L| and their oscillation (fraction of consecutive differences that
         change sign; see `loss_trend`). Rising (slope > `trend_tol`) or oscillating
-        (oscillation > `trend_osc`): damp = max(damp_min, damp * damp_down). Else falling
-        (slope < -trend_tol): damp = min(1, damp * damp_up). Else (flat): unchanged.
-        damp starts at 1.
+        (oscillation > `trend_osc`): damp = max(damp_min, damp * damp_down). Otherwise
+        (falling, or flat within trend_tol, and calm): damp = min(1, damp * damp_up).
+        damp starts at 1. (Recovering on flat windows too keeps rare false alarms on a
+        plateau from ratcheting the lr down for good.)
     (b) per-tensor grad-norm scaling (`gnorm_ratio` R, 0 = off). With n[s] the tensor's
         grad norm this step and a[s] its running average (an EMA with `gnorm_beta`,
         started at the first step's norm and updated after use):
         scale[s] = R * a[s] / n[s] when a[s] > 0 and n[s] > R * a[s], else 1.
     (c) stagnation noise (`noise_patience` N, 0 = off). A step improves when
-        loss < best - improve_tol * |best| (then best = loss). When the steps since the
+        L < best - improve_tol * |best| (then best = L). When the steps since the
         last improvement reach N, 2N, 3N, ..., after the update every non-frozen tensor
         gets p += noise_scale * lr_eff * rms(p) * z, z ~ N(0, 1) from the counter-based
         generator (seed, event number): reproducible and resumable.
@@ -263,25 +272,27 @@ class Chuck(Adam):
 
     decoupled = True
     _hyper = Adam._hyper + (
-        "trend_window", "trend_tol", "trend_osc", "damp_down", "damp_up", "damp_min",
+        "loss_beta", "trend_window", "trend_tol", "trend_osc", "damp_down", "damp_up", "damp_min",
         "gnorm_beta", "gnorm_ratio",
         "noise_patience", "noise_scale", "seed",
         "freeze_threshold", "freeze_patience",
         "patience", "lr_decay", "lr_floor", "improve_tol")
-    _scalars = Adam._scalars + ("damp", "lr_mult", "best_loss", "since_best", "losses_seen",
+    _scalars = Adam._scalars + ("loss_ema", "damp", "lr_mult", "best_loss", "since_best", "losses_seen",
                                 "noise_events", "last_lr")
     _host = ("loss_window", "gnorm_avg", "tiny_count", "tensor_steps")
 
     def __init__(self, params: Params, lr: float = 3e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *,
-                 trend_window: int = 16, trend_tol: float = 1e-6, trend_osc: float = 0.7, damp_down: float = 0.9,
-                 damp_up: float = 1.05, damp_min: float = 0.1,
+                 loss_beta: float = 0.9,
+                 trend_window: int = 16, trend_tol: float = 1e-3, trend_osc: float = 0.7,
+                 damp_down: float = 0.9, damp_up: float = 1.05, damp_min: float = 0.1,
                  gnorm_beta: float = 0.99, gnorm_ratio: float = 2.0,
                  noise_patience: int = 100, noise_scale: float = 1.0, seed: int = 0,
                  freeze_threshold: float = 1e-8, freeze_patience: int = 20,
                  patience: int = 300, lr_decay: float = 0.5, lr_floor: float = 0.01,
                  improve_tol: float = 1e-3):
         super().__init__(params, lr, betas, eps, weight_decay)
+        _check(0 <= loss_beta < 1, f"Chuck: loss_beta must be in [0, 1), got {loss_beta}")
         _check(trend_window == 0 or trend_window >= 3, f"Chuck: trend_window must be 0 (off) or >= 3, got {trend_window}")
         _check(0 < damp_down <= 1 <= damp_up and 0 < damp_min <= 1 and 0 <= trend_osc <= 1 and trend_tol >= 0,
                "Chuck: need 0 < damp_down <= 1 <= damp_up, 0 < damp_min <= 1, 0 <= trend_osc <= 1, trend_tol >= 0")
@@ -291,6 +302,7 @@ class Chuck(Adam):
                and freeze_threshold >= 0, "Chuck: patiences, seed, noise_scale, freeze_threshold must be >= 0")
         _check(0 < lr_decay <= 1 and 0 < lr_floor <= 1 and improve_tol >= 0,
                "Chuck: need 0 < lr_decay <= 1, 0 < lr_floor <= 1, improve_tol >= 0")
+        self.loss_beta = float(loss_beta)
         self.trend_window, self.trend_tol, self.trend_osc = int(trend_window), float(trend_tol), float(trend_osc)
         self.damp_down, self.damp_up, self.damp_min = float(damp_down), float(damp_up), float(damp_min)
         self.gnorm_beta, self.gnorm_ratio = float(gnorm_beta), float(gnorm_ratio)
@@ -299,25 +311,25 @@ class Chuck(Adam):
         self.patience, self.lr_decay, self.lr_floor = int(patience), float(lr_decay), float(lr_floor)
         self.improve_tol = float(improve_tol)
 
-        self.damp, self.lr_mult = 1.0, 1.0
+        self.loss_ema, self.damp, self.lr_mult = 0.0, 1.0, 1.0
         self.best_loss, self.since_best, self.losses_seen = math.inf, 0, 0
         self.noise_events, self.last_lr = 0, 0.0
         self.loss_window = np.zeros(max(self.trend_window, 1), dtype=np.float64)
 
-        seg_offsets = tensor_offsets(params)
-        block_offsets, block_seg = block_table(seg_offsets)
-        S = seg_offsets.size - 1
+        S = self._seg_offsets.size - 1
+        # names[s] is tensor s, for reading the per-tensor arrays (scale, grad_norms, tensor_steps)
         self.names = [name for name, t in sorted(params.items(), key=lambda kv: kv[1].offset)]
-        self._sqrt_sizes = np.sqrt(np.maximum(np.diff(seg_offsets), 1)).astype(np.float64)
-        self._block_offsets = self.k.to_device(block_offsets)
-        self._block_seg = self.k.to_device(block_seg)
-        self._partial = self._zeros(block_seg.size, np.float64)
+        self._sqrt_sizes = np.sqrt(np.maximum(np.diff(self._seg_offsets), 1)).astype(np.float64)
+        self._partial = self._zeros(self._block_seg.shape[0], np.float64)
         self._seg_sumsq = self._zeros(S, np.float64)
         self.gnorm_avg = np.zeros(S, dtype=np.float64)
         self.tiny_count = np.zeros(S, dtype=np.int64)
         self.tensor_steps = np.zeros(S, dtype=np.int64)
         self.scale = np.ones(S, dtype=np.float64)   # this step's per-tensor multiplier (0 = frozen)
         self.grad_norms = np.zeros(S, dtype=np.float64)
+
+    def _segments(self, params: Params) -> np.ndarray:
+        return tensor_offsets(params)
 
     def _check_state(self) -> None:
         S = self._sqrt_sizes.size
@@ -340,6 +352,9 @@ class Chuck(Adam):
 
     def _observe_loss(self, loss: float) -> bool:
         """Mechanisms (a), (c), (e): update damp and lr_mult; True when noise is due."""
+        self.loss_ema = self.loss_beta * self.loss_ema + (1.0 - self.loss_beta) * loss
+        self.losses_seen += 1
+        loss = self.loss_ema / (1.0 - self.loss_beta ** self.losses_seen)
         improved = math.isinf(self.best_loss) or loss < self.best_loss - self.improve_tol * abs(self.best_loss)
         if improved:
             self.best_loss, self.since_best = loss, 0
@@ -349,13 +364,12 @@ class Chuck(Adam):
             self.lr_mult = max(self.lr_floor, self.lr_mult * self.lr_decay)
         if self.trend_window:
             W = self.trend_window
-            self.loss_window[self.losses_seen % W] = loss
-            self.losses_seen += 1
+            self.loss_window[(self.losses_seen - 1) % W] = loss
             if self.losses_seen >= W:
                 slope, osc = loss_trend(np.roll(self.loss_window, -(self.losses_seen % W)))
                 if slope > self.trend_tol or osc > self.trend_osc:
                     self.damp = max(self.damp_min, self.damp * self.damp_down)
-                elif slope < -self.trend_tol:
+                else:
                     self.damp = min(1.0, self.damp * self.damp_up)
         return bool(self.noise_patience and self.since_best and self.since_best % self.noise_patience == 0)
 
@@ -399,20 +413,40 @@ class Chuck(Adam):
 
     def stats(self) -> dict:
         """What the last step did, for a training script to print."""
-        return {"lr": self.last_lr, "damp": self.damp, "lr_mult": self.lr_mult, "best_loss": self.best_loss,
+        return {"lr": self.last_lr, "smoothed_loss": self.loss_ema / (1.0 - self.loss_beta ** max(self.losses_seen, 1)),
+                "damp": self.damp, "lr_mult": self.lr_mult, "best_loss": self.best_loss,
                 "since_best": self.since_best, "frozen": int(np.count_nonzero(self.scale == 0)),
                 "scaled": int(np.count_nonzero((self.scale > 0) & (self.scale < 1))),
                 "noise_events": self.noise_events}
 
 
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "chuck": Chuck}
+
+
+def make_optimizer(name: str, params: Params, lr: float, weight_decay: float = 0.0,
+                   betas=(0.9, 0.95), momentum: float = 0.9) -> Optimizer:
+    """The optimizer a training script's --optimizer names, with the script's lr and
+    weight decay (SGD takes `momentum`, the Adam family `betas`; Chuck its defaults)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
+    if name == "sgd":
+        return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return OPTIMIZERS[name](params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
 # ============================================================================ clipping, accumulation
+
+
+def _partials(params: Params):
+    """The params' scratch for whole-buffer reductions (one float64 per block), made once."""
+    if params.norm_partials is None:
+        params.norm_partials = params.k.empty(params.k.sum_squares_blocks(params.size), np.float64)
+    return params.norm_partials
 
 
 def grad_norm(params: Params) -> float:
     """The global L2 norm of all gradients (one reduction over the flat grad buffer)."""
-    if params.norm_partials is None:
-        params.norm_partials = params.k.empty(params.k.sum_squares_blocks(params.size), np.float64)
-    return math.sqrt(params.k.sum_squares(params.grad, params.norm_partials))
+    return math.sqrt(params.k.sum_squares(params.grad, _partials(params)))
 
 
 def clip_grad_norm(params: Params, max_norm: float) -> float:
@@ -503,7 +537,7 @@ class GradScaler:
         """grads /= scale, in place; True when every grad is finite. Once per step."""
         if self._finite is not None:
             raise RuntimeError("unscale_() was already called this step; call step()/update() first")
-        bad = self.k.unscale_check_(self.params.grad, 1.0 / self.scale)
+        bad = self.k.unscale_check_(self.params.grad, 1.0 / self.scale, _partials(self.params))
         self._finite = bad == 0
         return self._finite
 

@@ -39,12 +39,15 @@ def test_concat_forward_and_backward(T):
 
 
 def test_elementwise_rejects_bad_input():
-    _, p, _ = run_op(lambda t, p: p["a"], {"a": np.ones((2, 3)), "b": np.ones((3, 3)), "s": np.ones(2)})
+    _, p, _ = run_op(lambda t, p: p["a"], {"a": np.ones((2, 3)), "b": np.ones((3, 3)), "s": np.ones(2),
+                                           "e": np.ones((2, 0))})
     t = Tape("cpu", np.float64)
     with pytest.raises(ValueError, match="differ"):
         ops.mul(t, p["a"], p["b"])
     with pytest.raises(ValueError, match="leading"):
         ops.concat(t, p["a"], p["b"])
+    with pytest.raises(ValueError, match="at least one feature"):
+        ops.concat(t, p["a"], p["e"])
     with pytest.raises(ValueError, match=r"\(1,\)"):
         ops.scale(t, p["a"], p["s"])
     with pytest.raises(TypeError, match="finite"):

@@ -36,18 +36,19 @@ def test_segment_sum_squares_matches_numpy(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_unscale_check_scales_and_counts_nonfinite(dtype):
     x = np.random.default_rng(1).standard_normal(10000).astype(dtype)
+    partials = np.empty(k.sum_squares_blocks(x.size))
     want = x * dtype(0.25)
-    assert k.unscale_check_(x, 0.25) == 0
+    assert k.unscale_check_(x, 0.25, partials) == 0
     np.testing.assert_array_equal(x, want)
     x[[3, 5000, 9999]] = [np.inf, np.nan, -np.inf]
-    assert k.unscale_check_(x, 1.0) == 3
-    assert k.unscale_check_(np.zeros(0, dtype), 0.5) == 0
+    assert k.unscale_check_(x, 1.0, partials) == 3
+    assert k.unscale_check_(np.zeros(0, dtype), 0.5, partials) == 0
 
 
 def test_unscale_check_counts_float32_overflow():
     # finite before scaling, infinite after: the stored float32 value is what counts
     x = np.array([3e38, 1.0], dtype=np.float32)
-    assert k.unscale_check_(x, 4.0) == 1
+    assert k.unscale_check_(x, 4.0, np.empty(1)) == 1
 
 
 def test_noise_matches_reference_hash():

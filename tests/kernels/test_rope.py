@@ -75,3 +75,36 @@ def test_rope_rejects_bad_input():
         ops.rope(t, p["qkv"], 1, 1, pairing="neox")
     with pytest.raises(ValueError, match="pos0"):
         ops.rope(t, p["qkv"], 3, 3, pos0=-1)
+
+
+def llama3_scaled_frequencies(hs, theta, factor, low, high, context):
+    """Meta's Llama-3.1 apply_scaling, written out as its loop."""
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, hs, 2) / hs):
+        wavelen = 2 * np.pi / freq
+        if wavelen < context / high:
+            out.append(freq)
+        elif wavelen > context / low:
+            out.append(freq / factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return np.array(out)
+
+
+def test_rope_llama3_scaling_matches_reference_and_rotates_by_it():
+    hs, theta, scaling = 64, 500000.0, (32.0, 1.0, 4.0, 8192)
+    freqs = llama3_scaled_frequencies(hs, theta, *scaling)
+    np.testing.assert_allclose(ops.rope_frequencies(hs, theta, scaling), freqs, rtol=1e-14)
+    assert (freqs < 1.0 / theta ** (np.arange(0, hs, 2) / hs)).any()  # some were rescaled
+    NH, NKV, T, pos0 = 2, 1, 3, 5000
+    qkv = np.random.default_rng(3).standard_normal((1, T, (NH + 2 * NKV) * hs))
+    _, _, out = run_op(lambda t, p: ops.rope(t, p["qkv"], NH, NKV, pos0, theta, "half", scaling), {"qkv": qkv})
+    qk, _ = split(qkv, NH, NKV)
+    angles = np.outer(np.arange(pos0, pos0 + T), freqs)
+    emb = np.concatenate([angles, angles], -1)[None, :, None, :]
+    rotated = np.concatenate([-qk[..., hs // 2:], qk[..., :hs // 2]], -1)
+    expected = (qk * np.cos(emb) + rotated * np.sin(emb)).reshape(1, T, -1)
+    np.testing.assert_allclose(out.data[..., :(NH + NKV) * hs], expected, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="scaling"):
+        ops.rope_frequencies(hs, theta, (32.0, 4.0, 1.0, 8192))

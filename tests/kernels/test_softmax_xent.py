@@ -87,3 +87,11 @@ def test_cross_entropy_rejects_bad_options():
         run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V, label_smoothing=1.5), {"logits": logits})
     with pytest.raises(ValueError, match="z_loss"):
         run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V, z_loss=-1.0), {"logits": logits})
+
+
+def test_cross_entropy_single_position():
+    logits = np.random.default_rng(5).standard_normal((2, 1, VP))
+    targets = np.array([[4], [7]], dtype=np.int32)
+    _, _, loss = run_op(lambda t, p: ops.cross_entropy(t, p["logits"], targets, V, 0.1, 1e-3), {"logits": logits})
+    np.testing.assert_allclose(loss.data[0], reference_options(logits, targets, 0.1, 1e-3), rtol=1e-12)
+    check_grads(lambda t, p: ops.cross_entropy(t, p["logits"], targets, V, 0.1, 1e-3), {"logits": logits})

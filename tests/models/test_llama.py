@@ -21,12 +21,20 @@ def batch(V, B=2, T=6, seed=0):
     return idx, targets
 
 
-@pytest.mark.parametrize("overrides", [FULL, dict(FULL, norm="layernorm", rope_pairing="interleaved",
-                                                    ffn_kind="swiglu", tie_embeddings=True, n_predict=1)])
+@pytest.mark.parametrize("overrides", [
+    FULL,
+    dict(FULL, norm="layernorm", rope_pairing="interleaved", ffn_kind="swiglu", tie_embeddings=True, n_predict=1,
+         rope_scaling=(4.0, 1.0, 2.0, 8)),
+    dict(FULL, dropout=0.3, label_smoothing=0.1, z_loss=1e-3, n_predict=3),
+])
 def test_llama_gradients_match_finite_differences(overrides):
     model = Llama(LlamaConfig(**overrides), dtype=np.float64, seed=1)
     idx, targets = batch(model.config.vocab_size)
-    model.forward(idx, targets)
+
+    def loss() -> float:
+        model.tape.step = 0  # the same dropout masks in every forward
+        return model(idx, targets)[1]
+    loss()
     model.zero_grad()
     model.backward()
     analytic = model.params.grad.copy()
@@ -41,9 +49,9 @@ def test_llama_gradients_match_finite_differences(overrides):
     for i in picks:
         old = flat[i]
         flat[i] = old + h
-        plus = model(idx, targets)[1]
+        plus = loss()
         flat[i] = old - h
-        minus = model(idx, targets)[1]
+        minus = loss()
         flat[i] = old
         np.testing.assert_allclose(analytic[i], (plus - minus) / (2 * h), rtol=1e-5, atol=1e-9)
 

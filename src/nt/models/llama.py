@@ -42,6 +42,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_pairing: str = "half"      # "half" (HF checkpoints) or "interleaved" (Meta / llama.cpp LLAMA)
+    rope_scaling: Optional[tuple] = None  # Llama-3: (factor, low_freq_factor, high_freq_factor, original_context)
     tie_embeddings: bool = True     # classifier = embedding matrix (no lm_head)
     qkv_bias: bool = False          # biases on the qkv projection (Qwen2)
     qk_norm: bool = False           # RMSNorm over each q and k head (Qwen3, Gemma-3)
@@ -69,7 +70,8 @@ class LlamaConfig:
                            vocab_size=151936, block_size=32768, rope_theta=1000000.0, norm_eps=1e-6,
                            qkv_bias=True),
         "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
-                            vocab_size=128256, block_size=131072, rope_theta=500000.0),
+                            vocab_size=128256, block_size=131072, rope_theta=500000.0,
+                            rope_scaling=(32.0, 1.0, 4.0, 8192)),
         "gemma3-270m": dict(dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256, ffn_hidden=2048,
                             vocab_size=262144, block_size=32768, ffn_kind="geglu", norm_eps=1e-6,
                             rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=512,
@@ -93,6 +95,9 @@ class LlamaConfig:
             raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
         if self.rope_pairing not in ops.ROPE_PAIRINGS:
             raise ValueError(f"rope_pairing must be one of {ops.ROPE_PAIRINGS}, got {self.rope_pairing!r}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = tuple(float(v) for v in self.rope_scaling)
+            ops.rope_frequencies(self.hs, self.rope_theta, self.rope_scaling)  # validates it
         if not 0.0 <= self.dropout < 1.0 or self.sliding_window < 0 or self.global_every < 0:
             raise ValueError("need 0 <= dropout < 1, sliding_window >= 0, global_every >= 0")
 
@@ -254,7 +259,7 @@ class Llama(LanguageModel):
         if cfg.qk_norm:
             qkv = ops.qk_norm(t, qkv, p["q_norm"][l], p["k_norm"][l], NH, NKV, cfg.norm_eps)
         theta = cfg.rope_local_theta if (local and cfg.rope_local_theta) else cfg.rope_theta
-        qkv = ops.rope(t, qkv, NH, NKV, pos0, theta, cfg.rope_pairing)
+        qkv = ops.rope(t, qkv, NH, NKV, pos0, theta, cfg.rope_pairing, cfg.rope_scaling)
         window = cfg.sliding_window if local else 0
         if cache is None:
             h = ops.attention(t, qkv, NH, NKV, window)
