@@ -89,7 +89,10 @@ def test_quantized_decoding_matches_dequantized(tmp_path, qtype, tol, tie):
     lr = lr.copy()
     lq, _ = q(idx)
     assert np.allclose(lq, lr, atol=tol * np.abs(lr).max() * 10, rtol=0)
-    assert np.array_equal(ref.generate(idx[0], 6, temperature=0), q.generate(idx[0], 6, temperature=0))
+    cached = q.generate(idx[0], 6, temperature=0)
+    assert np.array_equal(ref.generate(idx[0], 6, temperature=0), cached)
+    q.use_kv_cache = False                                 # the KV cache path = full recompute
+    assert np.array_equal(q.generate(idx[0], 6, temperature=0), cached)
     q.forward(idx, idx)
     with pytest.raises(RuntimeError, match="forward-only"):
         q.backward()
