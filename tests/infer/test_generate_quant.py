@@ -45,13 +45,20 @@ def test_generate_seed_stop_and_streaming():
         model.generate(prompt, 2, top_p=0.0)
 
 
-def test_gpt2_generation_recomputes_and_is_greedy_consistent():
-    """GPT-2 has no KV cache: each step is a full forward; check greedy = argmax of it."""
-    model = GPT2(GPT2Config(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32), seed=0)
-    out = model.generate(np.array([1, 2], np.int32), 5, temperature=0)
-    for i in range(2, 7):
-        logits, _ = model(out[None, :i])
-        assert out[i] == int(np.argmax(logits[0, -1]))
+@pytest.mark.parametrize("n_new", [6, 30])   # 30: the cache (block_size 16) overflows and re-prefills
+def test_gpt2_generation_with_kv_cache_matches_full_recompute(n_new):
+    model = GPT2(GPT2Config(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32), seed=0)
+    prompt = np.array([1, 2, 3], np.int32)
+    cached = model.generate(prompt, n_new, temperature=0)
+    model.use_kv_cache = False
+    full = model.generate(prompt, n_new, temperature=0)
+    if n_new == 6:
+        assert np.array_equal(cached, full)
+        for i in range(3, 9):   # and greedy = argmax of a full forward over the prefix
+            logits, _ = model(full[None, :i])
+            assert full[i] == int(np.argmax(logits[0, -1]))
+    else:  # identical until the cache is full; after that the cache keeps half the context
+        assert np.array_equal(cached[:16], full[:16]) and len(cached) == len(full) == 33
 
 
 def _tiny_gguf(tmp_path, dtype, tie=True):

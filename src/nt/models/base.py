@@ -7,7 +7,8 @@ from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 
-from ..tensor import Tensor
+from .. import ops
+from ..tensor import Arena, Tensor
 
 
 class LanguageModel:
@@ -72,16 +73,67 @@ class LanguageModel:
     def num_params(self) -> int:
         return self.params.size
 
+    # ------------------------------------------------------------------ generation with a KV cache
+    # A model with a cache calls _init_kv_cache in __init__, runs attention through
+    # _attention, and provides _trunk(idx, pos0, caches) -> final residual rows (1, T, C)
+    # and _head(x) -> logits tensor.
+
+    use_kv_cache = True
+    _kv: Optional[Arena] = None
+
+    def _init_kv_cache(self, n_layers: int, width: int) -> None:
+        """Per layer, the (rotated) qkv rows of the positions seen so far: `width` wide."""
+        self._kv = Arena(self.tape.k, self.tape.dtype, with_grad=False, name="kv_cache")
+        self._kv_shape = (n_layers, width)
+        self._kv_layers: list[Tensor] = []
+        self._kv_len = 0     # positions held in the cache
+        self._kv_start = 0   # index in the token list of the first cached position
+
+    def _attention(self, qkv: Tensor, NH: int, NKV: int, window: int, pos0: int, cache: Optional[Tensor]) -> Tensor:
+        """Causal attention of qkv (positions pos0..); with a cache (capacity, W) the qkv rows
+        are stored at pos0.. and the queries attend to keys 0..pos0+T-1 (batch 1)."""
+        t = self.tape
+        if cache is None:
+            return ops.attention(t, qkv, NH, NKV, window)
+        T, W = qkv.shape[1], qkv.shape[2]
+        rows = Tensor(cache.arena, cache.offset, (1, pos0 + T, W))  # rows 0..pos0+T-1 are contiguous
+        t.k.copy_(rows.data[:, pos0:], qkv.data)
+        return ops.attention(t, rows, NH, NKV, window, q0=pos0)
+
     def _begin_generation(self, capacity: int) -> None:
-        """Called before sampling at most `capacity` positions (a model with a KV cache
-        sizes it here)."""
+        """Size the KV cache for `capacity` positions (at most block_size) and empty it."""
+        if self._kv is None:
+            return
+        n_layers, width = self._kv_shape
+        self._kv.reset()
+        self._kv_layers = [self._kv.alloc((capacity, width)) for _ in range(n_layers)]
+        self._kv_len = self._kv_start = 0
 
     def _next_logits(self, tokens: list) -> np.ndarray:
-        """The float64 next-token logits (V,) after `tokens`: a full forward over the last
-        block_size tokens (models with a KV cache override this)."""
-        ctx = np.asarray(tokens[-self.config.block_size:], dtype=np.int32)[None, :]
-        logits, _ = self.forward(ctx)
-        return logits.numpy()[0, -1, :self.config.vocab_size].astype(np.float64)
+        """The float64 next-token logits (V,) after `tokens`. With the KV cache: the new
+        token alone through the cached blocks when it extends the cached positions;
+        otherwise (the first call, or a full cache) a prefill of the last tokens (the
+        cache's capacity at first, half of it when it overflowed). Without: a full forward
+        over the last block_size tokens."""
+        V = self.config.vocab_size
+        if self._kv is None or not self.use_kv_cache:
+            ctx = np.asarray(tokens[-self.config.block_size:], dtype=np.int32)[None, :]
+            logits, _ = self.forward(ctx)
+            return logits.numpy()[0, -1, :V].astype(np.float64)
+        capacity = self._kv_layers[0].shape[0]
+        if len(tokens) == self._kv_start + self._kv_len + 1 and 0 < self._kv_len < capacity:
+            new, pos0 = tokens[-1:], self._kv_len
+        else:
+            keep = min(len(tokens), capacity if self._kv_len == 0 else max(1, capacity // 2))
+            new, pos0 = tokens[-keep:], 0
+            self._kv_start = len(tokens) - keep
+        self.tape.reset(recording=False)
+        x = self._trunk(np.asarray(new, dtype=np.int32)[None, :], pos0, self._kv_layers)
+        C = x.shape[-1]
+        last = Tensor(x.arena, x.offset + (len(new) - 1) * C, (1, 1, C))
+        logits = self._head(last)
+        self._kv_len = pos0 + len(new)
+        return logits.numpy()[0, 0, :V].astype(np.float64)
 
     def generate(self, idx: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, seed: Optional[int] = None,

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import ops
 from ..tape import Tape
-from ..tensor import Arena, Params, Tensor
+from ..tensor import Params, Tensor
 from .base import LanguageModel
 
 FFN_ACTS = {"swiglu": "silu", "geglu": "gelu_tanh"}
@@ -190,12 +190,7 @@ class Llama(LanguageModel):
         self.params = Params(self.tape.k, dtype, param_layout(config, self.quantized))
         self.logits: Optional[Tensor] = None
         self.loss: Optional[Tensor] = None
-        # generation's KV cache: per layer, the rotated qkv rows of the positions seen so far
-        self.use_kv_cache = True
-        self._kv = Arena(self.tape.k, dtype, with_grad=False, name="kv_cache")
-        self._kv_layers: list[Tensor] = []
-        self._kv_len = 0     # positions held in the cache
-        self._kv_start = 0   # index in the token list of the first cached position
+        self._init_kv_cache(config.n_layers, config.qkv_width)
         if seed is not None:
             self.init_weights(seed)
 
@@ -261,13 +256,7 @@ class Llama(LanguageModel):
         theta = cfg.rope_local_theta if (local and cfg.rope_local_theta) else cfg.rope_theta
         qkv = ops.rope(t, qkv, NH, NKV, pos0, theta, cfg.rope_pairing, cfg.rope_scaling)
         window = cfg.sliding_window if local else 0
-        if cache is None:
-            h = ops.attention(t, qkv, NH, NKV, window)
-        else:  # batch 1: rows 0..pos0+T-1 of the cache are one contiguous (1, pos0+T, W) tensor
-            T = qkv.shape[1]
-            rows = Tensor(cache.arena, cache.offset, (1, pos0 + T, cfg.qkv_width))
-            t.k.copy_(rows.data[:, pos0:], qkv.data)
-            h = ops.attention(t, rows, NH, NKV, window, q0=pos0)
+        h = self._attention(qkv, NH, NKV, window, pos0, cache)
         h = self._linear(h, "attn_out", l)
         if cfg.post_norms:
             h = self._norm(h, p["post_attn_norm"][l])
@@ -320,30 +309,6 @@ class Llama(LanguageModel):
 
     # ------------------------------------------------------------------ generation with a KV cache
 
-    def _begin_generation(self, capacity: int) -> None:
-        """Size the KV cache for `capacity` positions (at most block_size) and empty it."""
-        cfg = self.config
-        self._kv.reset()
-        self._kv_layers = [self._kv.alloc((capacity, cfg.qkv_width)) for _ in range(cfg.n_layers)]
-        self._kv_len = self._kv_start = 0
-
-    def _next_logits(self, tokens: list) -> np.ndarray:
-        """Next-token logits: the new token alone through the cached blocks when it extends
-        the cached positions; otherwise (the first call, or a full cache) a prefill of the
-        last tokens (the cache's capacity at first, half of it when it overflowed)."""
-        if not self.use_kv_cache:
-            return super()._next_logits(tokens)
-        capacity = self._kv_layers[0].shape[0]
-        if len(tokens) == self._kv_start + self._kv_len + 1 and 0 < self._kv_len < capacity:
-            new, pos0 = tokens[-1:], self._kv_len
-        else:
-            keep = min(len(tokens), capacity if self._kv_len == 0 else max(1, capacity // 2))
-            new, pos0 = tokens[-keep:], 0
-            self._kv_start = len(tokens) - keep
-        cfg, p, t = self.config, self.params, self.tape
-        t.reset(recording=False)
-        x = self._trunk(np.asarray(new, dtype=np.int32)[None, :], pos0, self._kv_layers)
-        last = Tensor(x.arena, x.offset + (len(new) - 1) * cfg.dim, (1, 1, cfg.dim))
-        logits = self._classify(self._norm(last, p["norm_f"]))
-        self._kv_len = pos0 + len(new)
-        return logits.numpy()[0, 0, :cfg.vocab_size].astype(np.float64)
+    def _head(self, x: Tensor) -> Tensor:
+        """Logits of final residual rows (the final norm, then the classifier)."""
+        return self._classify(self._norm(x, self.params["norm_f"]))
