@@ -16,7 +16,7 @@ from .tensor import Tensor
 
 __all__ = ["embedding", "linear", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
            "glu", "swiglu", "geglu", "softmax", "add", "mul", "scale", "concat", "dropout", "attention",
-           "cross_entropy"]
+           "cross_entropy", "linear_q"]
 
 _EMPTY: dict = {}
 
@@ -126,6 +126,50 @@ def _linear_backward(k, out, x, weight, bias, transposed):
 
 
 # ----------------------------------------------------------------------------- layernorm
+
+# ggml block formats linear_q reads: (elements per block, bytes per block, kernel name)
+QUANT_FORMATS = {"Q8_0": (32, 34, "matmul_q8_0"), "Q4_0": (32, 18, "matmul_q4_0")}
+_QSCRATCH: dict = {}
+
+
+def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
+    """out = x @ W^T for W (OC, C) kept in a ggml block format: `wq` is the (OC, C/32 *
+    bytes-per-block) uint8 rows that nt.io.gguf.quantize returns / a GGUF file stores, `kind`
+    "Q8_0" or "Q4_0". Blocks are decoded inside the matmul (the weight is never expanded).
+
+    Inference only (CPU): the weight has no gradient, and a backward through this op
+    raises RuntimeError.
+    """
+    _check(x, "x", None, t)
+    if kind not in QUANT_FORMATS:
+        raise ValueError(f"linear_q: kind must be one of {sorted(QUANT_FORMATS)}, got {kind!r}")
+    if not hasattr(t.k, QUANT_FORMATS[kind][2]):
+        raise NotImplementedError(f"linear_q: the {t.k.DEVICE} backend has no {kind} matmul (CPU only)")
+    if t.dtype != np.float32:
+        raise TypeError(f"linear_q computes in float32, the tape is {t.dtype}")
+    bs, ts, kernel = QUANT_FORMATS[kind]
+    C = x.shape[-1]
+    if C % bs:
+        raise ValueError(f"linear_q: x has {C} features, not a multiple of the {kind} block size {bs}")
+    if not isinstance(wq, np.ndarray) or wq.dtype != np.uint8 or wq.ndim != 2 or wq.shape[1] != C // bs * ts \
+            or not wq.flags.c_contiguous:
+        raise ValueError(f"linear_q: wq must be C-contiguous uint8 (OC, {C // bs * ts}) {kind} rows for "
+                         f"C={C}, got {getattr(wq, 'dtype', type(wq))} {getattr(wq, 'shape', '')}")
+    OC, N = wq.shape[0], x.size // C
+    key = t.k.DEVICE
+    if key not in _QSCRATCH:  # 32 accumulation lanes per thread, made once
+        import numba
+        _QSCRATCH[key] = np.empty((numba.config.NUMBA_NUM_THREADS, bs), dtype=np.float32)
+    out = t.new(x.shape[:-1] + (OC,))
+    getattr(t.k, kernel)(out.data.reshape(N, OC), x.data.reshape(N, C), wq, t.k.F16_TABLE, _QSCRATCH[key])
+    t.record(_linear_q_backward, kind)
+    return out
+
+
+def _linear_q_backward(k, kind):
+    raise RuntimeError(f"linear_q ({kind} weights) is forward-only: a model with quantised weights can "
+                       "run inference but not backward(); load it with keep_quantized=False to train")
+
 
 def layernorm(t: Tape, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """Normalise the last axis to zero mean, unit variance; scale by weight, shift by bias."""

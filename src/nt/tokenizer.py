@@ -17,6 +17,7 @@ from explicit character classes derived from `unicodedata`; `\\s` is Unicode Whi
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 import json
 import os
@@ -24,7 +25,7 @@ import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -145,9 +146,19 @@ class BPE:
             alts = sorted(self.special_tokens, key=len, reverse=True)
             self._special_re = re.compile("(" + "|".join(re.escape(s) for s in alts) + ")")
 
+    # set by nt.io.gguf.tokenizer_from_metadata when the tokenizer comes from a model file
+    bos_id: Optional[int] = None
+    eos_id: Optional[int] = None
+    add_bos: bool = False
+    chat_template: Optional[str] = None
+
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for (a special token: its text), for streaming decode."""
+        return self.vocab[i]
 
     def __repr__(self) -> str:
         return f"BPE(vocab_size={self.vocab_size}, merges={len(self.merges)}, special={list(self.special_tokens)})"
@@ -264,7 +275,6 @@ class BPE:
         """
         with open(vocab_json, encoding="utf-8") as f:
             vocab_map = json.load(f)
-        decoder = {u: b for b, u in bytes_to_unicode().items()}
         n = max(vocab_map.values()) + 1
         if sorted(vocab_map.values()) != list(range(n)):
             raise ValueError(f"{vocab_json}: ids are not 0..{n - 1} without gaps")
@@ -272,14 +282,29 @@ class BPE:
             lines = f.read().split("\n")
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
+        return cls._from_spelled(vocab_map, lines, special_tokens, str(merges_txt), 2)
+
+    @classmethod
+    def from_tokens(cls, tokens: list[str], merges: list[str], special_tokens: Optional[Iterable[str]] = None) -> "BPE":
+        """Build from GPT-2-spelled token strings (id = index, as GGUF's tokenizer.ggml.tokens
+        lists them) and "a b" merge strings in rank order (tokenizer.ggml.merges)."""
+        vocab_map = {tok: i for i, tok in enumerate(tokens)}
+        if len(vocab_map) != len(tokens):
+            raise ValueError("BPE token list has duplicate strings")
+        return cls._from_spelled(vocab_map, merges, special_tokens, "merges", 0)
+
+    @classmethod
+    def _from_spelled(cls, vocab_map: dict, lines: list[str], special_tokens, where: str, first_line: int) -> "BPE":
+        decoder = {u: b for b, u in bytes_to_unicode().items()}
+        n = len(vocab_map)
         merges, merge_ids = [], []
-        for lineno, line in enumerate(lines, 2):
+        for lineno, line in enumerate(lines, first_line):
             if not line.strip():
                 continue
             parts = line.split(" ")
             if len(parts) != 2 or parts[0] not in vocab_map or parts[1] not in vocab_map or \
                     parts[0] + parts[1] not in vocab_map:
-                raise ValueError(f"{merges_txt}:{lineno}: bad merge line {line!r}")
+                raise ValueError(f"{where}:{lineno}: bad merge line {line!r}")
             merges.append((vocab_map[parts[0]], vocab_map[parts[1]]))
             merge_ids.append(vocab_map[parts[0] + parts[1]])
         made = {m for m in merge_ids}
@@ -325,3 +350,176 @@ def _write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# SentencePiece token types, as GGUF's tokenizer.ggml.token_type stores them
+SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED, SP_UNUSED, SP_BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # '▁', SentencePiece's visible space
+
+
+class SentencePieceBPE:
+    """SentencePiece's BPE model (LLaMA-1/2, Mistral, Gemma vocabularies; GGUF model "llama").
+
+    Encoding: spaces become '▁' (and one '▁' is prepended at the start and after each
+    special token: add_space_prefix, as llama.cpp does), the text is
+    split into characters, then the adjacent pair whose concatenation is a vocabulary piece
+    with the highest score is merged (leftmost on ties) until no pair is a piece. Characters
+    left that are not pieces are spelled as their UTF-8 bytes through the <0xXX> byte
+    tokens (or the unknown token when the vocabulary has none). Control tokens (<s>, </s>)
+    never come out of plain text; with allowed_special they are recognised as written.
+    """
+
+    def __init__(self, tokens: Sequence[str], scores: Optional[Sequence[float]] = None,
+                 token_types: Optional[Sequence[int]] = None, add_space_prefix: bool = True,
+                 unk_id: Optional[int] = None):
+        n = len(tokens)
+        self.tokens = list(tokens)
+        self.scores = np.zeros(n) if scores is None else np.asarray(scores, dtype=np.float64)
+        self.types = np.full(n, SP_NORMAL, np.int32) if token_types is None else np.asarray(token_types, np.int32)
+        if self.scores.shape != (n,) or self.types.shape != (n,):
+            raise ValueError(f"SentencePiece vocabulary: {n} tokens but {self.scores.shape[0]} scores "
+                             f"and {self.types.shape[0]} token types")
+        self.add_space_prefix = bool(add_space_prefix)
+        self.unk_id = unk_id
+        self.pieces: dict[str, int] = {}       # what plain text may merge into
+        self.special_tokens: dict[str, int] = {}
+        self.byte_ids = np.full(256, -1, dtype=np.int32)
+        for i, (tok, kind) in enumerate(zip(self.tokens, self.types)):
+            if kind == SP_BYTE and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+                self.byte_ids[int(tok[3:5], 16)] = i
+            elif kind in (SP_NORMAL, SP_USER_DEFINED):
+                self.pieces.setdefault(tok, i)
+            if kind in (SP_CONTROL, SP_USER_DEFINED) and tok:
+                self.special_tokens.setdefault(tok, i)
+        if self.unk_id is None:
+            unknown = np.flatnonzero(self.types == SP_UNKNOWN)
+            self.unk_id = int(unknown[0]) if unknown.size else None
+        self._special_re = None
+        if self.special_tokens:
+            alts = sorted(self.special_tokens, key=len, reverse=True)
+            self._special_re = re.compile("(" + "|".join(re.escape(t) for t in alts) + ")")
+
+    bos_id: Optional[int] = None
+    eos_id: Optional[int] = None
+    add_bos: bool = True
+    chat_template: Optional[str] = None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def __repr__(self) -> str:
+        return f"SentencePieceBPE(vocab_size={self.vocab_size}, special={len(self.special_tokens)})"
+
+    def _encode_fragment(self, text: str, out: list) -> None:
+        """Append the ids of plain text (spaces already '▁') to out."""
+        if not text:
+            return
+        syms = list(text)
+        nxt = list(range(1, len(syms) + 1))      # linked list over the symbols
+        prv = list(range(-1, len(syms) - 1))
+        heap: list = []
+
+        def push(i: int) -> None:  # the pair starting at symbol i, if it is a piece
+            j = nxt[i]
+            if j < len(syms):
+                tid = self.pieces.get(syms[i] + syms[j])
+                if tid is not None:
+                    heapq.heappush(heap, (-self.scores[tid], i, syms[i], syms[j]))
+
+        for i in range(len(syms) - 1):
+            push(i)
+        while heap:
+            _, i, a, b = heapq.heappop(heap)
+            j = nxt[i]
+            if syms[i] != a or j >= len(syms) or syms[j] != b:
+                continue  # stale: one side was merged since this pair was pushed
+            syms[i], syms[j] = a + b, ""
+            nxt[i] = nxt[j]
+            if nxt[j] < len(syms):
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                push(prv[i])
+            push(i)
+        i = 0
+        while i < len(syms):
+            sym = syms[i]
+            tid = self.pieces.get(sym)
+            if tid is not None:
+                out.append(tid)
+            else:
+                for byte in sym.encode("utf-8"):
+                    bid = int(self.byte_ids[byte])
+                    if bid < 0:
+                        if self.unk_id is None:
+                            raise ValueError(f"cannot encode {sym!r}: no byte tokens and no unknown token")
+                        out.append(self.unk_id)
+                        break
+                    out.append(bid)
+            i = nxt[i]
+
+    def encode(self, text: str, allowed_special: Union[str, Iterable[str]] = ()) -> list[int]:
+        """Token ids of text (no BOS: callers add `bos_id` when `add_bos`). allowed_special:
+        "all" or a set of control/user-defined token strings recognised in the text."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
+        parts = self._special_re.split(text) if (allowed and self._special_re) else [text]
+        out: list[int] = []
+        after_special = True  # as llama.cpp: the text at the start and after a special token gets the prefix
+        for k, part in enumerate(parts):
+            if k % 2 == 1 and part in allowed:
+                out.append(self.special_tokens[part])
+                after_special = True
+            elif part:
+                piece = part.replace(" ", SPACE)
+                self._encode_fragment(SPACE + piece if self.add_space_prefix and after_special else piece, out)
+                after_special = False
+        return out
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i adds to the text: '▁' as a space, <0xXX> as its byte, control
+        tokens as nothing."""
+        i = int(i)
+        if not 0 <= i < len(self.tokens):
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {len(self.tokens)})")
+        kind = self.types[i]
+        if kind == SP_BYTE and self.byte_ids[int(self.tokens[i][3:5], 16)] == i:
+            return bytes([int(self.tokens[i][3:5], 16)])
+        if kind in (SP_CONTROL, SP_UNUSED):
+            return b""
+        return self.tokens[i].replace(SPACE, " ").encode("utf-8")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return b"".join(self.token_bytes(i) for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ids; the space the encoder prefixed is removed again."""
+        text = self.decode_bytes(ids).decode("utf-8", errors="replace")
+        if self.add_space_prefix and text.startswith(" "):
+            text = text[1:]
+        return text
+
+
+class ByteTokenizer:
+    """Bytes as tokens (nt's built-in corpus and llm.c-style byte models): id b = byte b."""
+
+    bos_id: Optional[int] = None
+    eos_id: Optional[int] = None
+    add_bos: bool = False
+    chat_template: Optional[str] = None
+    special_tokens: dict = {}
+    vocab_size = 256
+
+    def encode(self, text: str, allowed_special=()) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def token_bytes(self, i: int) -> bytes:
+        return bytes([int(i)]) if 0 <= int(i) < 256 else b""
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return b"".join(self.token_bytes(i) for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")

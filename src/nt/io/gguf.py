@@ -680,7 +680,36 @@ def _gpt2_import(f: GGUFFile, device: str):
     return model
 
 
-def _llama_import(f: GGUFFile, device: str):
+def _raw_rows(f: GGUFFile, name: str, shape: tuple) -> np.ndarray:
+    """The stored blocks of a (OC, C) matrix as a (OC, bytes per row) uint8 copy."""
+    if name not in f:
+        raise FormatError(f"{f.path}: missing tensor {name!r}")
+    if f.tensor_infos[name].shape != tuple(shape):
+        raise FormatError(f"{f.path}: tensor {name!r} has shape {f.tensor_infos[name].shape}, expected {tuple(shape)}")
+    return np.array(f.raw(name)).reshape(shape[0], -1)
+
+
+# nt Llama matrix -> the GGUF tensors stacked (along rows) to make it, per layer
+_LLAMA_MATRICES = {"qkvw": ("attn_q", "attn_k", "attn_v"), "attn_out": ("attn_output",),
+                   "gate_up": ("ffn_gate", "ffn_up"), "down": ("ffn_down",)}
+
+
+def _kept_quantized(f: GGUFFile, L: int, tied: bool) -> dict:
+    """{nt matrix: ggml type} for the matrices whose every GGUF tensor is one type that
+    ops.linear_q reads (Q8_0, Q4_0); the others are dequantised."""
+    from .. import ops
+    out = {}
+    groups = {n: [f"blk.{l}.{g}.weight" for l in range(L) for g in parts] for n, parts in _LLAMA_MATRICES.items()}
+    if not tied:
+        groups["lm_head"] = ["output.weight"]
+    for n, names in groups.items():
+        types = {f.tensor_infos[m].type for m in names if m in f}
+        if len(types) == 1 and next(iter(types)) in ops.QUANT_FORMATS:
+            out[n] = next(iter(types))
+    return out
+
+
+def _llama_import(f: GGUFFile, device: str, keep_quantized: bool = False):
     from ..models.llama import Llama, LlamaConfig
     if "rope_freqs.weight" in f or f.metadata.get("llama.rope.scaling.type", "none") not in ("none", "linear") \
             or f.metadata.get("llama.rope.scaling.factor", 1.0) != 1.0:
@@ -701,38 +730,96 @@ def _llama_import(f: GGUFFile, device: str):
             tie_embeddings="output.weight" not in f)
     except (ValueError, TypeError) as e:
         raise FormatError(f"{f.path}: metadata describes an impossible Llama: {e}") from None
-    model = Llama(cfg, device=device, seed=None)
     V, H, NKV, L = cfg.vocab_size, cfg.ffn_hidden, cfg.n_kv_heads, cfg.n_layers
+    quantized = _kept_quantized(f, L, cfg.tie_embeddings) if keep_quantized and device == "cpu" else {}
+    model = Llama(cfg, device=device, seed=None, quantized=quantized)
     host = np.zeros(model.params.size, dtype=np.float32)
     p = {name: host[t.offset:t.offset + t.size].reshape(t.shape) for name, t in model.params.items()}
+    shapes = {"attn_q": (NH * hs, C), "attn_k": (NKV * hs, C), "attn_v": (NKV * hs, C), "attn_output": (C, NH * hs),
+              "ffn_gate": (H, C), "ffn_up": (H, C), "ffn_down": (C, H)}
     p["wte"][:V] = _tensor(f, "token_embd.weight", (V, C))
     for l in range(L):
         b = f"blk.{l}."
         p["attn_norm"][l] = _tensor(f, b + "attn_norm.weight", (C,))
-        p["qkvw"][l] = np.concatenate([_tensor(f, b + "attn_q.weight", (NH * hs, C)),
-                                       _tensor(f, b + "attn_k.weight", (NKV * hs, C)),
-                                       _tensor(f, b + "attn_v.weight", (NKV * hs, C))])
-        p["attn_out"][l] = _tensor(f, b + "attn_output.weight", (C, NH * hs))
         p["ffn_norm"][l] = _tensor(f, b + "ffn_norm.weight", (C,))
-        p["gate_up"][l] = np.concatenate([_tensor(f, b + "ffn_gate.weight", (H, C)),
-                                          _tensor(f, b + "ffn_up.weight", (H, C))])
-        p["down"][l] = _tensor(f, b + "ffn_down.weight", (C, H))
+        for n, parts in _LLAMA_MATRICES.items():
+            read = _raw_rows if n in quantized else _tensor
+            rows = [read(f, f"{b}{g}.weight", shapes[g]) for g in parts]
+            if n in quantized:
+                model.qweights[n][l] = np.ascontiguousarray(np.concatenate(rows))
+            else:
+                p[n][l] = np.concatenate(rows)
     p["norm_f"][:] = _tensor(f, "output_norm.weight", (C,))
-    if not cfg.tie_embeddings:
+    if "lm_head" in quantized:
+        model.qweights["lm_head"] = _raw_rows(f, "output.weight", (V, C))
+    elif not cfg.tie_embeddings:
         p["lm_head"][:V] = _tensor(f, "output.weight", (V, C))
     model.load_flat(host)
     return model
 
 
-def load(path, device: str = "cpu"):
+def tokenizer_from_metadata(f: GGUFFile):
+    """The tokenizer a GGUF file describes in its tokenizer.ggml.* keys, or None (model
+    "none" or no vocabulary). Model "gpt2": byte-level BPE (nt.tokenizer.BPE, GPT-2's
+    pre-tokenizer regex) from tokens + merges; model "llama": SentencePiece BPE
+    (nt.tokenizer.SentencePieceBPE) from tokens + scores + token_type. The result carries
+    bos_id, eos_id, add_bos and chat_template (the Jinja source, or None)."""
+    from ..tokenizer import BPE, SP_CONTROL, SP_USER_DEFINED, SentencePieceBPE
+    md = f.metadata
+    kind = md.get("tokenizer.ggml.model", "none")
+    tokens = md.get("tokenizer.ggml.tokens")
+    if kind == "none" or tokens is None:
+        return None
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise FormatError(f"{f.path}: tokenizer.ggml.tokens must be an array of strings")
+    types = md.get("tokenizer.ggml.token_type")
+    if types is not None and len(types) != len(tokens):
+        raise FormatError(f"{f.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    try:
+        if kind == "gpt2":
+            merges = md.get("tokenizer.ggml.merges", [])
+            special = [t for t, k in zip(tokens, types) if k in (SP_CONTROL, SP_USER_DEFINED)] if types is not None else None
+            tok = BPE.from_tokens(tokens, merges, special)
+            tok.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
+        elif kind == "llama":
+            tok = SentencePieceBPE(tokens, md.get("tokenizer.ggml.scores"), types,
+                                   add_space_prefix=bool(md.get("tokenizer.ggml.add_space_prefix", True)),
+                                   unk_id=md.get("tokenizer.ggml.unknown_token_id"))
+            tok.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", True))
+        else:
+            raise FormatError(f"{f.path}: tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, llama)")
+    except ValueError as e:
+        raise FormatError(f"{f.path}: bad {kind} vocabulary: {e}") from None
+    for key, attr in (("tokenizer.ggml.bos_token_id", "bos_id"), ("tokenizer.ggml.eos_token_id", "eos_id")):
+        v = md.get(key)
+        if v is not None:
+            if not isinstance(v, int) or not 0 <= v < len(tokens):
+                raise FormatError(f"{f.path}: {key} = {v!r} is not a token id in [0, {len(tokens)})")
+            setattr(tok, attr, v)
+    if tok.add_bos and tok.bos_id is None:
+        tok.add_bos = False
+    template = md.get("tokenizer.chat_template")
+    tok.chat_template = template if isinstance(template, str) else None
+    return tok
+
+
+def load(path, device: str = "cpu", keep_quantized: bool = False):
     """Build an nt model from a GGUF file: GPT2 for architecture "gpt2", Llama (with
     llama.cpp's interleaved RoPE pairing, so q/k are used as stored) for "llama". Weights
     are dequantised to float32. A GPT-2 `output.weight`, if present, is taken to be tied
-    to token_embd (nt's GPT-2 ties them); a Llama without `output.weight` is tied."""
+    to token_embd (nt's GPT-2 ties them); a Llama without `output.weight` is tied.
+
+    keep_quantized=True (Llama on the CPU): Q8_0 / Q4_0 matrices stay as their blocks
+    (model.qweights) and run through ops.linear_q, for inference only; other types, the
+    embedding and the norms are float32. `model.tokenizer` is the file's tokenizer (see
+    tokenizer_from_metadata) or None."""
     f = GGUFFile(path)
     arch = f.metadata.get("general.architecture")
     if arch == "gpt2":
-        return _gpt2_import(f, device)
-    if arch == "llama":
-        return _llama_import(f, device)
-    raise FormatError(f"{f.path}: general.architecture {arch!r} is not supported (supported: gpt2, llama)")
+        model = _gpt2_import(f, device)
+    elif arch == "llama":
+        model = _llama_import(f, device, keep_quantized)
+    else:
+        raise FormatError(f"{f.path}: general.architecture {arch!r} is not supported (supported: gpt2, llama)")
+    model.tokenizer = tokenizer_from_metadata(f)
+    return model

@@ -6,8 +6,10 @@ from .llama import Llama, LlamaConfig
 __all__ = ["LanguageModel", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "from_gguf"]
 
 
-def from_gguf(path, device: str = "cpu") -> LanguageModel:
+def from_gguf(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageModel:
     """A GPT2 or Llama built from a llama.cpp GGUF file (architectures "gpt2", "llama"),
-    weights dequantised to float32. See nt.io.gguf.load."""
+    weights dequantised to float32 (keep_quantized=True: a Llama's Q8_0/Q4_0 matrices stay
+    quantised, inference only), with the file's tokenizer as `model.tokenizer`.
+    See nt.io.gguf.load."""
     from ..io.gguf import load
-    return load(path, device)
+    return load(path, device, keep_quantized)

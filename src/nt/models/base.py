@@ -3,17 +3,19 @@ train/eval modes and flat weight loading. A model supplies `config` (with block_
 vocab_size), `tape`, `params` and `forward(idx, targets) -> (logits, loss)` tensors."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 
-from ..tensor import Tensor
+from .. import ops
+from ..tensor import Arena, Tensor
 
 
 class LanguageModel:
     """Mixin: the model interface built on `forward`."""
 
     loss: Optional[Tensor] = None
+    tokenizer = None   # a tokenizer (encode/decode/token_bytes) when the model file carried one
 
     def forward(self, idx: np.ndarray, targets: Optional[np.ndarray] = None):
         raise NotImplementedError
@@ -71,50 +73,124 @@ class LanguageModel:
     def num_params(self) -> int:
         return self.params.size
 
+    # ------------------------------------------------------------------ generation with a KV cache
+    # A model with a cache calls _init_kv_cache in __init__, runs attention through
+    # _attention, and provides _trunk(idx, pos0, caches) -> final residual rows (1, T, C)
+    # and _head(x) -> logits tensor.
+
+    use_kv_cache = True
+    _kv: Optional[Arena] = None
+
+    def _init_kv_cache(self, n_layers: int, width: int) -> None:
+        """Per layer, the (rotated) qkv rows of the positions seen so far: `width` wide."""
+        self._kv = Arena(self.tape.k, self.tape.dtype, with_grad=False, name="kv_cache")
+        self._kv_shape = (n_layers, width)
+        self._kv_layers: list[Tensor] = []
+        self._kv_len = 0     # positions held in the cache
+        self._kv_start = 0   # index in the token list of the first cached position
+
+    def _attention(self, qkv: Tensor, NH: int, NKV: int, window: int, pos0: int, cache: Optional[Tensor]) -> Tensor:
+        """Causal attention of qkv (positions pos0..); with a cache (capacity, W) the qkv rows
+        are stored at pos0.. and the queries attend to keys 0..pos0+T-1 (batch 1)."""
+        t = self.tape
+        if cache is None:
+            return ops.attention(t, qkv, NH, NKV, window)
+        T, W = qkv.shape[1], qkv.shape[2]
+        rows = Tensor(cache.arena, cache.offset, (1, pos0 + T, W))  # rows 0..pos0+T-1 are contiguous
+        t.k.copy_(rows.data[:, pos0:], qkv.data)
+        return ops.attention(t, rows, NH, NKV, window, q0=pos0)
+
     def _begin_generation(self, capacity: int) -> None:
-        """Called before sampling at most `capacity` positions (a model with a KV cache
-        sizes it here)."""
+        """Size the KV cache for `capacity` positions (at most block_size) and empty it."""
+        if self._kv is None:
+            return
+        n_layers, width = self._kv_shape
+        self._kv.reset()
+        self._kv_layers = [self._kv.alloc((capacity, width)) for _ in range(n_layers)]
+        self._kv_len = self._kv_start = 0
 
     def _next_logits(self, tokens: list) -> np.ndarray:
-        """The float64 next-token logits (V,) after `tokens`: a full forward over the last
-        block_size tokens (models with a KV cache override this)."""
-        ctx = np.asarray(tokens[-self.config.block_size:], dtype=np.int32)[None, :]
-        logits, _ = self.forward(ctx)
-        return logits.numpy()[0, -1, :self.config.vocab_size].astype(np.float64)
+        """The float64 next-token logits (V,) after `tokens`. With the KV cache: the new
+        token alone through the cached blocks when it extends the cached positions;
+        otherwise (the first call, or a full cache) a prefill of the last tokens (the
+        cache's capacity at first, half of it when it overflowed). Without: a full forward
+        over the last block_size tokens."""
+        V = self.config.vocab_size
+        if self._kv is None or not self.use_kv_cache:
+            ctx = np.asarray(tokens[-self.config.block_size:], dtype=np.int32)[None, :]
+            logits, _ = self.forward(ctx)
+            return logits.numpy()[0, -1, :V].astype(np.float64)
+        capacity = self._kv_layers[0].shape[0]
+        if len(tokens) == self._kv_start + self._kv_len + 1 and 0 < self._kv_len < capacity:
+            new, pos0 = tokens[-1:], self._kv_len
+        else:
+            keep = min(len(tokens), capacity if self._kv_len == 0 else max(1, capacity // 2))
+            new, pos0 = tokens[-keep:], 0
+            self._kv_start = len(tokens) - keep
+        self.tape.reset(recording=False)
+        x = self._trunk(np.asarray(new, dtype=np.int32)[None, :], pos0, self._kv_layers)
+        C = x.shape[-1]
+        last = Tensor(x.arena, x.offset + (len(new) - 1) * C, (1, 1, C))
+        logits = self._head(last)
+        self._kv_len = pos0 + len(new)
+        return logits.numpy()[0, 0, :V].astype(np.float64)
 
     def generate(self, idx: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, seed: Optional[int] = None,
-                 on_token: Optional[Callable[[int], None]] = None) -> np.ndarray:
-        """Sample `max_new_tokens` continuations of a (T,) prompt; returns prompt + new ids.
+                 on_token: Optional[Callable[[int], None]] = None, top_p: Optional[float] = None,
+                 stop: Iterable[Union[int, str]] = ()) -> np.ndarray:
+        """Sample up to `max_new_tokens` continuations of a (T,) prompt; returns prompt + new ids.
 
-        temperature 0 is greedy. The context is cropped to block_size. Runs in eval mode
-        (no dropout) and restores the previous mode.
+        temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the
+        top_k largest logits and then to the top_p nucleus (the smallest set of most likely
+        tokens whose probabilities sum to >= top_p). `seed` makes sampling reproducible.
+        on_token(id) is called with each new token as soon as it is chosen (streaming).
+        stop: token ids and/or strings; generation ends after the token that produces one
+        (it is included in the result). Strings need `self.tokenizer` (attached by
+        nt.models.from_gguf) and are matched on the generated text's bytes.
+        The context is cropped to block_size. Runs in eval mode (no dropout) and restores
+        the previous mode.
         """
         idx = np.asarray(idx).reshape(-1).astype(np.int32)
         if idx.size == 0:
             raise ValueError("generate() needs at least one prompt token")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        stop_ids = {int(s) for s in stop if not isinstance(s, str)}
+        stop_strs = [s.encode("utf-8") for s in stop if isinstance(s, str) and s]
+        if stop_strs and getattr(self, "tokenizer", None) is None:
+            raise ValueError("stop strings need a tokenizer (model.tokenizer); pass token ids instead")
+        tail_len = max((len(s) for s in stop_strs), default=0)
         rng = np.random.default_rng(seed)
         out = list(idx)
+        text_tail = b""   # the last bytes generated, enough to see a stop string end
         was_training = self.training
         self.eval()
         try:
             self._begin_generation(min(len(out) + max_new_tokens, self.config.block_size))
             for _ in range(max_new_tokens):
-                nxt = sample_logits(self._next_logits(out), temperature, top_k, rng)
+                nxt = sample_logits(self._next_logits(out), temperature, top_k, rng, top_p)
                 out.append(nxt)
                 if on_token is not None:
                     on_token(nxt)
+                if nxt in stop_ids:
+                    break
+                if stop_strs:
+                    text_tail = (text_tail + self.tokenizer.token_bytes(nxt))[-(tail_len + 64):]
+                    if any(s in text_tail for s in stop_strs):
+                        break
         finally:
             self.train(was_training)
             self.tape.reset()
         return np.asarray(out, dtype=np.int32)
 
 
-def sample_logits(logits: np.ndarray, temperature: float, top_k: Optional[int], rng: np.random.Generator) -> int:
+def sample_logits(logits: np.ndarray, temperature: float, top_k: Optional[int], rng: np.random.Generator,
+                  top_p: Optional[float] = None) -> int:
     """One token id from a row of logits: greedy at temperature 0, else softmax(logits/T)
-    restricted to the top_k largest."""
+    restricted to the top_k largest, then to the top_p nucleus."""
     if temperature == 0:
         return int(np.argmax(logits))
     z = logits / temperature
@@ -122,4 +198,13 @@ def sample_logits(logits: np.ndarray, temperature: float, top_k: Optional[int], 
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= kth, z, -np.inf)
     z = np.exp(z - z.max())
-    return int(rng.choice(z.size, p=z / z.sum()))
+    p = z / z.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = int(np.searchsorted(cum, top_p)) + 1   # smallest prefix with mass >= top_p
+        mask = np.zeros(p.size, dtype=bool)
+        mask[order[:keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))

@@ -82,6 +82,7 @@ class GPT2(LanguageModel):
         self.params = Params(self.tape.k, dtype, param_layout(config))
         self.logits: Optional[Tensor] = None
         self.loss: Optional[Tensor] = None
+        self._init_kv_cache(config.n_layer, 3 * config.n_embd)
         if seed is not None:
             self.init_weights(seed)
 
@@ -113,11 +114,19 @@ class GPT2(LanguageModel):
         cfg, p, t = self.config, self.params, self.tape
         self._check_batch(idx, targets)
         t.reset()
-        x = ops.embedding(t, idx, p["wte"], p["wpe"])
+        self.logits = self._head(self._trunk(idx))
+        self.loss = ops.cross_entropy(t, self.logits, targets, cfg.vocab_size) if targets is not None else None
+        return self.logits, self.loss
+
+    def _trunk(self, idx: np.ndarray, pos0: int = 0, caches: Optional[list] = None) -> Tensor:
+        """Embeddings and every block on positions pos0..: the final residual (B, T, C).
+        With caches (generation, batch 1) each layer's qkv rows go to its KV cache."""
+        cfg, p, t = self.config, self.params, self.tape
+        x = ops.embedding(t, idx, p["wte"], p["wpe"], pos0)
         for l in range(cfg.n_layer):
             h = ops.layernorm(t, x, p["ln1w"][l], p["ln1b"][l])
             qkv = ops.linear(t, h, p["qkvw"][l], p["qkvb"][l])
-            h = ops.attention(t, qkv, cfg.n_head)
+            h = self._attention(qkv, cfg.n_head, cfg.n_head, 0, pos0, caches[l] if caches else None)
             h = ops.linear(t, h, p["attprojw"][l], p["attprojb"][l])
             x = ops.add(t, x, h)
             h = ops.layernorm(t, x, p["ln2w"][l], p["ln2b"][l])
@@ -125,10 +134,12 @@ class GPT2(LanguageModel):
             h = ops.gelu(t, h)
             h = ops.linear(t, h, p["fcprojw"][l], p["fcprojb"][l])
             x = ops.add(t, x, h)
-        x = ops.layernorm(t, x, p["lnfw"], p["lnfb"])
-        self.logits = ops.linear(t, x, p["wte"])  # tied classifier over the padded vocabulary
-        self.loss = ops.cross_entropy(t, self.logits, targets, cfg.vocab_size) if targets is not None else None
-        return self.logits, self.loss
+        return x
+
+    def _head(self, x: Tensor) -> Tensor:
+        """The final layernorm and the tied classifier over the padded vocabulary."""
+        p = self.params
+        return ops.linear(self.tape, ops.layernorm(self.tape, x, p["lnfw"], p["lnfb"]), p["wte"])
 
     # ------------------------------------------------------------------ llm.c interop
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import ops
 from ..tape import Tape
-from ..tensor import Arena, Params, Tensor
+from ..tensor import Params, Tensor
 from .base import LanguageModel
 
 FFN_ACTS = {"swiglu": "silu", "geglu": "gelu_tanh"}
@@ -128,8 +128,13 @@ class LlamaConfig:
         return cls(**{**cls.PRESETS[name], **overrides})
 
 
-def param_layout(cfg: LlamaConfig) -> list[tuple[str, tuple, bool]]:
-    """(name, shape, weight-decay?) in storage order; per-layer tensors are stacked (L, ...)."""
+# matrices a model may keep in a ggml block format (inference only, see Llama(quantized=...))
+QUANTIZABLE = ("qkvw", "attn_out", "gate_up", "down", "lm_head")
+
+
+def param_layout(cfg: LlamaConfig, quantized=()) -> list[tuple[str, tuple, bool]]:
+    """(name, shape, weight-decay?) in storage order; per-layer tensors are stacked (L, ...).
+    Names in `quantized` are left out (their weights live outside the parameter buffer)."""
     Vp, L, C, H, hs, W = cfg.padded_vocab_size, cfg.n_layers, cfg.dim, cfg.ffn_hidden, cfg.hs, cfg.qkv_width
     layout = [("wte", (Vp, C), True), ("attn_norm", (L, C), False), ("qkvw", (L, W, C), True)]
     if cfg.qkv_bias:
@@ -147,7 +152,7 @@ def param_layout(cfg: LlamaConfig) -> list[tuple[str, tuple, bool]]:
         layout.append(("lm_head", (Vp, C), True))
     if cfg.n_predict > 1:
         layout.append(("mtp", (cfg.n_predict - 1, C, C), True))
-    return layout
+    return [entry for entry in layout if entry[0] not in quantized]
 
 
 def multi_token_targets(targets: np.ndarray, k: int) -> np.ndarray:
@@ -167,19 +172,25 @@ class Llama(LanguageModel):
     >>> model.zero_grad(); model.backward()
     """
 
-    def __init__(self, config: LlamaConfig, device: str = "cpu", dtype=np.float32, seed: Optional[int] = 0):
+    def __init__(self, config: LlamaConfig, device: str = "cpu", dtype=np.float32, seed: Optional[int] = 0,
+                 quantized: Optional[dict[str, str]] = None):
+        """quantized: {matrix name: "Q8_0" | "Q4_0"} for matrices (of QUANTIZABLE) kept as ggml
+        blocks for inference: they are left out of `params` and read by ops.linear_q from
+        `qweights[name]` (a list of (OC, bytes) uint8 rows per layer; lm_head: one array),
+        which the caller fills (nt.io.gguf.load(..., keep_quantized=True) does)."""
         self.config = config
+        self.quantized = dict(quantized or {})
+        bad = [n for n, kind in self.quantized.items() if n not in QUANTIZABLE or kind not in ops.QUANT_FORMATS]
+        if bad or (self.quantized and (config.qkv_bias or dtype != np.float32)):
+            raise ValueError(f"cannot quantise {bad or 'with qkv_bias / non-float32'}: names must be among "
+                             f"{QUANTIZABLE}, formats among {sorted(ops.QUANT_FORMATS)}, dtype float32, no qkv bias")
+        self.qweights: dict = {n: ([None] * config.n_layers if n != "lm_head" else None) for n in self.quantized}
         self.tape = Tape(device, dtype)
         self.tape.seed = 0 if seed is None else int(seed)
-        self.params = Params(self.tape.k, dtype, param_layout(config))
+        self.params = Params(self.tape.k, dtype, param_layout(config, self.quantized))
         self.logits: Optional[Tensor] = None
         self.loss: Optional[Tensor] = None
-        # generation's KV cache: per layer, the rotated qkv rows of the positions seen so far
-        self.use_kv_cache = True
-        self._kv = Arena(self.tape.k, dtype, with_grad=False, name="kv_cache")
-        self._kv_layers: list[Tensor] = []
-        self._kv_len = 0     # positions held in the cache
-        self._kv_start = 0   # index in the token list of the first cached position
+        self._init_kv_cache(config.n_layers, config.qkv_width)
         if seed is not None:
             self.init_weights(seed)
 
@@ -210,6 +221,21 @@ class Llama(LanguageModel):
             return ops.rmsnorm(t, x, weight, cfg.norm_eps)
         return ops.layernorm(t, x, weight, None, cfg.norm_eps)
 
+    def _linear(self, x: Tensor, name: str, l: Optional[int] = None, bias: Optional[Tensor] = None) -> Tensor:
+        """x @ W^T (+ bias) for matrix `name` (of layer l): float weights from params, or a
+        quantised matmul on the blocks when the matrix is kept quantised."""
+        if name in self.quantized:
+            wq = self.qweights[name] if l is None else self.qweights[name][l]
+            return ops.linear_q(self.tape, x, wq, self.quantized[name])
+        w = self.params[name] if l is None else self.params[name][l]
+        return ops.linear(self.tape, x, w, bias)
+
+    def _classify(self, h: Tensor) -> Tensor:
+        """Logits of normed final hidden states: the tied embedding or the lm_head."""
+        if self.config.tie_embeddings:
+            return ops.linear(self.tape, h, self.params["wte"])
+        return self._linear(h, "lm_head")
+
     def _loss(self, logits: Tensor, targets: np.ndarray) -> Tensor:
         """Cross-entropy; label smoothing and z-loss apply in training mode only, so an
         evaluation reports the plain next-token loss."""
@@ -224,27 +250,21 @@ class Llama(LanguageModel):
         NH, NKV = cfg.n_heads, cfg.n_kv_heads
         local = cfg.is_local(l)
         h = self._norm(x, p["attn_norm"][l])
-        qkv = ops.linear(t, h, p["qkvw"][l], p["qkvb"][l] if cfg.qkv_bias else None)
+        qkv = self._linear(h, "qkvw", l, p["qkvb"][l] if cfg.qkv_bias else None)
         if cfg.qk_norm:
             qkv = ops.qk_norm(t, qkv, p["q_norm"][l], p["k_norm"][l], NH, NKV, cfg.norm_eps)
         theta = cfg.rope_local_theta if (local and cfg.rope_local_theta) else cfg.rope_theta
         qkv = ops.rope(t, qkv, NH, NKV, pos0, theta, cfg.rope_pairing, cfg.rope_scaling)
         window = cfg.sliding_window if local else 0
-        if cache is None:
-            h = ops.attention(t, qkv, NH, NKV, window)
-        else:  # batch 1: rows 0..pos0+T-1 of the cache are one contiguous (1, pos0+T, W) tensor
-            T = qkv.shape[1]
-            rows = Tensor(cache.arena, cache.offset, (1, pos0 + T, cfg.qkv_width))
-            t.k.copy_(rows.data[:, pos0:], qkv.data)
-            h = ops.attention(t, rows, NH, NKV, window, q0=pos0)
-        h = ops.linear(t, h, p["attn_out"][l])
+        h = self._attention(qkv, NH, NKV, window, pos0, cache)
+        h = self._linear(h, "attn_out", l)
         if cfg.post_norms:
             h = self._norm(h, p["post_attn_norm"][l])
         x = ops.add(t, x, ops.dropout(t, h, cfg.dropout))
         h = self._norm(x, p["ffn_norm"][l])
-        h = ops.linear(t, h, p["gate_up"][l])
+        h = self._linear(h, "gate_up", l)
         h = ops.glu(t, h, FFN_ACTS[cfg.ffn_kind])
-        h = ops.linear(t, h, p["down"][l])
+        h = self._linear(h, "down", l)
         if cfg.post_norms:
             h = self._norm(h, p["post_ffn_norm"][l])
         return ops.add(t, x, ops.dropout(t, h, cfg.dropout))
@@ -274,15 +294,14 @@ class Llama(LanguageModel):
             t.step += 1  # a fresh dropout mask per training forward
         t.reset()
         x = self._trunk(idx)
-        classifier = p["wte"] if cfg.tie_embeddings else p["lm_head"]
-        self.logits = ops.linear(t, self._norm(x, p["norm_f"]), classifier)
+        self.logits = self._classify(self._norm(x, p["norm_f"]))
         self.loss = None
         if targets is not None:
             self.loss = self._loss(self.logits, targets)
             if cfg.n_predict > 1:
                 for k in range(1, cfg.n_predict):
                     h = ops.add(t, x, ops.linear(t, x, p["mtp"][k - 1]))
-                    logits_k = ops.linear(t, self._norm(h, p["norm_f"]), classifier)
+                    logits_k = self._classify(self._norm(h, p["norm_f"]))
                     loss_k = self._loss(logits_k, multi_token_targets(targets, k))
                     self.loss = ops.add(t, self.loss, loss_k)
                 self.loss = ops.scale(t, self.loss, 1.0 / cfg.n_predict)
@@ -290,31 +309,6 @@ class Llama(LanguageModel):
 
     # ------------------------------------------------------------------ generation with a KV cache
 
-    def _begin_generation(self, capacity: int) -> None:
-        """Size the KV cache for `capacity` positions (at most block_size) and empty it."""
-        cfg = self.config
-        self._kv.reset()
-        self._kv_layers = [self._kv.alloc((capacity, cfg.qkv_width)) for _ in range(cfg.n_layers)]
-        self._kv_len = self._kv_start = 0
-
-    def _next_logits(self, tokens: list) -> np.ndarray:
-        """Next-token logits: the new token alone through the cached blocks when it extends
-        the cached positions; otherwise (the first call, or a full cache) a prefill of the
-        last tokens (the cache's capacity at first, half of it when it overflowed)."""
-        if not self.use_kv_cache:
-            return super()._next_logits(tokens)
-        capacity = self._kv_layers[0].shape[0]
-        if len(tokens) == self._kv_start + self._kv_len + 1 and 0 < self._kv_len < capacity:
-            new, pos0 = tokens[-1:], self._kv_len
-        else:
-            keep = min(len(tokens), capacity if self._kv_len == 0 else max(1, capacity // 2))
-            new, pos0 = tokens[-keep:], 0
-            self._kv_start = len(tokens) - keep
-        cfg, p, t = self.config, self.params, self.tape
-        t.reset(recording=False)
-        x = self._trunk(np.asarray(new, dtype=np.int32)[None, :], pos0, self._kv_layers)
-        last = Tensor(x.arena, x.offset + (len(new) - 1) * cfg.dim, (1, 1, cfg.dim))
-        classifier = p["wte"] if cfg.tie_embeddings else p["lm_head"]
-        logits = ops.linear(t, self._norm(last, p["norm_f"]), classifier)
-        self._kv_len = pos0 + len(new)
-        return logits.numpy()[0, 0, :cfg.vocab_size].astype(np.float64)
+    def _head(self, x: Tensor) -> Tensor:
+        """Logits of final residual rows (the final norm, then the classifier)."""
+        return self._classify(self._norm(x, self.params["norm_f"]))

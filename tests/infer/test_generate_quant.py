@@ -1,0 +1,118 @@
+"""generate() sampling options, GGUF models with tokenizers, quantised (Q8_0 / Q4_0) decoding."""
+import numpy as np
+import pytest
+
+import nt
+from nt import ops
+from nt.io import gguf
+from nt.models import GPT2, GPT2Config, Llama, LlamaConfig
+from nt.models.base import sample_logits
+
+from .tiny_vocab import sp_metadata
+
+
+def _llama(vocab_size=274, **kw):
+    cfg = LlamaConfig.preset("llama-tiny", vocab_size=vocab_size, rope_pairing="interleaved", **kw)
+    return Llama(cfg, seed=1)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = np.random.default_rng(0)
+    seen = {sample_logits(logits, 1.0, None, rng, top_p=0.75) for _ in range(300)}
+    assert seen == {0, 1}          # 0.5 < 0.75 <= 0.5 + 0.3
+    seen = {sample_logits(logits, 1.0, None, rng, top_p=0.5) for _ in range(100)}
+    assert seen == {0}
+    seen = {sample_logits(logits, 1.0, None, rng, top_p=1.0) for _ in range(600)}
+    assert seen == {0, 1, 2, 3}
+
+
+def test_generate_seed_stop_and_streaming():
+    model = _llama(vocab_size=256)
+    prompt = np.array([1, 2, 3], np.int32)
+    a = model.generate(prompt, 12, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    b = model.generate(prompt, 12, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    assert np.array_equal(a, b)
+    streamed = []
+    greedy = model.generate(prompt, 10, temperature=0, on_token=streamed.append)
+    assert streamed == list(greedy[3:])
+    stop_at = int(greedy[5])
+    stopped = model.generate(prompt, 10, temperature=0, stop=[stop_at])
+    assert list(stopped) == list(greedy[:list(greedy[3:]).index(stop_at) + 4])
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(prompt, 2, stop=["x"])
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(prompt, 2, top_p=0.0)
+
+
+@pytest.mark.parametrize("n_new", [6, 30])   # 30: the cache (block_size 16) overflows and re-prefills
+def test_gpt2_generation_with_kv_cache_matches_full_recompute(n_new):
+    model = GPT2(GPT2Config(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32), seed=0)
+    prompt = np.array([1, 2, 3], np.int32)
+    cached = model.generate(prompt, n_new, temperature=0)
+    model.use_kv_cache = False
+    full = model.generate(prompt, n_new, temperature=0)
+    if n_new == 6:
+        assert np.array_equal(cached, full)
+        for i in range(3, 9):   # and greedy = argmax of a full forward over the prefix
+            logits, _ = model(full[None, :i])
+            assert full[i] == int(np.argmax(logits[0, -1]))
+    else:  # identical until the cache is full; after that the cache keeps half the context
+        assert np.array_equal(cached[:16], full[:16]) and len(cached) == len(full) == 33
+
+
+def _tiny_gguf(tmp_path, dtype, tie=True):
+    model = _llama(tie_embeddings=tie)
+    path = tmp_path / f"m_{dtype}.gguf"
+    gguf.write(path, model, dtype, metadata=sp_metadata())
+    return path
+
+
+def test_from_gguf_attaches_tokenizer_and_stops_at_stop_strings(tmp_path):
+    model = nt.models.from_gguf(_tiny_gguf(tmp_path, "F32"))
+    tok = model.tokenizer
+    assert tok is not None and tok.eos_id == 2 and model.config.vocab_size == tok.vocab_size
+    ids = [tok.bos_id] + tok.encode("hello world")
+    full = model.generate(np.array(ids), 8, temperature=0)
+    text = tok.decode_bytes(full[len(ids):])
+    stop = text[2:4].decode("utf-8", "replace") if len(text) >= 4 else None
+    if stop and "\ufffd" not in stop:
+        cut = model.generate(np.array(ids), 8, temperature=0, stop=[stop])
+        assert stop.encode() in tok.decode_bytes(cut[len(ids):]) and len(cut) <= len(full)
+
+
+@pytest.mark.parametrize("qtype,tol", [("Q8_0", 2e-4), ("Q4_0", 2e-4)])
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantized_decoding_matches_dequantized(tmp_path, qtype, tol, tie):
+    path = _tiny_gguf(tmp_path, qtype, tie)
+    ref = nt.models.from_gguf(path)                        # dequantised to float32
+    q = nt.models.from_gguf(path, keep_quantized=True)     # blocks kept
+    assert set(q.quantized) == {"qkvw", "attn_out", "gate_up", "down"} | (set() if tie else {"lm_head"})
+    assert q.params.size < ref.params.size / 2             # only embedding + norms stay float
+    qbytes = sum(w.nbytes for ws in q.qweights.values() for w in (ws if isinstance(ws, list) else [ws]))
+    assert qbytes < (ref.params.size - q.params.size) * 4 / 3
+    idx = np.array([[1, 5, 9, 200, 7, 3]], np.int32)
+    lr, _ = ref(idx)
+    lr = lr.copy()
+    lq, _ = q(idx)
+    assert np.allclose(lq, lr, atol=tol * np.abs(lr).max() * 10, rtol=0)
+    cached = q.generate(idx[0], 6, temperature=0)
+    assert np.array_equal(ref.generate(idx[0], 6, temperature=0), cached)
+    q.use_kv_cache = False                                 # the KV cache path = full recompute
+    assert np.array_equal(q.generate(idx[0], 6, temperature=0), cached)
+    q.forward(idx, idx)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        q.backward()
+
+
+def test_linear_q_rejects_bad_input():
+    t = nt.tape.Tape("cpu", np.float32)
+    x = t.new((2, 64))
+    w = gguf.quantize(np.ones((8, 64), np.float32), "Q8_0")
+    assert ops.linear_q(t, x, w, "Q8_0").shape == (2, 8)
+    with pytest.raises(ValueError, match="kind"):
+        ops.linear_q(t, x, w, "Q5_0")
+    with pytest.raises(ValueError, match="uint8"):
+        ops.linear_q(t, x, w[:, :-1].copy(), "Q8_0")
+    with pytest.raises(ValueError, match="multiple"):
+        ops.linear_q(t, t.new((2, 48)), w, "Q8_0")
