@@ -11,6 +11,10 @@ from numba import njit, prange
 from .vmath import like
 
 BLOCK = 4096  # elements per parallel task in reductions
+# Sums of squares may reassociate within a block so LLVM can vectorize them (several
+# float64 partial sums per block, in a fixed order: still independent of the thread
+# count); inf and NaN keep their meaning, which the NaN guard relies on.
+REDUCE_FASTMATH = {"reassoc", "contract"}
 
 
 @njit(parallel=True, cache=True)
@@ -89,7 +93,7 @@ def sum_squares_blocks(n: int) -> int:
     return max(1, (n + BLOCK - 1) // BLOCK)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=REDUCE_FASTMATH)
 def sum_squares(x, partials):
     """sum(x**2) in float64. Each block of BLOCK elements sums into its own slot of the
     caller's `partials` (float64, sum_squares_blocks(n) long), then the slots add up in
@@ -107,7 +111,7 @@ def sum_squares(x, partials):
     return total
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=REDUCE_FASTMATH)
 def segment_sum_squares(x, block_offsets, block_seg, partial, out):
     """out[s] = sum of x**2 over segment s, in float64 (one launch for all tensors).
 

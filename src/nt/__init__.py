@@ -6,6 +6,15 @@
     logits, loss = model(x, y)        # forward
     model.zero_grad(); model.backward(); opt.step()
 """
+import os
+
+# Numba's OpenMP workers spin after each parallel kernel by default, and the spinning
+# threads take the cores OpenBLAS needs for the matmul that usually comes next: measured
+# on 2 cores, an add kernel followed by a 1024x768x3072-class sgemm ran 2x slower than the
+# sgemm alone. Passive waiting removes that. It must be set before the thread pool starts
+# (the first parallel kernel), so it is set here; a value the user chose is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from . import io, models, ops, optim, profile
 from .backend import backend
 from .tape import Tape
