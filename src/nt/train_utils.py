@@ -34,7 +34,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     add_run_args(p)
     p.add_argument("-B", "--batch-size", type=int, default=16)
     p.add_argument("-T", "--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
