@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 
 from nt.io import load_model
 from nt.models import GPT2, GPT2Config
-from nt.train_utils import add_training_args, load_data, resume_path, train
+from nt.train_utils import add_training_args, prepare_run, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,12 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    dtype = np.float32 if args.dtype == "float32" else np.float64
-    data = load_data(args)
-    print(f"data: {sum(map(len, data.train)):,} train / {sum(map(len, data.val)):,} val tokens, "
-          f"vocab {data.vocab_size}")
-
-    resume = resume_path(args)
+    dtype, data, resume = prepare_run(args)
     if resume is not None:
         model = load_model(resume, device=args.device, dtype=dtype)
     elif args.init_from:

@@ -417,12 +417,17 @@ def _softmax_backward(k, out, x):
     k.softmax_backward(x.grad.reshape(N, C), out.grad.reshape(N, C), out.data.reshape(N, C))
 
 
-def add(t: Tape, a: Tensor, b: Tensor) -> Tensor:
-    """a + b, same shapes (the residual connection)."""
+def _check_pair(t: Tape, a: Tensor, b: Tensor, op: str) -> None:
+    """Both operands of an elementwise op: tensors of the tape's dtype and the same shape."""
     _check(a, "a", None, t)
     _check(b, "b", None, t)
     if a.shape != b.shape:
-        raise ValueError(f"add: shapes {a.shape} and {b.shape} differ")
+        raise ValueError(f"{op}: shapes {a.shape} and {b.shape} differ")
+
+
+def add(t: Tape, a: Tensor, b: Tensor) -> Tensor:
+    """a + b, same shapes (the residual connection)."""
+    _check_pair(t, a, b, "add")
     out = t.new(a.shape)
     t.k.add_forward(out.flat, a.flat, b.flat)
     t.record(_add_backward, out, a, b)
@@ -435,10 +440,7 @@ def _add_backward(k, out, a, b):
 
 def mul(t: Tape, a: Tensor, b: Tensor) -> Tensor:
     """a * b elementwise, same shapes."""
-    _check(a, "a", None, t)
-    _check(b, "b", None, t)
-    if a.shape != b.shape:
-        raise ValueError(f"mul: shapes {a.shape} and {b.shape} differ")
+    _check_pair(t, a, b, "mul")
     out = t.new(a.shape)
     t.k.mul_forward(out.flat, a.flat, b.flat)
     t.record(_mul_backward, out, a, b)

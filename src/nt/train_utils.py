@@ -163,6 +163,16 @@ def load_data(args) -> Data:
     return Data([train], [val], vocab, bpe, is_bytes)
 
 
+def prepare_run(args):
+    """What every training script does first: (dtype, data, checkpoint to resume or None),
+    printing the data's size."""
+    dtype = np.float32 if args.dtype == "float32" else np.float64
+    data = load_data(args)
+    print(f"data: {sum(map(len, data.train)):,} train / {sum(map(len, data.val)):,} val tokens, "
+          f"vocab {data.vocab_size}")
+    return dtype, data, resume_path(args)
+
+
 def resume_path(args) -> Optional[Path]:
     """The checkpoint --resume names ('latest' = the newest in --out-dir), or None."""
     if not args.resume:
