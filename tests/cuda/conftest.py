@@ -10,7 +10,9 @@ plus the ones marked `gpu`.
 """
 import os
 import sys
+import threading
 
+import numpy as np
 import pytest
 
 if "numba.cuda" in sys.modules and os.environ.get("NUMBA_ENABLE_CUDASIM") is None:
@@ -27,6 +29,39 @@ try:
     from numba import cuda
 except ImportError:  # numba-cuda not installed: skip the whole folder
     cuda = None
+
+
+def _thread_safe_simulator_shared_arrays():
+    """Make the simulator hand every thread of a block the same shared array.
+
+    The simulator runs each CUDA thread as a Python thread, and its cuda.shared.array
+    looks the array up by the caller's file and line and creates it when missing, with
+    no lock: two threads can both miss, create separate arrays, and then reduce over
+    different memory (a CI run summed garbage in a block reduction that way). This
+    replacement does the same lookup under a lock. Dynamic shared memory (shape 0) has
+    no such race and keeps the simulator's own code. Hardware runs are untouched.
+    """
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    simulator_array = FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:
+            return simulator_array(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            found = self._allocations.get(key)
+            if found is None:
+                found = self._allocations[key] = np.empty(shape, np.dtype(dtype))
+        return found
+
+    FakeCUDAShared.array = array
+
+
+if cuda is not None and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    _thread_safe_simulator_shared_arrays()
 
 
 def pytest_collection_modifyitems(config, items):
