@@ -35,7 +35,8 @@ def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator):
     ids = rng.integers(0, V, (B, T)).astype(np.int32)
     targets = ids.reshape(N)
     qkv, att, lse = r(B, T, 3 * C), r(B, T, C), r(B, NH, T)
-    nt.backend("cpu").attention_forward(att, lse, qkv, NH, NH, 0)  # valid lse for the backward
+    work = r(*nt.backend("cpu").attention_work_shape(T))
+    nt.backend("cpu").attention_forward(att, lse, qkv, work, NH, NH, 0, 0)  # valid lse for the backward
     logits, xlse = r(N, Vp), r(N)
     nt.backend("cpu").softmax_xent_forward(r(1), r(N), xlse, logits, targets, V)
     P = 12 * C * C  # one layer's parameters, roughly
@@ -46,8 +47,8 @@ def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator):
         ("layernorm_backward", [r(N, C), r(C), r(C), r(N, C), r(N, C), r(C), r(N), np.ones(N, f)]),
         ("matmul_forward (qkv)", [r(N, 3 * C), r(N, C), r(3 * C, C), r(3 * C)]),
         ("matmul_backward (qkv)", [r(N, C), r(3 * C, C), r(3 * C), r(N, 3 * C), r(N, C), r(3 * C, C)]),
-        ("attention_forward", [r(B, T, C), r(B, NH, T), qkv, NH, NH, 0]),
-        ("attention_backward", [r(B, T, 3 * C), r(B, T, C), qkv, att, lse, NH, NH, 0]),
+        ("attention_forward", [r(B, T, C), r(B, NH, T), qkv, work, NH, NH, 0, 0]),
+        ("attention_backward", [r(B, T, 3 * C), r(B, T, C), qkv, att, lse, work, NH, NH, 0, 0]),
         ("gelu_forward", [r(N * 4 * C), r(N * 4 * C)]),
         ("gelu_backward", [r(N * 4 * C), r(N * 4 * C), r(N * 4 * C)]),
         ("add_forward", [r(N * C), r(N * C), r(N * C)]),

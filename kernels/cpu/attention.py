@@ -8,107 +8,151 @@ With q0 > 0 only the last T - q0 rows are queries (positions q0..T-1), attending
 0..T-1: the rows before q0 are a KV cache whose q part is unused. out and lse then hold
 the T - q0 query rows. q0 = 0 is ordinary causal self-attention.
 
-No T x T matrix is ever stored. The forward runs an online softmax per query row and
-saves only the row's log-sum-exp; the backward recomputes each probability from it.
+The work is cut into blocks of QBLOCK query rows of one head. A block's scores against
+every key its rows can see are one BLAS call (QBLOCK x keys x hs) into the worker's
+slice of `work`; the softmax runs on those rows in place, and a second BLAS call
+multiplies them by the values. Blocks keep the causal waste small (a block computes the
+scores right of its diagonal and zeroes them) and the scratch at QBLOCK x T per worker:
+no T x T matrix is stored. The forward saves only each row's log-sum-exp; the backward
+recomputes the probabilities from it, again a block at a time, with five BLAS calls.
 
-Arithmetic stays in the input's float type (vmath), and `reassoc` lets LLVM vectorize the
-head-size dot products; inf and NaN keep their IEEE meaning (no `nnan`/`ninf`).
+BLAS is called from inside the parallel loop, each call a small matrix product on its
+worker's core: OpenBLAS is held to one thread meanwhile (its own thread pool, woken for
+every small call from two workers at once, made the kernel 2x to 50x slower).
 """
+import numba
 import numpy as np
 from numba import njit, prange
 
 from . import vmath
+from .blas import blas_get_threads, blas_set_threads, gemm
 from .vmath import like
 
 FASTMATH = {"reassoc", "contract"}
+QBLOCK = 64  # query rows per block: big enough for BLAS, small enough to waste little
+
+
+def attention_work_shape(T: int) -> tuple:
+    """The `work` array the attention kernels need: one row per worker thread, holding
+    two (QBLOCK, T) score blocks."""
+    return (numba.get_num_threads(), 2 * QBLOCK * T)
+
+
+@njit(inline="always")
+def _block(blk, q0, T, window):
+    """Block blk's first and one-past-last query positions, and its first visible key."""
+    r0 = q0 + blk * QBLOCK
+    r1 = min(T, r0 + QBLOCK)
+    k0 = max(0, r0 - window + 1) if window > 0 else 0
+    return r0, r1, k0
+
+
+@njit(inline="always")
+def _visible(t, k0, window):
+    """Columns [lo, hi) of a block's score row that query position t may attend."""
+    lo = max(0, t - window + 1) - k0 if window > 0 else 0
+    return lo, t + 1 - k0
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def attention_forward(out, lse, qkv, NH, NKV, window, q0=0):
-    """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T-q0)."""
-    B, T, _ = qkv.shape
-    Tq = T - q0
+def attention_forward(out, lse, qkv, work, NH, NKV, window, q0):
+    """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T-q0).
+
+    work: attention_work_shape(T), any contents (it is scratch)."""
+    B, T, width = qkv.shape
     hs = out.shape[2] // NH
     group = NH // NKV
     scale = like(qkv[0, 0, 0], 1.0 / np.sqrt(hs))
-    zero = like(qkv[0, 0, 0], 0.0)
-    k_off = NH * hs
-    v_off = (NH + NKV) * hs
-    for r in prange(B * NH * Tq):
-        b = r // (NH * Tq)
-        h = (r // Tq) % NH
-        tq = r % Tq
-        t = q0 + tq  # the query's position
-        kv = h // group
-        q = qkv[b, t, h * hs:(h + 1) * hs]
-        o = out[b, tq, h * hs:(h + 1) * hs]
-        o[:] = zero
-        m = like(zero, -np.inf)
-        l = zero
-        j0 = max(0, t - window + 1) if window > 0 else 0
-        for j in range(j0, t + 1):
-            k = qkv[b, j, k_off + kv * hs:k_off + (kv + 1) * hs]
-            s = zero
-            for c in range(hs):
-                s += q[c] * k[c]
-            s *= scale
-            if s > m:  # new running max: rescale what was accumulated so far
-                correction = vmath.exp(m - s)
-                l *= correction
-                for c in range(hs):
-                    o[c] *= correction
-                m = s
-            p = vmath.exp(s - m)
-            l += p
-            v = qkv[b, j, v_off + kv * hs:v_off + (kv + 1) * hs]
-            for c in range(hs):
-                o[c] += p * v[c]
-        inv = like(zero, 1.0) / l
-        for c in range(hs):
-            o[c] *= inv
-        lse[b, h, tq] = m + np.log(l)
+    zero = like(scale, 0.0)
+    one = like(scale, 1.0)
+    nblk = (T - q0 + QBLOCK - 1) // QBLOCK
+    W = work.shape[0]
+    blas_threads = blas_get_threads()
+    blas_set_threads(1)
+    for w in prange(W):
+        S = work[w, :QBLOCK * T].reshape((QBLOCK, T))
+        # block index varies slowest, so every worker gets a share of the big late blocks
+        for task in range(w, nblk * B * NH, W):
+            blk = task // (B * NH)
+            b = (task // NH) % B
+            h = task % NH
+            kc = (NH + h // group) * hs   # this head's key columns
+            vc = kc + NKV * hs             # and value columns
+            r0, r1, k0 = _block(blk, q0, T, window)
+            M, N = r1 - r0, r1 - k0
+            gemm(False, True, M, N, hs, scale, qkv[b, r0:, h * hs:], width, qkv[b, k0:, kc:], width,
+                 zero, S, T)
+            for i in range(M):
+                lo, hi = _visible(r0 + i, k0, window)
+                s = S[i]
+                m = s[lo]
+                for j in range(lo + 1, hi):
+                    m = max(m, s[j])
+                l = zero
+                for j in range(lo, hi):
+                    e = vmath.exp(s[j] - m)
+                    s[j] = e
+                    l += e
+                inv = one / l
+                for j in range(lo, hi):
+                    s[j] *= inv
+                s[:lo] = zero
+                s[hi:N] = zero
+                lse[b, h, r0 + i - q0] = m + np.log(l)
+            gemm(False, False, M, hs, N, one, S, T, qkv[b, k0:, vc:], width,
+                 zero, out[b, r0 - q0:, h * hs:], NH * hs)
+    blas_set_threads(blas_threads)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window, q0=0):
-    """Accumulate dqkv from dout. Tasks own one (batch, kv head) pair, so the key and
-    value grads that several query heads and rows add into have a single writer."""
-    B, T, _ = qkv.shape
+def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0):
+    """Accumulate dqkv from dout (work as for the forward). Tasks own one (batch, kv head) pair, so the key and
+    value grads that several query heads and blocks add into have a single writer."""
+    B, T, width = qkv.shape
     hs = out.shape[2] // NH
     group = NH // NKV
     scale = like(qkv[0, 0, 0], 1.0 / np.sqrt(hs))
-    zero = like(qkv[0, 0, 0], 0.0)
-    k_off = NH * hs
-    v_off = (NH + NKV) * hs
-    for u in prange(B * NKV):
-        b = u // NKV
-        kv = u % NKV
-        for h in range(kv * group, (kv + 1) * group):
-            for tq in range(T - q0):
-                t = q0 + tq
-                q = qkv[b, t, h * hs:(h + 1) * hs]
-                dq = dqkv[b, t, h * hs:(h + 1) * hs]
-                do = dout[b, tq, h * hs:(h + 1) * hs]
-                o = out[b, tq, h * hs:(h + 1) * hs]
-                # D = sum_j p_j dp_j = do . o, the softmax backward's shared term
-                D = zero
-                for c in range(hs):
-                    D += do[c] * o[c]
-                L = lse[b, h, tq]
-                j0 = max(0, t - window + 1) if window > 0 else 0
-                for j in range(j0, t + 1):
-                    k = qkv[b, j, k_off + kv * hs:k_off + (kv + 1) * hs]
-                    v = qkv[b, j, v_off + kv * hs:v_off + (kv + 1) * hs]
-                    dk = dqkv[b, j, k_off + kv * hs:k_off + (kv + 1) * hs]
-                    dv = dqkv[b, j, v_off + kv * hs:v_off + (kv + 1) * hs]
-                    s = zero
-                    dp = zero
-                    for c in range(hs):
-                        s += q[c] * k[c]
-                        dp += do[c] * v[c]
-                    p = vmath.exp(s * scale - L)
-                    ds = p * (dp - D) * scale
-                    for c in range(hs):
-                        dq[c] += ds * k[c]
-                        dk[c] += ds * q[c]
-                        dv[c] += p * do[c]
+    zero = like(scale, 0.0)
+    one = like(scale, 1.0)
+    nblk = (T - q0 + QBLOCK - 1) // QBLOCK
+    W = work.shape[0]
+    blas_threads = blas_get_threads()
+    blas_set_threads(1)
+    for w in prange(W):
+        P = work[w, :QBLOCK * T].reshape((QBLOCK, T))
+        dS = work[w, QBLOCK * T:2 * QBLOCK * T].reshape((QBLOCK, T))
+        for task in range(w, B * NKV, W):
+            b = task // NKV
+            kv = task % NKV
+            kc = (NH + kv) * hs
+            vc = kc + NKV * hs
+            for h in range(kv * group, (kv + 1) * group):
+                qc = h * hs
+                for blk in range(nblk):
+                    r0, r1, k0 = _block(blk, q0, T, window)
+                    M, N = r1 - r0, r1 - k0
+                    q_rows, do_rows = qkv[b, r0:, qc:], dout[b, r0 - q0:, qc:]
+                    gemm(False, True, M, N, hs, scale, q_rows, width, qkv[b, k0:, kc:], width, zero, P, T)
+                    gemm(False, True, M, N, hs, one, do_rows, NH * hs, qkv[b, k0:, vc:], width, zero, dS, T)
+                    for i in range(M):
+                        lo, hi = _visible(r0 + i, k0, window)
+                        # D = sum_j p_j dp_j = do . o, the softmax backward's shared term
+                        do, o = dout[b, r0 + i - q0, qc:qc + hs], out[b, r0 + i - q0, qc:qc + hs]
+                        D = zero
+                        for c in range(hs):
+                            D += do[c] * o[c]
+                        L = lse[b, h, r0 + i - q0]
+                        p, ds = P[i], dS[i]
+                        for j in range(lo, hi):
+                            pj = vmath.exp(p[j] - L)
+                            p[j] = pj
+                            ds[j] = pj * (ds[j] - D) * scale
+                        p[:lo] = zero
+                        p[hi:N] = zero
+                        ds[:lo] = zero
+                        ds[hi:N] = zero
+                    gemm(False, False, M, hs, N, one, dS, T, qkv[b, k0:, kc:], width,
+                         one, dqkv[b, r0:, qc:], width)
+                    gemm(True, False, N, hs, M, one, dS, T, q_rows, width, one, dqkv[b, k0:, kc:], width)
+                    gemm(True, False, N, hs, M, one, P, T, do_rows, NH * hs, one, dqkv[b, k0:, vc:], width)
+    blas_set_threads(blas_threads)

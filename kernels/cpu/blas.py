@@ -6,10 +6,16 @@ that name. Because compiled code refers to the symbol by name rather than by a c
 pointer baked into the function, `cache=True` works. Scalars are passed through stack slots
 in the caller's frame, so a call allocates nothing.
 """
+import ctypes
+import glob
+import os
+from typing import Optional
+
 import llvmlite.binding as llvm
 import numpy as np
+import scipy
 from llvmlite import ir
-from numba import njit, types
+from numba import cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
 
@@ -57,3 +63,39 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
     """
     _fortran_gemm(np.uint8(_T if trans_b else _N), np.uint8(_T if trans_a else _N),
                   N, M, K, alpha, B, ldb, A, lda, beta, C, ldc)
+
+
+
+def _openblas_thread_functions() -> Optional[tuple]:
+    """Addresses of (get_num_threads, set_num_threads) of the OpenBLAS SciPy bundles, or
+    None when SciPy links another BLAS."""
+    here = os.path.dirname(scipy.__file__)
+    for path in sorted(glob.glob(here + ".libs/*openblas*") + glob.glob(os.path.join(here, ".dylibs", "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            get = getattr(lib, prefix + "_get_num_threads", None)
+            set_ = getattr(lib, prefix + "_set_num_threads", None)
+            if get is not None and set_ is not None:
+                return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (get, set_))
+    return None
+
+
+def _no_thread_control() -> tuple:
+    """Stand-ins for another BLAS: one thread, and setting it does nothing."""
+    one_thread = cfunc(types.intc())(lambda: 1)
+    ignore = cfunc(types.void(types.intc))(lambda n: None)
+    _no_thread_control.keep = (one_thread, ignore)  # the addresses must outlive this call
+    return one_thread.address, ignore.address
+
+
+_get_threads, _set_threads = _openblas_thread_functions() or _no_thread_control()
+llvm.add_symbol("nt_blas_get_threads", _get_threads)
+llvm.add_symbol("nt_blas_set_threads", _set_threads)
+# Kernels that call gemm from inside their own parallel loop (attention) hold BLAS to one
+# thread meanwhile: each small product then runs on its caller's core instead of waking
+# OpenBLAS's thread pool for every call. With another BLAS these do nothing.
+blas_get_threads = types.ExternalFunction("nt_blas_get_threads", types.intc())
+blas_set_threads = types.ExternalFunction("nt_blas_set_threads", types.void(types.intc))

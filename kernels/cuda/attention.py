@@ -4,8 +4,8 @@ qkv is (B, T, (NH + 2*NKV) * hs); query head h reads key/value head h // (NH // 
 window > 0 limits each query to the last `window` keys. With q0 > 0 only positions
 q0..T-1 are queries (the rows before are a KV cache); out and lse hold those T - q0 rows.
 
-One thread per query row runs the online softmax and saves the row's log-sum-exp, as on
-the CPU. The backward is split in two passes so every grad element has a single writer,
+One thread per query row runs an online softmax over the keys and saves the row's
+log-sum-exp, the quantity the CPU twin saves too (it computes blocks of rows with BLAS). The backward is split in two passes so every grad element has a single writer,
 without atomics: one thread per query row accumulates dq, one thread per key row
 accumulates dk and dv over the queries (of every head in its group) that see it. Both
 recompute the probabilities from the lse.
@@ -119,13 +119,19 @@ def _attention_backward_kv(dqkv, dout, qkv, out, lse, NH, NKV, window, q0):
                     dqkv[b, j, vo + c] += p * dout[b, t - q0, qo + c]
 
 
-def attention_forward(out, lse, qkv, NH, NKV, window, q0=0):
-    """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T-q0)."""
+def attention_work_shape(T):
+    """No scratch: each thread keeps its query row's running sums in registers."""
+    return (0, 0)
+
+
+def attention_forward(out, lse, qkv, work, NH, NKV, window, q0):
+    """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T-q0).
+    work: attention_work_shape(T) (empty here)."""
     B, T, _ = qkv.shape
     _attention_forward[blocks(B * NH * (T - q0)), THREADS](out, lse, qkv, NH, NKV, window, q0)
 
 
-def attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, window, q0=0):
+def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0):
     """Accumulate dqkv from dout (two passes: dq, then dk and dv)."""
     B, T, _ = qkv.shape
     _attention_backward_q[blocks(B * NH * (T - q0)), THREADS](dqkv, dout, qkv, out, lse, NH, NKV, window, q0)

@@ -540,13 +540,14 @@ def attention(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None
     q0, window = int(q0), int(window)
     out = t.new((B, T - q0, NH * hs))
     lse = t.new_saved((B, NH, T - q0))
-    t.k.attention_forward(out.data, lse.data, qkv.data, NH, NKV, window, q0)
-    t.record(_attention_backward, out, qkv, lse, NH, NKV, window, q0)
+    work = t.work(t.k.attention_work_shape(T))
+    t.k.attention_forward(out.data, lse.data, qkv.data, work, NH, NKV, window, q0)
+    t.record(_attention_backward, out, qkv, lse, work, NH, NKV, window, q0)
     return out
 
 
-def _attention_backward(k, out, qkv, lse, NH, NKV, window, q0):
-    k.attention_backward(qkv.grad, out.grad, qkv.data, out.data, lse.data, NH, NKV, window, q0)
+def _attention_backward(k, out, qkv, lse, work, NH, NKV, window, q0):
+    k.attention_backward(qkv.grad, out.grad, qkv.data, out.data, lse.data, work, NH, NKV, window, q0)
 
 
 # ----------------------------------------------------------------------------- loss

@@ -3,10 +3,13 @@
 A tape owns two arenas: `acts` for op outputs (with a grad mirror) and `saved` for what
 backwards need but nobody differentiates (layernorm statistics, attention log-sum-exps).
 `reset()` rewinds both, so a step with the same shapes as the last one reuses the same
-memory at the same offsets and allocates nothing.
+memory at the same offsets and allocates nothing. A third buffer, `work`, is scratch that
+one kernel call at a time may use (attention's score blocks); kernels run one after
+another, so every op shares it.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -26,6 +29,7 @@ class Tape:
             raise TypeError(f"tape dtype must be float32 or float64, got {self.dtype}")
         self.acts = Arena(self.k, self.dtype, with_grad=True, name="acts")
         self.saved = Arena(self.k, self.dtype, with_grad=False, name="saved")
+        self._work = self.k.empty(0, self.dtype)
         self.records: list[tuple] = []
         self.recording = True
         # dropout: active only while training; its masks are a pure function of
@@ -61,6 +65,14 @@ class Tape:
     def new_saved(self, shape) -> Tensor:
         """Space for something a backward needs and nothing differentiates."""
         return self.saved.alloc(shape)
+
+    def work(self, shape):
+        """Scratch of `shape` for one kernel call, forward or backward (contents undefined,
+        shared with every other op): grows on first use, then is the same memory."""
+        size = math.prod(shape)
+        if size > self._work.shape[0]:
+            self._work = self.k.empty(size, self.dtype)
+        return self._work[:size].reshape(shape)
 
     def record(self, backward_fn: Callable, *args) -> None:
         """Remember that `backward_fn(kernels, *args)` must run during the backward."""

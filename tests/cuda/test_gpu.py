@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import nt
-from test_kernels import parity, randn
+from test_kernels import cpu, parity, randn
 
 pytestmark = pytest.mark.gpu
 gpu = nt.backend("cuda")
@@ -46,8 +46,8 @@ def test_kernels_at_gpu_sizes():
                                     randn(rng, dtype, N, Vp), targets, V], [0, 1, 2], dtype)
     B, T, NH, hs = 2, 64, 4, 16
     qkv = randn(rng, dtype, B, T, 3 * NH * hs)
-    parity("attention_forward", [randn(rng, dtype, B, T, NH * hs), randn(rng, dtype, B, NH, T), qkv, NH, NH, 0],
-           [0, 1], dtype)
+    parity("attention_forward", [randn(rng, dtype, B, T, NH * hs), randn(rng, dtype, B, NH, T), qkv,
+                                 randn(rng, dtype, *cpu.attention_work_shape(T)), NH, NH, 0, 0], [0, 1], dtype)
     x = randn(rng, dtype, 1_000_003)
     got = gpu.sum_squares(gpu.to_device(x), gpu.empty(gpu.sum_squares_blocks(x.size), np.float64))
     np.testing.assert_allclose(got, np.sum(x.astype(np.float64) ** 2), rtol=1e-10)

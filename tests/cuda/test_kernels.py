@@ -184,10 +184,11 @@ def test_attention(dtype, NH, NKV, window, q0):
     B, T, hs = 2, 4, 3  # q0 > 0: rows before q0 are a KV cache, only T - q0 queries
     qkv = randn(rng, dtype, B, T, (NH + 2 * NKV) * hs)
     out, lse = randn(rng, dtype, B, T - q0, NH * hs), randn(rng, dtype, B, NH, T - q0)
-    parity("attention_forward", [out, lse, qkv, NH, NKV, window, q0], [0, 1], dtype)
-    cpu.attention_forward(out, lse, qkv, NH, NKV, window, q0)  # what the backward reads
+    work = randn(rng, dtype, *cpu.attention_work_shape(T))  # CPU scratch; the GPU needs none
+    parity("attention_forward", [out, lse, qkv, work, NH, NKV, window, q0], [0, 1], dtype)
+    cpu.attention_forward(out, lse, qkv, work, NH, NKV, window, q0)  # what the backward reads
     parity("attention_backward", [randn(rng, dtype, *qkv.shape), randn(rng, dtype, *out.shape), qkv, out, lse,
-                                  NH, NKV, window, q0], [0], dtype)
+                                  work, NH, NKV, window, q0], [0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

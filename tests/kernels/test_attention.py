@@ -42,6 +42,25 @@ def test_attention_backward_finite_differences(NH, NKV, window):
     check_grads(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, window), {"qkv": qkv})
 
 
+@pytest.mark.parametrize("NH,NKV,window", [(2, 2, 0), (4, 2, 40), (2, 1, 64)])
+def test_attention_many_blocks_matches_numpy(NH, NKV, window):
+    """Past one block of query rows (QBLOCK): later blocks see every earlier key, and a
+    window reaches back across block boundaries."""
+    hs, B, T = 4, 2, 150
+    qkv = np.random.default_rng(5).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    _, _, out = run_op(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, window), {"qkv": qkv})
+    np.testing.assert_allclose(out.data, reference(qkv, NH, NKV, window), rtol=1e-12, atol=1e-12)
+    _, _, tail = run_op(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, window, 100), {"qkv": qkv})
+    np.testing.assert_allclose(tail.data, reference(qkv, NH, NKV, window)[:, 100:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [0, 30])
+def test_attention_many_blocks_backward_finite_differences(window):
+    hs, B, T, NH, NKV = 2, 1, 70, 2, 1
+    qkv = np.random.default_rng(6).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    check_grads(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, window), {"qkv": qkv}, max_checks=120)
+
+
 def test_attention_rejects_bad_heads():
     _, p, _ = run_op(lambda t, p: p["qkv"], {"qkv": np.ones((1, 2, 18))})
     t = Tape("cpu", np.float64)
@@ -80,3 +99,25 @@ def test_attention_rejects_bad_q0():
     _, p, _ = run_op(lambda t, p: p["qkv"], {"qkv": np.ones((1, 3, 12))})
     with pytest.raises(ValueError, match="q0"):
         ops.attention(Tape("cpu", np.float64), p["qkv"], 2, 1, q0=3)
+
+
+def test_attention_gives_blas_its_threads_back():
+    """The kernels hold OpenBLAS to one thread while they run (their BLAS calls come from
+    inside a parallel loop); the matmuls after them must get every thread back."""
+    from numba import njit
+
+    from nt.kernels.cpu.blas import blas_get_threads, blas_set_threads
+
+    threads = njit(lambda: blas_get_threads())
+    set_threads = njit(lambda n: blas_set_threads(n))
+    before = threads()
+    set_threads(2)
+    try:
+        if threads() != 2:
+            pytest.skip("SciPy's BLAS is not OpenBLAS: its threads are not nt's to set")
+        tape, _, out = run_op(lambda t, p: ops.attention(t, p["qkv"], 2, 2), {"qkv": np.ones((2, 70, 24))})
+        assert threads() == 2
+        tape.backward(out)
+        assert threads() == 2
+    finally:
+        set_threads(before)
