@@ -39,6 +39,13 @@ def attention_work_shape(T: int) -> tuple:
 
 
 @njit(inline="always")
+def _sizes(qkv, out, NH, NKV, q0):
+    """B, T, qkv's row width, head size, query heads per kv head, query blocks."""
+    B, T, width = qkv.shape
+    return B, T, width, out.shape[2] // NH, NH // NKV, (T - q0 + QBLOCK - 1) // QBLOCK
+
+
+@njit(inline="always")
 def _block(blk, q0, T, window):
     """Block blk's first and one-past-last query positions, and its first visible key."""
     r0 = q0 + blk * QBLOCK
@@ -59,13 +66,9 @@ def attention_forward(out, lse, qkv, work, NH, NKV, window, q0):
     """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T-q0).
 
     work: attention_work_shape(T), any contents (it is scratch)."""
-    B, T, width = qkv.shape
-    hs = out.shape[2] // NH
-    group = NH // NKV
+    B, T, width, hs, group, nblk = _sizes(qkv, out, NH, NKV, q0)
     scale = like(qkv[0, 0, 0], 1.0 / np.sqrt(hs))
-    zero = like(scale, 0.0)
-    one = like(scale, 1.0)
-    nblk = (T - q0 + QBLOCK - 1) // QBLOCK
+    zero, one = like(scale, 0.0), like(scale, 1.0)
     W = work.shape[0]
     blas_threads = blas_get_threads()
     blas_set_threads(1)
@@ -108,13 +111,9 @@ def attention_forward(out, lse, qkv, work, NH, NKV, window, q0):
 def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0):
     """Accumulate dqkv from dout (work as for the forward). Tasks own one (batch, kv head) pair, so the key and
     value grads that several query heads and blocks add into have a single writer."""
-    B, T, width = qkv.shape
-    hs = out.shape[2] // NH
-    group = NH // NKV
+    B, T, width, hs, group, nblk = _sizes(qkv, out, NH, NKV, q0)
     scale = like(qkv[0, 0, 0], 1.0 / np.sqrt(hs))
-    zero = like(scale, 0.0)
-    one = like(scale, 1.0)
-    nblk = (T - q0 + QBLOCK - 1) // QBLOCK
+    zero, one = like(scale, 0.0), like(scale, 1.0)
     W = work.shape[0]
     blas_threads = blas_get_threads()
     blas_set_threads(1)
