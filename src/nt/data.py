@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from .io.llmc import read_llmc_tokens, write_llmc_tokens
-from .tokenizer import BPE, ENDOFTEXT, text_chunks
+from .tokenizer import BPE, ENDOFTEXT, PRE_TOKENIZERS, text_chunks
 
 BYTE_VOCAB = 256
 DEFAULT_BPE_VOCAB = 4096
@@ -230,9 +230,10 @@ class DataLoader:
 
 def prepare(files: Sequence[Union[str, os.PathLike]], out, vocab_size: int = DEFAULT_BPE_VOCAB,
             tokenizer: Union[None, str, os.PathLike, BPE] = None, val_fraction: float = 0.05,
-            shard_tokens: int = 100_000_000, verbose: bool = True) -> dict:
-    """Text files -> out/tokenizer/ (trained, or the one given) + out/train_NNNNNN.bin and
-    out/val_NNNNNN.bin shards of at most `shard_tokens` tokens, + out/meta.json.
+            shard_tokens: int = 100_000_000, verbose: bool = True, pre: str = "gpt2") -> dict:
+    """Text files -> out/tokenizer/ (trained with pre-tokenizer `pre`, or the one given) +
+    out/train_NNNNNN.bin and out/val_NNNNNN.bin shards of at most `shard_tokens` tokens,
+    + out/meta.json.
 
     Every file starts with <|endoftext|> (when the tokenizer has it), as documents do in
     llm.c's shards. The last `val_fraction` of the token stream is the validation split.
@@ -253,7 +254,7 @@ def prepare(files: Sequence[Union[str, os.PathLike]], out, vocab_size: int = DEF
         bpe = BPE.load(tokenizer)
     else:
         t0 = time.perf_counter()
-        bpe = BPE.train("".join(texts), vocab_size)
+        bpe = BPE.train("".join(texts), vocab_size, pre=pre)
         say(f"trained BPE: {bpe.vocab_size} tokens in {time.perf_counter() - t0:.1f} s")
     bpe.save(out / "tokenizer")
     total = sum(len(t) for t in texts)
@@ -297,13 +298,16 @@ def main(argv=None) -> None:
     group = prep.add_mutually_exclusive_group()
     group.add_argument("--vocab-size", type=int, default=DEFAULT_BPE_VOCAB, help="train a BPE of this size")
     group.add_argument("--tokenizer", default=None, help="use this tokenizer folder (vocab.json + merges.txt)")
+    prep.add_argument("--pre", choices=PRE_TOKENIZERS, default="gpt2",
+                      help="pre-tokenizer of a trained BPE (a given --tokenizer keeps its own)")
     prep.add_argument("--val-fraction", type=float, default=0.05)
     prep.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard at most")
     args = p.parse_args(argv)
     if not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
     try:
-        prepare(args.files, args.out, args.vocab_size, args.tokenizer, args.val_fraction, args.shard_tokens)
+        prepare(args.files, args.out, args.vocab_size, args.tokenizer, args.val_fraction, args.shard_tokens,
+                pre=args.pre)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 

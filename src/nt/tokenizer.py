@@ -9,7 +9,8 @@ GPT-2's vocab.json + merges.txt.
 
 Text is first split into pre-tokens by GPT-2's regex (contractions, letters, numbers,
 other symbols, each optionally led by one space; whitespace runs that leave their last
-space to the next word). Each pre-token's UTF-8 bytes are then merged pair by pair in the
+space to the next word), or by one of the later models' variants (Llama 3's, Qwen2's,
+digits one by one: PRE_TOKENIZERS, chosen with `pre=`). Each pre-token's UTF-8 bytes are then merged pair by pair in the
 order the merges were learned. Python's `re` has no \\p{L}, so the pattern is built here
 from explicit character classes derived from `unicodedata`; `\\s` is Unicode White_Space
 (Python's str.isspace() minus U+001C..U+001F, as the `regex` package defines it).
@@ -34,6 +35,7 @@ from .kernels.cpu.bpe import PAIR_BASE, bpe_encode, bpe_train
 ENDOFTEXT = "<|endoftext|>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 SPECIAL_FILE = "special_tokens.json"
+PRE_FILE = "pre_tokenizer.json"
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,35 +64,78 @@ def _char_class(mask: np.ndarray, lo: int, hi: int) -> str:
     return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in zip(starts, ends))
 
 
-@functools.lru_cache(maxsize=2)
-def gpt2_pattern(astral: bool = True) -> re.Pattern:
-    """GPT-2's pre-tokenizer regex
-    's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
-    compiled for Python's `re` with \\p{L}, \\p{N} and \\s spelled out as character classes.
+PRE_TOKENIZERS = ("gpt2", "llama3", "qwen2", "digits")
 
-    \\s is Unicode White_Space: what the `regex` package matches (str.isspace() also accepts
-    U+001C..U+001F). With astral=False the classes stop at U+FFFF: `re` matches those
-    4x faster, and they are exact for text without characters beyond the BMP.
-    """
+
+@functools.lru_cache(maxsize=1)
+def _classes(astral: bool) -> tuple[str, str, str]:
+    """Character-class bodies of \\p{L}, \\p{N} and \\s (Unicode White_Space: what the
+    `regex` package matches; str.isspace() also accepts U+001C..U+001F)."""
     chars = [chr(c) for c in range(0x110000)]
     major = np.array([c[0] for c in map(unicodedata.category, chars)])
     space = np.array([ch.isspace() for ch in chars[:0x10000]] + [False] * (0x110000 - 0x10000))
     space[0x1C:0x20] = False
     hi = 0x110000 if astral else 0x10000
-    L, N, S = (_char_class(major == "L", 0, hi), _char_class(major == "N", 0, hi), _char_class(space, 0, hi))
-    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
+    return _char_class(major == "L", 0, hi), _char_class(major == "N", 0, hi), _char_class(space, 0, hi)
 
 
-def pretokenize(text: str) -> list[str]:
-    """Split text into GPT-2 pre-tokens (their concatenation is the text)."""
+@functools.lru_cache(maxsize=8)
+def pre_pattern(pre: str = "gpt2", astral: bool = True) -> re.Pattern:
+    """The pre-tokenizer regex `pre` names, compiled for Python's `re` with \\p{L}, \\p{N}
+    and \\s spelled out as character classes:
+
+    gpt2    's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
+    llama3  contractions in either case, a letter run led by one non-letter, non-digit,
+            non-newline character, digits in threes, punctuation runs that keep their
+            newlines, newline runs, then whitespace as GPT-2 (Llama 3, SmolLM3)
+    qwen2   llama3 with one digit per pre-token (Qwen2/2.5)
+    digits  every digit alone, then gpt2 on the text between (SmolLM/SmolLM2, StarCoder):
+            a two-stage split, see `pretokenize`; this is its second stage
+
+    With astral=False the classes stop at U+FFFF: `re` matches those 4x faster, and they
+    are exact for text without characters beyond the BMP.
+    """
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"unknown pre-tokenizer {pre!r}; known: {', '.join(PRE_TOKENIZERS)}")
+    L, N, S = _classes(astral)
+    space_runs = rf"[{S}]+(?![^{S}])|[{S}]+"
+    if pre in ("gpt2", "digits"):
+        return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|{space_runs}")
+    digits = "{1,3}" if pre == "llama3" else ""
+    return re.compile(rf"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]|[^\r\n{L}{N}]?[{L}]+|[{N}]{digits}"
+                      rf"| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|{space_runs}")
+
+
+def gpt2_pattern(astral: bool = True) -> re.Pattern:
+    """GPT-2's pre-tokenizer regex (pre_pattern("gpt2"))."""
+    return pre_pattern("gpt2", astral)
+
+
+@functools.lru_cache(maxsize=2)
+def _digit_split(astral: bool) -> re.Pattern:
+    return re.compile(f"([{_classes(astral)[1]}])")
+
+
+def pretokenize(text: str, pre: str = "gpt2") -> list[str]:
+    """Split text into pre-tokens (their concatenation is the text) by the pre-tokenizer
+    `pre` (see pre_pattern)."""
     astral = bool(text) and max(text) > "\uffff"
-    return gpt2_pattern(astral).findall(text)
+    pattern = pre_pattern(pre, astral)
+    if pre != "digits":
+        return pattern.findall(text)
+    out: list[str] = []
+    for i, piece in enumerate(_digit_split(astral).split(text)):
+        if i % 2:
+            out.append(piece)  # a digit
+        elif piece:
+            out.extend(pattern.findall(piece))
+    return out
 
 
 def text_chunks(text: str, size: int) -> Iterator[str]:
     """Pieces of about `size` characters whose pre-tokens are exactly the text's: each cut
-    falls right after a newline that has a non-space on both sides, where GPT-2's
-    pre-tokenizer ends a token whether or not the text continues."""
+    falls right after a newline that has a non-space on both sides, where every one of
+    PRE_TOKENIZERS ends a token whether or not the text continues."""
     start = 0
     while start < len(text):
         cut = len(text)
@@ -112,11 +157,15 @@ class BPE:
     """A byte-level BPE tokenizer: 256 byte tokens, merges, then special tokens.
 
     `vocab[i]` is the byte string of token i (special tokens: their UTF-8 text);
-    `merges[r]` = (a, b) is the merge of rank r, making token `merge_ids[r]`.
+    `merges[r]` = (a, b) is the merge of rank r, making token `merge_ids[r]`;
+    `pre` names the pre-tokenizer that splits text before merging (PRE_TOKENIZERS).
     """
 
     def __init__(self, vocab: list[bytes], merges: list[tuple[int, int]], merge_ids: list[int],
-                 special_tokens: Optional[dict[str, int]] = None):
+                 special_tokens: Optional[dict[str, int]] = None, pre: str = "gpt2"):
+        if pre not in PRE_TOKENIZERS:
+            raise ValueError(f"unknown pre-tokenizer {pre!r}; known: {', '.join(PRE_TOKENIZERS)}")
+        self.pre = pre
         self.vocab = list(vocab)
         self.merges = [(int(a), int(b)) for a, b in merges]
         self.merge_ids = [int(i) for i in merge_ids]
@@ -161,26 +210,29 @@ class BPE:
         return self.vocab[i]
 
     def __repr__(self) -> str:
-        return f"BPE(vocab_size={self.vocab_size}, merges={len(self.merges)}, special={list(self.special_tokens)})"
+        return (f"BPE(vocab_size={self.vocab_size}, merges={len(self.merges)}, pre={self.pre!r}, "
+                f"special={list(self.special_tokens)})")
 
     # ------------------------------------------------------------------ training
 
     @classmethod
     def train(cls, text: str, vocab_size: int, special_tokens: Iterable[str] = (ENDOFTEXT,),
-              min_frequency: int = 2) -> "BPE":
+              min_frequency: int = 2, pre: str = "gpt2") -> "BPE":
         """Learn merges on `text` until the vocabulary (256 bytes + merges + special tokens)
-        has `vocab_size` entries, or no pair occurs `min_frequency` times any more.
+        has `vocab_size` entries, or no pair occurs `min_frequency` times any more; `pre`
+        is the pre-tokenizer (PRE_TOKENIZERS).
 
         Special tokens take the last ids, e.g. special_tokens=(ENDOFTEXT, *CHAT_TOKENS)
         for <|endoftext|>, <|im_start|>, <|im_end|>.
         """
         special_tokens = list(dict.fromkeys(special_tokens))
+        pre_pattern(pre)  # an unknown name fails here, before any work
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
         words: Counter = Counter()
         for chunk in text_chunks(text, 1 << 20):  # bounded memory for the pre-token lists
-            words.update(pretokenize(chunk))
+            words.update(pretokenize(chunk, pre))
         encoded = [w.encode("utf-8") for w in words]
         lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
@@ -195,7 +247,7 @@ class BPE:
         for s in special_tokens:
             specials[s] = len(vocab)
             vocab.append(s.encode("utf-8"))
-        return cls(vocab, merges.tolist(), list(range(256, 256 + done)), specials)
+        return cls(vocab, merges.tolist(), list(range(256, 256 + done)), specials, pre)
 
     # ------------------------------------------------------------------ encoding
 
@@ -213,7 +265,7 @@ class BPE:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of text, special-token strings treated as plain text."""
-        words = pretokenize(text)
+        words = pretokenize(text, self.pre)
         cache = self._cache
         new = [w for w in dict.fromkeys(words) if w not in cache]
         if new:
@@ -266,7 +318,8 @@ class BPE:
     # ------------------------------------------------------------------ files
 
     @classmethod
-    def from_gpt2_files(cls, vocab_json, merges_txt, special_tokens: Optional[Iterable[str]] = None) -> "BPE":
+    def from_gpt2_files(cls, vocab_json, merges_txt, special_tokens: Optional[Iterable[str]] = None,
+                        pre: str = "gpt2") -> "BPE":
         """Read GPT-2's vocab.json (token string -> id, bytes spelled through
         bytes_to_unicode) and merges.txt (one "a b" pair per line, in rank order).
 
@@ -282,19 +335,21 @@ class BPE:
             lines = f.read().split("\n")
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
-        return cls._from_spelled(vocab_map, lines, special_tokens, str(merges_txt), 2)
+        return cls._from_spelled(vocab_map, lines, special_tokens, str(merges_txt), 2, pre)
 
     @classmethod
-    def from_tokens(cls, tokens: list[str], merges: list[str], special_tokens: Optional[Iterable[str]] = None) -> "BPE":
+    def from_tokens(cls, tokens: list[str], merges: list[str], special_tokens: Optional[Iterable[str]] = None,
+                    pre: str = "gpt2") -> "BPE":
         """Build from GPT-2-spelled token strings (id = index, as GGUF's tokenizer.ggml.tokens
         lists them) and "a b" merge strings in rank order (tokenizer.ggml.merges)."""
         vocab_map = {tok: i for i, tok in enumerate(tokens)}
         if len(vocab_map) != len(tokens):
             raise ValueError("BPE token list has duplicate strings")
-        return cls._from_spelled(vocab_map, merges, special_tokens, "merges", 0)
+        return cls._from_spelled(vocab_map, merges, special_tokens, "merges", 0, pre)
 
     @classmethod
-    def _from_spelled(cls, vocab_map: dict, lines: list[str], special_tokens, where: str, first_line: int) -> "BPE":
+    def _from_spelled(cls, vocab_map: dict, lines: list[str], special_tokens, where: str, first_line: int,
+                      pre: str) -> "BPE":
         decoder = {u: b for b, u in bytes_to_unicode().items()}
         n = len(vocab_map)
         merges, merge_ids = [], []
@@ -318,10 +373,11 @@ class BPE:
                 vocab[i] = token.encode("utf-8")
             else:
                 vocab[i] = bytes(decoder[ch] for ch in token)
-        return cls(vocab, merges, merge_ids, specials)
+        return cls(vocab, merges, merge_ids, specials, pre)
 
     def save(self, directory) -> None:
-        """Write vocab.json + merges.txt (GPT-2's format) and special_tokens.json."""
+        """Write vocab.json + merges.txt (GPT-2's format), special_tokens.json and
+        pre_tokenizer.json (which pre-tokenizer)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         enc = bytes_to_unicode()
@@ -332,15 +388,19 @@ class BPE:
         _write_text(directory / "merges.txt", "#version: 0.2\n" +
                     "".join(f"{spell(a)} {spell(b)}\n" for a, b in self.merges))
         _write_text(directory / SPECIAL_FILE, json.dumps(self.special_tokens, indent=1))
+        _write_text(directory / PRE_FILE, json.dumps({"pre": self.pre}))
 
     @classmethod
     def load(cls, directory) -> "BPE":
-        """Read a tokenizer written by `save` (or any GPT-2-format folder)."""
+        """Read a tokenizer written by `save` (or any GPT-2-format folder: then the
+        pre-tokenizer is GPT-2's)."""
         directory = Path(directory)
-        special = None
+        special, pre = None, "gpt2"
         if (directory / SPECIAL_FILE).exists():
             special = json.loads((directory / SPECIAL_FILE).read_text(encoding="utf-8"))
-        return cls.from_gpt2_files(directory / "vocab.json", directory / "merges.txt", special)
+        if (directory / PRE_FILE).exists():
+            pre = json.loads((directory / PRE_FILE).read_text(encoding="utf-8")).get("pre")
+        return cls.from_gpt2_files(directory / "vocab.json", directory / "merges.txt", special, pre)
 
 
 def _write_text(path: Path, text: str) -> None:

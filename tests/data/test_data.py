@@ -9,7 +9,7 @@ import pytest
 
 from nt.data import DataLoader, encode_text, prepare
 from nt.io import FormatError, read_llmc_tokens, write_llmc_tokens
-from nt.tokenizer import BPE, pretokenize, text_chunks
+from nt.tokenizer import BPE, PRE_TOKENIZERS, pretokenize, text_chunks
 
 
 def windows_of(loader, batches):
@@ -94,11 +94,12 @@ def test_uint32_shards(tmp_path):
         read_llmc_tokens(tmp_path / "v.bin")
 
 
-def test_text_chunks_keep_pretokens():
-    text = "a\n\n  b\nword \nnext\n\tx\ny z\n" * 50 + "end\n"
+@pytest.mark.parametrize("pre", PRE_TOKENIZERS)
+def test_text_chunks_keep_pretokens(pre):
+    text = "a\n\n  b\nword \nnext\n\tx\ny z\n. \n12\n3!\n\r\nq,\n" * 50 + "end\n"
     chunks = list(text_chunks(text, 7))
     assert "".join(chunks) == text and len(chunks) > 10
-    assert [t for c in chunks for t in pretokenize(c)] == pretokenize(text)
+    assert [t for c in chunks for t in pretokenize(c, pre)] == pretokenize(text, pre)
 
 
 def test_prepare_writes_tokenizer_and_shards(tmp_path):
@@ -108,13 +109,14 @@ def test_prepare_writes_tokenizer_and_shards(tmp_path):
     (tmp_path / "b.txt").write_text(text[30_000:])
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "nt.data", "prepare", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"),
-                           "--out", str(out), "--vocab-size", "400", "--shard-tokens", "5000"],
+                           "--out", str(out), "--vocab-size", "400", "--shard-tokens", "5000", "--pre", "llama3"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Warning" not in proc.stderr
     meta = json.loads((out / "meta.json").read_text())
     assert meta["vocab_size"] == 400 and len(meta["train"]) > 1
     bpe = BPE.load(out / "tokenizer")
+    assert bpe.pre == "llama3"
     train = np.concatenate([read_llmc_tokens(out / n, 400) for n in meta["train"]])
     val = np.concatenate([read_llmc_tokens(out / n, 400) for n in meta["val"]])
     assert all(read_llmc_tokens(out / n).size <= 5000 for n in meta["train"])

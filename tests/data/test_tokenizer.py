@@ -8,11 +8,25 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from nt.tokenizer import BPE, ENDOFTEXT, bytes_to_unicode, pretokenize
+from nt.tokenizer import BPE, ENDOFTEXT, PRE_TOKENIZERS, bytes_to_unicode, pretokenize
 
 regex = pytest.importorskip("regex")
 
 GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+# the later models' patterns as their tokenizer files write them (contractions in either
+# case, as llama.cpp spells them)
+LLAMA3_PATTERN = regex.compile(r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"""
+                               r"""|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = regex.compile(LLAMA3_PATTERN.pattern.replace(r"\p{N}{1,3}", r"\p{N}"))
+
+
+def reference_pretokenize(text, pre):
+    """The `regex` package's split: one pattern, or (digits) each digit alone and GPT-2's
+    pattern on each run of text between digits."""
+    if pre == "digits":
+        return [t for piece in regex.split(r"(\p{N})", text) if piece
+                for t in ([piece] if regex.fullmatch(r"\p{N}", piece) else GPT2_PATTERN.findall(piece))]
+    return {"gpt2": GPT2_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}[pre].findall(text)
 
 SAMPLES = [
     "Hello world! It's a test: we've got 12345 numbers, they'll do 3.14159 and 1,000,000.",
@@ -50,14 +64,40 @@ spacey_text = st.text(st.sampled_from(list(" \t\n\r\x0b\x0c\x1c\u00a0\u2003'sStd
 
 
 @pytest.mark.parametrize("text", SAMPLES)
-def test_pretokenize_matches_gpt2_regex(text):
-    assert pretokenize(text) == GPT2_PATTERN.findall(text)
+@pytest.mark.parametrize("pre", PRE_TOKENIZERS)
+def test_pretokenize_matches_regex(text, pre):
+    assert pretokenize(text, pre) == reference_pretokenize(text, pre)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(unicode_text, spacey_text))
-def test_pretokenize_matches_gpt2_regex_random(text):
-    assert pretokenize(text) == GPT2_PATTERN.findall(text)
+@given(st.one_of(unicode_text, spacey_text), st.sampled_from(PRE_TOKENIZERS))
+def test_pretokenize_matches_regex_random(text, pre):
+    assert pretokenize(text, pre) == reference_pretokenize(text, pre)
+
+
+def test_pretokenizers_differ_where_the_models_do():
+    text = "I'M 2024ish\n\nok.\n"
+    assert pretokenize(text) == ["I", "'", "M", " 2024", "ish", "\n", "\n", "ok", ".", "\n"]
+    assert pretokenize(text, "llama3") == ["I", "'M", " ", "202", "4", "ish", "\n\n", "ok", ".\n"]
+    assert pretokenize(text, "qwen2") == ["I", "'M", " ", "2", "0", "2", "4", "ish", "\n\n", "ok", ".\n"]
+    assert pretokenize(text, "digits") == ["I", "'", "M", " ", "2", "0", "2", "4", "ish", "\n", "\n", "ok", ".", "\n"]
+    with pytest.raises(ValueError, match="unknown pre-tokenizer 'gpt4'"):
+        pretokenize(text, "gpt4")
+
+
+@pytest.mark.parametrize("pre", ["llama3", "digits"])
+def test_bpe_keeps_its_pre_tokenizer(corpus, pre, tmp_path):
+    bpe = BPE.train(corpus[:50_000], 400, pre=pre)
+    assert bpe.pre == pre
+    text = "In 2024, I'M here:\n\n  x = 12345.\n"
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text
+    assert len(ids) == sum(len(bpe.encode(w)) for w in pretokenize(text, pre))  # merges stay inside pre-tokens
+    bpe.save(tmp_path)
+    again = BPE.load(tmp_path)
+    assert again.pre == pre and again.encode(text) == ids
+    with pytest.raises(ValueError, match="unknown pre-tokenizer"):
+        BPE.train("abc", 300, pre="nope")
 
 
 def test_pretokenize_attaches_space_to_next_word():

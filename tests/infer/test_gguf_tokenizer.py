@@ -18,6 +18,8 @@ def _write(path, md):
     w.add_token_types(md["tokenizer.ggml.token_type"])
     if "tokenizer.ggml.merges" in md:
         w.add_token_merges(md["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.pre" in md:
+        w.add_tokenizer_pre(md["tokenizer.ggml.pre"])
     if "tokenizer.ggml.scores" in md:
         w.add_token_scores(md["tokenizer.ggml.scores"])
     w.add_bos_token_id(md["tokenizer.ggml.bos_token_id"])
@@ -42,6 +44,24 @@ def test_gpt2_vocab_from_gguf(tmp_path):
     for text in ["hello world", "héllo wörld ✓ 🙂", "  two  spaces\n", ""]:
         assert tok.decode(tok.encode(text)) == text
     assert tok.token_bytes(259) == b" w"
+
+
+@pytest.mark.parametrize("name, pre", [("llama-bpe", "llama3"), ("qwen2", "qwen2"), ("smollm", "digits"),
+                                       ("gpt-2", "gpt2")])
+def test_gpt2_vocab_takes_the_files_pre_tokenizer(tmp_path, name, pre):
+    md = gpt2_metadata()
+    md["tokenizer.ggml.pre"] = name
+    tok = _write(tmp_path / "p.gguf", md)
+    assert tok.pre == pre
+    assert _write(tmp_path / "d.gguf", gpt2_metadata()).pre == "gpt2"   # no key: GPT-2's
+
+
+def test_unknown_pre_tokenizer_warns_and_splits_as_gpt2(tmp_path):
+    md = gpt2_metadata()
+    md["tokenizer.ggml.pre"] = "some-future-model"
+    with pytest.warns(UserWarning, match="some-future-model"):
+        tok = _write(tmp_path / "u.gguf", md)
+    assert tok.pre == "gpt2"
 
 
 def test_sentencepiece_vocab_from_gguf(tmp_path):

@@ -26,6 +26,7 @@ import math
 import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -758,10 +759,20 @@ def _llama_import(f: GGUFFile, device: str, keep_quantized: bool = False):
     return model
 
 
+# tokenizer.ggml.pre values (llama.cpp's names) -> nt.tokenizer's pre-tokenizers
+GGUF_PRE_TOKENIZERS = {
+    "default": "gpt2", "gpt2": "gpt2", "gpt-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
+    "llama3": "llama3", "llama-bpe": "llama3", "llama-v3": "llama3",
+    "qwen2": "qwen2", "stablelm2": "qwen2",
+    "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits",
+}
+
+
 def tokenizer_from_metadata(f: GGUFFile):
     """The tokenizer a GGUF file describes in its tokenizer.ggml.* keys, or None (model
-    "none" or no vocabulary). Model "gpt2": byte-level BPE (nt.tokenizer.BPE, GPT-2's
-    pre-tokenizer regex) from tokens + merges; model "llama": SentencePiece BPE
+    "none" or no vocabulary). Model "gpt2": byte-level BPE (nt.tokenizer.BPE, with the
+    pre-tokenizer tokenizer.ggml.pre names: GGUF_PRE_TOKENIZERS; absent means GPT-2's, an
+    unknown name warns and falls back to GPT-2's) from tokens + merges; model "llama": SentencePiece BPE
     (nt.tokenizer.SentencePieceBPE) from tokens + scores + token_type. The result carries
     bos_id, eos_id, add_bos and chat_template (the Jinja source, or None)."""
     from ..tokenizer import BPE, SP_CONTROL, SP_USER_DEFINED, SentencePieceBPE
@@ -779,7 +790,14 @@ def tokenizer_from_metadata(f: GGUFFile):
         if kind == "gpt2":
             merges = md.get("tokenizer.ggml.merges", [])
             special = [t for t, k in zip(tokens, types) if k in (SP_CONTROL, SP_USER_DEFINED)] if types is not None else None
-            tok = BPE.from_tokens(tokens, merges, special)
+            pre_name = md.get("tokenizer.ggml.pre", "default")
+            pre = GGUF_PRE_TOKENIZERS.get(pre_name)
+            if pre is None:
+                warnings.warn(f"{f.path}: tokenizer.ggml.pre {pre_name!r} is not one nt knows "
+                              f"({', '.join(sorted(GGUF_PRE_TOKENIZERS))}); splitting text as GPT-2 does, "
+                              "so some token ids may differ from the model's own tokenizer")
+                pre = "gpt2"
+            tok = BPE.from_tokens(tokens, merges, special, pre)
             tok.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
         elif kind == "llama":
             tok = SentencePieceBPE(tokens, md.get("tokenizer.ggml.scores"), types,
