@@ -1,4 +1,4 @@
-"""BLAS ?gemm callable from inside `@njit` code, without allocating and with caching.
+"""BLAS ?gemm and ?gemv callable from inside `@njit` code, without allocating and with caching.
 
 SciPy exports the Fortran BLAS it links (OpenBLAS) as Cython functions. We register their
 addresses under fixed symbol names with llvmlite, and an intrinsic emits a direct call to
@@ -19,39 +19,60 @@ from numba import cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
 
-llvm.add_symbol("nt_sgemm", get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
-llvm.add_symbol("nt_dgemm", get_cython_function_address("scipy.linalg.cython_blas", "dgemm"))
+for _name in ("sgemm", "dgemm", "sgemv", "dgemv"):
+    llvm.add_symbol("nt_" + _name, get_cython_function_address("scipy.linalg.cython_blas", _name))
 
 _N, _T = 78, 84  # Fortran 'N' and 'T'
+
+
+def _emit_blas_call(context, builder, sig, args, symbol: str, kinds: str):
+    """Emit a call to the Fortran BLAS routine `symbol`: every argument by reference,
+    kinds[i] telling how argument i is passed: 'c' a character, 'i' an int32, 'r' a real
+    of the arrays' type, 'a' an array's data pointer. Scalars go through stack slots."""
+    voidptr = cgutils.voidptr_t
+    fnty = ir.FunctionType(ir.VoidType(), [voidptr] * len(kinds))
+    fn = cgutils.get_or_insert_function(builder.module, fnty, symbol)
+    real = next(ty.dtype for ty, k in zip(sig.args, kinds) if k == "a")
+    scalar = {"c": types.uint8, "i": types.int32, "r": real}
+    passed = []
+    for kind, ty, value in zip(kinds, sig.args, args):
+        if kind == "a":
+            passed.append(builder.bitcast(context.make_array(ty)(context, builder, value).data, voidptr))
+        else:
+            cast = context.cast(builder, value, ty, scalar[kind])
+            passed.append(builder.bitcast(cgutils.alloca_once_value(builder, cast), voidptr))
+    builder.call(fn, passed)
+    return context.get_dummy_value()
+
+
+def _same_real(*arrays) -> bool:
+    return all(a.dtype == arrays[0].dtype for a in arrays) and arrays[0].dtype in (types.float32, types.float64)
 
 
 @intrinsic
 def _fortran_gemm(typingctx, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     """Call sgemm or dgemm (picked by c's dtype) with column-major arguments."""
-    is_single = c.dtype == types.float32
-    real = types.float32 if is_single else types.float64
-    if not (a.dtype == b.dtype == c.dtype and c.dtype in (types.float32, types.float64)):
+    if not _same_real(a, b, c):
         return None
+    symbol = "nt_sgemm" if c.dtype == types.float32 else "nt_dgemm"
 
     def codegen(context, builder, sig, args):
-        voidptr = cgutils.voidptr_t
-        fnty = ir.FunctionType(ir.VoidType(), [voidptr] * 13)
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "nt_sgemm" if is_single else "nt_dgemm")
-
-        def by_ref(i, ty):
-            value = context.cast(builder, args[i], sig.args[i], ty)
-            return builder.bitcast(cgutils.alloca_once_value(builder, value), voidptr)
-
-        def data(i):
-            return builder.bitcast(context.make_array(sig.args[i])(context, builder, args[i]).data, voidptr)
-
-        i32, u8 = types.int32, types.uint8
-        builder.call(fn, [by_ref(0, u8), by_ref(1, u8), by_ref(2, i32), by_ref(3, i32), by_ref(4, i32),
-                          by_ref(5, real), data(6), by_ref(7, i32), data(8), by_ref(9, i32),
-                          by_ref(10, real), data(11), by_ref(12, i32)])
-        return context.get_dummy_value()
+        return _emit_blas_call(context, builder, sig, args, symbol, "cciiiraiairai")
 
     return types.none(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc), codegen
+
+
+@intrinsic
+def _fortran_gemv(typingctx, trans, m, n, alpha, a, lda, x, incx, beta, y, incy):
+    """Call sgemv or dgemv (picked by y's dtype) with column-major arguments."""
+    if not _same_real(a, x, y):
+        return None
+    symbol = "nt_sgemv" if y.dtype == types.float32 else "nt_dgemv"
+
+    def codegen(context, builder, sig, args):
+        return _emit_blas_call(context, builder, sig, args, symbol, "ciiraiairai")
+
+    return types.none(trans, m, n, alpha, a, lda, x, incx, beta, y, incy), codegen
 
 
 @njit(cache=True)
@@ -64,6 +85,12 @@ def gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
     _fortran_gemm(np.uint8(_T if trans_b else _N), np.uint8(_T if trans_a else _N),
                   N, M, K, alpha, B, ldb, A, lda, beta, C, ldc)
 
+
+@njit(cache=True)
+def gemv(trans_a, M, N, alpha, A, lda, x, beta, y):
+    """Row-major y = alpha * op(A) @ x + beta * y, A (M, N) with row stride lda, x and y
+    contiguous. Row-major A is column-major A^T: the transpose flag flips."""
+    _fortran_gemv(np.uint8(_N if trans_a else _T), N, M, alpha, A, lda, x, 1, beta, y, 1)
 
 
 def _openblas_thread_functions() -> Optional[tuple]:

@@ -13,9 +13,10 @@ def _linear(bias: bool):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_forward_matches_numpy(dtype, bias):
+@pytest.mark.parametrize("rows", [(3, 5), (1, 1), (2, 2)])  # up to GEMV_ROWS rows: a gemv per row
+def test_linear_forward_matches_numpy(dtype, bias, rows):
     rng = np.random.default_rng(0)
-    x, w, b = rng.standard_normal((3, 5, 7)), rng.standard_normal((11, 7)), rng.standard_normal(11)
+    x, w, b = rng.standard_normal((*rows, 7)), rng.standard_normal((11, 7)), rng.standard_normal(11)
     _, _, out = run_op(_linear(bias), {"x": x, "w": w, "b": b}, dtype)
     ref = x @ w.T + (b if bias else 0)
     np.testing.assert_allclose(out.data, ref, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
