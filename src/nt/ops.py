@@ -127,15 +127,21 @@ def _linear_backward(k, out, x, weight, bias, transposed):
 
 # ----------------------------------------------------------------------------- layernorm
 
-# ggml block formats linear_q reads: (elements per block, bytes per block, kernel name)
-QUANT_FORMATS = {"Q8_0": (32, 34, "matmul_q8_0"), "Q4_0": (32, 18, "matmul_q4_0")}
-_QSCRATCH: dict = {}
+# ggml block formats linear_q reads: (elements per block, bytes per block, block matmul kernel,
+# dequantiser kernel)
+QUANT_FORMATS = {"Q8_0": (32, 34, "matmul_q8_0", "dequantize_q8_0"),
+                 "Q4_0": (32, 18, "matmul_q4_0", "dequantize_q4_0")}
+# From this many rows on (a prompt's prefill) linear_q expands the weight into the tape's
+# scratch and multiplies with BLAS: the block kernels decode each block once per row.
+DEQUANT_ROWS = 16
 
 
 def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
     """out = x @ W^T for W (OC, C) kept in a ggml block format: `wq` is the (OC, C/32 *
     bytes-per-block) uint8 rows that nt.io.gguf.quantize returns / a GGUF file stores, `kind`
-    "Q8_0" or "Q4_0". Blocks are decoded inside the matmul (the weight is never expanded).
+    "Q8_0" or "Q4_0". Fewer than DEQUANT_ROWS rows (decoding): blocks are decoded inside the
+    matmul and the weight is never expanded. More (prefill): the weight is expanded into
+    the tape's scratch (`tape.work`, OC x C float32, reused by every call) for one BLAS call.
 
     Inference only (CPU): the weight has no gradient, and a backward through this op
     raises RuntimeError.
@@ -143,11 +149,11 @@ def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
     _check(x, "x", None, t)
     if kind not in QUANT_FORMATS:
         raise ValueError(f"linear_q: kind must be one of {sorted(QUANT_FORMATS)}, got {kind!r}")
-    if not hasattr(t.k, QUANT_FORMATS[kind][2]):
+    bs, ts, block_matmul, dequantize = QUANT_FORMATS[kind]
+    if not hasattr(t.k, block_matmul):
         raise NotImplementedError(f"linear_q: the {t.k.DEVICE} backend has no {kind} matmul (CPU only)")
     if t.dtype != np.float32:
         raise TypeError(f"linear_q computes in float32, the tape is {t.dtype}")
-    bs, ts, kernel = QUANT_FORMATS[kind]
     C = x.shape[-1]
     if C % bs:
         raise ValueError(f"linear_q: x has {C} features, not a multiple of the {kind} block size {bs}")
@@ -156,12 +162,15 @@ def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
         raise ValueError(f"linear_q: wq must be C-contiguous uint8 (OC, {C // bs * ts}) {kind} rows for "
                          f"C={C}, got {getattr(wq, 'dtype', type(wq))} {getattr(wq, 'shape', '')}")
     OC, N = wq.shape[0], x.size // C
-    key = t.k.DEVICE
-    if key not in _QSCRATCH:  # 32 accumulation lanes per thread, made once
-        import numba
-        _QSCRATCH[key] = np.empty((numba.config.NUMBA_NUM_THREADS, bs), dtype=np.float32)
     out = t.new(x.shape[:-1] + (OC,))
-    getattr(t.k, kernel)(out.data.reshape(N, OC), x.data.reshape(N, C), wq, t.k.F16_TABLE, _QSCRATCH[key])
+    if N >= DEQUANT_ROWS:
+        w = t.work((OC, C))
+        getattr(t.k, dequantize)(w.reshape(-1), wq.reshape(-1), t.k.F16_TABLE)
+        t.k.matmul_forward(out.data.reshape(N, OC), x.data.reshape(N, C), w, _none(t.k, t.dtype))
+    else:
+        import numba
+        lanes = t.work((numba.config.NUMBA_NUM_THREADS, bs))  # 32 accumulation lanes per thread
+        getattr(t.k, block_matmul)(out.data.reshape(N, OC), x.data.reshape(N, C), wq, t.k.F16_TABLE, lanes)
     t.record(_linear_q_backward, kind)
     return out
 

@@ -40,7 +40,7 @@ def parity(name, args, written, dtype):
 
 # Inference-only kernels with no CUDA twin yet: ops.linear_q refuses other backends with a
 # clear error (quantised decoding runs on the CPU; a CUDA model loads GGUF weights as float).
-CPU_ONLY = {"matmul_q8_0", "matmul_q4_0"}
+CPU_ONLY = {"matmul_q8_0", "matmul_q4_0", "dequantize_q8_0", "dequantize_q4_0"}
 
 
 def test_backend_has_every_cpu_kernel():

@@ -116,3 +116,29 @@ def test_linear_q_rejects_bad_input():
         ops.linear_q(t, x, w[:, :-1].copy(), "Q8_0")
     with pytest.raises(ValueError, match="multiple"):
         ops.linear_q(t, t.new((2, 48)), w, "Q8_0")
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_linear_q_prefill_expands_the_weight_and_agrees_with_the_block_kernel(kind):
+    """From DEQUANT_ROWS rows on, linear_q expands W into scratch and uses BLAS; fewer rows
+    decode blocks inside the block kernel. Both equal x @ dequantize(W)."""
+    rng = np.random.default_rng(0)
+    OC, C, N = 40, 96, ops.DEQUANT_ROWS + 5
+    wq = gguf.quantize(rng.standard_normal((OC, C)).astype(np.float32), kind)
+    w = gguf.dequantize(wq, kind, (OC, C))
+    x = rng.standard_normal((N, C)).astype(np.float32)
+    t = nt.tape.Tape("cpu", np.float32)
+    xt = t.new((N, C))
+    xt.data[:] = x
+    prefill = ops.linear_q(t, xt, wq, kind).data.copy()
+    decoded = np.concatenate([_linear_q_rows(t, x[i:i + 3], wq, kind) for i in range(0, N, 3)])
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(prefill, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(decoded, want, rtol=1e-4, atol=1e-4)
+
+
+def _linear_q_rows(t, x, wq, kind):
+    xt = t.new(x.shape)
+    xt.data[:] = x
+    assert x.shape[0] < ops.DEQUANT_ROWS
+    return ops.linear_q(t, xt, wq, kind).data.copy()
