@@ -142,3 +142,36 @@ def _linear_q_rows(t, x, wq, kind):
     xt.data[:] = x
     assert x.shape[0] < ops.DEQUANT_ROWS
     return ops.linear_q(t, xt, wq, kind).data.copy()
+
+
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+@pytest.mark.parametrize("n_new", [5, 30])   # 30: past block_size 16, the cache refills
+def test_batched_generation_equals_one_prompt_at_a_time(make, n_new):
+    """A (B, T) batch gives each row what generating that row alone gives, with the KV
+    cache (one cache row per prompt) and without."""
+    if make == "gpt2":
+        model = GPT2(GPT2Config(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32), seed=0)
+    else:
+        cfg = LlamaConfig.preset("llama-tiny", vocab_size=64, block_size=16, n_kv_heads=1, sliding_window=5)
+        model = Llama(cfg, seed=0)
+    prompts = np.array([[1, 2, 3, 4], [9, 8, 7, 6], [5, 5, 5, 5]], np.int32)
+    for use_cache in (True, False):
+        model.use_kv_cache = use_cache
+        batch = model.generate(prompts, n_new, temperature=0)
+        assert batch.shape == (3, 4 + n_new)
+        for b in range(3):
+            assert np.array_equal(batch[b], model.generate(prompts[b], n_new, temperature=0)), (use_cache, b)
+    sampled = model.generate(prompts, 4, temperature=1.0, top_k=10, seed=3)
+    assert np.array_equal(sampled, model.generate(prompts, 4, temperature=1.0, top_k=10, seed=3))
+
+
+def test_generate_rejects_bad_prompts():
+    model = GPT2(GPT2Config(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32), seed=0)
+    with pytest.raises(ValueError, match="single"):
+        model.generate(np.ones((2, 3), np.int32), 2, stop=[1])
+    with pytest.raises(ValueError, match="integer prompt"):
+        model.generate(np.ones((2, 3, 1), np.int32), 2)
+    with pytest.raises(ValueError, match="integer prompt"):
+        model.generate(np.array([], np.int32), 2)
+    with pytest.raises(ValueError, match="integer prompt"):
+        model.generate(np.array([0.5, 1.5]), 2)

@@ -75,7 +75,7 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ generation with a KV cache
     # A model with a cache calls _init_kv_cache in __init__, runs attention through
-    # _attention, and provides _trunk(idx, pos0, caches) -> final residual rows (1, T, C)
+    # _attention, and provides _trunk(idx, pos0, caches) -> final residual rows (B, T, C)
     # and _head(x) -> logits tensor.
 
     use_kv_cache = True
@@ -87,59 +87,80 @@ class LanguageModel:
         self._kv_shape = (n_layers, width)
         self._kv_layers: list[Tensor] = []
         self._kv_len = 0     # positions held in the cache
-        self._kv_start = 0   # index in the token list of the first cached position
+        self._kv_start = 0   # index in the token rows of the first cached position
 
     def _attention(self, qkv: Tensor, NH: int, NKV: int, window: int, pos0: int, cache: Optional[Tensor]) -> Tensor:
-        """Causal attention of qkv (positions pos0..); with a cache (capacity, W) the qkv rows
-        are stored at pos0.. and the queries attend to keys 0..pos0+T-1 (batch 1)."""
+        """Causal attention of qkv (B, T, W) at positions pos0..; with a cache (B, capacity,
+        W) each batch row's qkv rows are stored at pos0.. of its cache and its queries attend
+        to its keys 0..pos0+T-1."""
         t = self.tape
         if cache is None:
             return ops.attention(t, qkv, NH, NKV, window)
-        T, W = qkv.shape[1], qkv.shape[2]
-        rows = Tensor(cache.arena, cache.offset, (1, pos0 + T, W))  # rows 0..pos0+T-1 are contiguous
-        t.k.copy_(rows.data[:, pos0:], qkv.data)
-        return ops.attention(t, rows, NH, NKV, window, q0=pos0)
+        B, T, W = qkv.shape
+        capacity = cache.shape[1]
+        out = None
+        for b in range(B):
+            # rows 0..pos0+T-1 of batch row b are contiguous: one attention call per row
+            rows = Tensor(cache.arena, cache.offset + b * capacity * W, (1, pos0 + T, W))
+            t.k.copy_(rows.data[:, pos0:], qkv.data[b:b + 1])
+            o = ops.attention(t, rows, NH, NKV, window, q0=pos0)
+            if B == 1:
+                return o
+            if out is None:
+                out = t.new((B, T, o.shape[2]))
+            t.k.copy_(out.data[b:b + 1], o.data)
+        return out
 
-    def _begin_generation(self, capacity: int) -> None:
-        """Size the KV cache for `capacity` positions (at most block_size) and empty it."""
+    def _begin_generation(self, capacity: int, batch: int) -> None:
+        """Size the KV cache for `batch` rows of `capacity` positions (at most block_size)
+        and empty it."""
         if self._kv is None:
             return
         n_layers, width = self._kv_shape
         self._kv.reset()
-        self._kv_layers = [self._kv.alloc((capacity, width)) for _ in range(n_layers)]
+        self._kv_layers = [self._kv.alloc((batch, capacity, width)) for _ in range(n_layers)]
         self._kv_len = self._kv_start = 0
 
-    def _next_logits(self, tokens: list) -> np.ndarray:
-        """The float64 next-token logits (V,) after `tokens`. With the KV cache: the new
-        token alone through the cached blocks when it extends the cached positions;
-        otherwise (the first call, or a full cache) a prefill of the last tokens (the
-        cache's capacity at first, half of it when it overflowed). Without: a full forward
-        over the last block_size tokens."""
+    def _next_logits(self, rows: np.ndarray) -> np.ndarray:
+        """The float64 next-token logits (B, V) after the token rows (B, L). With the KV
+        cache: the newest token of each row alone through the cached blocks when it extends
+        the cached positions; otherwise (the first call, or a full cache) a prefill of the
+        last tokens (the cache's capacity at first, half of it when it overflowed). Without:
+        a full forward over the last block_size tokens."""
         V = self.config.vocab_size
         if self._kv is None or not self.use_kv_cache:
-            ctx = np.asarray(tokens[-self.config.block_size:], dtype=np.int32)[None, :]
-            logits, _ = self.forward(ctx)
-            return logits.numpy()[0, -1, :V].astype(np.float64)
-        capacity = self._kv_layers[0].shape[0]
-        if len(tokens) == self._kv_start + self._kv_len + 1 and 0 < self._kv_len < capacity:
-            new, pos0 = tokens[-1:], self._kv_len
+            logits, _ = self.forward(np.ascontiguousarray(rows[:, -self.config.block_size:]))
+            return logits.numpy()[:, -1, :V].astype(np.float64)
+        B, L = rows.shape
+        capacity = self._kv_layers[0].shape[1]
+        if L == self._kv_start + self._kv_len + 1 and 0 < self._kv_len < capacity:
+            new, pos0 = rows[:, -1:], self._kv_len
         else:
-            keep = min(len(tokens), capacity if self._kv_len == 0 else max(1, capacity // 2))
-            new, pos0 = tokens[-keep:], 0
-            self._kv_start = len(tokens) - keep
+            keep = min(L, capacity if self._kv_len == 0 else max(1, capacity // 2))
+            new, pos0 = rows[:, -keep:], 0
+            self._kv_start = L - keep
+        T = new.shape[1]
         self.tape.reset(recording=False)
-        x = self._trunk(np.asarray(new, dtype=np.int32)[None, :], pos0, self._kv_layers)
+        x = self._trunk(np.ascontiguousarray(new, dtype=np.int32), pos0, self._kv_layers)
         C = x.shape[-1]
-        last = Tensor(x.arena, x.offset + (len(new) - 1) * C, (1, 1, C))
+        if B == 1:
+            last = Tensor(x.arena, x.offset + (T - 1) * C, (1, 1, C))
+        else:  # each row's newest position, gathered so the head runs on B rows only
+            last = self.tape.new((B, 1, C))
+            for b in range(B):
+                self.tape.k.copy_(last.data[b], x.data[b, T - 1:])
         logits = self._head(last)
-        self._kv_len = pos0 + len(new)
-        return logits.numpy()[0, 0, :V].astype(np.float64)
+        self._kv_len = pos0 + T
+        return logits.numpy()[:, 0, :V].astype(np.float64)
 
     def generate(self, idx: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, seed: Optional[int] = None,
                  on_token: Optional[Callable[[int], None]] = None, top_p: Optional[float] = None,
                  stop: Iterable[Union[int, str]] = ()) -> np.ndarray:
-        """Sample up to `max_new_tokens` continuations of a (T,) prompt; returns prompt + new ids.
+        """Sample up to `max_new_tokens` continuations of a (T,) prompt; returns prompt + new
+        ids. A (B, T) batch of equal-length prompts (as nanoGPT's generate takes) samples B
+        continuations side by side and returns (B, T + max_new_tokens); `on_token` and
+        `stop` need a single prompt.
 
         temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the
         top_k largest logits and then to the top_p nucleus (the smallest set of most likely
@@ -151,9 +172,15 @@ class LanguageModel:
         The context is cropped to block_size. Runs in eval mode (no dropout) and restores
         the previous mode.
         """
-        idx = np.asarray(idx).reshape(-1).astype(np.int32)
-        if idx.size == 0:
-            raise ValueError("generate() needs at least one prompt token")
+        prompts = np.asarray(idx)
+        if prompts.ndim not in (1, 2) or prompts.size == 0 or not np.issubdtype(prompts.dtype, np.integer):
+            raise ValueError(f"generate() needs a non-empty (T,) or (B, T) integer prompt, got "
+                             f"{prompts.dtype} {prompts.shape}")
+        single = prompts.ndim == 1
+        rows = prompts.reshape(1, -1) if single else prompts
+        stop = list(stop)
+        if not single and (stop or on_token is not None):
+            raise ValueError("stop and on_token need a single (T,) prompt; generate a batch without them")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -164,15 +191,21 @@ class LanguageModel:
             raise ValueError("stop strings need a tokenizer (model.tokenizer); pass token ids instead")
         tail_len = max((len(s) for s in stop_strs), default=0)
         rng = np.random.default_rng(seed)
-        out = list(idx)
+        B, T0 = rows.shape
+        out = np.empty((B, T0 + max_new_tokens), dtype=np.int32)
+        out[:, :T0] = rows
+        n = T0
         text_tail = b""   # the last bytes generated, enough to see a stop string end
         was_training = self.training
         self.eval()
         try:
-            self._begin_generation(min(len(out) + max_new_tokens, self.config.block_size))
+            self._begin_generation(min(T0 + max_new_tokens, self.config.block_size), B)
             for _ in range(max_new_tokens):
-                nxt = sample_logits(self._next_logits(out), temperature, top_k, rng, top_p)
-                out.append(nxt)
+                logits = self._next_logits(out[:, :n])
+                for b in range(B):
+                    out[b, n] = sample_logits(logits[b], temperature, top_k, rng, top_p)
+                n += 1
+                nxt = int(out[0, n - 1])
                 if on_token is not None:
                     on_token(nxt)
                 if nxt in stop_ids:
@@ -184,7 +217,7 @@ class LanguageModel:
         finally:
             self.train(was_training)
             self.tape.reset()
-        return np.asarray(out, dtype=np.int32)
+        return out[0, :n].copy() if single else out[:, :n]
 
 
 def sample_logits(logits: np.ndarray, temperature: float, top_k: Optional[int], rng: np.random.Generator,

@@ -120,7 +120,7 @@ class GPT2(LanguageModel):
 
     def _trunk(self, idx: np.ndarray, pos0: int = 0, caches: Optional[list] = None) -> Tensor:
         """Embeddings and every block on positions pos0..: the final residual (B, T, C).
-        With caches (generation, batch 1) each layer's qkv rows go to its KV cache."""
+        With caches (generation) each layer's qkv rows go to its KV cache."""
         cfg, p, t = self.config, self.params, self.tape
         x = ops.embedding(t, idx, p["wte"], p["wpe"], pos0)
         for l in range(cfg.n_layer):

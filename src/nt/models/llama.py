@@ -244,7 +244,7 @@ class Llama(LanguageModel):
         return ops.cross_entropy(self.tape, logits, targets, cfg.vocab_size, smoothing, z_loss)
 
     def _block(self, x: Tensor, l: int, pos0: int = 0, cache: Optional[Tensor] = None) -> Tensor:
-        """One transformer block on positions pos0.. of x. With a cache (block_size, W),
+        """One transformer block on positions pos0.. of x. With a cache (B, capacity, W),
         the rotated qkv rows are stored at pos0.. and attention reads keys 0..pos0+T-1."""
         cfg, p, t = self.config, self.params, self.tape
         NH, NKV = cfg.n_heads, cfg.n_kv_heads
