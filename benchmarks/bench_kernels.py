@@ -57,7 +57,7 @@ def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator):
         ("softmax_xent_backward", [r(N, Vp), np.ones(1, f), logits, xlse, targets, V]),
         ("adam_update (1 layer)", [r(P), r(P), r(P), np.abs(r(P)), np.ones(P, np.uint8),
                                    *block_table(P), np.ones(1), np.ones(1, np.int64),
-                                   1e-4, 0.9, 0.95, 1e-8, 0.0, 0.1]),
+                                   1e-4, 0.9, 0.95, 1e-8, 0.0, 0.1, 1.0]),
         # partials: long enough for either backend's block count (each uses its prefix)
         ("sum_squares (1 layer)", [r(P), np.zeros(max(nt.backend("cpu").sum_squares_blocks(P), 8192))]),
         ("rmsnorm_forward", [r(N, C), r(N), r(N, C), r(C), 1e-5]),

@@ -61,7 +61,7 @@ def worker(conn, framework: str, preset: str, B: int, T: int, weights: str, comp
     flat = np.fromfile(weights, dtype=np.float32)
     if framework == "nt":
         from nt.models import GPT2
-        from nt.optim import AdamW, clip_grad_norm
+        from nt.optim import AdamW, clip_factor
         model = GPT2(cfg, seed=None)
         model.load_flat(flat)
         opt = AdamW(model.params, lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
@@ -73,8 +73,8 @@ def worker(conn, framework: str, preset: str, B: int, T: int, weights: str, comp
             model.forward(x, y)
             model.zero_grad()
             model.backward()
-            clip_grad_norm(model.params, CLIP)
-            opt.step()
+            _, clip = clip_factor(model.params, CLIP)  # applied inside the AdamW kernel, as llm.c does
+            opt.step(grad_scale=clip)
     else:
         import torch
         from torch_gpt2 import TorchGPT2

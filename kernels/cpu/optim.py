@@ -19,15 +19,16 @@ REDUCE_FASTMATH = {"reassoc", "contract"}
 
 @njit(parallel=True, cache=True)
 def adam_update(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, seg_step,
-                lr, beta1, beta2, eps, l2, decay):
+                lr, beta1, beta2, eps, l2, decay, grad_scale):
     """Adam / AdamW over the blocks of the flat buffer, in place.
 
     Block b is params[block_offsets[b]:block_offsets[b+1]], inside tensor s = block_seg[b]
     with scale seg_scale[s] (0 = frozen: parameters and moments untouched) and step count
     seg_step[s] (from 1, drives the bias corrections). Every element with decay_mask 1
     gets L2-coupled decay `l2` (PyTorch's Adam: added to the gradient before the moments)
-    and decoupled decay `decay` (AdamW: added to the update):
-        g = grad + l2*p;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
+    and decoupled decay `decay` (AdamW: added to the update). The gradient is read times
+    `grad_scale` (a clipping factor, as llm.c folds it in: no separate pass over the grads):
+        g = grad_scale*grad + l2*p;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
         p -= lr*scale * ((m/bc1) / (sqrt(v/bc2) + eps) + decay*p)
     Elements with decay_mask 0 get neither decay. One parallel region for all tensors
     (a region per tensor was 2-4x slower on a busy 2-core machine).
@@ -47,9 +48,10 @@ def adam_update(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_s
         inv_bc1 = like(p0, 1.0 / (1.0 - beta1 ** seg_step[s]))
         inv_bc2 = like(p0, 1.0 / (1.0 - beta2 ** seg_step[s]))
         eps_, l2_, decay_, lr_s = like(p0, eps), like(p0, l2), like(p0, decay), like(p0, lr * scale)
+        gs = like(p0, grad_scale)
         for i in range(hi - lo):
             p = P[i]
-            g = G[i]
+            g = gs * G[i]
             if D[i]:
                 g += l2_ * p
             mi = b1 * M[i] + c1 * g
@@ -63,16 +65,17 @@ def adam_update(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_s
 
 
 @njit(parallel=True, cache=True)
-def sgd_update(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first):
+def sgd_update(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first,
+               grad_scale):
     """SGD with momentum (PyTorch's rule), in place.
 
-        g = grad + wd*p (decay_mask 1 only)
+        g = grad_scale*grad + wd*p (decay_mask 1 only)
         b = g on the first step, else momentum*b + (1-dampening)*g   (skipped if momentum 0)
         p -= lr * (g + momentum*b if nesterov else b)
     """
     for i in prange(params.shape[0]):
         p = params[i]
-        g = grads[i]
+        g = grad_scale * grads[i]
         if decay_mask[i]:
             g += weight_decay * p
         if momentum != 0.0:

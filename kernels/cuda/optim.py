@@ -20,7 +20,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 @cuda.jit(cache=True)
 def _adam(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, seg_step,
-          lr, beta1, beta2, eps, l2, decay):
+          lr, beta1, beta2, eps, l2, decay, grad_scale):
     for b in range(cuda.blockIdx.x, block_seg.shape[0], cuda.gridDim.x):
         s = block_seg[b]
         scale = seg_scale[s]
@@ -31,7 +31,7 @@ def _adam(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, 
         lr_s = lr * scale
         for i in range(block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1], cuda.blockDim.x):
             p = params[i]
-            g = grads[i]
+            g = grad_scale * grads[i]
             if decay_mask[i]:
                 g += l2 * p
             mi = beta1 * m[i] + (1.0 - beta1) * g
@@ -45,17 +45,18 @@ def _adam(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, 
 
 
 def adam_update(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, seg_step,
-                lr, beta1, beta2, eps, l2, decay):
+                lr, beta1, beta2, eps, l2, decay, grad_scale):
     """Adam / AdamW over the blocks of the flat buffer, in place (see the CPU twin)."""
     _adam[blocks(block_seg.shape[0], 1), THREADS](params, grads, m, v, decay_mask, block_offsets, block_seg,
-                                                  seg_scale, seg_step, lr, beta1, beta2, eps, l2, decay)
+                                                  seg_scale, seg_step, lr, beta1, beta2, eps, l2, decay,
+                                                  grad_scale)
 
 
 @cuda.jit(cache=True)
-def _sgd(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first):
+def _sgd(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first, grad_scale):
     for i in range(cuda.grid(1), params.shape[0], cuda.gridsize(1)):
         p = params[i]
-        g = grads[i]
+        g = grad_scale * grads[i]
         if decay_mask[i]:
             g += weight_decay * p
         if momentum != 0.0:
@@ -71,10 +72,11 @@ def _sgd(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, 
         params[i] = p - lr * g
 
 
-def sgd_update(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first):
-    """SGD with momentum (PyTorch's rule), in place."""
+def sgd_update(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first,
+               grad_scale):
+    """SGD with momentum (PyTorch's rule), in place; grads read times grad_scale."""
     _sgd[blocks(params.shape[0]), THREADS](params, grads, buf, decay_mask, lr, momentum, dampening,
-                                           weight_decay, nesterov, first)
+                                           weight_decay, nesterov, first, grad_scale)
 
 
 @cuda.jit(cache=True)

@@ -116,12 +116,13 @@ class SGD(Optimizer):
         self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
         self.momentum_buf = self._zeros(params.size, params.dtype)
 
-    def step(self, lr: Optional[float] = None) -> None:
-        """One update from the grads in `params.grad` (lr overrides the default for this step)."""
+    def step(self, lr: Optional[float] = None, grad_scale: float = 1.0) -> None:
+        """One update from the grads in `params.grad` times `grad_scale` (see clip_factor;
+        the grads themselves are not changed); lr overrides the default for this step."""
         self.step_count += 1
         self.k.sgd_update(self.params.flat, self.params.grad, self.momentum_buf, self.decay_mask,
                           self.lr if lr is None else lr, self.momentum, self.dampening,
-                          self.weight_decay, self.nesterov, self.step_count == 1)
+                          self.weight_decay, self.nesterov, self.step_count == 1, float(grad_scale))
 
 
 # ============================================================================ Adam / AdamW
@@ -166,18 +167,19 @@ class Adam(Optimizer):
     def _segments(self, params: Params) -> np.ndarray:
         return np.array([0, params.size], dtype=np.int64)
 
-    def _update(self, seg_scale, seg_step, lr: float) -> None:
+    def _update(self, seg_scale, seg_step, lr: float, grad_scale: float) -> None:
         l2, decay = (0.0, self.weight_decay) if self.decoupled else (self.weight_decay, 0.0)
         self.k.adam_update(self.params.flat, self.params.grad, self.m, self.v, self.decay_mask,
                            self._block_offsets, self._block_seg, seg_scale, seg_step,
-                           lr, self.beta1, self.beta2, self.eps, l2, decay)
+                           lr, self.beta1, self.beta2, self.eps, l2, decay, float(grad_scale))
 
-    def step(self, lr: Optional[float] = None) -> None:
-        """One update from the grads in `params.grad` (lr overrides the default for this step)."""
+    def step(self, lr: Optional[float] = None, grad_scale: float = 1.0) -> None:
+        """One update from the grads in `params.grad` times `grad_scale` (see clip_factor;
+        the grads themselves are not changed); lr overrides the default for this step."""
         self.step_count += 1
         self._step_host[0] = self.step_count
         self.k.copy_(self._step, self._step_host)
-        self._update(self._one, self._step, self.lr if lr is None else lr)
+        self._update(self._one, self._step, self.lr if lr is None else lr, grad_scale)
 
 
 class AdamW(Adam):
@@ -395,15 +397,16 @@ class Chuck(Adam):
             self.tiny_count[:] = np.where(tiny, self.tiny_count + 1, 0)
             self.scale[self.tiny_count >= self.freeze_patience] = 0.0
 
-    def step(self, loss: Optional[float] = None, lr: Optional[float] = None) -> None:
-        """One update from the grads in `params.grad`; `loss` is the loss they came from
-        (needed unless mechanisms a, c and e are all off); lr overrides the base lr."""
+    def step(self, loss: Optional[float] = None, lr: Optional[float] = None, grad_scale: float = 1.0) -> None:
+        """One update from the grads in `params.grad` times `grad_scale` (see clip_factor);
+        `loss` is the loss they came from (needed unless mechanisms a, c and e are all
+        off); lr overrides the base lr."""
         noise_due = False
         if self._watches_loss:
             if loss is None or not math.isfinite(float(loss)):
                 raise ValueError(f"Chuck.step needs the finite loss of this step (loss=...), got {loss!r}")
             noise_due = self._observe_loss(float(loss))
-        self.grad_norms[:] = self._segment_norms(self.params.grad)
+        self.grad_norms[:] = self._segment_norms(self.params.grad) * grad_scale
         self._observe_grads(self.grad_norms)
         self.step_count += 1
         self.tensor_steps += self.scale > 0
@@ -411,7 +414,7 @@ class Chuck(Adam):
         self.last_lr = lr_eff
         self.k.copy_(self._scale_dev, self.scale)
         self.k.copy_(self._steps_dev, self.tensor_steps)
-        self._update(self._scale_dev, self._steps_dev, lr_eff)
+        self._update(self._scale_dev, self._steps_dev, lr_eff, grad_scale)
         if noise_due:
             sigma = self.noise_scale * lr_eff * self._segment_norms(self.params.flat) / self._sqrt_sizes
             sigma[self.scale == 0] = 0.0
@@ -457,13 +460,25 @@ def grad_norm(params: Params) -> float:
     return math.sqrt(params.k.sum_squares(params.grad, _partials(params)))
 
 
+def clip_factor(params: Params, max_norm: float) -> tuple[float, float]:
+    """(global grad norm, the factor that clips it to max_norm: 1 when it is within).
+
+    Pass the factor to the optimizer's step(grad_scale=...) to clip inside the update,
+    as llm.c does, instead of clip_grad_norm's extra pass over the grads. A non-finite
+    norm gives factor 1 (see GradScaler)."""
+    norm = grad_norm(params)
+    if math.isfinite(norm) and norm > max_norm > 0:
+        return norm, max_norm / (norm + 1e-6)
+    return norm, 1.0
+
+
 def clip_grad_norm(params: Params, max_norm: float) -> float:
     """Scale all grads so their global norm is at most max_norm; returns the norm before.
 
     A non-finite norm is returned and the grads are left alone (see GradScaler)."""
-    norm = grad_norm(params)
-    if math.isfinite(norm) and norm > max_norm > 0:
-        params.k.scale_(params.grad, max_norm / (norm + 1e-6))
+    norm, factor = clip_factor(params, max_norm)
+    if factor != 1.0:
+        params.k.scale_(params.grad, factor)
     return norm
 
 
@@ -512,9 +527,10 @@ class GradScaler:
     (0 = never). init_scale=1, backoff_factor=1, growth_interval=0 is a plain NaN guard.
 
         scaler.backward(model.tape, loss)      # or accumulate_grads(model, batches, scaler)
+        clip = 1.0
         if scaler.unscale_():                  # optional: to clip the true grads first
-            clip_grad_norm(model.params, 1.0)
-        scaler.step(opt, lr=lr)                # skips opt.step on inf/nan, then update()
+            _, clip = clip_factor(model.params, 1.0)
+        scaler.step(opt, lr=lr, grad_scale=clip)   # skips opt.step on inf/nan, then update()
     """
 
     _fields = ("scale", "growth_factor", "backoff_factor", "growth_interval",

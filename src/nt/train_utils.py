@@ -24,7 +24,7 @@ import numpy as np
 from .data import (BYTE_VOCAB, DEFAULT_BPE_VOCAB, DataLoader, builtin_corpus, builtin_tokenizer,
                    byte_tokens_to_text, encode_text, text_to_byte_tokens)
 from .io import latest_checkpoint, load_checkpoint, read_llmc_tokens, save_run_checkpoint
-from .optim import OPTIMIZERS, Chuck, CosineSchedule, GradScaler, accumulate_grads, clip_grad_norm, make_optimizer
+from .optim import OPTIMIZERS, Chuck, CosineSchedule, GradScaler, accumulate_grads, clip_factor, make_optimizer
 from .tokenizer import BPE
 
 
@@ -317,9 +317,10 @@ def train(args, model, data: Data, resume: Optional[Path] = None) -> None:
         # zero grads, forward + backward each micro-batch, grads /= grad_accum
         loss_value = accumulate_grads(model, [train_loader.next_batch() for _ in range(args.grad_accum)], scaler)
         finite = scaler.unscale_() if scaler is not None else True  # grads /= loss scale, inf/nan check
-        norm = clip_grad_norm(model.params, args.grad_clip) if args.grad_clip > 0 and finite else float("nan")
+        # the clipping factor goes into the optimizer's update: no extra pass over the grads
+        norm, clip = clip_factor(model.params, args.grad_clip) if args.grad_clip > 0 and finite else (float("nan"), 1.0)
         lr = schedule(step)
-        step_args = {"lr": lr, **({"loss": loss_value} if isinstance(optimizer, Chuck) else {})}
+        step_args = {"lr": lr, "grad_scale": clip, **({"loss": loss_value} if isinstance(optimizer, Chuck) else {})}
         if scaler is not None:
             scaler.step(optimizer, **step_args)  # skipped (and counted) on non-finite grads
         else:

@@ -227,10 +227,10 @@ def test_block_table_optimizer_kernels(dtype):
     mask = (rng.random(n) < 0.5).astype(np.uint8)
     parity("adam_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n),
                            np.abs(randn(rng, dtype, n)), mask, bo, bs, np.array([1.0, 0.0, 0.5]),
-                           np.array([3, 1, 7], np.int64), 1e-2, 0.9, 0.95, 1e-8, 0.01, 0.1], [0, 2, 3], dtype)
+                           np.array([3, 1, 7], np.int64), 1e-2, 0.9, 0.95, 1e-8, 0.01, 0.1, 0.7], [0, 2, 3], dtype)
     for first, nesterov, momentum in [(True, False, 0.9), (False, True, 0.9), (False, False, 0.0)]:
         parity("sgd_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n), mask,
-                              0.1, momentum, 0.1, 0.01, nesterov, first], [0, 2], dtype)
+                              0.1, momentum, 0.1, 0.01, nesterov, first, 0.7], [0, 2], dtype)
     parity("segment_sum_squares", [randn(rng, dtype, n), bo, bs, np.zeros(5), np.zeros(3)], [4], dtype)
     x = randn(rng, dtype, n)
     x[3], x[7] = np.inf, -np.inf

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from nt.models import GPT2, GPT2Config
-from nt.optim import (AdamW, ConstantSchedule, CosineSchedule, GradScaler, LinearSchedule, StepSchedule,
-                      accumulate_grads, clip_grad_norm, grad_norm, schedule_from_state)
+from nt.optim import (SGD, Adam, AdamW, Chuck, ConstantSchedule, CosineSchedule, GradScaler, LinearSchedule,
+                      StepSchedule, accumulate_grads, clip_factor, clip_grad_norm, grad_norm, schedule_from_state)
 
 CFG = GPT2Config.preset("tiny", vocab_size=64, block_size=16, n_embd=32)
 
@@ -120,6 +120,36 @@ def test_clip_grad_norm():
     assert np.array_equal(model.params.grad, g * 1e-6)
     model.params.grad[0] = np.inf
     assert math.isinf(clip_grad_norm(model.params, 1.0)) and model.params.grad[1] == g[1] * 1e-6
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+    lambda p: Adam(p, lr=1e-2, weight_decay=0.01),
+    lambda p: AdamW(p, lr=1e-2, weight_decay=0.1),
+    lambda p: Chuck(p, lr=1e-2, weight_decay=0.1, gnorm_ratio=2.0, trend_window=0, noise_patience=0,
+                    patience=0),
+])
+def test_clip_inside_the_update_equals_clipping_the_grads(make):
+    """step(grad_scale=clip_factor(...)) is clip_grad_norm then step(), without the pass
+    that rewrites the grads: the grads stay as the backward left them."""
+    rng = np.random.default_rng(1)
+    a, b = GPT2(CFG, dtype=np.float64, seed=0), GPT2(CFG, dtype=np.float64, seed=0)
+    grads = [rng.standard_normal(a.params.size) * 40.0 / np.sqrt(a.params.size) * s for s in (3.0, 0.5, 5.0)]
+    opt_a, opt_b = make(a.params), make(b.params)
+    factors = []
+    for g in grads:  # norms ~120 (clipped to 40), ~20 (left alone), ~200 (clipped)
+        a.params.grad[:] = g
+        clip_grad_norm(a.params, 40.0)
+        opt_a.step()
+        b.params.grad[:] = g
+        norm, factor = clip_factor(b.params, 40.0)
+        assert norm == pytest.approx(np.linalg.norm(g), rel=1e-12)
+        assert factor == (1.0 if norm <= 40.0 else pytest.approx(40.0 / (norm + 1e-6), rel=1e-12))
+        factors.append(factor)
+        opt_b.step(grad_scale=factor)
+        assert np.array_equal(b.params.grad, g)
+        np.testing.assert_allclose(b.params.flat, a.params.flat, rtol=1e-12, atol=1e-14)
+    assert factors[0] < 1.0 and factors[1] == 1.0 and factors[2] < 1.0
 
 
 # ---------------------------------------------------------------- schedules
