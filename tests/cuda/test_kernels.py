@@ -178,10 +178,12 @@ def test_embedding(dtype, positions):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("NH, NKV, window, q0", [(2, 2, 0, 0), (4, 2, 0, 0), (4, 1, 2, 0), (2, 1, 0, 2)])
-def test_attention(dtype, NH, NKV, window, q0):
+@pytest.mark.parametrize("NH, NKV, window, q0, T", [(2, 2, 0, 0, 4), (4, 2, 0, 0, 4), (4, 1, 2, 0, 4), (2, 1, 0, 2, 4),
+                                                    # past one block of rows and one key tile
+                                                    (4, 2, 5, 0, 21), (2, 1, 0, 13, 21), (2, 2, 7, 9, 21)])
+def test_attention(dtype, NH, NKV, window, q0, T):
     rng = np.random.default_rng(4)
-    B, T, hs = 2, 4, 3  # q0 > 0: rows before q0 are a KV cache, only T - q0 queries
+    B, hs = 2, 3  # q0 > 0: rows before q0 are a KV cache, only T - q0 queries
     qkv = randn(rng, dtype, B, T, (NH + 2 * NKV) * hs)
     out, lse = randn(rng, dtype, B, T - q0, NH * hs), randn(rng, dtype, B, NH, T - q0)
     work = randn(rng, dtype, *cpu.attention_work_shape(T))  # CPU scratch; the GPU needs none
