@@ -109,8 +109,9 @@ def attention_forward(out, lse, qkv, work, NH, NKV, window, q0):
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0):
-    """Accumulate dqkv from dout (work as for the forward). Tasks own one (batch, kv head) pair, so the key and
-    value grads that several query heads and blocks add into have a single writer."""
+    """Accumulate dqkv from dout (work as for the forward). Tasks own one (batch, kv head)
+    pair, so the key and value grads that several query heads and blocks add into have a
+    single writer."""
     B, T, width, hs, group, nblk = _sizes(qkv, out, NH, NKV, q0)
     scale = like(qkv[0, 0, 0], 1.0 / np.sqrt(hs))
     zero, one = like(scale, 0.0), like(scale, 1.0)

@@ -44,12 +44,26 @@ def _load_rows(dst, src, b, row0, n, col, hs):
         dst[e // hs, e % hs] = src[b, row0 + e // hs, col + e % hs]
 
 
+@cuda.jit(device=True, cache=True)
+def _query_rows(task, n_qblk, NH, NKV, hs, T, window, q0):
+    """Task -> (batch, head, the block's first and last query positions, this thread's
+    query position t, the head's q / k / v columns, t's first visible key)."""
+    rows = cuda.blockDim.x
+    b = task // (NH * n_qblk)
+    h = task // n_qblk % NH
+    first = q0 + task % n_qblk * rows
+    last = min(T, first + rows) - 1
+    t = first + cuda.threadIdx.x
+    ko = (NH + h // (NH // NKV)) * hs
+    jmin = max(0, t - window + 1) if window > 0 else 0
+    return b, h, first, last, t, h * hs, ko, ko + NKV * hs, jmin
+
+
 @cuda.jit(cache=True)
 def _attention_forward(out, lse, qkv, NH, NKV, window, q0):
     B, T, _ = qkv.shape
     Tq = T - q0
     hs = out.shape[2] // NH
-    group = NH // NKV
     scale = 1.0 / math.sqrt(hs)
     ks = cuda.shared.array((KEY_TILE, HS_MAX), np.float64)
     vs = cuda.shared.array((KEY_TILE, HS_MAX), np.float64)
@@ -58,16 +72,8 @@ def _attention_forward(out, lse, qkv, NH, NKV, window, q0):
     rows = cuda.blockDim.x
     n_qblk = (Tq + rows - 1) // rows
     for task in range(cuda.blockIdx.x, B * NH * n_qblk, cuda.gridDim.x):
-        b = task // (NH * n_qblk)
-        h = task // n_qblk % NH
-        first = q0 + task % n_qblk * rows      # the block's first query position
-        last = min(T, first + rows) - 1
-        t = first + cuda.threadIdx.x           # this thread's query position
+        b, h, first, last, t, qo, ko, vo, jmin = _query_rows(task, n_qblk, NH, NKV, hs, T, window, q0)
         live = t <= last
-        qo = h * hs
-        ko = (NH + h // group) * hs
-        vo = ko + NKV * hs
-        jmin = max(0, t - window + 1) if window > 0 else 0
         m = -math.inf
         l = 0.0
         if live:
@@ -108,7 +114,6 @@ def _attention_backward_q(dqkv, dout, qkv, out, lse, NH, NKV, window, q0):
     B, T, _ = qkv.shape
     Tq = T - q0
     hs = out.shape[2] // NH
-    group = NH // NKV
     scale = 1.0 / math.sqrt(hs)
     ks = cuda.shared.array((KEY_TILE, HS_MAX), np.float64)
     vs = cuda.shared.array((KEY_TILE, HS_MAX), np.float64)
@@ -118,16 +123,8 @@ def _attention_backward_q(dqkv, dout, qkv, out, lse, NH, NKV, window, q0):
     rows = cuda.blockDim.x
     n_qblk = (Tq + rows - 1) // rows
     for task in range(cuda.blockIdx.x, B * NH * n_qblk, cuda.gridDim.x):
-        b = task // (NH * n_qblk)
-        h = task // n_qblk % NH
-        first = q0 + task % n_qblk * rows
-        last = min(T, first + rows) - 1
-        t = first + cuda.threadIdx.x
+        b, h, first, last, t, qo, ko, vo, jmin = _query_rows(task, n_qblk, NH, NKV, hs, T, window, q0)
         live = t <= last
-        qo = h * hs
-        ko = (NH + h // group) * hs
-        vo = ko + NKV * hs
-        jmin = max(0, t - window + 1) if window > 0 else 0
         D = 0.0  # sum_j p_j dp_j = do . o, the softmax backward's shared term
         L = 0.0
         if live:
