@@ -1,9 +1,11 @@
 """Shared test helpers: run an op on a fresh tape, and check its backward by finite differences."""
 from __future__ import annotations
 
+import tracemalloc
 from typing import Callable
 
 import numpy as np
+from numba.core.runtime import _nrt_python, rtsys
 
 import nt
 from nt import Params, Tape
@@ -15,6 +17,32 @@ def make_params(arrays: dict[str, np.ndarray], dtype=np.float64, device: str = "
     for name, a in arrays.items():
         params[name].data[...] = a
     return params
+
+
+def measure_step_allocations(monkeypatch, kernels, step: Callable) -> tuple[int, int, int]:
+    """Run step() once with every Numba kernel of the backend module `kernels` counting the
+    arrays handed to it. Returns (array arguments, Numba runtime allocations, peak bytes of
+    new Python memory). Numba's runtime records one small MemInfo per NumPy array passed
+    into a kernel, so a step whose kernels allocate nothing has the two counts equal."""
+    array_args = [0]
+    for name in dir(kernels):
+        fn = getattr(kernels, name)
+        if hasattr(fn, "py_func"):  # a Numba kernel
+            def counting(*args, fn=fn):
+                array_args[0] += sum(isinstance(a, np.ndarray) for a in args)
+                return fn(*args)
+            monkeypatch.setattr(kernels, name, counting)
+    _nrt_python.memsys_enable_stats()
+    nrt_before = rtsys.get_allocation_stats()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base, _ = tracemalloc.get_traced_memory()
+    try:
+        step()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return array_args[0], rtsys.get_allocation_stats().alloc - nrt_before.alloc, peak - base
 
 
 def run_op(build: Callable, arrays: dict[str, np.ndarray], dtype=np.float64):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numba
 import numpy as np
 
 from .tape import Tape
@@ -168,7 +169,6 @@ def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
         getattr(t.k, dequantize)(w.reshape(-1), wq.reshape(-1), t.k.F16_TABLE)
         t.k.matmul_forward(out.data.reshape(N, OC), x.data.reshape(N, C), w, _none(t.k, t.dtype))
     else:
-        import numba
         lanes = t.work((numba.config.NUMBA_NUM_THREADS, bs))  # 32 accumulation lanes per thread
         getattr(t.k, block_matmul)(out.data.reshape(N, OC), x.data.reshape(N, C), wq, t.k.F16_TABLE, lanes)
     t.record(_linear_q_backward, kind)

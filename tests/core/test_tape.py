@@ -1,14 +1,11 @@
-import tracemalloc
-
 import numpy as np
 import pytest
-from numba.core.runtime import _nrt_python, rtsys
 
 from nt import Tape, ops
 from nt.data import DataLoader
 from nt.models import GPT2, GPT2Config
-from nt.optim import AdamW, clip_grad_norm
-from helpers import make_params
+from nt.optim import AdamW, clip_factor
+from helpers import make_params, measure_step_allocations
 
 
 def test_steady_state_training_step_allocates_nothing(monkeypatch):
@@ -28,8 +25,8 @@ def test_steady_state_training_step_allocates_nothing(monkeypatch):
         model.forward(x, y)
         model.zero_grad()
         model.backward()
-        clip_grad_norm(model.params, 1.0)
-        opt.step()
+        _, clip = clip_factor(model.params, 1.0)  # clipping inside the update, as the scripts do
+        opt.step(grad_scale=clip)
 
     step()
     step()
@@ -38,31 +35,13 @@ def test_steady_state_training_step_allocates_nothing(monkeypatch):
     grows = [a.grows for a in arenas]
     one_activation = 8 * 64 * 256 * 4  # bytes of one (B, T, C) float32 tensor
 
-    array_args = [0]
-    k = model.tape.k
-    for name in dir(k):
-        fn = getattr(k, name)
-        if hasattr(fn, "py_func"):  # a Numba kernel: count the arrays handed to it
-            def counting(*args, fn=fn):
-                array_args[0] += sum(isinstance(a, np.ndarray) for a in args)
-                return fn(*args)
-            monkeypatch.setattr(k, name, counting)
-
-    _nrt_python.memsys_enable_stats()
-    nrt_before = rtsys.get_allocation_stats()
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base, _ = tracemalloc.get_traced_memory()
-    step()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    nrt_after = rtsys.get_allocation_stats()
+    array_args, nrt_allocs, peak = measure_step_allocations(monkeypatch, model.tape.k, step)
 
     assert [a.grows for a in arenas] == grows
     assert all(a.buf is b and a.gbuf is g for a, (b, g) in zip(arenas, buffers))
-    assert array_args[0] > 100
-    assert nrt_after.alloc - nrt_before.alloc == array_args[0], "a kernel allocated memory"
-    assert peak - base < one_activation // 4, f"a step peaked at {peak - base} bytes of new Python memory"
+    assert array_args > 100
+    assert nrt_allocs == array_args, "a kernel allocated memory"
+    assert peak < one_activation // 4, f"a step peaked at {peak} bytes of new Python memory"
 
 
 def test_reset_reuses_offsets():

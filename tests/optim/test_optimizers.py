@@ -1,13 +1,12 @@
 """Optimizers vs plain-NumPy references (float64, 1e-12), state round trips, allocation, bad input."""
 import json
-import tracemalloc
 
 import numpy as np
 import pytest
-from numba.core.runtime import _nrt_python, rtsys
 
 import nt
 from nt.optim import OPTIMIZERS, SGD, Adam, AdamW, Chuck, GradScaler, clip_grad_norm, make_optimizer
+from helpers import measure_step_allocations
 from optim_reference import AdamRef, ChuckRef, SGDRef
 
 LAYOUT = [("w", (6, 5), True), ("b", (5,), False), ("e", (40,), True), ("g", (3,), False)]
@@ -177,24 +176,9 @@ def test_steady_state_step_allocates_nothing(name, monkeypatch):
 
     for _ in range(3):
         step()
-    array_args = [0]
-    k = params.k
-    for kname in dir(k):
-        fn = getattr(k, kname)
-        if hasattr(fn, "py_func"):  # a Numba kernel: count the arrays handed to it
-            def counting(*args, fn=fn):
-                array_args[0] += sum(isinstance(a, np.ndarray) for a in args)
-                return fn(*args)
-            monkeypatch.setattr(k, kname, counting)
-    _nrt_python.memsys_enable_stats()
-    nrt_before = rtsys.get_allocation_stats()
-    tracemalloc.start()
-    step()
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    nrt_after = rtsys.get_allocation_stats()
-    assert array_args[0] >= 4  # the kernels did run through the counter
-    assert nrt_after.alloc - nrt_before.alloc == array_args[0], f"a kernel allocated in a {name} step"
+    array_args, nrt_allocs, peak = measure_step_allocations(monkeypatch, params.k, step)
+    assert array_args >= 4  # the kernels did run through the counter
+    assert nrt_allocs == array_args, f"a kernel allocated in a {name} step"
     assert peak < params.size * 8 // 20, f"{name} step allocated {peak} bytes at peak"
 
 
