@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from .llmc import FormatError
+from .common import FormatError
 from .safetensors import load_safetensors, save_safetensors
 
 FORMAT = "nt-checkpoint"

@@ -35,7 +35,7 @@ import numba
 import numpy as np
 
 from ..kernels.cpu import quant
-from .llmc import FormatError, _atomic_write
+from .common import FormatError, atomic_write
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -510,7 +510,7 @@ def write_gguf(path, metadata: dict, tensors: dict, alignment: int = DEFAULT_ALI
             yield quantize(arr, ttype).reshape(-1)
             yield np.zeros(_align(nbytes, alignment) - nbytes, dtype=np.uint8)
 
-    _atomic_write(path, chunks())
+    atomic_write(path, chunks())
 
 
 # ====================================================================== nt models <-> GGUF

@@ -9,12 +9,12 @@ version 2 with a clear error rather than misreading it).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..models.gpt2 import GPT2Config, param_layout
+from .common import FormatError, atomic_write
 
 HEADER_INTS = 256
 CHECKPOINT_MAGIC = 20240326
@@ -25,27 +25,11 @@ TOKENS_VERSION_U32 = 2     # uint32 tokens (nt's extension)
 _TOKEN_DTYPES = {TOKENS_VERSION: np.dtype("<u2"), TOKENS_VERSION_U32: np.dtype("<u4")}
 
 
-class FormatError(ValueError):
-    """A file is not what it claims to be (bad magic, version, size or contents)."""
-
-
 def _read_header(path: Path, f) -> np.ndarray:
     raw = f.read(HEADER_INTS * 4)
     if len(raw) < HEADER_INTS * 4:
         raise FormatError(f"{path}: truncated header ({len(raw)} of {HEADER_INTS * 4} bytes)")
     return np.frombuffer(raw, dtype="<i4")
-
-
-def _atomic_write(path: Path, chunks) -> None:
-    """Write to a temporary name, fsync, rename: a crash never leaves half a file at `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_llmc_checkpoint(path) -> tuple[GPT2Config, np.ndarray]:
@@ -82,7 +66,7 @@ def write_llmc_checkpoint(path, config: GPT2Config, flat: np.ndarray) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:8] = [CHECKPOINT_MAGIC, CHECKPOINT_VERSION_FP32, config.block_size, config.vocab_size,
                   config.n_layer, config.n_head, config.n_embd, config.padded_vocab_size]
-    _atomic_write(path, [header, flat.astype("<f4", copy=False)])
+    atomic_write(path, [header, flat.astype("<f4", copy=False)])
 
 
 def read_llmc_tokens(path, vocab_size: int | None = None) -> np.ndarray:
@@ -128,4 +112,4 @@ def write_llmc_tokens(path, tokens, dtype=np.uint16) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     version = TOKENS_VERSION if dtype == np.uint16 else TOKENS_VERSION_U32
     header[:3] = [TOKENS_MAGIC, version, tokens.size]
-    _atomic_write(path, [header, tokens.astype(dtype.newbyteorder("<"))])
+    atomic_write(path, [header, tokens.astype(dtype.newbyteorder("<"))])
