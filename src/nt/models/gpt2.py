@@ -145,9 +145,20 @@ class GPT2(LanguageModel):
 
     @classmethod
     def from_llmc(cls, path, device: str = "cpu", dtype=np.float32) -> "GPT2":
-        """Load an llm.c GPT-2 checkpoint (`gpt2_124M.bin`-style, magic 20240326)."""
+        """Load an llm.c GPT-2 checkpoint (`gpt2_124M.bin`-style, magic 20240326).
+        Sizes this model cannot take (NH not dividing C, a vocabulary padded other than
+        to a multiple of 128) are FormatErrors naming the file."""
+        from ..io.common import FormatError
         from ..io.llmc import read_llmc_checkpoint
-        config, flat = read_llmc_checkpoint(path)
+        sizes, flat = read_llmc_checkpoint(path)
+        try:
+            config = GPT2Config(block_size=sizes.block_size, vocab_size=sizes.vocab_size, n_layer=sizes.n_layer,
+                                n_head=sizes.n_head, n_embd=sizes.n_embd)
+        except ValueError as e:
+            raise FormatError(f"{path}: header describes an impossible model: {e}") from None
+        if sizes.padded_vocab_size != config.padded_vocab_size:
+            raise FormatError(f"{path}: padded vocab {sizes.padded_vocab_size} is not V={sizes.vocab_size} "
+                              f"rounded up to 128 ({config.padded_vocab_size})")
         model = cls(config, device=device, dtype=dtype, seed=None)
         model.load_flat(flat)
         return model
