@@ -13,7 +13,7 @@ from nt import Params, Tape
 
 def make_params(arrays: dict[str, np.ndarray], dtype=np.float64, device: str = "cpu") -> Params:
     """Params holding copies of `arrays` (so every input has a grad slot)."""
-    params = Params(nt.backend(device), dtype, [(name, a.shape, False) for name, a in arrays.items()])
+    params = Params(device, dtype, [(name, a.shape, False) for name, a in arrays.items()])
     for name, a in arrays.items():
         params[name].data[...] = a
     return params

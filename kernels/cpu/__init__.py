@@ -12,7 +12,7 @@ from .embedding import embedding_backward, embedding_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .matmul import matmul_backward, matmul_forward
 from .quant import F16_TABLE, dequantize_q4_0, dequantize_q8_0, matmul_q4_0, matmul_q8_0
-from .memory import DEVICE, copy_, empty, fill_, to_device, to_host
+from .memory import DEVICE, copy_, empty, fill_, synchronize, to_device, to_host
 from .optim import (adam_update, add_noise_, scale_, segment_sum_squares, sgd_update, sum_squares,
                     sum_squares_blocks, unscale_check_)
 from .rmsnorm import qk_norm_backward, qk_norm_forward, rmsnorm_backward, rmsnorm_forward

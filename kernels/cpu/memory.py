@@ -30,3 +30,7 @@ def to_host(x):
 def to_device(x):
     """A host array as this device's array (on the CPU, the array itself)."""
     return x
+
+
+def synchronize():
+    """Wait for queued kernels to finish. CPU kernels run synchronously: nothing to wait for."""

@@ -15,7 +15,7 @@ from .elementwise import (add_backward, add_forward, concat_backward, concat_for
 from .embedding import embedding_backward, embedding_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .matmul import matmul_backward, matmul_forward
-from .memory import DEVICE, copy_, empty, fill_, ids_to_device, to_device, to_host
+from .memory import DEVICE, copy_, empty, fill_, ids_to_device, synchronize, to_device, to_host
 from .optim import (adam_update, add_noise_, scale_, segment_sum_squares, sgd_update, sum_squares,
                     sum_squares_blocks, unscale_check_)
 from .rmsnorm import qk_norm_backward, qk_norm_forward, rmsnorm_backward, rmsnorm_forward

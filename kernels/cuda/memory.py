@@ -57,3 +57,8 @@ def ids_to_device(ids):
         buf = _IDS[ids.shape] = cuda.device_array(ids.shape, dtype=np.int32)
     buf.copy_to_device(ids)
     return buf
+
+
+def synchronize():
+    """Wait for every kernel queued on the GPU to finish (timings measure the work, not the launch)."""
+    cuda.synchronize()

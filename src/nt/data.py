@@ -156,8 +156,15 @@ class DataLoader:
                 raise ValueError(f"{name}: tokens must be a 1-D integer array, got {tokens.dtype} {tokens.shape}")
             if tokens.size < T + 1:
                 raise ValueError(f"{name}: {tokens.size} tokens are too few for one window of T+1 = {T + 1}")
-            if vocab_size is not None and int(tokens.max()) >= vocab_size:
-                raise ValueError(f"{name}: token id {int(tokens.max())} >= vocab size {vocab_size}")
+            # checked in the shard's own dtype: batches are int32, and a cast must not
+            # turn id 2**32 + 5 into 5 or accept a negative id
+            upper = min(vocab_size if vocab_size is not None else 2 ** 31, 2 ** 31)
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= upper:
+                bad = lo if lo < 0 else hi
+                where = int(np.argmax((tokens < 0) | (tokens >= upper)))
+                what = f"vocab size {vocab_size}" if vocab_size is not None and upper == vocab_size else "int32 range"
+                raise ValueError(f"{name}: token id {bad} at index {where} is outside [0, {upper}) ({what})")
             self.shards.append(tokens)
         self.B, self.T = B, T
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size

@@ -2,7 +2,9 @@
 
 Each op is a function `op(tape, ...) -> Tensor` with its backward `_op_backward(k, ...)`
 right below it. Inputs are Tensors (activations or parameters); integer inputs (token
-ids, targets) are NumPy int32 arrays, validated here so no kernel can index out of bounds.
+ids, targets) are NumPy integer arrays, validated here so no kernel can index out of
+bounds, then copied into the tape (tape.keep_ids) so the backward never reads an array
+the caller has since reused.
 Backward functions accumulate (+=) into the grads of their inputs.
 """
 from __future__ import annotations
@@ -42,24 +44,24 @@ def _check(x: Tensor, name: str, ndim: Optional[int] = None, t: Optional[Tape] =
         raise TypeError(f"{name} has dtype {x.dtype} but the tape computes in {t.dtype}")
 
 
-def _check_ids(ids, name: str, upper: int, ndim: int, ignore_index: bool = False) -> np.ndarray:
-    """Token ids / targets as a C-contiguous int32 array, every value in [0, upper)
-    (or -1, the ignore index, when `ignore_index`)."""
+def check_ids(ids, name: str, upper: int, ndim: Optional[int] = None, ignore_index: bool = False) -> np.ndarray:
+    """Token ids / targets validated in the caller's own integer type, before any cast:
+    every value in [0, upper), or -1 (the ignore index) when `ignore_index`. Returns the
+    array unchanged; id 2**32 + 5 must not become id 5 by a cast to int32."""
     if not isinstance(ids, np.ndarray):
         raise TypeError(f"{name} must be a NumPy integer array, got {type(ids).__name__}")
     if ids.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {ids.dtype}")
-    if ids.ndim != ndim:
+    if ndim is not None and ids.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {ids.shape}")
-    if ids.dtype != np.int32 or not ids.flags.c_contiguous:
-        ids = np.ascontiguousarray(ids, dtype=np.int32)
     if ids.size:
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = int(ids.min()), int(ids.max())  # Python ints: exact for every integer dtype
         low_ok = -1 if ignore_index else 0
         if lo < low_ok or hi >= upper:
             bad = lo if lo < low_ok else hi
+            where = np.unravel_index(int(np.argmax((ids < low_ok) | (ids >= upper))), ids.shape)
             allowed = f"[0, {upper})" + (" or -1 (ignored)" if ignore_index else "")
-            raise ValueError(f"{name} holds {bad}, outside {allowed}")
+            raise ValueError(f"{name} holds {bad} at index {tuple(int(i) for i in where)}, outside {allowed}")
     return ids
 
 
@@ -69,7 +71,7 @@ def embedding(t: Tape, ids: np.ndarray, wte: Tensor, wpe: Optional[Tensor] = Non
     """out[b, t] = wte[ids[b, t]] (+ wpe[pos0 + t]): token (+ learned position) embedding."""
     _check(wte, "wte", 2, t)
     V, C = wte.shape
-    ids = _check_ids(ids, "ids", V, 2)
+    ids = t.keep_ids(check_ids(ids, "ids", V, 2))
     B, T = ids.shape
     if wpe is not None:
         _check(wpe, "wpe", 2, t)
@@ -79,7 +81,7 @@ def embedding(t: Tape, ids: np.ndarray, wte: Tensor, wpe: Optional[Tensor] = Non
             raise ValueError(f"positions {pos0}..{pos0 + T - 1} exceed the model's maximum "
                              f"sequence length {wpe.shape[0]}")
     out = t.new((B, T, C))
-    t.k.embedding_forward(out.data, ids, wte.data, wpe.data if wpe is not None else _none(t.k, t.dtype, C), pos0)
+    t.k.embedding_forward(out.data, ids.data, wte.data, wpe.data if wpe is not None else _none(t.k, t.dtype, C), pos0)
     t.record(_embedding_backward, out, ids, wte, wpe, pos0)
     return out
 
@@ -87,7 +89,7 @@ def embedding(t: Tape, ids: np.ndarray, wte: Tensor, wpe: Optional[Tensor] = Non
 def _embedding_backward(k, out, ids, wte, wpe, pos0):
     C = wte.shape[1]
     dwpe = wpe.grad if wpe is not None else _none(k, wte.dtype, C)
-    k.embedding_backward(wte.grad, dwpe, out.grad, ids, pos0)
+    k.embedding_backward(wte.grad, dwpe, out.grad, ids.data, pos0)
 
 
 # ----------------------------------------------------------------------------- linear
@@ -580,15 +582,15 @@ def cross_entropy(t: Tape, logits: Tensor, targets: np.ndarray, vocab_size: Opti
                          f"got {label_smoothing} and {z_loss}")
     opts = (float(label_smoothing), float(z_loss))
     N = logits.size // Vp
-    targets = _check_ids(targets, "targets", V, len(logits.shape) - 1, ignore_index=True)
+    targets = check_ids(targets, "targets", V, len(logits.shape) - 1, ignore_index=True)
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"cross_entropy: targets {targets.shape} do not match logits {logits.shape[:-1]}")
+    targets = t.keep_ids(targets.reshape(N))
     loss = t.new((1,))
     losses = t.new_saved((N,))
     lse = t.new_saved((N,))
-    flat_targets = targets.reshape(N)
-    t.k.softmax_xent_forward(loss.data, losses.data, lse.data, logits.data.reshape(N, Vp), flat_targets, V, *opts)
-    t.record(_cross_entropy_backward, loss, logits, lse, flat_targets, V, opts)
+    t.k.softmax_xent_forward(loss.data, losses.data, lse.data, logits.data.reshape(N, Vp), targets.data, V, *opts)
+    t.record(_cross_entropy_backward, loss, logits, lse, targets, V, opts)
     return loss
 
 
@@ -596,4 +598,4 @@ def _cross_entropy_backward(k, loss, logits, lse, targets, V, opts):
     Vp = logits.shape[-1]
     N = logits.size // Vp
     k.softmax_xent_backward(logits.grad.reshape(N, Vp), loss.grad, logits.data.reshape(N, Vp),
-                            lse.data, targets, V, *opts)
+                            lse.data, targets.data, V, *opts)

@@ -1,5 +1,5 @@
-"""Optimizers over the flat parameter buffer, clipping, gradient accumulation, loss scaling
-and learning-rate schedules.
+"""Optimizers over the flat parameter buffer, clipping, loss scaling and learning-rate
+schedules.
 
 Every optimizer updates all parameters with one fused kernel over `params.flat` and keeps
 its per-element state (moments, momentum) in buffers that mirror it, allocated once in
@@ -13,7 +13,7 @@ plain scalars) and `load_state_dict()`, so a checkpoint resumes a run bit for bi
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -38,9 +38,13 @@ class Optimizer:
 
     def __init__(self, params: Params):
         self.params = params
-        self.k = params.k
         self.step_count = 0
         self.decay_mask = self.k.to_device(params.decay_mask())
+
+    @property
+    def k(self):
+        """The parameters' kernel module (nt.backend owns it)."""
+        return self.params.k
 
     def _zeros(self, n: int, dtype):
         buf = self.k.empty(n, dtype)
@@ -116,9 +120,10 @@ class SGD(Optimizer):
         self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
         self.momentum_buf = self._zeros(params.size, params.dtype)
 
-    def step(self, lr: Optional[float] = None, grad_scale: float = 1.0) -> None:
+    def step(self, lr: Optional[float] = None, grad_scale: float = 1.0, *, loss: Optional[float] = None) -> None:
         """One update from the grads in `params.grad` times `grad_scale` (see clip_factor;
-        the grads themselves are not changed); lr overrides the default for this step."""
+        the grads themselves are not changed); lr overrides the default for this step.
+        `loss` is accepted by every optimizer and used by those that watch it (Chuck)."""
         self.step_count += 1
         self.k.sgd_update(self.params.flat, self.params.grad, self.momentum_buf, self.decay_mask,
                           self.lr if lr is None else lr, self.momentum, self.dampening,
@@ -173,9 +178,10 @@ class Adam(Optimizer):
                            self._block_offsets, self._block_seg, seg_scale, seg_step,
                            lr, self.beta1, self.beta2, self.eps, l2, decay, float(grad_scale))
 
-    def step(self, lr: Optional[float] = None, grad_scale: float = 1.0) -> None:
+    def step(self, lr: Optional[float] = None, grad_scale: float = 1.0, *, loss: Optional[float] = None) -> None:
         """One update from the grads in `params.grad` times `grad_scale` (see clip_factor;
-        the grads themselves are not changed); lr overrides the default for this step."""
+        the grads themselves are not changed); lr overrides the default for this step.
+        `loss` is accepted by every optimizer and used by those that watch it (Chuck)."""
         self.step_count += 1
         self._step_host[0] = self.step_count
         self.k.copy_(self._step, self._step_host)
@@ -445,7 +451,7 @@ def make_optimizer(name: str, params: Params, lr: float, weight_decay: float = 0
     return OPTIMIZERS[name](params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
-# ============================================================================ clipping, accumulation
+# ============================================================================ clipping
 
 
 def _partials(params: Params):
@@ -487,32 +493,6 @@ def scale_grads(params: Params, factor: float) -> None:
     params.k.scale_(params.grad, factor)
 
 
-def accumulate_grads(model, micro_batches: Iterable, scaler: Optional["GradScaler"] = None) -> float:
-    """Gradient accumulation: zero the grads, forward and backward each (idx, targets)
-    micro-batch (grads add up), then scale the grads by 1/K. Returns the mean loss.
-
-    With K equal micro-batches of size B/K and a mean loss, the grads equal one batch of
-    size B. `model` needs `forward(idx, targets) -> (logits, loss)`, `backward()`,
-    `zero_grad()`, `params` and `tape` (GPT2 has them). With a `scaler`, each backward is
-    seeded with its loss scale (unscale with the scaler before the optimizer step).
-    """
-    model.zero_grad()
-    total, K = 0.0, 0
-    for idx, targets in micro_batches:
-        _, loss = model.forward(idx, targets)
-        total += float(model.tape.k.to_host(loss.data)[0])
-        if scaler is None:
-            model.backward()
-        else:
-            scaler.backward(model.tape, loss)
-        K += 1
-    if K == 0:
-        raise ValueError("accumulate_grads needs at least one micro-batch")
-    if K > 1:
-        scale_grads(model.params, 1.0 / K)
-    return total / K
-
-
 # ============================================================================ loss scaling
 
 
@@ -526,7 +506,7 @@ class GradScaler:
     `growth_interval` clean steps in a row the scale is multiplied by `growth_factor`
     (0 = never). init_scale=1, backoff_factor=1, growth_interval=0 is a plain NaN guard.
 
-        scaler.backward(model.tape, loss)      # or accumulate_grads(model, batches, scaler)
+        scaler.backward(model.tape, loss)      # or train_utils.accumulate_grads(..., scaler)
         clip = 1.0
         if scaler.unscale_():                  # optional: to clip the true grads first
             _, clip = clip_factor(model.params, 1.0)
@@ -542,7 +522,6 @@ class GradScaler:
                f"GradScaler: invalid init_scale={init_scale} growth_factor={growth_factor} "
                f"backoff_factor={backoff_factor} growth_interval={growth_interval}")
         self.params = params
-        self.k = params.k
         self.scale = float(init_scale)
         self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
         self.growth_interval = int(growth_interval)
@@ -551,6 +530,10 @@ class GradScaler:
         self.total_steps = 0
         self._seed = np.empty(1, dtype=params.dtype)
         self._finite: Optional[bool] = None  # unscale_() result of the current step
+
+    @property
+    def k(self):
+        return self.params.k
 
     def backward(self, tape, loss) -> None:
         """tape.backward(loss) seeded with the current scale (grads come out scaled)."""

@@ -5,16 +5,19 @@
             ...one training step...
     print(prof.table())
 
-While active, every kernel the model's tape, its parameter arena and the optimizer call
-goes through a timing proxy, so each kernel's forward and backward calls are counted and
-timed by name (on a GPU the proxy synchronises around each call). Nothing in the ops
-changes, and nothing is timed once the profiler exits.
+While active, the model's device's kernel module is replaced (nt.backend.kernels_replaced)
+by a timing proxy, so every kernel call of the tape, the arenas, the KV cache, the
+optimizer and the loss scaler is counted and timed by name (on a GPU the proxy
+synchronises around each call, so the time is the kernel's, not its launch's). Nothing in
+the ops changes, and nothing is timed once the profiler exits.
 """
 from __future__ import annotations
 
 import time
 from collections import defaultdict
 from typing import Any
+
+from .backend import backend, kernels_replaced
 
 
 class _TimedKernels:
@@ -23,7 +26,7 @@ class _TimedKernels:
     def __init__(self, kernels, stats: dict):
         self._kernels = kernels
         self._stats = stats
-        self._sync = getattr(kernels, "synchronize", None)
+        self._sync = kernels.synchronize
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._kernels, name)
@@ -53,23 +56,19 @@ class Profiler:
         self.optimizer = optimizer
         self.stats: dict = defaultdict(lambda: [0, 0.0])  # kernel name -> [calls, seconds]
         self.wall = 0.0
-        self._holders = [model.tape, model.tape.acts, model.tape.saved, model.params, model.params.arena]
-        if optimizer is not None:
-            self._holders.append(optimizer)
-        self._saved = []
+        self._swap = None
 
     def __enter__(self) -> "Profiler":
-        self._saved = [h.k for h in self._holders]
-        proxy = _TimedKernels(self._saved[0], self.stats)
-        for h in self._holders:
-            h.k = proxy
+        device = self.model.tape.device
+        self._swap = kernels_replaced(device, _TimedKernels(backend(device), self.stats))
+        self._swap.__enter__()
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.wall += time.perf_counter() - self._t0
-        for h, k in zip(self._holders, self._saved):
-            h.k = k
+        self._swap.__exit__(*exc)
+        self._swap = None
 
     def arena_bytes(self) -> dict:
         """Bytes held by each arena (values and grads) and the optimizer state."""

@@ -22,13 +22,16 @@ class Tape:
     """Records ops in order; `backward(out)` runs their backward kernels in reverse."""
 
     def __init__(self, device: str = "cpu", dtype=np.float32):
+        backend(device)  # an unknown or unavailable device fails here
         self.device = device
-        self.k = backend(device)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"tape dtype must be float32 or float64, got {self.dtype}")
-        self.acts = Arena(self.k, self.dtype, with_grad=True, name="acts")
-        self.saved = Arena(self.k, self.dtype, with_grad=False, name="saved")
+        self.acts = Arena(device, self.dtype, with_grad=True, name="acts")
+        self.saved = Arena(device, self.dtype, with_grad=False, name="saved")
+        # the forward's integer inputs (token ids, targets), copied in as llm.c copies its
+        # inputs: a caller may reuse its arrays before the backward reads them
+        self.ints = Arena(device, np.int32, with_grad=False, name="ints")
         self._work = self.k.empty(0, self.dtype)
         self.records: list[tuple] = []
         self.recording = True
@@ -46,9 +49,15 @@ class Tape:
         """
         self.acts.reset()
         self.saved.reset()
+        self.ints.reset()
         self.records.clear()
         self.recording = recording
         self.rng_calls = 0
+
+    @property
+    def k(self):
+        """The device's kernel module (nt.backend owns it)."""
+        return backend(self.device)
 
     def rng_key(self) -> int:
         """A fresh 64-bit key for the next random op of this forward (dropout), derived
@@ -65,6 +74,13 @@ class Tape:
     def new_saved(self, shape) -> Tensor:
         """Space for something a backward needs and nothing differentiates."""
         return self.saved.alloc(shape)
+
+    def keep_ids(self, ids: np.ndarray) -> Tensor:
+        """A tape-owned int32 copy of validated integer inputs (token ids, targets): the
+        backward reads this copy, never the caller's array, which it may reuse."""
+        kept = self.ints.alloc(ids.shape)
+        self.k.copy_(kept.data, ids if ids.dtype == np.int32 else ids.astype(np.int32))
+        return kept
 
     def work(self, shape):
         """Scratch of `shape` for one kernel call, forward or backward (contents undefined,

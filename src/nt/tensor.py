@@ -12,21 +12,28 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .backend import backend
+
 ALIGN = 16  # elements; keeps every tensor 64-byte aligned in float32
 
 
 class Arena:
     """A growable, reusable bump allocator over one flat buffer (plus its grad mirror)."""
 
-    def __init__(self, kernels, dtype, with_grad: bool, name: str):
-        self.k = kernels
+    def __init__(self, device: str, dtype, with_grad: bool, name: str):
+        self.device = device
         self.dtype = np.dtype(dtype)
         self.with_grad = with_grad
         self.name = name
-        self.buf = kernels.empty(0, self.dtype)
-        self.gbuf = kernels.empty(0, self.dtype) if with_grad else None
+        self.buf = self.k.empty(0, self.dtype)
+        self.gbuf = self.k.empty(0, self.dtype) if with_grad else None
         self.top = 0      # next free element
         self.grows = 0    # how many times the buffers were reallocated (a steady step: none)
+
+    @property
+    def k(self):
+        """The device's kernel module (nt.backend owns it)."""
+        return backend(self.device)
 
     def alloc(self, shape: Sequence[int]) -> "Tensor":
         """A new tensor of `shape` at the top of the arena (contents undefined)."""
@@ -135,8 +142,8 @@ class Params:
     checkpoint is one write of it.
     """
 
-    def __init__(self, kernels, dtype, layout: Sequence[tuple[str, tuple, bool]]):
-        self.arena = Arena(kernels, dtype, with_grad=True, name="params")
+    def __init__(self, device: str, dtype, layout: Sequence[tuple[str, tuple, bool]]):
+        self.arena = Arena(device, dtype, with_grad=True, name="params")
         self.tensors: dict[str, Tensor] = {}
         self.decay: dict[str, bool] = {}
         for name, shape, decay in layout:
@@ -148,11 +155,19 @@ class Params:
             self.tensors[name] = t
             self.decay[name] = decay
         self.arena._grow(self.arena.top)
-        self.k = kernels
         self.size = self.arena.top
         self.norm_partials = None  # scratch for grad-norm reductions, made on first use
         self.k.fill_(self.arena.buf, 0.0)
         self.k.fill_(self.arena.gbuf, 0.0)
+
+    @property
+    def device(self) -> str:
+        return self.arena.device
+
+    @property
+    def k(self):
+        """The device's kernel module (nt.backend owns it)."""
+        return self.arena.k
 
     def __getitem__(self, name: str) -> Tensor:
         try:

@@ -5,8 +5,9 @@ with checkpoints and resume, the loss log (JSONL + PNG curve), the training loop
     args = p.parse_args()
     data = load_data(args)                     # token arrays + tokenizer, BPE by default
     resume = resume_path(args)                 # a checkpoint folder or None
-    model = load_model(resume) if resume else MyModel(...)
-    train(args, model, data, resume)           # loop, eval, log, checkpoints, sample
+    model = load_model(resume) if resume else MyModel(...)   # resuming: weights from the checkpoint
+    train(args, model, data, resume)           # loop, eval, log, checkpoints, sample (and
+                                               # optimizer, schedule, data position from resume)
 """
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from .data import (BYTE_VOCAB, DEFAULT_BPE_VOCAB, DataLoader, builtin_corpus, builtin_tokenizer,
                    byte_tokens_to_text, encode_text, text_to_byte_tokens)
 from .io import latest_checkpoint, load_checkpoint, read_llmc_tokens, save_run_checkpoint
-from .optim import OPTIMIZERS, Chuck, CosineSchedule, GradScaler, accumulate_grads, clip_factor, make_optimizer
+from .optim import OPTIMIZERS, CosineSchedule, GradScaler, clip_factor, make_optimizer, scale_grads
 from .tokenizer import BPE
 
 
@@ -260,6 +261,33 @@ def progress(step: int, total: int, text: str) -> None:
 
 
 
+def accumulate_grads(model, next_batch: Callable[[], tuple], micro_batches: int = 1,
+                     scaler: Optional[GradScaler] = None) -> float:
+    """Gradient accumulation: zero the grads, then `micro_batches` times draw (idx, targets)
+    from next_batch() and run forward + backward (grads add up); finally scale the grads
+    by 1/K. Returns the mean loss.
+
+    Each micro-batch is drawn only after the previous one's backward, so a loader that
+    reuses its arrays (DataLoader does) serves K different batches. With K equal
+    micro-batches of size B/K and a mean loss, the grads equal one batch of size B. With a
+    `scaler`, each backward is seeded with its loss scale (unscale before the step).
+    """
+    if micro_batches < 1:
+        raise ValueError(f"accumulate_grads needs at least one micro-batch, got {micro_batches}")
+    model.zero_grad()
+    total = 0.0
+    for _ in range(micro_batches):
+        _, loss = model.forward(*next_batch())
+        total += float(model.tape.k.to_host(loss.data)[0])
+        if scaler is None:
+            model.backward()
+        else:
+            scaler.backward(model.tape, loss)
+    if micro_batches > 1:
+        scale_grads(model.params, 1.0 / micro_batches)
+    return total / micro_batches
+
+
 def train(args, model, data: Data, resume: Optional[Path] = None) -> None:
     """The training loop shared by the scripts: --optimizer with warmup + cosine decay,
     gradient accumulation, optional loss scaling, grad clipping, evaluation, log.jsonl,
@@ -283,7 +311,13 @@ def train(args, model, data: Data, resume: Optional[Path] = None) -> None:
     scaler = GradScaler(model.params) if args.loss_scale else None
     start = 0
     if resume is not None:
-        restored = load_checkpoint(resume, model, optimizer, loaders={"train": train_loader})
+        # the script built `model` from this folder (load_model): its weights are in place
+        requested = schedule.state_dict()
+        restored = load_checkpoint(resume, model, optimizer, schedule=schedule, loaders={"train": train_loader},
+                                   weights=False)
+        if schedule.state_dict() != requested:
+            print(f"note: continuing the checkpoint's learning-rate schedule {schedule.state_dict()}; "
+                  f"the flags asked for {requested}")
         start = restored.step
         if scaler is not None and "scaler" in restored.extra:
             scaler.load_state_dict(restored.extra["scaler"])
@@ -315,12 +349,12 @@ def train(args, model, data: Data, resume: Optional[Path] = None) -> None:
             break
         t0 = time.perf_counter()
         # zero grads, forward + backward each micro-batch, grads /= grad_accum
-        loss_value = accumulate_grads(model, [train_loader.next_batch() for _ in range(args.grad_accum)], scaler)
+        loss_value = accumulate_grads(model, train_loader.next_batch, args.grad_accum, scaler)
         finite = scaler.unscale_() if scaler is not None else True  # grads /= loss scale, inf/nan check
         # the clipping factor goes into the optimizer's update: no extra pass over the grads
         norm, clip = clip_factor(model.params, args.grad_clip) if args.grad_clip > 0 and finite else (float("nan"), 1.0)
         lr = schedule(step)
-        step_args = {"lr": lr, "grad_scale": clip, **({"loss": loss_value} if isinstance(optimizer, Chuck) else {})}
+        step_args = {"lr": lr, "grad_scale": clip, "loss": loss_value}
         if scaler is not None:
             scaler.step(optimizer, **step_args)  # skipped (and counted) on non-finite grads
         else:

@@ -34,7 +34,7 @@ def _inputs():
 
 def _run(device, name):
     k = nt.backend(device)
-    params = nt.Params(k, np.float64, LAYOUT)
+    params = nt.Params(device, np.float64, LAYOUT)
     k.copy_(params.flat, k.to_device(np.random.default_rng(0).standard_normal(params.size)))
     opt = FACTORIES[name](params)
     scaler = GradScaler(params, init_scale=4.0, growth_interval=3)

@@ -21,9 +21,10 @@ def test_gelu_backward_finite_differences():
     check_grads(lambda t, p: ops.gelu(t, p["x"]), {"x": x})
 
 
-def test_add_forward_and_backward():
+@pytest.mark.parametrize("T", [1, 3])
+def test_add_forward_and_backward(T):
     rng = np.random.default_rng(1)
-    a, b = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))
+    a, b = rng.standard_normal((2, T, 4)), rng.standard_normal((2, T, 4))
     _, _, out = run_op(lambda t, p: ops.add(t, p["a"], p["b"]), {"a": a, "b": b})
     np.testing.assert_array_equal(out.data, a + b)
     check_grads(lambda t, p: ops.add(t, p["a"], p["b"]), {"a": a, "b": b})

@@ -15,6 +15,16 @@ def test_embedding_forward_matches_numpy(dtype):
     np.testing.assert_allclose(out.data, wte[IDS] + wpe[1:5], rtol=1e-6, atol=1e-6)
 
 
+def test_embedding_at_t_equal_one():
+    """One position per row (decoding): position pos0 only."""
+    rng = np.random.default_rng(3)
+    ids = np.array([[4], [4], [2]], dtype=np.int32)
+    wte, wpe = rng.standard_normal((5, 6)), rng.standard_normal((4, 6))
+    _, _, out = run_op(lambda t, p: ops.embedding(t, ids, p["wte"], p["wpe"], pos0=3), {"wte": wte, "wpe": wpe})
+    np.testing.assert_allclose(out.data, wte[ids] + wpe[3:4], rtol=1e-12)
+    check_grads(lambda t, p: ops.embedding(t, ids, p["wte"], p["wpe"], pos0=3), {"wte": wte, "wpe": wpe})
+
+
 def test_embedding_backward_finite_differences():
     rng = np.random.default_rng(1)
     check_grads(lambda t, p: ops.embedding(t, IDS, p["wte"], p["wpe"]),

@@ -16,18 +16,20 @@ def build(t, p):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_layernorm_forward_matches_numpy(dtype):
+@pytest.mark.parametrize("T", [1, 5])
+def test_layernorm_forward_matches_numpy(dtype, T):
     rng = np.random.default_rng(0)
-    x, w, b = rng.standard_normal((2, 5, 70)) * 3 + 1, rng.standard_normal(70), rng.standard_normal(70)
+    x, w, b = rng.standard_normal((2, T, 70)) * 3 + 1, rng.standard_normal(70), rng.standard_normal(70)
     _, _, out = run_op(build, {"x": x, "w": w, "b": b}, dtype)
     np.testing.assert_allclose(out.data, reference(x, w, b), rtol=1e-4 if dtype == np.float32 else 1e-12,
                                atol=1e-4 if dtype == np.float32 else 1e-12)
 
 
-def test_layernorm_backward_finite_differences():
+@pytest.mark.parametrize("shape", [(3, 70), (2, 1, 70)])  # the second: T = 1
+def test_layernorm_backward_finite_differences(shape):
     rng = np.random.default_rng(1)
     # C = 70 spans two column blocks of the weight-grad reduction
-    check_grads(build, {"x": rng.standard_normal((3, 70)), "w": rng.standard_normal(70),
+    check_grads(build, {"x": rng.standard_normal(shape), "w": rng.standard_normal(70),
                         "b": rng.standard_normal(70)})
 
 

@@ -18,7 +18,7 @@ LR = 1e-2
 
 
 def make() -> nt.Params:
-    params = nt.Params(nt.backend("cpu"), np.float64, LAYOUT)
+    params = nt.Params("cpu", np.float64, LAYOUT)
     params.flat[:] = np.random.default_rng(0).standard_normal(params.size)
     return params
 

@@ -14,7 +14,7 @@ SIZES = [30, 5, 40, 3]
 
 
 def make(dtype=np.float64, seed=0) -> nt.Params:
-    params = nt.Params(nt.backend("cpu"), dtype, LAYOUT)
+    params = nt.Params("cpu", dtype, LAYOUT)
     params.flat[:] = np.random.default_rng(seed).standard_normal(params.size)
     return params
 
@@ -161,7 +161,7 @@ def test_state_round_trip_resumes_bit_for_bit(name):
 def test_steady_state_step_allocates_nothing(name, monkeypatch):
     """No kernel allocates (Numba's runtime counts one MemInfo per array argument and
     nothing more) and Python-side memory stays far below the size of the buffer."""
-    params = nt.Params(nt.backend("cpu"), np.float64, [("w", (400, 250), True), ("b", (250,), False)])
+    params = nt.Params("cpu", np.float64, [("w", (400, 250), True), ("b", (250,), False)])
     params.grad[:] = np.random.default_rng(0).standard_normal(params.size)
     opt = FACTORIES[name.split("+")[0]](params)
     scaler = GradScaler(params, init_scale=1.0, growth_interval=0) if "scaler" in name else None

@@ -7,7 +7,8 @@ import pytest
 
 from nt.models import GPT2, GPT2Config
 from nt.optim import (SGD, Adam, AdamW, Chuck, ConstantSchedule, CosineSchedule, GradScaler, LinearSchedule,
-                      StepSchedule, accumulate_grads, clip_factor, clip_grad_norm, grad_norm, schedule_from_state)
+                      StepSchedule, clip_factor, clip_grad_norm, grad_norm, schedule_from_state)
+from nt.train_utils import accumulate_grads
 
 CFG = GPT2Config.preset("tiny", vocab_size=64, block_size=16, n_embd=32)
 
@@ -30,8 +31,8 @@ def test_k_micro_batches_give_the_grads_of_one_batch(K):
     model.backward()
     full = model.params.grad.copy()
 
-    micro = [(idx[i:i + B // K], targets[i:i + B // K]) for i in range(0, B, B // K)]
-    mean_loss = accumulate_grads(model, micro)
+    micro = iter([(idx[i:i + B // K], targets[i:i + B // K]) for i in range(0, B, B // K)])
+    mean_loss = accumulate_grads(model, micro.__next__, K)
     np.testing.assert_allclose(model.params.grad, full, rtol=0, atol=1e-10)
     assert abs(np.max(np.abs(full))) > 1e-3  # the grads compared are not trivially zero
     assert mean_loss == pytest.approx(loss, abs=1e-12)
@@ -39,7 +40,33 @@ def test_k_micro_batches_give_the_grads_of_one_batch(K):
 
 def test_accumulate_grads_needs_a_batch():
     with pytest.raises(ValueError, match="micro-batch"):
-        accumulate_grads(GPT2(CFG), [])
+        accumulate_grads(GPT2(CFG), lambda: batch(2), 0)
+
+
+def test_accumulation_from_a_loader_that_reuses_its_arrays():
+    """DataLoader writes every batch into the same two arrays: K micro-batches drawn from it
+    must be K different batches, with the grads of one batch of B*K."""
+    from nt.data import DataLoader
+    tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, 4000)
+    K, B, T = 3, 2, 16
+    model = GPT2(CFG, dtype=np.float64)
+    loader = DataLoader(tokens, B, T, shuffle=True, seed=1)
+    seen = []
+
+    def next_batch():
+        x, y = loader.next_batch()
+        seen.append(x.copy())
+        return x, y
+    accumulate_grads(model, next_batch, K)
+    accumulated = model.params.grad.copy()
+    assert len({s.tobytes() for s in seen}) == K  # K different micro-batches
+
+    big_x, big_y = DataLoader(tokens, B * K, T, shuffle=True, seed=1).next_batch()
+    np.testing.assert_array_equal(np.concatenate(seen), big_x)  # together: what B*K reads
+    model.zero_grad()
+    model(big_x, big_y)
+    model.backward()
+    np.testing.assert_allclose(accumulated, model.params.grad, rtol=0, atol=1e-10)
 
 
 # ---------------------------------------------------------------- loss scaling
@@ -80,7 +107,7 @@ def test_non_finite_grads_skip_the_step_and_back_off():
     # two clean steps in a row double the scale again
     for _ in range(2):
         model.zero_grad()
-        accumulate_grads(model, [(idx, targets)], scaler)
+        accumulate_grads(model, lambda: (idx, targets), 1, scaler)
         assert scaler.unscale_()
         clip_grad_norm(model.params, 1.0)
         assert scaler.step(opt)

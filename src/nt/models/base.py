@@ -21,14 +21,19 @@ class LanguageModel:
         raise NotImplementedError
 
     def _check_batch(self, idx, targets) -> None:
+        """(B, T) ids and targets in the real vocabulary [0, vocab_size) (targets: or -1),
+        checked before any cast; the padded rows of the embedding are not tokens."""
         cfg = self.config
         if not isinstance(idx, np.ndarray) or idx.ndim != 2:
             raise ValueError(f"idx must be a (B, T) integer NumPy array, got {getattr(idx, 'shape', type(idx))}")
         if idx.shape[1] > cfg.block_size:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's block_size {cfg.block_size}")
-        if targets is not None and getattr(targets, "shape", None) != idx.shape:
-            raise ValueError(f"targets must have the same shape as idx {idx.shape}, "
-                             f"got {getattr(targets, 'shape', None)}")
+        ops.check_ids(idx, "idx", cfg.vocab_size, 2)
+        if targets is not None:
+            if getattr(targets, "shape", None) != idx.shape:
+                raise ValueError(f"targets must have the same shape as idx {idx.shape}, "
+                                 f"got {getattr(targets, 'shape', None)}")
+            ops.check_ids(targets, "targets", cfg.vocab_size, 2, ignore_index=True)
 
     def __call__(self, idx: np.ndarray, targets: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[float]]:
         """nanoGPT-style: (logits (B, T, V) as a NumPy array, mean loss or None).
@@ -83,7 +88,7 @@ class LanguageModel:
 
     def _init_kv_cache(self, n_layers: int, width: int) -> None:
         """Per layer, the (rotated) qkv rows of the positions seen so far: `width` wide."""
-        self._kv = Arena(self.tape.k, self.tape.dtype, with_grad=False, name="kv_cache")
+        self._kv = Arena(self.tape.device, self.tape.dtype, with_grad=False, name="kv_cache")
         self._kv_shape = (n_layers, width)
         self._kv_layers: list[Tensor] = []
         self._kv_len = 0     # positions held in the cache
@@ -176,15 +181,13 @@ class LanguageModel:
         if prompts.ndim not in (1, 2) or prompts.size == 0 or not np.issubdtype(prompts.dtype, np.integer):
             raise ValueError(f"generate() needs a non-empty (T,) or (B, T) integer prompt, got "
                              f"{prompts.dtype} {prompts.shape}")
+        ops.check_ids(prompts, "prompt", self.config.vocab_size)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         single = prompts.ndim == 1
         rows = prompts.reshape(1, -1) if single else prompts
         stop = list(stop)
         if not single and (stop or on_token is not None):
             raise ValueError("stop and on_token need a single (T,) prompt; generate a batch without them")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         stop_ids = {int(s) for s in stop if not isinstance(s, str)}
         stop_strs = [s.encode("utf-8") for s in stop if isinstance(s, str) and s]
         if stop_strs and getattr(self, "tokenizer", None) is None:
@@ -220,14 +223,31 @@ class LanguageModel:
         return out[0, :n].copy() if single else out[:, :n]
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Refuse generation settings that would be ignored or fail deep inside (ValueError)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float, np.number)) and np.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive integer or None (no limit), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float, np.number)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
 def sample_logits(logits: np.ndarray, temperature: float, top_k: Optional[int], rng: np.random.Generator,
                   top_p: Optional[float] = None) -> int:
     """One token id from a row of logits: greedy at temperature 0, else softmax(logits/T)
-    restricted to the top_k largest, then to the top_p nucleus."""
+    restricted to the top_k largest, then to the top_p nucleus. A row with a NaN or an
+    infinity (broken weights, an overflow) raises instead of returning an arbitrary id."""
+    if not np.all(np.isfinite(logits)):
+        bad = int(np.count_nonzero(~np.isfinite(logits)))
+        raise FloatingPointError(f"the model produced {bad} non-finite logits (NaN or inf) for the next token: "
+                                 "its weights or activations are broken; nothing was sampled")
     if temperature == 0:
         return int(np.argmax(logits))
     z = logits / temperature
-    if top_k is not None and 0 < top_k < z.size:
+    if top_k is not None and top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= kth, z, -np.inf)
     z = np.exp(z - z.max())

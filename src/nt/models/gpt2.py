@@ -79,7 +79,7 @@ class GPT2(LanguageModel):
     def __init__(self, config: GPT2Config, device: str = "cpu", dtype=np.float32, seed: Optional[int] = 0):
         self.config = config
         self.tape = Tape(device, dtype)
-        self.params = Params(self.tape.k, dtype, param_layout(config))
+        self.params = Params(device, dtype, param_layout(config))
         self.logits: Optional[Tensor] = None
         self.loss: Optional[Tensor] = None
         self._init_kv_cache(config.n_layer, 3 * config.n_embd)
@@ -167,4 +167,3 @@ class GPT2(LanguageModel):
         """Write the weights as an llm.c GPT-2 checkpoint (fp32, version 3)."""
         from ..io.llmc import write_llmc_checkpoint
         write_llmc_checkpoint(path, self.config, self.tape.k.to_host(self.params.flat))
-

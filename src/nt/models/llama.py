@@ -187,7 +187,7 @@ class Llama(LanguageModel):
         self.qweights: dict = {n: ([None] * config.n_layers if n != "lm_head" else None) for n in self.quantized}
         self.tape = Tape(device, dtype)
         self.tape.seed = 0 if seed is None else int(seed)
-        self.params = Params(self.tape.k, dtype, param_layout(config, self.quantized))
+        self.params = Params(device, dtype, param_layout(config, self.quantized))
         self.logits: Optional[Tensor] = None
         self.loss: Optional[Tensor] = None
         self._init_kv_cache(config.n_layers, config.qkv_width)
