@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from nt.io import FormatError, load_safetensors, save_safetensors
+from nt.io.safetensors import read_safetensors_header
 
 st_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -75,3 +76,53 @@ def test_reader_rejects_short_and_non_json(tmp_path):
     (tmp_path / "j").write_bytes((3).to_bytes(8, "little") + b"{{{")
     with pytest.raises(FormatError, match="JSON"):
         load_safetensors(tmp_path / "j")
+
+
+def raw_file(tmp_path, header_text: str, data: bytes = b""):
+    raw = header_text.encode()
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header_text,data,message", [
+    # nested 100000 deep: Python's json would raise RecursionError
+    ('{"a": ' + "[" * 100000 + "]" * 100000 + "}", b"", "nested deeper"),
+    ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], '
+     '"data_offsets": [0, 4]}}', b"\0" * 4, "duplicate key"),
+    ('{"a": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}', b"\0" * 4, "NaN"),
+    ('{"a": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}', b"\0" * 4, "non-negative integers"),
+    ('{"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}', b"\0" * 4, "non-negative integers"),
+    ('{"a": {"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}}', b"\0" * 4, "non-negative integers"),
+    ('{"a": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}}', b"\0" * 4, "shape must be list"),
+    ('{"a": {"dtype": "F32", "shape": [' + ",".join(["1"] * 65) + '], "data_offsets": [0, 4]}}', b"\0" * 4,
+     "65 dimensions"),
+    ('{"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, "unsupported dtype"),
+    ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [false, 4]}}', b"\0" * 4, "data_offsets"),
+    # a product far past int64, with offsets that agree with it: refused on the size
+    ('{"a": {"dtype": "F32", "shape": [1099511627776, 1099511627776, 1099511627776], '
+     '"data_offsets": [0, 5316911983139663491615228241121378304]}}', b"\0" * 4, "absurd shape"),
+    ('{"__metadata__": [], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, "__metadata__"),
+    ('{"__metadata__": "", "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, "__metadata__"),
+    ('{"__metadata__": 0, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, "__metadata__"),
+    ("[]", b"", "JSON object"),
+])
+def test_reader_rejects_hostile_headers(tmp_path, header_text, data, message):
+    with pytest.raises(FormatError, match=message) as info:
+        load_safetensors(raw_file(tmp_path, header_text, data))
+    assert "hostile.safetensors" in str(info.value)
+
+
+def test_reader_rejects_invalid_utf8_header(tmp_path):
+    path = tmp_path / "u.safetensors"
+    path.write_bytes((4).to_bytes(8, "little") + b'{"\xff"')
+    with pytest.raises(FormatError, match="UTF-8"):
+        load_safetensors(path)
+
+
+def test_header_alone_is_read_without_the_data(tmp_path):
+    save_safetensors(tmp_path / "a.safetensors", {"x": np.zeros((2, 3), np.float32), "y": np.arange(4)})
+    entries, meta, offset = read_safetensors_header(tmp_path / "a.safetensors")
+    assert list(entries) == ["x", "y"] and entries["x"].shape == (2, 3) and entries["y"].dtype == "I64"
+    assert offset % 8 == 0 and entries["y"].end + offset == (tmp_path / "a.safetensors").stat().st_size
+    assert not list(tmp_path.glob(".*"))  # the writer's temporary file is gone

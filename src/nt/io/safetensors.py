@@ -11,18 +11,28 @@ from __future__ import annotations
 
 import json
 import math
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
 
-from .common import FormatError
+from .common import FormatError, atomic_write, expect, parse_json
 
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
           "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # as the reference implementation: refuse absurd headers
+MAX_DIMS = 32                   # NumPy 1's limit (NumPy 2 allows 64): past it reshape would fail
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header declares it (offsets into the data section)."""
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
 
 
 def save_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None) -> None:
@@ -42,27 +52,20 @@ def save_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Optional
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors equivalent")
         a = np.asarray(a, dtype=dtype, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         header[name] = {"dtype": _NAMES[dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        arrays.append(a)
+        arrays.append(a.reshape(-1))
         offset += a.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for a in arrays:
-            f.write(memoryview(a.reshape(-1)).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, [len(raw).to_bytes(8, "little"), raw, *arrays])
 
 
-def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(name -> array, metadata) from a safetensors file, every field validated.
+def read_safetensors_header(path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """(name -> TensorInfo in file order, metadata, byte offset of the data section) of a
+    safetensors file, every field validated against the file's size; no tensor is read.
 
     Raises FormatError naming the file and the problem (truncation, a header that is not
-    JSON, an unknown dtype, offsets that overlap, leave gaps or do not match the shape).
+    strict JSON, an unknown dtype, a shape that is not a list of integers, offsets that
+    overlap, leave gaps or do not match the shape). A missing `path` is FileNotFoundError.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -72,45 +75,68 @@ def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             raise FormatError(f"{path}: {size} bytes is too short for a safetensors file (8-byte header length)")
         n = int.from_bytes(head, "little")
         if n > min(size - 8, MAX_HEADER):
-            raise FormatError(f"{path}: header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER}-byte limit")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{path}: header is not valid UTF-8 JSON: {e}") from None
-        data = f.read()
+            raise FormatError(f"{path}: header length {n} (byte 0) exceeds the file ({size} bytes) "
+                              f"or the {MAX_HEADER}-byte limit")
+        header = parse_json(f.read(n), f"{path}: header (bytes 8..{8 + n})")
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise FormatError(f"{path}: __metadata__ must map str to str")
-    entries = []
-    for name, info in header.items():
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise FormatError(f"{where}: entry must have exactly dtype, shape, data_offsets")
-        dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
-            raise FormatError(f"{where}: unsupported dtype {dtype!r} (known: {sorted(DTYPES)})")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
-                and 0 <= offs[0] <= offs[1]):
-            raise FormatError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offs!r}")
-        nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
-        if offs[1] - offs[0] != nbytes:
-            raise FormatError(f"{where}: {dtype} {shape} needs {nbytes} bytes, data_offsets span {offs[1] - offs[0]}")
-        entries.append((offs[0], offs[1], name, dtype, shape))
-    entries.sort()
+    data_size = size - 8 - n
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: __metadata__ must be an object mapping str to str, got {metadata!r:.80}")
+    entries = [(name, _tensor_info(f"{path}: tensor {name!r}", info, data_size)) for name, info in header.items()]
+    entries.sort(key=lambda e: (e[1].begin, e[1].end))
     expected = 0
-    for begin, end, name, _, _ in entries:
-        if begin != expected:
-            raise FormatError(f"{path}: tensor {name!r} starts at byte {begin} of the data, expected {expected} "
+    for name, t in entries:
+        if t.begin != expected:
+            raise FormatError(f"{path}: tensor {name!r} starts at byte {t.begin} of the data, expected {expected} "
                               "(tensors overlap or leave a gap)")
-        expected = end
-    if expected != len(data):
-        raise FormatError(f"{path}: the tensors cover {expected} data bytes but the file holds {len(data)}"
-                          + (" (truncated)" if expected > len(data) else ""))
+        expected = t.end
+    if expected != data_size:
+        raise FormatError(f"{path}: the tensors cover {expected} data bytes but the file holds {data_size}"
+                          + (" (truncated)" if expected > data_size else ""))
+    return dict(entries), metadata, 8 + n
+
+
+def _tensor_info(where: str, info, data_size: int) -> TensorInfo:
+    """One header entry, checked field by field; its byte count (an exact Python int) is
+    compared with the data section's size before anything else uses the shape."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"{where}: entry must be an object with exactly dtype, shape, data_offsets")
+    dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise FormatError(f"{where}: unsupported dtype {dtype!r:.80} (known: {sorted(DTYPES)})")
+    expect(shape, list, where, "shape")
+    if len(shape) > MAX_DIMS:
+        raise FormatError(f"{where}: shape has {len(shape)} dimensions, at most {MAX_DIMS} are supported")
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.80}")
+    nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+    if nbytes > data_size:
+        raise FormatError(f"{where}: {dtype} {str(shape):.80} needs {nbytes} bytes, more than the {data_size} the data "
+                          "section holds (truncated, or an absurd shape)")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                              for o in offs) and 0 <= offs[0] <= offs[1]):
+        raise FormatError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offs!r:.80}")
+    if offs[1] - offs[0] != nbytes:
+        raise FormatError(f"{where}: {dtype} {shape} needs {nbytes} bytes, data_offsets span {offs[1] - offs[0]}")
+    return TensorInfo(dtype, tuple(shape), offs[0], offs[1])
+
+
+def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(name -> read-only array, metadata) from a safetensors file, the header validated
+    first (read_safetensors_header); the data is read once and the arrays are views of it."""
+    path = Path(path)
+    entries, metadata, data_offset = read_safetensors_header(path)
+    data_size = max((t.end for t in entries.values()), default=0)
+    with open(path, "rb") as f:
+        f.seek(data_offset)
+        data = f.read(data_size)
+    if len(data) != data_size:  # the file shrank since its header was read
+        raise FormatError(f"{path}: truncated: {len(data)} of {data_size} data bytes present")
     tensors = {}
-    for begin, end, name, dtype, shape in entries:  # in file order
-        tensors[name] = np.frombuffer(data, dtype=DTYPES[dtype], count=math.prod(shape), offset=begin).reshape(shape)
+    for name, t in entries.items():  # in file order
+        count = math.prod(t.shape)
+        tensors[name] = np.frombuffer(data, dtype=DTYPES[t.dtype], count=count, offset=t.begin).reshape(t.shape)
     return tensors, metadata
