@@ -56,3 +56,30 @@ def test_resume_matches_uninterrupted_run(script, flags, tmp_path, capsys):
 def test_bad_resume_path(train_main, tmp_path):
     with pytest.raises(SystemExit, match="not a checkpoint folder"):
         train_main(["--resume", str(tmp_path), "--tokenizer", "bytes", "--steps", "1"])
+
+
+def test_grad_accum_trains_on_k_different_micro_batches(train_main, tmp_path, monkeypatch):
+    """--grad-accum K: each step's K micro-batches differ, and together they are the batch
+    a run with -B B*K reads (the loader reuses its arrays; drawing all K first made them
+    K copies of the last one)."""
+    import numpy as np
+    from nt.models import GPT2
+    seen = []
+    forward = GPT2.forward
+
+    def recording_forward(self, idx, targets=None):
+        if self.training and targets is not None:
+            seen.append(idx.copy())
+        return forward(self, idx, targets)
+    monkeypatch.setattr(GPT2, "forward", recording_forward)
+    common = ["--preset", "tiny", "--tokenizer", "bytes", "-T", "16", "--steps", "2", "--eval-every", "0",
+              "--sample-tokens", "0", "--seed", "3"]
+    train_main(common + ["-B", "2", "--grad-accum", "3", "--out-dir", str(tmp_path / "accum")])
+    micro = seen[:]
+    seen.clear()
+    train_main(common + ["-B", "6", "--out-dir", str(tmp_path / "big")])
+    assert len(micro) == 6 and len(seen) == 2
+    for step in range(2):
+        parts = micro[3 * step:3 * step + 3]
+        assert len({p.tobytes() for p in parts}) == 3
+        np.testing.assert_array_equal(np.concatenate(parts), seen[step])
