@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 import nt
-from nt.io import gguf
+from nt.models import gguf
 from nt.models import Llama, LlamaConfig
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import nt
 from nt import chat
-from nt.io import gguf
+from nt.models import gguf
 from nt.models import Llama, LlamaConfig
 from nt.tokenizer import ByteTokenizer
 

@@ -64,7 +64,7 @@ def test_gpt2_generation_with_kv_cache_matches_full_recompute(n_new):
 def _tiny_gguf(tmp_path, dtype, tie=True):
     model = _llama(tie_embeddings=tie)
     path = tmp_path / f"m_{dtype}.gguf"
-    gguf.write(path, model, dtype, metadata=sp_metadata())
+    nt.models.gguf.write(path, model, dtype, metadata=sp_metadata())
     return path
 
 

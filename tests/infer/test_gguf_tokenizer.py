@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from nt.io import FormatError
-from nt.io.gguf import GGUFFile, tokenizer_from_metadata
+from nt.io.gguf import GGUFFile
+from nt.models.gguf import tokenizer_from_metadata
 from nt.tokenizer import BPE, SentencePieceBPE
 
 from .tiny_vocab import ENDOFTEXT_ID, gpt2_metadata, sp_metadata

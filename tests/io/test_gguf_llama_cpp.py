@@ -10,8 +10,7 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from nt.io import gguf as G  # noqa: E402
-from nt.models import GPT2, GPT2Config, Llama, LlamaConfig  # noqa: E402
+from nt.models import GPT2, GPT2Config, Llama, LlamaConfig, gguf  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +36,7 @@ def test_llama_cpp_runs_nt_exports(tmp_path, arch, dtype, tol):
     model = MODELS[arch]()
     tokens = [int(t) for t in np.random.default_rng(0).integers(0, 300, 24)]
     ref = model(np.asarray([tokens], dtype=np.int32))[0][0].copy()
-    G.write(tmp_path / "m.gguf", model, dtype)
+    gguf.write(tmp_path / "m.gguf", model, dtype)
     got = _llama_cpp_logits(tmp_path / "m.gguf", tokens)
     # llama.cpp computes in its own precision (F16 KV cache, quantised activations for
     # Q8_0 dot products): compare relative to the logits' scale

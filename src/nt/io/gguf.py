@@ -1,4 +1,7 @@
-"""GGUF, llama.cpp's model file: read (memory-mapped), dequantise, write, export nt models.
+"""GGUF, llama.cpp's model file: read (memory-mapped), dequantise, quantise, write.
+
+This module knows the format only; which tensors and keys make an nt GPT2 or Llama is
+nt.models.gguf's business (load, write, tokenizer_from_metadata).
 
 File layout (little-endian, versions 2 and 3):
 
@@ -26,7 +29,6 @@ import math
 import mmap
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -82,6 +84,8 @@ _CAST = {"F32": "<f4", "F64": "<f8", "I8": "<i1", "I16": "<i2", "I32": "<i4", "I
 DEQUANTIZE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
                     "Q4_K", "Q5_K", "Q6_K", "F64", "I8", "I16", "I32", "I64")
 WRITE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+# llama.cpp's general.file_type for a file whose matrices are all of one type
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,8 @@ class GGUFFile:
 
     `metadata` maps keys to Python values (int, float, bool, str; numeric arrays as NumPy
     arrays, string and nested arrays as lists) and `value_types` maps keys to their GGUF
-    type name ("uint32", "array[string]", ...). `tensor_infos` holds the directory.
+    type name ("uint32", "array[string]", ...); `metadata_offsets` maps keys to the byte
+    offset of their entry, for error messages. `tensor_infos` holds the directory.
     """
 
     def __init__(self, path):
@@ -218,6 +223,7 @@ class GGUFFile:
 
         self.metadata: dict[str, Any] = {}
         self.value_types: dict[str, str] = {}
+        self.metadata_offsets: dict[str, int] = {}
         for i in range(n_kv):
             at = cur.pos
             key = cur.string(f"metadata key #{i}")
@@ -233,6 +239,7 @@ class GGUFFile:
                 tname = f"array[{VALUE_TYPE_NAMES[etype] if etype < len(VALUE_TYPE_NAMES) else etype}]"
             self.metadata[key] = cur.value(vtype, f"metadata {key!r}")
             self.value_types[key] = tname
+            self.metadata_offsets[key] = at
 
         self.alignment = DEFAULT_ALIGNMENT
         if "general.alignment" in self.metadata:
@@ -511,333 +518,3 @@ def write_gguf(path, metadata: dict, tensors: dict, alignment: int = DEFAULT_ALI
             yield np.zeros(_align(nbytes, alignment) - nbytes, dtype=np.uint8)
 
     atomic_write(path, chunks())
-
-
-# ====================================================================== nt models <-> GGUF
-
-# llama.cpp's general.file_type for a file whose matrices are all of one type
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}
-
-# nt GPT2 parameter -> llama.cpp tensor name ({l} = layer). Shapes agree per layer: nt keeps
-# linear weights (out, in) = NumPy order of ne = [in, out], llama.cpp's convention for GPT-2.
-GPT2_TENSOR_NAMES = [
-    ("wte", "token_embd.weight"), ("wpe", "position_embd.weight"),
-    ("ln1w", "blk.{l}.attn_norm.weight"), ("ln1b", "blk.{l}.attn_norm.bias"),
-    ("qkvw", "blk.{l}.attn_qkv.weight"), ("qkvb", "blk.{l}.attn_qkv.bias"),
-    ("attprojw", "blk.{l}.attn_output.weight"), ("attprojb", "blk.{l}.attn_output.bias"),
-    ("ln2w", "blk.{l}.ffn_norm.weight"), ("ln2b", "blk.{l}.ffn_norm.bias"),
-    ("fcw", "blk.{l}.ffn_up.weight"), ("fcb", "blk.{l}.ffn_up.bias"),
-    ("fcprojw", "blk.{l}.ffn_down.weight"), ("fcprojb", "blk.{l}.ffn_down.bias"),
-    ("lnfw", "output_norm.weight"), ("lnfb", "output_norm.bias"),
-]
-
-
-def _gpt2_export(model) -> tuple[dict, dict]:
-    cfg = model.config
-    host = model.tape.k.to_host(model.params.flat)
-    meta = {
-        "general.architecture": "gpt2", "general.name": "nt-gpt2",
-        "gpt2.context_length": cfg.block_size, "gpt2.embedding_length": cfg.n_embd,
-        "gpt2.feed_forward_length": 4 * cfg.n_embd, "gpt2.block_count": cfg.n_layer,
-        "gpt2.attention.head_count": cfg.n_head, "gpt2.attention.layer_norm_epsilon": 1e-5,
-        "gpt2.vocab_size": cfg.vocab_size,
-    }
-    values = {}
-    for nt_name, _ in GPT2_TENSOR_NAMES:
-        t = model.params[nt_name]
-        values[nt_name] = host[t.offset:t.offset + t.size].reshape(t.shape)
-    values["wte"] = values["wte"][:cfg.vocab_size]   # drop nt's vocabulary padding
-    per_layer = [(n, g) for n, g in GPT2_TENSOR_NAMES if "{l}" in g]
-    arrays = {g: values[n] for n, g in GPT2_TENSOR_NAMES if "{l}" not in g and not g.startswith("output")}
-    for l in range(cfg.n_layer):   # llama.cpp's order: layer by layer
-        arrays.update({g.format(l=l): values[n][l] for n, g in per_layer})
-    arrays.update({g: values[n] for n, g in GPT2_TENSOR_NAMES if g.startswith("output")})
-    # the classifier is tied to the embedding; llama.cpp's converter writes it out as well
-    arrays["output.weight"] = arrays["token_embd.weight"]
-    return meta, arrays
-
-
-# What nt's Llama must look like to be llama.cpp's "llama" architecture.
-_LLAMA_PLAIN = dict(norm="rmsnorm", ffn_kind="swiglu", qkv_bias=False, qk_norm=False, post_norms=False,
-                    embed_scale=False, sliding_window=0, n_predict=1)
-
-
-def _rope_rows_half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder the rows of a q or k projection (n_heads*hs, C) so that RoPE pairs (i, i+hs/2)
-    become pairs (2i, 2i+1): row 2i+k of a head takes row k*hs/2 + i. llama.cpp's converter
-    applies this permutation to HF checkpoints for the "llama" architecture."""
-    R, C = w.shape
-    return w.reshape(n_heads, 2, R // n_heads // 2, C).swapaxes(1, 2).reshape(R, C)
-
-
-def _llama_export(model) -> tuple[dict, dict]:
-    cfg = model.config
-    odd = {k: getattr(cfg, k) for k, v in _LLAMA_PLAIN.items() if getattr(cfg, k) != v}
-    if odd:
-        raise ValueError(f"llama.cpp's llama architecture has no equivalent of {odd}")
-    host = model.tape.k.to_host(model.params.flat)
-    p = {}
-    for name, t in model.params.items():
-        p[name] = host[t.offset:t.offset + t.size].reshape(t.shape)
-    V, C, H, hs, NH, NKV = cfg.vocab_size, cfg.dim, cfg.ffn_hidden, cfg.hs, cfg.n_heads, cfg.n_kv_heads
-    meta = {
-        "general.architecture": "llama", "general.name": "nt-llama",
-        "llama.context_length": cfg.block_size, "llama.embedding_length": C,
-        "llama.block_count": cfg.n_layers, "llama.feed_forward_length": H,
-        "llama.attention.head_count": NH, "llama.attention.head_count_kv": NKV,
-        "llama.rope.dimension_count": hs, "llama.rope.freq_base": float(cfg.rope_theta),
-        "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps), "llama.vocab_size": V,
-    }
-    if hs * NH != C:
-        meta["llama.attention.key_length"] = meta["llama.attention.value_length"] = hs
-    arrays = {"token_embd.weight": p["wte"][:V]}
-    for l in range(cfg.n_layers):
-        qkv = p["qkvw"][l]
-        q, k, v = qkv[:NH * hs], qkv[NH * hs:(NH + NKV) * hs], qkv[(NH + NKV) * hs:]
-        if cfg.rope_pairing == "half":
-            q, k = _rope_rows_half_to_interleaved(q, NH), _rope_rows_half_to_interleaved(k, NKV)
-        arrays.update({
-            f"blk.{l}.attn_norm.weight": p["attn_norm"][l], f"blk.{l}.attn_q.weight": q,
-            f"blk.{l}.attn_k.weight": k, f"blk.{l}.attn_v.weight": v,
-            f"blk.{l}.attn_output.weight": p["attn_out"][l], f"blk.{l}.ffn_norm.weight": p["ffn_norm"][l],
-            f"blk.{l}.ffn_gate.weight": p["gate_up"][l][:H], f"blk.{l}.ffn_up.weight": p["gate_up"][l][H:],
-            f"blk.{l}.ffn_down.weight": p["down"][l],
-        })
-    arrays["output_norm.weight"] = p["norm_f"]
-    if not cfg.tie_embeddings:   # tied: llama.cpp falls back to token_embd when output is absent
-        arrays["output.weight"] = p["lm_head"][:V]
-    return meta, arrays
-
-
-def write(path, model, dtype: str = "F32", metadata: dict | None = None) -> None:
-    """Export an nt GPT2 or Llama to GGUF for llama.cpp (architectures "gpt2" and "llama"):
-    matrices as `dtype` (one of WRITE_TYPES), norms and biases as F32. A Llama with HF's
-    "half" RoPE pairing has its q/k rows permuted to llama.cpp's interleaved pairing, as
-    llama.cpp's converter does. `metadata` adds or overrides keys: nt models carry no
-    vocabulary, so tokenizer.ggml.model is "none" (llama.cpp runs on token ids) unless
-    the tokenizer.ggml.* keys are passed here."""
-    from ..models import GPT2, Llama
-    if dtype not in WRITE_TYPES:
-        raise ValueError(f"dtype must be one of {', '.join(WRITE_TYPES)}, got {dtype!r}")
-    if isinstance(model, GPT2):
-        meta, arrays = _gpt2_export(model)
-    elif isinstance(model, Llama):
-        meta, arrays = _llama_export(model)
-    else:
-        raise TypeError(f"cannot export a {type(model).__name__} to GGUF (supported: GPT2, Llama)")
-    meta["general.file_type"] = _FILE_TYPES[dtype]
-    # llama.cpp refuses a file without a tokenizer model; "none" (vocab_size dummy tokens)
-    # lets it run on token ids. Callers with a vocabulary pass tokenizer.ggml.* instead.
-    meta["tokenizer.ggml.model"] = "none"
-    meta.update(metadata or {})
-    _, bs, _ = GGML_TYPES[GGML_TYPE_IDS[dtype]]
-    tensors = {name: (a, dtype if a.ndim >= 2 and a.shape[-1] % bs == 0 else "F32")
-               for name, a in arrays.items()}
-    write_gguf(path, meta, tensors)
-
-
-def _need(f: GGUFFile, key: str, kind=int):
-    if key not in f.metadata:
-        raise FormatError(f"{f.path}: missing metadata {key!r}")
-    v = f.metadata[key]
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or (kind is int and not isinstance(v, int)):
-        raise FormatError(f"{f.path}: metadata {key!r} must be a number, got {v!r}")
-    return v
-
-
-def _tensor(f: GGUFFile, name: str, shape: tuple) -> np.ndarray:
-    if name not in f:
-        raise FormatError(f"{f.path}: missing tensor {name!r}")
-    if f.tensor_infos[name].shape != tuple(shape):
-        raise FormatError(f"{f.path}: tensor {name!r} has shape {f.tensor_infos[name].shape}, expected {tuple(shape)}")
-    return f.dequantize(name)
-
-
-def _gpt2_import(f: GGUFFile, device: str):
-    from ..models.gpt2 import GPT2, GPT2Config
-    C = _need(f, "gpt2.embedding_length")
-    if "token_embd.weight" not in f:
-        raise FormatError(f"{f.path}: missing tensor 'token_embd.weight'")
-    try:
-        cfg = GPT2Config(block_size=_need(f, "gpt2.context_length"), vocab_size=f.tensor_infos["token_embd.weight"].shape[0],
-                         n_layer=_need(f, "gpt2.block_count"), n_head=_need(f, "gpt2.attention.head_count"), n_embd=C)
-    except ValueError as e:
-        raise FormatError(f"{f.path}: metadata describes an impossible GPT-2: {e}") from None
-    if f.metadata.get("gpt2.feed_forward_length", 4 * C) != 4 * C:
-        raise FormatError(f"{f.path}: nt's GPT-2 has a 4*C MLP; gpt2.feed_forward_length is {f.metadata['gpt2.feed_forward_length']}")
-    model = GPT2(cfg, device=device, seed=None)
-    host = np.zeros(model.params.size, dtype=np.float32)
-    for nt_name, gguf_name in GPT2_TENSOR_NAMES:
-        t = model.params[nt_name]
-        view = host[t.offset:t.offset + t.size].reshape(t.shape)
-        if nt_name == "wte":
-            view[:cfg.vocab_size] = _tensor(f, gguf_name, (cfg.vocab_size, C))
-        elif "{l}" in gguf_name:
-            for l in range(cfg.n_layer):
-                view[l] = _tensor(f, gguf_name.format(l=l), t.shape[1:])
-        else:
-            view[:] = _tensor(f, gguf_name, t.shape)
-    model.load_flat(host)
-    return model
-
-
-def _raw_rows(f: GGUFFile, name: str, shape: tuple) -> np.ndarray:
-    """The stored blocks of a (OC, C) matrix as a (OC, bytes per row) uint8 copy."""
-    if name not in f:
-        raise FormatError(f"{f.path}: missing tensor {name!r}")
-    if f.tensor_infos[name].shape != tuple(shape):
-        raise FormatError(f"{f.path}: tensor {name!r} has shape {f.tensor_infos[name].shape}, expected {tuple(shape)}")
-    return np.array(f.raw(name)).reshape(shape[0], -1)
-
-
-# nt Llama matrix -> the GGUF tensors stacked (along rows) to make it, per layer
-_LLAMA_MATRICES = {"qkvw": ("attn_q", "attn_k", "attn_v"), "attn_out": ("attn_output",),
-                   "gate_up": ("ffn_gate", "ffn_up"), "down": ("ffn_down",)}
-
-
-def _kept_quantized(f: GGUFFile, L: int, tied: bool) -> dict:
-    """{nt matrix: ggml type} for the matrices whose every GGUF tensor is one type that
-    ops.linear_q reads (Q8_0, Q4_0); the others are dequantised."""
-    from .. import ops
-    out = {}
-    groups = {n: [f"blk.{l}.{g}.weight" for l in range(L) for g in parts] for n, parts in _LLAMA_MATRICES.items()}
-    if not tied:
-        groups["lm_head"] = ["output.weight"]
-    for n, names in groups.items():
-        types = {f.tensor_infos[m].type for m in names if m in f}
-        if len(types) == 1 and next(iter(types)) in ops.QUANT_FORMATS:
-            out[n] = next(iter(types))
-    return out
-
-
-def _llama_import(f: GGUFFile, device: str, keep_quantized: bool = False):
-    from ..models.llama import Llama, LlamaConfig
-    if "rope_freqs.weight" in f or f.metadata.get("llama.rope.scaling.type", "none") not in ("none", "linear") \
-            or f.metadata.get("llama.rope.scaling.factor", 1.0) != 1.0:
-        raise FormatError(f"{f.path}: RoPE scaling (rope_freqs / llama.rope.scaling.*) is not supported by nt's Llama")
-    if "token_embd.weight" not in f:
-        raise FormatError(f"{f.path}: missing tensor 'token_embd.weight'")
-    C, NH = _need(f, "llama.embedding_length"), _need(f, "llama.attention.head_count")
-    hs = f.metadata.get("llama.attention.key_length", C // NH if NH else 0)
-    if f.metadata.get("llama.rope.dimension_count", hs) != hs or f.metadata.get("llama.attention.value_length", hs) != hs:
-        raise FormatError(f"{f.path}: partial RoPE or distinct key/value head sizes are not supported")
-    try:
-        cfg = LlamaConfig(
-            dim=C, n_layers=_need(f, "llama.block_count"), n_heads=NH,
-            n_kv_heads=f.metadata.get("llama.attention.head_count_kv", NH), ffn_hidden=_need(f, "llama.feed_forward_length"),
-            vocab_size=f.tensor_infos["token_embd.weight"].shape[0], block_size=_need(f, "llama.context_length"),
-            head_dim=0 if hs * NH == C else hs, norm_eps=_need(f, "llama.attention.layer_norm_rms_epsilon", float),
-            rope_theta=float(f.metadata.get("llama.rope.freq_base", 10000.0)), rope_pairing="interleaved",
-            tie_embeddings="output.weight" not in f)
-    except (ValueError, TypeError) as e:
-        raise FormatError(f"{f.path}: metadata describes an impossible Llama: {e}") from None
-    V, H, NKV, L = cfg.vocab_size, cfg.ffn_hidden, cfg.n_kv_heads, cfg.n_layers
-    quantized = _kept_quantized(f, L, cfg.tie_embeddings) if keep_quantized and device == "cpu" else {}
-    model = Llama(cfg, device=device, seed=None, quantized=quantized)
-    host = np.zeros(model.params.size, dtype=np.float32)
-    p = {name: host[t.offset:t.offset + t.size].reshape(t.shape) for name, t in model.params.items()}
-    shapes = {"attn_q": (NH * hs, C), "attn_k": (NKV * hs, C), "attn_v": (NKV * hs, C), "attn_output": (C, NH * hs),
-              "ffn_gate": (H, C), "ffn_up": (H, C), "ffn_down": (C, H)}
-    p["wte"][:V] = _tensor(f, "token_embd.weight", (V, C))
-    for l in range(L):
-        b = f"blk.{l}."
-        p["attn_norm"][l] = _tensor(f, b + "attn_norm.weight", (C,))
-        p["ffn_norm"][l] = _tensor(f, b + "ffn_norm.weight", (C,))
-        for n, parts in _LLAMA_MATRICES.items():
-            read = _raw_rows if n in quantized else _tensor
-            rows = [read(f, f"{b}{g}.weight", shapes[g]) for g in parts]
-            if n in quantized:
-                model.qweights[n][l] = np.ascontiguousarray(np.concatenate(rows))
-            else:
-                p[n][l] = np.concatenate(rows)
-    p["norm_f"][:] = _tensor(f, "output_norm.weight", (C,))
-    if "lm_head" in quantized:
-        model.qweights["lm_head"] = _raw_rows(f, "output.weight", (V, C))
-    elif not cfg.tie_embeddings:
-        p["lm_head"][:V] = _tensor(f, "output.weight", (V, C))
-    model.load_flat(host)
-    return model
-
-
-# tokenizer.ggml.pre values (llama.cpp's names) -> nt.tokenizer's pre-tokenizers
-GGUF_PRE_TOKENIZERS = {
-    "default": "gpt2", "gpt2": "gpt2", "gpt-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
-    "llama3": "llama3", "llama-bpe": "llama3", "llama-v3": "llama3",
-    "qwen2": "qwen2", "stablelm2": "qwen2",
-    "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits",
-}
-
-
-def tokenizer_from_metadata(f: GGUFFile):
-    """The tokenizer a GGUF file describes in its tokenizer.ggml.* keys, or None (model
-    "none" or no vocabulary). Model "gpt2": byte-level BPE (nt.tokenizer.BPE, with the
-    pre-tokenizer tokenizer.ggml.pre names: GGUF_PRE_TOKENIZERS; absent means GPT-2's, an
-    unknown name warns and falls back to GPT-2's) from tokens + merges; model "llama": SentencePiece BPE
-    (nt.tokenizer.SentencePieceBPE) from tokens + scores + token_type. The result carries
-    bos_id, eos_id, add_bos and chat_template (the Jinja source, or None)."""
-    from ..tokenizer import BPE, SP_CONTROL, SP_USER_DEFINED, SentencePieceBPE
-    md = f.metadata
-    kind = md.get("tokenizer.ggml.model", "none")
-    tokens = md.get("tokenizer.ggml.tokens")
-    if kind == "none" or tokens is None:
-        return None
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        raise FormatError(f"{f.path}: tokenizer.ggml.tokens must be an array of strings")
-    types = md.get("tokenizer.ggml.token_type")
-    if types is not None and len(types) != len(tokens):
-        raise FormatError(f"{f.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    try:
-        if kind == "gpt2":
-            merges = md.get("tokenizer.ggml.merges", [])
-            special = [t for t, k in zip(tokens, types) if k in (SP_CONTROL, SP_USER_DEFINED)] if types is not None else None
-            pre_name = md.get("tokenizer.ggml.pre", "default")
-            pre = GGUF_PRE_TOKENIZERS.get(pre_name)
-            if pre is None:
-                warnings.warn(f"{f.path}: tokenizer.ggml.pre {pre_name!r} is not one nt knows "
-                              f"({', '.join(sorted(GGUF_PRE_TOKENIZERS))}); splitting text as GPT-2 does, "
-                              "so some token ids may differ from the model's own tokenizer")
-                pre = "gpt2"
-            tok = BPE.from_tokens(tokens, merges, special, pre)
-            tok.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
-        elif kind == "llama":
-            tok = SentencePieceBPE(tokens, md.get("tokenizer.ggml.scores"), types,
-                                   add_space_prefix=bool(md.get("tokenizer.ggml.add_space_prefix", True)),
-                                   unk_id=md.get("tokenizer.ggml.unknown_token_id"))
-            tok.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", True))
-        else:
-            raise FormatError(f"{f.path}: tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, llama)")
-    except ValueError as e:
-        raise FormatError(f"{f.path}: bad {kind} vocabulary: {e}") from None
-    for key, attr in (("tokenizer.ggml.bos_token_id", "bos_id"), ("tokenizer.ggml.eos_token_id", "eos_id")):
-        v = md.get(key)
-        if v is not None:
-            if not isinstance(v, int) or not 0 <= v < len(tokens):
-                raise FormatError(f"{f.path}: {key} = {v!r} is not a token id in [0, {len(tokens)})")
-            setattr(tok, attr, v)
-    if tok.add_bos and tok.bos_id is None:
-        tok.add_bos = False
-    template = md.get("tokenizer.chat_template")
-    tok.chat_template = template if isinstance(template, str) else None
-    return tok
-
-
-def load(path, device: str = "cpu", keep_quantized: bool = False):
-    """Build an nt model from a GGUF file: GPT2 for architecture "gpt2", Llama (with
-    llama.cpp's interleaved RoPE pairing, so q/k are used as stored) for "llama". Weights
-    are dequantised to float32. A GPT-2 `output.weight`, if present, is taken to be tied
-    to token_embd (nt's GPT-2 ties them); a Llama without `output.weight` is tied.
-
-    keep_quantized=True (Llama on the CPU): Q8_0 / Q4_0 matrices stay as their blocks
-    (model.qweights) and run through ops.linear_q, for inference only; other types, the
-    embedding and the norms are float32. `model.tokenizer` is the file's tokenizer (see
-    tokenizer_from_metadata) or None."""
-    f = GGUFFile(path)
-    arch = f.metadata.get("general.architecture")
-    if arch == "gpt2":
-        model = _gpt2_import(f, device)
-    elif arch == "llama":
-        model = _llama_import(f, device, keep_quantized)
-    else:
-        raise FormatError(f"{f.path}: general.architecture {arch!r} is not supported (supported: gpt2, llama)")
-    model.tokenizer = tokenizer_from_metadata(f)
-    return model

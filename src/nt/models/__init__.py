@@ -2,14 +2,14 @@
 from .base import LanguageModel
 from .gpt2 import GPT2, GPT2Config
 from .llama import Llama, LlamaConfig
+from . import gguf
 
-__all__ = ["LanguageModel", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "from_gguf"]
+__all__ = ["LanguageModel", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "from_gguf", "gguf"]
 
 
 def from_gguf(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageModel:
     """A GPT2 or Llama built from a llama.cpp GGUF file (architectures "gpt2", "llama"),
     weights dequantised to float32 (keep_quantized=True: a Llama's Q8_0/Q4_0 matrices stay
-    quantised, inference only), with the file's tokenizer as `model.tokenizer`.
-    See nt.io.gguf.load."""
-    from ..io.gguf import load
-    return load(path, device, keep_quantized)
+    quantised, inference only), with the file's tokenizer as `model.tokenizer`. The file is
+    checked whole before the model is built. See nt.models.gguf.load."""
+    return gguf.load(path, device, keep_quantized)
