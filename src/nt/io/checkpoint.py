@@ -3,37 +3,57 @@
     step_00000300/
         model.safetensors      every named parameter (GPT-2 names: wte, wpe, qkvw, ...;
                                per-layer weights stacked as (L, ...))
-        config.json            {"model": "GPT2", "config_class": "GPT2Config", "config": {...}}
+        config.json            {"model": "GPT2", "config_class": "GPT2Config", "dtype": "float32",
+                                "config": {...}}
         optimizer.safetensors  optimizer arrays (AdamW: m, v) -- when an optimizer is given
         state.json             step, optimizer scalars, schedule, data loader positions,
                                RNG states (incl. the tape's dropout counter), anything
                                extra (e.g. the loss scaler's state_dict())
 
-`save_checkpoint` writes everything into a hidden temporary folder, fsyncs each file and
-the folder, then renames it into place: a crash mid-save leaves no half checkpoint. A run
-folder holds step_* checkpoints and a `latest` file naming the newest, replaced atomically
-after the checkpoint is complete (`save_run_checkpoint`, `latest_checkpoint`).
+`save_checkpoint` writes everything into a hidden temporary folder `.NAME.tmp-PID`, fsyncs
+each file and the folder, then renames it into place: a crash mid-save leaves no half
+checkpoint. Replacing an existing NAME takes two renames (NAME -> `.NAME.old-PID`, the new
+folder -> NAME; Linux cannot rename a folder over a non-empty one): a crash between them
+leaves the complete old folder under `.NAME.old-PID`, which the loaders fall back to while
+NAME is missing and the next save puts back. A run folder holds step_* checkpoints and a
+`latest` file naming the newest, replaced atomically after the checkpoint is complete
+(`save_run_checkpoint`, `latest_checkpoint`).
+
+Loading treats the folder as hostile: config.json, state.json and the safetensors headers
+are validated (types, keys, sizes, parameter shapes against the config) before any model
+is built, and every problem is a FormatError naming the file. A folder the caller names
+that does not exist is a FileNotFoundError; a file missing inside it is a FormatError.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from .common import FormatError
-from .safetensors import load_safetensors, save_safetensors
+from .common import FormatError, atomic_write_text, expect, read_json
+from .safetensors import TensorInfo, load_safetensors, read_safetensors_header, save_safetensors
 
 FORMAT = "nt-checkpoint"
 VERSION = 1
 LATEST = "latest"
+STEP_NAME = re.compile(r"step_\d{8,}")               # what `latest` may name
+_TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(\d+)")   # .NAME.tmp-PID / .NAME.old-PID
+DTYPES = ("float32", "float64")                     # parameter dtypes a checkpoint may ask for
+_CONFIG_KEYS = {"model", "config_class", "dtype", "config"}
+_FLOAT_TENSORS = ("F16", "F32", "F64")
+_MAX_CONFIG_INT = 2 ** 31 - 1   # no real model size comes near; bounds what a config can ask for
+_MAX_LATEST_BYTES = 256
 
-# Test hook: called with each file's path right after it is written (crash tests use it
-# to kill the writer between files). None in normal use.
+# Test hook: called with each file's path right after it is written, and with the old
+# folder's path right after a replaced checkpoint is moved aside (crash tests use it to
+# kill the writer between steps). None in normal use.
 _after_file: Optional[Callable[[Path], None]] = None
 
 
@@ -58,8 +78,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
+    try:
+        text = json.dumps(obj, indent=1, allow_nan=False)
+    except ValueError as e:  # the reader refuses NaN: never write a checkpoint it cannot load
+        raise ValueError(f"{path.name}: cannot store {e} (NaN or infinity in the state?)") from None
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     _written(path)
@@ -70,13 +94,57 @@ def _written(path: Path) -> None:
         _after_file(path)
 
 
-def _read_json(path: Path) -> dict:
+def _inner_file(directory: Path, name: str) -> Path:
+    """directory/name, which the checkpoint format requires: a FormatError if missing."""
+    path = directory / name
+    if not path.is_file():
+        raise FormatError(f"{path}: missing (not a complete nt checkpoint)")
+    return path
+
+
+def _checkpoint_folder(directory: Path) -> Path:
+    """`directory`, or, while a save replacing it is between its two renames (or was killed
+    there), the complete previous version kept beside it as .NAME.old-PID."""
+    if directory.is_dir():
+        return directory
+    kept = [p for p in directory.parent.glob(f".{glob.escape(directory.name)}.old-*") if (p / "state.json").is_file()]
+    if kept:
+        return max(kept, key=lambda p: p.stat().st_mtime)
+    raise FileNotFoundError(f"no checkpoint folder at {directory}")
+
+
+def _stale(pid: int) -> bool:
+    """Whether a temporary named with `pid` belongs to no writer still at work: its process
+    is gone, or it is this process's own, left by an earlier save that failed (a process
+    saves one checkpoint at a time). A dead writer's PID reused by an unrelated process
+    only delays the clean-up."""
+    if pid == os.getpid():
+        return True
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{path}: missing (not a complete nt checkpoint)") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: not valid JSON: {e}") from None
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's process / no real pid: leave it alone
+        return False
+    return False
+
+
+def _clean_stale(folder: Path, name: Optional[str] = None) -> None:
+    """Finish what writers that died left in `folder` (see _stale): temporaries
+    (.NAME.tmp-PID, folders of save_checkpoint and files of atomic_write) are deleted; an
+    old version moved aside (.NAME.old-PID) is put back when NAME is missing, else
+    deleted. With `name`, only that NAME's entries."""
+    for entry in folder.iterdir():
+        m = _TEMPORARY.fullmatch(entry.name)
+        if not m or (name is not None and m.group(1) != name) or not _stale(int(m.group(3))):
+            continue
+        target = folder / m.group(1)
+        if m.group(2) == "old" and not target.exists() and (entry / "state.json").is_file():
+            os.rename(entry, target)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _split_arrays(obj, prefix: str, arrays: dict):
@@ -95,14 +163,142 @@ def _split_arrays(obj, prefix: str, arrays: dict):
 
 def _join_arrays(obj, arrays: dict, where: Path):
     if isinstance(obj, dict) and set(obj) == {"__tensor__"}:
-        if obj["__tensor__"] not in arrays:
-            raise FormatError(f"{where}: state names tensor {obj['__tensor__']!r}, which is not in the file")
-        return np.array(arrays[obj["__tensor__"]])
+        name = expect(obj["__tensor__"], str, str(where), "a __tensor__ reference")
+        if name not in arrays:
+            raise FormatError(f"{where}: state names tensor {name!r}, which is not in the file")
+        return np.array(arrays[name])
     if isinstance(obj, dict):
         return {k: _join_arrays(v, arrays, where) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_join_arrays(v, arrays, where) for v in obj]
     return obj
+
+
+# ---------------------------------------------------------------------- validation
+
+def _read_state(path: Path) -> dict:
+    """state.json, every field of the format checked (the optimizer's, loaders' and RNGs'
+    own contents are checked by whoever they are handed to, see _restore)."""
+    state = expect(read_json(path, what="the checkpoint's state"), dict, str(path), "the top level")
+    if state.get("format") != FORMAT or state.get("version") != VERSION:
+        raise FormatError(f"{path}: not an {FORMAT} version {VERSION} state file")
+    kinds = {"format": str, "version": int, "step": int, "optimizer": dict, "schedule": (dict, type(None)),
+             "data": dict, "rng": dict, "tape": dict, "extra": dict}
+    unknown = sorted(set(state) - set(kinds))
+    if unknown:
+        raise FormatError(f"{path}: unknown key {unknown[0]!r:.80}")
+    for key, kind in kinds.items():
+        if key not in state and key != "optimizer":
+            raise FormatError(f"{path}: key {key!r} is missing")
+        if key in state:
+            expect(state[key], kind, str(path), key)
+    if state["step"] < 0:
+        raise FormatError(f"{path}: step must be >= 0, got {state['step']}")
+    for key in ("data", "rng"):
+        for name, value in state[key].items():
+            expect(value, dict, str(path), f"{key}[{name!r}]")
+    for name, value in state["tape"].items():
+        if name not in ("seed", "step"):  # names become attributes of the tape: allow only these
+            raise FormatError(f"{path}: tape[{name!r}] is not a tape setting (seed, step)")
+        expect(value, int, str(path), f"tape[{name!r}]")
+    return state
+
+
+def _model_table() -> dict:
+    """The classes a config.json may name: its "model" -> (model class, config class,
+    parameter layout function). Nothing else in nt.models is reachable from a file."""
+    from ..models import gpt2, llama
+    return {"GPT2": (gpt2.GPT2, gpt2.GPT2Config, gpt2.param_layout),
+            "Llama": (llama.Llama, llama.LlamaConfig, llama.param_layout)}
+
+
+def _config_value(where: str, key: str, value, default):
+    """A config field's value checked against the kind of its default: bool, int (below
+    2**31), float (a finite number), str, or (default None) null or a list of numbers."""
+    number = (int, float)
+    if isinstance(default, bool):
+        return expect(value, bool, where, key)
+    if isinstance(default, int):
+        if abs(expect(value, int, where, key)) > _MAX_CONFIG_INT:
+            raise FormatError(f"{where}: {key} = {value} is out of range (|value| < 2**31)")
+        return value
+    if isinstance(default, float):
+        if isinstance(expect(value, number, where, key), int) and abs(value) > 2 ** 53:
+            raise FormatError(f"{where}: {key} = {value} is out of range for a float")
+        return float(value)
+    if isinstance(default, str):
+        return expect(value, str, where, key)
+    if default is None:
+        if value is not None:
+            for v in expect(value, list, where, key):
+                expect(v, number, where, f"{key} element")
+        return value
+    raise TypeError(f"config field {key} has a default of unsupported type {type(default).__name__}")
+
+
+def _read_config(path: Path):
+    """(model class, config, parameter layout, dtype name) config.json describes, every key
+    and value validated before the config object is made; nothing is built."""
+    where = str(path)
+    info = expect(read_json(path, what="the model's config"), dict, where, "the top level")
+    unknown = sorted(set(info) - _CONFIG_KEYS)
+    if unknown:
+        raise FormatError(f"{where}: unknown key {unknown[0]!r:.80}")
+    for key in ("model", "config_class", "config"):
+        if key not in info:
+            raise FormatError(f"{where}: key {key!r} is missing")
+    table = _model_table()
+    name = expect(info["model"], str, where, "model")
+    if name not in table:
+        raise FormatError(f"{where}: unknown model {name!r:.80} (known: {', '.join(table)})")
+    model_cls, config_cls, layout = table[name]
+    if info["config_class"] != config_cls.__name__:
+        raise FormatError(f"{where}: config_class {info['config_class']!r:.80} does not go with model {name!r} "
+                          f"({config_cls.__name__})")
+    dtype = info.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise FormatError(f"{where}: dtype {dtype!r:.80} is not supported (known: {', '.join(DTYPES)})")
+    values = expect(info["config"], dict, where, "config")
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for key in values:
+        if key not in fields:
+            raise FormatError(f"{where}: config key {key!r:.80} is not a field of {config_cls.__name__}")
+    for key in fields:
+        if key not in values:
+            raise FormatError(f"{where}: config key {key!r} is missing")
+    checked = {key: _config_value(where, f"config.{key}", values[key], fields[key].default) for key in fields}
+    try:
+        config = config_cls(**checked)
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{where}: config describes an impossible {name}: {e}") from None
+    return model_cls, config, layout(config), dtype
+
+
+def _check_parameters(path: Path, entries: dict[str, TensorInfo], shapes: dict[str, tuple]) -> None:
+    """The safetensors header's tensors are exactly the expected parameters, each of the
+    expected shape and a float dtype."""
+    missing = [n for n in shapes if n not in entries]
+    unexpected = [n for n in entries if n not in shapes]
+    if missing or unexpected:
+        raise FormatError(f"{path}: parameters do not match the model: missing {missing}, "
+                          f"unexpected {unexpected[:20]}")
+    for name, shape in shapes.items():
+        info = entries[name]
+        if info.shape != tuple(shape):
+            raise FormatError(f"{path}: parameter {name!r} has shape {info.shape}, the model expects {tuple(shape)}")
+        if info.dtype not in _FLOAT_TENSORS:
+            raise FormatError(f"{path}: parameter {name!r} is stored as {info.dtype}, expected one of {_FLOAT_TENSORS}")
+
+
+def _restore(where: Path, what: str, apply: Callable[[], None]) -> None:
+    """Run `apply`, which hands saved state to an object's own loader (optimizer, schedule,
+    data loader, RNG): that loader's complaints about the state become FormatErrors."""
+    try:
+        apply()
+    except FormatError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise FormatError(f"{where}: the saved {what} does not fit: {type(e).__name__}: {e}") from None
 
 
 # ---------------------------------------------------------------------- optimizer adapter
@@ -150,9 +346,11 @@ def save_checkpoint(directory, model, optimizer=None, *, step: int = 0, schedule
     model: anything with `.params` (nt.Params) and a dataclass `.config` (GPT2, Llama...).
     loaders: name -> DataLoader (their state()); rngs: name -> np.random.Generator;
     extra: JSON-able values to keep (e.g. the loss scaler's state, the best val loss).
+    Leftovers of earlier saves of this name that died are cleaned up first (_clean_stale).
     """
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(target.parent, target.name)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -179,9 +377,10 @@ def save_checkpoint(directory, model, optimizer=None, *, step: int = 0, schedule
     _write_json(tmp / "state.json", state)  # last: its presence marks a complete folder
     _fsync_dir(tmp)
 
-    if target.exists():  # same step saved again: swap the old one out, then delete it
+    if target.exists():  # same name saved again: move the old one aside, the new one in, then delete the old
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.rename(target, old)
+        _written(old)  # a crash from here until the next rename leaves `old` for the loaders
         os.rename(tmp, target)
         shutil.rmtree(old)
     else:
@@ -191,92 +390,84 @@ def save_checkpoint(directory, model, optimizer=None, *, step: int = 0, schedule
 
 
 def load_model(directory, device: str = "cpu", dtype=None):
-    """Build the model a checkpoint folder describes and load its weights."""
-    from .. import models
-    directory = Path(directory)
-    info = _read_json(directory / "config.json")
-    try:
-        model_cls, config_cls = getattr(models, info["model"]), getattr(models, info["config_class"])
-    except (KeyError, AttributeError):
-        raise FormatError(f"{directory / 'config.json'}: unknown model {info.get('model')!r} / "
-                          f"{info.get('config_class')!r}") from None
-    config = config_cls(**info["config"])
-    dtype = np.dtype(dtype or info.get("dtype", "float32"))
-    model = model_cls(config, device=device, dtype=dtype, seed=None)
-    load_weights(directory / "model.safetensors", model)
+    """Build the model a checkpoint folder describes and load its weights.
+
+    config.json is validated (model among GPT2 and Llama, every config key and value,
+    dtype float32 or float64) and the parameter shapes it implies are compared with
+    model.safetensors' header before anything is built or read. `dtype` overrides the
+    saved one."""
+    directory = _checkpoint_folder(Path(directory))
+    model_cls, config, layout, saved_dtype = _read_config(directory / "config.json")
+    weights = _inner_file(directory, "model.safetensors")
+    entries, _, _ = read_safetensors_header(weights)
+    _check_parameters(weights, entries, {name: shape for name, shape, _ in layout})
+    model = model_cls(config, device=device, dtype=np.dtype(dtype or saved_dtype), seed=None)
+    load_weights(weights, model)
     return model
 
 
 def load_weights(path, model) -> None:
-    """Copy every parameter of `model` from a safetensors file (names and shapes must match)."""
-    tensors, _ = load_safetensors(path)
+    """Copy every parameter of `model` from a safetensors file (names and shapes must
+    match, checked on the header before the data is read)."""
     params = model.params
-    missing = [n for n in params if n not in tensors]
-    unexpected = [n for n in tensors if n not in params.tensors]
-    if missing or unexpected:
-        raise FormatError(f"{path}: parameters do not match the model: missing {missing}, unexpected {unexpected}")
+    entries, _, _ = read_safetensors_header(path)
+    _check_parameters(Path(path), entries, {name: t.shape for name, t in params.items()})
+    tensors, _ = load_safetensors(path)
     k = params.k
     for name, t in params.items():
-        value = tensors[name]
-        if tuple(value.shape) != t.shape:
-            raise FormatError(f"{path}: parameter {name!r} has shape {tuple(value.shape)}, the model expects {t.shape}")
-        k.copy_(t.flat, k.to_device(np.ascontiguousarray(value.reshape(-1), dtype=params.dtype)))
+        k.copy_(t.flat, k.to_device(np.ascontiguousarray(tensors[name].reshape(-1), dtype=params.dtype)))
 
 
 def load_checkpoint(directory, model=None, optimizer=None, *, schedule=None,
                     loaders: Optional[Mapping[str, Any]] = None,
                     rngs: Optional[Mapping[str, np.random.Generator]] = None,
-                    device: str = "cpu", dtype=None) -> Checkpoint:
+                    device: str = "cpu", dtype=None, weights: bool = True) -> Checkpoint:
     """Restore what `save_checkpoint` wrote into the given objects (each optional).
 
-    Without `model`, one is built from config.json. Training continues at `.step`.
+    Without `model`, one is built from config.json (load_model). weights=False leaves a
+    given `model`'s parameters alone: for a caller who built it with load_model from this
+    same folder, so the weights are not read twice (the tape's RNG state is still restored).
+    Training continues at `.step`.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoint folder at {directory}")
-    state = _read_json(directory / "state.json")
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise FormatError(f"{directory / 'state.json'}: not an {FORMAT} version {VERSION} state file")
+    directory = _checkpoint_folder(Path(directory))
+    state = _read_state(directory / "state.json")
     if model is None:
         model = load_model(directory, device=device, dtype=dtype)
-    else:
-        load_weights(directory / "model.safetensors", model)
-    for name, value in state.get("tape", {}).items():
-        setattr(model.tape, name, int(value))
+    elif weights:
+        load_weights(_inner_file(directory, "model.safetensors"), model)
+    for name, value in state["tape"].items():
+        setattr(model.tape, name, value)
     if optimizer is not None:
         if "optimizer" not in state:
             raise FormatError(f"{directory}: the checkpoint holds no optimizer state")
-        arrays, _ = load_safetensors(directory / "optimizer.safetensors")
-        load_optimizer_state(optimizer, _join_arrays(state["optimizer"], arrays, directory))
-    if schedule is not None and state.get("schedule") is not None and hasattr(schedule, "load_state_dict"):
-        schedule.load_state_dict(state["schedule"])
+        path = _inner_file(directory, "optimizer.safetensors")
+        arrays, _ = load_safetensors(path)
+        saved = _join_arrays(state["optimizer"], arrays, path)
+        _restore(directory, "optimizer state", lambda: load_optimizer_state(optimizer, saved))
+    if schedule is not None and state["schedule"] is not None and hasattr(schedule, "load_state_dict"):
+        _restore(directory, "schedule", lambda: schedule.load_state_dict(state["schedule"]))
     for name, loader in (loaders or {}).items():
         if name not in state["data"]:
             raise FormatError(f"{directory}: no position saved for data loader {name!r}")
-        loader.set_state(state["data"][name])
+        _restore(directory, f"position of data loader {name!r}", lambda: loader.set_state(state["data"][name]))
     for name, g in (rngs or {}).items():
         if name not in state["rng"]:
             raise FormatError(f"{directory}: no state saved for RNG {name!r}")
-        g.bit_generator.state = state["rng"][name]
-    return Checkpoint(directory, model, int(state["step"]), state.get("extra", {}), state)
+        _restore(directory, f"state of RNG {name!r}", lambda: setattr(g.bit_generator, "state", state["rng"][name]))
+    return Checkpoint(directory, model, state["step"], state["extra"], state)
 
 
 # ---------------------------------------------------------------------- run folders
 
 def save_run_checkpoint(out_dir, step: int, model, optimizer=None, keep_last: int = 0, **kwargs) -> Path:
     """save_checkpoint into out_dir/step_XXXXXXXX, point out_dir/latest at it, and delete
-    all but the newest `keep_last` step folders (0 keeps all)."""
+    all but the newest `keep_last` step folders (0 keeps all). What writers that died left
+    in out_dir (temporary folders and files, checkpoints moved aside) is cleaned up first."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".step_*.tmp-*"):  # left by a writer that crashed
-        shutil.rmtree(stale, ignore_errors=True)
+    _clean_stale(out_dir)
     path = save_checkpoint(out_dir / f"step_{step:08d}", model, optimizer, step=step, **kwargs)
-    tmp = out_dir / f".{LATEST}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(path.name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / LATEST)
+    atomic_write_text(out_dir / LATEST, path.name + "\n")
     _fsync_dir(out_dir)
     _written(out_dir / LATEST)
     if keep_last > 0:
@@ -287,11 +478,26 @@ def save_run_checkpoint(out_dir, step: int, model, optimizer=None, keep_last: in
 
 
 def latest_checkpoint(out_dir) -> Optional[Path]:
-    """The checkpoint out_dir/latest names, or None when there is none yet."""
-    pointer = Path(out_dir) / LATEST
+    """The checkpoint out_dir/latest names, or None when there is none yet. The pointer
+    must name a step_XXXXXXXX folder inside out_dir holding a complete checkpoint."""
+    out_dir = Path(out_dir)
+    pointer = out_dir / LATEST
     if not pointer.exists():
         return None
-    path = Path(out_dir) / pointer.read_text(encoding="utf-8").strip()
-    if not (path / "state.json").exists():
-        raise FormatError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    if not pointer.is_file() or pointer.stat().st_size > _MAX_LATEST_BYTES:
+        raise FormatError(f"{pointer}: not a small text file naming a checkpoint")
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{pointer}: not valid UTF-8 (byte {e.start})") from None
+    if not STEP_NAME.fullmatch(name):
+        raise FormatError(f"{pointer}: names {name!r:.80}, expected a step_XXXXXXXX folder of {out_dir}")
+    try:
+        path = _checkpoint_folder(out_dir / name)
+    except FileNotFoundError:
+        raise FormatError(f"{pointer}: names {name}, which does not exist") from None
+    if path.resolve().parent != out_dir.resolve():  # e.g. step_X a symlink to elsewhere
+        raise FormatError(f"{pointer}: {name} leads outside {out_dir}")
+    if not (path / "state.json").is_file():
+        raise FormatError(f"{pointer} names {name}, which is not a complete checkpoint")
     return path
