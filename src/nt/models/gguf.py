@@ -260,10 +260,13 @@ def _llama_shapes(cfg: LlamaConfig) -> dict[str, tuple]:
 def _llama_config(f: GGUFFile) -> LlamaConfig:
     """The LlamaConfig a "llama" file describes (llama.cpp's interleaved RoPE pairing), its
     metadata and whole directory checked. No `output.weight` means a tied classifier."""
-    scaling = _get(f, "llama.rope.scaling.type", "string", "none")
-    factor = float(_get(f, "llama.rope.scaling.factor", "float", 1.0))
-    if "rope_freqs.weight" in f or scaling not in ("none", "linear") or factor != 1.0:
-        raise FormatError(f"{f.path}: RoPE scaling (rope_freqs / llama.rope.scaling.*) is not supported by nt's Llama")
+    unsupported = "RoPE scaling is not supported by nt's Llama"
+    if "rope_freqs.weight" in f:
+        raise FormatError(f"{f.path}: tensor 'rope_freqs.weight': {unsupported}")
+    if _get(f, "llama.rope.scaling.type", "string", "none") not in ("none", "linear"):
+        raise _bad(f, "llama.rope.scaling.type", unsupported)
+    if _get(f, "llama.rope.scaling.factor", "float", 1.0) != 1.0:   # NaN included
+        raise _bad(f, "llama.rope.scaling.factor", unsupported)
     C, L = _size(f, "llama.embedding_length"), _size(f, "llama.block_count")
     NH = _size(f, "llama.attention.head_count")
     NKV = _size(f, "llama.attention.head_count_kv", NH)
