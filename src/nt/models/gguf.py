@@ -24,7 +24,7 @@ from ..io.common import FormatError
 from ..io.gguf import DEQUANTIZE_TYPES, FILE_TYPES, GGML_TYPE_IDS, GGML_TYPES, WRITE_TYPES, GGUFFile, write_gguf
 from ..tokenizer import BPE, SP_BYTE, SP_CONTROL, SP_NORMAL, SP_USER_DEFINED, SentencePieceBPE
 from .base import LanguageModel
-from .gpt2 import GPT2, GPT2Config
+from .gpt2 import GPT2, GPT2Config, param_layout as gpt2_param_layout
 from .llama import Llama, LlamaConfig
 
 # a context_length past this is a corrupt field, not a model (nt's Llama keeps no table
@@ -107,12 +107,12 @@ def _check_layer_count(f: GGUFFile, key: str, n_layers: int, per_layer: int) -> 
                            f"the file lists {len(f.tensor_infos)}")
 
 
-def _check_directory(f: GGUFFile, arch: str, expected: dict[str, tuple], ignored: tuple = ()) -> None:
-    """Every expected tensor is present with its shape and a type nt dequantises; a name in
-    `ignored` may be present with the shape given for it in `expected`; nothing else may be."""
+def _check_directory(f: GGUFFile, arch: str, expected: dict[str, tuple], optional: tuple = ()) -> None:
+    """Every expected tensor is present with its shape and a type nt dequantises (those named
+    in `optional` may be absent instead); no other tensor is present."""
     for name, shape in expected.items():
         if name not in f:
-            if name in ignored:
+            if name in optional:
                 continue
             raise FormatError(f"{f.path}: missing tensor {name!r} (a {arch} model of these metadata has it)")
         info = f.tensor_infos[name]
@@ -146,16 +146,16 @@ GPT2_EPS = 1e-5   # nt's GPT-2 layernorm epsilon, as llm.c's
 
 
 def _gpt2_shapes(cfg: GPT2Config) -> dict[str, tuple]:
-    """llama.cpp tensor name -> NumPy shape for a GPT-2 of `cfg` (the real vocabulary, unpadded)."""
-    V, T, C = cfg.vocab_size, cfg.block_size, cfg.n_embd
-    per_layer = {"attn_norm.weight": (C,), "attn_norm.bias": (C,), "attn_qkv.weight": (3 * C, C),
-                 "attn_qkv.bias": (3 * C,), "attn_output.weight": (C, C), "attn_output.bias": (C,),
-                 "ffn_norm.weight": (C,), "ffn_norm.bias": (C,), "ffn_up.weight": (4 * C, C),
-                 "ffn_up.bias": (4 * C,), "ffn_down.weight": (C, 4 * C), "ffn_down.bias": (C,)}
-    shapes = {"token_embd.weight": (V, C), "position_embd.weight": (T, C)}
-    for l in range(cfg.n_layer):
-        shapes.update({f"blk.{l}.{name}": shape for name, shape in per_layer.items()})
-    shapes.update({"output_norm.weight": (C,), "output_norm.bias": (C,), "output.weight": (V, C)})
+    """llama.cpp tensor name -> NumPy shape for a GPT-2 of `cfg`: nt's parameter shapes, per
+    layer, with the real (unpadded) vocabulary; output.weight is the tied embedding's copy."""
+    layout = {name: shape for name, shape, _ in gpt2_param_layout(cfg)}
+    shapes = {}
+    for nt_name, gguf_name in GPT2_TENSOR_NAMES:
+        if "{l}" in gguf_name:
+            shapes.update({gguf_name.format(l=l): layout[nt_name][1:] for l in range(cfg.n_layer)})
+        else:
+            shapes[gguf_name] = layout[nt_name]
+    shapes["token_embd.weight"] = shapes["output.weight"] = (cfg.vocab_size, cfg.n_embd)
     return shapes
 
 
@@ -180,7 +180,7 @@ def _gpt2_config(f: GGUFFile) -> GPT2Config:
     # T is checked here too: nt's GPT-2 allocates a (T, C) position table, which the file
     # must hold as position_embd.weight
     cfg = GPT2Config(block_size=T, vocab_size=V, n_layer=L, n_head=NH, n_embd=C)
-    _check_directory(f, "gpt2", _gpt2_shapes(cfg), ignored=("output.weight",))
+    _check_directory(f, "gpt2", _gpt2_shapes(cfg), optional=("output.weight",))
     return cfg
 
 
@@ -237,20 +237,15 @@ _LLAMA_PLAIN = dict(norm="rmsnorm", ffn_kind="swiglu", qkv_bias=False, qk_norm=F
                     embed_scale=False, sliding_window=0, n_predict=1)
 
 
-def _llama_layer_shapes(cfg: LlamaConfig) -> dict[str, tuple]:
-    """llama.cpp tensor name (in a block, without "blk.{l}." and ".weight") -> NumPy shape."""
-    C, H, hs, NH, NKV = cfg.dim, cfg.ffn_hidden, cfg.hs, cfg.n_heads, cfg.n_kv_heads
-    return {"attn_norm": (C,), "attn_q": (NH * hs, C), "attn_k": (NKV * hs, C), "attn_v": (NKV * hs, C),
-            "attn_output": (C, NH * hs), "ffn_norm": (C,), "ffn_gate": (H, C), "ffn_up": (H, C),
-            "ffn_down": (C, H)}
-
-
 def _llama_shapes(cfg: LlamaConfig) -> dict[str, tuple]:
     """llama.cpp tensor name -> NumPy shape for a Llama of `cfg`."""
-    V, C = cfg.vocab_size, cfg.dim
+    V, C, H, hs, NH, NKV = cfg.vocab_size, cfg.dim, cfg.ffn_hidden, cfg.hs, cfg.n_heads, cfg.n_kv_heads
+    per_layer = {"attn_norm": (C,), "attn_q": (NH * hs, C), "attn_k": (NKV * hs, C), "attn_v": (NKV * hs, C),
+                 "attn_output": (C, NH * hs), "ffn_norm": (C,), "ffn_gate": (H, C), "ffn_up": (H, C),
+                 "ffn_down": (C, H)}
     shapes = {"token_embd.weight": (V, C)}
     for l in range(cfg.n_layers):
-        shapes.update({f"blk.{l}.{g}.weight": shape for g, shape in _llama_layer_shapes(cfg).items()})
+        shapes.update({f"blk.{l}.{g}.weight": shape for g, shape in per_layer.items()})
     shapes["output_norm.weight"] = (C,)
     if not cfg.tie_embeddings:
         shapes["output.weight"] = (V, C)
