@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from .io.common import MAX_JSON_BYTES, FormatError, expect, parse_json, read_json
 from .kernels.cpu.bpe import PAIR_BASE, bpe_encode, bpe_train
 
 ENDOFTEXT = "<|endoftext|>"
@@ -206,8 +207,9 @@ class BPE:
         return len(self.vocab)
 
     def token_bytes(self, i: int) -> bytes:
-        """The bytes token i stands for (a special token: its text), for streaming decode."""
-        return self.vocab[i]
+        """The bytes token i stands for (a special token: its text), for streaming decode.
+        i must be an int or NumPy integer in [0, vocab_size)."""
+        return self.vocab[_token_id(i, len(self.vocab))]
 
     def __repr__(self) -> str:
         return (f"BPE(vocab_size={self.vocab_size}, merges={len(self.merges)}, pre={self.pre!r}, "
@@ -301,14 +303,9 @@ class BPE:
         return out
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of token ids (ints or NumPy integers in [0, vocab_size))."""
         vocab, n = self.vocab, len(self.vocab)
-        parts = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < n:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {n})")
-            parts.append(vocab[i])
-        return b"".join(parts)
+        return b"".join([vocab[_token_id(i, n)] for i in ids])
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of token ids (special tokens as their text; bytes that are not valid
@@ -324,32 +321,36 @@ class BPE:
         bytes_to_unicode) and merges.txt (one "a b" pair per line, in rank order).
 
         Vocabulary entries that are not byte strings reachable by merges (like
-        <|endoftext|>) become special tokens; `special_tokens` may name them explicitly.
+        <|endoftext|>) become special tokens; `special_tokens` may name them explicitly
+        (a mapping name -> id, as special_tokens.json holds, must agree with vocab.json).
+        Anything malformed in the files is a FormatError naming the file (and line); a
+        path that does not exist is a FileNotFoundError.
         """
-        with open(vocab_json, encoding="utf-8") as f:
-            vocab_map = json.load(f)
-        n = max(vocab_map.values()) + 1
-        if sorted(vocab_map.values()) != list(range(n)):
-            raise ValueError(f"{vocab_json}: ids are not 0..{n - 1} without gaps")
-        with open(merges_txt, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        vocab_map = _read_vocab(Path(vocab_json))
+        lines = _read_text(Path(merges_txt)).split("\n")
+        first_line = 1
         if lines and lines[0].startswith("#version"):
-            lines = lines[1:]
-        return cls._from_spelled(vocab_map, lines, special_tokens, str(merges_txt), 2, pre)
+            lines, first_line = lines[1:], 2
+        return cls._from_spelled(vocab_map, lines, special_tokens, str(merges_txt), first_line, pre, str(vocab_json))
 
     @classmethod
     def from_tokens(cls, tokens: list[str], merges: list[str], special_tokens: Optional[Iterable[str]] = None,
                     pre: str = "gpt2") -> "BPE":
         """Build from GPT-2-spelled token strings (id = index, as GGUF's tokenizer.ggml.tokens
         lists them) and "a b" merge strings in rank order (tokenizer.ggml.merges)."""
+        for what, items in (("token", tokens), ("merge", merges)):
+            for i, item in enumerate(items):
+                expect(item, str, "BPE token list", f"{what} {i}")
         vocab_map = {tok: i for i, tok in enumerate(tokens)}
         if len(vocab_map) != len(tokens):
-            raise ValueError("BPE token list has duplicate strings")
-        return cls._from_spelled(vocab_map, merges, special_tokens, "merges", 0, pre)
+            raise FormatError("BPE token list has duplicate strings")
+        return cls._from_spelled(vocab_map, merges, special_tokens, "merges", 0, pre, "BPE token list")
 
     @classmethod
     def _from_spelled(cls, vocab_map: dict, lines: list[str], special_tokens, where: str, first_line: int,
-                      pre: str) -> "BPE":
+                      pre: str, vocab_where: str) -> "BPE":
+        """The BPE of spelled tokens (vocab_map: token string -> id, ids 0..n-1) and merge
+        lines; anything inconsistent is a FormatError naming `where` / `vocab_where`."""
         decoder = {u: b for b, u in bytes_to_unicode().items()}
         n = len(vocab_map)
         merges, merge_ids = [], []
@@ -359,9 +360,14 @@ class BPE:
             parts = line.split(" ")
             if len(parts) != 2 or parts[0] not in vocab_map or parts[1] not in vocab_map or \
                     parts[0] + parts[1] not in vocab_map:
-                raise ValueError(f"{where}:{lineno}: bad merge line {line!r}")
+                raise FormatError(f"{where}:{lineno}: bad merge line {line!r:.80}")
             merges.append((vocab_map[parts[0]], vocab_map[parts[1]]))
             merge_ids.append(vocab_map[parts[0] + parts[1]])
+        if isinstance(special_tokens, dict):
+            for token, i in special_tokens.items():
+                if vocab_map.get(token) != i:
+                    raise FormatError(f"{vocab_where}: special token {token!r:.80} has id {vocab_map.get(token)}, "
+                                      f"not the {i!r:.40} the special tokens give")
         made = {m for m in merge_ids}
         vocab: list[bytes] = [b""] * n
         specials = {}
@@ -373,7 +379,10 @@ class BPE:
                 vocab[i] = token.encode("utf-8")
             else:
                 vocab[i] = bytes(decoder[ch] for ch in token)
-        return cls(vocab, merges, merge_ids, specials, pre)
+        try:
+            return cls(vocab, merges, merge_ids, specials, pre)
+        except ValueError as e:
+            raise FormatError(f"{vocab_where} / {where}: not a usable BPE vocabulary: {e}") from None
 
     def save(self, directory) -> None:
         """Write vocab.json + merges.txt (GPT-2's format), special_tokens.json and
@@ -393,14 +402,69 @@ class BPE:
     @classmethod
     def load(cls, directory) -> "BPE":
         """Read a tokenizer written by `save` (or any GPT-2-format folder: then the
-        pre-tokenizer is GPT-2's)."""
+        pre-tokenizer is GPT-2's). A missing folder is a FileNotFoundError; a file missing
+        or malformed inside it is a FormatError naming the file."""
         directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no tokenizer folder at {directory}")
+        for name in ("vocab.json", "merges.txt"):
+            if not (directory / name).is_file():
+                raise FormatError(f"{directory / name}: missing (a tokenizer folder holds vocab.json and merges.txt)")
         special, pre = None, "gpt2"
         if (directory / SPECIAL_FILE).exists():
-            special = json.loads((directory / SPECIAL_FILE).read_text(encoding="utf-8"))
+            where = str(directory / SPECIAL_FILE)
+            special = expect(read_json(directory / SPECIAL_FILE), dict, where, "the top level")
+            for token, i in special.items():
+                expect(i, int, where, f"id of {token!r:.80}")
         if (directory / PRE_FILE).exists():
-            pre = json.loads((directory / PRE_FILE).read_text(encoding="utf-8")).get("pre")
+            where = str(directory / PRE_FILE)
+            info = expect(read_json(directory / PRE_FILE), dict, where, "the top level")
+            pre = info.get("pre")
+            if pre not in PRE_TOKENIZERS:
+                raise FormatError(f"{where}: \"pre\" must be one of {', '.join(PRE_TOKENIZERS)}, got {pre!r:.80}")
         return cls.from_gpt2_files(directory / "vocab.json", directory / "merges.txt", special, pre)
+
+
+def _token_id(i, n: int) -> int:
+    """Token id i as an int: a Python or NumPy integer (not a bool, not a float, which
+    int() would truncate to some other token) in [0, n)."""
+    if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+        raise TypeError(f"token ids must be integers, got {type(i).__name__} {i!r:.40}")
+    if not 0 <= i < n:
+        raise ValueError(f"token id {i} is outside the vocabulary [0, {n})")
+    return int(i)
+
+
+def _read_text(path: Path) -> str:
+    """A tokenizer file's UTF-8 text, its size bounded; invalid UTF-8 is a FormatError
+    naming the line."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise FormatError(f"{path}: {size} bytes is more than the {MAX_JSON_BYTES} allowed for a tokenizer file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise FormatError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    """vocab.json: an object of token string -> id, the ids exactly 0..n-1 for n entries
+    (so nothing sized by an id can outgrow the file)."""
+    where = str(path)
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise FormatError(f"{path}: {size} bytes is more than the {MAX_JSON_BYTES} allowed for a tokenizer file")
+    vocab = expect(parse_json(path.read_bytes(), where), dict, where, "the top level")
+    n = len(vocab)
+    for token, i in vocab.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+            raise FormatError(f"{path}: id of {token!r:.80} must be an integer in [0, {n}) for {n} entries, "
+                              f"got {i!r:.40}")
+    if len(set(vocab.values())) != n:
+        raise FormatError(f"{path}: ids are not 0..{n - 1} without gaps (an id repeats)")
+    return vocab
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from nt.io import FormatError
 from nt.tokenizer import BPE, ENDOFTEXT, PRE_TOKENIZERS, bytes_to_unicode, pretokenize
 
 regex = pytest.importorskip("regex")
@@ -232,3 +233,94 @@ def test_gpt2_files_with_any_id_order(bpe, saved, tmp_path):
         assert ids == [int(perm[i]) for i in bpe.encode(text)]
         assert other.decode(ids) == text
     assert other.special_tokens == {s: int(perm[i]) for s, i in bpe.special_tokens.items()}
+
+
+def test_decode_refuses_non_integer_and_out_of_range_ids(bpe):
+    assert bpe.decode([np.int64(72), np.uint16(105), 33]) == bpe.decode([72, 105, 33])
+    for bad in (1.7, np.float32(1.0), "1", True, None):
+        with pytest.raises(TypeError, match="token ids must be integers"):
+            bpe.decode([bad])
+    for i in (-1, bpe.vocab_size, 10 ** 20):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            bpe.token_bytes(i)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            bpe.decode([i])
+    with pytest.raises(TypeError):
+        bpe.token_bytes(2.0)
+
+
+@pytest.fixture
+def folder(saved, tmp_path):
+    """A copy of a saved tokenizer folder to break."""
+    for p in saved.iterdir():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    return tmp_path
+
+
+def edit_vocab(folder, edit):
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    (folder / "vocab.json").write_text(json.dumps(edit(vocab)), encoding="utf-8")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda v: {**v, "zzz": 10 ** 12}, "must be an integer in \\[0, "),   # was list(range(10**12)): MemoryError
+    (lambda v: {**v, "zzz": -1}, "must be an integer in"),
+    (lambda v: {**v, "zzz": 3.0}, "must be an integer in"),
+    (lambda v: {**v, "zzz": "3"}, "must be an integer in"),
+    (lambda v: {**v, "zzz": True}, "must be an integer in"),
+    (lambda v: {**v, "zzz": 3}, "an id repeats"),
+    (lambda v: list(v), "top level must be dict"),
+])
+def test_hostile_vocab_json(folder, edit, message):
+    edit_vocab(folder, edit)
+    with pytest.raises(FormatError, match=message) as info:
+        BPE.load(folder)
+    assert "vocab.json" in str(info.value)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("vocab.json", b'{"a": 0, "\xff": 1}', "vocab.json: not valid UTF-8"),
+    ("vocab.json", b'{"a": 0,', "vocab.json: not valid JSON"),
+    ("vocab.json", b'{"a": 0, "a": 0}', "duplicate key"),
+    ("merges.txt", b"#version: 0.2\nh e\n\xc3\n", "merges.txt:3: not valid UTF-8"),
+    ("special_tokens.json", b'["<|endoftext|>"]', "special_tokens.json: the top level must be dict"),
+    ("special_tokens.json", b'{"<|endoftext|>": "0"}', "special_tokens.json: id of '<|endoftext|>' must be int"),
+    ("special_tokens.json", b'{"<|endoftext|>": 0}', "special token '<|endoftext|>' has id"),
+    ("special_tokens.json", b'{"<|nothing|>": 3}', "special token '<|nothing|>' has id None"),
+    ("pre_tokenizer.json", b'"gpt2"', "pre_tokenizer.json: the top level must be dict"),
+    ("pre_tokenizer.json", b'{"pre": "gpt5"}', "pre_tokenizer.json: \"pre\" must be one of"),
+    ("pre_tokenizer.json", b'{}', "pre_tokenizer.json: \"pre\" must be one of"),
+    ("pre_tokenizer.json", b"[" * 1000 + b"]" * 1000, "nested deeper"),
+])
+def test_hostile_tokenizer_files(folder, name, content, message):
+    (folder / name).write_bytes(content)
+    with pytest.raises(FormatError, match=message):
+        BPE.load(folder)
+
+
+def test_empty_vocabulary(folder):
+    (folder / "vocab.json").write_text("{}")
+    (folder / "merges.txt").write_text("")
+    (folder / "special_tokens.json").write_text("{}")
+    with pytest.raises(FormatError, match="not a usable BPE vocabulary: .* lacks the single-byte tokens"):
+        BPE.load(folder)
+
+
+def test_missing_tokenizer_files(folder, tmp_path):
+    (folder / "merges.txt").unlink()
+    with pytest.raises(FormatError, match="merges.txt: missing"):
+        BPE.load(folder)
+    with pytest.raises(FileNotFoundError):
+        BPE.load(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError):  # paths the caller names are the caller's
+        BPE.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
+
+
+def test_from_tokens_refuses_non_strings_and_duplicates():
+    tokens = [bytes_to_unicode()[b] for b in range(256)]
+    with pytest.raises(FormatError, match="token 3 must be str"):
+        BPE.from_tokens(tokens[:3] + [3] + tokens[4:], [])
+    with pytest.raises(FormatError, match="merge 0 must be str"):
+        BPE.from_tokens(tokens, [b"a b"])
+    with pytest.raises(FormatError, match="duplicate"):
+        BPE.from_tokens(tokens + tokens[:1], [])
