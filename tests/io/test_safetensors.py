@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nt.io import FormatError, load_safetensors, save_safetensors
-from nt.io.safetensors import read_safetensors_header
+from nt.io.safetensors import SafetensorsFile, read_safetensors_header
 
 st_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -126,3 +126,49 @@ def test_header_alone_is_read_without_the_data(tmp_path):
     assert list(entries) == ["x", "y"] and entries["x"].shape == (2, 3) and entries["y"].dtype == "I64"
     assert offset % 8 == 0 and entries["y"].end + offset == (tmp_path / "a.safetensors").stat().st_size
     assert not list(tmp_path.glob(".*"))  # the writer's temporary file is gone
+
+
+def bf16_file(path, values: np.ndarray) -> None:
+    """A one-tensor BF16 file written by hand (NumPy has no bfloat16): the top 16 bits of
+    each float32, which must be exactly representable."""
+    bits = (values.astype(np.float32).view(np.uint32) >> 16).astype("<u2")
+    header = json.dumps({"w": {"dtype": "BF16", "shape": list(values.shape), "data_offsets": [0, bits.nbytes]}})
+    raw = header.encode() + b" " * (-len(header) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bits.tobytes())
+
+
+def test_bf16_is_read_as_float32(tmp_path):
+    values = np.array([[1.0, -2.5, 0.0], [3.140625, 65536.0, -1e-3]], np.float32)
+    values = ((values.view(np.uint32) >> 16) << 16).view(np.float32)  # keep bf16-exact values
+    bf16_file(tmp_path / "b.safetensors", values)
+    ours, _ = load_safetensors(tmp_path / "b.safetensors")
+    assert ours["w"].dtype == np.float32 and np.array_equal(ours["w"], values)
+    f = SafetensorsFile(tmp_path / "b.safetensors")
+    assert f.tensors["w"].dtype == "BF16" and f.raw("w").dtype == np.uint16
+    assert np.array_equal(f.read("w", np.float64), values.astype(np.float64))
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+    assert np.array_equal(load_file(str(tmp_path / "b.safetensors"))["w"].float().numpy(), values)
+
+
+def test_mapped_file_reads_tensors_on_demand(tmp_path):
+    tensors = sample()
+    st_numpy.save_file(tensors, str(tmp_path / "m.safetensors"), metadata={"k": "v"})
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    assert f.metadata == {"k": "v"} and set(f.tensors) == set(tensors)
+    for name, v in tensors.items():
+        view = f.raw(name)
+        assert view.dtype == v.dtype and np.array_equal(view, v) and not view.flags.writeable
+        assert not view.flags.owndata  # a view of the map, not a copy
+    assert f.read("wte", np.float64).dtype == np.float64 and np.allclose(f.read("wte"), tensors["wte"])
+    assert f.read("h", np.float32).dtype == np.float32
+    with pytest.raises(FormatError, match="'b' is I64, expected a float"):
+        f.read("b")
+    with pytest.raises(KeyError, match="no tensor 'nope'"):
+        f.raw("nope")
+
+
+def test_mapped_file_validates_the_header_first(tmp_path):
+    path = corrupt(tmp_path, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4)
+    with pytest.raises(FormatError, match="truncated"):
+        SafetensorsFile(path)

@@ -6,11 +6,16 @@ The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, e
 (byte offsets into the data section) and may hold "__metadata__": {str: str}. Tensors
 are stored row-major, little-endian, back to back in header order without gaps; the
 header is padded with spaces to a multiple of 8 bytes so the data is aligned.
+
+BF16 (bfloat16, the top 16 bits of a float32) has no NumPy dtype: readers return it as
+float32. `SafetensorsFile` reads tensors on demand from a memory map, so a model's
+checkpoint is never read into memory whole.
 """
 from __future__ import annotations
 
 import json
 import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -22,6 +27,8 @@ from .common import FormatError, atomic_write, expect, parse_json
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
           "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+# how each dtype a reader accepts is stored: NumPy's types, and BF16 as its raw 16 bits
+STORAGE = {**DTYPES, "BF16": "<u2"}
 MAX_HEADER = 100 * 1024 * 1024  # as the reference implementation: refuse absurd headers
 MAX_DIMS = 32                   # NumPy 1's limit (NumPy 2 allows 64): past it reshape would fail
 
@@ -104,15 +111,15 @@ def _tensor_info(where: str, info, data_size: int) -> TensorInfo:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"{where}: entry must be an object with exactly dtype, shape, data_offsets")
     dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise FormatError(f"{where}: unsupported dtype {dtype!r:.80} (known: {sorted(DTYPES)})")
+    if not isinstance(dtype, str) or dtype not in STORAGE:
+        raise FormatError(f"{where}: unsupported dtype {dtype!r:.80} (known: {sorted(STORAGE)})")
     expect(shape, list, where, "shape")
     if len(shape) > MAX_DIMS:
         raise FormatError(f"{where}: shape has {len(shape)} dimensions, at most {MAX_DIMS} are supported")
     for d in shape:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.80}")
-    nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+    nbytes = math.prod(shape) * np.dtype(STORAGE[dtype]).itemsize
     if nbytes > data_size:
         raise FormatError(f"{where}: {dtype} {str(shape):.80} needs {nbytes} bytes, more than the {data_size} the data "
                           "section holds (truncated, or an absurd shape)")
@@ -124,9 +131,16 @@ def _tensor_info(where: str, info, data_size: int) -> TensorInfo:
     return TensorInfo(dtype, tuple(shape), offs[0], offs[1])
 
 
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 numbers given as their uint16 bit patterns (exact: a
+    bfloat16 is a float32 whose low 16 bits are zero)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(name -> read-only array, metadata) from a safetensors file, the header validated
-    first (read_safetensors_header); the data is read once and the arrays are views of it."""
+    first (read_safetensors_header); the data is read once and the arrays are views of it
+    (BF16 tensors: float32 copies)."""
     path = Path(path)
     entries, metadata, data_offset = read_safetensors_header(path)
     data_size = max((t.end for t in entries.values()), default=0)
@@ -138,5 +152,50 @@ def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     tensors = {}
     for name, t in entries.items():  # in file order
         count = math.prod(t.shape)
-        tensors[name] = np.frombuffer(data, dtype=DTYPES[t.dtype], count=count, offset=t.begin).reshape(t.shape)
+        tensors[name] = np.frombuffer(data, dtype=STORAGE[t.dtype], count=count, offset=t.begin).reshape(t.shape)
+        if t.dtype == "BF16":
+            tensors[name] = bf16_to_float32(tensors[name])
     return tensors, metadata
+
+
+class SafetensorsFile:
+    """A safetensors file read on demand: the header is validated when it is opened
+    (read_safetensors_header), the data is memory-mapped and each tensor is read only when
+    asked for, so only the pages of the tensors used are ever touched.
+
+    >>> f = SafetensorsFile("model.safetensors")
+    >>> f.tensors["wte"].shape, f.read("wte", np.float32)
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.tensors, self.metadata, self.data_offset = read_safetensors_header(self.path)
+        end = self.data_offset + max((t.end for t in self.tensors.values()), default=0)
+        with open(self.path, "rb") as f:
+            # mmap keeps its own handle; the map lives as long as this object or an array of it
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if len(self._map) < end:  # the file shrank since its header was read
+            raise FormatError(f"{self.path}: truncated: {len(self._map)} bytes, the header needs {end}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def raw(self, name: str) -> np.ndarray:
+        """Tensor `name` as stored (BF16 as uint16 bit patterns): a read-only view of the map."""
+        if name not in self.tensors:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        t = self.tensors[name]
+        count = math.prod(t.shape)
+        return np.frombuffer(self._map, dtype=STORAGE[t.dtype], count=count,
+                             offset=self.data_offset + t.begin).reshape(t.shape)
+
+    def read(self, name: str, dtype=np.float32) -> np.ndarray:
+        """Tensor `name` converted to the float `dtype` (a new array). Only floating-point
+        tensors (F64, F32, F16, BF16) convert; others are a FormatError naming the tensor."""
+        t = self.tensors.get(name)
+        if t is not None and t.dtype not in ("F64", "F32", "F16", "BF16"):
+            raise FormatError(f"{self.path}: tensor {name!r} is {t.dtype}, expected a float type (F32, F16, BF16, F64)")
+        values = self.raw(name)
+        if t.dtype == "BF16":
+            values = bf16_to_float32(values)
+        return values.astype(dtype)
