@@ -27,15 +27,17 @@ def embedding_backward(dwte, dwpe, dout, ids, pos0):
     """
     B, T = ids.shape
     C = dout.shape[2]
+    has_tok = dwte.shape[0] > 0  # empty: the token table is frozen
     has_pos = dwpe.shape[0] > 0
     for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
         c0 = blk * COL_BLOCK
         c1 = min(c0 + COL_BLOCK, C)
         for b in range(B):
             for t in range(T):
-                row = dwte[ids[b, t]]
-                for c in range(c0, c1):
-                    row[c] += dout[b, t, c]
+                if has_tok:
+                    row = dwte[ids[b, t]]
+                    for c in range(c0, c1):
+                        row[c] += dout[b, t, c]
                 if has_pos:
                     prow = dwpe[pos0 + t]
                     for c in range(c0, c1):

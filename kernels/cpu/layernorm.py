@@ -33,7 +33,8 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
 
 @njit(parallel=True, cache=True)
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
-    """Accumulate input, weight and bias grads. dbias may be empty (no bias).
+    """Accumulate input, weight and bias grads. dweight / dbias may be empty (frozen or
+    no bias): that grad is skipped.
 
     dx = rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w * xhat)), per row; the weight and
     bias grads sum over rows, done in a second pass that gives each task a block of
@@ -58,7 +59,10 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
         for c in range(C):
             xhat = (x[c] - m) * s
             dx[c] += (dy[c] * weight[c] - dnorm_mean - xhat * dnorm_norm_mean) * s
+    has_weight = dweight.shape[0] > 0
     has_bias = dbias.shape[0] > 0
+    if not (has_weight or has_bias):
+        return
     for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
         c0 = blk * COL_BLOCK
         c1 = min(c0 + COL_BLOCK, C)
@@ -66,6 +70,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
             m = mean[n]
             s = rstd[n]
             for c in range(c0, c1):
-                dweight[c] += dout[n, c] * (inp[n, c] - m) * s
+                if has_weight:
+                    dweight[c] += dout[n, c] * (inp[n, c] - m) * s
                 if has_bias:
                     dbias[c] += dout[n, c]

@@ -45,11 +45,14 @@ def rmsnorm_forward(out, rstd, inp, weight, eps):
 
 @njit(parallel=True, cache=True)
 def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd):
-    """Accumulate input and weight grads. The weight grad sums over rows in a second pass
-    where each task owns a block of columns: no races, order independent of threads."""
+    """Accumulate input and weight grads (dweight empty: frozen, skipped). The weight grad
+    sums over rows in a second pass where each task owns a block of columns: no races,
+    order independent of threads."""
     N, C = inp.shape
     for n in prange(N):
         _row_backward(dinp[n], dout[n], inp[n], weight, rstd[n])
+    if dweight.shape[0] == 0:
+        return
     for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
         c0 = blk * COL_BLOCK
         c1 = min(c0 + COL_BLOCK, C)
@@ -90,8 +93,9 @@ def _head_weight_grad(dw, c, dout, qkv, rstd, h0, h1):
 
 @njit(parallel=True, cache=True)
 def qk_norm_backward(dqkv, dq_weight, dk_weight, dout, qkv, q_weight, k_weight, rstd, NH, NKV):
-    """Accumulate dqkv (normalised heads and the passed-through v) and both weight grads.
-    Weight grads: one task per (weight, column), summing over every row and head."""
+    """Accumulate dqkv (normalised heads and the passed-through v) and both weight grads
+    (an empty one is frozen: skipped). Weight grads: one task per (weight, column),
+    summing over every row and head."""
     B, T, W = qkv.shape
     hs = q_weight.shape[0]
     v_off = (NH + NKV) * hs
@@ -105,6 +109,8 @@ def qk_norm_backward(dqkv, dq_weight, dk_weight, dout, qkv, q_weight, k_weight, 
         for c in range(v_off, W):
             dqkv[b, t, c] += dout[b, t, c]
     for col in prange(2 * hs):  # columns of q_weight, then of k_weight
+        if (dq_weight if col < hs else dk_weight).shape[0] == 0:
+            continue
         _head_weight_grad(dq_weight if col < hs else dk_weight, col % hs, dout, qkv, rstd,
                           NH if col >= hs else 0, NH + NKV if col >= hs else NH)
 

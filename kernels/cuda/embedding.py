@@ -56,6 +56,7 @@ def embedding_backward(dwte, dwpe, dout, ids, pos0):
     position grads have one writer per element.
     """
     B, T, C = dout.shape
-    _embedding_backward_tokens[blocks(dout.size), THREADS](dwte, dout, ids_to_device(ids))
+    if dwte.shape[0] > 0:  # empty: the token table is frozen
+        _embedding_backward_tokens[blocks(dout.size), THREADS](dwte, dout, ids_to_device(ids))
     if dwpe.shape[0] > 0:
         _embedding_backward_positions[blocks(T * C), THREADS](dwpe, dout, pos0)

@@ -61,6 +61,7 @@ def _layernorm_backward_params(dweight, dbias, dout, inp, mean, rstd):
     """dweight[c] += sum_n dy * xhat, dbias[c] += sum_n dy: one thread per channel walks
     all rows, so each grad element has a single writer (no atomics, fixed order)."""
     N, C = inp.shape
+    has_weight = dweight.shape[0] > 0
     has_bias = dbias.shape[0] > 0
     for c in range(cuda.grid(1), C, cuda.gridsize(1)):
         sw = 0.0
@@ -68,7 +69,8 @@ def _layernorm_backward_params(dweight, dbias, dout, inp, mean, rstd):
         for n in range(N):
             sw += dout[n, c] * (inp[n, c] - mean[n]) * rstd[n]
             sb += dout[n, c]
-        dweight[c] += sw
+        if has_weight:
+            dweight[c] += sw
         if has_bias:
             dbias[c] += sb
 
@@ -79,7 +81,9 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
-    """Accumulate input, weight and bias grads. dbias may be empty (no bias)."""
+    """Accumulate input, weight and bias grads. dweight / dbias may be empty (frozen or no
+    bias): skipped."""
     N, C = inp.shape
     _layernorm_backward_input[blocks(N, 1), THREADS](dinp, dout, inp, weight, mean, rstd)
-    _layernorm_backward_params[blocks(C), THREADS](dweight, dbias, dout, inp, mean, rstd)
+    if dweight.shape[0] or dbias.shape[0]:
+        _layernorm_backward_params[blocks(C), THREADS](dweight, dbias, dout, inp, mean, rstd)

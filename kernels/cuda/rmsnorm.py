@@ -70,9 +70,10 @@ def rmsnorm_forward(out, rstd, inp, weight, eps):
 
 
 def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd):
-    """Accumulate input and weight grads."""
+    """Accumulate input and weight grads (dweight empty: frozen, skipped)."""
     _rmsnorm_backward_input[blocks(inp.shape[0], 1), THREADS](dinp, dout, inp, weight, rstd)
-    _rmsnorm_backward_weight[blocks(inp.shape[1]), THREADS](dweight, dout, inp, rstd)
+    if dweight.shape[0]:
+        _rmsnorm_backward_weight[blocks(inp.shape[1]), THREADS](dweight, dout, inp, rstd)
 
 
 @cuda.jit(cache=True)
@@ -109,11 +110,13 @@ def _qk_norm_backward_input(dqkv, dout, qkv, q_weight, k_weight, rstd, NH, NKV):
 
 
 @cuda.jit(cache=True)
-def _qk_norm_weights(dq_weight, dk_weight, dout, qkv, rstd, NH, NKV):
-    """One thread per (weight, column): the sum over every position and head it scales."""
+def _qk_norm_weights(dq_weight, dk_weight, dout, qkv, rstd, NH, NKV, hs):
+    """One thread per (weight, column): the sum over every position and head it scales.
+    An empty weight grad is frozen: its columns are skipped."""
     B, T, _ = qkv.shape
-    hs = dq_weight.shape[0]
     for col in range(cuda.grid(1), 2 * hs, cuda.gridsize(1)):
+        if (dq_weight if col < hs else dk_weight).shape[0] == 0:
+            continue
         c = col % hs
         h0 = NH if col >= hs else 0
         h1 = NH + NKV if col >= hs else NH
@@ -160,4 +163,5 @@ def qk_norm_backward(dqkv, dq_weight, dk_weight, dout, qkv, q_weight, k_weight, 
     _qk_norm_backward_input[blocks(B * T * (NH + NKV), 1), THREADS](dqkv, dout, qkv, q_weight, k_weight,
                                                                     rstd, NH, NKV)
     _copy_values[blocks(B * T * (W - v_off)), THREADS](dqkv, dout, v_off, True)
-    _qk_norm_weights[blocks(2 * hs), THREADS](dq_weight, dk_weight, dout, qkv, rstd, NH, NKV)
+    if dq_weight.shape[0] or dk_weight.shape[0]:
+        _qk_norm_weights[blocks(2 * hs), THREADS](dq_weight, dk_weight, dout, qkv, rstd, NH, NKV, hs)

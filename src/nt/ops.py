@@ -35,6 +35,14 @@ def _none(k, dtype, width: int = 0):
     return _EMPTY[key]
 
 
+def _grad(k, x: Optional[Tensor]):
+    """x's gradient, or an empty array of the same rank when x is absent or frozen (a
+    parameter without a grad slot): kernels skip a gradient they are handed empty."""
+    if x is not None and x.grad is not None:
+        return x.grad
+    return _none(k, x.dtype if x is not None else np.float32, x.shape[-1] if x is not None and x.ndim == 2 else 0)
+
+
 def _check(x: Tensor, name: str, ndim: Optional[int] = None, t: Optional[Tape] = None) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be an nt Tensor, got {type(x).__name__}")
@@ -87,9 +95,9 @@ def embedding(t: Tape, ids: np.ndarray, wte: Tensor, wpe: Optional[Tensor] = Non
 
 
 def _embedding_backward(k, out, ids, wte, wpe, pos0):
-    C = wte.shape[1]
-    dwpe = wpe.grad if wpe is not None else _none(k, wte.dtype, C)
-    k.embedding_backward(wte.grad, dwpe, out.grad, ids.data, pos0)
+    dwte, dwpe = _grad(k, wte), _grad(k, wpe) if wpe is not None else _none(k, wte.dtype, wte.shape[1])
+    if dwte.shape[0] or dwpe.shape[0]:  # nothing to do when the tables are frozen
+        k.embedding_backward(dwte, dwpe, out.grad, ids.data, pos0)
 
 
 # ----------------------------------------------------------------------------- linear
@@ -123,8 +131,8 @@ def linear(t: Tape, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 def _linear_backward(k, out, x, weight, bias, transposed):
     C, OC = x.shape[-1], out.shape[-1]
     N = x.size // C
-    dbias = bias.grad if bias is not None else _none(k, weight.dtype)
-    k.matmul_backward(x.grad.reshape(N, C), weight.grad, dbias, out.grad.reshape(N, OC),
+    # a frozen weight gets no gradient: only the dx gemm runs
+    k.matmul_backward(x.grad.reshape(N, C), _grad(k, weight), _grad(k, bias), out.grad.reshape(N, OC),
                       x.data.reshape(N, C), weight.data, transposed)
 
 
@@ -202,8 +210,7 @@ def layernorm(t: Tape, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 def _layernorm_backward(k, out, x, weight, bias, mean, rstd):
     C = x.shape[-1]
     N = x.size // C
-    dbias = bias.grad if bias is not None else _none(k, weight.dtype)
-    k.layernorm_backward(x.grad.reshape(N, C), weight.grad, dbias, out.grad.reshape(N, C),
+    k.layernorm_backward(x.grad.reshape(N, C), _grad(k, weight), _grad(k, bias), out.grad.reshape(N, C),
                          x.data.reshape(N, C), weight.data, mean.data, rstd.data)
 
 
@@ -229,7 +236,7 @@ def rmsnorm(t: Tape, x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
 def _rmsnorm_backward(k, out, x, weight, rstd):
     C = x.shape[-1]
     N = x.size // C
-    k.rmsnorm_backward(x.grad.reshape(N, C), weight.grad, out.grad.reshape(N, C),
+    k.rmsnorm_backward(x.grad.reshape(N, C), _grad(k, weight), out.grad.reshape(N, C),
                        x.data.reshape(N, C), weight.data, rstd.data)
 
 
@@ -267,7 +274,7 @@ def qk_norm(t: Tape, qkv: Tensor, q_weight: Tensor, k_weight: Tensor, n_head: in
 
 
 def _qk_norm_backward(k, out, qkv, q_weight, k_weight, rstd, NH, NKV):
-    k.qk_norm_backward(qkv.grad, q_weight.grad, k_weight.grad, out.grad, qkv.data, q_weight.data,
+    k.qk_norm_backward(qkv.grad, _grad(k, q_weight), _grad(k, k_weight), out.grad, qkv.data, q_weight.data,
                        k_weight.data, rstd.data, NH, NKV)
 
 
@@ -483,7 +490,7 @@ def scale(t: Tape, x: Tensor, s) -> Tensor:
 
 
 def _scale_backward(k, out, x, s, learned):
-    k.scale_backward(x.gflat, s.grad if learned else _none(k, x.dtype), out.gflat, x.flat, s.data)
+    k.scale_backward(x.gflat, _grad(k, s) if learned else _none(k, x.dtype), out.gflat, x.flat, s.data)
 
 
 def concat(t: Tape, a: Tensor, b: Tensor) -> Tensor:

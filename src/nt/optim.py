@@ -37,6 +37,9 @@ class Optimizer:
     _host: tuple[str, ...] = ()
 
     def __init__(self, params: Params):
+        if params.size == 0:
+            raise ValueError("no trainable parameters: every parameter is frozen (model.freeze(trainable=[...]) "
+                             "names those to train)")
         self.params = params
         self.step_count = 0
         self.decay_mask = self.k.to_device(params.decay_mask())

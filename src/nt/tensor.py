@@ -8,7 +8,7 @@ without invalidating the handles made before.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -135,30 +135,52 @@ class Tensor:
 
 
 class Params:
-    """All parameters of a model in one contiguous buffer, grads in a mirror of it.
+    """A model's parameters. The trainable ones live in ONE contiguous buffer with a grad
+    mirror, so zeroing grads is one fill, the optimizer one kernel over `params.flat` and
+    clipping one reduction; frozen ones (if any) live in a second buffer with no grads at
+    all, so they cost no grad or optimizer memory and no backward writes to them.
 
-    `layout` lists (name, shape, decay) in storage order; `params[name]` is the tensor.
-    Zeroing grads is one fill, the optimizer is one kernel over `params.flat`, and a
-    checkpoint is one write of it.
+    `layout` lists (name, shape, decay) in canonical order (GPT-2: llm.c's file order);
+    `trainable` names the trainable parameters (None: all of them). `params[name]` is the
+    tensor wherever it lives; `load_flat` / `to_flat` move every value in canonical order
+    (`offsets[name]` is a parameter's place in that order), which is the trainable buffer
+    itself when nothing is frozen.
     """
 
-    def __init__(self, device: str, dtype, layout: Sequence[tuple[str, tuple, bool]]):
+    def __init__(self, device: str, dtype, layout: Sequence[tuple[str, tuple, bool]],
+                 trainable: Optional[Iterable[str]] = None):
+        self.layout = [(name, tuple(int(s) for s in shape), bool(decay)) for name, shape, decay in layout]
+        names = [name for name, _, _ in self.layout]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"parameters declared twice: {twice}")
+        if trainable is not None:
+            trainable = set(trainable)
+            unknown = trainable - set(names)
+            if unknown:
+                raise ValueError(f"no parameters named {sorted(unknown)}; have {names}")
         self.arena = Arena(device, dtype, with_grad=True, name="params")
+        self.frozen = Arena(device, dtype, with_grad=False, name="frozen")
         self.tensors: dict[str, Tensor] = {}
         self.decay: dict[str, bool] = {}
-        for name, shape, decay in layout:
-            if name in self.tensors:
-                raise ValueError(f"parameter {name!r} declared twice")
-            # packed without alignment gaps, so the buffer is exactly the checkpoint
-            t = Tensor(self.arena, self.arena.top, tuple(shape))
-            self.arena.top += t.size
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, shape, decay in self.layout:
+            arena = self.arena if trainable is None or name in trainable else self.frozen
+            # packed without alignment gaps: with nothing frozen the buffer is exactly the checkpoint
+            t = Tensor(arena, arena.top, shape)
+            arena.top += t.size
             self.tensors[name] = t
             self.decay[name] = decay
-        self.arena._grow(self.arena.top)
-        self.size = self.arena.top
-        self.norm_partials = None  # scratch for grad-norm reductions, made on first use
-        self.k.fill_(self.arena.buf, 0.0)
+            self.offsets[name] = total
+            total += t.size
+        self.numel = total            # every parameter, trainable or not
+        self.size = self.arena.top    # trainable elements: the length of flat and grad
+        for arena in (self.arena, self.frozen):
+            arena._grow(arena.top)
+            self.k.fill_(arena.buf, 0.0)
         self.k.fill_(self.arena.gbuf, 0.0)
+        self.norm_partials = None  # scratch for grad-norm reductions, made on first use
 
     @property
     def device(self) -> str:
@@ -178,17 +200,25 @@ class Params:
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
     def items(self):
         return self.tensors.items()
 
     @property
+    def trainable(self) -> list[str]:
+        """Names of the trainable parameters, in canonical order."""
+        return [name for name, t in self.tensors.items() if t.arena is self.arena]
+
+    @property
     def flat(self):
-        """Every parameter value, one flat buffer."""
+        """Every trainable parameter value, one flat buffer."""
         return self.arena.buf[:self.size]
 
     @property
     def grad(self):
-        """Every gradient, one flat buffer laid out like `flat`."""
+        """Every trainable parameter's gradient, one flat buffer laid out like `flat`."""
         return self.arena.gbuf[:self.size]
 
     @property
@@ -199,9 +229,39 @@ class Params:
         self.k.fill_(self.grad, 0.0)
 
     def decay_mask(self) -> np.ndarray:
-        """uint8 per element: 1 where weight decay applies (host array)."""
+        """uint8 per element of `flat`: 1 where weight decay applies (host array)."""
         mask = np.zeros(self.size, dtype=np.uint8)
         for name, t in self.tensors.items():
-            if self.decay[name]:
+            if self.decay[name] and t.arena is self.arena:
                 mask[t.offset:t.offset + t.size] = 1
         return mask
+
+    def load_flat(self, values: np.ndarray) -> None:
+        """Set every parameter from one host array in canonical order (`offsets`)."""
+        if values.shape != (self.numel,):
+            raise ValueError(f"expected {self.numel} parameter values, got shape {values.shape}")
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        if self.size == self.numel:  # nothing frozen: the trainable buffer is the canonical order
+            self.k.copy_(self.flat, self.k.to_device(values))
+            return
+        for name, t in self.tensors.items():
+            o = self.offsets[name]
+            self.k.copy_(t.flat, self.k.to_device(values[o:o + t.size]))
+
+    def to_flat(self) -> np.ndarray:
+        """Every parameter value as one host array in canonical order (a copy)."""
+        if self.size == self.numel:
+            return np.array(self.k.to_host(self.flat))
+        out = np.empty(self.numel, dtype=self.dtype)
+        for name, t in self.tensors.items():
+            o = self.offsets[name]
+            out[o:o + t.size] = self.k.to_host(t.flat)
+        return out
+
+    def with_trainable(self, trainable: Optional[Iterable[str]]) -> "Params":
+        """New Params with the same layout and values where only `trainable` (None: all)
+        get grads; grads are not carried over."""
+        new = Params(self.device, self.dtype, self.layout, trainable)
+        for name, t in self.tensors.items():
+            self.k.copy_(new.tensors[name].flat, t.flat)
+        return new

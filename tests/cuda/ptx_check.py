@@ -61,7 +61,7 @@ def signatures(f):
         (rmsnorm._rmsnorm_backward_weight, (A1, A2, A2, A1)),
         (rmsnorm._qk_norm_forward, (A3, A3, A3, A1, A1, I, I, F)),
         (rmsnorm._qk_norm_backward_input, (A3, A3, A3, A1, A1, A3, I, I)),
-        (rmsnorm._qk_norm_weights, (A1, A1, A3, A3, A3, I, I)),
+        (rmsnorm._qk_norm_weights, (A1, A1, A3, A3, A3, I, I, I)),
         (rmsnorm._copy_values, (A3, A3, I, B)),
         (rope._rope, (A3, A3, I, I, I, D1, B, F, B)),
         (embedding._embedding_forward, (A3, I2, A2, A2, I)),

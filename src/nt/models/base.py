@@ -68,15 +68,26 @@ class LanguageModel:
         return self.tape.training
 
     def load_flat(self, values: np.ndarray) -> None:
-        """Set every parameter from one flat array in this model's layout."""
-        if values.shape != (self.params.size,):
-            raise ValueError(f"expected {self.params.size} parameter values, got shape {values.shape}")
-        k = self.tape.k
-        k.copy_(self.params.flat, k.to_device(np.ascontiguousarray(values, dtype=self.params.dtype)))
+        """Set every parameter from one flat array in this model's layout (params.offsets)."""
+        self.params.load_flat(values)
 
     @property
     def num_params(self) -> int:
-        return self.params.size
+        """Every parameter, trainable or frozen."""
+        return self.params.numel
+
+    def freeze(self, trainable: Iterable[str] = ()) -> "LanguageModel":
+        """Make every parameter not named in `trainable` frozen: no grad memory, no weight
+        gradient computed in the backward (a linear with a frozen weight runs only its
+        input-gradient gemm), never touched by an optimizer. The trainable ones stay one
+        flat buffer, `model.params.flat`. Build the optimizer after freezing. Returns the model."""
+        self.params = self.params.with_trainable(trainable)
+        return self
+
+    def unfreeze(self) -> "LanguageModel":
+        """Make every parameter trainable again (grads start at zero). Returns the model."""
+        self.params = self.params.with_trainable(None)
+        return self
 
     # ------------------------------------------------------------------ generation with a KV cache
     # A model with a cache calls _init_kv_cache in __init__, runs attention through

@@ -93,17 +93,18 @@ class GPT2(LanguageModel):
         1/sqrt(2L), zero biases, unit layernorm weights, zero padded-vocabulary rows."""
         cfg = self.config
         rng = np.random.default_rng(seed)
-        host = np.zeros(self.params.size, dtype=np.float64)
+        host = np.zeros(self.params.numel, dtype=np.float64)
         residual_std = 0.02 / np.sqrt(2 * cfg.n_layer)
         for name, t in self.params.items():
-            view = host[t.offset:t.offset + t.size].reshape(t.shape)
+            o = self.params.offsets[name]
+            view = host[o:o + t.size].reshape(t.shape)
             if name in ("ln1w", "ln2w", "lnfw"):
                 view[:] = 1.0
             elif name in ("attprojw", "fcprojw"):
                 view[:] = rng.normal(0.0, residual_std, t.shape)
             elif self.params.decay[name]:
                 view[:] = rng.normal(0.0, 0.02, t.shape)
-        host[self.params["wte"].offset + cfg.vocab_size * cfg.n_embd:self.params["wpe"].offset] = 0.0
+        host[self.params.offsets["wte"] + cfg.vocab_size * cfg.n_embd:self.params.offsets["wpe"]] = 0.0
         self.load_flat(host)
 
     # ------------------------------------------------------------------ forward / backward
@@ -166,4 +167,4 @@ class GPT2(LanguageModel):
     def save_llmc(self, path) -> None:
         """Write the weights as an llm.c GPT-2 checkpoint (fp32, version 3)."""
         from ..io.llmc import write_llmc_checkpoint
-        write_llmc_checkpoint(path, self.config, self.tape.k.to_host(self.params.flat))
+        write_llmc_checkpoint(path, self.config, self.params.to_flat())

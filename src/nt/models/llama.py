@@ -199,10 +199,11 @@ class Llama(LanguageModel):
         down, mtp) scaled by 1/sqrt(2L), zero biases, unit norm weights, zero padded rows."""
         cfg = self.config
         rng = np.random.default_rng(seed)
-        host = np.zeros(self.params.size, dtype=np.float64)
+        host = np.zeros(self.params.numel, dtype=np.float64)
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for name, t in self.params.items():
-            view = host[t.offset:t.offset + t.size].reshape(t.shape)
+            o = self.params.offsets[name]
+            view = host[o:o + t.size].reshape(t.shape)
             if "norm" in name:
                 view[:] = 1.0
             elif name in ("attn_out", "down", "mtp"):
