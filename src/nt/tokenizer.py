@@ -435,13 +435,17 @@ def _token_id(i, n: int) -> int:
     return int(i)
 
 
-def _read_text(path: Path) -> str:
-    """A tokenizer file's UTF-8 text, its size bounded; invalid UTF-8 is a FormatError
-    naming the line."""
+def _read_bounded(path: Path) -> bytes:
+    """A tokenizer file's bytes, refused past MAX_JSON_BYTES before it is read."""
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
         raise FormatError(f"{path}: {size} bytes is more than the {MAX_JSON_BYTES} allowed for a tokenizer file")
-    raw = path.read_bytes()
+    return path.read_bytes()
+
+
+def _read_text(path: Path) -> str:
+    """A tokenizer file's UTF-8 text; invalid UTF-8 is a FormatError naming the line."""
+    raw = _read_bounded(path)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -453,10 +457,7 @@ def _read_vocab(path: Path) -> dict[str, int]:
     """vocab.json: an object of token string -> id, the ids exactly 0..n-1 for n entries
     (so nothing sized by an id can outgrow the file)."""
     where = str(path)
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise FormatError(f"{path}: {size} bytes is more than the {MAX_JSON_BYTES} allowed for a tokenizer file")
-    vocab = expect(parse_json(path.read_bytes(), where), dict, where, "the top level")
+    vocab = expect(parse_json(_read_bounded(path), where), dict, where, "the top level")
     n = len(vocab)
     for token, i in vocab.items():
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:

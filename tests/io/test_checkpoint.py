@@ -215,6 +215,7 @@ def test_missing_files_inside_the_folder_are_format_errors(saved):
     (lambda c: {**c, "config": {**c["config"], "n_layer": True}}, "config.n_layer must be int"),
     (lambda c: {**c, "config": {**c["config"], "n_layer": 2.0}}, "config.n_layer must be int"),
     (lambda c: {**c, "config": {**c["config"], "n_layer": 10 ** 30}}, "out of range"),
+    (lambda c: {**c, "config": {**c["config"], "n_layer": 10 ** 400}}, "out of range"),
     (lambda c: {**c, "config": {**c["config"], "n_head": 3}}, "impossible GPT2"),
     (lambda c: {**c, "config": []}, "config must be dict"),
     (lambda c: {**c, "dtype": "float16"}, "dtype 'float16' is not supported"),
@@ -235,6 +236,27 @@ def test_config_json_is_validated_before_building(saved, edit, message):
     with pytest.raises(FormatError, match=message) as info:
         load_model(path)
     assert "ck" in str(info.value)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("rope_theta", 10 ** 400, "rope_theta = .* out of range for a float"),
+    ("rope_theta", "1e4", "rope_theta must be int or float"),
+    ("rope_scaling", [10 ** 400, 1.0, 4.0, 8192], "rope_scaling element = .* out of range"),
+    ("rope_scaling", [8.0, "1"], "rope_scaling element must be"),
+    ("rope_scaling", {"factor": 8.0}, "rope_scaling must be list"),
+    ("rope_scaling", [8.0, 1.0], "impossible Llama"),
+    ("tie_embeddings", 1, "tie_embeddings must be bool"),
+    ("ffn_kind", "relu", "impossible Llama"),
+    ("norm", None, "norm must be str"),
+    ("n_predict", 2, "'mtp'"),
+])
+def test_llama_config_values(tmp_path, key, value, message):
+    from nt.models import Llama, LlamaConfig
+    path = save_checkpoint(tmp_path / "ck", Llama(LlamaConfig.preset("llama-tiny", rope_scaling=(8.0, 1.0, 4.0, 64))))
+    assert load_model(path).config.rope_scaling == (8.0, 1.0, 4.0, 64.0)
+    edit_json(path / "config.json", lambda c: {**c, "config": {**c["config"], key: value}})
+    with pytest.raises(FormatError, match=message):
+        load_model(path)
 
 
 def test_config_shapes_checked_against_the_weights_before_building(saved, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import nt.io
 from nt.io import (FormatError, load_checkpoint, load_safetensors, read_llmc_checkpoint, read_llmc_tokens,
                    save_checkpoint, save_safetensors, write_llmc_tokens)
-from nt.models import GPT2, GPT2Config
+from nt.models import GPT2, GPT2Config, Llama, LlamaConfig
 
 IO_DIR = Path(nt.io.__file__).parent
 
@@ -54,9 +54,17 @@ def test_corrupted_llmc_files(tmp_path):
     only_format_errors(path, path.read_bytes(), lambda p: read_llmc_tokens(p, vocab_size=40), seed=3, region=16)
 
 
+def tiny_model(kind: str):
+    if kind == "gpt2":
+        return GPT2(GPT2Config(block_size=4, vocab_size=10, n_layer=1, n_head=1, n_embd=4), seed=0)
+    return Llama(LlamaConfig(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=8, vocab_size=10,
+                             block_size=8, rope_scaling=(8.0, 1.0, 4.0, 4)), seed=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("name", ["state.json", "config.json"])
-def test_corrupted_checkpoint_json(tmp_path, name):
-    model = GPT2(GPT2Config(block_size=4, vocab_size=10, n_layer=1, n_head=1, n_embd=4), seed=0)
+def test_corrupted_checkpoint_json(tmp_path, name, kind):
+    model = tiny_model(kind)
     folder = save_checkpoint(tmp_path / "ck", model, step=2)
     data = (folder / name).read_bytes()
     only_format_errors(folder / name, data, lambda p: load_checkpoint(p.parent), seed=4, count=100,

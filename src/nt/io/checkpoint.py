@@ -212,27 +212,29 @@ def _model_table() -> dict:
             "Llama": (llama.Llama, llama.LlamaConfig, llama.param_layout)}
 
 
+def _number(where: str, key: str, value) -> float:
+    """A JSON number that is a float in range (ints past 2**53 would lose digits or, past
+    float's range, raise OverflowError where the config converts them)."""
+    if isinstance(expect(value, (int, float), where, key), int) and abs(value) > 2 ** 53:
+        raise FormatError(f"{where}: {key} = {value!r:.40} is out of range for a float")
+    return float(value)
+
+
 def _config_value(where: str, key: str, value, default):
     """A config field's value checked against the kind of its default: bool, int (below
-    2**31), float (a finite number), str, or (default None) null or a list of numbers."""
-    number = (int, float)
+    2**31), float (a number), str, or (default None) null or a list of numbers."""
     if isinstance(default, bool):
         return expect(value, bool, where, key)
     if isinstance(default, int):
         if abs(expect(value, int, where, key)) > _MAX_CONFIG_INT:
-            raise FormatError(f"{where}: {key} = {value} is out of range (|value| < 2**31)")
+            raise FormatError(f"{where}: {key} = {value!r:.40} is out of range (|value| < 2**31)")
         return value
     if isinstance(default, float):
-        if isinstance(expect(value, number, where, key), int) and abs(value) > 2 ** 53:
-            raise FormatError(f"{where}: {key} = {value} is out of range for a float")
-        return float(value)
+        return _number(where, key, value)
     if isinstance(default, str):
         return expect(value, str, where, key)
     if default is None:
-        if value is not None:
-            for v in expect(value, list, where, key):
-                expect(v, number, where, f"{key} element")
-        return value
+        return None if value is None else [_number(where, f"{key} element", v) for v in expect(value, list, where, key)]
     raise TypeError(f"config field {key} has a default of unsupported type {type(default).__name__}")
 
 
