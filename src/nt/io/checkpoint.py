@@ -47,7 +47,7 @@ STEP_NAME = re.compile(r"step_\d{8,}")               # what `latest` may name
 _TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(\d+)")   # .NAME.tmp-PID / .NAME.old-PID
 DTYPES = ("float32", "float64")                     # parameter dtypes a checkpoint may ask for
 _CONFIG_KEYS = {"model", "config_class", "dtype", "config"}
-_FLOAT_TENSORS = ("F16", "F32", "F64")
+_FLOAT_TENSORS = ("BF16", "F16", "F32", "F64")
 _MAX_CONFIG_INT = 2 ** 31 - 1   # no real model size comes near; bounds what a config can ask for
 _MAX_LATEST_BYTES = 256
 
