@@ -2,9 +2,11 @@
 from .base import LanguageModel
 from .gpt2 import GPT2, GPT2Config
 from .llama import Llama, LlamaConfig
-from . import gguf
+from . import gguf, hf
+from .hf import from_pretrained
 
-__all__ = ["LanguageModel", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "from_gguf", "gguf"]
+__all__ = ["LanguageModel", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "from_gguf", "gguf", "from_pretrained",
+           "hf"]
 
 
 def from_gguf(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageModel:
