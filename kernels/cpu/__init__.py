@@ -10,6 +10,7 @@ from .elementwise import (add_backward, add_forward, concat_backward, concat_for
                           mul_forward, scale_backward, scale_forward)
 from .embedding import embedding_backward, embedding_forward
 from .layernorm import layernorm_backward, layernorm_forward
+from .lora import lora_backward, lora_forward
 from .matmul import matmul_backward, matmul_forward
 from .quant import F16_TABLE, dequantize_q4_0, dequantize_q8_0, matmul_q4_0, matmul_q8_0
 from .memory import DEVICE, copy_, empty, fill_, synchronize, to_device, to_host

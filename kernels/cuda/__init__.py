@@ -14,6 +14,7 @@ from .elementwise import (add_backward, add_forward, concat_backward, concat_for
                           mul_forward, scale_backward, scale_forward)
 from .embedding import embedding_backward, embedding_forward
 from .layernorm import layernorm_backward, layernorm_forward
+from .lora import lora_backward, lora_forward
 from .matmul import matmul_backward, matmul_forward
 from .memory import DEVICE, copy_, empty, fill_, ids_to_device, synchronize, to_device, to_host
 from .optim import (adam_update, add_noise_, scale_, segment_sum_squares, sgd_update, sum_squares,

@@ -64,8 +64,17 @@ def _ptr(a) -> int:
     return a.__cuda_array_interface__["data"][0]
 
 
+def _ld(a) -> int:
+    """The row stride of a 2-D device array in elements (its leading dimension for cuBLAS):
+    the row length for a contiguous array, more for a column block of a wider one."""
+    if a.strides[1] != a.dtype.itemsize:
+        raise ValueError(f"cuBLAS needs unit column stride, got strides {a.strides}")
+    return max(a.strides[0] // a.dtype.itemsize, a.shape[1], 1)
+
+
 def gemm(trans_a: bool, trans_b: bool, M: int, N: int, K: int, alpha: float, A, B, beta: float, C) -> None:
-    """Row-major C[M,N] = alpha * op(A) @ op(B) + beta * C on C-contiguous 2-D device arrays.
+    """Row-major C[M,N] = alpha * op(A) @ op(B) + beta * C on 2-D device arrays with unit
+    column stride (contiguous, or column blocks of wider matrices).
 
     cuBLAS is column-major and a row-major matrix is the transpose of a column-major one,
     so we ask for C^T = op(B)^T op(A)^T: operands swapped, each keeps its transpose flag,
@@ -75,7 +84,7 @@ def gemm(trans_a: bool, trans_b: bool, M: int, N: int, K: int, alpha: float, A, 
     real = ctypes.c_float if single else ctypes.c_double
     fn = _lib.cublasSgemm_v2 if single else _lib.cublasDgemm_v2
     status = fn(_handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, N, M, K,
-                ctypes.byref(real(alpha)), _ptr(B), B.shape[1], _ptr(A), A.shape[1],
-                ctypes.byref(real(beta)), _ptr(C), C.shape[1])
+                ctypes.byref(real(alpha)), _ptr(B), _ld(B), _ptr(A), _ld(A),
+                ctypes.byref(real(beta)), _ptr(C), _ld(C))
     if status != 0:
         raise RuntimeError(f"cuBLAS gemm failed with status {status} (M={M}, N={N}, K={K})")

@@ -53,15 +53,17 @@ def _gemm_tiled(trans_a, trans_b, alpha, A, B, beta, C):
             C[i, j] = acc
 
 
-def gemm(trans_a: bool, trans_b: bool, A, B, beta: float, C) -> None:
-    """Row-major C = op(A) @ op(B) + beta * C (beta 0 or 1), on cuBLAS or the tiled kernel."""
+def gemm(trans_a: bool, trans_b: bool, A, B, beta: float, C, alpha: float = 1.0) -> None:
+    """Row-major C = alpha * op(A) @ op(B) + beta * C (beta 0 or 1), on cuBLAS or the tiled
+    kernel. Operands may be row blocks or column blocks of larger matrices (unit column
+    stride, any row stride)."""
     M, N = C.shape
     K = A.shape[0] if trans_a else A.shape[1]
     if cublas.available():
-        cublas.gemm(trans_a, trans_b, M, N, K, 1.0, A, B, beta, C)
+        cublas.gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C)
     else:
         n_tiles = -(-M // TILE) * -(-N // TILE)
-        _gemm_tiled[min(MAX_BLOCKS, n_tiles), (TILE, TILE)](trans_a, trans_b, 1.0, A, B, beta, C)
+        _gemm_tiled[min(MAX_BLOCKS, n_tiles), (TILE, TILE)](trans_a, trans_b, alpha, A, B, beta, C)
 
 
 @cuda.jit(cache=True)

@@ -17,7 +17,7 @@ import numpy as np
 from .tape import Tape
 from .tensor import Tensor
 
-__all__ = ["embedding", "linear", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
+__all__ = ["embedding", "linear", "lora_", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
            "glu", "swiglu", "geglu", "softmax", "add", "mul", "scale", "concat", "dropout", "attention",
            "cross_entropy", "linear_q"]
 
@@ -134,6 +134,48 @@ def _linear_backward(k, out, x, weight, bias, transposed):
     # a frozen weight gets no gradient: only the dx gemm runs
     k.matmul_backward(x.grad.reshape(N, C), _grad(k, weight), _grad(k, bias), out.grad.reshape(N, OC),
                       x.data.reshape(N, C), weight.data, transposed)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def lora_(t: Tape, out: Tensor, xa: Tensor, A: Tensor, B: Tensor, scale: float, o0: int = 0) -> Tensor:
+    """Add a LoRA adapter's output into a linear's output, in place, and return `out`:
+
+        out[..., o0:o0+OCp] += scale * (xa @ A^T) @ B^T        A (r, C), B (OCp, r)
+
+    xa is the adapter's input (the linear's input, or a dropout of it); o0 picks the
+    column block of a fused output (q, k or v of a fused qkv). Two small gemms: B @ A is
+    never formed. The backward gives xa, A and B their grads from out's grad, which the
+    base linear reads too (the sum's grad reaches both terms unchanged). Call it right
+    after the linear that made `out`, before anything reads it."""
+    _check(out, "out", None, t)
+    _check(xa, "xa", None, t)
+    _check(A, "A", 2, t)
+    _check(B, "B", 2, t)
+    r, C = A.shape
+    OCp = B.shape[0]
+    OC = out.shape[-1]
+    if xa.shape[-1] != C or xa.shape[:-1] != out.shape[:-1]:
+        raise ValueError(f"lora_: adapter input {xa.shape} does not fit A {A.shape} and out {out.shape}")
+    if B.shape[1] != r:
+        raise ValueError(f"lora_: B {B.shape} must be (OCp, r) for A {A.shape}")
+    if not 0 <= o0 <= OC - OCp:
+        raise ValueError(f"lora_: columns {o0}..{o0 + OCp} are outside the output's {OC}")
+    if not np.isfinite(scale):
+        raise ValueError(f"lora_: scale must be finite, got {scale}")
+    N = out.size // OC
+    h = t.new_saved((N, r))    # xa @ A^T, for B's grad
+    dh = t.new_saved((N, r))   # the backward's scratch for the grad of h
+    t.k.lora_forward(out.data.reshape(N, OC), h.data, xa.data.reshape(N, C), A.data, B.data, float(scale), int(o0))
+    t.record(_lora_backward, out, xa, A, B, h, dh, float(scale), int(o0))
+    return out
+
+
+def _lora_backward(k, out, xa, A, B, h, dh, scale, o0):
+    C, OC = A.shape[1], out.shape[-1]
+    N = out.size // OC
+    k.lora_backward(xa.grad.reshape(N, C), _grad(k, A), _grad(k, B), dh.data, out.grad.reshape(N, OC),
+                    h.data, xa.data.reshape(N, C), A.data, B.data, scale, o0)
 
 
 # ----------------------------------------------------------------------------- layernorm

@@ -40,3 +40,29 @@ def test_llama_kv_cache_generation_matches_cpu():
     out = {device: Llama(cfg, device=device, dtype=np.float64, seed=2).generate(prompt, 3, temperature=0)
            for device in ("cpu", "cuda")}
     np.testing.assert_array_equal(out["cuda"], out["cpu"])
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_frozen_and_lora_steps_match_cpu(adapt):
+    """A partly frozen model (norms and qk-norm frozen: their weight grads skipped), or a
+    fully frozen one with LoRA adapters on every linear, gives the CPU's grads."""
+    from nt.lora import LoRA
+    cfg = LlamaConfig(**dict(TINY, dropout=0.0, n_predict=1))
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 20, (2, 3)).astype(np.int32)
+    targets = np.roll(idx, -1, axis=1)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = Llama(cfg, device=device, dtype=np.float64, seed=1)
+        if adapt:
+            lora = LoRA(model, rank=2, alpha=4, targets=["q", "v", "o", "gate", "down"], seed=0)
+            lora.params.k.copy_(lora.params.flat, lora.params.k.to_device(
+                np.random.default_rng(4).standard_normal(lora.params.size) * 0.1))
+        else:
+            model.freeze(["qkvw", "gate_up", "down", "wte"])
+        model(idx, targets)
+        model.zero_grad()
+        model.backward()
+        runs[device] = np.array(model.tape.k.to_host(model.trainable_params.grad))
+    assert np.abs(runs["cpu"]).max() > 1e-3
+    np.testing.assert_allclose(runs["cuda"], runs["cpu"], **TOL)

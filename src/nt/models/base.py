@@ -3,6 +3,7 @@ train/eval modes and flat weight loading. A model supplies `config` (with block_
 vocab_size), `tape`, `params` and `forward(idx, targets) -> (logits, loss)` tensors."""
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
@@ -16,9 +17,25 @@ class LanguageModel:
 
     loss: Optional[Tensor] = None
     tokenizer = None   # a tokenizer (encode/decode/token_bytes) when the model file carried one
+    quantized = MappingProxyType({})  # matrix name -> ggml block format kept for inference (Llama)
+    adapters = None    # the nt.lora.LoRA attached to this model, if any
 
     def forward(self, idx: np.ndarray, targets: Optional[np.ndarray] = None):
         raise NotImplementedError
+
+    def _linear(self, x: Tensor, name: str, l: Optional[int] = None, bias: Optional[Tensor] = None) -> Tensor:
+        """x @ W^T (+ bias) for the matrix `name` (of layer l): float weights from params, or
+        a quantised matmul on the blocks when the matrix is kept quantised; then the LoRA
+        adapters attached to that matrix, if any, add their low-rank term in place."""
+        if name in self.quantized:
+            wq = self.qweights[name] if l is None else self.qweights[name][l]
+            out = ops.linear_q(self.tape, x, wq, self.quantized[name])
+        else:
+            w = self.params[name] if l is None else self.params[name][l]
+            out = ops.linear(self.tape, x, w, bias)
+        if self.adapters is not None:
+            self.adapters.apply(self.tape, x, out, name, l)
+        return out
 
     def _check_batch(self, idx, targets) -> None:
         """(B, T) ids and targets in the real vocabulary [0, vocab_size) (targets: or -1),
@@ -52,7 +69,16 @@ class LanguageModel:
         self.tape.backward(self.loss)
 
     def zero_grad(self) -> None:
+        """Zero the trainable parameters' grads (the model's and its adapters')."""
         self.params.zero_grad()
+        if self.adapters is not None:
+            self.adapters.params.zero_grad()
+
+    @property
+    def trainable_params(self):
+        """The Params an optimizer should update: the LoRA adapters when attached (the base
+        is frozen then), else the model's own (its trainable part, see freeze())."""
+        return self.adapters.params if self.adapters is not None else self.params
 
     def train(self, mode: bool = True) -> "LanguageModel":
         """Training mode: dropout active. Returns the model."""

@@ -126,14 +126,14 @@ class GPT2(LanguageModel):
         x = ops.embedding(t, idx, p["wte"], p["wpe"], pos0)
         for l in range(cfg.n_layer):
             h = ops.layernorm(t, x, p["ln1w"][l], p["ln1b"][l])
-            qkv = ops.linear(t, h, p["qkvw"][l], p["qkvb"][l])
+            qkv = self._linear(h, "qkvw", l, p["qkvb"][l])
             h = self._attention(qkv, cfg.n_head, cfg.n_head, 0, pos0, caches[l] if caches else None)
-            h = ops.linear(t, h, p["attprojw"][l], p["attprojb"][l])
+            h = self._linear(h, "attprojw", l, p["attprojb"][l])
             x = ops.add(t, x, h)
             h = ops.layernorm(t, x, p["ln2w"][l], p["ln2b"][l])
-            h = ops.linear(t, h, p["fcw"][l], p["fcb"][l])
+            h = self._linear(h, "fcw", l, p["fcb"][l])
             h = ops.gelu(t, h)
-            h = ops.linear(t, h, p["fcprojw"][l], p["fcprojb"][l])
+            h = self._linear(h, "fcprojw", l, p["fcprojb"][l])
             x = ops.add(t, x, h)
         return x
 

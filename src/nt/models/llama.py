@@ -222,15 +222,6 @@ class Llama(LanguageModel):
             return ops.rmsnorm(t, x, weight, cfg.norm_eps)
         return ops.layernorm(t, x, weight, None, cfg.norm_eps)
 
-    def _linear(self, x: Tensor, name: str, l: Optional[int] = None, bias: Optional[Tensor] = None) -> Tensor:
-        """x @ W^T (+ bias) for matrix `name` (of layer l): float weights from params, or a
-        quantised matmul on the blocks when the matrix is kept quantised."""
-        if name in self.quantized:
-            wq = self.qweights[name] if l is None else self.qweights[name][l]
-            return ops.linear_q(self.tape, x, wq, self.quantized[name])
-        w = self.params[name] if l is None else self.params[name][l]
-        return ops.linear(self.tape, x, w, bias)
-
     def _classify(self, h: Tensor) -> Tensor:
         """Logits of normed final hidden states: the tied embedding or the lm_head."""
         if self.config.tie_embeddings:
