@@ -641,6 +641,9 @@ def from_pretrained(path, device: str = "cpu", dtype=np.float32, check_finite: b
 def _export_config(model) -> dict:
     """config.json for `model`, or NotImplementedError naming what HF's classes cannot express."""
     cfg = model.config
+    if getattr(model, "adapters", None) is not None:
+        raise NotImplementedError(f"{type(model).__name__}: LoRA adapters are attached; merge or detach them "
+                                  "first (save_pretrained writes the base weights only)")
     dtype = str(np.dtype(model.params.dtype))
     meta = {"dtype": dtype, "torch_dtype": dtype, "bos_token_id": None, "eos_token_id": None,
             "pad_token_id": None, "use_cache": True}
