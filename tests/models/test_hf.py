@@ -356,7 +356,13 @@ def test_unsupported_options_are_refused(tmp_path, arch, change, message):
 
 @pytest.mark.parametrize("change,message", [
     (dict(hidden_size="64"), "'hidden_size' must be int"),
-    (dict(num_hidden_layers=0), "'num_hidden_layers' must be positive"),
+    (dict(num_hidden_layers=0), "'num_hidden_layers' must be in 1..10000"),
+    (dict(num_hidden_layers=10 ** 12), "'num_hidden_layers' must be in 1..10000"),
+    (dict(num_hidden_layers=5000), "5000 layers need more tensors than the 21"),
+    (dict(num_hidden_layers=3), "missing tensor 'model.layers.2.input_layernorm.weight'"),
+    (dict(num_key_value_heads=0), "'num_key_value_heads' must be in 1.."),
+    (dict(head_dim=None, num_attention_heads=5), "not divisible by num_attention_heads 5"),
+    (dict(vocab_size=2 ** 62), "'vocab_size' must be in 1.."),
     (dict(num_attention_heads=True), "'num_attention_heads' must be int"),
     (dict(rms_norm_eps=-1.0), "'rms_norm_eps' must be a finite positive"),
     (dict(tie_word_embeddings="yes"), "'tie_word_embeddings' must be bool"),

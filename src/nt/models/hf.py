@@ -44,6 +44,10 @@ SHARD = "model-{i:05d}-of-{n:05d}.safetensors"
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000   # bytes, transformers' default "5GB"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 GPT2_EPS = 1e-5   # the layernorm epsilon of nt's GPT-2 (ops.layernorm's default, as llm.c's)
+# sane limits on config.json's numbers, checked before any list or model is sized by them
+# (the tensor directory then bounds every shape by the shards' real sizes)
+MAX_LAYERS = 10_000
+MAX_SIZE = 2 ** 40
 
 # ====================================================================== the tables
 # nt parameter, the HF tensors whose rows make it ({l}: the layer; nt stacks layers), and the
@@ -198,11 +202,11 @@ class _Fields:
             raise FormatError(f"{self.where}: field {key!r} must be {names}, got {value!r:.80}")
         return value
 
-    def size(self, key: str) -> int:
-        """A positive integer (a count or a width)."""
+    def size(self, key: str, limit: int = MAX_SIZE) -> int:
+        """A positive integer (a count or a width) no larger than `limit`."""
         v = self.get(key, int)
-        if v <= 0:
-            raise FormatError(f"{self.where}: field {key!r} must be positive, got {v}")
+        if not 0 < v <= limit:
+            raise FormatError(f"{self.where}: field {key!r} must be in 1..{limit}, got {v}")
         return v
 
     def positive(self, key: str) -> float:
@@ -249,7 +253,7 @@ def _gpt2_config(f: _Fields) -> GPT2Config:
     # reorder_and_upcast_attn changes only where fp16 rounding happens: the same function in fp32
     f.get("reorder_and_upcast_attn", bool)
     try:
-        return GPT2Config(block_size=T, vocab_size=f.size("vocab_size"), n_layer=f.size("n_layer"),
+        return GPT2Config(block_size=T, vocab_size=f.size("vocab_size"), n_layer=f.size("n_layer", MAX_LAYERS),
                           n_head=f.size("n_head"), n_embd=C)
     except ValueError as e:
         raise FormatError(f"{f.where}: describes an impossible model: {e}") from None
@@ -371,9 +375,12 @@ def _sliding_pattern(where: str, types: list[str], window: Optional[int]) -> tup
 def _llama_config(f: _Fields, arch: str) -> LlamaConfig:
     """LlamaConfig from a llama, mistral, qwen2 or gemma3_text config.json."""
     gemma = arch == "gemma3_text"
-    L, C, NH = f.size("num_hidden_layers"), f.size("hidden_size"), f.size("num_attention_heads")
-    NKV = f.get("num_key_value_heads", int, nullable=True) or NH
-    hs = f.get("head_dim", int, nullable=True) or (C // NH if C % NH == 0 else 0)
+    L, C, NH = f.size("num_hidden_layers", MAX_LAYERS), f.size("hidden_size"), f.size("num_attention_heads")
+    NKV = f.size("num_key_value_heads") if f.get("num_key_value_heads", int, nullable=True) is not None else NH
+    hs = f.size("head_dim") if f.get("head_dim", int, nullable=True) is not None else C // NH
+    if hs * NH != C and f.raw.get("head_dim") is None:
+        raise FormatError(f"{f.where}: hidden_size {C} is not divisible by num_attention_heads {NH} "
+                          "and there is no head_dim")
     T = f.size("max_position_embeddings")
     if gemma:
         f.require("hidden_activation", ("gelu_pytorch_tanh", "gelu_new"), "nt's GeGLU gates with the tanh GELU")
@@ -608,6 +615,10 @@ def from_pretrained(path, device: str = "cpu", dtype=np.float32, check_finite: b
         raise FormatError(f"{folder}: not a folder (a Hugging Face model is a folder with {CONFIG})")
     arch, config = read_config(folder)
     tensors, source = open_weights(folder)
+    n_layers = config.n_layer if isinstance(config, GPT2Config) else config.n_layers
+    if n_layers > len(tensors):   # each layer has several tensors: refuse before listing them
+        raise FormatError(f"{source}: config.json's {n_layers} layers need more tensors than the {len(tensors)} "
+                          "the folder holds")
     expected, renamed = _check_directory(arch, config, tensors, source)
     layout = _layout(config)
     model = (GPT2 if isinstance(config, GPT2Config) else Llama)(config, device=device, dtype=dtype, seed=None)
