@@ -211,10 +211,10 @@ class _Fields:
 
     def positive(self, key: str) -> float:
         """A finite positive number (an epsilon, a RoPE base)."""
-        v = float(self.get(key, (int, float)))
-        if not (math.isfinite(v) and v > 0):
-            raise FormatError(f"{self.where}: field {key!r} must be a finite positive number, got {v}")
-        return v
+        v = self.get(key, (int, float))
+        if not _finite_positive(v):
+            raise FormatError(f"{self.where}: field {key!r} must be a finite positive number, got {v!r:.80}")
+        return float(v)
 
     def require(self, key: str, allowed: tuple, why: str):
         """The field's value, which nt supports only when it is one of `allowed`."""
@@ -226,6 +226,16 @@ class _Fields:
 
     def unread(self) -> list[str]:
         return sorted(k for k in self.raw if k not in self.read and k not in IGNORED)
+
+
+def _finite_positive(v) -> bool:
+    """Whether v is a JSON number (not a bool) that is a finite positive float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v)) and v > 0
+    except OverflowError:   # an int past float's range
+        return False
 
 
 def _unsupported(where: str, what: str) -> NotImplementedError:
@@ -259,13 +269,13 @@ def _gpt2_config(f: _Fields) -> GPT2Config:
         raise FormatError(f"{f.where}: describes an impossible model: {e}") from None
 
 
-def _rope_dict(f: _Fields, params: dict, where: str, max_positions: int) -> tuple[float, Optional[tuple]]:
+def _rope_dict(params: dict, where: str, max_positions: int) -> tuple[float, Optional[tuple]]:
     """(theta, nt rope_scaling) from one RoPE parameter dict: "default" or Llama-3's "llama3"."""
     if not isinstance(params, dict):
         raise FormatError(f"{where} must be an object, got {params!r:.80}")
     kind = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
+    if not _finite_positive(theta):
         raise FormatError(f"{where}: rope_theta must be a finite positive number, got {theta!r:.80}")
     partial = params.get("partial_rotary_factor", 1.0)
     if partial != 1.0:
@@ -278,7 +288,7 @@ def _rope_dict(f: _Fields, params: dict, where: str, max_positions: int) -> tupl
         known |= set(keys)
         values = {k: params.get(k, max_positions if k == "original_max_position_embeddings" else None) for k in keys}
         for k, v in values.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            if not _finite_positive(v):
                 raise FormatError(f"{where}: llama3 RoPE needs a positive number {k}, got {v!r:.80}")
         if not values["low_freq_factor"] < values["high_freq_factor"]:
             raise FormatError(f"{where}: llama3 RoPE needs low_freq_factor < high_freq_factor, got {values}")
@@ -302,7 +312,7 @@ def _rope(f: _Fields, arch: str, max_positions: int, layer_kinds: set) -> tuple[
     if arch != "gemma3_text":
         merged = dict(scaling or params or {})
         merged.setdefault("rope_theta", theta)
-        theta, rope_scaling = _rope_dict(f, merged, where, max_positions)
+        theta, rope_scaling = _rope_dict(merged, where, max_positions)
         return theta, rope_scaling, 0.0
     # Gemma-3: one dict per layer type; the local layers' base defaults to rope_local_base_freq
     local_theta = f.positive("rope_local_base_freq") if "rope_local_base_freq" in f.raw else _GEMMA3_LOCAL_THETA
@@ -310,13 +320,13 @@ def _rope(f: _Fields, arch: str, max_positions: int, layer_kinds: set) -> tuple[
     extra = sorted(set(params) - {"full_attention", "sliding_attention"})
     if extra:
         raise FormatError(f"{where}: Gemma-3 keeps one dict per layer type, got keys {extra}")
-    full = dict(params.get("full_attention") or {})
-    full.update(scaling or {})
-    full.setdefault("rope_theta", theta)
-    local = dict(params.get("sliding_attention") or {})
-    local.setdefault("rope_theta", local_theta)
-    theta, rope_scaling = _rope_dict(f, full, where + ".full_attention", max_positions)
-    local_theta, local_scaling = _rope_dict(f, local, where + ".sliding_attention", max_positions)
+    full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    if not isinstance(full, dict) or not isinstance(local, dict):
+        raise FormatError(f"{where}: full_attention and sliding_attention must be objects")
+    full = {"rope_theta": theta, **full, **(scaling or {})}
+    local = {"rope_theta": local_theta, **local}
+    theta, rope_scaling = _rope_dict(full, where + ".full_attention", max_positions)
+    local_theta, local_scaling = _rope_dict(local, where + ".sliding_attention", max_positions)
     if layer_kinds == {"sliding_attention", "full_attention"} and local_scaling != rope_scaling:
         raise _unsupported(where, f"RoPE scaling {rope_scaling} on global layers and {local_scaling} on local "
                                   "layers: nt applies one scaling to every layer")
