@@ -24,7 +24,7 @@ import numpy as np
 
 from .data import (BYTE_VOCAB, DEFAULT_BPE_VOCAB, DataLoader, builtin_corpus, builtin_tokenizer,
                    byte_tokens_to_text, encode_text, text_to_byte_tokens)
-from .io import latest_checkpoint, load_checkpoint, read_llmc_tokens, save_run_checkpoint
+from .io import latest_checkpoint, load_checkpoint, read_llmc_tokens, resolve_checkpoint, save_run_checkpoint
 from .optim import OPTIMIZERS, CosineSchedule, GradScaler, clip_factor, make_optimizer, scale_grads
 from .tokenizer import BPE
 
@@ -183,7 +183,10 @@ def resume_path(args) -> Optional[Path]:
         if path is None:
             print(f"no checkpoint in {args.out_dir} yet: starting from scratch")
         return path
-    path = Path(args.resume)
+    try:   # a save interrupted while replacing the folder left its previous version beside it
+        path = resolve_checkpoint(args.resume)
+    except FileNotFoundError:
+        sys.exit(f"error: {args.resume} is not a checkpoint folder")
     if not (path / "state.json").exists():
         sys.exit(f"error: {path} is not a checkpoint folder (no state.json)")
     return path

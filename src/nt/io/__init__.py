@@ -5,7 +5,7 @@ anything is allocated, and anything malformed is a FormatError naming the file. 
 package does not import nt.models at module level (the models import it); functions that
 build a model import them inside.
 """
-from .checkpoint import (Checkpoint, latest_checkpoint, load_checkpoint, load_model, load_weights,
+from .checkpoint import (Checkpoint, latest_checkpoint, load_checkpoint, load_model, load_weights, resolve_checkpoint,
                          save_checkpoint, save_run_checkpoint)
 from .common import FormatError
 from .llmc import (LlmcSizes, read_llmc_checkpoint, read_llmc_tokens, write_llmc_checkpoint,
@@ -15,4 +15,4 @@ from .safetensors import load_safetensors, read_safetensors_header, save_safeten
 __all__ = ["FormatError", "LlmcSizes", "read_llmc_checkpoint", "write_llmc_checkpoint", "read_llmc_tokens",
            "write_llmc_tokens", "load_safetensors", "read_safetensors_header", "save_safetensors", "Checkpoint",
            "save_checkpoint", "load_checkpoint", "load_model", "load_weights", "save_run_checkpoint",
-           "latest_checkpoint"]
+           "latest_checkpoint", "resolve_checkpoint"]

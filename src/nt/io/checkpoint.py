@@ -102,9 +102,10 @@ def _inner_file(directory: Path, name: str) -> Path:
     return path
 
 
-def _checkpoint_folder(directory: Path) -> Path:
-    """`directory`, or, while a save replacing it is between its two renames (or was killed
+def resolve_checkpoint(directory) -> Path:
+    """The checkpoint folder at `directory`, or, while a save replacing it is between its two renames (or was killed
     there), the complete previous version kept beside it as .NAME.old-PID."""
+    directory = Path(directory)
     if directory.is_dir():
         return directory
     kept = [p for p in directory.parent.glob(f".{glob.escape(directory.name)}.old-*") if (p / "state.json").is_file()]
@@ -265,9 +266,12 @@ def _read_config(path: Path):
     for key in values:
         if key not in fields:
             raise FormatError(f"{where}: config key {key!r:.80} is not a field of {config_cls.__name__}")
+    # a field added to a config class after checkpoints were written is listed in its
+    # ADDED_FIELDS and takes its default (which reproduces the older behaviour) when absent
     for key in fields:
-        if key not in values:
+        if key not in values and key not in getattr(config_cls, "ADDED_FIELDS", ()):
             raise FormatError(f"{where}: config key {key!r} is missing")
+    values = {key: values.get(key, fields[key].default) for key in fields}
     checked = {key: _config_value(where, f"config.{key}", values[key], fields[key].default) for key in fields}
     try:
         config = config_cls(**checked)
@@ -398,7 +402,7 @@ def load_model(directory, device: str = "cpu", dtype=None):
     dtype float32 or float64) and the parameter shapes it implies are compared with
     model.safetensors' header before anything is built or read. `dtype` overrides the
     saved one."""
-    directory = _checkpoint_folder(Path(directory))
+    directory = resolve_checkpoint(Path(directory))
     model_cls, config, layout, saved_dtype = _read_config(directory / "config.json")
     weights = _inner_file(directory, "model.safetensors")
     entries, _, _ = read_safetensors_header(weights)
@@ -431,7 +435,7 @@ def load_checkpoint(directory, model=None, optimizer=None, *, schedule=None,
     same folder, so the weights are not read twice (the tape's RNG state is still restored).
     Training continues at `.step`.
     """
-    directory = _checkpoint_folder(Path(directory))
+    directory = resolve_checkpoint(Path(directory))
     state = _read_state(directory / "state.json")
     if model is None:
         model = load_model(directory, device=device, dtype=dtype)
@@ -495,7 +499,7 @@ def latest_checkpoint(out_dir) -> Optional[Path]:
     if not STEP_NAME.fullmatch(name):
         raise FormatError(f"{pointer}: names {name!r:.80}, expected a step_XXXXXXXX folder of {out_dir}")
     try:
-        path = _checkpoint_folder(out_dir / name)
+        path = resolve_checkpoint(out_dir / name)
     except FileNotFoundError:
         raise FormatError(f"{pointer}: names {name}, which does not exist") from None
     if path.resolve().parent != out_dir.resolve():  # e.g. step_X a symlink to elsewhere

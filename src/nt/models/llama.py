@@ -95,6 +95,12 @@ class LlamaConfig:
             raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
         if self.rope_pairing not in ops.ROPE_PAIRINGS:
             raise ValueError(f"rope_pairing must be one of {ops.ROPE_PAIRINGS}, got {self.rope_pairing!r}")
+        for field in ("rope_theta", "norm_eps", "init_std"):  # NaN fails these comparisons too
+            if not 0.0 < float(getattr(self, field)) < math.inf:
+                raise ValueError(f"LlamaConfig.{field} must be a positive finite number, got {getattr(self, field)}")
+        if self.rope_local_theta and not 0.0 < float(self.rope_local_theta) < math.inf:
+            raise ValueError(f"LlamaConfig.rope_local_theta must be 0 (same as rope_theta) or positive, "
+                             f"got {self.rope_local_theta}")
         if self.rope_scaling is not None:
             self.rope_scaling = tuple(float(v) for v in self.rope_scaling)
             ops.rope_frequencies(self.hs, self.rope_theta, self.rope_scaling)  # validates it
@@ -177,7 +183,7 @@ class Llama(LanguageModel):
         """quantized: {matrix name: "Q8_0" | "Q4_0"} for matrices (of QUANTIZABLE) kept as ggml
         blocks for inference: they are left out of `params` and read by ops.linear_q from
         `qweights[name]` (a list of (OC, bytes) uint8 rows per layer; lm_head: one array),
-        which the caller fills (nt.io.gguf.load(..., keep_quantized=True) does)."""
+        which the caller fills (nt.models.gguf.load(..., keep_quantized=True) does)."""
         self.config = config
         self.quantized = dict(quantized or {})
         bad = [n for n, kind in self.quantized.items() if n not in QUANTIZABLE or kind not in ops.QUANT_FORMATS]
