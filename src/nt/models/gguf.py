@@ -1,5 +1,7 @@
 """nt's GPT2 and Llama to and from GGUF files: llama.cpp's tensor names and metadata keys
-for the "gpt2" and "llama" architectures, and the tokenizer that tokenizer.ggml.* describes.
+for the "gpt2" architecture and the Llama family's "llama", "qwen2" and "gemma3" (one
+LLAMA_ARCHS entry each), and the tokenizer that tokenizer.ggml.* describes (read:
+tokenizer_from_metadata; written: tokenizer_metadata).
 
 nt.io.gguf reads and writes the format; this module decides what a file must hold to be
 one of nt's models. `load` checks everything before it builds anything: every metadata key
@@ -15,17 +17,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
 from .. import ops
 from ..io.common import FormatError
 from ..io.gguf import DEQUANTIZE_TYPES, FILE_TYPES, GGML_TYPE_IDS, GGML_TYPES, WRITE_TYPES, GGUFFile, write_gguf
-from ..tokenizer import BPE, SP_BYTE, SP_CONTROL, SP_NORMAL, SP_USER_DEFINED, SentencePieceBPE
+from ..tokenizer import (ENDOFTEXT, BPE, SP_BYTE, SP_CONTROL, SP_NORMAL, SP_UNUSED, SP_USER_DEFINED, SentencePieceBPE,
+                         bytes_to_unicode)
 from .base import LanguageModel
 from .gpt2 import GPT2, GPT2Config, param_layout as gpt2_param_layout
-from .llama import Llama, LlamaConfig
+from .llama import Llama, LlamaConfig, param_layout as llama_param_layout
 
 # a context_length past this is a corrupt field, not a model (nt's Llama keeps no table
 # of that length, so the directory cannot bound it as it bounds GPT-2's)
@@ -128,6 +131,16 @@ def _check_directory(f: GGUFFile, arch: str, expected: dict[str, tuple], optiona
                               f"is not part of nt's {arch} model")
 
 
+# ====================================================================== parameters
+
+def _param_views(model: LanguageModel, flat: np.ndarray) -> dict[str, np.ndarray]:
+    """Every parameter of `model` as a view of `flat`, a host array of all of them in
+    canonical order (params.offsets; frozen parameters included)."""
+    params = model.params
+    return {name: flat[params.offsets[name]:params.offsets[name] + t.size].reshape(t.shape)
+            for name, t in params.items()}
+
+
 # ====================================================================== GPT-2
 
 # nt GPT2 parameter -> llama.cpp tensor name ({l} = layer). Shapes agree per layer: nt keeps
@@ -186,10 +199,10 @@ def _gpt2_config(f: GGUFFile) -> GPT2Config:
 
 def _gpt2_import(f: GGUFFile, cfg: GPT2Config, device: str) -> GPT2:
     model = GPT2(cfg, device=device, seed=None)
-    host = np.zeros(model.params.size, dtype=np.float32)
+    host = np.zeros(model.params.numel, dtype=np.float32)
+    p = _param_views(model, host)
     for nt_name, gguf_name in GPT2_TENSOR_NAMES:
-        t = model.params[nt_name]
-        view = host[t.offset:t.offset + t.size].reshape(t.shape)
+        view = p[nt_name]
         if nt_name == "wte":
             view[:cfg.vocab_size] = f.dequantize(gguf_name)
         elif "{l}" in gguf_name:
@@ -203,7 +216,6 @@ def _gpt2_import(f: GGUFFile, cfg: GPT2Config, device: str) -> GPT2:
 
 def _gpt2_export(model: GPT2) -> tuple[dict, dict]:
     cfg = model.config
-    host = model.tape.k.to_host(model.params.flat)
     meta = {
         "general.architecture": "gpt2", "general.name": "nt-gpt2",
         "gpt2.context_length": cfg.block_size, "gpt2.embedding_length": cfg.n_embd,
@@ -211,10 +223,7 @@ def _gpt2_export(model: GPT2) -> tuple[dict, dict]:
         "gpt2.attention.head_count": cfg.n_head, "gpt2.attention.layer_norm_epsilon": GPT2_EPS,
         "gpt2.vocab_size": cfg.vocab_size,
     }
-    values = {}
-    for nt_name, _ in GPT2_TENSOR_NAMES:
-        t = model.params[nt_name]
-        values[nt_name] = host[t.offset:t.offset + t.size].reshape(t.shape)
+    values = _param_views(model, model.params.to_flat().astype(np.float32, copy=False))
     values["wte"] = values["wte"][:cfg.vocab_size]   # drop nt's vocabulary padding
     per_layer = [(n, g) for n, g in GPT2_TENSOR_NAMES if "{l}" in g]
     arrays = {g: values[n] for n, g in GPT2_TENSOR_NAMES if "{l}" not in g and not g.startswith("output")}
@@ -226,81 +235,173 @@ def _gpt2_export(model: GPT2) -> tuple[dict, dict]:
     return meta, arrays
 
 
-# ====================================================================== Llama
+# ====================================================================== the Llama family
 
-# nt Llama matrix -> the GGUF tensors stacked (along rows) to make it, per layer
-_LLAMA_MATRICES = {"qkvw": ("attn_q", "attn_k", "attn_v"), "attn_out": ("attn_output",),
-                   "gate_up": ("ffn_gate", "ffn_up"), "down": ("ffn_down",)}
+class LlamaArch(NamedTuple):
+    """How one llama.cpp architecture maps onto nt's Llama."""
 
-# What nt's Llama must look like to be llama.cpp's "llama" architecture.
-_LLAMA_PLAIN = dict(norm="rmsnorm", ffn_kind="swiglu", qkv_bias=False, qk_norm=False, post_norms=False,
-                    embed_scale=False, sliding_window=0, n_predict=1)
+    rope_pairing: str   # llama.cpp's rotation: "interleaved" (LLAMA_ROPE_TYPE_NORM) or "half" (NEOX)
+    options: dict       # the LlamaConfig options its graph fixes
+
+
+# One entry per llama.cpp architecture nt reads and writes. Options not named here are nt's
+# defaults for all three (_LLAMA_COMMON). Gemma-3's sliding window, its local/global layer
+# pattern and its local RoPE base come from the file (_gemma3_options).
+LLAMA_ARCHS = {
+    "llama": LlamaArch("interleaved", dict(ffn_kind="swiglu", qkv_bias=False, qk_norm=False, post_norms=False,
+                                           embed_scale=False, sliding_window=0)),
+    # Qwen2: biases on q, k, v (not on the output projection)
+    "qwen2": LlamaArch("half", dict(ffn_kind="swiglu", qkv_bias=True, qk_norm=False, post_norms=False,
+                                    embed_scale=False, sliding_window=0)),
+    # Gemma-3: GeGLU, RMSNorm of each q/k head, norms after attention and MLP, embeddings
+    # times sqrt(dim) (applied by llama.cpp's graph, not stored)
+    "gemma3": LlamaArch("half", dict(ffn_kind="geglu", qkv_bias=False, qk_norm=True, post_norms=True,
+                                     embed_scale=True)),
+}
+_LLAMA_COMMON = dict(norm="rmsnorm", rope_scaling=None, n_predict=1)
+
+# llama.cpp's gemma3 (llama_load_hparams_gemma3): five local layers then a global one, local
+# layers with RoPE base 10000. Versions that read attention.sliding_window_pattern and
+# rope.freq_base_swa take them from the file; older ones always use these.
+GEMMA3_PATTERN = 6
+GEMMA3_LOCAL_THETA = 10000.0
+# llama.cpp takes an n_layer = 62 Gemma-3 for the 27B model and scales its attention by
+# 1/sqrt(embedding_length / head_count) instead of 1/sqrt(head size), which nt does not
+GEMMA3_27B_LAYERS = 62
+
+# nt matrices that from_gguf(keep_quantized=True) may keep as blocks
+_KEPT_MATRICES = ("qkvw", "attn_out", "gate_up", "down")
+
+
+def _layer_tensors(cfg: LlamaConfig) -> list[tuple[str, str, int, int]]:
+    """One block's GGUF tensors in llama.cpp's order, as (nt parameter, name after "blk.N.",
+    first row, end row): the tensor is rows [first, end) of the parameter's layer slice
+    (q, k and v are stacked in qkvw and qkvb, gate and up in gate_up)."""
+    C, H, hs = cfg.dim, cfg.ffn_hidden, cfg.hs
+    q, kv = cfg.n_heads * hs, cfg.n_kv_heads * hs
+    qkv = (("attn_q", 0, q), ("attn_k", q, q + kv), ("attn_v", q + kv, q + 2 * kv))
+    out = [("attn_norm", "attn_norm.weight", 0, C)]
+    out += [("qkvw", f"{g}.weight", a, b) for g, a, b in qkv]
+    if cfg.qkv_bias:
+        out += [("qkvb", f"{g}.bias", a, b) for g, a, b in qkv]
+    if cfg.qk_norm:
+        out += [("q_norm", "attn_q_norm.weight", 0, hs), ("k_norm", "attn_k_norm.weight", 0, hs)]
+    out.append(("attn_out", "attn_output.weight", 0, C))
+    if cfg.post_norms:
+        out.append(("post_attn_norm", "post_attention_norm.weight", 0, C))
+    out += [("ffn_norm", "ffn_norm.weight", 0, C), ("gate_up", "ffn_gate.weight", 0, H),
+            ("gate_up", "ffn_up.weight", H, 2 * H), ("down", "ffn_down.weight", 0, C)]
+    if cfg.post_norms:
+        out.append(("post_ffn_norm", "post_ffw_norm.weight", 0, C))
+    return out
 
 
 def _llama_shapes(cfg: LlamaConfig) -> dict[str, tuple]:
     """llama.cpp tensor name -> NumPy shape for a Llama of `cfg`."""
-    V, C, H, hs, NH, NKV = cfg.vocab_size, cfg.dim, cfg.ffn_hidden, cfg.hs, cfg.n_heads, cfg.n_kv_heads
-    per_layer = {"attn_norm": (C,), "attn_q": (NH * hs, C), "attn_k": (NKV * hs, C), "attn_v": (NKV * hs, C),
-                 "attn_output": (C, NH * hs), "ffn_norm": (C,), "ffn_gate": (H, C), "ffn_up": (H, C),
-                 "ffn_down": (C, H)}
+    layer_shape = {name: shape[1:] for name, shape, _ in llama_param_layout(cfg)}
+    V, C = cfg.vocab_size, cfg.dim
+    per_layer = {g: (b - a,) + layer_shape[n][1:] for n, g, a, b in _layer_tensors(cfg)}
     shapes = {"token_embd.weight": (V, C)}
     for l in range(cfg.n_layers):
-        shapes.update({f"blk.{l}.{g}.weight": shape for g, shape in per_layer.items()})
+        shapes.update({f"blk.{l}.{g}": shape for g, shape in per_layer.items()})
     shapes["output_norm.weight"] = (C,)
     if not cfg.tie_embeddings:
         shapes["output.weight"] = (V, C)
     return shapes
 
 
-def _llama_config(f: GGUFFile) -> LlamaConfig:
-    """The LlamaConfig a "llama" file describes (llama.cpp's interleaved RoPE pairing), its
-    metadata and whole directory checked. No `output.weight` means a tied classifier."""
+def _swa_period(f: GGUFFile, key: str, n_layers: int) -> int:
+    """LlamaConfig.global_every from a sliding_window_pattern: llama.cpp's period n (layer l
+    is local unless l % n == n - 1; 0: every layer local), which is nt's global_every, or
+    one bool per layer (true: local), which must be such a period. Absent: 6."""
+    if key not in f.metadata:
+        return GEMMA3_PATTERN
+    if f.value_types[key] == "array[bool]":
+        local = [bool(v) for v in f.metadata[key]]
+        if len(local) != n_layers:
+            raise _bad(f, key, f"has {len(local)} entries for {n_layers} layers")
+        every = local.index(False) + 1 if False in local else 0
+        if local != [every == 0 or (l + 1) % every != 0 for l in range(n_layers)]:
+            raise _bad(f, key, "nt's Llama has one global layer every n layers; this pattern is not periodic")
+        return every
+    every = _get(f, key, "int")
+    if every < 0:
+        raise _bad(f, key, f"must be >= 0, got {every}")
+    return every
+
+
+def _gemma3_options(f: GGUFFile, n_layers: int) -> dict:
+    """Sliding window, local/global pattern and local RoPE base of a "gemma3" file, as
+    llama.cpp reads them: no (or a zero) window means every layer is global."""
+    window = _get(f, "gemma3.attention.sliding_window", "int", 0)
+    if not 0 <= window <= MAX_CONTEXT:
+        raise _bad(f, "gemma3.attention.sliding_window", f"must be in [0, {MAX_CONTEXT}], got {window}")
+    if _get(f, "gemma3.final_logit_softcapping", "float", 0.0) != 0.0:   # NaN included
+        raise _bad(f, "gemma3.final_logit_softcapping", "logit soft-capping is not supported by nt's Llama")
+    if window == 0:
+        return dict(sliding_window=0)
+    return dict(sliding_window=window, global_every=_swa_period(f, "gemma3.attention.sliding_window_pattern", n_layers),
+                rope_local_theta=_positive(f, "gemma3.rope.freq_base_swa", GEMMA3_LOCAL_THETA))
+
+
+def _llama_config(f: GGUFFile, arch: str) -> LlamaConfig:
+    """The LlamaConfig a file of llama.cpp architecture `arch` (LLAMA_ARCHS) describes, in
+    that architecture's RoPE pairing, its metadata and whole directory checked. No
+    `output.weight` means a tied classifier."""
+    spec = LLAMA_ARCHS[arch]
     unsupported = "RoPE scaling is not supported by nt's Llama"
     if "rope_freqs.weight" in f:
         raise FormatError(f"{f.path}: tensor 'rope_freqs.weight': {unsupported}")
-    if _get(f, "llama.rope.scaling.type", "string", "none") not in ("none", "linear"):
-        raise _bad(f, "llama.rope.scaling.type", unsupported)
-    if _get(f, "llama.rope.scaling.factor", "float", 1.0) != 1.0:   # NaN included
-        raise _bad(f, "llama.rope.scaling.factor", unsupported)
-    C, L = _size(f, "llama.embedding_length"), _size(f, "llama.block_count")
-    NH = _size(f, "llama.attention.head_count")
-    NKV = _size(f, "llama.attention.head_count_kv", NH)
-    H, T = _size(f, "llama.feed_forward_length"), _size(f, "llama.context_length")
+    if _get(f, f"{arch}.rope.scaling.type", "string", "none") not in ("none", "linear"):
+        raise _bad(f, f"{arch}.rope.scaling.type", unsupported)
+    if _get(f, f"{arch}.rope.scaling.factor", "float", 1.0) != 1.0:   # NaN included
+        raise _bad(f, f"{arch}.rope.scaling.factor", unsupported)
+    C, L = _size(f, f"{arch}.embedding_length"), _size(f, f"{arch}.block_count")
+    NH = _size(f, f"{arch}.attention.head_count")
+    NKV = _size(f, f"{arch}.attention.head_count_kv", NH)
+    H, T = _size(f, f"{arch}.feed_forward_length"), _size(f, f"{arch}.context_length")
     if T > MAX_CONTEXT:
-        raise _bad(f, "llama.context_length", f"{T} positions is past nt's limit of {MAX_CONTEXT}")
+        raise _bad(f, f"{arch}.context_length", f"{T} positions is past nt's limit of {MAX_CONTEXT}")
     if NH % NKV:
-        raise _bad(f, "llama.attention.head_count_kv", f"{NKV} key/value heads do not divide the {NH} query heads")
-    if "llama.attention.key_length" in f.metadata:
-        hs = _size(f, "llama.attention.key_length")
+        raise _bad(f, f"{arch}.attention.head_count_kv", f"{NKV} key/value heads do not divide the {NH} query heads")
+    if f"{arch}.attention.key_length" in f.metadata:
+        hs = _size(f, f"{arch}.attention.key_length")
     elif C % NH:
-        raise _bad(f, "llama.attention.head_count", f"{NH} heads do not divide the width {C} "
-                                                    "(llama.embedding_length) and no llama.attention.key_length is given")
+        raise _bad(f, f"{arch}.attention.head_count", f"{NH} heads do not divide the width {C} "
+                                                      f"({arch}.embedding_length) and no {arch}.attention.key_length is given")
     else:
         hs = C // NH
-    for key in ("llama.rope.dimension_count", "llama.attention.value_length"):
+    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.value_length"):
         if _size(f, key, hs) != hs:
             raise _bad(f, key, f"partial RoPE or distinct key/value head sizes are not supported (head size {hs})")
-    eps = _positive(f, "llama.attention.layer_norm_rms_epsilon")
-    theta = _positive(f, "llama.rope.freq_base", 10000.0)
+    if arch == "gemma3" and L == GEMMA3_27B_LAYERS and C / NH != hs:
+        raise _bad(f, "gemma3.block_count", f"llama.cpp scales a {L}-layer Gemma-3's attention by "
+                                            f"1/sqrt({C}/{NH}), nt's Llama by 1/sqrt(head size {hs})")
+    eps = _positive(f, f"{arch}.attention.layer_norm_rms_epsilon")
+    theta = _positive(f, f"{arch}.rope.freq_base", 10000.0)
     V = _rows(f, "token_embd.weight")
-    if _size(f, "llama.vocab_size", V) != V:
-        raise _bad(f, "llama.vocab_size", f"{f.metadata['llama.vocab_size']} but token_embd.weight has {V} rows")
-    _check_layer_count(f, "llama.block_count", L, 9)   # 2 norms and 7 matrices a layer
+    if _size(f, f"{arch}.vocab_size", V) != V:
+        raise _bad(f, f"{arch}.vocab_size", f"{f.metadata[f'{arch}.vocab_size']} but token_embd.weight has {V} rows")
+    options = dict(spec.options, **(_gemma3_options(f, L) if arch == "gemma3" else {}))
     try:
         cfg = LlamaConfig(dim=C, n_layers=L, n_heads=NH, n_kv_heads=NKV, ffn_hidden=H, vocab_size=V, block_size=T,
                           head_dim=0 if hs * NH == C else hs, norm_eps=eps, rope_theta=theta,
-                          rope_pairing="interleaved", tie_embeddings="output.weight" not in f)
+                          rope_pairing=spec.rope_pairing, tie_embeddings="output.weight" not in f, **options)
     except ValueError as e:
         raise FormatError(f"{f.path}: metadata describe an impossible Llama: {e}") from None
-    _check_directory(f, "llama", _llama_shapes(cfg))
+    _check_layer_count(f, f"{arch}.block_count", L, len(_layer_tensors(cfg)))
+    _check_directory(f, arch, _llama_shapes(cfg))
     return cfg
 
 
 def _kept_quantized(f: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
     """{nt matrix: ggml type} for the matrices whose every GGUF tensor is one type that
-    ops.linear_q reads (Q8_0, Q4_0); the others are dequantised."""
-    groups = {n: [f"blk.{l}.{g}.weight" for l in range(cfg.n_layers) for g in parts]
-              for n, parts in _LLAMA_MATRICES.items()}
+    ops.linear_q reads (Q8_0, Q4_0); the others are dequantised. None with q/k/v biases
+    (Qwen2): nt's Llama keeps no quantised matrix beside a bias."""
+    if cfg.qkv_bias:
+        return {}
+    groups = {n: [f"blk.{l}.{g}" for l in range(cfg.n_layers) for m, g, _, _ in _layer_tensors(cfg) if m == n]
+              for n in _KEPT_MATRICES}
     if not cfg.tie_embeddings:
         groups["lm_head"] = ["output.weight"]
     out = {}
@@ -319,18 +420,16 @@ def _raw_rows(f: GGUFFile, name: str) -> np.ndarray:
 def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bool) -> Llama:
     quantized = _kept_quantized(f, cfg) if keep_quantized and device == "cpu" else {}
     model = Llama(cfg, device=device, seed=None, quantized=quantized)
-    host = np.zeros(model.params.size, dtype=np.float32)
-    p = {name: host[t.offset:t.offset + t.size].reshape(t.shape) for name, t in model.params.items()}
+    host = np.zeros(model.params.numel, dtype=np.float32)
+    p = _param_views(model, host)
     p["wte"][:cfg.vocab_size] = f.dequantize("token_embd.weight")
+    tensors = _layer_tensors(cfg)
     for l in range(cfg.n_layers):
-        b = f"blk.{l}."
-        p["attn_norm"][l] = f.dequantize(b + "attn_norm.weight")
-        p["ffn_norm"][l] = f.dequantize(b + "ffn_norm.weight")
-        for n, parts in _LLAMA_MATRICES.items():
-            if n in quantized:
-                model.qweights[n][l] = np.concatenate([_raw_rows(f, f"{b}{g}.weight") for g in parts])
-            else:
-                p[n][l] = np.concatenate([f.dequantize(f"{b}{g}.weight") for g in parts])
+        for n in quantized.keys() & set(_KEPT_MATRICES):
+            model.qweights[n][l] = np.concatenate([_raw_rows(f, f"blk.{l}.{g}") for m, g, _, _ in tensors if m == n])
+        for n, g, a, b in tensors:
+            if n not in quantized:
+                p[n][l][a:b] = f.dequantize(f"blk.{l}.{g}")
     p["norm_f"][:] = f.dequantize("output_norm.weight")
     if "lm_head" in quantized:
         model.qweights["lm_head"] = _raw_rows(f, "output.weight")
@@ -340,47 +439,66 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
     return model
 
 
-def _rope_rows_half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder the rows of a q or k projection (n_heads*hs, C) so that RoPE pairs (i, i+hs/2)
-    become pairs (2i, 2i+1): row 2i+k of a head takes row k*hs/2 + i. llama.cpp's converter
-    applies this permutation to HF checkpoints for the "llama" architecture."""
-    R, C = w.shape
-    return w.reshape(n_heads, 2, R // n_heads // 2, C).swapaxes(1, 2).reshape(R, C)
+def _rope_rows(x: np.ndarray, n_heads: int, to: str) -> np.ndarray:
+    """x (a q or k projection's rows, biases or qk-norm weights: heads along axis 0) with
+    each head's rows reordered for RoPE pairing `to`: "interleaved" moves pair (i, i + hs/2)
+    to (2i, 2i + 1), row 2i + k taking row k*hs/2 + i (llama.cpp's converter does this to
+    HF checkpoints for its "llama" architecture); "half" undoes it."""
+    rest = x.shape[1:]
+    heads = x.reshape(n_heads, 2, -1, *rest) if to == "interleaved" else x.reshape(n_heads, -1, 2, *rest)
+    return heads.swapaxes(1, 2).reshape(x.shape)
+
+
+def _llama_arch(cfg: LlamaConfig) -> str:
+    """The llama.cpp architecture whose graph computes what an nt Llama of `cfg` computes."""
+    wanted = {arch: {**_LLAMA_COMMON, **spec.options} for arch, spec in LLAMA_ARCHS.items()}
+    for arch, options in wanted.items():
+        if all(getattr(cfg, k) == v for k, v in options.items()):
+            return arch
+    differences = "; ".join(f"{arch} needs " + ", ".join(f"{k}={v!r}" for k, v in options.items() if getattr(cfg, k) != v)
+                            for arch, options in wanted.items())
+    raise ValueError(f"no llama.cpp architecture nt writes computes this Llama ({differences})")
+
+
+def _gemma3_metadata(cfg: LlamaConfig) -> dict:
+    """gemma3.* keys beyond the common ones: its sliding window, which llama.cpp requires."""
+    if cfg.sliding_window == 0:
+        raise ValueError("llama.cpp's gemma3 needs a sliding window (LlamaConfig.sliding_window > 0)")
+    return {"gemma3.attention.sliding_window": cfg.sliding_window,
+            "gemma3.attention.sliding_window_pattern": cfg.global_every,
+            "gemma3.rope.freq_base_swa": float(cfg.rope_local_theta or cfg.rope_theta)}
 
 
 def _llama_export(model: Llama) -> tuple[dict, dict]:
     cfg = model.config
-    odd = {k: getattr(cfg, k) for k, v in _LLAMA_PLAIN.items() if getattr(cfg, k) != v}
-    if odd:
-        raise ValueError(f"llama.cpp's llama architecture has no equivalent of {odd}")
-    host = model.tape.k.to_host(model.params.flat)
-    p = {}
-    for name, t in model.params.items():
-        p[name] = host[t.offset:t.offset + t.size].reshape(t.shape)
-    V, C, H, hs, NH, NKV = cfg.vocab_size, cfg.dim, cfg.ffn_hidden, cfg.hs, cfg.n_heads, cfg.n_kv_heads
+    if model.quantized:
+        raise ValueError(f"cannot export a Llama that keeps {sorted(model.quantized)} quantised; "
+                         "load it with keep_quantized=False")
+    arch = _llama_arch(cfg)
+    V, C, hs, NH, NKV = cfg.vocab_size, cfg.dim, cfg.hs, cfg.n_heads, cfg.n_kv_heads
     meta = {
-        "general.architecture": "llama", "general.name": "nt-llama",
-        "llama.context_length": cfg.block_size, "llama.embedding_length": C,
-        "llama.block_count": cfg.n_layers, "llama.feed_forward_length": H,
-        "llama.attention.head_count": NH, "llama.attention.head_count_kv": NKV,
-        "llama.rope.dimension_count": hs, "llama.rope.freq_base": float(cfg.rope_theta),
-        "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps), "llama.vocab_size": V,
+        "general.architecture": arch, "general.name": f"nt-{arch}",
+        f"{arch}.context_length": cfg.block_size, f"{arch}.embedding_length": C,
+        f"{arch}.block_count": cfg.n_layers, f"{arch}.feed_forward_length": cfg.ffn_hidden,
+        f"{arch}.attention.head_count": NH, f"{arch}.attention.head_count_kv": NKV,
+        f"{arch}.rope.dimension_count": hs, f"{arch}.rope.freq_base": float(cfg.rope_theta),
+        f"{arch}.attention.layer_norm_rms_epsilon": float(cfg.norm_eps), f"{arch}.vocab_size": V,
     }
-    if hs * NH != C:
-        meta["llama.attention.key_length"] = meta["llama.attention.value_length"] = hs
+    if hs * NH != C or arch == "gemma3":   # llama.cpp's converter always states Gemma-3's
+        meta[f"{arch}.attention.key_length"] = meta[f"{arch}.attention.value_length"] = hs
+    if arch == "gemma3":
+        meta.update(_gemma3_metadata(cfg))
+    p = _param_views(model, model.params.to_flat().astype(np.float32, copy=False))
+    pairing = LLAMA_ARCHS[arch].rope_pairing
+    heads = {"attn_q.weight": NH, "attn_q.bias": NH, "attn_k.weight": NKV, "attn_k.bias": NKV,
+             "attn_q_norm.weight": 1, "attn_k_norm.weight": 1}
     arrays = {"token_embd.weight": p["wte"][:V]}
     for l in range(cfg.n_layers):
-        qkv = p["qkvw"][l]
-        q, k, v = qkv[:NH * hs], qkv[NH * hs:(NH + NKV) * hs], qkv[(NH + NKV) * hs:]
-        if cfg.rope_pairing == "half":
-            q, k = _rope_rows_half_to_interleaved(q, NH), _rope_rows_half_to_interleaved(k, NKV)
-        arrays.update({
-            f"blk.{l}.attn_norm.weight": p["attn_norm"][l], f"blk.{l}.attn_q.weight": q,
-            f"blk.{l}.attn_k.weight": k, f"blk.{l}.attn_v.weight": v,
-            f"blk.{l}.attn_output.weight": p["attn_out"][l], f"blk.{l}.ffn_norm.weight": p["ffn_norm"][l],
-            f"blk.{l}.ffn_gate.weight": p["gate_up"][l][:H], f"blk.{l}.ffn_up.weight": p["gate_up"][l][H:],
-            f"blk.{l}.ffn_down.weight": p["down"][l],
-        })
+        for n, g, a, b in _layer_tensors(cfg):
+            x = p[n][l][a:b]
+            if g in heads and cfg.rope_pairing != pairing:
+                x = _rope_rows(x, heads[g], pairing)
+            arrays[f"blk.{l}.{g}"] = x
     arrays["output_norm.weight"] = p["norm_f"]
     if not cfg.tie_embeddings:   # tied: llama.cpp falls back to token_embd when output is absent
         arrays["output.weight"] = p["lm_head"][:V]
@@ -471,18 +589,83 @@ def tokenizer_from_metadata(f: GGUFFile) -> Optional[Union[BPE, SentencePieceBPE
     return tok
 
 
+# the tokenizer.ggml.pre name under which llama.cpp splits text as each of nt's
+# pre-tokenizers does (GGUF_PRE_TOKENIZERS reads each back to the same one)
+PRE_TOKENIZER_NAMES = {"gpt2": "gpt-2", "llama3": "llama-bpe", "qwen2": "qwen2", "digits": "smollm"}
+
+
+def _gpt2_vocabulary_metadata(tok: BPE) -> tuple[dict, list[str], list[int]]:
+    """(keys, tokens, token types) of a byte-level BPE: tokens spelled through GPT-2's
+    byte-to-unicode map (special tokens as their text, control tokens), merges in rank
+    order, llama.cpp's name for the pre-tokenizer; <|endoftext|> is bos and eos unless the
+    tokenizer names its own."""
+    enc = bytes_to_unicode()
+    tokens = [tok.vocab[i].decode("utf-8") if i in tok.special_ids else "".join(enc[b] for b in tok.vocab[i])
+              for i in range(tok.vocab_size)]
+    types = [SP_CONTROL if i in tok.special_ids else SP_NORMAL for i in range(tok.vocab_size)]
+    keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": PRE_TOKENIZER_NAMES[tok.pre],
+            "tokenizer.ggml.merges": [f"{tokens[a]} {tokens[b]}" for a, b in tok.merges]}
+    default = tok.special_tokens.get(ENDOFTEXT)
+    for key, value in (("bos", tok.bos_id), ("eos", tok.eos_id)):
+        value = default if value is None else value
+        if value is not None:
+            keys[f"tokenizer.ggml.{key}_token_id"] = int(value)
+    return keys, tokens, types
+
+
+def _sentencepiece_metadata(tok: SentencePieceBPE) -> tuple[dict, list[str], list[int]]:
+    """(keys, tokens, token types) of a SentencePiece BPE: pieces, scores, types as they are."""
+    keys = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.add_space_prefix": tok.add_space_prefix}
+    for key, value in (("bos", tok.bos_id), ("eos", tok.eos_id), ("unknown", tok.unk_id)):
+        if value is not None:
+            keys[f"tokenizer.ggml.{key}_token_id"] = int(value)
+    return keys, list(tok.tokens), [int(t) for t in tok.types]
+
+
+def tokenizer_metadata(tokenizer: Union[BPE, SentencePieceBPE], vocab_size: int) -> dict:
+    """The tokenizer.ggml.* keys (and tokenizer.chat_template) that describe `tokenizer` to
+    llama.cpp and to tokenizer_from_metadata, for a model of `vocab_size` embedding rows:
+    model "gpt2" for nt's byte-level BPE, "llama" for SentencePiece. llama.cpp wants one
+    token per row, so a smaller vocabulary is padded with unused tokens "[PAD<id>]" (as
+    llama.cpp's converter pads); a larger one is a ValueError."""
+    if isinstance(tokenizer, BPE):
+        keys, tokens, types = _gpt2_vocabulary_metadata(tokenizer)
+        scores = None
+    elif isinstance(tokenizer, SentencePieceBPE):
+        keys, tokens, types = _sentencepiece_metadata(tokenizer)
+        scores = [float(s) for s in tokenizer.scores]
+    else:
+        raise TypeError(f"cannot describe a {type(tokenizer).__name__} in GGUF (supported: BPE, SentencePieceBPE)")
+    if len(tokens) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens, the model's embedding only {vocab_size} rows")
+    pad = range(len(tokens), vocab_size)
+    keys["tokenizer.ggml.tokens"] = tokens + [f"[PAD{i}]" for i in pad]
+    keys["tokenizer.ggml.token_type"] = np.array(types + [SP_UNUSED] * len(pad), dtype=np.int32)
+    if scores is not None:
+        keys["tokenizer.ggml.scores"] = np.array(scores + [0.0] * len(pad), dtype=np.float32)
+    keys["tokenizer.ggml.add_bos_token"] = bool(tokenizer.add_bos)
+    if tokenizer.chat_template is not None:
+        keys["tokenizer.chat_template"] = tokenizer.chat_template
+    return keys
+
+
 # ====================================================================== entry points
 
 def load(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageModel:
-    """Build an nt model from a GGUF file: GPT2 for architecture "gpt2", Llama (with
-    llama.cpp's interleaved RoPE pairing, so q/k are used as stored) for "llama". Weights
-    are dequantised to float32. A GPT-2 `output.weight`, if present, is taken to be tied
-    to token_embd (nt's GPT-2 ties them); a Llama without `output.weight` is tied.
+    """Build an nt model from a GGUF file: GPT2 for architecture "gpt2", Llama for "llama",
+    "qwen2" and "gemma3" (LLAMA_ARCHS), in the RoPE pairing of llama.cpp's graph for that
+    architecture (interleaved for "llama", half for the others), so q/k are used as stored.
+    Weights are dequantised to float32. A GPT-2 `output.weight`, if present, is taken to be
+    tied to token_embd (nt's GPT-2 ties them); a Llama without `output.weight` is tied.
+    Gemma-3: norm weights are used as stored (llama.cpp's converter stores HF's 1 + w), the
+    sliding window comes from gemma3.attention.sliding_window (none: every layer global),
+    the pattern from gemma3.attention.sliding_window_pattern (default 6: five local layers,
+    then a global one) and the local RoPE base from gemma3.rope.freq_base_swa (default 10000).
 
-    keep_quantized=True (Llama on the CPU): Q8_0 / Q4_0 matrices stay as their blocks
-    (model.qweights) and run through ops.linear_q, for inference only; other types, the
-    embedding and the norms are float32. `model.tokenizer` is the file's tokenizer (see
-    tokenizer_from_metadata) or None.
+    keep_quantized=True (Llama on the CPU, without q/k/v biases): Q8_0 / Q4_0 matrices stay
+    as their blocks (model.qweights) and run through ops.linear_q, for inference only;
+    other types, the embedding and the norms are float32. `model.tokenizer` is the file's
+    tokenizer (see tokenizer_from_metadata) or None.
 
     The metadata, the whole tensor directory and the tokenizer are checked before the model
     is built (see the module's docstring): a bad file is a FormatError, raised fast."""
@@ -490,10 +673,10 @@ def load(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageMod
         arch = _need(f, "general.architecture", "string")
         if arch == "gpt2":
             cfg = _gpt2_config(f)
-        elif arch == "llama":
-            cfg = _llama_config(f)
+        elif arch in LLAMA_ARCHS:
+            cfg = _llama_config(f, arch)
         else:
-            raise _bad(f, "general.architecture", f"{arch!r} is not supported (supported: gpt2, llama)")
+            raise _bad(f, "general.architecture", f"{arch!r} is not supported (supported: gpt2, {', '.join(LLAMA_ARCHS)})")
         tokenizer = tokenizer_from_metadata(f)
         if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
             raise _bad(f, "tokenizer.ggml.tokens", f"{tokenizer.vocab_size} tokens but token_embd.weight "
@@ -506,13 +689,19 @@ def load(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageMod
     return model
 
 
-def write(path, model: LanguageModel, dtype: str = "F32", metadata: Optional[dict] = None) -> None:
-    """Export an nt GPT2 or Llama to GGUF for llama.cpp (architectures "gpt2" and "llama"):
-    matrices as `dtype` (one of nt.io.gguf.WRITE_TYPES), norms and biases as F32. A Llama
-    with HF's "half" RoPE pairing has its q/k rows permuted to llama.cpp's interleaved
-    pairing, as llama.cpp's converter does. `metadata` adds or overrides keys: nt models
-    carry no vocabulary, so tokenizer.ggml.model is "none" (llama.cpp runs on token ids)
-    unless the tokenizer.ggml.* keys are passed here."""
+def write(path, model: LanguageModel, dtype: str = "F32", metadata: Optional[dict] = None,
+          tokenizer: Optional[Union[BPE, SentencePieceBPE]] = None) -> None:
+    """Export an nt GPT2 or Llama to GGUF for llama.cpp: architecture "gpt2" for GPT2; for a
+    Llama the one of "llama", "qwen2", "gemma3" whose graph computes the same function
+    (_llama_arch; anything else is a ValueError naming what differs). Matrices as `dtype`
+    (one of nt.io.gguf.WRITE_TYPES), norms and biases as F32. q/k rows (and their biases
+    and qk-norm weights) are permuted when the model's RoPE pairing is not the
+    architecture's, as llama.cpp's converter does for "llama". `<arch>.vocab_size` and
+    `<arch>.context_length` are always written, so readers size the model from the file.
+
+    `tokenizer` (nt's BPE or a SentencePieceBPE, e.g. one a GGUF file carried) is embedded
+    as tokenizer.ggml.* (tokenizer_metadata); without one tokenizer.ggml.model is "none"
+    (llama.cpp runs on token ids). `metadata` adds or overrides keys last."""
     if dtype not in WRITE_TYPES:
         raise ValueError(f"dtype must be one of {', '.join(WRITE_TYPES)}, got {dtype!r}")
     if isinstance(model, GPT2):
@@ -522,9 +711,12 @@ def write(path, model: LanguageModel, dtype: str = "F32", metadata: Optional[dic
     else:
         raise TypeError(f"cannot export a {type(model).__name__} to GGUF (supported: GPT2, Llama)")
     meta["general.file_type"] = FILE_TYPES[dtype]
-    # llama.cpp refuses a file without a tokenizer model; "none" (vocab_size dummy tokens)
-    # lets it run on token ids. Callers with a vocabulary pass tokenizer.ggml.* instead.
-    meta["tokenizer.ggml.model"] = "none"
+    if tokenizer is None:
+        # llama.cpp refuses a file without a tokenizer model; "none" (vocab_size dummy
+        # tokens) lets it run on token ids
+        meta["tokenizer.ggml.model"] = "none"
+    else:
+        meta.update(tokenizer_metadata(tokenizer, model.config.vocab_size))
     meta.update(metadata or {})
     _, bs, _ = GGML_TYPES[GGML_TYPE_IDS[dtype]]
     tensors = {name: (a, dtype if a.ndim >= 2 and a.shape[-1] % bs == 0 else "F32")
