@@ -447,7 +447,7 @@ def read_config(folder) -> tuple[str, Union[GPT2Config, LlamaConfig]]:
             raise FormatError(f"{where}: model_type must be 'gemma3_text', got {raw.get('model_type')!r:.80}")
         raw = {"tie_word_embeddings": top.get("tie_word_embeddings", True), **raw, "model_type": "gemma3_text"}
     kind = raw.get("model_type")
-    if kind not in DEFAULTS:
+    if not isinstance(kind, str) or kind not in DEFAULTS:
         raise NotImplementedError(f"{where}: model_type {kind!r:.80} is not supported "
                                   f"(nt reads {', '.join(sorted(DEFAULTS))} and gemma3)")
     f = _Fields(raw, where, DEFAULTS[kind])
@@ -548,8 +548,8 @@ def open_weights(folder) -> tuple[dict[str, tuple[SafetensorsFile, str]], Path]:
         raise FormatError(f"{where}: needs a non-empty object 'weight_map' (tensor name -> shard file)")
     shards: dict[str, SafetensorsFile] = {}
     for name, file in weight_map.items():
+        path = _safe_shard_name(folder, file, where)
         if file not in shards:
-            path = _safe_shard_name(folder, file, where)
             if not path.is_file():
                 raise FormatError(f"{where}: tensor {name!r} is in shard {file!r}, which is missing from {folder}")
             shards[file] = _open(path)
