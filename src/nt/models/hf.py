@@ -18,6 +18,22 @@ header, and the tensor directory against the config (nothing missing, nothing un
 every shape and dtype right). Malformed files are FormatErrors naming the file and the
 field or tensor; valid models that use something nt lacks are NotImplementedErrors naming
 the option. Only the tensors the model needs are read, from memory-mapped shards.
+
+Supported: F32/F16/BF16/F64 weights; RoPE "default" and Llama-3's "llama3" scaling (from
+rope_parameters or the older rope_theta/rope_scaling); grouped-query attention; head_dim
+set apart from hidden_size; tied or untied classifiers (a written-out tied lm_head must
+equal the embedding); Qwen2's q/k/v biases; sliding windows on every layer (Mistral, Qwen2)
+or on all layers but each n-th (Gemma-3 layer_types / sliding_window_pattern), Gemma-3's
+local RoPE base; GPT-2 saved with or without the "transformer." prefix.
+Refused: other model types; RoPE types linear, dynamic, yarn, longrope (and any other),
+partial_rotary_factor != 1, different RoPE scaling on Gemma's local and global layers;
+attention_bias / mlp_bias on Llama; activations other than SiLU (Llama family), tanh GELU
+(Gemma, GPT-2); Gemma's query_pre_attn_scalar != head_dim, logit soft-capping,
+bidirectional attention; layer_types nt's local/global pattern cannot express; GPT-2's
+layer_norm_epsilon != 1e-5, n_inner != 4 * n_embd, scale_attn_by_inverse_layer_idx,
+cross-attention, an untied classifier; quantization_config and any other field not known.
+Not read because they do not change the function: token ids, generation settings,
+initializer_range and training-time dropout (IGNORED); a multimodal gemma3's vision tower.
 """
 from __future__ import annotations
 
@@ -474,6 +490,8 @@ class Slot:
 
 
 def _table(config) -> list:
+    """The architecture's table (a Llama config is Gemma-3's when it has post-norms: both
+    read_config and save_pretrained admit no other mix of the Gemma options)."""
     if isinstance(config, GPT2Config):
         return GPT2_TENSORS
     return GEMMA3_TENSORS if config.post_norms else LLAMA_TENSORS
@@ -581,7 +599,7 @@ def _check_directory(arch: str, config, tensors: dict, source: Path) -> tuple[di
             raise FormatError(f"{entry[0].path}: tensor {name!r} duplicates {canonical!r}")
         renamed[canonical] = entry
     expected = slots(config)
-    skipped = [_pattern(p) for p in SKIPPED.get(arch, ()) + (SKIPPED["llama"] if arch == "gemma3" else ())]
+    skipped = [_pattern(p) for p in SKIPPED[arch]]
     tied = not isinstance(config, LlamaConfig) or config.tie_embeddings
     for name, (f, original) in renamed.items():
         if name in expected or any(p.match(name) for p in skipped):
