@@ -378,3 +378,42 @@ def test_tokenizer_that_does_not_fit_is_refused(tmp_path):
         M.write(tmp_path / "x.gguf", GPT2(GPT2Config.preset("tiny", vocab_size=300), seed=0), "F32",
                 tokenizer=ByteTokenizer())
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ---------------------------------------------------------------------- transformers reads nt's exports
+
+def _hf_cases() -> dict:
+    """Models whose nt export transformers' GGUF loader sizes from the file alone. Its GPT-2
+    mapping takes the vocabulary only from tokenizer.ggml.tokens and sends
+    gpt2.context_length to n_ctx, which GPT2Config ignores (wpe is n_positions = 1024 rows):
+    so the GPT-2 carries a tokenizer and 1024 positions. Its Gemma-3 config keeps
+    query_pre_attn_scalar at 256: a head size of 256 makes that 1/sqrt(head size), as in
+    llama.cpp and nt."""
+    tok = _bpe()
+    gemma = dict(GEMMA3, head_dim=256, global_every=6)
+    return {
+        "llama": (lambda: Llama(LlamaConfig.preset("llama-tiny", vocab_size=V), seed=1), None),
+        "qwen2": (lambda: _model("qwen2"), None),
+        "gemma3": (lambda: Llama(LlamaConfig.preset("llama-tiny", vocab_size=V, **gemma), seed=1), None),
+        "gpt2": (lambda: GPT2(GPT2Config.preset("tiny", vocab_size=tok.vocab_size, block_size=1024), seed=1), tok),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
+def test_transformers_loads_nt_exports(tmp_path, arch):
+    """AutoModelForCausalLM.from_pretrained(folder, gguf_file=...) on nt's export gives nt's
+    logits (needs torch, transformers and accelerate: test oracles only)."""
+    pytest.importorskip("accelerate")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    make, tok = _hf_cases()[arch]
+    model = make()
+    M.write(tmp_path / "m.gguf", model, "F32", tokenizer=tok)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    idx = IDX % model.config.vocab_size
+    with torch.no_grad():
+        got = hf(torch.tensor(idx, dtype=torch.long)).logits.numpy()
+    ref = _logits(model, idx)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
