@@ -1,0 +1,41 @@
+"""Fuzzing every file format nt reads (see tests/fuzz/harness.py for the rule judged).
+
+CI runs a short, fixed campaign per format (the same case seeds every time, so a result
+is reproducible); `-m slow` runs a long one from a different seed range:
+
+    pytest tests/fuzz                                   # CI: ~60 cases per format
+    NT_FUZZ_CASES=20000 pytest -m slow tests/fuzz       # long campaign (default 10,000 per format)
+    python -m tests.fuzz.run --format gguf --seed 123   # reproduce one reported case
+
+A failing test prints one paragraph per failure class (exception, message, mutations,
+the reproducing seed) and keeps every failing case under pytest's tmp_path.
+"""
+import os
+
+import pytest
+
+from .formats import FORMATS
+from .harness import run_campaign, summary
+
+# cases per format in CI: sized so all six run in well under a minute on two cores
+CI_CASES = {"llmc": 60, "tokens": 100, "safetensors": 100, "checkpoint": 80, "tokenizer": 60, "gguf": 60}
+SLOW_START = 1_000_000   # long campaigns use other seeds than CI's
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_fuzz_campaign(fmt, tmp_path):
+    report = run_campaign(fmt, range(CI_CASES[fmt]), tmp_path)
+    print(summary([report]))
+    assert report.cases == CI_CASES[fmt]
+    assert not report.failures, report.describe_failures() + f"\nfailing cases saved under {tmp_path / 'failures'}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_fuzz_long_campaign(fmt, tmp_path):
+    n = int(os.environ.get("NT_FUZZ_CASES", 10_000))
+    start = int(os.environ.get("NT_FUZZ_START", SLOW_START))
+    jobs = int(os.environ.get("NT_FUZZ_JOBS", 2))
+    report = run_campaign(fmt, range(start, start + n), tmp_path, jobs=jobs, progress=True)
+    print(summary([report]))
+    assert not report.failures, report.describe_failures() + f"\nfailing cases saved under {tmp_path / 'failures'}"
