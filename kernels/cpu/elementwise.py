@@ -74,3 +74,23 @@ def concat_backward(da, db, dout):
     for n in prange(N):
         da[n] += dout[n, :Ca]
         db[n] += dout[n, Ca:]
+
+
+@njit(parallel=True, cache=True)
+def sum_rows_forward(out, inp):
+    """out (N,) = sum over the row of inp (N, C) (e.g. a sequence's token log-probabilities)."""
+    N, C = inp.shape
+    for n in prange(N):
+        s = inp[n, 0] * 0.0
+        for c in range(C):
+            s += inp[n, c]
+        out[n] = s
+
+
+@njit(parallel=True, cache=True)
+def sum_rows_backward(dinp, dout):
+    """Accumulate dinp[n, c] += dout[n]."""
+    N, C = dinp.shape
+    for n in prange(N):
+        for c in range(C):
+            dinp[n, c] += dout[n]

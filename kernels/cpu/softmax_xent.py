@@ -104,3 +104,102 @@ def softmax_xent_backward(dlogits, dloss, logits, lse, targets, V, smoothing=0.0
         for v in range(V):
             drow[v] += pscale * vmath.exp(row[v] - L) - uniform
         drow[tgt] -= scale * (1.0 - smoothing)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def logprobs_forward(lp, lse, logits, targets, V):
+    """lp (N,) = log softmax(logits[n, :V])[targets[n]], 0 where the target is -1; lse (N,)
+    saved. The (N, V) log-probabilities are never formed."""
+    N = logits.shape[0]
+    for n in prange(N):
+        row = logits[n]
+        m = like(row[0], -np.inf)
+        for v in range(V):
+            m = max(m, row[v])
+        s = like(m, 0.0)
+        for v in range(V):
+            s += vmath.exp(row[v] - m)
+        L = m + np.log(s)
+        lse[n] = L
+        tgt = targets[n]
+        lp[n] = row[tgt] - L if tgt >= 0 else 0.0
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def logprobs_backward(dlogits, dlp, logits, lse, targets, V):
+    """Accumulate dlogits[n] += dlp[n] * (onehot(target) - softmax) for counted positions."""
+    N = logits.shape[0]
+    for n in prange(N):
+        tgt = targets[n]
+        if tgt < 0:
+            continue
+        row = logits[n]
+        drow = dlogits[n]
+        L = lse[n]
+        g = dlp[n]
+        for v in range(V):
+            drow[v] -= g * vmath.exp(row[v] - L)
+        drow[tgt] += g
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def kl_div_forward(loss, rows, lse, logits, teacher, targets, V, temperature):
+    """Distillation loss (1,) = mean over counted positions (target >= 0) of
+    rows[n] = T^2 * KL(softmax(teacher[n] / T) || softmax(logits[n] / T)) over the first V
+    columns. lse (N, 2) saved: the student's and the teacher's log-sum-exp of the scaled rows."""
+    N = logits.shape[0]
+    inv_t = like(logits[0, 0], 1.0 / temperature)
+    for n in prange(N):
+        rows[n] = 0.0
+        if targets[n] < 0:
+            continue
+        s_row = logits[n]
+        t_row = teacher[n]
+        ms = like(inv_t, -np.inf)
+        mt = like(inv_t, -np.inf)
+        for v in range(V):
+            ms = max(ms, s_row[v] * inv_t)
+            mt = max(mt, t_row[v] * inv_t)
+        ss = like(inv_t, 0.0)
+        st = like(inv_t, 0.0)
+        for v in range(V):
+            ss += vmath.exp(s_row[v] * inv_t - ms)
+            st += vmath.exp(t_row[v] * inv_t - mt)
+        Ls = ms + np.log(ss)
+        Lt = mt + np.log(st)
+        lse[n, 0] = Ls
+        lse[n, 1] = Lt
+        kl = like(inv_t, 0.0)
+        for v in range(V):
+            zt = t_row[v] * inv_t - Lt
+            kl += vmath.exp(zt) * (zt - (s_row[v] * inv_t - Ls))
+        rows[n] = temperature * temperature * kl
+    total = 0.0
+    count = 0
+    for n in range(N):   # fixed order: the same loss for any thread count
+        if targets[n] >= 0:
+            total += rows[n]
+            count += 1
+    loss[0] = total / count if count > 0 else 0.0
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def kl_div_backward(dlogits, dloss, logits, teacher, lse, targets, V, temperature):
+    """Accumulate dlogits += dloss * T / count * (softmax(logits / T) - softmax(teacher / T))."""
+    N = logits.shape[0]
+    count = 0
+    for n in range(N):
+        if targets[n] >= 0:
+            count += 1
+    if count == 0:
+        return
+    inv_t = like(logits[0, 0], 1.0 / temperature)
+    scale = like(inv_t, dloss[0] * temperature / count)
+    for n in prange(N):
+        if targets[n] < 0:
+            continue
+        Ls, Lt = lse[n, 0], lse[n, 1]
+        for v in range(V):
+            ps = vmath.exp(logits[n, v] * inv_t - Ls)
+            pt = vmath.exp(teacher[n, v] * inv_t - Lt)
+            dlogits[n, v] += scale * (ps - pt)

@@ -11,7 +11,7 @@ from .activations import (GELU, GELU_TANH, SIGMOID, SILU, act_backward, act_forw
 from .attention import attention_backward, attention_forward, attention_work_shape
 from .dropout import dropout_backward, dropout_forward
 from .elementwise import (add_backward, add_forward, concat_backward, concat_forward, mul_backward,
-                          mul_forward, scale_backward, scale_forward)
+                          mul_forward, scale_backward, scale_forward, sum_rows_backward, sum_rows_forward)
 from .embedding import embedding_backward, embedding_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .lora import lora_backward, lora_forward
@@ -21,4 +21,5 @@ from .optim import (adam_update, add_noise_, scale_, segment_sum_squares, sgd_up
                     sum_squares_blocks, unscale_check_)
 from .rmsnorm import qk_norm_backward, qk_norm_forward, rmsnorm_backward, rmsnorm_forward
 from .rope import rope_backward, rope_forward
-from .softmax_xent import softmax_backward, softmax_forward, softmax_xent_backward, softmax_xent_forward
+from .softmax_xent import (kl_div_backward, kl_div_forward, logprobs_backward, logprobs_forward, softmax_backward,
+                           softmax_forward, softmax_xent_backward, softmax_xent_forward)

@@ -113,3 +113,31 @@ def concat_forward(out, a, b):
 def concat_backward(da, db, dout):
     """Accumulate da += dout[:, :Ca] and db += dout[:, Ca:]."""
     _concat[blocks(dout.size), THREADS](dout, da, db, True)
+
+
+@cuda.jit(cache=True)
+def _sum_rows_forward(out, inp):
+    """One thread per row, the row summed in order (as on the CPU)."""
+    N, C = inp.shape
+    for n in range(cuda.grid(1), N, cuda.gridsize(1)):
+        s = 0.0
+        for c in range(C):
+            s += inp[n, c]
+        out[n] = s
+
+
+@cuda.jit(cache=True)
+def _sum_rows_backward(dinp, dout):
+    N, C = dinp.shape
+    for i in range(cuda.grid(1), N * C, cuda.gridsize(1)):
+        dinp[i // C, i % C] += dout[i // C]
+
+
+def sum_rows_forward(out, inp):
+    """out (N,) = sum over the row of inp (N, C)."""
+    _sum_rows_forward[blocks(inp.shape[0]), THREADS](out, inp)
+
+
+def sum_rows_backward(dinp, dout):
+    """Accumulate dinp[n, c] += dout[n]."""
+    _sum_rows_backward[blocks(dinp.size), THREADS](dinp, dout)

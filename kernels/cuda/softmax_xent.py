@@ -141,3 +141,116 @@ def softmax_xent_backward(dlogits, dloss, logits, lse, targets, V, smoothing=0.0
     """Accumulate dlogits += dloss / count * (p (1 + 2 z_loss lse) - (1-eps) onehot - eps/V)."""
     _xent_backward[blocks(logits.shape[0], 1), THREADS](dlogits, dloss, logits, lse,
                                                         ids_to_device(targets), V, smoothing, z_loss)
+
+
+@cuda.jit(cache=True)
+def _logprobs_forward(lp, lse, logits, targets, V):
+    buf = cuda.shared.array(THREADS, np.float64)
+    N = logits.shape[0]
+    tid = cuda.threadIdx.x
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        m = -math.inf
+        for v in range(tid, V, cuda.blockDim.x):
+            m = max(m, logits[n, v])
+        m = block_max(buf, m)
+        s = 0.0
+        for v in range(tid, V, cuda.blockDim.x):
+            s += math.exp(logits[n, v] - m)
+        s = block_sum(buf, s)
+        if tid == 0:
+            L = m + math.log(s)
+            lse[n] = L
+            tgt = targets[n]
+            lp[n] = logits[n, tgt] - L if tgt >= 0 else 0.0
+
+
+@cuda.jit(cache=True)
+def _logprobs_backward(dlogits, dlp, logits, lse, targets, V):
+    N = logits.shape[0]
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        tgt = targets[n]
+        if tgt < 0:
+            continue
+        g = dlp[n]
+        for v in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            d = -g * math.exp(logits[n, v] - lse[n])
+            if v == tgt:  # the thread owning the target column adds the one-hot: one writer
+                d += g
+            dlogits[n, v] += d
+
+
+@cuda.jit(cache=True)
+def _kl_rows(rows, lse, logits, teacher, targets, V, temperature):
+    buf = cuda.shared.array(THREADS, np.float64)
+    N = logits.shape[0]
+    tid = cuda.threadIdx.x
+    inv_t = 1.0 / temperature
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        if targets[n] < 0:
+            if tid == 0:
+                rows[n] = 0.0
+            continue
+        ms = -math.inf
+        mt = -math.inf
+        for v in range(tid, V, cuda.blockDim.x):
+            ms = max(ms, logits[n, v] * inv_t)
+            mt = max(mt, teacher[n, v] * inv_t)
+        ms = block_max(buf, ms)
+        mt = block_max(buf, mt)
+        ss = 0.0
+        st = 0.0
+        for v in range(tid, V, cuda.blockDim.x):
+            ss += math.exp(logits[n, v] * inv_t - ms)
+            st += math.exp(teacher[n, v] * inv_t - mt)
+        Ls = ms + math.log(block_sum(buf, ss))
+        Lt = mt + math.log(block_sum(buf, st))
+        kl = 0.0
+        for v in range(tid, V, cuda.blockDim.x):
+            zt = teacher[n, v] * inv_t - Lt
+            kl += math.exp(zt) * (zt - (logits[n, v] * inv_t - Ls))
+        kl = block_sum(buf, kl)
+        if tid == 0:
+            lse[n, 0] = Ls
+            lse[n, 1] = Lt
+            rows[n] = temperature * temperature * kl
+
+
+@cuda.jit(cache=True)
+def _kl_backward(dlogits, dloss, logits, teacher, lse, targets, V, temperature):
+    buf = cuda.shared.array(THREADS, np.float64)
+    count = _count_targets(buf, targets)
+    if count == 0:
+        return
+    inv_t = 1.0 / temperature
+    scale = dloss[0] * temperature / count
+    for n in range(cuda.blockIdx.x, logits.shape[0], cuda.gridDim.x):
+        if targets[n] < 0:
+            continue
+        for v in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            ps = math.exp(logits[n, v] * inv_t - lse[n, 0])
+            pt = math.exp(teacher[n, v] * inv_t - lse[n, 1])
+            dlogits[n, v] += scale * (ps - pt)
+
+
+def logprobs_forward(lp, lse, logits, targets, V):
+    """lp (N,) = log softmax(logits[n, :V])[targets[n]], 0 where the target is -1; lse saved."""
+    _logprobs_forward[blocks(logits.shape[0], 1), THREADS](lp, lse, logits, ids_to_device(targets), V)
+
+
+def logprobs_backward(dlogits, dlp, logits, lse, targets, V):
+    """Accumulate dlogits[n] += dlp[n] * (onehot(target) - softmax) for counted positions."""
+    _logprobs_backward[blocks(logits.shape[0], 1), THREADS](dlogits, dlp, logits, lse, ids_to_device(targets), V)
+
+
+def kl_div_forward(loss, rows, lse, logits, teacher, targets, V, temperature):
+    """loss (1,) = mean over counted positions of rows[n] = T^2 KL(softmax(teacher/T) ||
+    softmax(logits/T)); lse (N, 2) saved."""
+    targets = ids_to_device(targets)
+    _kl_rows[blocks(logits.shape[0], 1), THREADS](rows, lse, logits, teacher, targets, V, temperature)
+    _xent_mean[1, THREADS](loss, rows, targets)
+
+
+def kl_div_backward(dlogits, dloss, logits, teacher, lse, targets, V, temperature):
+    """Accumulate dlogits += dloss * T / count * (softmax(logits/T) - softmax(teacher/T))."""
+    _kl_backward[blocks(logits.shape[0], 1), THREADS](dlogits, dloss, logits, teacher, lse,
+                                                      ids_to_device(targets), V, temperature)

@@ -19,7 +19,7 @@ from .tensor import Tensor
 
 __all__ = ["embedding", "linear", "lora_", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
            "glu", "swiglu", "geglu", "softmax", "add", "mul", "scale", "concat", "dropout", "attention",
-           "cross_entropy", "linear_q"]
+           "cross_entropy", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div"]
 
 _EMPTY: dict = {}
 
@@ -648,3 +648,115 @@ def _cross_entropy_backward(k, loss, logits, lse, targets, V, opts):
     N = logits.size // Vp
     k.softmax_xent_backward(logits.grad.reshape(N, Vp), loss.grad, logits.data.reshape(N, Vp),
                             lse.data, targets.data, V, *opts)
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+
+def _vocab(logits: Tensor, vocab_size: Optional[int], op: str) -> int:
+    Vp = logits.shape[-1]
+    V = Vp if vocab_size is None else int(vocab_size)
+    if not 0 < V <= Vp:
+        raise ValueError(f"{op}: vocab_size {V} must be in [1, {Vp}] (the logits' width)")
+    return V
+
+
+def token_logprobs(t: Tape, logits: Tensor, targets: np.ndarray, vocab_size: Optional[int] = None) -> Tensor:
+    """log p(target) at every position: logits (..., Vp) -> (...), 0 where the target is -1.
+
+    Computed row by row from the logits (log-sum-exp, then one gather): no second
+    (..., V) array is made. The backward adds dlp * (onehot - softmax) to the logits' grad."""
+    _check(logits, "logits", None, t)
+    V = _vocab(logits, vocab_size, "token_logprobs")
+    targets = check_ids(targets, "targets", V, len(logits.shape) - 1, ignore_index=True)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"token_logprobs: targets {targets.shape} do not match logits {logits.shape[:-1]}")
+    Vp = logits.shape[-1]
+    N = logits.size // Vp
+    targets = t.keep_ids(targets.reshape(N))
+    lp = t.new(logits.shape[:-1])
+    lse = t.new_saved((N,))
+    t.k.logprobs_forward(lp.data.reshape(N), lse.data, logits.data.reshape(N, Vp), targets.data, V)
+    t.record(_token_logprobs_backward, lp, logits, lse, targets, V)
+    return lp
+
+
+def _token_logprobs_backward(k, lp, logits, lse, targets, V):
+    Vp = logits.shape[-1]
+    N = logits.size // Vp
+    k.logprobs_backward(logits.grad.reshape(N, Vp), lp.grad.reshape(N), logits.data.reshape(N, Vp), lse.data,
+                        targets.data, V)
+
+
+def sum_rows(t: Tape, x: Tensor) -> Tensor:
+    """The sum over the last axis: (..., C) -> (...)."""
+    _check(x, "x", None, t)
+    C = x.shape[-1]
+    N = x.size // C
+    out = t.new(x.shape[:-1] if x.ndim > 1 else (1,))
+    t.k.sum_rows_forward(out.data.reshape(N), x.data.reshape(N, C))
+    t.record(_sum_rows_backward, out, x)
+    return out
+
+
+def _sum_rows_backward(k, out, x):
+    C = x.shape[-1]
+    N = x.size // C
+    k.sum_rows_backward(x.grad.reshape(N, C), out.grad.reshape(N))
+
+
+def sequence_logprobs(t: Tape, logits: Tensor, targets: np.ndarray,
+                      vocab_size: Optional[int] = None) -> tuple[Tensor, np.ndarray]:
+    """Per row of a (B, T, Vp) batch: (the sum of log p(target) over the positions whose
+    target is not -1 (the response mask), as a (B,) tensor with a backward; the count of
+    those positions, a (B,) NumPy int array). What DPO compares between policy and reference."""
+    if logits.ndim != 3:
+        raise ValueError(f"sequence_logprobs: logits must be (B, T, V), got {logits.shape}")
+    lp = token_logprobs(t, logits, targets, vocab_size)
+    counts = np.count_nonzero(np.asarray(targets) >= 0, axis=1)
+    return sum_rows(t, lp), counts
+
+
+def kl_div(t: Tape, logits: Tensor, teacher: Tensor, temperature: float = 1.0,
+           targets: Optional[np.ndarray] = None, vocab_size: Optional[int] = None) -> Tensor:
+    """Distillation loss (1,): the mean over positions (those whose target is not -1 when
+    `targets` is given) of T^2 * KL(softmax(teacher / T) || softmax(logits / T)) over the
+    first vocab_size columns (Hinton et al.'s T^2 keeps the gradient's size independent of T).
+
+    `teacher` is the teacher model's logits tensor (its own tape, run without recording);
+    it is copied into this tape, so the teacher may run again before this backward. The
+    teacher gets no gradient; the student's is T * (softmax(logits/T) - softmax(teacher/T))."""
+    _check(logits, "logits", None, t)
+    if not isinstance(teacher, Tensor) or teacher.dtype != logits.dtype:
+        raise TypeError(f"kl_div: teacher must be an nt Tensor of dtype {logits.dtype}")
+    if teacher.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(f"kl_div: teacher logits {teacher.shape} and student logits {logits.shape} "
+                         "must cover the same positions")
+    if not (isinstance(temperature, (int, float, np.floating)) and 0 < temperature < np.inf):
+        raise ValueError(f"kl_div: temperature must be a positive number, got {temperature!r}")
+    V = _vocab(logits, vocab_size, "kl_div")
+    if V > teacher.shape[-1]:
+        raise ValueError(f"kl_div: the teacher's logits have {teacher.shape[-1]} columns, fewer than vocab_size {V}")
+    Vp, Vt = logits.shape[-1], teacher.shape[-1]
+    N = logits.size // Vp
+    if targets is None:
+        targets = np.zeros(logits.shape[:-1], dtype=np.int32)   # every position counts
+    targets = check_ids(targets, "targets", V, len(logits.shape) - 1, ignore_index=True)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"kl_div: targets {targets.shape} do not match logits {logits.shape[:-1]}")
+    targets = t.keep_ids(targets.reshape(N))
+    kept = t.new_saved((N, Vt))
+    t.k.copy_(kept.data, teacher.data.reshape(N, Vt))
+    loss = t.new((1,))
+    rows = t.new_saved((N,))
+    lse = t.new_saved((N, 2))
+    T = float(temperature)
+    t.k.kl_div_forward(loss.data, rows.data, lse.data, logits.data.reshape(N, Vp), kept.data, targets.data, V, T)
+    t.record(_kl_div_backward, loss, logits, kept, lse, targets, V, T)
+    return loss
+
+
+def _kl_div_backward(k, loss, logits, teacher, lse, targets, V, T):
+    Vp = logits.shape[-1]
+    N = logits.size // Vp
+    k.kl_div_backward(logits.grad.reshape(N, Vp), loss.grad, logits.data.reshape(N, Vp), teacher.data, lse.data,
+                      targets.data, V, T)

@@ -38,6 +38,7 @@ def signatures(f):
     return [
         (memory._fill, (A1, F)),
         (matmul._gemm_tiled, (B, B, F, A2, A2, F, A2)),
+        (matmul._gemm_tiled, (B, B, F, f[:, :], f[:, :], F, f[:, :])),  # LoRA's column blocks (strided)
         (matmul._broadcast_rows, (A2, A1)),
         (matmul._sum_rows_into, (A1, A2)),
         (layernorm._layernorm_forward, (A2, A1, A1, A2, A1, A1, F)),
@@ -55,6 +56,8 @@ def signatures(f):
         (elementwise._scale_backward_x, (A1, A1, A1)),
         (elementwise._scale_backward_s, (A1, A1, A1)),
         (elementwise._concat, (A2, A2, A2, B)),
+        (elementwise._sum_rows_forward, (A1, A2)),
+        (elementwise._sum_rows_backward, (A2, A1)),
         (dropout._dropout, (A1, A1, F, U, B)),
         (rmsnorm._rmsnorm_forward, (A2, A1, A2, A1, F)),
         (rmsnorm._rmsnorm_backward_input, (A2, A2, A2, A1, A1)),
@@ -75,6 +78,10 @@ def signatures(f):
         (softmax_xent._xent_rows, (A1, A1, A2, I1, I, F, F)),
         (softmax_xent._xent_mean, (A1, A1, I1)),
         (softmax_xent._xent_backward, (A2, A1, A2, A1, I1, I, F, F)),
+        (softmax_xent._logprobs_forward, (A1, A1, A2, I1, I)),
+        (softmax_xent._logprobs_backward, (A2, A1, A2, A1, I1, I)),
+        (softmax_xent._kl_rows, (A1, A2, A2, A2, I1, I, F)),
+        (softmax_xent._kl_backward, (A2, A1, A2, A2, A2, I1, I, F)),
         (optim._sum_squares_partial, (D1, A1)),
         (optim._sum_into_first, (D1,)),
         (optim._scale, (A1, F)),

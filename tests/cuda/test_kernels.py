@@ -280,3 +280,24 @@ def test_lora(dtype):
     parity("lora_backward", [dxa, dA, dB, dh, dout, h, xa, A, B, 0.7, o0], [0, 1, 2, 3], dtype)
     frozen = empty(dtype, 0, C), empty(dtype, 0, r)  # adapters frozen (a reference pass): dA, dB skipped
     parity("lora_backward", [dxa, frozen[0], frozen[1], dh, dout, h, xa, A, B, 0.7, o0], [0, 3], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logprobs_kl_and_row_sums(dtype):
+    rng = np.random.default_rng(12)
+    N, Vp, V, Vt = 6, 9, 7, 8
+    logits, teacher = randn(rng, dtype, N, Vp), randn(rng, dtype, N, Vt)
+    targets = rng.integers(0, V, N).astype(np.int32)
+    targets[2] = -1
+    parity("logprobs_forward", [empty(dtype, N), empty(dtype, N), logits, targets, V], [0, 1], dtype)
+    lse = np.log(np.exp(logits[:, :V].astype(np.float64)).sum(1)).astype(dtype)
+    parity("logprobs_backward", [randn(rng, dtype, N, Vp), randn(rng, dtype, N), logits, lse, targets, V], [0], dtype)
+    for T in (1.0, 2.0):
+        parity("kl_div_forward", [empty(dtype, 1), empty(dtype, N), empty(dtype, N, 2), logits, teacher, targets, V, T],
+               [0, 1, 2], dtype)
+        lse2 = np.stack([np.log(np.exp(z[:, :V].astype(np.float64) / T).sum(1)) for z in (logits, teacher)], 1)
+        parity("kl_div_backward", [randn(rng, dtype, N, Vp), np.array([0.7], dtype), logits, teacher,
+                                   lse2.astype(dtype), targets, V, T], [0], dtype)
+    x = randn(rng, dtype, 5, 7)
+    parity("sum_rows_forward", [empty(dtype, 5), x], [0], dtype)
+    parity("sum_rows_backward", [randn(rng, dtype, 5, 7), randn(rng, dtype, 5)], [0], dtype)

@@ -95,3 +95,78 @@ def test_cross_entropy_single_position():
     _, _, loss = run_op(lambda t, p: ops.cross_entropy(t, p["logits"], targets, V, 0.1, 1e-3), {"logits": logits})
     np.testing.assert_allclose(loss.data[0], reference_options(logits, targets, 0.1, 1e-3), rtol=1e-12)
     check_grads(lambda t, p: ops.cross_entropy(t, p["logits"], targets, V, 0.1, 1e-3), {"logits": logits})
+
+
+# ----------------------------------------------------------------------------- log-probabilities, KL
+
+def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_token_and_sequence_logprobs(T):
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((2, T, 11))
+    targets = rng.integers(0, 9, (2, T)).astype(np.int64)
+    targets[1, 0] = -1                                   # outside the response mask
+    ref = np.take_along_axis(log_softmax(logits[..., :9]), np.maximum(targets, 0)[..., None], -1)[..., 0]
+    ref[targets < 0] = 0.0
+    _, _, lp = run_op(lambda t, p: ops.token_logprobs(t, p["z"], targets, 9), {"z": logits})
+    np.testing.assert_allclose(lp.data, ref, rtol=1e-12, atol=1e-12)
+    check_grads(lambda t, p: ops.token_logprobs(t, p["z"], targets, 9), {"z": logits})
+    _, _, sums = run_op(lambda t, p: ops.sequence_logprobs(t, p["z"], targets, 9)[0], {"z": logits})
+    np.testing.assert_allclose(sums.data, ref.sum(1), rtol=1e-12)
+    check_grads(lambda t, p: ops.sequence_logprobs(t, p["z"], targets, 9)[0], {"z": logits})
+    from nt import Tape
+    _, counts = ops.sequence_logprobs(Tape("cpu", np.float64), run_op(lambda t, p: p["z"], {"z": logits})[2],
+                                      targets, 9)
+    assert counts.tolist() == [T, T - 1]
+
+
+def test_sum_rows_forward_and_backward():
+    x = np.random.default_rng(8).standard_normal((3, 2, 5))
+    _, _, out = run_op(lambda t, p: ops.sum_rows(t, p["x"]), {"x": x})
+    np.testing.assert_allclose(out.data, x.sum(-1), rtol=1e-12)
+    check_grads(lambda t, p: ops.sum_rows(t, p["x"]), {"x": x})
+
+
+def kl_reference(student, teacher, T, mask):
+    pt = np.exp(log_softmax(teacher / T))
+    rows = T * T * (pt * (log_softmax(teacher / T) - log_softmax(student / T))).sum(-1)
+    return rows[mask].mean()
+
+
+@pytest.mark.parametrize("T", [1.0, 2.5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kl_div_matches_numpy_and_finite_differences(T, masked):
+    rng = np.random.default_rng(9)
+    student, teacher = rng.standard_normal((2, 3, 8)) * 2, rng.standard_normal((2, 3, 10)) * 2
+    targets = np.zeros((2, 3), np.int32)
+    if masked:
+        targets[0, 1] = targets[1, 2] = -1
+    mask = targets >= 0
+
+    def build(t, p):
+        return ops.kl_div(t, p["s"], p["teach"], T, targets, vocab_size=6)   # teacher is padded wider
+    _, _, loss = run_op(build, {"s": student, "teach": teacher})
+    assert loss.data[0] == pytest.approx(kl_reference(student[..., :6], teacher[..., :6], T, mask), rel=1e-12)
+    from helpers import make_params
+    from nt import Tape
+    p = make_params({"s": student, "teach": teacher})
+    t = Tape("cpu", np.float64)
+    out = build(t, p)
+    t.backward(out)
+    assert not p["teach"].grad.any()                     # the teacher gets no gradient
+    check_grads(lambda t, q: ops.kl_div(t, q["s"], p["teach"], T, targets, vocab_size=6), {"s": student})
+
+
+def test_kl_div_of_identical_logits_is_zero_and_bad_input_is_refused():
+    z = np.random.default_rng(10).standard_normal((4, 7))
+    _, _, loss = run_op(lambda t, p: ops.kl_div(t, p["a"], p["b"], 3.0), {"a": z, "b": z})
+    assert abs(loss.data[0]) < 1e-12
+    for kwargs, match in [(dict(temperature=0.0), "temperature"), (dict(vocab_size=9), "vocab_size")]:
+        with pytest.raises(ValueError, match=match):
+            run_op(lambda t, p: ops.kl_div(t, p["a"], p["b"], **kwargs), {"a": z, "b": z})
+    with pytest.raises(ValueError, match="same positions"):
+        run_op(lambda t, p: ops.kl_div(t, p["a"], p["b"]), {"a": z, "b": z[:3]})
