@@ -206,7 +206,9 @@ def complete(model, tok, args, out: TextIO) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nt", description="Run nt language models.")
+    p = argparse.ArgumentParser(prog="python -m nt", description="Run nt language models.",
+                                epilog="python -m nt export RUN_OR_CHECKPOINT OUT [--to gguf|hf] [--type Q8_0]: "
+                                       "a trained model to GGUF or a Hugging Face folder (python -m nt export -h)")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("chat", "interactive chat (one message per line)"), ("complete", "one-shot completion")):
         s = sub.add_parser(name, help=help_)
