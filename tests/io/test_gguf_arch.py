@@ -214,6 +214,13 @@ def test_llama_variants_llama_cpp_cannot_run_are_refused(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_quantized_model_is_not_exported(tmp_path):
+    M.write(tmp_path / "q.gguf", _model("gemma3"), "Q8_0")
+    with pytest.raises(ValueError, match="keep_quantized=False"):
+        M.write(tmp_path / "x.gguf", M.load(tmp_path / "q.gguf", keep_quantized=True), "Q8_0")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_export_sees_frozen_parameters(tmp_path):
     """A model with frozen parameters exports every parameter (canonical order, not the
     trainable buffer's)."""
@@ -343,6 +350,12 @@ def test_bpe_round_trip(tmp_path, pre):
     assert f["tokenizer.ggml.bos_token_id"] == eot == f["tokenizer.ggml.eos_token_id"]
     assert "tokenizer.chat_template" not in f
     assert f["gpt2.vocab_size"] == tok.vocab_size + 5 and f["gpt2.context_length"] == 64
+    # the value types llama.cpp's loader reads them as
+    T = gguf.GGUFValueType
+    types = {k: v.types for k, v in gguf.GGUFReader(tmp_path / "t.gguf").fields.items()}
+    assert types["tokenizer.ggml.token_type"] == [T.ARRAY, T.INT32] and types["tokenizer.ggml.tokens"] == [T.ARRAY, T.STRING]
+    assert types["tokenizer.ggml.merges"] == [T.ARRAY, T.STRING] and types["tokenizer.ggml.add_bos_token"] == [T.BOOL]
+    assert types["tokenizer.ggml.bos_token_id"] == [T.UINT32]
 
 
 def test_sentencepiece_and_gguf_tokenizer_round_trip(tmp_path):
