@@ -606,24 +606,32 @@ def _check_directory(arch: str, config, tensors: dict, source: Path) -> tuple[di
             continue
         if tied and name == "lm_head.weight":
             continue   # checked to equal the embedding when it is read
-        raise FormatError(f"{f.path}: tensor {original!r} is not part of nt's {arch} model of this config")
+        raise FormatError(f"{f.path}: tensor {original!r} is not part of nt's {arch} model of this config"
+                          f"{_at(f, original)}")
     for name, slot in expected.items():
         if name not in renamed:
             raise FormatError(f"{source}: missing tensor {name!r} (a {arch} model of this config.json has it)")
         f, original = renamed[name]
         info = f.tensors[original]
         if info.shape != slot.shape:
-            raise FormatError(f"{f.path}: tensor {original!r} has shape {info.shape}, config.json makes it {slot.shape}")
+            raise FormatError(f"{f.path}: tensor {original!r} has shape {info.shape}, config.json makes it "
+                              f"{slot.shape}{_at(f, original)}")
         if info.dtype not in FLOAT_DTYPES:
-            raise FormatError(f"{f.path}: tensor {original!r} is {info.dtype}; nt loads {', '.join(FLOAT_DTYPES)}")
+            raise FormatError(f"{f.path}: tensor {original!r} is {info.dtype}; nt loads {', '.join(FLOAT_DTYPES)}"
+                              f"{_at(f, original)}")
     return expected, renamed
+
+
+def _at(f: SafetensorsFile, name: str) -> str:
+    """Where tensor `name`'s data starts in its file, for error messages."""
+    return f" (data at byte {f.data_offset + f.tensors[name].begin})"
 
 
 def _read(f: SafetensorsFile, name: str, dtype, check_finite: bool) -> np.ndarray:
     values = f.read(name, dtype)
     if check_finite and not np.all(np.isfinite(values)):
         bad = int(np.count_nonzero(~np.isfinite(values)))
-        raise FormatError(f"{f.path}: tensor {name!r} holds {bad} non-finite values (NaN or inf)")
+        raise FormatError(f"{f.path}: tensor {name!r} holds {bad} non-finite values (NaN or inf){_at(f, name)}")
     return values
 
 
