@@ -381,8 +381,8 @@ def test_from_gguf_llama_file_written_by_gguf_package(tmp_path):
 
 
 def test_llama_unsupported_features_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="qk_norm"):
-        M.write(tmp_path / "x.gguf", _tiny_llama(qk_norm=True), "F32")
+    with pytest.raises(ValueError, match="post_norms"):
+        M.write(tmp_path / "x.gguf", _tiny_llama(post_norms=True), "F32")
     G.write_gguf(tmp_path / "r.gguf", {"general.architecture": "llama"},
                  {"rope_freqs.weight": (np.ones(16, np.float32), "F32")})
     with pytest.raises(FormatError, match="RoPE scaling"):

@@ -1,4 +1,4 @@
-"""llama.cpp's "qwen2" and "gemma3" architectures and tokenizers in GGUF (nt.models.gguf: M).
+"""llama.cpp's "qwen2", "qwen3" and "gemma3" architectures and tokenizers in GGUF (nt.models.gguf: M).
 
 Conventions are checked against llama.cpp's own Python package (`gguf`: tensor names per
 architecture, metadata keys, its reader and writer) and against transformers' logits for
@@ -27,7 +27,8 @@ IDX = np.random.default_rng(0).integers(0, V, (2, 14)).astype(np.int32)
 QWEN2 = dict(qkv_bias=True, rope_theta=1e6, norm_eps=1e-6)
 GEMMA3 = dict(ffn_kind="geglu", qk_norm=True, post_norms=True, embed_scale=True, head_dim=32, norm_eps=1e-6,
               sliding_window=4, global_every=2, rope_theta=1e6, rope_local_theta=10000.0)
-ARCHS = {"qwen2": QWEN2, "gemma3": GEMMA3}
+QWEN3 = dict(qk_norm=True, rope_theta=1e6, norm_eps=1e-6)
+ARCHS = {"qwen2": QWEN2, "qwen3": QWEN3, "gemma3": GEMMA3}
 
 
 def _model(arch: str, seed: int = 1, **kw) -> Llama:
@@ -204,7 +205,7 @@ def test_bad_qwen2_files_are_refused(tmp_path):
 
 def test_llama_variants_llama_cpp_cannot_run_are_refused(tmp_path):
     base = LlamaConfig.preset("llama-tiny", vocab_size=V)
-    for options, fragment in [(dict(qk_norm=True), "qk_norm"), (dict(norm="layernorm"), "norm='rmsnorm'"),
+    for options, fragment in [(dict(post_norms=True), "post_norms"), (dict(norm="layernorm"), "norm='rmsnorm'"),
                               (dict(qkv_bias=True, sliding_window=8), "sliding_window=0"),
                               (dict(n_predict=2), "n_predict=1")]:
         with pytest.raises(ValueError, match=fragment):
@@ -399,21 +400,23 @@ def _hf_cases() -> dict:
     """Models whose nt export transformers' GGUF loader sizes from the file alone. Its GPT-2
     mapping takes the vocabulary only from tokenizer.ggml.tokens and sends
     gpt2.context_length to n_ctx, which GPT2Config ignores (wpe is n_positions = 1024 rows):
-    so the GPT-2 carries a tokenizer and 1024 positions. Its Gemma-3 config keeps
-    query_pre_attn_scalar at 256: a head size of 256 makes that 1/sqrt(head size), as in
-    llama.cpp and nt."""
+    so the GPT-2 carries a tokenizer and 1024 positions. It does not read key_length for
+    qwen3 (head_dim stays at Qwen3Config's 128) and its Gemma-3 config keeps
+    query_pre_attn_scalar at 256 (with a head size of 256 that is 1/sqrt(head size), as in
+    llama.cpp and nt): so those head sizes."""
     tok = _bpe()
     gemma = dict(GEMMA3, head_dim=256, global_every=6)
     return {
         "llama": (lambda: Llama(LlamaConfig.preset("llama-tiny", vocab_size=V), seed=1), None),
         "qwen2": (lambda: _model("qwen2"), None),
+        "qwen3": (lambda: _model("qwen3", head_dim=128), None),
         "gemma3": (lambda: Llama(LlamaConfig.preset("llama-tiny", vocab_size=V, **gemma), seed=1), None),
         "gpt2": (lambda: GPT2(GPT2Config.preset("tiny", vocab_size=tok.vocab_size, block_size=1024), seed=1), tok),
     }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "gpt2"])
 def test_transformers_loads_nt_exports(tmp_path, arch):
     """AutoModelForCausalLM.from_pretrained(folder, gguf_file=...) on nt's export gives nt's
     logits (needs torch, transformers and accelerate: test oracles only)."""

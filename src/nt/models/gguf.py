@@ -1,6 +1,6 @@
 """nt's GPT2 and Llama to and from GGUF files: llama.cpp's tensor names and metadata keys
-for the "gpt2" architecture and the Llama family's "llama", "qwen2" and "gemma3" (one
-LLAMA_ARCHS entry each), and the tokenizer that tokenizer.ggml.* describes (read:
+for the "gpt2" architecture and the Llama family's "llama", "qwen2", "qwen3" and "gemma3"
+(one LLAMA_ARCHS entry each), and the tokenizer that tokenizer.ggml.* describes (read:
 tokenizer_from_metadata; written: tokenizer_metadata).
 
 nt.io.gguf reads and writes the format; this module decides what a file must hold to be
@@ -245,13 +245,16 @@ class LlamaArch(NamedTuple):
 
 
 # One entry per llama.cpp architecture nt reads and writes. Options not named here are nt's
-# defaults for all three (_LLAMA_COMMON). Gemma-3's sliding window, its local/global layer
+# defaults for all of them (_LLAMA_COMMON). Gemma-3's sliding window, its local/global layer
 # pattern and its local RoPE base come from the file (_gemma3_options).
 LLAMA_ARCHS = {
     "llama": LlamaArch("interleaved", dict(ffn_kind="swiglu", qkv_bias=False, qk_norm=False, post_norms=False,
                                            embed_scale=False, sliding_window=0)),
     # Qwen2: biases on q, k, v (not on the output projection)
     "qwen2": LlamaArch("half", dict(ffn_kind="swiglu", qkv_bias=True, qk_norm=False, post_norms=False,
+                                    embed_scale=False, sliding_window=0)),
+    # Qwen3: RMSNorm of each q/k head before RoPE, no biases
+    "qwen3": LlamaArch("half", dict(ffn_kind="swiglu", qkv_bias=False, qk_norm=True, post_norms=False,
                                     embed_scale=False, sliding_window=0)),
     # Gemma-3: GeGLU, RMSNorm of each q/k head, norms after attention and MLP, embeddings
     # times sqrt(dim) (applied by llama.cpp's graph, not stored)
@@ -653,7 +656,7 @@ def tokenizer_metadata(tokenizer: Union[BPE, SentencePieceBPE], vocab_size: int)
 
 def load(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageModel:
     """Build an nt model from a GGUF file: GPT2 for architecture "gpt2", Llama for "llama",
-    "qwen2" and "gemma3" (LLAMA_ARCHS), in the RoPE pairing of llama.cpp's graph for that
+    "qwen2", "qwen3" and "gemma3" (LLAMA_ARCHS), in the RoPE pairing of llama.cpp's graph for that
     architecture (interleaved for "llama", half for the others), so q/k are used as stored.
     Weights are dequantised to float32. A GPT-2 `output.weight`, if present, is taken to be
     tied to token_embd (nt's GPT-2 ties them); a Llama without `output.weight` is tied.
@@ -692,7 +695,7 @@ def load(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageMod
 def write(path, model: LanguageModel, dtype: str = "F32", metadata: Optional[dict] = None,
           tokenizer: Optional[Union[BPE, SentencePieceBPE]] = None) -> None:
     """Export an nt GPT2 or Llama to GGUF for llama.cpp: architecture "gpt2" for GPT2; for a
-    Llama the one of "llama", "qwen2", "gemma3" whose graph computes the same function
+    Llama the one of "llama", "qwen2", "qwen3", "gemma3" whose graph computes the same function
     (_llama_arch; anything else is a ValueError naming what differs). Matrices as `dtype`
     (one of nt.io.gguf.WRITE_TYPES), norms and biases as F32. q/k rows (and their biases
     and qk-norm weights) are permuted when the model's RoPE pairing is not the
