@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nt.io import FormatError, load_safetensors, save_safetensors
-from nt.io.safetensors import SafetensorsFile, read_safetensors_header
+from nt.io.safetensors import SafetensorsFile, float_to_bf16, read_safetensors_header
 
 st_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -172,3 +172,29 @@ def test_mapped_file_validates_the_header_first(tmp_path):
     path = corrupt(tmp_path, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4)
     with pytest.raises(FormatError, match="truncated"):
         SafetensorsFile(path)
+
+
+def test_bf16_written_and_rounded_as_torch_does(tmp_path):
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(1000).astype(np.float32) * 100,
+                             np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-40,
+                                       1.00390625, 1.01171875], np.float32)])   # the last two: ties
+    bits = float_to_bf16(values)
+    save_safetensors(tmp_path / "b.safetensors", {"w": bits, "u": np.arange(3, dtype=np.uint16)}, bf16=["w"])
+    f = SafetensorsFile(tmp_path / "b.safetensors")
+    assert f.tensors["w"].dtype == "BF16" and f.tensors["u"].dtype == "U16"
+    back = f.read("w")
+    assert np.isnan(back[np.isnan(values)]).all()
+    assert np.array_equal(back[-5:-3], [np.inf, -np.inf])   # past bfloat16's largest finite value
+    finite = np.isfinite(back)
+    assert np.all(np.abs(back[finite] - values[finite]) <= np.abs(values[finite]) * 2 ** -8 + 1e-38)  # + subnormals
+    assert np.array_equal(back[-2:], [1.0, 1.015625])   # ties to even
+    with pytest.raises(ValueError, match="uint16 bit patterns"):
+        save_safetensors(tmp_path / "c.safetensors", {"w": values}, bf16=["w"])
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+    theirs = torch.from_numpy(values).to(torch.bfloat16)
+    nan = np.isnan(values)
+    assert np.array_equal(theirs.view(torch.int16).numpy().view(np.uint16)[~nan], bits[~nan])
+    loaded = load_file(str(tmp_path / "b.safetensors"))["w"]
+    assert loaded.dtype == torch.bfloat16 and np.array_equal(loaded.float().numpy()[~nan], back[~nan])

@@ -18,7 +18,7 @@ import math
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -42,8 +42,14 @@ class TensorInfo:
     end: int
 
 
-def save_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write `tensors` (name -> NumPy array) to `path` atomically (temp file, fsync, rename)."""
+def save_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None,
+                     bf16: Iterable[str] = ()) -> None:
+    """Write `tensors` (name -> NumPy array) to `path` atomically (temp file, fsync, rename).
+    Tensors named in `bf16` are uint16 arrays of bfloat16 bit patterns (see float_to_bf16),
+    stored as BF16."""
+    bf16 = set(bf16)
+    if not bf16 <= set(tensors):
+        raise ValueError(f"bf16 names tensors that are not given: {sorted(bf16 - set(tensors))[:10]}")
     header: dict = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -58,7 +64,12 @@ def save_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Optional
         if dtype not in _NAMES:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors equivalent")
         a = np.asarray(a, dtype=dtype, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
-        header[name] = {"dtype": _NAMES[dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        kind = _NAMES[dtype]
+        if name in bf16:
+            if kind != "U16":
+                raise ValueError(f"tensor {name!r}: BF16 tensors are given as uint16 bit patterns, got {a.dtype}")
+            kind = "BF16"
+        header[name] = {"dtype": kind, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         arrays.append(a.reshape(-1))
         offset += a.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -129,6 +140,16 @@ def _tensor_info(where: str, info, data_size: int) -> TensorInfo:
     if offs[1] - offs[0] != nbytes:
         raise FormatError(f"{where}: {dtype} {shape} needs {nbytes} bytes, data_offsets span {offs[1] - offs[0]}")
     return TensorInfo(dtype, tuple(shape), offs[0], offs[1])
+
+
+def float_to_bf16(values: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) of float values, rounded to the nearest bfloat16 (ties
+    to even) through float32, as PyTorch rounds; a NaN stays a (quiet) NaN instead of
+    rounding into inf."""
+    x = np.ascontiguousarray(values, dtype=np.float32)
+    bits = x.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16   # no overflow below NaN's patterns
+    return np.where(np.isnan(x), (bits >> 16) | 0x0040, rounded).astype(np.uint16)
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
