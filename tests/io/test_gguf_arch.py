@@ -359,6 +359,22 @@ def test_bpe_round_trip(tmp_path, pre):
     assert types["tokenizer.ggml.bos_token_id"] == [T.UINT32]
 
 
+def test_bpe_read_from_gguf_is_written_back(tmp_path):
+    """A BPE a GGUF file carried keeps its own bos/eos, add_bos and chat template."""
+    tok = _bpe("qwen2")
+    model = Llama(LlamaConfig.preset("llama-tiny", vocab_size=tok.vocab_size, **QWEN2), seed=0)
+    M.write(tmp_path / "a.gguf", model, "F32", tokenizer=tok)
+    first = from_gguf(tmp_path / "a.gguf")
+    t = first.tokenizer
+    t.bos_id, t.eos_id = tok.special_tokens["<|im_start|>"], tok.special_tokens["<|im_end|>"]
+    t.add_bos, t.chat_template = True, "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
+    M.write(tmp_path / "b.gguf", first, "F32", tokenizer=t)
+    again = from_gguf(tmp_path / "b.gguf").tokenizer
+    assert (again.bos_id, again.eos_id, again.add_bos, again.chat_template) == (t.bos_id, t.eos_id, True,
+                                                                                 t.chat_template)
+    assert again.pre == "qwen2" and all(again.encode(s) == tok.encode(s) for s in TEXTS)
+
+
 def test_sentencepiece_and_gguf_tokenizer_round_trip(tmp_path):
     """A tokenizer read from a GGUF file (here SentencePiece with a chat template) is written
     back as it came."""
