@@ -12,7 +12,7 @@ import argparse
 
 from nt.io import load_model
 from nt.models import GPT2, GPT2Config
-from nt.train_utils import add_training_args, prepare_run, train
+from nt.train_utils import add_training_args, prepare_run, pretrain
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     print(f"model: GPT-2 L={cfg.n_layer} C={cfg.n_embd} NH={cfg.n_head} V={cfg.vocab_size} "
           f"(padded {cfg.padded_vocab_size}) T<={cfg.block_size}: {model.num_params:,} parameters")
 
-    train(args, model, data, resume)
+    pretrain(args, model, data, resume)
     if args.save:
         model.save_llmc(args.save)
         print(f"saved llm.c checkpoint to {args.save}")

@@ -17,7 +17,7 @@ import sys
 
 from nt.io import load_model
 from nt.models import Llama, LlamaConfig
-from nt.train_utils import add_training_args, prepare_run, train
+from nt.train_utils import add_training_args, prepare_run, pretrain
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
           f"hs={cfg.hs} H={cfg.ffn_hidden} V={cfg.vocab_size} (padded {cfg.padded_vocab_size}): "
           f"{model.num_params:,} parameters")
 
-    train(args, model, data, resume)
+    pretrain(args, model, data, resume)
 
 
 if __name__ == "__main__":

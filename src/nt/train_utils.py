@@ -1,13 +1,44 @@
 """What every training script shares: the common flags, data and tokenizer, run folders
-with checkpoints and resume, the loss log (JSONL + PNG curve), the training loop.
+with checkpoints and resume, the loss log (JSONL + PNG curve), and one training loop that
+pretraining, supervised fine-tuning, distillation and preference tuning all run.
+
+Pretraining (train/train_gpt2.py, train/train_llama.py):
 
     p = argparse.ArgumentParser(); add_training_args(p); ...model flags...
     args = p.parse_args()
-    data = load_data(args)                     # token arrays + tokenizer, BPE by default
-    resume = resume_path(args)                 # a checkpoint folder or None
+    dtype, data, resume = prepare_run(args)    # token arrays + tokenizer; checkpoint to resume or None
     model = load_model(resume) if resume else MyModel(...)   # resuming: weights from the checkpoint
-    train(args, model, data, resume)           # loop, eval, log, checkpoints, sample (and
-                                               # optimizer, schedule, data position from resume)
+    pretrain(args, model, data, resume)        # loaders, unigram baseline, train(), a sample
+
+Anything else calls the loop itself:
+
+    train(args, model, source, loss_fn, evaluate=..., resume=..., extra=...)
+
+Its extension points:
+- `source`, the batch source: `next_batch()` returns the next batch (any object: a pair
+  (idx, targets), a dict of arrays, ...), `state()` / `set_state(state)` give and restore
+  its position as a JSON-able dict (saved in every checkpoint: resume is exact).
+  `nt.data.DataLoader` (token streams) and `nt.sft.ChatBatches` (chats) are sources.
+- `loss_fn(model, batch) -> Tensor`: runs the forward(s) on `model.tape`, recording, and
+  returns the (1,) loss tensor to backpropagate (default `lm_loss`: the model's own
+  next-token cross-entropy, targets -1 ignored). Compose nt ops for other losses
+  (distillation: alpha * kl_div + (1 - alpha) * cross_entropy); a frozen second model
+  (teacher, reference) runs on its own tape with `model.forward_inference(idx)`.
+- The trainable parameters are `model.trainable_params`: the model's own (its trainable
+  part after `model.freeze(...)`), or the LoRA adapters when `nt.lora.LoRA` is attached;
+  the optimizer, clipping, loss scaling and checkpoints take them. A LoRA run's
+  checkpoints store the adapters (trainable.safetensors), not the frozen base: the caller
+  rebuilds the base and attaches the adapters before calling train(resume=...), and keeps
+  what it needs for that in `extra` (read back with `nt.io.checkpoint.checkpoint_state(path)["extra"]`).
+- `evaluate() -> float`: the validation loss, called at step 0, every --eval-every steps
+  and at the end (`eval_loss(model, batches, loss_fn)` averages a loss in eval mode).
+- `extra`: JSON-able values stored in every checkpoint's state.json (key "scaler" is the loop's).
+
+The loop: --optimizer with warmup + cosine decay, --grad-accum micro-batches
+(`accumulate_grads`), --loss-scale, clipping inside the optimizer's update (clip_factor +
+step(grad_scale=)), log.jsonl + loss.png (`LossLog`), a progress bar, checkpoints every
+--checkpoint-every steps (`save_run_checkpoint`), and exact resume: a stopped-and-resumed
+run logs the same losses bit for bit.
 """
 from __future__ import annotations
 
@@ -18,7 +49,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import numpy as np
 
@@ -26,6 +57,7 @@ from .data import (BYTE_VOCAB, DEFAULT_BPE_VOCAB, DataLoader, builtin_corpus, bu
                    byte_tokens_to_text, encode_text, text_to_byte_tokens)
 from .io import latest_checkpoint, load_checkpoint, read_llmc_tokens, resolve_checkpoint, save_run_checkpoint
 from .optim import OPTIMIZERS, CosineSchedule, GradScaler, clip_factor, make_optimizer, scale_grads
+from .tensor import Tensor
 from .tokenizer import BPE
 
 
@@ -264,11 +296,36 @@ def progress(step: int, total: int, text: str) -> None:
 
 
 
-def accumulate_grads(model, next_batch: Callable[[], tuple], micro_batches: int = 1,
-                     scaler: Optional[GradScaler] = None) -> float:
-    """Gradient accumulation: zero the grads, then `micro_batches` times draw (idx, targets)
-    from next_batch() and run forward + backward (grads add up); finally scale the grads
-    by 1/K. Returns the mean loss.
+class BatchSource(Protocol):
+    """Where train() draws its batches from (see the module docstring)."""
+
+    def next_batch(self) -> Any: ...
+
+    def state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+LossFn = Callable[[Any, Any], Tensor]   # (model, batch) -> the (1,) loss tensor on model.tape
+
+
+def lm_loss(model, batch: tuple[np.ndarray, np.ndarray]) -> Tensor:
+    """The model's own loss on an (idx, targets) batch: next-token cross-entropy (plus the
+    model's extras: multi-token heads, z-loss...), targets -1 ignored."""
+    idx, targets = batch
+    return model.forward(idx, targets)[1]
+
+
+def loss_value(model, loss: Tensor) -> float:
+    """A (1,) loss tensor's value as a Python float (one small copy from a device)."""
+    return float(model.tape.k.to_host(loss.data)[0])
+
+
+def accumulate_grads(model, next_batch: Callable[[], Any], micro_batches: int = 1,
+                     scaler: Optional[GradScaler] = None, loss_fn: LossFn = lm_loss) -> float:
+    """Gradient accumulation: zero the grads, then `micro_batches` times draw a batch from
+    next_batch() and run loss_fn's forward + its backward (grads add up); finally scale
+    the trainable grads by 1/K. Returns the mean loss.
 
     Each micro-batch is drawn only after the previous one's backward, so a loader that
     reuses its arrays (DataLoader does) serves K different batches. With K equal
@@ -280,44 +337,53 @@ def accumulate_grads(model, next_batch: Callable[[], tuple], micro_batches: int 
     model.zero_grad()
     total = 0.0
     for _ in range(micro_batches):
-        _, loss = model.forward(*next_batch())
-        total += float(model.tape.k.to_host(loss.data)[0])
+        loss = loss_fn(model, next_batch())
+        total += loss_value(model, loss)
         if scaler is None:
-            model.backward()
+            model.tape.backward(loss)
         else:
             scaler.backward(model.tape, loss)
     if micro_batches > 1:
-        scale_grads(model.params, 1.0 / micro_batches)
+        scale_grads(model.trainable_params, 1.0 / micro_batches)
     return total / micro_batches
 
 
-def train(args, model, data: Data, resume: Optional[Path] = None) -> None:
-    """The training loop shared by the scripts: --optimizer with warmup + cosine decay,
-    gradient accumulation, optional loss scaling, grad clipping, evaluation, log.jsonl,
-    checkpoints every --checkpoint-every steps, exact resume from `resume`, a loss curve
-    and a sample at the end."""
-    cfg = model.config
-    if cfg.vocab_size < data.vocab_size:
-        sys.exit(f"error: model vocab {cfg.vocab_size} < data vocab {data.vocab_size}")
-    if args.seq_len > cfg.block_size:
-        sys.exit(f"error: -T {args.seq_len} exceeds the model's block_size {cfg.block_size}")
-    B, T = args.batch_size, args.seq_len
-    train_loader = DataLoader(data.train, B, T, shuffle=True, seed=args.seed, vocab_size=cfg.vocab_size)
-    val_loader = DataLoader(data.val, B, T, vocab_size=cfg.vocab_size)
-    baseline = unigram_loss(data.train, data.val, cfg.vocab_size)
-    print(f"unigram baseline val loss: {baseline:.4f}   uniform: {math.log(cfg.vocab_size):.4f}")
+def eval_loss(model, batches: Iterable, loss_fn: LossFn = lm_loss) -> float:
+    """The mean of loss_fn over `batches` (an iterable drawn one batch at a time), in eval
+    mode (no dropout); the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        losses = [loss_value(model, loss_fn(model, batch)) for batch in batches]
+    finally:
+        model.train(was_training)
+    if not losses:
+        raise ValueError("eval_loss needs at least one batch")
+    return sum(losses) / len(losses)
 
+
+def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
+          evaluate: Optional[Callable[[], float]] = None, resume: Optional[Path] = None,
+          extra: Optional[dict] = None, baseline: Optional[float] = None) -> None:
+    """The training loop every script shares (see the module docstring): optimise
+    `model.trainable_params` on loss_fn over batches from `source` for args.steps steps,
+    with the schedule, accumulation, loss scaling and clipping the flags ask for; evaluate,
+    log, checkpoint, and continue exactly from the checkpoint `resume` (the caller built
+    `model` for it: from the checkpoint's weights, or the base with its adapters attached).
+    `baseline` is drawn in loss.png."""
     if args.grad_accum < 1:
         sys.exit(f"error: --grad-accum must be >= 1, got {args.grad_accum}")
-    optimizer = make_optimizer(args.optimizer, model.params, args.lr, args.weight_decay)
+    params = model.trainable_params
+    # a run that trains adapters on a frozen base checkpoints the adapters alone
+    stored = params if params is not model.params else None
+    optimizer = make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
     schedule = CosineSchedule(args.lr, args.warmup, args.steps, args.min_lr_ratio)
-    scaler = GradScaler(model.params) if args.loss_scale else None
+    scaler = GradScaler(params) if args.loss_scale else None
     start = 0
     if resume is not None:
-        # the script built `model` from this folder (load_model): its weights are in place
         requested = schedule.state_dict()
-        restored = load_checkpoint(resume, model, optimizer, schedule=schedule, loaders={"train": train_loader},
-                                   weights=False)
+        restored = load_checkpoint(resume, model, optimizer, schedule=schedule, loaders={"train": source},
+                                   weights=False, params=stored)
         if schedule.state_dict() != requested:
             print(f"note: continuing the checkpoint's learning-rate schedule {schedule.state_dict()}; "
                   f"the flags asked for {requested}")
@@ -327,24 +393,19 @@ def train(args, model, data: Data, resume: Optional[Path] = None) -> None:
         print(f"resumed from {resume} at step {start}")
     log = LossLog(args.out_dir, start if resume is not None else None)
 
-    def evaluate() -> float:
-        model.eval()
-        val_loader.set_state({"epoch": 0, "position": 0})
-        n = min(args.eval_batches, val_loader.batches_per_epoch)
-        loss = sum(model(*val_loader.next_batch())[1] for _ in range(n)) / n
-        model.train()
-        return loss
-
     def checkpoint(step: int) -> None:
+        state = dict(extra or {})
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
         path = save_run_checkpoint(args.out_dir, step, model, optimizer, keep_last=args.keep_last,
-                                   loaders={"train": train_loader}, schedule=schedule,
-                                   extra={"scaler": scaler.state_dict()} if scaler is not None else None)
+                                   loaders={"train": source}, schedule=schedule, extra=state, params=stored)
         print(f"\nsaved checkpoint {path}", file=sys.stderr, flush=True)
 
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
     times = []
     for step in range(start, args.steps + 1):
         last = step == args.steps
-        if args.eval_every > 0 and (step % args.eval_every == 0 or last):
+        if evaluate is not None and args.eval_every > 0 and (step % args.eval_every == 0 or last):
             val = evaluate()
             log.write(step=step, val_loss=val)
             print(f"\nstep {step}: val loss {val:.4f}", file=sys.stderr, flush=True)
@@ -352,37 +413,75 @@ def train(args, model, data: Data, resume: Optional[Path] = None) -> None:
             break
         t0 = time.perf_counter()
         # zero grads, forward + backward each micro-batch, grads /= grad_accum
-        loss_value = accumulate_grads(model, train_loader.next_batch, args.grad_accum, scaler)
+        loss = accumulate_grads(model, source.next_batch, args.grad_accum, scaler, loss_fn)
         finite = scaler.unscale_() if scaler is not None else True  # grads /= loss scale, inf/nan check
         # the clipping factor goes into the optimizer's update: no extra pass over the grads
-        norm, clip = clip_factor(model.params, args.grad_clip) if args.grad_clip > 0 and finite else (float("nan"), 1.0)
+        norm, clip = clip_factor(params, args.grad_clip) if args.grad_clip > 0 and finite else (float("nan"), 1.0)
         lr = schedule(step)
-        step_args = {"lr": lr, "grad_scale": clip, "loss": loss_value}
+        step_args = {"lr": lr, "grad_scale": clip, "loss": loss}
         if scaler is not None:
             scaler.step(optimizer, **step_args)  # skipped (and counted) on non-finite grads
         else:
             optimizer.step(**step_args)
         dt = time.perf_counter() - t0
         times.append(dt)
-        log.write(step=step + 1, train_loss=loss_value, lr=lr, ms=round(dt * 1e3, 2))
-        extra = f" scale {scaler.scale:g} skipped {scaler.skipped_steps}" if scaler is not None else ""
-        progress(step + 1, args.steps, f"loss {loss_value:.4f} norm {norm:.2f} lr {lr:.2e}{extra} "
-                                       f"{dt * 1e3:.0f} ms/step {B * T * args.grad_accum / dt:,.0f} tok/s")
+        log.write(step=step + 1, train_loss=loss, lr=lr, ms=round(dt * 1e3, 2))
+        scaling = f" scale {scaler.scale:g} skipped {scaler.skipped_steps}" if scaler is not None else ""
+        progress(step + 1, args.steps, f"loss {loss:.4f} norm {norm:.2f} lr {lr:.2e}{scaling} "
+                                       f"{dt * 1e3:.0f} ms/step {tokens_per_step / dt:,.0f} tok/s")
         if args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
             checkpoint(step + 1)
     if args.checkpoint_every > 0 and start < args.steps:
         checkpoint(args.steps)
     if len(times) > 1:
         steady = sorted(times[1:])[len(times[1:]) // 2]
-        print(f"median step {steady * 1e3:.1f} ms, {B * T * args.grad_accum / steady:,.0f} tokens/s "
+        print(f"median step {steady * 1e3:.1f} ms, {tokens_per_step / steady:,.0f} tokens/s "
               f"(first step with compilation: {times[0]:.1f} s)")
     png = log.plot(baseline)
     print(f"loss log: {log.path}" + (f", curve: {png}" if png else ""))
 
+
+def check_fits(model, vocab_size: int, seq_len: int) -> None:
+    """Exit with a message when the model cannot take the data's tokens or -T positions."""
+    cfg = model.config
+    if cfg.vocab_size < vocab_size:
+        sys.exit(f"error: model vocab {cfg.vocab_size} < data vocab {vocab_size}")
+    if seq_len > cfg.block_size:
+        sys.exit(f"error: -T {seq_len} exceeds the model's block_size {cfg.block_size}")
+
+
+def token_loaders(args, data: Data, model, loss_fn: LossFn = lm_loss) -> tuple[DataLoader, Callable[[], float]]:
+    """The shuffled training DataLoader over data.train, and evaluate(): loss_fn's mean
+    over the first --eval-batches batches of data.val (the same batches every time)."""
+    B, T, V = args.batch_size, args.seq_len, model.config.vocab_size
+    train_loader = DataLoader(data.train, B, T, shuffle=True, seed=args.seed, vocab_size=V)
+    val_loader = DataLoader(data.val, B, T, vocab_size=V)
+    start = val_loader.state()
+
+    def evaluate() -> float:
+        val_loader.set_state(start)
+        n = min(args.eval_batches, val_loader.batches_per_epoch)
+        return eval_loss(model, (val_loader.next_batch() for _ in range(n)), loss_fn)
+    return train_loader, evaluate
+
+
+def pretrain(args, model, data: Data, resume: Optional[Path] = None) -> None:
+    """Next-token training on token streams (train_gpt2.py, train_llama.py): the loaders,
+    the unigram baseline, train(), then a sample from --prompt."""
+    check_fits(model, data.vocab_size, args.seq_len)
+    train_loader, evaluate = token_loaders(args, data, model)
+    V = model.config.vocab_size
+    baseline = unigram_loss(data.train, data.val, V)
+    print(f"unigram baseline val loss: {baseline:.4f}   uniform: {math.log(V):.4f}")
+    train(args, model, train_loader, evaluate=evaluate, resume=resume, baseline=baseline)
     if args.sample_tokens > 0:
-        prompt = data.encode(args.prompt) if data.tokenizer is not None or data.is_bytes else np.array([0])
-        out = model.generate(prompt, args.sample_tokens, temperature=args.temperature, top_k=args.top_k,
-                             seed=args.seed)
-        text = data.decode(out)
-        print(f"\n--- sample (temperature {args.temperature}, top-k {args.top_k}) ---")
-        print(text if text is not None else out.tolist())
+        sample(args, model, data)
+
+
+def sample(args, model, data: Data) -> None:
+    """Print a continuation of --prompt (--sample-tokens, --temperature, --top-k, --seed)."""
+    prompt = data.encode(args.prompt) if data.tokenizer is not None or data.is_bytes else np.array([0])
+    out = model.generate(prompt, args.sample_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    text = data.decode(out)
+    print(f"\n--- sample (temperature {args.temperature}, top-k {args.top_k}) ---")
+    print(text if text is not None else out.tolist())

@@ -3,6 +3,10 @@
     step_00000300/
         model.safetensors      every named parameter (GPT-2 names: wte, wpe, qkvw, ...;
                                per-layer weights stacked as (L, ...))
+        trainable.safetensors  instead of model.safetensors in a checkpoint of a run that
+                               trains a separate parameter set on a frozen model (LoRA
+                               adapters: q.A, q.B, ...); config.json still describes the
+                               base, whose weights the run keeps elsewhere (see `params`)
         config.json            {"model": "GPT2", "config_class": "GPT2Config", "dtype": "float32",
                                 "config": {...}}
         optimizer.safetensors  optimizer arrays (AdamW: m, v) -- when an optimizer is given
@@ -40,6 +44,8 @@ import numpy as np
 from .common import FormatError, atomic_write_text, expect, read_json
 from .safetensors import TensorInfo, load_safetensors, read_safetensors_header, save_safetensors
 
+MODEL_WEIGHTS = "model.safetensors"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
 FORMAT = "nt-checkpoint"
 VERSION = 1
 LATEST = "latest"
@@ -346,12 +352,15 @@ def _stateful(obj) -> Optional[dict]:
 def save_checkpoint(directory, model, optimizer=None, *, step: int = 0, schedule=None,
                     loaders: Optional[Mapping[str, Any]] = None,
                     rngs: Optional[Mapping[str, np.random.Generator]] = None,
-                    extra: Optional[dict] = None) -> Path:
+                    extra: Optional[dict] = None, params=None) -> Path:
     """Write a complete checkpoint folder at `directory`, atomically (replacing one there).
 
     model: anything with `.params` (nt.Params) and a dataclass `.config` (GPT2, Llama...).
     loaders: name -> DataLoader (their state()); rngs: name -> np.random.Generator;
     extra: JSON-able values to keep (e.g. the loss scaler's state, the best val loss).
+    params: a Params to store instead of the model's weights (trainable.safetensors): a
+    LoRA run's adapters, so its checkpoints do not copy the frozen base (keep where the
+    base comes from in `extra`; load_checkpoint(params=...) restores them).
     Leftovers of earlier saves of this name that died are cleaned up first (_clean_stale).
     """
     target = Path(directory)
@@ -362,10 +371,11 @@ def save_checkpoint(directory, model, optimizer=None, *, step: int = 0, schedule
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    k = model.params.k
-    tensors = {name: k.to_host(t.data) for name, t in model.params.items()}
-    save_safetensors(tmp / "model.safetensors", tensors, {"format": FORMAT, "model": type(model).__name__})
-    _written(tmp / "model.safetensors")
+    stored = model.params if params is None else params
+    weights = tmp / (MODEL_WEIGHTS if params is None else TRAINABLE_WEIGHTS)
+    tensors = {name: stored.k.to_host(t.data) for name, t in stored.items()}
+    save_safetensors(weights, tensors, {"format": FORMAT, "model": type(model).__name__})
+    _written(weights)
     _write_json(tmp / "config.json", {"model": type(model).__name__, "config_class": type(model.config).__name__,
                                       "dtype": str(model.params.dtype), "config": dataclasses.asdict(model.config)})
     state: dict = {"format": FORMAT, "version": VERSION, "step": int(step)}
@@ -404,7 +414,11 @@ def load_model(directory, device: str = "cpu", dtype=None):
     saved one."""
     directory = resolve_checkpoint(Path(directory))
     model_cls, config, layout, saved_dtype = _read_config(directory / "config.json")
-    weights = _inner_file(directory, "model.safetensors")
+    if not (directory / MODEL_WEIGHTS).is_file() and (directory / TRAINABLE_WEIGHTS).is_file():
+        raise FormatError(f"{directory}: holds only a run's trainable parameters ({TRAINABLE_WEIGHTS}, e.g. LoRA "
+                          "adapters), not the model's weights: load its base (see state.json's extra) and restore "
+                          "them with load_checkpoint(params=...)")
+    weights = _inner_file(directory, MODEL_WEIGHTS)
     entries, _, _ = read_safetensors_header(weights)
     _check_parameters(weights, entries, {name: shape for name, shape, _ in layout})
     model = model_cls(config, device=device, dtype=np.dtype(dtype or saved_dtype), seed=None)
@@ -415,7 +429,11 @@ def load_model(directory, device: str = "cpu", dtype=None):
 def load_weights(path, model) -> None:
     """Copy every parameter of `model` from a safetensors file (names and shapes must
     match, checked on the header before the data is read)."""
-    params = model.params
+    _load_params(path, model.params)
+
+
+def _load_params(path, params) -> None:
+    """Copy every tensor of `params` from a safetensors file (names and shapes checked first)."""
     entries, _, _ = read_safetensors_header(path)
     _check_parameters(Path(path), entries, {name: t.shape for name, t in params.items()})
     tensors, _ = load_safetensors(path)
@@ -427,20 +445,26 @@ def load_weights(path, model) -> None:
 def load_checkpoint(directory, model=None, optimizer=None, *, schedule=None,
                     loaders: Optional[Mapping[str, Any]] = None,
                     rngs: Optional[Mapping[str, np.random.Generator]] = None,
-                    device: str = "cpu", dtype=None, weights: bool = True) -> Checkpoint:
+                    device: str = "cpu", dtype=None, weights: bool = True, params=None) -> Checkpoint:
     """Restore what `save_checkpoint` wrote into the given objects (each optional).
 
     Without `model`, one is built from config.json (load_model). weights=False leaves a
     given `model`'s parameters alone: for a caller who built it with load_model from this
     same folder, so the weights are not read twice (the tape's RNG state is still restored).
+    `params`: restore the Params a save with `params` stored (trainable.safetensors, e.g.
+    LoRA adapters); the given model (the base, set up by the caller) is left alone.
     Training continues at `.step`.
     """
     directory = resolve_checkpoint(Path(directory))
     state = _read_state(directory / "state.json")
-    if model is None:
+    if params is not None:
+        if model is None:
+            raise ValueError("load_checkpoint(params=...) needs the model the parameters belong to")
+        _load_params(_inner_file(directory, TRAINABLE_WEIGHTS), params)
+    elif model is None:
         model = load_model(directory, device=device, dtype=dtype)
     elif weights:
-        load_weights(_inner_file(directory, "model.safetensors"), model)
+        load_weights(_inner_file(directory, MODEL_WEIGHTS), model)
     for name, value in state["tape"].items():
         setattr(model.tape, name, value)
     if optimizer is not None:
@@ -461,6 +485,12 @@ def load_checkpoint(directory, model=None, optimizer=None, *, schedule=None,
             raise FormatError(f"{directory}: no state saved for RNG {name!r}")
         _restore(directory, f"state of RNG {name!r}", lambda: setattr(g.bit_generator, "state", state["rng"][name]))
     return Checkpoint(directory, model, state["step"], state["extra"], state)
+
+
+def checkpoint_state(directory) -> dict:
+    """A checkpoint folder's state.json, validated (step, extra, ...): what a script reads
+    before it builds the model to resume, e.g. where a LoRA run's base came from."""
+    return _read_state(resolve_checkpoint(Path(directory)) / "state.json")
 
 
 # ---------------------------------------------------------------------- run folders
