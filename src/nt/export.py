@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from .io import FormatError, latest_checkpoint, load_model
 from .io.gguf import WRITE_TYPES
+from .models import gguf
 from .tokenizer import BPE
 
 TARGETS = ("gguf", "hf")
@@ -48,6 +49,12 @@ def export(source, out, to: str = "gguf", dtype: str = "Q8_0", log: Callable[[st
         raise ValueError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     if to == "gguf" and dtype not in WRITE_TYPES:
         raise ValueError(f"--type must be one of {', '.join(WRITE_TYPES)}, got {dtype!r}")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent}: no such folder to write {out.name} in")
+    if out.exists() and out.is_dir() != (to == "hf"):
+        raise ValueError(f"{out}: exists and is a {'folder' if out.is_dir() else 'file'}; --to {to} writes a "
+                         f"{'folder' if to == 'hf' else 'file'}")
     checkpoint, run = find_checkpoint(source)
     model = load_model(checkpoint)
     tokenizer: Optional[BPE] = None
@@ -56,9 +63,7 @@ def export(source, out, to: str = "gguf", dtype: str = "Q8_0", log: Callable[[st
     else:
         log(f"note: no tokenizer folder at {run / 'tokenizer'}: exporting without a tokenizer "
             "(token ids only)")
-    out = Path(out)
     if to == "gguf":
-        from .models import gguf
         gguf.write(out, model, dtype, tokenizer=tokenizer)
         what = f"{dtype} GGUF"
     else:
@@ -85,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         export(args.source, args.out, args.to, args.type)
-    except (FileNotFoundError, FormatError, ValueError, NotImplementedError) as e:
+    except (OSError, FormatError, ValueError, NotImplementedError) as e:
         print(f"python -m nt export: error: {e}", file=sys.stderr)
         return 1
     return 0

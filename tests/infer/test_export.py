@@ -104,6 +104,10 @@ def test_errors_are_clear_and_write_nothing(runs, tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), str(out)]) == 1
     assert "no such run or checkpoint folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
+    assert main(["export", str(runs["gpt2"]), str(tmp_path / "no" / "m.gguf")]) == 1
+    assert "no such folder to write m.gguf in" in capsys.readouterr().err
+    assert main(["export", str(runs["gpt2"]), str(tmp_path / "empty")]) == 1
+    assert "is a folder; --to gguf writes a file" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "empty"), str(out)]) == 1
     assert "no checkpoint here" in capsys.readouterr().err
     broken = tmp_path / "broken"

@@ -102,12 +102,13 @@ class LanguageModel:
         """Every parameter, trainable or frozen."""
         return self.params.numel
 
-    def save_pretrained(self, path, max_shard_size: Union[int, str] = "5GB") -> None:
-        """Write a Hugging Face model folder (config.json + safetensors weights, sharded with
-        an index past max_shard_size) that transformers' AutoModelForCausalLM and
-        nt.models.from_pretrained load. See nt.models.hf.save_pretrained."""
+    def save_pretrained(self, path, max_shard_size: Union[int, str] = "5GB", dtype=None) -> None:
+        """Write a Hugging Face model folder (config.json + safetensors weights in `dtype`,
+        e.g. "bfloat16", default the model's; sharded with an index past max_shard_size)
+        that transformers' AutoModelForCausalLM and nt.models.from_pretrained load. See
+        nt.models.hf.save_pretrained."""
         from .hf import save_pretrained
-        save_pretrained(self, path, max_shard_size)
+        save_pretrained(self, path, max_shard_size, dtype)
 
     def freeze(self, trainable: Iterable[str] = ()) -> "LanguageModel":
         """Make every parameter not named in `trainable` frozen: no grad memory, no weight
