@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nt.io import FormatError
-from nt.io.safetensors import SafetensorsFile, load_safetensors, save_safetensors
+from nt.io.safetensors import SafetensorsFile, bf16_to_float32, float_to_bf16, load_safetensors, save_safetensors
 from nt.models import GPT2, GPT2Config, Llama, LlamaConfig, from_pretrained
 from nt.models.hf import parse_size
 
@@ -162,6 +162,15 @@ def test_multimodal_gemma3_loads_its_language_model(tmp_path):
 
 # ---------------------------------------------------------------------- save_pretrained
 
+def read_fixture_tensors(arch: str) -> dict[str, np.ndarray]:
+    """Every tensor of a fixture as float32, read by nt."""
+    tensors = {}
+    for f in FIXTURES.joinpath(arch).glob("model*.safetensors"):
+        st = SafetensorsFile(f)
+        tensors.update({name: st.read(name, np.float32) for name in st.tensors})
+    return tensors
+
+
 def read_our_files(folder: Path) -> dict[str, np.ndarray]:
     """Every tensor of a saved folder, read by the safetensors library (the oracle)."""
     st_numpy = pytest.importorskip("safetensors.numpy")
@@ -183,10 +192,7 @@ def test_round_trip(tmp_path, arch):
     assert again.config == model.config
     np.testing.assert_array_equal(logits_of(again, ids), before)
     ours = read_our_files(tmp_path / "out")
-    original = {}
-    for f in FIXTURES.joinpath(arch).glob("model*.safetensors"):
-        st = SafetensorsFile(f)
-        original.update({name: st.read(name, np.float32) for name in st.tensors})
+    original = read_fixture_tensors(arch)
     assert set(ours) == set(original)
     for name, value in original.items():
         assert ours[name].dtype == np.float32 and ours[name].shape == value.shape, name
@@ -276,6 +282,43 @@ def test_float64_round_trip(tmp_path):
     again = from_pretrained(tmp_path, dtype=np.float64)
     assert again.params.dtype == np.float64
     np.testing.assert_array_equal(again.params.to_flat(), model.params.to_flat())
+
+
+@pytest.mark.parametrize("dtype,stored", [("bfloat16", "BF16"), ("float16", "F16"), (np.float16, "F16"),
+                                          ("float64", "F64")])
+def test_save_in_another_dtype(tmp_path, dtype, stored):
+    """The weights are rounded to the dtype asked for (bfloat16 as PyTorch rounds) and
+    config.json says which; nt reads them back."""
+    model = from_pretrained(FIXTURES / "gemma3_text")
+    model.save_pretrained(tmp_path, dtype=dtype)
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == name
+    f = SafetensorsFile(tmp_path / "model.safetensors")
+    assert {t.dtype for t in f.tensors.values()} == {stored}
+    exact = {n: f.read(n, np.float32) for n in f.tensors}
+    for n, value in read_fixture_tensors("gemma3_text").items():
+        if stored == "BF16":
+            value = bf16_to_float32(float_to_bf16(value))
+        elif stored == "F16":
+            value = value.astype(np.float16).astype(np.float32)
+        np.testing.assert_allclose(exact[n], value, rtol=0, atol=1e-6 if "norm" in n else 0, err_msg=n)
+    ids, expected = reference("gemma3_text")
+    np.testing.assert_allclose(logits_of(from_pretrained(tmp_path), ids), expected, rtol=0,
+                               atol=0.2 if stored in ("BF16", "F16") else TOL)
+
+
+def test_save_refuses_a_dtype_that_would_overflow_or_is_unknown(tmp_path):
+    model = GPT2(GPT2Config(block_size=16, vocab_size=300, n_layer=1, n_head=2, n_embd=16))
+    flat = model.params.to_flat()
+    flat[model.params.offsets["wpe"] + 3] = 1e5   # past float16's 65504
+    model.params.load_flat(flat)
+    with pytest.raises(ValueError, match="'transformer.wpe.weight' has values beyond float16's range"):
+        model.save_pretrained(tmp_path / "a", dtype="float16")
+    model.save_pretrained(tmp_path / "b", dtype="bfloat16")   # bfloat16 has float32's range
+    for bad in ("int8", "float8", np.int32, "bf16"):
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            model.save_pretrained(tmp_path / "c", dtype=bad)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("options,message", [
@@ -474,18 +517,20 @@ def test_check_finite(tmp_path):
 # ---------------------------------------------------------------------- transformers reads nt's output
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["fixture", "nt"])
+@pytest.mark.parametrize("source,dtype", [("fixture", None), ("nt", None), ("nt", "bfloat16")])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_transformers_loads_our_save(tmp_path, arch, source):
-    """transformers.AutoModelForCausalLM loads save_pretrained's folder with no missing or
-    unexpected weights and computes nt's logits."""
+def test_transformers_loads_our_save(tmp_path, arch, source, dtype):
+    """transformers.AutoModelForCausalLM loads save_pretrained's folder (float32 or
+    bfloat16) with no missing or unexpected weights and computes nt's logits."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model = from_pretrained(FIXTURES / arch) if source == "fixture" else nt_models()[arch]
     if source == "nt":
         randomize_norms(model)
     ids = np.random.default_rng(2).integers(0, 300, (2, 12))
-    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    model.save_pretrained(tmp_path, max_shard_size="100KB", dtype=dtype)
+    if dtype == "bfloat16":   # compare with the rounded weights nt reads back
+        model = from_pretrained(tmp_path)
     theirs, info = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info

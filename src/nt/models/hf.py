@@ -47,7 +47,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..io.common import FormatError, atomic_write_text, read_json
-from ..io.safetensors import SafetensorsFile, save_safetensors
+from ..io.safetensors import SafetensorsFile, float_to_bf16, save_safetensors
 from . import gpt2 as gpt2_module
 from . import llama as llama_module
 from .gpt2 import GPT2, GPT2Config
@@ -685,13 +685,13 @@ def from_pretrained(path, device: str = "cpu", dtype=np.float32, check_finite: b
 
 # ====================================================================== save
 
-def _export_config(model) -> dict:
-    """config.json for `model`, or NotImplementedError naming what HF's classes cannot express."""
+def _export_config(model, dtype: str) -> dict:
+    """config.json for `model` saved in `dtype`, or NotImplementedError naming what HF's
+    classes cannot express."""
     cfg = model.config
     if getattr(model, "adapters", None) is not None:
         raise NotImplementedError(f"{type(model).__name__}: LoRA adapters are attached; merge or detach them "
                                   "first (save_pretrained writes the base weights only)")
-    dtype = str(np.dtype(model.params.dtype))
     meta = {"dtype": dtype, "torch_dtype": dtype, "bos_token_id": None, "eos_token_id": None,
             "pad_token_id": None, "use_cache": True}
     if isinstance(cfg, GPT2Config):
@@ -804,27 +804,54 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np
     return shards
 
 
-def save_pretrained(model, path, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> None:
+SAVE_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def _convert(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """The tensors in `dtype` (bfloat16: uint16 bit patterns); a finite value that the
+    narrower type cannot hold is a ValueError naming the tensor, not a silent inf."""
+    out = {}
+    for name, a in tensors.items():
+        if dtype == "bfloat16":
+            out[name] = float_to_bf16(a)
+            wide = (out[name].astype(np.uint32) << 16).view(np.float32)
+        else:
+            with np.errstate(over="ignore"):   # overflow is detected just below
+                out[name] = wide = a.astype(dtype)
+        if not np.array_equal(np.isfinite(wide), np.isfinite(a)):
+            raise ValueError(f"tensor {name!r} has values beyond {dtype}'s range; save it in a wider dtype")
+    return out
+
+
+def save_pretrained(model, path, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+                    dtype=None) -> None:
     """Write `model` as a Hugging Face model folder that transformers' AutoModelForCausalLM
-    loads: config.json and the weights (in the model's dtype) in model.safetensors, or in
-    shards of at most max_shard_size bytes plus model.safetensors.index.json.
+    loads: config.json and the weights in model.safetensors, or in shards of at most
+    max_shard_size bytes plus model.safetensors.index.json. dtype: "float32", "float16",
+    "bfloat16" or "float64" (or NumPy's float types; rounded to nearest); None keeps the model's.
 
     Every file is written atomically (temp file, fsync, rename); the weight files of an
     earlier save into the same folder that this one does not use are removed, other files
     (a tokenizer's) are kept. config.json is written last. A model HF's classes cannot
     express raises NotImplementedError before anything is written."""
     folder = Path(path)
-    config = _export_config(model)
-    shards = _shards(_export_tensors(model), parse_size(max_shard_size))
+    if dtype is None:
+        dtype = np.dtype(model.params.dtype).name
+    elif not isinstance(dtype, str) and dtype in (np.float64, np.float32, np.float16):
+        dtype = np.dtype(dtype).name
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_pretrained: dtype must be one of {SAVE_DTYPES} or None, got {dtype!r}")
+    config = _export_config(model, dtype)
+    shards = _shards(_convert(_export_tensors(model), dtype), parse_size(max_shard_size))
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"}   # transformers refuses safetensors files without it
     if len(shards) == 1:
         written = {SINGLE}
-        save_safetensors(folder / SINGLE, shards[0], metadata)
+        save_safetensors(folder / SINGLE, shards[0], metadata, bf16=shards[0] if dtype == "bfloat16" else ())
     else:
         names = [SHARD.format(i=i + 1, n=len(shards)) for i in range(len(shards))]
         for name, shard in zip(names, shards):
-            save_safetensors(folder / name, shard, metadata)
+            save_safetensors(folder / name, shard, metadata, bf16=shard if dtype == "bfloat16" else ())
         weight_map = {t: name for name, shard in zip(names, shards) for t in shard}
         total = sum(a.nbytes for shard in shards for a in shard.values())
         atomic_write_text(folder / INDEX, _json({"metadata": {"total_size": total}, "weight_map": weight_map}))
