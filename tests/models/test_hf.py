@@ -115,6 +115,27 @@ def test_older_config_fields_load_the_same(tmp_path):
         np.testing.assert_allclose(logits_of(from_pretrained(folder), ids), expected, rtol=0, atol=TOL)
 
 
+def test_fields_of_published_configs_are_accepted(tmp_path):
+    """Fields published configs carry that do not change the function (SmolLM2's
+    is_llama_config / rope_interleaved / transformers.js_config, GPT-2's task_specific_params,
+    generation settings, ids) are read as harmless, not refused."""
+    extras = {
+        "llama": dict(is_llama_config=True, rope_interleaved=False, pretraining_tp=1, attention_dropout=0.0,
+                      initializer_range=0.041666666666666664, torch_dtype="bfloat16", _name_or_path="HuggingFaceTB/x",
+                      **{"transformers.js_config": {"kv_cache_dtype": {"q4f16": "float16"}}}),
+        "gpt2": dict(n_ctx=32, task_specific_params={"text-generation": {"do_sample": True, "max_length": 50}},
+                     resid_pdrop=0.1, gradient_checkpointing=False),
+        "gemma3_text": dict(cache_implementation="hybrid", _sliding_window_pattern=6, pad_token_id=0,
+                            eos_token_id=[1, 106]),
+        "qwen2": dict(bos_token_id=151643, eos_token_id=151645, max_length=512, do_sample=True, temperature=0.7),
+    }
+    for arch, change in extras.items():
+        folder = copy_fixture(arch, tmp_path)
+        edit_config(folder, **change)
+        ids, expected = reference(arch)
+        np.testing.assert_allclose(logits_of(from_pretrained(folder), ids), expected, rtol=0, atol=TOL)
+
+
 def test_older_tensor_layouts_load(tmp_path):
     """GPT-2 saved from GPT2Model (no "transformer." prefix) with its mask buffers, a Llama
     with rotary inv_freq buffers and a tied lm_head written out: all load to the same model."""
