@@ -1,4 +1,4 @@
-"""Causal self-attention over a fused qkv buffer, grouped-query aware.
+"""Self-attention over a fused qkv buffer, grouped-query aware; causal or bidirectional.
 
 qkv is (B, T, (NH + 2*NKV) * hs): NH query heads, then NKV key heads, then NKV value
 heads. Query head h reads key/value head h // (NH // NKV): NKV == NH is multi-head
@@ -6,7 +6,9 @@ attention, NKV == 1 multi-query. window > 0 limits each query to the last `windo
 
 With q0 > 0 only the last T - q0 rows are queries (positions q0..T-1), attending keys
 0..T-1: the rows before q0 are a KV cache whose q part is unused. out and lse then hold
-the T - q0 query rows. q0 = 0 is ordinary causal self-attention.
+the T - q0 query rows. q0 = 0 is ordinary causal self-attention. causal=False lets every
+query see every key 0..T-1 (a vision transformer's bidirectional attention); nt.ops
+refuses a window then, so the kernels never combine the two.
 
 The work is cut into blocks of QBLOCK query rows of one head. A block's scores against
 every key its rows can see are one BLAS call (QBLOCK x keys x hs) into the worker's
@@ -46,24 +48,25 @@ def _sizes(qkv, out, NH, NKV, q0):
 
 
 @njit(inline="always")
-def _block(blk, q0, T, window):
-    """Block blk's first and one-past-last query positions, and its first visible key."""
+def _block(blk, q0, T, window, causal):
+    """Block blk's first and one-past-last query positions, its first visible key and
+    one past its last (the block's last row when causal, else the last key)."""
     r0 = q0 + blk * QBLOCK
     r1 = min(T, r0 + QBLOCK)
     k0 = max(0, r0 - window + 1) if window > 0 else 0
-    return r0, r1, k0
+    return r0, r1, k0, r1 if causal else T
 
 
 @njit(inline="always")
-def _visible(t, k0, window):
+def _visible(t, k0, window, causal, k1):
     """Columns [lo, hi) of a block's score row that query position t may attend."""
     lo = max(0, t - window + 1) - k0 if window > 0 else 0
-    return lo, t + 1 - k0
+    return lo, (t + 1 if causal else k1) - k0
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def attention_forward(out, lse, qkv, work, NH, NKV, window, q0):
-    """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T-q0).
+def attention_forward(out, lse, qkv, work, NH, NKV, window, q0, causal=True):
+    """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal mask if causal) v; lse (B, NH, T-q0).
 
     work: attention_work_shape(T), any contents (it is scratch)."""
     B, T, width, hs, group, nblk = _sizes(qkv, out, NH, NKV, q0)
@@ -81,12 +84,12 @@ def attention_forward(out, lse, qkv, work, NH, NKV, window, q0):
             h = task % NH
             kc = (NH + h // group) * hs   # this head's key columns
             vc = kc + NKV * hs             # and value columns
-            r0, r1, k0 = _block(blk, q0, T, window)
-            M, N = r1 - r0, r1 - k0
+            r0, r1, k0, k1 = _block(blk, q0, T, window, causal)
+            M, N = r1 - r0, k1 - k0
             gemm(False, True, M, N, hs, scale, qkv[b, r0:, h * hs:], width, qkv[b, k0:, kc:], width,
                  zero, S, T)
             for i in range(M):
-                lo, hi = _visible(r0 + i, k0, window)
+                lo, hi = _visible(r0 + i, k0, window, causal, k1)
                 s = S[i]
                 m = s[lo]
                 for j in range(lo + 1, hi):
@@ -108,7 +111,7 @@ def attention_forward(out, lse, qkv, work, NH, NKV, window, q0):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0):
+def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0, causal=True):
     """Accumulate dqkv from dout (work as for the forward). Tasks own one (batch, kv head)
     pair, so the key and value grads that several query heads and blocks add into have a
     single writer."""
@@ -129,13 +132,13 @@ def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0):
             for h in range(kv * group, (kv + 1) * group):
                 qc = h * hs
                 for blk in range(nblk):
-                    r0, r1, k0 = _block(blk, q0, T, window)
-                    M, N = r1 - r0, r1 - k0
+                    r0, r1, k0, k1 = _block(blk, q0, T, window, causal)
+                    M, N = r1 - r0, k1 - k0
                     q_rows, do_rows = qkv[b, r0:, qc:], dout[b, r0 - q0:, qc:]
                     gemm(False, True, M, N, hs, scale, q_rows, width, qkv[b, k0:, kc:], width, zero, P, T)
                     gemm(False, True, M, N, hs, one, do_rows, NH * hs, qkv[b, k0:, vc:], width, zero, dS, T)
                     for i in range(M):
-                        lo, hi = _visible(r0 + i, k0, window)
+                        lo, hi = _visible(r0 + i, k0, window, causal, k1)
                         # D = sum_j p_j dp_j = do . o, the softmax backward's shared term
                         do, o = dout[b, r0 + i - q0, qc:qc + hs], out[b, r0 + i - q0, qc:qc + hs]
                         D = zero

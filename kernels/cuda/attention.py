@@ -1,8 +1,10 @@
-"""Causal self-attention over a fused qkv buffer, grouped-query aware (see the CPU twin).
+"""Self-attention over a fused qkv buffer, grouped-query aware, causal or bidirectional
+(see the CPU twin).
 
 qkv is (B, T, (NH + 2*NKV) * hs); query head h reads key/value head h // (NH // NKV);
 window > 0 limits each query to the last `window` keys. With q0 > 0 only positions
 q0..T-1 are queries (the rows before are a KV cache); out and lse hold those T - q0 rows.
+causal=False: every query sees every key 0..T-1 (no window then; nt.ops refuses one).
 
 Tiled, flash-attention style: a thread block takes THREADS consecutive rows of one head,
 one row per thread, and walks the keys its rows can see in tiles of KEY_TILE rows that
@@ -60,7 +62,7 @@ def _query_rows(task, n_qblk, NH, NKV, hs, T, window, q0):
 
 
 @cuda.jit(cache=True)
-def _attention_forward(out, lse, qkv, NH, NKV, window, q0):
+def _attention_forward(out, lse, qkv, NH, NKV, window, q0, causal):
     B, T, _ = qkv.shape
     Tq = T - q0
     hs = out.shape[2] // NH
@@ -81,14 +83,15 @@ def _attention_forward(out, lse, qkv, NH, NKV, window, q0):
                 q[c] = qkv[b, t, qo + c] * scale
                 acc[c] = 0.0
         j_lo = max(0, first - window + 1) if window > 0 else 0
-        for j0 in range(j_lo, last + 1, KEY_TILE):
-            n = min(KEY_TILE, last + 1 - j0)
+        j_end = last + 1 if causal else T   # one past the block's last visible key
+        for j0 in range(j_lo, j_end, KEY_TILE):
+            n = min(KEY_TILE, j_end - j0)
             _load_rows(ks, qkv, b, j0, n, ko, hs)
             _load_rows(vs, qkv, b, j0, n, vo, hs)
             cuda.syncthreads()
             if live:
                 for r in range(n):
-                    if j0 + r < jmin or j0 + r > t:
+                    if j0 + r < jmin or (causal and j0 + r > t):
                         continue
                     s = _dot(q, ks, r, hs)
                     if s > m:  # new running max: rescale what was accumulated so far
@@ -109,7 +112,7 @@ def _attention_forward(out, lse, qkv, NH, NKV, window, q0):
 
 
 @cuda.jit(cache=True)
-def _attention_backward_q(dqkv, dout, qkv, out, lse, NH, NKV, window, q0):
+def _attention_backward_q(dqkv, dout, qkv, out, lse, NH, NKV, window, q0, causal):
     """dq: one query row per thread, over shared tiles of its keys and values."""
     B, T, _ = qkv.shape
     Tq = T - q0
@@ -135,14 +138,15 @@ def _attention_backward_q(dqkv, dout, qkv, out, lse, NH, NKV, window, q0):
                 D += do[c] * out[b, t - q0, qo + c]
             L = lse[b, h, t - q0]
         j_lo = max(0, first - window + 1) if window > 0 else 0
-        for j0 in range(j_lo, last + 1, KEY_TILE):
-            n = min(KEY_TILE, last + 1 - j0)
+        j_end = last + 1 if causal else T
+        for j0 in range(j_lo, j_end, KEY_TILE):
+            n = min(KEY_TILE, j_end - j0)
             _load_rows(ks, qkv, b, j0, n, ko, hs)
             _load_rows(vs, qkv, b, j0, n, vo, hs)
             cuda.syncthreads()
             if live:
                 for r in range(n):
-                    if j0 + r < jmin or j0 + r > t:
+                    if j0 + r < jmin or (causal and j0 + r > t):
                         continue
                     p = math.exp(_dot(q, ks, r, hs) - L)
                     ds = p * (_dot(do, vs, r, hs) - D) * scale
@@ -155,7 +159,7 @@ def _attention_backward_q(dqkv, dout, qkv, out, lse, NH, NKV, window, q0):
 
 
 @cuda.jit(cache=True)
-def _attention_backward_kv(dqkv, dout, qkv, out, lse, NH, NKV, window, q0):
+def _attention_backward_kv(dqkv, dout, qkv, out, lse, NH, NKV, window, q0, causal):
     """dk and dv: one key row (b, kv head, j) per thread, over shared tiles of the query
     rows (of every head in the group) that see it."""
     B, T, _ = qkv.shape
@@ -187,7 +191,7 @@ def _attention_backward_kv(dqkv, dout, qkv, out, lse, NH, NKV, window, q0):
                 v[c] = qkv[b, j, vo + c]
                 dk[c] = 0.0
                 dv[c] = 0.0
-        t_lo = max(first, q0)                   # queries t_lo..t_hi see some key of the block
+        t_lo = max(first, q0) if causal else q0  # queries t_lo..t_hi see some key of the block
         t_hi = min(T, last + window) - 1 if window > 0 else T - 1
         for h in range(kv * group, (kv + 1) * group):
             qo = h * hs
@@ -206,7 +210,7 @@ def _attention_backward_kv(dqkv, dout, qkv, out, lse, NH, NKV, window, q0):
                 if live:
                     for r in range(n):
                         t = t0 + r
-                        if t < j or (window > 0 and t >= j + window):
+                        if (causal and t < j) or (window > 0 and t >= j + window):
                             continue
                         p = math.exp(_dot(k, qs, r, hs) - Ls[r])
                         ds = p * (_dot(v, dos, r, hs) - Ds[r])
@@ -230,17 +234,18 @@ def _check_head_size(out, NH):
         raise ValueError(f"CUDA attention supports head sizes up to {HS_MAX}, got {out.shape[2] // NH}")
 
 
-def attention_forward(out, lse, qkv, work, NH, NKV, window, q0):
-    """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal) v; lse (B, NH, T-q0).
+def attention_forward(out, lse, qkv, work, NH, NKV, window, q0, causal=True):
+    """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal mask if causal) v; lse (B, NH, T-q0).
     work: attention_work_shape(T) (empty here)."""
     _check_head_size(out, NH)
     B, T, _ = qkv.shape
-    _attention_forward[blocks(B * NH * (T - q0)), THREADS](out, lse, qkv, NH, NKV, window, q0)
+    _attention_forward[blocks(B * NH * (T - q0)), THREADS](out, lse, qkv, NH, NKV, window, q0, bool(causal))
 
 
-def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0):
+def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0, causal=True):
     """Accumulate dqkv from dout (two passes: dq, then dk and dv)."""
     _check_head_size(out, NH)
     B, T, _ = qkv.shape
-    _attention_backward_q[blocks(B * NH * (T - q0)), THREADS](dqkv, dout, qkv, out, lse, NH, NKV, window, q0)
-    _attention_backward_kv[blocks(B * NKV * T), THREADS](dqkv, dout, qkv, out, lse, NH, NKV, window, q0)
+    args = (dqkv, dout, qkv, out, lse, NH, NKV, window, q0, bool(causal))
+    _attention_backward_q[blocks(B * NH * (T - q0)), THREADS](*args)
+    _attention_backward_kv[blocks(B * NKV * T), THREADS](*args)

@@ -583,31 +583,37 @@ def _dropout_backward(k, out, x, p, key):
 # ----------------------------------------------------------------------------- attention
 
 def attention(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, window: int = 0,
-              q0: int = 0) -> Tensor:
-    """Causal scaled-dot-product attention on a fused (B, T, (NH + 2*NKV) * hs) qkv tensor.
+              q0: int = 0, causal: bool = True) -> Tensor:
+    """Scaled-dot-product attention on a fused (B, T, (NH + 2*NKV) * hs) qkv tensor.
 
     Returns (B, T - q0, NH * hs). n_kv_head < n_head is grouped-query attention; window > 0
     lets each position see only the last `window` positions (itself included). q0 > 0
     makes rows 0..q0-1 a KV cache: only positions q0..T-1 are queries, attending keys
-    0..T-1 (generation with a cache).
+    0..T-1 (generation with a cache). causal=False is bidirectional attention (a vision
+    transformer's or an encoder's): every query sees every key 0..T-1; a window is
+    refused with it (a one-sided window has no meaning without an order).
     """
     NH, NKV, hs = _qkv_heads(t, qkv, n_head, n_kv_head, "attention")
     if window < 0:
         raise ValueError(f"attention: window must be >= 0 (0 = unlimited), got {window}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"attention: causal must be True or False, got {causal!r}")
+    if not causal and window:
+        raise ValueError(f"attention: a window ({window}) needs causal=True")
     B, T, W = qkv.shape
     if not 0 <= q0 < T:
         raise ValueError(f"attention: q0 ({q0}) must be in [0, T) for T={T}")
-    q0, window = int(q0), int(window)
+    q0, window, causal = int(q0), int(window), bool(causal)
     out = t.new((B, T - q0, NH * hs))
     lse = t.new_saved((B, NH, T - q0))
     work = t.work(t.k.attention_work_shape(T))
-    t.k.attention_forward(out.data, lse.data, qkv.data, work, NH, NKV, window, q0)
-    t.record(_attention_backward, out, qkv, lse, work, NH, NKV, window, q0)
+    t.k.attention_forward(out.data, lse.data, qkv.data, work, NH, NKV, window, q0, causal)
+    t.record(_attention_backward, out, qkv, lse, work, NH, NKV, window, q0, causal)
     return out
 
 
-def _attention_backward(k, out, qkv, lse, work, NH, NKV, window, q0):
-    k.attention_backward(qkv.grad, out.grad, qkv.data, out.data, lse.data, work, NH, NKV, window, q0)
+def _attention_backward(k, out, qkv, lse, work, NH, NKV, window, q0, causal):
+    k.attention_backward(qkv.grad, out.grad, qkv.data, out.data, lse.data, work, NH, NKV, window, q0, causal)
 
 
 # ----------------------------------------------------------------------------- loss

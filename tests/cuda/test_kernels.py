@@ -301,3 +301,19 @@ def test_logprobs_kl_and_row_sums(dtype):
     x = randn(rng, dtype, 5, 7)
     parity("sum_rows_forward", [empty(dtype, 5), x], [0], dtype)
     parity("sum_rows_backward", [randn(rng, dtype, 5, 7), randn(rng, dtype, 5)], [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("NH, NKV, q0, T", [(2, 2, 0, 4), (4, 1, 0, 5), (2, 1, 3, 5),
+                                            (2, 1, 0, 11)])  # past one block of rows and one key tile
+def test_attention_noncausal(dtype, NH, NKV, q0, T):
+    """causal=False: every query row sees every key, before and after it."""
+    rng = np.random.default_rng(40)
+    B, hs = 2, 3
+    qkv = randn(rng, dtype, B, T, (NH + 2 * NKV) * hs)
+    out, lse = randn(rng, dtype, B, T - q0, NH * hs), randn(rng, dtype, B, NH, T - q0)
+    work = randn(rng, dtype, *cpu.attention_work_shape(T))
+    parity("attention_forward", [out, lse, qkv, work, NH, NKV, 0, q0, False], [0, 1], dtype)
+    cpu.attention_forward(out, lse, qkv, work, NH, NKV, 0, q0, False)
+    parity("attention_backward", [randn(rng, dtype, *qkv.shape), randn(rng, dtype, *out.shape), qkv, out, lse,
+                                  work, NH, NKV, 0, q0, False], [0], dtype)

@@ -5,8 +5,9 @@ from helpers import check_grads, run_op
 from nt import Tape, ops
 
 
-def reference(qkv, NH, NKV, window=0):
-    """Plain causal attention with K/V heads repeated for grouped queries."""
+def reference(qkv, NH, NKV, window=0, causal=True):
+    """Plain causal (or, causal=False, bidirectional) attention with K/V heads repeated
+    for grouped queries."""
     B, T, W = qkv.shape
     hs = W // (NH + 2 * NKV)
     q = qkv[..., :NH * hs].reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
@@ -15,7 +16,7 @@ def reference(qkv, NH, NKV, window=0):
     k, v = np.repeat(k, NH // NKV, axis=1), np.repeat(v, NH // NKV, axis=1)
     att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
     i, j = np.indices((T, T))
-    allowed = (j <= i) & ((j > i - window) if window > 0 else True)
+    allowed = ((j <= i) | (not causal)) & ((j > i - window) if window > 0 else True)
     att = np.where(allowed, att, -np.inf)
     att = np.exp(att - att.max(-1, keepdims=True))
     att /= att.sum(-1, keepdims=True)
@@ -121,3 +122,55 @@ def test_attention_gives_blas_its_threads_back():
         assert threads() == 2
     finally:
         set_threads(before)
+
+
+# ----------------------------------------------------------------------------- bidirectional
+
+@pytest.mark.parametrize("NH,NKV", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_noncausal_attention_forward_matches_numpy(NH, NKV, dtype):
+    hs, B, T = 8, 2, 7
+    qkv = np.random.default_rng(7).standard_normal((B, T, (NH + 2 * NKV) * hs)) * 2
+    _, _, out = run_op(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, causal=False), {"qkv": qkv}, dtype)
+    np.testing.assert_allclose(out.data, reference(qkv, NH, NKV, causal=False),
+                               rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("NH,NKV", [(2, 2), (4, 2), (2, 1)])
+def test_noncausal_attention_backward_finite_differences(NH, NKV):
+    hs, B, T = 3, 2, 5
+    qkv = np.random.default_rng(8).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    check_grads(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, causal=False), {"qkv": qkv})
+
+
+def test_noncausal_attention_many_blocks():
+    """Past one block of query rows: every block sees the keys after it too."""
+    hs, B, T, NH, NKV = 4, 2, 150, 4, 2
+    qkv = np.random.default_rng(9).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    _, _, out = run_op(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, causal=False), {"qkv": qkv})
+    np.testing.assert_allclose(out.data, reference(qkv, NH, NKV, causal=False), rtol=1e-12, atol=1e-12)
+    # two query heads sharing one kv head, two blocks of rows, checked by differences
+    small = np.concatenate([qkv[:1, :70, :2 * hs], qkv[:1, :70, NH * hs:NH * hs + hs],
+                            qkv[:1, :70, (NH + NKV) * hs:(NH + NKV) * hs + hs]], axis=2)
+    check_grads(lambda t, p: ops.attention(t, p["qkv"], 2, 1, causal=False), {"qkv": small}, max_checks=120)
+
+
+def test_noncausal_attention_kv_cache_rows_and_single_position():
+    """q0 > 0 with causal=False: the last T - q0 rows of full bidirectional attention;
+    T = 1: each output is its own value."""
+    hs, B, T, NH, NKV = 3, 2, 6, 2, 1
+    qkv = np.random.default_rng(10).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    _, _, out = run_op(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, 0, 4, causal=False), {"qkv": qkv})
+    np.testing.assert_allclose(out.data, reference(qkv, NH, NKV, causal=False)[:, 4:], rtol=1e-12, atol=1e-12)
+    check_grads(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, 0, 4, causal=False), {"qkv": qkv})
+    one = qkv[:, :1]
+    _, _, out = run_op(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, causal=False), {"qkv": one})
+    np.testing.assert_allclose(out.data, np.tile(one[..., (NH + NKV) * hs:], (1, 1, NH // NKV)), rtol=1e-12)
+
+
+def test_noncausal_attention_refuses_a_window_and_non_bool():
+    _, p, _ = run_op(lambda t, p: p["qkv"], {"qkv": np.ones((1, 3, 12))})
+    with pytest.raises(ValueError, match="window"):
+        ops.attention(Tape("cpu", np.float64), p["qkv"], 2, 1, window=2, causal=False)
+    with pytest.raises(TypeError, match="causal"):
+        ops.attention(Tape("cpu", np.float64), p["qkv"], 2, 1, causal="no")
