@@ -159,6 +159,16 @@ def test_older_tensor_layouts_load(tmp_path):
     np.testing.assert_allclose(logits_of(from_pretrained(qwen), ids), expected, rtol=0, atol=TOL)
 
 
+def test_a_folder_without_lm_head_is_tied(tmp_path):
+    """tie_word_embeddings false but no lm_head.weight: the embedding is the classifier."""
+    folder = copy_fixture("qwen2", tmp_path)
+    edit_config(folder, tie_word_embeddings=False)
+    ids, expected = reference("qwen2")
+    model = from_pretrained(folder)
+    assert model.config.tie_embeddings
+    np.testing.assert_allclose(logits_of(model, ids), expected, rtol=0, atol=TOL)
+
+
 def test_multimodal_gemma3_loads_its_language_model(tmp_path):
     """model_type gemma3: the text model of text_config, its tensors under
     model.language_model. (transformers 5) or language_model.model. (4); the vision tower

@@ -22,7 +22,8 @@ the option. Only the tensors the model needs are read, from memory-mapped shards
 Supported: F32/F16/BF16/F64 weights; RoPE "default" and Llama-3's "llama3" scaling (from
 rope_parameters or the older rope_theta/rope_scaling); grouped-query attention; head_dim
 set apart from hidden_size; tied or untied classifiers (a written-out tied lm_head must
-equal the embedding); Qwen2's q/k/v biases; sliding windows on every layer (Mistral, Qwen2)
+equal the embedding; a folder without lm_head.weight is tied whatever tie_word_embeddings
+says); Qwen2's q/k/v biases; sliding windows on every layer (Mistral, Qwen2)
 or on all layers but each n-th (Gemma-3 layer_types / sliding_window_pattern), Gemma-3's
 local RoPE base; GPT-2 saved with or without the "transformer." prefix.
 Refused: other model types; RoPE types linear, dynamic, yarn, longrope (and any other),
@@ -587,9 +588,8 @@ def _open(path: Path) -> SafetensorsFile:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def _check_directory(arch: str, config, tensors: dict, source: Path) -> tuple[dict[str, Slot], dict]:
-    """(the slots to fill, tensors renamed to the table's names): every expected tensor is
-    present with its shape and a float dtype; nothing else is, but the SKIPPED buffers."""
+def _renamed(arch: str, tensors: dict) -> dict:
+    """The tensors under the tables' names (RENAMES: older and multimodal layouts)."""
     renamed = {}
     for name, entry in tensors.items():
         canonical = name
@@ -598,6 +598,12 @@ def _check_directory(arch: str, config, tensors: dict, source: Path) -> tuple[di
         if canonical in renamed:
             raise FormatError(f"{entry[0].path}: tensor {name!r} duplicates {canonical!r}")
         renamed[canonical] = entry
+    return renamed
+
+
+def _check_directory(arch: str, config, renamed: dict, source: Path) -> dict[str, Slot]:
+    """The slots to fill: every expected tensor is present with its shape and a float
+    dtype; nothing else is, but the SKIPPED buffers and a tied lm_head."""
     expected = slots(config)
     skipped = [_pattern(p) for p in SKIPPED[arch]]
     tied = not isinstance(config, LlamaConfig) or config.tie_embeddings
@@ -619,7 +625,7 @@ def _check_directory(arch: str, config, tensors: dict, source: Path) -> tuple[di
         if info.dtype not in FLOAT_DTYPES:
             raise FormatError(f"{f.path}: tensor {original!r} is {info.dtype}; nt loads {', '.join(FLOAT_DTYPES)}"
                               f"{_at(f, original)}")
-    return expected, renamed
+    return expected
 
 
 def _at(f: SafetensorsFile, name: str) -> str:
@@ -655,7 +661,10 @@ def from_pretrained(path, device: str = "cpu", dtype=np.float32, check_finite: b
     if n_layers > len(tensors):   # each layer has several tensors: refuse before listing them
         raise FormatError(f"{source}: config.json's {n_layers} layers need more tensors than the {len(tensors)} "
                           "the folder holds")
-    expected, renamed = _check_directory(arch, config, tensors, source)
+    renamed = _renamed(arch, tensors)
+    if isinstance(config, LlamaConfig) and "lm_head.weight" not in renamed:
+        config.tie_embeddings = True   # no classifier of its own: the embedding is it
+    expected = _check_directory(arch, config, renamed, source)
     layout = _layout(config)
     model = (GPT2 if isinstance(config, GPT2Config) else Llama)(config, device=device, dtype=dtype, seed=None)
     params = model.params
