@@ -766,3 +766,106 @@ def _kl_div_backward(k, loss, logits, teacher, lse, targets, V, T):
     N = logits.size // Vp
     k.kl_div_backward(logits.grad.reshape(N, Vp), loss.grad, logits.data.reshape(N, Vp), teacher.data, lse.data,
                       targets.data, V, T)
+
+
+# ----------------------------------------------------------------------------- alignment losses
+
+__all__ += ["dpo", "grpo"]
+
+DPO_LOSS_TYPES = {"sigmoid": 0, "ipo": 1}   # the kernels' loss kinds (nt.kernels.cpu.align)
+
+
+def _host_array(t: Tape, values, shape: tuple, name: str, op: str) -> Tensor:
+    """A finite float NumPy input (reference log-probs, advantages, a mask) validated and
+    copied into the tape's saved arena, so the backward reads the tape's copy."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "fiub":
+        raise TypeError(f"{op}: {name} must hold numbers, got dtype {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        raise ValueError(f"{op}: {name} holds a non-finite value at index {bad}")
+    kept = t.new_saved(shape)
+    t.k.copy_(kept.data, np.ascontiguousarray(a, dtype=t.dtype))
+    return kept
+
+
+def dpo(t: Tape, policy_logps: Tensor, ref_logps: np.ndarray, beta: float = 0.1, label_smoothing: float = 0.0,
+        loss_type: str = "sigmoid", lengths: Optional[np.ndarray] = None) -> Tensor:
+    """The DPO loss (1,): the mean over B pairs of
+    sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps = label_smoothing)
+    ipo:     (h - 1 / (2 beta))^2
+    with h = (pi_c - ref_c) - (pi_r - ref_r). policy_logps (2B,) is a tensor (the chosen
+    rows first, then the rejected ones, as sequence_logprobs gives them for such a batch);
+    ref_logps (2B,) a NumPy array (no gradient). `lengths` (2B,), when given, divides each
+    log-probability by its response length first: IPO's averaged log-probs, as TRL computes
+    them. The gradient flows to policy_logps only."""
+    _check(policy_logps, "policy_logps", 1, t)
+    N = policy_logps.shape[0]
+    if N == 0 or N % 2:
+        raise ValueError(f"dpo: policy_logps must hold 2B values (B chosen, then B rejected), got {N}")
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo: loss_type must be one of {sorted(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    if not (isinstance(beta, (int, float, np.floating)) and 0 < beta < np.inf):
+        raise ValueError(f"dpo: beta must be a positive number, got {beta!r}")
+    if not (isinstance(label_smoothing, (int, float, np.floating)) and 0.0 <= label_smoothing <= 0.5):
+        raise ValueError(f"dpo: label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
+    ref = _host_array(t, ref_logps, (N,), "ref_logps", "dpo")
+    if lengths is None:
+        weight = np.ones(N)
+    else:
+        lengths = np.asarray(lengths)
+        if lengths.shape != (N,) or lengths.dtype.kind not in "iuf" or not np.all(lengths > 0):
+            raise ValueError(f"dpo: lengths must be ({N},) positive numbers, got {lengths!r}")
+        weight = 1.0 / lengths
+    weight = _host_array(t, weight, (N,), "weight", "dpo")
+    args = (float(beta), float(label_smoothing), DPO_LOSS_TYPES[loss_type])
+    loss = t.new((1,))
+    losses = t.new_saved((N // 2,))
+    t.k.dpo_forward(loss.data, losses.data, policy_logps.data, ref.data, weight.data, *args)
+    t.record(_dpo_backward, loss, policy_logps, ref, weight, args)
+    return loss
+
+
+def _dpo_backward(k, loss, policy, ref, weight, args):
+    k.dpo_backward(policy.grad, loss.grad, policy.data, ref.data, weight.data, *args)
+
+
+def grpo(t: Tape, logps: Tensor, old_logps: np.ndarray, ref_logps: Optional[np.ndarray], advantages: np.ndarray,
+         mask: np.ndarray, beta: float = 0.04, epsilon: float = 0.2, epsilon_high: Optional[float] = None) -> Tensor:
+    """The GRPO loss (1,) on per-token log-probabilities logps (B, T) (a tensor, e.g. from
+    token_logprobs): per completion token, with r = exp(logps - old_logps),
+        l = -(min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) - beta (exp(ref - logps) - (ref - logps) - 1))
+    (A the completion's advantage, (B,); the KL term is the k3 estimator of KL(pi || ref)),
+    summed over the tokens where mask (B, T) is nonzero and divided by their count:
+    token-level averaging over the batch. old_logps and ref_logps (B, T) are NumPy arrays
+    (no gradient); ref_logps may be None when beta is 0. epsilon_high defaults to epsilon."""
+    _check(logps, "logps", 2, t)
+    shape = logps.shape
+    B = shape[0]
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    if not (isinstance(beta, (int, float, np.floating)) and 0 <= beta < np.inf):
+        raise ValueError(f"grpo: beta must be a number >= 0, got {beta!r}")
+    if not (isinstance(epsilon, (int, float, np.floating)) and 0 < epsilon < 1):
+        raise ValueError(f"grpo: epsilon must be in (0, 1), got {epsilon!r}")
+    if not (isinstance(epsilon_high, (int, float, np.floating)) and 0 < epsilon_high < np.inf):
+        raise ValueError(f"grpo: epsilon_high must be a positive number, got {epsilon_high!r}")
+    if ref_logps is None:
+        if beta != 0:
+            raise ValueError("grpo: ref_logps are needed for the KL penalty (beta > 0)")
+        ref_logps = np.zeros(shape)   # beta 0: the KL term is multiplied away
+    old = _host_array(t, old_logps, shape, "old_logps", "grpo")
+    ref = _host_array(t, ref_logps, shape, "ref_logps", "grpo")
+    adv = _host_array(t, advantages, (B,), "advantages", "grpo")
+    kept_mask = _host_array(t, mask, shape, "mask", "grpo")
+    args = (float(beta), float(epsilon), float(epsilon_high))
+    loss = t.new((1,))
+    rows = t.new_saved((B,))
+    t.k.grpo_forward(loss.data, rows.data, logps.data, old.data, ref.data, adv.data, kept_mask.data, *args)
+    t.record(_grpo_backward, loss, logps, old, ref, adv, kept_mask, args)
+    return loss
+
+
+def _grpo_backward(k, loss, logps, old, ref, adv, mask, args):
+    k.grpo_backward(logps.grad, loss.grad, logps.data, old.data, ref.data, adv.data, mask.data, *args)

@@ -24,7 +24,7 @@ class _NoDevice:
 dispatcher.get_current_device = _NoDevice
 
 import nt.kernels.cuda as package  # noqa: E402
-from nt.kernels.cuda import (activations, attention, dropout, elementwise, embedding, layernorm,  # noqa: E402
+from nt.kernels.cuda import (activations, align, attention, dropout, elementwise, embedding, layernorm,  # noqa: E402
                              matmul, memory, optim, rmsnorm, rope, softmax_xent)
 from numba.cuda.dispatcher import CUDADispatcher  # noqa: E402
 
@@ -91,6 +91,11 @@ def signatures(f):
         (optim._segments_from_partials, (D1, D1, L1)),
         (optim._unscale_check, (D1, A1, F)),
         (optim._add_noise, (A1, L1, L1, D1, U)),
+        (align._dpo_forward, (A1, A1, A1, A1, A1, F, F, I)),
+        (align._dpo_backward, (A1, A1, A1, A1, A1, F, F, I)),
+        (align._grpo_rows, (A1, A2, A2, A2, A1, A2, F, F, F)),
+        (align._grpo_mean, (A1, A1, A2)),
+        (align._grpo_backward, (A2, A1, A2, A2, A2, A1, A2, F, F, F)),
     ]
 
 

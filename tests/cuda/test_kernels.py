@@ -304,6 +304,33 @@ def test_logprobs_kl_and_row_sums(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind, smoothing", [(0, 0.0), (0, 0.2), (1, 0.0)])
+def test_dpo(dtype, kind, smoothing):
+    rng = np.random.default_rng(13)
+    B = 11   # more pairs than simulated threads: each thread strides over pairs
+    policy, ref = randn(rng, dtype, 2 * B) * 5, randn(rng, dtype, 2 * B) * 5
+    weight = rng.uniform(0.1, 1.0, 2 * B).astype(dtype)
+    parity("dpo_forward", [empty(dtype, 1), empty(dtype, B), policy, ref, weight, 0.3, smoothing, kind], [0, 1], dtype)
+    parity("dpo_backward", [randn(rng, dtype, 2 * B), np.array([0.7], dtype), policy, ref, weight, 0.3, smoothing,
+                            kind], [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta, eps_low, eps_high", [(0.0, 0.2, 0.2), (0.1, 0.2, 0.28)])
+def test_grpo(dtype, beta, eps_low, eps_high):
+    rng = np.random.default_rng(14)
+    B, T = 5, 11
+    lp = randn(rng, dtype, B, T) - 2
+    old = lp + (0.3 * randn(rng, dtype, B, T)).astype(dtype)
+    ref = lp + (0.5 * randn(rng, dtype, B, T)).astype(dtype)
+    adv = randn(rng, dtype, B)
+    mask = (rng.random((B, T)) < 0.7).astype(dtype)
+    args = [lp, old, ref, adv, mask, beta, eps_low, eps_high]
+    parity("grpo_forward", [empty(dtype, 1), empty(dtype, B)] + args, [0, 1], dtype)
+    parity("grpo_backward", [randn(rng, dtype, B, T), np.array([0.7], dtype)] + args, [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("NH, NKV, q0, T", [(2, 2, 0, 4), (4, 1, 0, 5), (2, 1, 3, 5),
                                             (2, 1, 0, 11)])  # past one block of rows and one key tile
 def test_attention_noncausal(dtype, NH, NKV, q0, T):
