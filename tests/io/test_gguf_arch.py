@@ -146,6 +146,16 @@ def test_gemma3_layout_and_keys(tmp_path):
     assert f["gemma3.rope.freq_base_swa"] == 10000.0 and f["gemma3.rope.freq_base"] == 1e6
 
 
+def test_gemma3_without_sliding_window(tmp_path):
+    """Every layer global: no sliding-window keys are written, and none read back as that."""
+    model = _model("gemma3", sliding_window=0)
+    M.write(tmp_path / "g.gguf", model, "F32")
+    assert not any("sliding_window" in k or "swa" in k for k in _fields(tmp_path / "g.gguf"))
+    back = M.load(tmp_path / "g.gguf")
+    assert back.config.sliding_window == 0
+    np.testing.assert_allclose(_logits(back), _logits(model), rtol=0, atol=1e-6)
+
+
 def test_gemma3_defaults_are_llama_cpps(tmp_path):
     """Without sliding_window_pattern / rope.freq_base_swa, a gemma3 file is read as llama.cpp's
     graph runs it: five local layers then a global one, local RoPE base 10000; without a
@@ -210,8 +220,6 @@ def test_llama_variants_llama_cpp_cannot_run_are_refused(tmp_path):
                               (dict(n_predict=2), "n_predict=1")]:
         with pytest.raises(ValueError, match=fragment):
             M.write(tmp_path / "x.gguf", Llama(LlamaConfig(**{**vars(base), **options}), seed=0), "F32")
-    with pytest.raises(ValueError, match="needs a sliding window"):
-        M.write(tmp_path / "x.gguf", _model("gemma3", sliding_window=0), "F32")
     assert not (tmp_path / "x.gguf").exists()
 
 

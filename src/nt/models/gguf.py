@@ -464,9 +464,11 @@ def _llama_arch(cfg: LlamaConfig) -> str:
 
 
 def _gemma3_metadata(cfg: LlamaConfig) -> dict:
-    """gemma3.* keys beyond the common ones: its sliding window, which llama.cpp requires."""
+    """gemma3.* keys beyond the common ones: the sliding window, the layer pattern and the
+    local RoPE base (see GEMMA3_PATTERN). No window: no keys, which llama.cpp versions with
+    an optional window read as every layer global, as load does (others refuse the file)."""
     if cfg.sliding_window == 0:
-        raise ValueError("llama.cpp's gemma3 needs a sliding window (LlamaConfig.sliding_window > 0)")
+        return {}
     return {"gemma3.attention.sliding_window": cfg.sliding_window,
             "gemma3.attention.sliding_window_pattern": cfg.global_every,
             "gemma3.rope.freq_base_swa": float(cfg.rope_local_theta or cfg.rope_theta)}
