@@ -154,16 +154,71 @@ def text_chunks(text: str, size: int) -> Iterator[str]:
         start = cut
 
 
+NORMALIZERS = (None, "NFC")   # what encode may apply to text before splitting it
+
+
+def _token_regex(tokens: Iterable[str]) -> Optional[re.Pattern]:
+    """A regex finding any of `tokens`, the longest first where several start at one place
+    (leftmost-longest, as tokenizers' added-token matcher), or None for no tokens."""
+    alts = sorted(tokens, key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(t) for t in alts) + ")") if alts else None
+
+
+def _allowed_tokens(allowed_special: Union[str, Iterable[str]], special_tokens: dict,
+                    always: frozenset) -> set:
+    """The token strings encode recognises in text: `allowed_special` ("all" or some of the
+    special tokens; others are a ValueError) and the tokens that are always recognised."""
+    if allowed_special == "all":
+        return set(special_tokens)
+    allowed = set(allowed_special)
+    unknown = allowed - set(special_tokens)
+    if unknown:
+        raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
+    return allowed | always
+
+
+def _split_tokens(text: str, pattern: Optional[re.Pattern], allowed: set) -> list[tuple[str, bool, int]]:
+    """`text` cut at the tokens of `allowed` that `pattern` finds: (token, True, offset) for
+    each token and (plain text, False, offset) between them; empty text is left out."""
+    out, start = [], 0
+    if allowed and pattern is not None:
+        for m in pattern.finditer(text):
+            if m.group(0) in allowed:
+                if m.start() > start:
+                    out.append((text[start:m.start()], False, start))
+                out.append((m.group(0), True, m.start()))
+                start = m.end()
+    if start < len(text):
+        out.append((text[start:], False, start))
+    return out
+
+
+def _check_normalizer(normalizer: Optional[str]) -> Optional[str]:
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"unknown normalizer {normalizer!r}; known: None, NFC")
+    return normalizer
+
+
 class BPE:
     """A byte-level BPE tokenizer: 256 byte tokens, merges, then special tokens.
 
     `vocab[i]` is the byte string of token i (special tokens: their UTF-8 text);
     `merges[r]` = (a, b) is the merge of rank r, making token `merge_ids[r]`;
     `pre` names the pre-tokenizer that splits text before merging (PRE_TOKENIZERS).
+
+    Options that Hugging Face tokenizer.json files use (nt.hf_tokenizer sets them; the
+    defaults are GPT-2's): `always_split` are special tokens recognised in text even when
+    encode is not told to allow them (tokenizers' non-special added tokens);
+    `add_prefix_space` puts a space before text that does not start with one (ByteLevel's
+    option; applied to each stretch of text between recognised tokens, as tokenizers does);
+    `normalizer` "NFC" normalises each such stretch first; `ignore_merges` emits a
+    pre-token that is itself a vocabulary entry as that token without merging (Llama 3).
     """
 
     def __init__(self, vocab: list[bytes], merges: list[tuple[int, int]], merge_ids: list[int],
-                 special_tokens: Optional[dict[str, int]] = None, pre: str = "gpt2"):
+                 special_tokens: Optional[dict[str, int]] = None, pre: str = "gpt2", *,
+                 always_split: Iterable[str] = (), add_prefix_space: bool = False,
+                 normalizer: Optional[str] = None, ignore_merges: bool = False):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"unknown pre-tokenizer {pre!r}; known: {', '.join(PRE_TOKENIZERS)}")
         self.pre = pre
@@ -191,12 +246,17 @@ class BPE:
         self._pair_rank = order.astype(np.int64)
         self._pair_new = np.array(self.merge_ids, dtype=np.int32)[order] if self.merges else np.zeros(0, np.int32)
         self._cache: dict[str, list[int]] = {}
-        self._special_re = None
-        if self.special_tokens:
-            alts = sorted(self.special_tokens, key=len, reverse=True)
-            self._special_re = re.compile("(" + "|".join(re.escape(s) for s in alts) + ")")
+        self._special_re = _token_regex(self.special_tokens)
+        self.always_split = frozenset(always_split)
+        if not self.always_split <= set(self.special_tokens):
+            raise ValueError(f"always_split names tokens that are not special tokens: "
+                             f"{sorted(self.always_split - set(self.special_tokens))[:8]}")
+        self.add_prefix_space = bool(add_prefix_space)
+        self.normalizer = _check_normalizer(normalizer)
+        self.ignore_merges = bool(ignore_merges)
+        self._ids = ids if ignore_merges else {}   # bytes -> id of the ordinary tokens
 
-    # set by nt.io.gguf.tokenizer_from_metadata when the tokenizer comes from a model file
+    # set by nt.models.gguf.tokenizer_from_metadata / nt.hf_tokenizer when the tokenizer comes from a model
     bos_id: Optional[int] = None
     eos_id: Optional[int] = None
     add_bos: bool = False
@@ -267,39 +327,35 @@ class BPE:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of text, special-token strings treated as plain text."""
+        if self.normalizer and text:
+            text = unicodedata.normalize(self.normalizer, text)
+        if self.add_prefix_space and text and not text.startswith(" "):
+            text = " " + text
         words = pretokenize(text, self.pre)
         cache = self._cache
         new = [w for w in dict.fromkeys(words) if w not in cache]
         if new:
             if len(cache) > 500_000:
                 cache.clear()
-            cache.update(zip(new, self._encode_words(new)))
+            whole = [self._ids.get(w.encode("utf-8")) for w in new]  # all None unless ignore_merges
+            merged = iter(self._encode_words([w for w, i in zip(new, whole) if i is None]))
+            cache.update(zip(new, [[i] if i is not None else next(merged) for i in whole]))
         return list(itertools.chain.from_iterable(map(cache.__getitem__, words)))
 
     def encode(self, text: str, allowed_special: Union[str, Iterable[str]] = ()) -> list[int]:
         """Token ids of `text`.
 
         allowed_special: the special tokens recognised in the text ("all", or a set such
-        as {"<|endoftext|>"}); others are encoded as the plain text they are (default).
+        as {"<|endoftext|>"}); others are encoded as the plain text they are (default),
+        except `always_split` tokens, which are always recognised.
         """
-        if allowed_special == "all":
-            allowed = set(self.special_tokens)
-        else:
-            allowed = set(allowed_special)
-            unknown = allowed - set(self.special_tokens)
-            if unknown:
-                raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
-        if not allowed or self._special_re is None:
-            return self.encode_ordinary(text)
+        allowed = _allowed_tokens(allowed_special, self.special_tokens, self.always_split)
         out: list[int] = []
-        start = 0
-        for m in self._special_re.finditer(text):
-            if m.group(0) not in allowed:
-                continue
-            out.extend(self.encode_ordinary(text[start:m.start()]))
-            out.append(self.special_tokens[m.group(0)])
-            start = m.end()
-        out.extend(self.encode_ordinary(text[start:]))
+        for piece, is_token, _ in _split_tokens(text, self._special_re, allowed):
+            if is_token:
+                out.append(self.special_tokens[piece])
+            else:
+                out.extend(self.encode_ordinary(piece))
         return out
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -480,6 +536,12 @@ def _write_text(path: Path, text: str) -> None:
 # SentencePiece token types, as GGUF's tokenizer.ggml.token_type stores them
 SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED, SP_UNUSED, SP_BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # '▁', SentencePiece's visible space
+# where SentencePieceBPE puts a '▁' before a stretch of text between recognised tokens:
+#   piece   always (SentencePiece's add_dummy_prefix, llama.cpp, tokenizers' Prepend normalizer)
+#   always  unless it starts with '▁' already (tokenizers' Metaspace, prepend_scheme "always")
+#   first   only at the start of the text, unless it starts with '▁' (Metaspace "first")
+#   never
+PREFIX_SCHEMES = ("piece", "always", "first", "never")
 
 
 class SentencePieceBPE:
@@ -492,11 +554,24 @@ class SentencePieceBPE:
     left that are not pieces are spelled as their UTF-8 bytes through the <0xXX> byte
     tokens (or the unknown token when the vocabulary has none). Control tokens (<s>, </s>)
     never come out of plain text; with allowed_special they are recognised as written.
+
+    Options for Hugging Face tokenizer.json files (nt.hf_tokenizer sets them): `merges`, the
+    (left, right) piece pairs in rank order, makes pairs merge by rank as tokenizers' BPE
+    model does (only listed pairs, the lowest rank first) instead of by score;
+    `prefix_scheme` (PREFIX_SCHEMES; default from add_space_prefix: "piece" or "never");
+    `split_words` cuts the text before every '▁' and merges within the words (Metaspace's
+    split); `strip_space` removes one leading space when decoding (default: add_space_prefix);
+    `always_split` are special tokens recognised even when not allowed (non-special added
+    tokens); `normalizer` "NFC"; `fuse_unk` emits one unknown token for a run of unknown
+    characters; `ignore_merges` emits a word that is itself a piece as that piece.
     """
 
     def __init__(self, tokens: Sequence[str], scores: Optional[Sequence[float]] = None,
                  token_types: Optional[Sequence[int]] = None, add_space_prefix: bool = True,
-                 unk_id: Optional[int] = None):
+                 unk_id: Optional[int] = None, *, merges: Optional[Sequence[tuple[str, str]]] = None,
+                 prefix_scheme: Optional[str] = None, split_words: bool = False,
+                 strip_space: Optional[bool] = None, always_split: Iterable[str] = (),
+                 normalizer: Optional[str] = None, fuse_unk: bool = False, ignore_merges: bool = False):
         n = len(tokens)
         self.tokens = list(tokens)
         self.scores = np.zeros(n) if scores is None else np.asarray(scores, dtype=np.float64)
@@ -504,7 +579,17 @@ class SentencePieceBPE:
         if self.scores.shape != (n,) or self.types.shape != (n,):
             raise ValueError(f"SentencePiece vocabulary: {n} tokens but {self.scores.shape[0]} scores "
                              f"and {self.types.shape[0]} token types")
-        self.add_space_prefix = bool(add_space_prefix)
+        if prefix_scheme is None:
+            prefix_scheme = "piece" if add_space_prefix else "never"
+        if prefix_scheme not in PREFIX_SCHEMES:
+            raise ValueError(f"unknown prefix scheme {prefix_scheme!r}; known: {', '.join(PREFIX_SCHEMES)}")
+        self.prefix_scheme = prefix_scheme
+        self.add_space_prefix = prefix_scheme != "never"
+        self.strip_space = self.add_space_prefix if strip_space is None else bool(strip_space)
+        self.split_words = bool(split_words)
+        self.normalizer = _check_normalizer(normalizer)
+        self.fuse_unk = bool(fuse_unk)
+        self.ignore_merges = bool(ignore_merges)
         self.unk_id = unk_id
         self.pieces: dict[str, int] = {}       # what plain text may merge into
         self.special_tokens: dict[str, int] = {}
@@ -519,10 +604,18 @@ class SentencePieceBPE:
         if self.unk_id is None:
             unknown = np.flatnonzero(self.types == SP_UNKNOWN)
             self.unk_id = int(unknown[0]) if unknown.size else None
-        self._special_re = None
-        if self.special_tokens:
-            alts = sorted(self.special_tokens, key=len, reverse=True)
-            self._special_re = re.compile("(" + "|".join(re.escape(t) for t in alts) + ")")
+        self._special_re = _token_regex(self.special_tokens)
+        self.always_split = frozenset(always_split)
+        if not self.always_split <= set(self.special_tokens):
+            raise ValueError(f"always_split names tokens that are not special tokens: "
+                             f"{sorted(self.always_split - set(self.special_tokens))[:8]}")
+        self._ranks: Optional[dict[tuple[str, str], int]] = None
+        if merges is not None:
+            self._ranks = {}
+            for r, (a, b) in enumerate(merges):
+                if a not in self.pieces or b not in self.pieces or a + b not in self.pieces:
+                    raise ValueError(f"merge {r} ({a!r:.40}, {b!r:.40}) names a piece that is not in the vocabulary")
+                self._ranks.setdefault((a, b), r)
 
     bos_id: Optional[int] = None
     eos_id: Optional[int] = None
@@ -540,17 +633,26 @@ class SentencePieceBPE:
         """Append the ids of plain text (spaces already '▁') to out."""
         if not text:
             return
+        if self.ignore_merges and text in self.pieces:
+            out.append(self.pieces[text])
+            return
         syms = list(text)
         nxt = list(range(1, len(syms) + 1))      # linked list over the symbols
         prv = list(range(-1, len(syms) - 1))
         heap: list = []
 
-        def push(i: int) -> None:  # the pair starting at symbol i, if it is a piece
+        def push(i: int) -> None:  # the pair starting at symbol i, if it may merge
             j = nxt[i]
-            if j < len(syms):
-                tid = self.pieces.get(syms[i] + syms[j])
-                if tid is not None:
-                    heapq.heappush(heap, (-self.scores[tid], i, syms[i], syms[j]))
+            if j >= len(syms):
+                return
+            if self._ranks is not None:   # tokenizers' BPE: listed pairs, lowest rank first
+                rank = self._ranks.get((syms[i], syms[j]))
+                if rank is not None:
+                    heapq.heappush(heap, (rank, i, syms[i], syms[j]))
+                return
+            tid = self.pieces.get(syms[i] + syms[j])
+            if tid is not None:
+                heapq.heappush(heap, (-self.scores[tid], i, syms[i], syms[j]))
 
         for i in range(len(syms) - 1):
             push(i)
@@ -566,7 +668,7 @@ class SentencePieceBPE:
             if prv[i] >= 0:
                 push(prv[i])
             push(i)
-        i = 0
+        i, first = 0, len(out)
         while i < len(syms):
             sym = syms[i]
             tid = self.pieces.get(sym)
@@ -578,29 +680,33 @@ class SentencePieceBPE:
                     if bid < 0:
                         if self.unk_id is None:
                             raise ValueError(f"cannot encode {sym!r}: no byte tokens and no unknown token")
-                        out.append(self.unk_id)
+                        if not (self.fuse_unk and len(out) > first and out[-1] == self.unk_id):
+                            out.append(self.unk_id)
                         break
                     out.append(bid)
             i = nxt[i]
 
     def encode(self, text: str, allowed_special: Union[str, Iterable[str]] = ()) -> list[int]:
         """Token ids of text (no BOS: callers add `bos_id` when `add_bos`). allowed_special:
-        "all" or a set of control/user-defined token strings recognised in the text."""
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        unknown = allowed - set(self.special_tokens)
-        if unknown:
-            raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
-        parts = self._special_re.split(text) if (allowed and self._special_re) else [text]
+        "all" or a set of control/user-defined token strings recognised in the text (and
+        the `always_split` tokens always). Each stretch of text between recognised tokens
+        is normalised, gets its spaces as '▁' and a '▁' prefixed by `prefix_scheme` (so, by
+        default, at the start and after each special token, as llama.cpp does)."""
+        allowed = _allowed_tokens(allowed_special, self.special_tokens, self.always_split)
         out: list[int] = []
-        after_special = True  # as llama.cpp: the text at the start and after a special token gets the prefix
-        for k, part in enumerate(parts):
-            if k % 2 == 1 and part in allowed:
-                out.append(self.special_tokens[part])
-                after_special = True
-            elif part:
-                piece = part.replace(" ", SPACE)
-                self._encode_fragment(SPACE + piece if self.add_space_prefix and after_special else piece, out)
-                after_special = False
+        for piece, is_token, offset in _split_tokens(text, self._special_re, allowed):
+            if is_token:
+                out.append(self.special_tokens[piece])
+                continue
+            if self.normalizer:
+                piece = unicodedata.normalize(self.normalizer, piece)
+            piece = piece.replace(" ", SPACE)
+            scheme = self.prefix_scheme
+            if scheme == "piece" or (scheme == "always" or (scheme == "first" and offset == 0)) and \
+                    not piece.startswith(SPACE):
+                piece = SPACE + piece
+            for word in (re.split(f"(?={SPACE})", piece) if self.split_words else (piece,)):
+                self._encode_fragment(word, out)
         return out
 
     def token_bytes(self, i: int) -> bytes:
@@ -620,9 +726,9 @@ class SentencePieceBPE:
         return b"".join(self.token_bytes(i) for i in ids)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """The text of ids; the space the encoder prefixed is removed again."""
+        """The text of ids; the space the encoder prefixed is removed again (strip_space)."""
         text = self.decode_bytes(ids).decode("utf-8", errors="replace")
-        if self.add_space_prefix and text.startswith(" "):
+        if self.strip_space and text.startswith(" "):
             text = text[1:]
         return text
 
@@ -648,3 +754,10 @@ class ByteTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def from_pretrained(path) -> Union[BPE, SentencePieceBPE]:
+    """The tokenizer of a Hugging Face folder (tokenizer.json + tokenizer_config.json):
+    see nt.hf_tokenizer.from_pretrained."""
+    from .hf_tokenizer import from_pretrained as read   # it builds on this module's classes
+    return read(path)
