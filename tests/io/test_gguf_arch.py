@@ -457,3 +457,52 @@ def test_transformers_loads_nt_exports(tmp_path, arch):
     ref = _logits(model, idx)
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+# ---------------------------------------------------------------------- hostile qwen2 / gemma3 files
+
+def _tiny_file(arch: str, path: Path) -> tuple[bytes, int]:
+    """A whole tiny file of `arch` (width 8) with a byte-level BPE, as bytes, and where its
+    header (metadata and directory) ends."""
+    options = {**ARCHS[arch], "head_dim": 4} if arch == "gemma3" else ARCHS[arch]
+    cfg = LlamaConfig(dim=8, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=16, vocab_size=262, block_size=16,
+                      **options)
+    tok = BPE.train("aa ab ba bb " * 20, 262, special_tokens=(ENDOFTEXT,))
+    M.write(path, Llama(cfg, seed=3), "F32", tokenizer=tok)
+    with G.GGUFFile(path) as f:
+        head = f.data_offset
+    return path.read_bytes(), head
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_fuzz_mutated_files_load_or_raise_format_error(tmp_path, arch):
+    """Whatever a mutation does to a qwen2 / gemma3 file's keys, values or directory, load
+    builds a model or raises FormatError naming the file: never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    data, head = _tiny_file(arch, tmp_path / "base.gguf")
+    assert M.load(tmp_path / "base.gguf").tokenizer.vocab_size == 262
+    special = [0, 1, 2, 3, 4, 6, 31, 2 ** 16, 2 ** 31, 2 ** 32 - 1, 2 ** 63, 2 ** 64 - 1]
+    mutation = st.one_of(st.tuples(st.just("xor"), st.integers(24, head - 1), st.integers(1, 255)),
+                         st.tuples(st.just("<I"), st.integers(24, head - 4), st.sampled_from(special[:10])),
+                         st.tuples(st.just("<Q"), st.integers(24, head - 8), st.sampled_from(special)))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.lists(mutation, min_size=1, max_size=2))
+    def check(ops):
+        import struct
+        mutated = bytearray(data)
+        for kind, pos, arg in ops:
+            if kind == "xor":
+                mutated[pos] ^= arg
+            else:
+                struct.pack_into(kind, mutated, pos, arg)
+        path = tmp_path / "m.gguf"
+        path.write_bytes(bytes(mutated))
+        try:
+            model = M.load(path)
+            assert model.tokenizer is None or model.tokenizer.vocab_size <= model.config.vocab_size
+        except FormatError as e:
+            assert str(path) in str(e)
+
+    check()
