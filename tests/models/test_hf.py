@@ -401,6 +401,7 @@ def test_missing_config_and_not_a_folder(tmp_path):
     ("qwen2", dict(use_sliding_window=True, sliding_window=4, layer_types=["full_attention", "sliding_attention"],
                    max_window_layers=1), "layer_types"),
     ("gemma3_text", dict(query_pre_attn_scalar=32), "query_pre_attn_scalar=32"),
+    ("gemma3_text", dict(drop=["query_pre_attn_scalar"]), "query_pre_attn_scalar=256"),   # transformers' default
     ("gemma3_text", dict(final_logit_softcapping=30.0), "final_logit_softcapping=30.0"),
     ("gemma3_text", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0"),
     ("gemma3_text", dict(layer_types=["sliding_attention", "chunked_attention"]), "layer_types"),

@@ -411,12 +411,14 @@ def _llama_config(f: _Fields, arch: str) -> LlamaConfig:
     T = f.size("max_position_embeddings")
     if gemma:
         f.require("hidden_activation", ("gelu_pytorch_tanh", "gelu_new"), "nt's GeGLU gates with the tanh GELU")
-        if f.get("query_pre_attn_scalar", (int, float)) != hs:
-            raise _unsupported(f.where, f"query_pre_attn_scalar={f.raw['query_pre_attn_scalar']}: nt scales "
-                                        f"attention scores by 1/sqrt(head_dim) = 1/sqrt({hs})")
+        scalar = f.get("query_pre_attn_scalar", (int, float))
+        if scalar != hs:
+            raise _unsupported(f.where, f"query_pre_attn_scalar={scalar}: nt scales attention scores by "
+                                        f"1/sqrt(head_dim) = 1/sqrt({hs})")
         for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-            if f.get(key, (int, float), nullable=True) is not None:
-                raise _unsupported(f.where, f"{key}={f.raw[key]}: nt has no soft-capping")
+            cap = f.get(key, (int, float), nullable=True)
+            if cap is not None:
+                raise _unsupported(f.where, f"{key}={cap}: nt has no soft-capping")
         f.require("use_bidirectional_attention", (False,), "nt's attention is causal")
         f.require("attention_bias", (False,), "nt's Gemma has no attention biases")
         f.read.add("hidden_act")   # older Gemma configs repeat it; the model reads hidden_activation
