@@ -62,8 +62,8 @@ def test_chat_repl_streams_greedy_replies(tiny_gguf):
     messages = chat.chat(model, tok, args, inp, out)
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     assert messages[1]["content"] == "hello"
-    # the reply is the greedy continuation of the ChatML prompt, decoded
-    prompt = [tok.bos_id] + tok.encode(chat.format_chat(messages[:2], "chatml"), allowed_special="all")
+    # the reply is the greedy continuation of the prompt the file's chat template renders, decoded
+    prompt = [tok.bos_id] + tok.encode(chat.prompt_text(tok, messages[:2]), allowed_special="all")
     assert 272 in prompt  # <|im_start|> is one token
     ids = list(model.generate(np.array(prompt), 6, temperature=0)[len(prompt):])
     if 2 in ids:  # </s> ends the reply
