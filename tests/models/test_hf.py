@@ -573,16 +573,18 @@ def test_transformers_loads_our_save(tmp_path, arch, source, dtype):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_any_config_value_loads_or_is_refused_clearly(tmp_path, arch):
-    """Every field of config.json swapped for values of the wrong type or range: the
-    folder loads (the value was harmless) or a FormatError / NotImplementedError names
+    """Every field of config.json left out, or swapped for values of the wrong type or
+    range: the folder loads (the value was harmless) or a FormatError / NotImplementedError names
     the field; nothing else escapes (TypeError, OverflowError, a hang)."""
     folder = copy_fixture(arch, tmp_path)
     base = json.loads((folder / "config.json").read_text())
     hostile = [[], {"a": 1}, "x", -1, 0, 10 ** 400, None, True, 1.5]
+    variants = [{k: v for k, v in base.items() if k != key} for key in base]   # each field left out
     for key in list(base) + ["rope_theta", "rope_scaling", "rope_local_base_freq", "sliding_window_pattern"]:
-        for value in hostile:
-            (folder / "config.json").write_text(json.dumps({**base, key: value}))
-            try:
-                from_pretrained(folder)
-            except (FormatError, NotImplementedError):
-                pass
+        variants += [{**base, key: value} for value in hostile]
+    for config in variants:
+        (folder / "config.json").write_text(json.dumps(config))
+        try:
+            from_pretrained(folder)
+        except (FormatError, NotImplementedError):
+            pass
