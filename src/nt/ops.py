@@ -869,3 +869,79 @@ def grpo(t: Tape, logps: Tensor, old_logps: np.ndarray, ref_logps: Optional[np.n
 
 def _grpo_backward(k, loss, logps, old, ref, adv, mask, args):
     k.grpo_backward(logps.grad, loss.grad, logps.data, old.data, ref.data, adv.data, mask.data, *args)
+
+
+# ----------------------------------------------------------------------------- vision
+
+def unfold_patches(t: Tape, x: Tensor, patch: int) -> Tensor:
+    """The non-overlapping patch x patch patches of images x (N, Ch, H, W) as rows:
+    (N, P, Ch * patch * patch), P = (H / patch) * (W / patch) in row-major order, each patch
+    flattened channel-major (c, ky, kx) as a Conv2d weight (OC, Ch, p, p) is."""
+    _check(x, "x", 4, t)
+    p = int(patch)
+    N, Ch, H, W = x.shape
+    if p <= 0 or H % p or W % p or min(N, Ch, H, W) == 0:
+        raise ValueError(f"unfold_patches: images {x.shape} must be non-empty with H and W multiples of "
+                         f"the patch size {patch}")
+    out = t.new((N, (H // p) * (W // p), Ch * p * p))
+    t.k.unfold_forward(out.data, x.data, p)
+    t.record(_unfold_patches_backward, out, x, p)
+    return out
+
+
+def _unfold_patches_backward(k, out, x, p):
+    k.unfold_backward(x.grad, out.grad, p)
+
+
+def patch_embed(t: Tape, x: Tensor, weight: Tensor, bias: Optional[Tensor], patch: int) -> Tensor:
+    """A vision transformer's patch embedding: images x (N, Ch, H, W) -> (N, P, C), each
+    patch flattened (unfold_patches) and projected by weight (C, Ch * patch * patch), which
+    is a PyTorch Conv2d(Ch, C, patch, stride=patch) weight reshaped; one gemm for all patches."""
+    return linear(t, unfold_patches(t, x, patch), weight, bias)
+
+
+def cls_tokens(t: Tape, x: Tensor, cls: Tensor, pos: Tensor) -> Tensor:
+    """[cls; x] + pos: the CLS token prepended to every sequence of x (N, P, C) and learned
+    positions pos (1 + P, C) added, one pass: (N, 1 + P, C)."""
+    _check(x, "x", 3, t)
+    _check(cls, "cls", 1, t)
+    _check(pos, "pos", 2, t)
+    N, P, C = x.shape
+    if cls.shape != (C,) or pos.shape != (P + 1, C):
+        raise ValueError(f"cls_tokens: x {x.shape} needs cls ({C},) and pos ({P + 1}, {C}), "
+                         f"got {cls.shape} and {pos.shape}")
+    out = t.new((N, P + 1, C))
+    t.k.cls_pos_forward(out.data, x.data, cls.data, pos.data)
+    t.record(_cls_tokens_backward, out, x, cls, pos)
+    return out
+
+
+def _cls_tokens_backward(k, out, x, cls, pos):
+    k.cls_pos_backward(x.grad, _grad(k, cls), _grad(k, pos), out.grad)
+
+
+def _pool(t: Tape, x: Tensor, mean: bool, op: str) -> Tensor:
+    _check(x, "x", 3, t)
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: x {x.shape} has no tokens to pool")
+    out = t.new((x.shape[0], x.shape[2]))
+    t.k.pool_forward(out.data, x.data, mean)
+    t.record(_pool_backward, out, x, mean)
+    return out
+
+
+def _pool_backward(k, out, x, mean):
+    k.pool_backward(x.grad, out.grad, mean)
+
+
+def mean_pool(t: Tape, x: Tensor) -> Tensor:
+    """The mean over the tokens of x (N, T, C): (N, C)."""
+    return _pool(t, x, True, "mean_pool")
+
+
+def cls_pool(t: Tape, x: Tensor) -> Tensor:
+    """The first (CLS) token of each sequence of x (N, T, C): (N, C)."""
+    return _pool(t, x, False, "cls_pool")
+
+
+__all__ += ["unfold_patches", "patch_embed", "cls_tokens", "mean_pool", "cls_pool"]

@@ -26,6 +26,7 @@ dispatcher.get_current_device = _NoDevice
 import nt.kernels.cuda as package  # noqa: E402
 from nt.kernels.cuda import (activations, align, attention, dropout, elementwise, embedding, layernorm,  # noqa: E402
                              matmul, memory, optim, rmsnorm, rope, softmax_xent)
+from nt.kernels.cuda import hebbian, vision  # noqa: E402
 from numba.cuda.dispatcher import CUDADispatcher  # noqa: E402
 
 
@@ -96,6 +97,20 @@ def signatures(f):
         (align._grpo_rows, (A1, A2, A2, A2, A1, A2, F, F, F)),
         (align._grpo_mean, (A1, A1, A2)),
         (align._grpo_backward, (A2, A1, A2, A2, A2, A1, A2, F, F, F)),
+        (vision._unfold, (A3, f[:, :, :, ::1], I, B)),
+        (vision._cls_pos_forward, (A3, A3, A1, A2)),
+        (vision._cls_pos_backward, (A3, A1, A2, A3)),
+        (vision._pool_forward, (A2, A3, B)),
+        (vision._pool_backward, (A3, A2, B)),
+        (vision._resize_bilinear, (f[:, :, :, ::1], types.uint8[:, :, :, ::1], F)),
+        (vision._resize_bilinear, (types.uint8[:, :, :, ::1], types.uint8[:, :, :, ::1], F)),
+        (vision._crop_flip, (types.uint8[:, :, :, ::1], types.uint8[:, :, :, ::1], I2, I)),
+        (vision._crop_flip, (f[:, :, :, ::1], f[:, :, :, ::1], I2, F)),
+        (vision._grayscale, (types.uint8[:, :, :, ::1], types.uint8[:, :, :, ::1], F)),
+        (vision._grayscale, (f[:, :, :, ::1], f[:, :, :, ::1], F)),
+        (vision._to_chw, (f[:, :, :, ::1], types.uint8[:, :, :, ::1], F, D1, D1)),
+        (vision._to_chw, (f[:, :, :, ::1], f[:, :, :, ::1], F, D1, D1)),
+        (hebbian._hebbian_update, (A2, A2, A2, F, F, B)),
     ]
 
 

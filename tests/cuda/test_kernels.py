@@ -344,3 +344,48 @@ def test_attention_noncausal(dtype, NH, NKV, q0, T):
     cpu.attention_forward(out, lse, qkv, work, NH, NKV, 0, q0, False)
     parity("attention_backward", [randn(rng, dtype, *qkv.shape), randn(rng, dtype, *out.shape), qkv, out, lse,
                                   work, NH, NKV, 0, q0, False], [0], dtype)
+
+
+# ----------------------------------------------------------------------------- vision and Hebbian kernels
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vision_ops(dtype):
+    """Patch unfolding, CLS token + positions, mean and CLS pooling; forward and backward."""
+    rng = np.random.default_rng(41)
+    N, Ch, H, W, p, C = 2, 2, 4, 2, 2, 3
+    P, K = (H // p) * (W // p), Ch * p * p
+    x = randn(rng, dtype, N, Ch, H, W)
+    parity("unfold_forward", [randn(rng, dtype, N, P, K), x, p], [0], dtype)
+    parity("unfold_backward", [randn(rng, dtype, N, Ch, H, W), randn(rng, dtype, N, P, K), p], [0], dtype)
+    tokens, cls, pos = randn(rng, dtype, N, P, C), randn(rng, dtype, C), randn(rng, dtype, P + 1, C)
+    parity("cls_pos_forward", [randn(rng, dtype, N, P + 1, C), tokens, cls, pos], [0], dtype)
+    for dcls, dpos in ((randn(rng, dtype, C), randn(rng, dtype, P + 1, C)), (empty(dtype, 0), empty(dtype, 0, C))):
+        parity("cls_pos_backward", [randn(rng, dtype, N, P, C), dcls, dpos, randn(rng, dtype, N, P + 1, C)],
+               [0, 1, 2], dtype)
+    for mean in (True, False):
+        parity("pool_forward", [randn(rng, dtype, N, C), randn(rng, dtype, N, P + 1, C), mean], [0], dtype)
+        parity("pool_backward", [randn(rng, dtype, N, P + 1, C), randn(rng, dtype, N, C), mean], [0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("oja", [False, True])
+def test_hebbian_update(dtype, oja):
+    rng = np.random.default_rng(42)
+    N, C, OC = 3, 5, 4
+    parity("hebbian_update", [randn(rng, dtype, OC, C), randn(rng, dtype, N, C), randn(rng, dtype, N, OC), 0.1,
+                              0.3, oja], [0], dtype)
+
+
+@pytest.mark.parametrize("kind", [np.uint8, np.float32])
+def test_image_transforms(kind):
+    """Resize (up and down), crop with padding and flips, grayscale, normalise to CHW."""
+    rng = np.random.default_rng(43)
+    img = (rng.random((2, 5, 4, 3)) * 255).astype(kind)
+    rounding = 0.5 if kind == np.uint8 else 0.0
+    for OH, OW in ((7, 3), (2, 6)):
+        parity("resize_bilinear", [np.zeros((2, OH, OW, 3), kind), img, rounding], [0], np.float32)
+    boxes = np.array([[1, -1, 0], [0, 2, 1]], dtype=np.int32)   # the second window leaves the image: fill
+    parity("crop_flip", [np.zeros((2, 3, 3, 3), kind), img, boxes, 7], [0], np.float32)
+    parity("grayscale", [np.zeros((2, 5, 4, 1), kind), img, rounding], [0], np.float32)
+    mean, std = np.array([0.5, 0.4, 0.3]), np.array([0.2, 0.25, 0.3])
+    parity("to_chw", [np.zeros((2, 3, 5, 4), np.float32), img, 1 / 255, mean, std], [0], np.float32)
