@@ -171,7 +171,8 @@ def _llmc_consistent(rng, data: bytes) -> tuple[bytes, str]:
     if count > 1 << 26:   # too big to write: keep the old payload, the header now lies
         count = (len(data) - 1024) // 4
     head = struct.pack("<8i", *[(v + 2 ** 31) % 2 ** 32 - 2 ** 31 for v in h]) + data[32:1024]
-    payload = np.resize(np.frombuffer(data[1024:], "<f4"), count).tobytes()
+    body = data[1024:1024 + (len(data) - 1024) // 4 * 4]   # whole floats only (an earlier cut may split one)
+    payload = np.resize(np.frombuffer(body, "<f4"), count).tobytes()
     return head + payload, f"header[{i}] := {h[i]} with the payload resized to {count} floats"
 
 
@@ -317,14 +318,18 @@ def _st_entry(rng, header: dict) -> str:
     name = pick(rng, names)
     e = header[name]
     part = pick(rng, ["dtype", "shape", "data_offsets", "keys"])
+    if not (isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= set(e)):
+        # an earlier mutation already broke this entry: rebuild a plausible one to break anew
+        e = header[name] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
     if part == "dtype":
         e["dtype"] = pick(rng, ["F32", "F16", "BF16", "F64", "I8", "BOOL", "f32", "I128", "F8_E4M3", "", 5, None])
     elif part == "shape":
-        s = list(e["shape"])
+        s = list(e["shape"]) if isinstance(e["shape"], list) else [1]
         e["shape"] = pick(rng, [s + [1], s[:-1], [], [0], [-1] + s, [2 ** 32, 2 ** 32], [2 ** 62, 4],
                                 [1.0] * len(s), [True] * len(s), [str(d) for d in s], s[::-1], 7])
     elif part == "data_offsets":
-        b, end = e["data_offsets"]
+        offs = e["data_offsets"]
+        b, end = offs if isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs) else (0, 4)
         e["data_offsets"] = pick(rng, [[0, end - b], [b, b - 1], [b + 1, end + 1], [0, 2 ** 64], [end, b],
                                        [b, end, end], [b], [-1, end], [b * 1.0, end], [b, 2 ** 63], "0-4"])
     else:

@@ -30,7 +30,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -268,10 +268,13 @@ def _save_failure(root: Path, case: Case, out: Outcome) -> Path:
 
 
 def run_campaign(fmt: str, seeds: Iterable[int], work: Path, jobs: int = 1, timeout: float = CASE_TIMEOUT,
-                 mem_mb: int = MEM_MB, check_seeds: bool = True, progress: bool = False) -> Report:
+                 mem_mb: int = MEM_MB, check_seeds: bool = True, progress: bool = False,
+                 snapshot: Optional[Callable[[Report], None]] = None) -> Report:
     """Run the cases `seeds` of one format; failing cases are saved under work/failures.
 
-    jobs > 1 runs that many workers side by side (case i goes to job i % jobs)."""
+    jobs > 1 runs that many workers side by side (case i goes to job i % jobs). With
+    `progress`, every 500 cases print a line and call `snapshot(report)` (e.g. to write
+    report.json, so a long campaign stopped early still leaves its counts)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
@@ -296,8 +299,11 @@ def run_campaign(fmt: str, seeds: Iterable[int], work: Path, jobs: int = 1, time
                 with lock:
                     if case.seed >= 0 or out.kind == "fail":   # seed checks count only when they fail
                         report.add(case, out, saved)
-                    if progress and report.cases % 500 == 0 and report.cases:
+                    if progress and report.cases % 500 == 0 and report.cases and case.seed >= 0:
                         print(f"  {fmt}: {report.cases} cases, {report.counts['fail']} failing", flush=True)
+                        report.seconds = time.monotonic() - t0
+                        if snapshot:
+                            snapshot(report)
         finally:
             worker.stop()
             with lock:
@@ -329,3 +335,12 @@ def summary(reports: list) -> str:
         rows.append((r.fmt, r.cases, r.counts["ok"], r.counts["error"], r.counts["fail"], len(r.classes), f"{r.seconds:.0f}"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(row, widths)) for row in rows)
+
+
+def report_json(reports: list) -> list:
+    """The reports as JSON-ready dicts: counts, accepted error types, one entry per failure class."""
+    return [{"format": r.fmt, "cases": r.cases, "ok": r.counts["ok"], "error": r.counts["error"],
+             "fail": r.counts["fail"], "seconds": round(r.seconds), "errors": dict(r.errors),
+             "classes": [{"label": k[1], "where": k[2], "message": k[3], "count": len(v), "seed": v[0].case.seed,
+                          "base": v[0].case.base, "mutations": v[0].case.notes, "full_message": v[0].outcome.message[:600]}
+                         for k, v in sorted(r.classes.items(), key=lambda kv: -len(kv[1]))]} for r in reports]

@@ -20,8 +20,8 @@ import traceback
 from pathlib import Path
 
 from .formats import FORMATS, Invalid
-from .harness import (MEM_MB, CASE_TIMEOUT, Worker, build_case, judge, run_campaign, seed_case, summary,
-                      write_case)
+from .harness import (CASE_TIMEOUT, MEM_MB, Worker, build_case, judge, report_json, run_campaign, seed_case,
+                      summary, write_case)
 
 
 def reproduce(fmt: str, seed: int, save: str | None, in_worker: bool) -> int:
@@ -81,21 +81,23 @@ def main(argv=None) -> int:
         return reproduce(args.format, args.seed, args.save, args.worker)
 
     out = Path(args.out or tempfile.mkdtemp(prefix="nt-fuzz-"))
+    out.mkdir(parents=True, exist_ok=True)
     reports = []
+
+    def write_report(current=None) -> None:
+        done = reports + ([current] if current is not None and current not in reports else [])
+        (out / "report.json").write_text(json.dumps(report_json(done), indent=1))
+
     for fmt in (FORMATS if args.format == "all" else [args.format]):
         r = run_campaign(fmt, range(args.start, args.start + args.cases), out / fmt, jobs=args.jobs,
-                         timeout=args.timeout, mem_mb=args.mem_mb, progress=True)
+                         timeout=args.timeout, mem_mb=args.mem_mb, progress=True, snapshot=write_report)
         reports.append(r)
+        write_report()
         print(f"{fmt}: {r.cases} cases in {r.seconds:.0f} s, {r.counts['fail']} failing, {r.worker_starts} worker starts",
               flush=True)
         if r.failures:
             print(r.describe_failures(), flush=True)
     print(summary(reports))
-    (out / "report.json").write_text(json.dumps([{
-        "format": r.fmt, "cases": r.cases, "ok": r.counts["ok"], "error": r.counts["error"], "fail": r.counts["fail"],
-        "errors": dict(r.errors), "classes": [{"label": k[1], "where": k[2], "message": k[3], "count": len(v),
-                                                 "seed": v[0].case.seed, "mutations": v[0].case.notes}
-                                                for k, v in r.classes.items()]} for r in reports], indent=1))
     print(f"report: {out / 'report.json'}")
     return 1 if any(r.failures for r in reports) else 0
 
