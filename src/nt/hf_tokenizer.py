@@ -441,8 +441,8 @@ def _chat_template(folder: Path, config: dict, where: str) -> Optional[str]:
     named = {}
     for i, entry in enumerate(template):
         expect(entry, dict, where, f"chat_template[{i}]")
-        named[expect(entry.get("name"), str, where, f"chat_template[{i}].name")] = \
-            expect(entry.get("template"), str, where, f"chat_template[{i}].template")
+        name = expect(entry.get("name"), str, where, f"chat_template[{i}].name")
+        named[name] = expect(entry.get("template"), str, where, f"chat_template[{i}].template")
     return named.get("default")
 
 
