@@ -51,22 +51,31 @@ def softmax_backward(dinp, dout, out):
             dinp[n, c] += out[n, c] * (dout[n, c] - dot)
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _log_sum_exp(row, V, scale):
+    """log sum_v exp(scale * row[v]) over the first V entries, shifted by the max for range."""
+    m = like(row[0], -np.inf)
+    for v in range(V):
+        m = max(m, row[v] * scale)
+    s = like(m, 0.0)
+    for v in range(V):
+        s += vmath.exp(row[v] * scale - m)
+    return m + np.log(s)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def softmax_xent_forward(loss, losses, lse, logits, targets, V, smoothing=0.0, z_loss=0.0):
     """loss (1,) = mean of losses (N,) over targets >= 0; lse (N,) saved for the backward."""
     N = logits.shape[0]
+    one = like(logits[0, 0], 1.0)
     for n in prange(N):
         row = logits[n]
-        m = like(row[0], -np.inf)
-        for v in range(V):
-            m = max(m, row[v])
-        s = like(m, 0.0)
-        zsum = like(m, 0.0)
-        for v in range(V):
-            s += vmath.exp(row[v] - m)
-            zsum += row[v]
-        L = m + np.log(s)
+        L = _log_sum_exp(row, V, one)
         lse[n] = L
+        zsum = like(L, 0.0)
+        if smoothing != 0.0:
+            for v in range(V):
+                zsum += row[v]
         tgt = targets[n]
         if tgt >= 0:
             losses[n] = (1.0 - smoothing) * (L - row[tgt]) + smoothing * (L - zsum / V) + z_loss * L * L
@@ -111,15 +120,10 @@ def logprobs_forward(lp, lse, logits, targets, V):
     """lp (N,) = log softmax(logits[n, :V])[targets[n]], 0 where the target is -1; lse (N,)
     saved. The (N, V) log-probabilities are never formed."""
     N = logits.shape[0]
+    one = like(logits[0, 0], 1.0)
     for n in prange(N):
         row = logits[n]
-        m = like(row[0], -np.inf)
-        for v in range(V):
-            m = max(m, row[v])
-        s = like(m, 0.0)
-        for v in range(V):
-            s += vmath.exp(row[v] - m)
-        L = m + np.log(s)
+        L = _log_sum_exp(row, V, one)
         lse[n] = L
         tgt = targets[n]
         lp[n] = row[tgt] - L if tgt >= 0 else 0.0
@@ -155,18 +159,8 @@ def kl_div_forward(loss, rows, lse, logits, teacher, targets, V, temperature):
             continue
         s_row = logits[n]
         t_row = teacher[n]
-        ms = like(inv_t, -np.inf)
-        mt = like(inv_t, -np.inf)
-        for v in range(V):
-            ms = max(ms, s_row[v] * inv_t)
-            mt = max(mt, t_row[v] * inv_t)
-        ss = like(inv_t, 0.0)
-        st = like(inv_t, 0.0)
-        for v in range(V):
-            ss += vmath.exp(s_row[v] * inv_t - ms)
-            st += vmath.exp(t_row[v] * inv_t - mt)
-        Ls = ms + np.log(ss)
-        Lt = mt + np.log(st)
+        Ls = _log_sum_exp(s_row, V, inv_t)
+        Lt = _log_sum_exp(t_row, V, inv_t)
         lse[n, 0] = Ls
         lse[n, 1] = Lt
         kl = like(inv_t, 0.0)

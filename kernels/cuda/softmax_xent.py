@@ -47,25 +47,33 @@ def _softmax_backward(dinp, dout, out):
             dinp[n, c] += out[n, c] * (dout[n, c] - dot)
 
 
+@cuda.jit(device=True, cache=True)
+def _row_lse(buf, row, V, scale):
+    """log sum_v exp(scale * row[v]) over the first V entries, reduced over the block
+    (every thread gets it), shifted by the row's max for range."""
+    m = -math.inf
+    for v in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+        m = max(m, row[v] * scale)
+    m = block_max(buf, m)
+    s = 0.0
+    for v in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+        s += math.exp(row[v] * scale - m)
+    return m + math.log(block_sum(buf, s))
+
+
 @cuda.jit(cache=True)
 def _xent_rows(losses, lse, logits, targets, V, smoothing, z_loss):
     buf = cuda.shared.array(THREADS, np.float64)
     N = logits.shape[0]
     tid = cuda.threadIdx.x
     for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
-        m = -math.inf
-        for v in range(tid, V, cuda.blockDim.x):
-            m = max(m, logits[n, v])
-        m = block_max(buf, m)
-        s = 0.0
+        L = _row_lse(buf, logits[n], V, 1.0)
         zsum = 0.0
-        for v in range(tid, V, cuda.blockDim.x):
-            s += math.exp(logits[n, v] - m)
-            zsum += logits[n, v]
-        s = block_sum(buf, s)
-        zsum = block_sum(buf, zsum)
+        if smoothing != 0.0:
+            for v in range(tid, V, cuda.blockDim.x):
+                zsum += logits[n, v]
+            zsum = block_sum(buf, zsum)
         if tid == 0:
-            L = m + math.log(s)
             lse[n] = L
             tgt = targets[n]
             if tgt >= 0:
@@ -149,16 +157,8 @@ def _logprobs_forward(lp, lse, logits, targets, V):
     N = logits.shape[0]
     tid = cuda.threadIdx.x
     for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
-        m = -math.inf
-        for v in range(tid, V, cuda.blockDim.x):
-            m = max(m, logits[n, v])
-        m = block_max(buf, m)
-        s = 0.0
-        for v in range(tid, V, cuda.blockDim.x):
-            s += math.exp(logits[n, v] - m)
-        s = block_sum(buf, s)
+        L = _row_lse(buf, logits[n], V, 1.0)
         if tid == 0:
-            L = m + math.log(s)
             lse[n] = L
             tgt = targets[n]
             lp[n] = logits[n, tgt] - L if tgt >= 0 else 0.0
@@ -190,20 +190,8 @@ def _kl_rows(rows, lse, logits, teacher, targets, V, temperature):
             if tid == 0:
                 rows[n] = 0.0
             continue
-        ms = -math.inf
-        mt = -math.inf
-        for v in range(tid, V, cuda.blockDim.x):
-            ms = max(ms, logits[n, v] * inv_t)
-            mt = max(mt, teacher[n, v] * inv_t)
-        ms = block_max(buf, ms)
-        mt = block_max(buf, mt)
-        ss = 0.0
-        st = 0.0
-        for v in range(tid, V, cuda.blockDim.x):
-            ss += math.exp(logits[n, v] * inv_t - ms)
-            st += math.exp(teacher[n, v] * inv_t - mt)
-        Ls = ms + math.log(block_sum(buf, ss))
-        Lt = mt + math.log(block_sum(buf, st))
+        Ls = _row_lse(buf, logits[n], V, inv_t)
+        Lt = _row_lse(buf, teacher[n], V, inv_t)
         kl = 0.0
         for v in range(tid, V, cuda.blockDim.x):
             zt = teacher[n, v] * inv_t - Lt
