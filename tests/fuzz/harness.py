@@ -159,10 +159,14 @@ class Worker:
         return json.loads(line)
 
     def run(self, folder: Path, params: dict, timeout: float = CASE_TIMEOUT) -> dict:
+        """Run one case in the worker (started if needed): its reply, or a crash/timeout status."""
+        return self.request({"folder": str(folder), "params": params}, timeout)
+
+    def request(self, message: dict, timeout: float = CASE_TIMEOUT) -> dict:
         if self.proc is None:
             self.start()
         try:
-            self.proc.stdin.write((json.dumps({"folder": str(folder), "params": params}) + "\n").encode())
+            self.proc.stdin.write((json.dumps(message) + "\n").encode())
         except BrokenPipeError:
             self.stop()
             return {"status": "crash", "type": "broken pipe", "message": "worker gone before the case", "traceback": ""}

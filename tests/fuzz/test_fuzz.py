@@ -15,11 +15,29 @@ import os
 import pytest
 
 from .formats import FORMATS
-from .harness import run_campaign, summary
+from .harness import MEM_MB, Worker, judge, run_campaign, summary
 
 # cases per format in CI: sized so all six run in well under a minute on two cores
 CI_CASES = {"llmc": 60, "tokens": 100, "safetensors": 100, "checkpoint": 80, "tokenizer": 60, "gguf": 60}
 SLOW_START = 1_000_000   # long campaigns use other seeds than CI's
+
+
+def test_harness_catches_memory_crash_and_hang(tmp_path):
+    """The harness itself: the worker's address-space cap turns a huge allocation into a
+    MemoryError (and the worker lives on), a segfault is reported as a crash, a hang as a
+    timeout, and a fresh worker is started after each."""
+    worker = Worker("tokens", tmp_path)
+    try:
+        out = judge(worker.request({"probe": "alloc", "mb": MEM_MB + 512}))
+        assert (out.kind, out.label) == ("fail", "MemoryError")
+        assert worker.proc is not None and worker.starts == 1   # an exception does not kill it
+        out = judge(worker.request({"probe": "segv"}))
+        assert (out.kind, out.label) == ("fail", "crash SIGSEGV") and worker.proc is None
+        out = judge(worker.request({"probe": "hang"}, timeout=2))
+        assert (out.kind, out.label) == ("fail", "timeout") and worker.proc is None
+        assert worker.starts == 2   # the hang ran in the worker started after the crash
+    finally:
+        worker.stop()
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

@@ -17,7 +17,9 @@ import faulthandler
 import json
 import os
 import resource
+import signal
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -52,6 +54,19 @@ def describe(exc: BaseException, invalid_type) -> dict:
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-6000:]}
 
 
+def probe(request: dict) -> None:
+    """Misbehave on purpose, so tests can check the harness catches each kind of failure:
+    an allocation past the cap (must be a MemoryError), a segfault, a hang."""
+    kind = request["probe"]
+    if kind == "alloc":
+        import numpy as np
+        np.ones(request["mb"] << 20, dtype=np.uint8)
+    elif kind == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif kind == "hang":
+        time.sleep(3600)
+
+
 def main() -> None:
     fmt, mem_mb = sys.argv[1], int(sys.argv[2])
     limit = mem_mb << 20
@@ -68,7 +83,10 @@ def main() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            exercise(Path(request["folder"]), request.get("params", {}))
+            if "probe" in request:
+                probe(request)
+            else:
+                exercise(Path(request["folder"]), request.get("params", {}))
             reply = {"status": "ok"}
         except Exception as exc:   # MemoryError and RecursionError included: both are Exceptions
             reply = describe(exc, Invalid)
