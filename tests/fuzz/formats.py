@@ -21,12 +21,12 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
 from . import gguf_struct
-from .mutators import (Field, byte_mutation, field_mutation, interesting_int, json_mutation, pick)
+from .mutators import Field, byte_mutation, field_mutation, json_mutation, pick
 
 DIRECTORY = "<directory>"   # a case file that is replaced by an (empty) folder
 

@@ -15,7 +15,6 @@ Every mutator takes a NumPy Generator and returns the new bytes plus a short des
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -182,7 +181,7 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj)
 
 
-def _odd_values(rng) -> list:
+def _odd_values() -> list:
     """Values of the wrong type or absurd size, for a slot that expects something sane."""
     return [None, True, False, 0, -1, 1.5, -0.0, "", "x", "0", [], {}, [1, 2], {"a": 1},
             2 ** 31 - 1, 2 ** 31, 2 ** 63, 2 ** 64, -2 ** 63 - 1, 10 ** 30, 1e308, 2.5e-324,
@@ -238,7 +237,7 @@ def _json_structural(rng, doc) -> tuple[bytes, str]:
     where = "/" + "/".join(map(str, path))
 
     if kind == "wrong_type":
-        value = pick(rng, _odd_values(rng))
+        value = pick(rng, _odd_values())
         doc = _set(doc, path, value)
         return dumps(doc).encode("utf-8"), f"json {where} := {value!r:.60}"
     if kind == "number":
@@ -261,7 +260,7 @@ def _json_structural(rng, doc) -> tuple[bytes, str]:
             path = pick(rng, containers)
             where = "/" + "/".join(map(str, path))
             target = _get(doc, path)
-            value = pick(rng, _odd_values(rng))
+            value = pick(rng, _odd_values())
             if isinstance(target, dict):
                 key = pick(rng, ["__metadata__", "", "extra", "__tensor__", "x" * 300, "\u2581", "0"])
                 target[key] = value
@@ -274,7 +273,7 @@ def _json_structural(rng, doc) -> tuple[bytes, str]:
             path = pick(rng, objects)
             target = _get(doc, path)
             key = pick(rng, list(target))
-            items = list(target.items()) + [(key, pick(rng, _odd_values(rng)[:12] + [target[key]]))]
+            items = list(target.items()) + [(key, pick(rng, _odd_values()[:12] + [target[key]]))]
             doc = _set(doc, path, DupDict(items))
             return dumps(doc).encode("utf-8"), f"json duplicate key {key!r:.40} at /{'/'.join(map(str, path))}"
     if kind == "deep":
@@ -297,7 +296,7 @@ def _json_structural(rng, doc) -> tuple[bytes, str]:
         doc = _set(doc, path, value)
         return dumps(doc).encode("utf-8"), f"json {where}: container type swapped"
     # the chosen kind did not apply to this document: fall back to a wrong-typed value
-    value = pick(rng, _odd_values(rng))
+    value = pick(rng, _odd_values())
     return dumps(_set(doc, path, value)).encode("utf-8"), f"json {where} := {value!r:.60}"
 
 
