@@ -114,11 +114,17 @@ def _strftime_now(fmt: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _environment():
     """The sandbox transformers renders chat templates in: jinja2's ImmutableSandboxedEnvironment
-    (no unsafe attributes such as __class__, no mutation of the inputs), trim_blocks and
+    (no unsafe attributes such as __class__: an error here, no mutation of the inputs), trim_blocks and
     lstrip_blocks, loop controls, the {% generation %} tag (its body, as rendered text), and
     the globals raise_exception, strftime_now and the filter tojson."""
+    from jinja2.exceptions import SecurityError
     from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        # jinja2 renders an unsafe attribute (''.__class__) as an empty Undefined; nt says so instead
+        def unsafe_undefined(self, obj, attribute):
+            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
     class GenerationTag(Extension):
         # transformers' AssistantTracker marks assistant text with {% generation %}; nt needs only the text
@@ -128,7 +134,7 @@ def _environment():
             next(parser.stream)
             return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[GenerationTag, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
