@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -55,39 +56,52 @@ import numpy as np
 
 from .data import (BYTE_VOCAB, DEFAULT_BPE_VOCAB, DataLoader, builtin_corpus, builtin_tokenizer,
                    byte_tokens_to_text, encode_text, text_to_byte_tokens)
-from .io import latest_checkpoint, load_checkpoint, read_llmc_tokens, resolve_checkpoint, save_run_checkpoint
+from .io import (latest_checkpoint, load_checkpoint, load_model, load_weights, read_llmc_tokens, resolve_checkpoint,
+                 save_run_checkpoint)
+from .io.checkpoint import LATEST, MODEL_WEIGHTS, checkpoint_state
+from .lora import LoRA, all_targets, parse_targets
 from .optim import OPTIMIZERS, CosineSchedule, GradScaler, clip_factor, make_optimizer, scale_grads
 from .tensor import Tensor
-from .tokenizer import BPE
+from .tokenizer import BPE, ByteTokenizer
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
-    """The flags every training script takes: data, run folder, optimisation, sampling."""
+    """The flags every pretraining script takes: data, run folder, optimisation, sampling."""
     add_data_args(p)
     add_run_args(p)
-    p.add_argument("-B", "--batch-size", type=int, default=16)
-    p.add_argument("-T", "--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=700)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    add_loop_args(p)
+    add_sample_args(p)
+
+
+def add_loop_args(p: argparse.ArgumentParser) -> None:
+    """The flags train() reads: batch shape, steps, schedule, optimizer, evaluation, precision."""
+    p.add_argument("-B", "--batch-size", type=int, default=16, help="sequences per micro-batch (default 16)")
+    p.add_argument("-T", "--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--steps", type=int, default=700, help="optimizer steps in the whole run (default 700)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps before the cosine decay (default 20)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay of matrices (default 0.1)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm to this (0: no clipping; default 1)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw",
                    help="adamw (default), adam, sgd (momentum 0.9) or chuck (AdamW that watches the loss)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches of -B sequences per optimizer step (effective batch: grad_accum * B)")
     p.add_argument("--loss-scale", action="store_true",
                    help="dynamic loss scaling with a NaN/Inf guard: steps with non-finite grads are skipped")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--sample-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--prompt", default="The")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps and at the end (0: never)")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation (default 8)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and activation precision")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and sampling")
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the sample printed at the end of a run."""
+    p.add_argument("--sample-tokens", type=int, default=100, help="tokens to sample at the end (0: no sample)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens")
+    p.add_argument("--prompt", default="The", help="text the sample continues")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -450,19 +464,24 @@ def check_fits(model, vocab_size: int, seq_len: int) -> None:
         sys.exit(f"error: -T {seq_len} exceeds the model's block_size {cfg.block_size}")
 
 
+def evaluator(model, source: BatchSource, batches: int, loss_fn: LossFn = lm_loss) -> Callable[[], float]:
+    """evaluate() for train(): loss_fn's mean over the first `batches` batches of
+    `source`, rewound before each evaluation, so every evaluation sees the same batches."""
+    start = source.state()
+
+    def evaluate() -> float:
+        source.set_state(start)
+        return eval_loss(model, (source.next_batch() for _ in range(batches)), loss_fn)
+    return evaluate
+
+
 def token_loaders(args, data: Data, model, loss_fn: LossFn = lm_loss) -> tuple[DataLoader, Callable[[], float]]:
     """The shuffled training DataLoader over data.train, and evaluate(): loss_fn's mean
-    over the first --eval-batches batches of data.val (the same batches every time)."""
+    over the first --eval-batches batches of data.val."""
     B, T, V = args.batch_size, args.seq_len, model.config.vocab_size
     train_loader = DataLoader(data.train, B, T, shuffle=True, seed=args.seed, vocab_size=V)
     val_loader = DataLoader(data.val, B, T, vocab_size=V)
-    start = val_loader.state()
-
-    def evaluate() -> float:
-        val_loader.set_state(start)
-        n = min(args.eval_batches, val_loader.batches_per_epoch)
-        return eval_loss(model, (val_loader.next_batch() for _ in range(n)), loss_fn)
-    return train_loader, evaluate
+    return train_loader, evaluator(model, val_loader, min(args.eval_batches, val_loader.batches_per_epoch), loss_fn)
 
 
 def pretrain(args, model, data: Data, resume: Optional[Path] = None) -> None:
@@ -485,3 +504,138 @@ def sample(args, model, data: Data) -> None:
     text = data.decode(out)
     print(f"\n--- sample (temperature {args.temperature}, top-k {args.top_k}) ---")
     print(text if text is not None else out.tolist())
+
+
+# ---------------------------------------------------------------------- starting from a pretrained model
+
+@dataclasses.dataclass
+class Pretrained:
+    """A model to start from, its tokenizer, and the file or checkpoint folder it came from."""
+    model: Any
+    tokenizer: Any
+    source: Path
+
+
+def load_tokenizer(path):
+    """A tokenizer folder: nt's BPE (vocab.json + merges.txt) or Hugging Face's tokenizer.json."""
+    path = Path(path)
+    if (path / "merges.txt").is_file():
+        return BPE.load(path)
+    if (path / "tokenizer.json").is_file():
+        from .tokenizer import from_pretrained
+        return from_pretrained(path)
+    raise ValueError(f"{path}: no tokenizer (vocab.json + merges.txt, or tokenizer.json) in it")
+
+
+def load_pretrained(path, tokenizer=None, device: str = "cpu", dtype=np.float32) -> Pretrained:
+    """The model at `path` with its tokenizer: a training run folder (its latest
+    checkpoint, the run's tokenizer/), an nt checkpoint folder (a run's step folder: the
+    run's tokenizer/), a .gguf file (the file's tokenizer) or a Hugging Face folder
+    (config.json + safetensors, tokenizer.json). `tokenizer` (a folder) overrides; a model
+    of at most 256 tokens without one reads bytes as tokens."""
+    from .models import from_gguf, from_pretrained
+    path = Path(path)
+    tok_dir = None
+    if path.is_file() and path.suffix == ".gguf":
+        source, model = path, from_gguf(path, device=device)
+    elif (path / LATEST).is_file():
+        source = latest_checkpoint(path)
+        model, tok_dir = load_model(source, device=device, dtype=dtype), path / "tokenizer"
+    elif (path / "state.json").is_file():
+        source, model, tok_dir = path, load_model(path, device=device, dtype=dtype), path.parent / "tokenizer"
+    elif (path / "config.json").is_file():
+        source, model, tok_dir = path, from_pretrained(path, device=device, dtype=dtype), path
+    else:
+        raise ValueError(f"{path}: not a training run folder, nt checkpoint folder, .gguf file or Hugging Face folder")
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    elif tok_dir is not None and ((tok_dir / "merges.txt").is_file() or (tok_dir / "tokenizer.json").is_file()):
+        tok = load_tokenizer(tok_dir)
+    else:
+        tok = model.tokenizer
+    if tok is None:
+        if model.config.vocab_size > 256:
+            raise ValueError(f"{path} comes with no tokenizer and has {model.config.vocab_size} tokens: "
+                             "name its tokenizer folder")
+        tok = ByteTokenizer()
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {model.config.vocab_size}")
+    model.tokenizer = tok
+    return Pretrained(model, tok, source.resolve())
+
+
+def weights_digest(params) -> str:
+    """SHA-256 of every parameter's values in canonical order: tells whether a resumed
+    run found the same base it started from."""
+    h = hashlib.sha256()
+    for name, t in sorted(params.items(), key=lambda kv: params.offsets[kv[0]]):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(params.k.to_host(t.data)).tobytes())
+    return h.hexdigest()
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a run that adapts a pretrained model: the base, LoRA or full fine-tuning."""
+    p.add_argument("--base", default=None,
+                   help="the model to adapt: a training run folder (its latest checkpoint), an nt checkpoint folder, "
+                        "a .gguf file or a Hugging Face folder (resuming: the run's own base by default)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (vocab.json + merges.txt, or tokenizer.json); default: the base's")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank r (default 16 unless --full)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; the adapters are scaled by alpha/r "
+                                                                  "(default 2r)")
+    p.add_argument("--lora-targets", default="all",
+                   help="comma list of the linears to adapt (GPT-2: qkv,o,fc,proj; Llama: q,k,v,o,gate,up,down) "
+                        "or 'all' (default)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
+    p.add_argument("--full", action="store_true", help="fine-tune every parameter instead of LoRA adapters")
+    p.add_argument("--freeze", default="",
+                   help="with --full: comma list of parameters to keep frozen (e.g. wte,wpe)")
+
+
+def _finetune_plan(args, model) -> dict:
+    """What to train, from the flags: {"lora": LoRA keyword arguments or None, "freeze": names}."""
+    if args.full:
+        if args.lora_rank is not None:
+            raise ValueError("--full and --lora-rank exclude each other")
+        frozen = parse_targets(args.freeze)
+        unknown = [n for n in frozen if n not in model.params]
+        if unknown:
+            raise ValueError(f"--freeze names {unknown}, which are not parameters of this model; it has {list(model.params)}")
+        return {"lora": None, "freeze": frozen}
+    if args.freeze:
+        raise ValueError("--freeze needs --full (LoRA freezes the whole base)")
+    rank = 16 if args.lora_rank is None else args.lora_rank
+    targets = all_targets(model) if args.lora_targets.strip() == "all" else parse_targets(args.lora_targets)
+    alpha = 2.0 * rank if args.lora_alpha is None else args.lora_alpha
+    return {"lora": {"rank": rank, "alpha": alpha, "targets": targets, "dropout": args.lora_dropout}, "freeze": []}
+
+
+def prepare_finetune(args, resume: Optional[Path], dtype) -> tuple[Any, Any, dict]:
+    """(model ready to train, tokenizer, extra for the checkpoints) of a fine-tuning run:
+    the base from --base, then LoRA adapters attached (model.trainable_params are them)
+    or, with --full, the parameters not named in --freeze trainable. Resuming, the base
+    and the plan come from the checkpoint (the base must be unchanged: its digest is
+    kept), and a full fine-tune's weights from the checkpoint too; a LoRA run's adapters
+    are restored by train(resume=...). Bad flags raise ValueError."""
+    saved = checkpoint_state(resume)["extra"].get("finetune") if resume is not None else None
+    base = args.base or (saved["base"] if saved else None)
+    if base is None:
+        raise ValueError("--base is required: a training run folder, nt checkpoint folder, .gguf file or "
+                         "Hugging Face folder")
+    pre = load_pretrained(base, args.tokenizer, args.device, dtype)
+    model, digest = pre.model, weights_digest(pre.model.params)
+    if saved is not None and saved["base_digest"] != digest:
+        raise ValueError(f"{base} is not the base this run started from ({saved['base']}): its weights differ")
+    plan = saved or {"base": str(pre.source), "base_digest": digest, **_finetune_plan(args, model)}
+    if plan["lora"]:
+        lora = LoRA(model, seed=args.seed, **plan["lora"])
+        print(f"LoRA r={lora.rank} alpha={lora.alpha:g} on {', '.join(lora.targets)}: "
+              f"{lora.params.size:,} trainable of {model.num_params:,} parameters")
+    else:
+        if resume is not None:
+            load_weights(resume / MODEL_WEIGHTS, model)   # the fine-tuned weights so far
+        if plan["freeze"]:
+            model.freeze(trainable=[n for n in model.params if n not in plan["freeze"]])
+        print(f"full fine-tuning: {model.params.size:,} trainable of {model.num_params:,} parameters")
+    return model, pre.tokenizer, {"finetune": plan}
