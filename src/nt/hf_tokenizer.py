@@ -146,7 +146,7 @@ def _split_regex(part: dict, where: str, field: str) -> str:
     if part.get("behavior") != "Isolated" or part.get("invert", False) is not False:
         raise _unsupported(where, f"{field} Split with behavior {part.get('behavior')!r:.40} and invert "
                                   f"{part.get('invert')!r:.10} is not supported (nt reproduces Isolated, not inverted)")
-    if regex not in KNOWN_REGEXES:
+    if not isinstance(regex, str) or regex not in KNOWN_REGEXES:
         raise _unsupported(where, f"{field}.pattern {str(pattern)[:120]!r} is not a regex nt reproduces (it knows "
                                   "GPT-2's, Llama 3's and Qwen2's; Python's re lacks \\p{L}, so nt cannot run "
                                   "another one exactly)")
@@ -255,10 +255,12 @@ def _added_tokens(top: dict, where: str, prepended: bool) -> list[dict]:
 def _id_table(vocab: dict, added: list[dict], where: str) -> list[str]:
     """Token string of every id 0..n-1 from the model's vocab and the added tokens; the ids
     must be exactly 0..n-1 (nothing sized by an id can outgrow the file)."""
+    for token, i in vocab.items():
+        expect(i, int, where, f"model.vocab id of {token!r:.60}")
     n = len(set(vocab.values()) | {t["id"] for t in added})
     table: list[Optional[str]] = [None] * n
     for token, i in vocab.items():
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+        if not 0 <= i < n:
             raise FormatError(f"{where}: model.vocab id of {token!r:.60} must be an integer in [0, {n}), got {i!r:.40}")
         if table[i] is not None:
             raise FormatError(f"{where}: model.vocab gives id {i} to both {table[i]!r:.40} and {token!r:.40}")
@@ -495,7 +497,8 @@ def _add_bos(tok, top: dict, config: dict, bos: Optional[str], where: str, confi
     if first is None:
         return False
     if bos is not None and first != bos:
-        raise _unsupported(where, f"post_processor adds {first!r:.40} before the text, but bos_token is {bos!r:.40}")
+        raise _unsupported(where, f"post_processor adds {first!r:.40} before the text, but {config_where} names "
+                                  f"bos_token {bos!r:.40}")
     i = _token_id(tok, first)
     if i is None:
         raise FormatError(f"{where}: post_processor adds {first!r:.60}, which is not a token")

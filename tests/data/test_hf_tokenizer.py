@@ -245,3 +245,57 @@ def test_refused_tokenizer_config(tmp_path):
     edit(d / "tokenizer_config.json", lambda c: c.update(chat_template=[{"name": 3}]))
     with pytest.raises(FormatError, match=r"chat_template\[0\].name must be str"):
         from_pretrained(d)
+
+
+def _paths(node, path=(), depth=0):
+    """Paths to the nodes of a tokenizer.json tree (the first few entries of long tables)."""
+    yield path
+    if depth >= 5:
+        return
+    if isinstance(node, dict):
+        keys = list(node)[:4] if path in (("model", "vocab"),) else list(node)
+        for k in keys:
+            yield from _paths(node[k], path + (k,), depth + 1)
+    elif isinstance(node, list):
+        for i in range(min(len(node), 3)):
+            yield from _paths(node[i], path + (i,), depth + 1)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "llama2", "model_mistral"])
+def test_mistyped_values_are_refused_by_name(name):
+    """Every node of tokenizer.json swapped for a value of another type: the tokenizer loads
+    or the error is a FormatError / NotImplementedError (no TypeError, KeyError, ...)."""
+    from nt.hf_tokenizer import tokenizer_from_json
+    top = json.loads((folder(name) / "tokenizer.json").read_text(encoding="utf-8"))
+    tried = 0
+    for path in list(_paths(top))[1:]:
+        parent = top
+        for key in path[:-1]:
+            parent = parent[key]
+        original = parent[path[-1]]
+        for value in (None, 7, -1, "x", [], {}, True):
+            if type(value) is type(original) and value == original:
+                continue
+            parent[path[-1]] = value
+            try:
+                tokenizer_from_json(top, "tokenizer.json")
+            except (FormatError, NotImplementedError):
+                pass
+            tried += 1
+        parent[path[-1]] = original
+    assert tried > 300
+
+
+def test_mistyped_config_values_are_refused_by_name(tmp_path):
+    d = copy(tmp_path, "llama2")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    for key in ("bos_token", "eos_token", "add_bos_token", "add_eos_token", "chat_template"):
+        for value in (None, 7, "x", [], {}, [{}], {"content": 1}, True):
+            (d / "tokenizer_config.json").write_text(json.dumps({**config, key: value}))
+            try:
+                from_pretrained(d)
+            except (FormatError, NotImplementedError) as e:
+                assert "tokenizer_config.json" in str(e)
+    (d / "tokenizer_config.json").write_text(json.dumps([config]))
+    with pytest.raises(FormatError, match=r"tokenizer_config\.json: the top level must be dict"):
+        from_pretrained(d)
