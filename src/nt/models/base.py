@@ -62,6 +62,16 @@ class LanguageModel:
         V = self.config.vocab_size
         return logits.numpy()[..., :V], (float(loss.numpy()[0]) if loss is not None else None)
 
+    def forward_inference(self, idx: np.ndarray) -> Tensor:
+        """The (B, T, Vp) logits tensor of (B, T) ids, with the tape not recording (no
+        backward can run through it, none is owed): for a frozen model beside the one trained,
+        e.g. a distillation teacher or a reference model, each with its own tape. Runs in
+        the current mode (call eval() for no dropout). The logits live in the tape's memory
+        until its next forward."""
+        self._check_batch(idx, None)
+        self.tape.reset(recording=False)
+        return self._head(self._trunk(idx))
+
     def backward(self) -> None:
         """Backpropagate the last forward's loss; parameter grads accumulate."""
         if self.loss is None:
