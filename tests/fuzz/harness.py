@@ -38,7 +38,8 @@ from .formats import DIRECTORY, FORMATS, Seed
 
 MEM_MB = int(os.environ.get("NT_FUZZ_MEM_MB", 2048))   # nt + numba import peaks near 620 MB
 CASE_TIMEOUT = float(os.environ.get("NT_FUZZ_TIMEOUT", 10))
-START_TIMEOUT = 180.0   # a cold numba cache compiles kernels on the first load
+START_TIMEOUT = 180.0        # importing nt in a worker (slow only on a loaded machine)
+FIRST_CASE_TIMEOUT = 120.0   # a cold numba cache compiles kernels on a worker's first load
 
 PACKAGE = __package__   # "fuzz" under pytest, "tests.fuzz" under python -m tests.fuzz.run
 PACKAGE_ROOT = Path(__file__).resolve().parents[len(PACKAGE.split("."))]
@@ -117,6 +118,7 @@ class Worker:
                                      env=env, bufsize=0)
         self.buf = b""
         self.starts += 1
+        self.answered = 0
         reply = self._read(START_TIMEOUT)
         if reply.get("status") != "ready":
             raise RuntimeError(f"fuzz worker for {self.fmt} did not start: {reply}\n{self.log_tail()}")
@@ -165,6 +167,11 @@ class Worker:
     def request(self, message: dict, timeout: float = CASE_TIMEOUT) -> dict:
         if self.proc is None:
             self.start()
+        if self.answered == 0:
+            # a fresh worker's first case may compile kernels (numba's cache is stale
+            # whenever nt's source changed): that is not the case hanging
+            timeout = max(timeout, FIRST_CASE_TIMEOUT)
+        self.answered += 1
         try:
             self.proc.stdin.write((json.dumps(message) + "\n").encode())
         except BrokenPipeError:
