@@ -159,6 +159,30 @@ def test_chat_template_sources(tmp_path):
     assert from_pretrained(d).chat_template == "{{ messages }}"
 
 
+VARIANTS = json.loads((TOKENIZERS / "variants.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v["name"] for v in VARIANTS])
+def test_options_no_fixture_uses_encode_as_tokenizers_does(tmp_path, variant):
+    """ByteLevel's add_prefix_space, Llama 3 without ignore_merges, Qwen2 without NFC,
+    Metaspace "always" with split and its older add_prefix_space form, no fuse_unk /
+    byte_fallback: tokenizers' ids with the change (variants.json) for the first strings."""
+    d = copy(tmp_path, variant["base"])
+
+    def change(obj):
+        for path, value in variant["set"]:
+            parent = obj
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = value
+    edit(d / "tokenizer.json", change)
+    tok = from_pretrained(d)
+    want = oracle(variant["name"])["ids"]
+    assert len(want) == 400
+    for s, ids in zip(STRINGS, want):
+        assert tok.encode(s, allowed_special="all") == ids, repr(s)
+
+
 # ====================================================================== refused
 
 def test_missing_and_malformed_files(tmp_path):
