@@ -7,7 +7,8 @@ MODEL is a GGUF file (its tokenizer comes from the file), a Hugging Face model f
 (config.json + safetensors, tokenizer.json: nt.models.from_pretrained and
 nt.tokenizer.from_pretrained; generation_config.json's eos ids stop generation and its
 temperature / top_k / top_p are the defaults), an nt checkpoint folder or an llm.c .bin
-checkpoint (tokens are bytes unless --tokenizer names a GPT-2-format folder).
+checkpoint (tokens are bytes unless --tokenizer names a tokenizer folder: Hugging Face's
+tokenizer.json or GPT-2's vocab.json + merges.txt).
 
 Chat prompts are the tokenizer's own chat template (the Jinja source a GGUF file or
 tokenizer_config.json carries) rendered as transformers renders it (render_chat: a
@@ -225,21 +226,23 @@ def generation_config(path) -> dict:
     return out
 
 
+def read_tokenizer(folder):
+    """The tokenizer of a folder: Hugging Face's tokenizer.json (nt.tokenizer.from_pretrained)
+    when it has one, else nt's / GPT-2's vocab.json + merges.txt (BPE.load)."""
+    if (Path(folder) / "tokenizer.json").exists():
+        from .tokenizer import from_pretrained
+        return from_pretrained(folder)
+    return BPE.load(folder)
+
+
 def load(path, keep_quantized: bool = False, tokenizer_dir: Optional[str] = None):
     """(model, tokenizer) from a GGUF file, a Hugging Face model folder, an nt checkpoint
-    folder or an llm.c .bin file."""
+    folder or an llm.c .bin file; tokenizer_dir replaces the tokenizer the model carries."""
     from . import models
     path = Path(path)
-    hf_tokenizer = None
     if is_hf_folder(path):
         model = models.from_pretrained(path)
-        if (path / "tokenizer.json").exists():
-            from .tokenizer import from_pretrained
-            hf_tokenizer = from_pretrained(path)
-            if hf_tokenizer.vocab_size > model.config.vocab_size:
-                raise FormatError(f"{path}: tokenizer.json has {hf_tokenizer.vocab_size} tokens, more than "
-                                  f"config.json's vocab_size {model.config.vocab_size}")
-            model.tokenizer = hf_tokenizer
+        model.tokenizer = read_tokenizer(path) if (path / "tokenizer.json").exists() else None
     elif path.is_dir():
         from .io.checkpoint import load_model
         model = load_model(path)
@@ -247,14 +250,15 @@ def load(path, keep_quantized: bool = False, tokenizer_dir: Optional[str] = None
         model = models.from_gguf(path, keep_quantized=keep_quantized)
     else:
         model = models.GPT2.from_llmc(path)
-    tok = getattr(model, "tokenizer", None)
-    if tokenizer_dir is not None:
-        tok = BPE.load(tokenizer_dir)
+    tok = read_tokenizer(tokenizer_dir) if tokenizer_dir is not None else getattr(model, "tokenizer", None)
     if tok is None:
         if model.config.vocab_size > 512:
             raise ValueError(f"{path} carries no tokenizer and has {model.config.vocab_size} tokens: "
-                             "pass --tokenizer DIR (a GPT-2 vocab.json + merges.txt folder)")
+                             "pass --tokenizer DIR (a tokenizer.json or GPT-2 vocab.json + merges.txt folder)")
         tok = ByteTokenizer()
+    elif tok.vocab_size > model.config.vocab_size:   # its ids past the embedding would fail mid-chat
+        raise FormatError(f"{tokenizer_dir or path}: the tokenizer has {tok.vocab_size} tokens, more than the "
+                          f"model's vocab_size {model.config.vocab_size}")
     model.tokenizer = tok
     return model, tok
 
@@ -399,7 +403,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--max-new-tokens", type=int, default=256)
         s.add_argument("--seed", type=int, default=None)
         s.add_argument("--stop", action="append", help="a stop string (repeatable)")
-        s.add_argument("--tokenizer", default=None, help="GPT-2-format tokenizer folder (vocab.json, merges.txt)")
+        s.add_argument("--tokenizer", default=None,
+                       help="tokenizer folder: Hugging Face's tokenizer.json, or GPT-2's vocab.json + merges.txt")
         s.add_argument("--keep-quantized", action="store_true", help="GGUF Q8_0/Q4_0 matrices stay quantised")
         if name == "chat":
             s.add_argument("--system", default=None, help="a system message")

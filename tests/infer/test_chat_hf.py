@@ -161,7 +161,9 @@ def test_bad_model_folders(tmp_path):
         chat.main(["complete", str(d), "--prompt", "x", "--max-new-tokens", "1"])
     (d / "generation_config.json").unlink()
     shutil.copy(TOKENIZERS / "gpt2" / "tokenizer.json", d / "tokenizer.json")   # 600 tokens for 300 rows
-    with pytest.raises(FormatError, match="tokenizer.json has 600 tokens, more than config.json's vocab_size 300"):
+    with pytest.raises(FormatError, match="the tokenizer has 600 tokens, more than the model.s vocab_size 300"):
         chat.load(d)
     (d / "tokenizer.json").unlink()   # no tokenizer, a small vocabulary: bytes as tokens
     assert isinstance(chat.load(d)[1], ByteTokenizer)
+    tok = chat.load(d, tokenizer_dir=str(HF / "models" / "gpt2"))[1]   # --tokenizer takes tokenizer.json folders
+    assert tok.vocab_size == 300 and tok.eos_id == tok.special_tokens["<|endoftext|>"]
