@@ -99,13 +99,17 @@ def _brief(obj) -> str:
     return repr({k: v for k, v in obj.items() if k != "type"})[:120]
 
 
-def _pre_tokenizer(obj, where: str) -> dict:
+def _pre_tokenizer(obj, where: str, spaces_replaced: bool) -> dict:
     """What the pre-tokenizer does, as nt's options: {"pre": name, "add_prefix_space": bool}
-    for a byte-level BPE, {"metaspace": scheme, "split": bool} for Metaspace, {} for none."""
+    for a byte-level BPE, {"metaspace": scheme, "split": bool} for Metaspace, {} for none.
+    spaces_replaced: the normalizer turns every ' ' into '▁', so a Split on ' ' (Gemma's)
+    never finds one and is left out."""
     parts = _parts(obj, "pretokenizers", where, "pre_tokenizer")
     steps = []
     for part, field in parts:
         kind = _type(part, where, field)
+        if kind == "Split" and spaces_replaced and part.get("pattern") == {"String": " "}:
+            continue
         if kind == "ByteLevel":
             steps.append(("ByteLevel", _flag(part, "add_prefix_space", True, where, field),
                           _flag(part, "use_regex", True, where, field)))
@@ -378,7 +382,7 @@ def tokenizer_from_json(top, where: str) -> Union[BPE, SentencePieceBPE]:
     expect(top, dict, where, "the top level")
     model = _model(top, where)
     normalizer, prepend, replace = _normalizer(top.get("normalizer"), where)
-    pre = _pre_tokenizer(top.get("pre_tokenizer"), where)
+    pre = _pre_tokenizer(top.get("pre_tokenizer"), where, replace)
     added = _added_tokens(top, where, prepend or replace or "metaspace" in pre)
     table = _id_table(model["vocab"], added, where)
     if "pre" in pre:
