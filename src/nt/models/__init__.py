@@ -4,9 +4,10 @@ from .gpt2 import GPT2, GPT2Config
 from .llama import Llama, LlamaConfig
 from . import gguf, hf
 from .hf import from_pretrained
+from .vit import ViT, ViTConfig
 
 __all__ = ["LanguageModel", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "from_gguf", "gguf", "from_pretrained",
-           "hf"]
+           "hf", "ViT", "ViTConfig"]
 
 
 def from_gguf(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageModel:
