@@ -11,8 +11,9 @@ The JSONL holds one conversation per line: {"messages": [{"role": "system" | "us
 "assistant", "content": "..."}, ...]}. Anything else (invalid JSON, no `messages`, an
 unknown role, non-string content, no assistant message) is a ValueError naming the line.
 
-Template: the tokenizer's own Jinja `chat_template` when it has one and nt.chat can render
-it (`render_chat`); otherwise ChatML, the template `python -m nt chat` uses for such models:
+Template: the tokenizer's own Jinja `chat_template` when it has one (rendered by
+nt.chat.render_chat as transformers renders it); otherwise ChatML, what `python -m nt chat`
+uses for a tokenizer without a template:
 
     <|im_start|>system\\n{content}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n
     <|im_start|>assistant\\n{content}<|im_end|>\\n
@@ -50,7 +51,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .chat import TEMPLATES
+from .chat import TEMPLATES, render_chat, token_text
 from .io.common import atomic_write_text
 
 ROLES = ("system", "user", "assistant")
@@ -125,13 +126,7 @@ def renderer_for(tokenizer) -> Render:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return chatml
-    from .chat import render_chat
-
-    def special(name: str) -> str:
-        i = getattr(tokenizer, f"{name}_id", None)
-        return tokenizer.token_bytes(i).decode("utf-8", "replace") if i is not None else ""
-
-    bos, eos = special("bos"), special("eos")
+    bos, eos = token_text(tokenizer, tokenizer.bos_id), token_text(tokenizer, tokenizer.eos_id)
     return lambda messages, add_generation_prompt: render_chat(template, messages, add_generation_prompt, bos, eos)
 
 
@@ -158,7 +153,11 @@ def split_turns(messages: list, render: Render) -> list[tuple[str, bool]]:
 def encode_chat(chat: Chat, tokenizer, T: int, render: Optional[Render] = None) -> Row:
     """One conversation -> Row; longer than T + 1 tokens is a ValueError naming its line."""
     ids, mine = [], []
-    for text, assistant in split_turns(chat.messages, render or renderer_for(tokenizer)):
+    try:
+        pieces = split_turns(chat.messages, render or renderer_for(tokenizer))
+    except ValueError as e:   # the template refused the conversation (e.g. roles that do not alternate)
+        raise ValueError(f"line {chat.line}: {e}") from None
+    for text, assistant in pieces:
         piece = tokenizer.encode(text, allowed_special="all")
         ids += piece
         mine += [assistant] * len(piece)

@@ -51,6 +51,37 @@ def test_chat_tokens_are_plain_text_for_a_tokenizer_without_them(demo):
     assert plain.decode(counted) == "A.<|im_end|>\n"
 
 
+CHATML_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3_JINJA = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+                " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def test_the_tokenizers_jinja_template_is_used(tok, demo):
+    c = chat(("system", "S."), ("user", "Q?"), ("assistant", " A. "))
+    tok.chat_template = CHATML_JINJA
+    try:
+        jinja = encode_chat(c, tok, 256)
+    finally:
+        tok.chat_template = None
+    plain = encode_chat(c, tok, 256)
+    np.testing.assert_array_equal(jinja.ids, plain.ids)
+    np.testing.assert_array_equal(jinja.targets, plain.targets)
+
+    specials = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    llama = BPE.train("".join(chatml(d["messages"]) for d in demo), 400, special_tokens=specials)
+    llama.chat_template, llama.bos_id, llama.add_bos = LLAMA3_JINJA, llama.special_tokens[specials[0]], True
+    row = encode_chat(c, llama, 256)
+    assert row.ids[0] == llama.bos_id and list(row.ids).count(llama.bos_id) == 1
+    counted = [int(i) for i, t in zip(row.ids[1:], row.targets) if t >= 0]
+    assert llama.decode(counted) == "A.<|eot_id|>"
+
+    llama.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"   # a count first
+    with pytest.raises(ValueError, match="line 7: the chat template does not render a conversation as a prefix"):
+        encode_chat(c, llama, 256)
+
+
 def test_prompt_side_changes_change_nothing_in_the_loss(tok):
     """The loss is the mean cross-entropy over the assistant's tokens alone: the prompt
     positions' would-be targets, a user turn after the last answer and the padding
