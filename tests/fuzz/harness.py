@@ -11,7 +11,8 @@ message. So an outcome is
            (segfault, abort) or a timeout.
 
 One worker per format (per job) is started once and fed case after case; it is
-restarted after every fail, so a corrupted process never judges the next case.
+restarted after every fail but `Invalid` (see run_campaign), so a process that an
+exception, a crash or a hang may have left in a bad state never judges the next case.
 """
 from __future__ import annotations
 
@@ -305,8 +306,11 @@ def run_campaign(fmt: str, seeds: Iterable[int], work: Path, jobs: int = 1, time
                 if case.seed < 0 and out.kind != "ok":   # a valid seed must load cleanly
                     out = Outcome("fail", f"valid seed rejected ({out.label})", out.message, out.where, out.traceback)
                 saved = _save_failure(work / "failures", case, out) if out.kind == "fail" else None
-                if out.kind == "fail":
-                    worker.stop()   # a fresh process for the next case
+                if out.kind == "fail" and out.label != "Invalid":
+                    # a fresh process for the next case: the failure may have left nt in a bad
+                    # state. Not after Invalid: the loader returned normally and only our
+                    # checks of its result failed (and a restart costs seconds of JIT warm-up)
+                    worker.stop()
                 with lock:
                     if case.seed >= 0 or out.kind == "fail":   # seed checks count only when they fail
                         report.add(case, out, saved)
