@@ -34,6 +34,12 @@ Its extension points:
   and at the end (`eval_loss(model, batches, loss_fn)` averages a loss in eval mode).
 - `extra`: JSON-able values stored in every checkpoint's state.json (key "scaler" is the loop's).
 
+`args` needs the flags of add_run_args and add_loop_args. A script that adapts a
+pretrained model (finetune.py; a preference-tuning script alike) takes add_finetune_args
+and calls prepare_finetune(args, resume, dtype) -> (model with LoRA attached or parts
+frozen, tokenizer, extra for train()); load_pretrained(path) alone reads a run folder,
+checkpoint, GGUF file or Hugging Face folder with its tokenizer.
+
 The loop: --optimizer with warmup + cosine decay, --grad-accum micro-batches
 (`accumulate_grads`), --loss-scale, clipping inside the optimizer's update (clip_factor +
 step(grad_scale=)), log.jsonl + loss.png (`LossLog`), a progress bar, checkpoints every

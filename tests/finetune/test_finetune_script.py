@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nt.io import load_model, save_run_checkpoint
+from nt.io import FormatError, load_model, save_run_checkpoint
 from nt.lora import LoRA
 from nt.models import GPT2, GPT2Config, Llama, LlamaConfig
 from nt.sft import chatml, demo_chats
@@ -75,6 +75,8 @@ def test_lora_run_resumes_exactly_and_writes_adapters(finetune, bases, chats, tm
     assert sorted(p.name for p in step2.iterdir()) == ["config.json", "optimizer.safetensors", "state.json",
                                                        "trainable.safetensors"]
     assert json.loads((step2 / "state.json").read_text())["extra"]["finetune"]["base"].endswith("step_00000010")
+    with pytest.raises(FormatError, match="holds only a run's trainable parameters"):
+        load_model(step2)
     shutil.rmtree(part / "step_00000004")
     shutil.rmtree(part / "adapter")
     (part / "latest").write_text("step_00000002\n")
