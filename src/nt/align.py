@@ -527,6 +527,48 @@ def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompts: Seq
     return total, by_name
 
 
+def sample_completions(model, prompts: Sequence[Prompt], G: int, max_new_tokens: int, temperature: float,
+                       seed: int) -> np.ndarray:
+    """(len(prompts) * G, max_new_tokens) completion ids, prompt i's G completions in rows
+    i*G..i*G+G-1. Prompts of equal length are sampled together in one generate() call
+    (the KV cache takes a batch of equal-length prompts), so a group is one batch."""
+    out = np.empty((len(prompts) * G, max_new_tokens), dtype=np.int32)
+    by_length: dict = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p.ids), []).append(i)
+    for k, (length, which) in enumerate(sorted(by_length.items())):
+        rows = np.repeat(np.stack([prompts[i].ids for i in which]), G, axis=0)
+        sampled = model.generate(rows, max_new_tokens, temperature=temperature,
+                                 seed=int(np.random.default_rng([seed, k]).integers(2 ** 31)))
+        for j, i in enumerate(which):
+            out[i * G:(i + 1) * G] = sampled[j * G:(j + 1) * G, length:]
+    return out
+
+
+def completion_lengths(completions: np.ndarray, eos_id: int) -> np.ndarray:
+    """Tokens of each completion row that count: up to and including the first EOS, else all."""
+    lengths = np.full(len(completions), completions.shape[1])
+    for r, row in enumerate(completions):
+        hits = np.flatnonzero(row == eos_id)
+        if hits.size:
+            lengths[r] = hits[0] + 1
+    return lengths
+
+
+def completion_texts(tokenizer, completions: np.ndarray, lengths: np.ndarray, eos_id: int) -> list[str]:
+    """The completions' text, without the EOS token (what the reward functions read)."""
+    return [tokenizer.decode(row[:n - int(row[n - 1] == eos_id)]) for row, n in zip(completions, lengths)]
+
+
+def greedy_reward(model, tokenizer, prompts: Sequence[Prompt], reward_fns: Sequence[RewardFn],
+                  weights: Sequence[float], max_new_tokens: int, eos_id: int) -> tuple[float, dict]:
+    """The mean reward (and each function's) of the greedy completion of every prompt."""
+    completions = sample_completions(model, prompts, 1, max_new_tokens, 0.0, 0)
+    texts = completion_texts(tokenizer, completions, completion_lengths(completions, eos_id), eos_id)
+    total, by_name = score(reward_fns, weights, prompts, texts, 1)
+    return float(total.mean()), {name: float(v.mean()) for name, v in by_name.items()}
+
+
 @dataclasses.dataclass
 class GroupBatch:
     """One GRPO batch: B prompts x G completions as training rows, with what the loss needs."""
@@ -572,36 +614,17 @@ class GroupSampler:
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
 
-    def _sample(self, prompts: Sequence[Prompt]) -> np.ndarray:
-        """(B*G, max_new_tokens) completion ids, G rows per prompt in prompt order."""
-        G = self.G
-        out = np.empty((len(prompts) * G, self.max_new_tokens), dtype=np.int32)
-        by_length: dict = {}
-        for i, p in enumerate(prompts):
-            by_length.setdefault(len(p.ids), []).append(i)
-        for k, (length, which) in enumerate(sorted(by_length.items())):
-            rows = np.repeat(np.stack([prompts[i].ids for i in which]), G, axis=0)
-            seed = int(np.random.default_rng([self.seed, self.drawn, k]).integers(2 ** 31))
-            sampled = self.model.generate(rows, self.max_new_tokens, temperature=self.temperature, seed=seed)
-            for j, i in enumerate(which):
-                out[i * G:(i + 1) * G] = sampled[j * G:(j + 1) * G, length:]
-        return out
-
     def next_batch(self) -> GroupBatch:
         if self.position + self.B > len(self.prompts):
             self.epoch, self.position = self.epoch + 1, 0
         prompts = [self.prompts[i] for i in self._order()[self.position:self.position + self.B]]
         self.position += self.B
-        completion = self._sample(prompts)
+        completion = sample_completions(self.model, prompts, self.G, self.max_new_tokens, self.temperature,
+                                        int(np.random.default_rng([self.seed, self.drawn]).integers(2 ** 31)))
         self.drawn += 1
         G, N = self.G, len(prompts) * self.G
-        ends = np.full(N, self.max_new_tokens)        # completion tokens kept (EOS included)
-        for r in range(N):
-            hits = np.flatnonzero(completion[r] == self.eos_id)
-            if hits.size:
-                ends[r] = hits[0] + 1
-        texts = [self.tokenizer.decode(completion[r, :ends[r] - (completion[r, ends[r] - 1] == self.eos_id)])
-                 for r in range(N)]
+        ends = completion_lengths(completion, self.eos_id)
+        texts = completion_texts(self.tokenizer, completion, ends, self.eos_id)
         rewards, by_name = score(self.reward_fns, self.weights, prompts, texts, G)
         advantages = group_advantages(rewards, G)
 
