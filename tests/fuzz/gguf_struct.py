@@ -25,6 +25,7 @@ SCALAR = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: "
 # ggml tensor type ids -> (elements per block, bytes per block), the ones mutations use
 BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 12: (256, 144), 14: (256, 210),
           26: (1, 4), 30: (1, 2)}
+MAX_PAD = 1 << 16
 
 
 @dataclass
@@ -134,7 +135,9 @@ def serialise(doc: Doc) -> bytes:
                 b"".join((int(d) % 2 ** 64).to_bytes(8, "little") for d in ne),
                 struct.pack("<I", tid), (int(offset) % 2 ** 64).to_bytes(8, "little")]
     head = b"".join(out)
-    a = doc.alignment
+    # a mutated alignment may be 2**31: padding to it would write gigabytes, so past
+    # 64 KiB pad as the seed did (the file then disagrees with its own alignment key)
+    a = doc.alignment if doc.alignment <= MAX_PAD else 32
     return head + bytes(-len(head) % a) + doc.data
 
 
