@@ -233,9 +233,9 @@ def _post_processor(obj, where: str) -> Optional[str]:
 # ====================================================================== vocabulary
 
 def _added_tokens(top: dict, where: str, prepended: bool) -> list[dict]:
-    """tokenizer.json's added_tokens, checked: the options nt reproduces are none of
-    single_word / lstrip / rstrip; `normalized` matters only where the normalizer would
-    change the token's text (SentencePiece-style normalizers), which nt does not do."""
+    """tokenizer.json's added_tokens, checked: nt reproduces lstrip and rstrip, not
+    single_word; `normalized` matters only where the normalizer would change the token's
+    text (SentencePiece-style normalizers), which nt does not do."""
     tokens = expect(top.get("added_tokens", []), list, where, "added_tokens")
     out = []
     for i, t in enumerate(tokens):
@@ -245,15 +245,22 @@ def _added_tokens(top: dict, where: str, prepended: bool) -> list[dict]:
         tid = expect(t.get("id"), int, where, f"{field}.id")
         if not content:
             raise FormatError(f"{where}: {field}.content is empty")
-        for option in ("single_word", "lstrip", "rstrip"):
-            if _flag(t, option, False, where, field):
-                raise _unsupported(where, f"{field} ({content!r:.40}) sets {option}, which nt does not reproduce")
+        if _flag(t, "single_word", False, where, field):
+            raise _unsupported(where, f"{field} ({content!r:.40}) sets single_word, which nt does not reproduce")
         special = _flag(t, "special", False, where, field)
         if prepended and not special and _flag(t, "normalized", False, where, field):
             raise _unsupported(where, f"{field} ({content!r:.40}) is matched after the '▁' normalizer, which nt "
                                       "does not reproduce (nt matches added tokens in the raw text)")
-        out.append({"content": content, "id": tid, "special": special})
+        out.append({"content": content, "id": tid, "special": special,
+                    "lstrip": _flag(t, "lstrip", False, where, field), "rstrip": _flag(t, "rstrip", False, where, field)})
     return out
+
+
+def _token_options(added: list[dict]) -> dict:
+    """The tokenizer keyword arguments of the added tokens' options."""
+    return {"always_split": [t["content"] for t in added if not t["special"]],
+            "lstrip": [t["content"] for t in added if t["lstrip"]],
+            "rstrip": [t["content"] for t in added if t["rstrip"]]}
 
 
 def _id_table(vocab: dict, added: list[dict], where: str) -> list[str]:
@@ -333,8 +340,7 @@ def _byte_level(model: dict, table: list[str], added: list[dict], pre: dict, nor
     pairs = _merges(model, ids, where)
     try:
         return BPE(vocab, [(ids[a], ids[b]) for a, b in pairs], [ids[a + b] for a, b in pairs],
-                   {t["content"]: t["id"] for t in added}, pre["pre"],
-                   always_split=[t["content"] for t in added if not t["special"]],
+                   {t["content"]: t["id"] for t in added}, pre["pre"], **_token_options(added),
                    add_prefix_space=pre["add_prefix_space"], normalizer=normalizer,
                    ignore_merges=_flag(model, "ignore_merges", False, where, "model"))
     except ValueError as e:
@@ -368,8 +374,7 @@ def _sentencepiece(model: dict, table: list[str], added: list[dict], scheme: str
         scores[pieces[a + b]] = -float(r)
     try:
         return SentencePieceBPE(table, scores, types, unk_id=ids.get(unk), merges=pairs, prefix_scheme=scheme,
-                                split_words=split, strip_space=strip,
-                                always_split=[t["content"] for t in added if not t["special"]],
+                                split_words=split, strip_space=strip, **_token_options(added),
                                 normalizer=normalizer, fuse_unk=_flag(model, "fuse_unk", False, where, "model"),
                                 ignore_merges=_flag(model, "ignore_merges", False, where, "model"))
     except ValueError as e:

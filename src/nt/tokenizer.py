@@ -157,40 +157,63 @@ def text_chunks(text: str, size: int) -> Iterator[str]:
 NORMALIZERS = (None, "NFC")   # what encode may apply to text before splitting it
 
 
-def _token_regex(tokens: Iterable[str]) -> Optional[re.Pattern]:
-    """A regex finding any of `tokens`, the longest first where several start at one place
-    (leftmost-longest, as tokenizers' added-token matcher), or None for no tokens."""
-    alts = sorted(tokens, key=len, reverse=True)
-    return re.compile("(" + "|".join(re.escape(t) for t in alts) + ")") if alts else None
+def _is_white_space(ch: str) -> bool:
+    """Unicode White_Space (what tokenizers strips for lstrip / rstrip): str.isspace()
+    without U+001C..U+001F."""
+    return ch.isspace() and not "\x1c" <= ch <= "\x1f"
 
 
-def _allowed_tokens(allowed_special: Union[str, Iterable[str]], special_tokens: dict,
-                    always: frozenset) -> set:
-    """The token strings encode recognises in text: `allowed_special` ("all" or some of the
-    special tokens; others are a ValueError) and the tokens that are always recognised."""
-    if allowed_special == "all":
-        return set(special_tokens)
-    allowed = set(allowed_special)
-    unknown = allowed - set(special_tokens)
-    if unknown:
-        raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
-    return allowed | always
+class TokenMatcher:
+    """Finds a tokenizer's special tokens in text as tokenizers finds added tokens: the
+    longest token at the leftmost place. `always` are found even where encode was not told
+    to allow them (tokenizers' non-special added tokens); `lstrip` / `rstrip` tokens take
+    the white space before / after them with them (AddedToken's lstrip / rstrip)."""
 
+    def __init__(self, tokens: dict[str, int], always: Iterable[str] = (), lstrip: Iterable[str] = (),
+                 rstrip: Iterable[str] = ()):
+        self.tokens = tokens
+        self.always, self.lstrip, self.rstrip = frozenset(always), frozenset(lstrip), frozenset(rstrip)
+        unknown = (self.always | self.lstrip | self.rstrip) - set(tokens)
+        if unknown:
+            raise ValueError(f"token options name tokens that are not special tokens: {sorted(unknown)[:8]}")
+        # one group around the whole alternation: re scans that fast (a group per token was 5000x slower)
+        alts = sorted(tokens, key=len, reverse=True)
+        self.pattern = re.compile("(" + "|".join(re.escape(t) for t in alts) + ")") if alts else None
 
-def _split_tokens(text: str, pattern: Optional[re.Pattern], allowed: set) -> list[tuple[str, bool, int]]:
-    """`text` cut at the tokens of `allowed` that `pattern` finds: (token, True, offset) for
-    each token and (plain text, False, offset) between them; empty text is left out."""
-    out, start = [], 0
-    if allowed and pattern is not None:
-        for m in pattern.finditer(text):
-            if m.group(0) in allowed:
-                if m.start() > start:
-                    out.append((text[start:m.start()], False, start))
-                out.append((m.group(0), True, m.start()))
-                start = m.end()
-    if start < len(text):
-        out.append((text[start:], False, start))
-    return out
+    def allowed(self, allowed_special: Union[str, Iterable[str]]) -> set:
+        """The tokens encode finds: `allowed_special` ("all" or some of the special tokens;
+        others are a ValueError) and the tokens always found."""
+        if allowed_special == "all":
+            return set(self.tokens)
+        allowed = set(allowed_special)
+        unknown = allowed - set(self.tokens)
+        if unknown:
+            raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
+        return allowed | self.always
+
+    def split(self, text: str, allowed: set) -> list[tuple[str, bool, int]]:
+        """`text` cut at the tokens of `allowed`: (token, True, offset) for each token and
+        (plain text, False, offset) between them; empty text is left out, and so is the
+        white space an lstrip / rstrip token takes."""
+        out, start = [], 0
+        if allowed and self.pattern is not None:
+            for m in self.pattern.finditer(text):
+                token, a, b = m.group(0), m.start(), m.end()
+                if token not in allowed or a < start:   # a < start: inside white space an rstrip took
+                    continue
+                if token in self.lstrip:
+                    while a > start and _is_white_space(text[a - 1]):
+                        a -= 1
+                if token in self.rstrip:
+                    while b < len(text) and _is_white_space(text[b]):
+                        b += 1
+                if a > start:
+                    out.append((text[start:a], False, start))
+                out.append((token, True, a))
+                start = b
+        if start < len(text):
+            out.append((text[start:], False, start))
+        return out
 
 
 def _check_normalizer(normalizer: Optional[str]) -> Optional[str]:
@@ -208,7 +231,8 @@ class BPE:
 
     Options that Hugging Face tokenizer.json files use (nt.hf_tokenizer sets them; the
     defaults are GPT-2's): `always_split` are special tokens recognised in text even when
-    encode is not told to allow them (tokenizers' non-special added tokens);
+    encode is not told to allow them (tokenizers' non-special added tokens), `lstrip` /
+    `rstrip` special tokens take the white space before / after them (see TokenMatcher);
     `add_prefix_space` puts a space before text that does not start with one (ByteLevel's
     option; applied to each stretch of text between recognised tokens, as tokenizers does);
     `normalizer` "NFC" normalises each such stretch first; `ignore_merges` emits a
@@ -217,8 +241,8 @@ class BPE:
 
     def __init__(self, vocab: list[bytes], merges: list[tuple[int, int]], merge_ids: list[int],
                  special_tokens: Optional[dict[str, int]] = None, pre: str = "gpt2", *,
-                 always_split: Iterable[str] = (), add_prefix_space: bool = False,
-                 normalizer: Optional[str] = None, ignore_merges: bool = False):
+                 always_split: Iterable[str] = (), lstrip: Iterable[str] = (), rstrip: Iterable[str] = (),
+                 add_prefix_space: bool = False, normalizer: Optional[str] = None, ignore_merges: bool = False):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"unknown pre-tokenizer {pre!r}; known: {', '.join(PRE_TOKENIZERS)}")
         self.pre = pre
@@ -246,11 +270,8 @@ class BPE:
         self._pair_rank = order.astype(np.int64)
         self._pair_new = np.array(self.merge_ids, dtype=np.int32)[order] if self.merges else np.zeros(0, np.int32)
         self._cache: dict[str, list[int]] = {}
-        self._special_re = _token_regex(self.special_tokens)
-        self.always_split = frozenset(always_split)
-        if not self.always_split <= set(self.special_tokens):
-            raise ValueError(f"always_split names tokens that are not special tokens: "
-                             f"{sorted(self.always_split - set(self.special_tokens))[:8]}")
+        self._matcher = TokenMatcher(self.special_tokens, always_split, lstrip, rstrip)
+        self.always_split = self._matcher.always
         self.add_prefix_space = bool(add_prefix_space)
         self.normalizer = _check_normalizer(normalizer)
         self.ignore_merges = bool(ignore_merges)
@@ -349,9 +370,8 @@ class BPE:
         as {"<|endoftext|>"}); others are encoded as the plain text they are (default),
         except `always_split` tokens, which are always recognised.
         """
-        allowed = _allowed_tokens(allowed_special, self.special_tokens, self.always_split)
         out: list[int] = []
-        for piece, is_token, _ in _split_tokens(text, self._special_re, allowed):
+        for piece, is_token, _ in self._matcher.split(text, self._matcher.allowed(allowed_special)):
             if is_token:
                 out.append(self.special_tokens[piece])
             else:
@@ -562,7 +582,7 @@ class SentencePieceBPE:
     `split_words` cuts the text before every '▁' and merges within the words (Metaspace's
     split); `strip_space` removes one leading space when decoding (default: add_space_prefix);
     `always_split` are special tokens recognised even when not allowed (non-special added
-    tokens); `normalizer` "NFC"; `fuse_unk` emits one unknown token for a run of unknown
+    tokens), `lstrip` / `rstrip` take white space with them (TokenMatcher); `normalizer` "NFC"; `fuse_unk` emits one unknown token for a run of unknown
     characters; `ignore_merges` emits a word that is itself a piece as that piece.
     """
 
@@ -571,7 +591,7 @@ class SentencePieceBPE:
                  unk_id: Optional[int] = None, *, merges: Optional[Sequence[tuple[str, str]]] = None,
                  prefix_scheme: Optional[str] = None, split_words: bool = False,
                  strip_space: Optional[bool] = None, always_split: Iterable[str] = (),
-                 normalizer: Optional[str] = None, fuse_unk: bool = False, ignore_merges: bool = False):
+                 lstrip: Iterable[str] = (), rstrip: Iterable[str] = (), normalizer: Optional[str] = None, fuse_unk: bool = False, ignore_merges: bool = False):
         n = len(tokens)
         self.tokens = list(tokens)
         self.scores = np.zeros(n) if scores is None else np.asarray(scores, dtype=np.float64)
@@ -604,11 +624,8 @@ class SentencePieceBPE:
         if self.unk_id is None:
             unknown = np.flatnonzero(self.types == SP_UNKNOWN)
             self.unk_id = int(unknown[0]) if unknown.size else None
-        self._special_re = _token_regex(self.special_tokens)
-        self.always_split = frozenset(always_split)
-        if not self.always_split <= set(self.special_tokens):
-            raise ValueError(f"always_split names tokens that are not special tokens: "
-                             f"{sorted(self.always_split - set(self.special_tokens))[:8]}")
+        self._matcher = TokenMatcher(self.special_tokens, always_split, lstrip, rstrip)
+        self.always_split = self._matcher.always
         self._ranks: Optional[dict[tuple[str, str], int]] = None
         if merges is not None:
             self._ranks = {}
@@ -692,9 +709,8 @@ class SentencePieceBPE:
         the `always_split` tokens always). Each stretch of text between recognised tokens
         is normalised, gets its spaces as '▁' and a '▁' prefixed by `prefix_scheme` (so, by
         default, at the start and after each special token, as llama.cpp does)."""
-        allowed = _allowed_tokens(allowed_special, self.special_tokens, self.always_split)
         out: list[int] = []
-        for piece, is_token, offset in _split_tokens(text, self._special_re, allowed):
+        for piece, is_token, offset in self._matcher.split(text, self._matcher.allowed(allowed_special)):
             if is_token:
                 out.append(self.special_tokens[piece])
                 continue
