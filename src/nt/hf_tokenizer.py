@@ -15,12 +15,24 @@ Mistral, Qwen2 and Gemma ship, mapping each onto one of nt's tokenizers:
     pre_tokenizer Metaspace; byte_fallback <0xNN>) -> nt.tokenizer.SentencePieceBPE with the
                                                       merges in rank order
 
-Every component and option is checked: what nt cannot reproduce exactly (another model
-type, normalizer, regex, added-token option, post-processor) is a NotImplementedError
-naming the file and the component, never a tokenizer that encodes differently; malformed
-files are FormatErrors naming the file and field. The added tokens are matched in the text
-before the model, as tokenizers does: special ones when encode allows them, the others
-always.
+Read: model BPE (vocab, merges as "a b" or ["a", "b"], byte_fallback, fuse_unk,
+ignore_merges, unk_token); normalizer NFC, Prepend('▁'), Replace(' ', '▁') (alone or in a
+Sequence); pre_tokenizer ByteLevel (add_prefix_space, use_regex), Split with GPT-2's /
+Llama 3's / Qwen2's regex then ByteLevel, Digits(individual_digits) then ByteLevel,
+Metaspace (prepend_scheme always / first / never or the older add_prefix_space, split),
+Gemma's Split on ' ' after Replace (a no-op); post_processor ByteLevel, TemplateProcessing
+putting one token (bos) before the text, or a Sequence of those; decoder ByteLevel, or
+Replace('▁', ' ') / Metaspace + ByteFallback + Fuse + Strip(' ', 1, 0); added_tokens with
+lstrip / rstrip, special (found when encode allows them) or not (always found).
+
+Refused, naming the file and component (NotImplementedError): other model types
+(WordPiece, Unigram, WordLevel), BPE dropout or subword prefixes/suffixes, any other
+normalizer (NFKC, Lowercase, Precompiled, ...), pre-tokenizer or Split regex (Python's re
+cannot run \p{L} patterns, so only the known ones map onto nt's), post-processors adding
+eos or other tokens (and tokenizer_config.json's add_eos_token), single_word added tokens,
+non-special added tokens matched after a '▁' normalizer, decoders nt's decode does not
+mirror. Malformed files are FormatErrors naming the file and field. So a tokenizer loads
+only when it encodes as tokenizers does.
 """
 from __future__ import annotations
 

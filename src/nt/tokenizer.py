@@ -6,6 +6,7 @@ GPT-2's vocab.json + merges.txt.
     assert bpe.decode(ids) == "Hello world"
     bpe.save("tok/"); bpe = BPE.load("tok/")
     gpt2 = BPE.from_gpt2_files("vocab.json", "merges.txt")
+    tok = from_pretrained("hf_model/")              # Hugging Face tokenizer.json (nt.hf_tokenizer)
 
 Text is first split into pre-tokens by GPT-2's regex (contractions, letters, numbers,
 other symbols, each optionally led by one space; whitespace runs that leave their last
