@@ -1,0 +1,127 @@
+"""LoRA against full fine-tuning: step time and peak memory on SmolLM2-135M's shape.
+
+    python benchmarks/bench_finetune.py                   # B=4 T=256 fp32 2 threads, r=16 on every projection
+    python benchmarks/bench_finetune.py --steps 3 --json  # one JSON object
+    python benchmarks/bench_finetune.py --preset llama-mini --steps 5   # a quick look
+
+Each mode runs in its own spawned worker process, so the peak RSS each reports is its own
+(a process cannot measure two peaks). Both build the same random model (seed 0); the LoRA
+worker attaches rank-16 adapters to q, k, v, o, gate, up, down (the base frozen), the full
+worker trains every parameter. A step is what nt.train_utils.train does: zero grads,
+forward + backward (accumulate_grads), the clipping factor (clip_factor) and AdamW's
+step(grad_scale=). After one warm-up step each (compilation, arenas), timed steps
+alternate LoRA, full, LoRA, full, ... so drift in the machine's speed hits both alike;
+the median of each is reported. Targets (issue 12): LoRA step <= 0.6x, peak RSS <= 0.5x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+LR, RANK, ALPHA = 1e-4, 16, 32
+TARGETS = {"step": 0.6, "rss": 0.5}
+
+
+def worker(conn, mode: str, preset: str, B: int, T: int, threads: int) -> None:
+    """Build the model for `mode` ("lora" or "full") and serve: "step" -> ms, "rss" -> MiB, "stop"."""
+    import numba
+    numba.set_num_threads(threads)
+    from nt.lora import LoRA, all_targets
+    from nt.models import Llama, LlamaConfig
+    from nt.optim import AdamW, clip_factor
+    from nt.train_utils import accumulate_grads
+
+    cfg = LlamaConfig.preset(preset, block_size=T)
+    model = Llama(cfg, dtype=np.float32, seed=0)
+    if mode == "lora":
+        LoRA(model, RANK, ALPHA, all_targets(model))
+    params = model.trainable_params
+    opt = AdamW(params, lr=LR, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+    batch = (x, np.roll(x, -1, axis=1))
+    conn.send({"trainable": int(params.size), "total": int(model.num_params)})
+    while True:
+        command = conn.recv()
+        if command == "step":
+            t0 = time.perf_counter()
+            loss = accumulate_grads(model, lambda: batch)
+            _, clip = clip_factor(params, 1.0)
+            opt.step(lr=LR, grad_scale=clip, loss=loss)
+            conn.send((time.perf_counter() - t0) * 1e3)
+        elif command == "rss":
+            conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)   # KiB on Linux
+        else:
+            return
+
+
+def run(preset: str, B: int, T: int, steps: int, threads: int) -> dict:
+    """Warm up both workers, time `steps` interleaved steps each, read their peak RSS."""
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for mode in ("lora", "full"):
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(there, mode, preset, B, T, threads))
+        proc.start()
+        workers[mode] = (here, proc, here.recv())
+    times = {mode: [] for mode in workers}
+    for i in range(steps + 1):
+        for mode, (conn, _, _) in workers.items():
+            conn.send("step")
+            ms = conn.recv()
+            if i > 0:   # the first step compiles and sizes the arenas
+                times[mode].append(ms)
+        print(f"step {i}: " + "  ".join(f"{m} {t[-1]:.0f} ms" for m, t in times.items() if t), file=sys.stderr)
+    rss = {}
+    for mode, (conn, proc, _) in workers.items():
+        conn.send("rss")
+        rss[mode] = conn.recv()
+        conn.send("stop")
+        proc.join()
+    lora_ms, full_ms = statistics.median(times["lora"]), statistics.median(times["full"])
+    return {"config": {"preset": preset, "B": B, "T": T, "dtype": "float32", "threads": threads, "rank": RANK,
+                       "alpha": ALPHA, "targets": "q,k,v,o,gate,up,down", "optimizer": "AdamW",
+                       "timed_steps": steps, "lora_trainable": workers["lora"][2]["trainable"],
+                       "full_trainable": workers["full"][2]["trainable"]},
+            "lora_ms": round(lora_ms, 1), "full_ms": round(full_ms, 1),
+            "lora_rss_mib": round(rss["lora"], 1), "full_rss_mib": round(rss["full"], 1),
+            "step_ratio": round(lora_ms / full_ms, 3), "rss_ratio": round(rss["lora"] / rss["full"], 3)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smollm2-135m", help="Llama preset whose shape to use (random weights)")
+    p.add_argument("-B", type=int, default=4, help="batch size (default 4)")
+    p.add_argument("-T", type=int, default=256, help="sequence length (default 256)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps of each mode after one warm-up (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="Numba and BLAS threads per worker (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    r = run(args.preset, args.B, args.T, args.steps, args.threads)
+    if args.json:
+        print(json.dumps(r))
+        return
+    c = r["config"]
+    print(f"{c['preset']} B={c['B']} T={c['T']} fp32 {c['threads']} threads, LoRA r={RANK} on {c['targets']} "
+          f"({c['lora_trainable']:,} trainable) vs full ({c['full_trainable']:,}), AdamW, median of {c['timed_steps']}")
+    print(f"{'':6} {'ms/step':>10} {'peak RSS MiB':>14}")
+    print(f"{'LoRA':6} {r['lora_ms']:>10.1f} {r['lora_rss_mib']:>14.1f}")
+    print(f"{'full':6} {r['full_ms']:>10.1f} {r['full_rss_mib']:>14.1f}")
+    for what, key in (("step", "step_ratio"), ("rss", "rss_ratio")):
+        verdict = "met" if r[key] <= TARGETS[what] else "missed"
+        print(f"{what} ratio LoRA/full: {r[key]:.3f} (target <= {TARGETS[what]}: {verdict})")
+
+
+if __name__ == "__main__":
+    main()
