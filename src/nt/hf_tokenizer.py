@@ -102,8 +102,8 @@ def _normalizer(obj, where: str) -> tuple[Optional[str], bool, bool]:
         elif kind == "Replace" and part.get("pattern") == {"String": " "} and part.get("content") == SPACE:
             replace = True
         else:
-            raise _unsupported(where, f"{field} {kind} {_brief(part)} is not supported (nt applies NFC, "
-                                      "and Prepend('▁') / Replace(' ', '▁') as SentencePiece-style tokenizers use them)")
+            raise _unsupported(where, f"{field} {kind} {_brief(part)} is not supported (nt applies NFC, and "
+                                      "Prepend('▁') / Replace(' ', '▁') as SentencePiece-style tokenizers use them)")
     return ("NFC" if nfc else None), prepend, replace
 
 
@@ -237,7 +237,8 @@ def _post_processor(obj, where: str) -> Optional[str]:
         entry = expect(special.get(items[0]), dict, where, f"{field}.special_tokens[{items[0]!r:.40}]")
         tokens = expect(entry.get("tokens"), list, where, f"{field}.special_tokens[{items[0]!r:.40}].tokens")
         if len(tokens) != 1 or not isinstance(tokens[0], str):
-            raise _unsupported(where, f"{field}: special token {items[0]!r:.40} adds {len(tokens)} tokens; nt adds one bos")
+            raise _unsupported(where, f"{field}: special token {items[0]!r:.40} adds {len(tokens)} tokens; "
+                                      "nt adds one bos")
         bos = tokens[0]
     return bos
 
@@ -264,7 +265,8 @@ def _added_tokens(top: dict, where: str, prepended: bool) -> list[dict]:
             raise _unsupported(where, f"{field} ({content!r:.40}) is matched after the '▁' normalizer, which nt "
                                       "does not reproduce (nt matches added tokens in the raw text)")
         out.append({"content": content, "id": tid, "special": special,
-                    "lstrip": _flag(t, "lstrip", False, where, field), "rstrip": _flag(t, "rstrip", False, where, field)})
+                    "lstrip": _flag(t, "lstrip", False, where, field),
+                    "rstrip": _flag(t, "rstrip", False, where, field)})
     return out
 
 

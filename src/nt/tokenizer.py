@@ -583,8 +583,9 @@ class SentencePieceBPE:
     `split_words` cuts the text before every '▁' and merges within the words (Metaspace's
     split); `strip_space` removes one leading space when decoding (default: add_space_prefix);
     `always_split` are special tokens recognised even when not allowed (non-special added
-    tokens), `lstrip` / `rstrip` take white space with them (TokenMatcher); `normalizer` "NFC"; `fuse_unk` emits one unknown token for a run of unknown
-    characters; `ignore_merges` emits a word that is itself a piece as that piece.
+    tokens), `lstrip` / `rstrip` take white space with them (TokenMatcher); `normalizer`
+    "NFC"; `fuse_unk` emits one unknown token for a run of unknown characters;
+    `ignore_merges` emits a word that is itself a piece as that piece.
     """
 
     def __init__(self, tokens: Sequence[str], scores: Optional[Sequence[float]] = None,
@@ -592,7 +593,8 @@ class SentencePieceBPE:
                  unk_id: Optional[int] = None, *, merges: Optional[Sequence[tuple[str, str]]] = None,
                  prefix_scheme: Optional[str] = None, split_words: bool = False,
                  strip_space: Optional[bool] = None, always_split: Iterable[str] = (),
-                 lstrip: Iterable[str] = (), rstrip: Iterable[str] = (), normalizer: Optional[str] = None, fuse_unk: bool = False, ignore_merges: bool = False):
+                 lstrip: Iterable[str] = (), rstrip: Iterable[str] = (), normalizer: Optional[str] = None,
+                 fuse_unk: bool = False, ignore_merges: bool = False):
         n = len(tokens)
         self.tokens = list(tokens)
         self.scores = np.zeros(n) if scores is None else np.asarray(scores, dtype=np.float64)
