@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_finetune_args(p)
     align.set_help(p, "--base", "the model to tune: a training run folder, nt checkpoint folder, .gguf file or "
-                                "Hugging Face folder (default: the demo's warmed-up tiny GPT-2; resuming: the run's own)")
+                                "Hugging Face folder (default: the demo's warmed-up tiny GPT-2; resuming: the "
+                                "run's own)")
     p.add_argument("--data", default=None, help="prompts (JSONL); default: the demo task, every 'a+b=' of two digits")
     p.add_argument("--reward", action="append", default=None,
                    help="a reward function 'module:function' or 'file.py:function' (repeat for several); "

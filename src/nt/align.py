@@ -3,11 +3,15 @@
 DPO (Rafailov et al. 2023), as TRL's DPOTrainer computes it: for a prompt with a chosen and
 a rejected response, h = (pi_c - ref_c) - (pi_r - ref_r) on the responses' summed
 log-probabilities under the policy (pi) and the frozen reference model (ref);
-    sigmoid: loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps: conservative DPO's label smoothing)
+    sigmoid: loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+             (eps: the label smoothing of conservative DPO)
     ipo:     loss = (h - 1 / (2 beta))^2, on length-AVERAGED log-probabilities (TRL divides
              each response's summed log-prob by its token count when loss_type="ipo")
-rewards = beta (pi - ref) for each response. `dpo_loss` is that formula on NumPy arrays;
-`nt.ops.dpo` is the op that backpropagates it through the tape.
+rewards = beta (pi - ref) for each response. `dpo_loss` is that formula on NumPy arrays,
+with the signature of TRL 0.x's DPOTrainer.dpo_loss (TRL 1.x folds the loss into
+_compute_loss, drops label smoothing from "sigmoid" and logs IPO's rewards from the summed
+log-ratios; tests/align/test_trl.py compares); `nt.ops.dpo` is the op that backpropagates
+it through the tape.
 
 GRPO (Shao et al. 2024, DeepSeekMath; as in DeepSeek-R1): G completions per prompt are
 sampled, scored, and each completion's advantage is its reward normalised within its
@@ -18,9 +22,11 @@ and the loss is the sum over every completion token of the batch divided by thei
 (TRL's loss_type="bnpo", the token-level normalisation of DAPO; "dapo" is the same on one
 process). `nt.ops.grpo` is that op.
 
-The training loops (train/dpo.py, train/grpo.py) are batch sources and loss functions for
-nt.train_utils.train, which supplies the optimizer, schedule, clipping, checkpoints and
-exact resume.
+The training loops (train/dpo.py, train/grpo.py) are batch sources (PairBatches,
+GroupSampler) and loss functions (DPOLoss, GRPOLoss) for nt.train_utils.train, which
+supplies the optimizer, schedule, clipping, checkpoints and exact resume. Reference
+log-probabilities come from the LoRA base with the adapters switched off, or from a frozen
+copy of the starting model (Reference). docs/alignment.md has the commands and measured runs.
 """
 from __future__ import annotations
 
@@ -191,7 +197,8 @@ class MetricsLog:
         self.pending: list[dict] = []
         kept = []
         if resume_step is not None and self.path.exists():
-            kept = [line + "\n" for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line + "\n" for line in self.path.read_text().splitlines()
+                    if json.loads(line)["step"] <= resume_step]
         self.path.write_text("".join(kept))
 
     def add(self, values: dict) -> None:

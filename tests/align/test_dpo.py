@@ -93,7 +93,8 @@ def test_pair_batch_layout():
 def pair_rows():
     """The (idx, targets) of 3 synthetic pairs."""
     records = align.synthetic_preferences(3, seed=0)
-    return align.pair_batch([align.PreferencePair(*(align.encode(TOK, r[k]) for k in ("prompt", "chosen", "rejected")), i)
+    fields = ("prompt", "chosen", "rejected")
+    return align.pair_batch([align.PreferencePair(*(align.encode(TOK, r[k]) for k in fields), i)
                              for i, r in enumerate(records)])
 
 

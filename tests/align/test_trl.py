@@ -47,7 +47,8 @@ def trl_dpo(token_logps, ref_logps, mask, beta, loss_type):
                                     _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0,
                                     _tp_size=1)
     B = rows // 2
-    inputs = {"input_ids": torch.zeros(rows, L, dtype=torch.long), "attention_mask": torch.ones(rows, L, dtype=torch.long),
+    inputs = {"input_ids": torch.zeros(rows, L, dtype=torch.long),
+              "attention_mask": torch.ones(rows, L, dtype=torch.long),
               "completion_mask": torch.tensor(mask), "ref_chosen_logps": torch.tensor(ref_logps[:B]),
               "ref_rejected_logps": torch.tensor(ref_logps[B:])}
     loss = DPOTrainer._compute_loss(trainer, model, inputs, False)
