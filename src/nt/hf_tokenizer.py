@@ -28,7 +28,7 @@ lstrip / rstrip, special (found when encode allows them) or not (always found).
 Refused, naming the file and component (NotImplementedError): other model types
 (WordPiece, Unigram, WordLevel), BPE dropout or subword prefixes/suffixes, any other
 normalizer (NFKC, Lowercase, Precompiled, ...), pre-tokenizer or Split regex (Python's re
-cannot run \p{L} patterns, so only the known ones map onto nt's), post-processors adding
+cannot run \\p{L} patterns, so only the known ones map onto nt's), post-processors adding
 eos or other tokens (and tokenizer_config.json's add_eos_token), single_word added tokens,
 non-special added tokens matched after a '▁' normalizer, decoders nt's decode does not
 mirror. Malformed files are FormatErrors naming the file and field. So a tokenizer loads
