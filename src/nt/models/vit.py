@@ -82,7 +82,8 @@ class ViT:
         self.params = Params(device, dtype, param_layout(config))
         self.logits: Optional[Tensor] = None
         self.loss: Optional[Tensor] = None
-        self.features: Optional[Tensor] = None  # the pooled (N, C) classifier input of the last forward
+        self.tokens: Optional[Tensor] = None    # the final layernorm's (N, 1 + P, C) output of the last forward
+        self.features: Optional[Tensor] = None  # its pooled (N, C) rows: the classifier's input
         if seed is not None:
             self.init_weights(seed)
 
@@ -138,7 +139,7 @@ class ViT:
             m = ops.gelu(t, ops.linear(t, m, p["fcw"][l], p["fcb"][l]))
             m = ops.dropout(t, ops.linear(t, m, p["fcprojw"][l], p["fcprojb"][l]), cfg.dropout)
             h = ops.add(t, h, m)
-        h = ops.layernorm(t, h, p["lnfw"], p["lnfb"])
+        h = self.tokens = ops.layernorm(t, h, p["lnfw"], p["lnfb"])
         self.features = ops.cls_pool(t, h) if cfg.pool == "cls" else ops.mean_pool(t, h)
         self.logits = ops.linear(t, self.features, p["headw"], p["headb"])
         self.loss = ops.cross_entropy(t, self.logits, labels) if labels is not None else None
@@ -168,9 +169,10 @@ class ViT:
         """Evaluation mode: dropout is the identity. Returns the model."""
         return self.train(False)
 
-    def predict(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """(predicted classes (N,), pooled features (N, C) float copies) in eval mode,
-        batch_size images at a time, recording nothing."""
+    def predict(self, images: np.ndarray, batch_size: int = 256, tokens: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted classes (N,), features) in eval mode, batch_size images at a time,
+        recording nothing. Features are copies of the pooled classifier inputs (N, C), or
+        with tokens=True of every token of the final layernorm, flattened: (N, (1 + P) * C)."""
         was_training = self.tape.training
         self.eval()
         classes, features = [], []
@@ -178,7 +180,8 @@ class ViT:
             for i in range(0, images.shape[0], batch_size):
                 logits, _ = self.forward(images[i:i + batch_size], record=False)
                 classes.append(np.argmax(logits.numpy(), axis=1))
-                features.append(np.array(self.features.numpy()))
+                kept = self.tokens if tokens else self.features
+                features.append(np.array(kept.numpy()).reshape(kept.shape[0], -1))
         finally:
             self.train(was_training)
         return np.concatenate(classes), np.concatenate(features)
