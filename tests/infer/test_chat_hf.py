@@ -78,11 +78,12 @@ def test_template_helpers():
 
 # ====================================================================== the commands
 
-def greedy(path: Path, prompt: list, n: int) -> list:
-    """The greedy continuation, cut at the first stop id (eos and generation_config's)."""
+def greedy(path: Path, prompt: list, n: int, end_of_turn: str = "") -> str:
+    """The greedy continuation's text, cut at the first stop id (eos, generation_config's,
+    the template's end-of-turn token)."""
     model = nt.models.from_pretrained(path)
     tok = from_pretrained(path)
-    stops = {tok.eos_id, *chat.generation_config(path).get("eos_token_id", [])}
+    stops = {tok.eos_id, *chat.generation_config(path).get("eos_token_id", []), tok.special_tokens.get(end_of_turn)}
     ids = list(model.generate(np.array(prompt), n, temperature=0)[len(prompt):])
     cut = next((k for k, i in enumerate(ids) if i in stops), len(ids))
     return tok.decode_bytes(ids[:cut]).decode("utf-8", "replace")
@@ -111,7 +112,7 @@ def test_chat_repl_on_a_model_folder(arch):
     text = chat.render_chat(tok.chat_template, messages[:1], bos_token=chat.token_text(tok, tok.bos_id),
                             eos_token=chat.token_text(tok, tok.eos_id))
     prompt = tok.encode(text, allowed_special="all")
-    assert messages[1]["content"] == greedy(path, prompt, 5)
+    assert messages[1]["content"] == greedy(path, prompt, 5, chat.end_marker(chat.detect_template(tok.chat_template)))
     assert out.getvalue().startswith("> ") and messages[1]["content"] in out.getvalue()
 
 
