@@ -345,9 +345,14 @@ def run_campaign(fmt: str, seeds: Iterable[int], work: Path, jobs: int = 1, time
 
 def summary(reports: list) -> str:
     """Per format: cases run, accepted-ok, accepted-error, failures, failure classes."""
+    return summary_of_json(report_json(reports))
+
+
+def summary_of_json(entries: list) -> str:
+    """The summary table of report_json entries (e.g. read back from report.json files)."""
     rows = [("format", "cases", "ok", "error", "fail", "classes", "seconds")]
-    for r in reports:
-        rows.append((r.fmt, r.cases, r.counts["ok"], r.counts["error"], r.counts["fail"], len(r.classes), f"{r.seconds:.0f}"))
+    for e in entries:
+        rows.append((e["format"], e["cases"], e["ok"], e["error"], e["fail"], len(e["classes"]), e.get("seconds", "-")))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(row, widths)) for row in rows)
 

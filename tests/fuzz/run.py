@@ -5,6 +5,7 @@
     python -m tests.fuzz.run --format gguf --seed 123 --save DIR   # also write the case's files to DIR
     python -m tests.fuzz.run --format all --cases 10000 --start 1000000 --jobs 2 --out /tmp/fuzz
                                                                    # campaign: summary + one paragraph per failure class
+    python -m tests.fuzz.run --summarize /tmp/fuzz/*/report.json   # the summary table of finished campaigns
 
 Run from the repository root. Case seeds are stable: seed N of a format is the same file
 on every run, so a seed from a report is all it takes to get the bytes back.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .formats import FORMATS
 from .harness import (CASE_TIMEOUT, MEM_MB, Worker, build_case, judge, report_json, run_campaign, seed_case,
-                      summary, write_case)
+                      summary, summary_of_json, write_case)
 
 
 def reproduce(fmt: str, seed: int, save: str | None, in_worker: bool) -> int:
@@ -63,7 +64,8 @@ def reproduce(fmt: str, seed: int, save: str | None, in_worker: bool) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", required=True, choices=[*FORMATS, "all"])
+    p.add_argument("--format", choices=[*FORMATS, "all"])
+    p.add_argument("--summarize", nargs="+", metavar="REPORT_JSON", help="print the summary of report.json files")
     p.add_argument("--seed", type=int, help="reproduce this one case (negative: the unmutated seed file -1-N)")
     p.add_argument("--worker", action="store_true", help="run the reproduced case in a capped worker process")
     p.add_argument("--save", help="folder to write the reproduced case's files to")
@@ -74,6 +76,12 @@ def main(argv=None) -> int:
     p.add_argument("--mem-mb", type=int, default=MEM_MB, help="address-space cap of a worker")
     p.add_argument("--out", help="campaign: folder for logs, failing cases and report.json")
     args = p.parse_args(argv)
+    if args.summarize:
+        entries = [e for path in args.summarize for e in json.loads(Path(path).read_text())]
+        print(summary_of_json(entries))
+        return 0
+    if args.format is None:
+        p.error("--format is required (or --summarize)")
 
     if args.seed is not None:
         if args.format == "all":
