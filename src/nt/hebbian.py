@@ -63,13 +63,14 @@ def update(weight: Array, x: Array, y: Array, lr: float, rule: str = "oja", deca
     if device is None:
         device = weight.arena.device if isinstance(weight, Tensor) else "cpu"
     w, xs, ys = _data(weight, "weight"), _data(x, "x"), _data(y, "y")
-    if len(w.shape) != 2:
-        raise ValueError(f"hebbian: weight must be (OC, C), got shape {w.shape}")
-    OC, C = w.shape
-    if len(xs.shape) < 1 or len(ys.shape) < 1 or xs.shape[-1] != C or ys.shape[-1] != OC \
-            or xs.shape[:-1] != ys.shape[:-1] or xs.size == 0:
-        raise ValueError(f"hebbian: x {tuple(xs.shape)} and y {tuple(ys.shape)} must be non-empty (..., {C}) "
-                         f"and (..., {OC}) with the same leading shape, for weight {tuple(w.shape)}")
+    wshape, xshape, yshape = tuple(w.shape), tuple(xs.shape), tuple(ys.shape)  # device arrays' shapes too
+    if len(wshape) != 2:
+        raise ValueError(f"hebbian: weight must be (OC, C), got shape {wshape}")
+    OC, C = wshape
+    if not xshape or not yshape or xshape[-1] != C or yshape[-1] != OC or xshape[:-1] != yshape[:-1] \
+            or xs.size == 0:
+        raise ValueError(f"hebbian: x {xshape} and y {yshape} must be non-empty (..., {C}) "
+                         f"and (..., {OC}) with the same leading shape, for weight {wshape}")
     if not (w.dtype == xs.dtype == ys.dtype and np.dtype(w.dtype) in (np.float32, np.float64)):
         raise TypeError(f"hebbian: weight, x and y must share float32 or float64, got {w.dtype}, {xs.dtype}, {ys.dtype}")
     N = xs.size // C

@@ -389,3 +389,19 @@ def test_image_transforms(kind):
     parity("grayscale", [np.zeros((2, 5, 4, 1), kind), img, rounding], [0], np.float32)
     mean, std = np.array([0.5, 0.4, 0.3]), np.array([0.2, 0.25, 0.3])
     parity("to_chw", [np.zeros((2, 3, 5, 4), np.float32), img, 1 / 255, mean, std], [0], np.float32)
+
+
+def test_vision_and_hebbian_api_on_cuda():
+    """nt.vision's transforms and nt.hebbian.update run on the CUDA backend through the
+    same Python API (device="cuda") and agree with the CPU."""
+    from nt import hebbian, vision
+    rng = np.random.default_rng(44)
+    img = (rng.random((2, 5, 4, 3)) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(vision.resize(img, (3, 6), device="cuda"), vision.resize(img, (3, 6)))
+    np.testing.assert_array_equal(vision.center_crop(img, 3, device="cuda"), vision.center_crop(img, 3))
+    np.testing.assert_allclose(vision.to_chw(img, 0.5, 0.2, device="cuda"), vision.to_chw(img, 0.5, 0.2), rtol=1e-6)
+    w, x, y = randn(rng, np.float64, 3, 4), randn(rng, np.float64, 2, 4), randn(rng, np.float64, 2, 3)
+    on_gpu = gpu.to_device(w)
+    hebbian.update(on_gpu, gpu.to_device(x), gpu.to_device(y), 0.1, "oja", device="cuda")
+    hebbian.update(w, x, y, 0.1, "oja")
+    np.testing.assert_allclose(gpu.to_host(on_gpu), w, rtol=1e-12)
