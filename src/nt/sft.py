@@ -330,7 +330,10 @@ def main(argv=None) -> None:
     demo = sub.add_parser("make-demo", help="write the demo chat set (questions on Python docstrings) as JSONL")
     demo.add_argument("out", help="output .jsonl file")
     args = p.parse_args(argv)
-    n = write_demo(args.out)
+    try:
+        n = write_demo(args.out)
+    except OSError as e:
+        sys.exit(f"error: cannot write {args.out}: {e.strerror}")
     print(f"wrote {n} conversations to {args.out}", file=sys.stderr)
 
 
