@@ -367,9 +367,12 @@ def _sentencepiece(model: dict, table: list[str], added: list[dict], scheme: str
     byte_fallback = _flag(model, "byte_fallback", False, where, "model")
     unk = model.get("unk_token")
     added_kind = {t["id"]: (SP_CONTROL if t["special"] else SP_USER_DEFINED) for t in added}
-    ids = {token: i for i, token in enumerate(table) if i not in added_kind}
-    if unk is not None and expect(unk, str, where, "model.unk_token") not in ids:
-        raise FormatError(f"{where}: model.unk_token {unk!r:.40} is not in model.vocab")
+    unk_id = None
+    if unk is not None:   # Llama 2's <unk> is an added token too: then it stays one (found in text)
+        expect(unk, str, where, "model.unk_token")
+        unk_id = next((i for i, token in enumerate(table) if token == unk), None)
+        if unk_id is None:
+            raise FormatError(f"{where}: model.unk_token {unk!r:.40} is not in model.vocab")
     types = []
     for i, token in enumerate(table):
         if i in added_kind:
@@ -387,7 +390,7 @@ def _sentencepiece(model: dict, table: list[str], added: list[dict], scheme: str
     for r, (a, b) in reversed(list(enumerate(pairs))):
         scores[pieces[a + b]] = -float(r)
     try:
-        return SentencePieceBPE(table, scores, types, unk_id=ids.get(unk), merges=pairs, prefix_scheme=scheme,
+        return SentencePieceBPE(table, scores, types, unk_id=unk_id, merges=pairs, prefix_scheme=scheme,
                                 split_words=split, strip_space=strip, **_token_options(added),
                                 normalizer=normalizer, fuse_unk=_flag(model, "fuse_unk", False, where, "model"),
                                 ignore_merges=_flag(model, "ignore_merges", False, where, "model"))
