@@ -26,7 +26,7 @@ starting model is a new tiny GPT-2 over bytes after --sft-steps of supervised wa
 the answers (saved as OUT/base), which leaves it right about a quarter of the time.
 
 OUT receives metrics.jsonl + rewards.png (TRL's names: reward, reward_std,
-rewards/<function>/mean, kl, clip_ratio, completions/mean_length, loss; eval/reward of
+rewards/<function>/mean, kl, clip_ratio/region_mean, completions/mean_length, loss; eval/reward of
 greedy completions), log.jsonl + loss.png and step_* checkpoints (exact resume).
 """
 from __future__ import annotations

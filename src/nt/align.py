@@ -662,7 +662,7 @@ class GRPOLoss:
     """The loss function train() calls on a GroupBatch: the policy's per-token log-probs
     (recording, logits / temperature as at sampling), then ops.grpo. Training batches'
     metrics go to `metrics` under TRL's names (loss, reward, reward_std, rewards/<fn>/mean,
-    kl, clip_ratio, completions/mean_length)."""
+    kl, clip_ratio/region_mean, completions/mean_length)."""
 
     def __init__(self, beta: float = 0.04, epsilon: float = 0.2, epsilon_high: Optional[float] = None,
                  temperature: float = 1.0, metrics: Optional[MetricsLog] = None):
@@ -686,7 +686,7 @@ class GRPOLoss:
                   ((ratio > 1 + self.epsilon_high) & (batch.advantages[:, None] > 0))
         self.last = {"loss": float(_host(model, loss)[0]), "reward": float(batch.rewards.mean()),
                      "reward_std": float(batch.rewards.std(ddof=1)) if len(batch.rewards) > 1 else 0.0,
-                     "clip_ratio": float((clipped * mask).sum() / tokens),
+                     "clip_ratio/region_mean": float((clipped * mask).sum() / tokens),
                      "completions/mean_length": float(tokens / len(mask))}
         if batch.ref is not None:
             delta = batch.ref - now

@@ -156,7 +156,7 @@ def test_grpo_loss_on_policy(beta):
         want += beta * ((np.exp(delta) - delta - 1) * m).sum() / m.sum()
         assert loss_fn.last["kl"] > 0
     np.testing.assert_allclose(loss, want, rtol=1e-10, atol=1e-12)
-    assert loss_fn.last["clip_ratio"] == 0 and loss_fn.last["reward"] == batch.rewards.mean()
+    assert loss_fn.last["clip_ratio/region_mean"] == 0 and loss_fn.last["reward"] == batch.rewards.mean()
 
 
 def metrics(out):
