@@ -405,3 +405,21 @@ def test_vision_and_hebbian_api_on_cuda():
     hebbian.update(on_gpu, gpu.to_device(x), gpu.to_device(y), 0.1, "oja", device="cuda")
     hebbian.update(w, x, y, 0.1, "oja")
     np.testing.assert_allclose(gpu.to_host(on_gpu), w, rtol=1e-12)
+
+
+def test_vit_step_matches_cpu():
+    """A tiny ViT (patches, CLS + positions, bidirectional attention, CLS pooling) gives the
+    same loss and parameter grads on the CUDA backend as on the CPU, in float64."""
+    from nt.models import ViT, ViTConfig
+    cfg = ViTConfig(image_size=4, patch=2, channels=1, width=4, depth=1, heads=2, classes=3, mlp=1)
+    rng = np.random.default_rng(45)
+    x, y = rng.standard_normal((2, 1, 4, 4)), np.array([2, 0])
+    results = []
+    for device in ("cpu", "cuda"):
+        model = ViT(cfg, device=device, dtype=np.float64, seed=3)
+        _, loss = model(x, y)
+        model.zero_grad()
+        model.backward()
+        results.append((loss, np.array(model.params.k.to_host(model.params.grad))))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-10)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-8, atol=1e-12)
