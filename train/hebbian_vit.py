@@ -22,10 +22,13 @@ import argparse
 import time
 from typing import Optional, Sequence
 
-import numpy as np
-from train_vit import Normalizer, add_args, build_model, load_digits_split, train  # noqa: I001 (beside this script)
+# train_vit.py lies beside this script; importing it first holds OpenBLAS to one thread
+# before nt loads it (see there)
+from train_vit import Normalizer, add_args, build_model, load_digits_split, train
 
-from nt.hebbian import HebbianLinear
+import numpy as np  # noqa: E402
+
+from nt.hebbian import HebbianLinear  # noqa: E402
 
 
 def unit(features: np.ndarray) -> np.ndarray:
@@ -97,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> tuple[float, float]:
     layer = HebbianLinear(train_features.shape[1], 10, rule="oja", lr=args.hebb_lr, dtype=np.float32)
     learn(layer, train_features[known], y_train[known], args.hebb_passes, 64, rng)
     before, _ = report("Hebbian readout, known classes only", predict(layer, test_features), y_test,
-                    args.new_class)
+                       args.new_class)
 
     # which few examples arrive matters: each trial draws its own, from the same start
     learned_known = layer.weight.numpy().copy()
