@@ -245,10 +245,11 @@ def _post_processor(obj, where: str) -> Optional[str]:
 
 # ====================================================================== vocabulary
 
-def _added_tokens(top: dict, where: str, prepended: bool) -> list[dict]:
+def _added_tokens(top: dict, where: str, prepend: bool, replace: bool) -> list[dict]:
     """tokenizer.json's added_tokens, checked: nt reproduces lstrip and rstrip, not
-    single_word; `normalized` matters only where the normalizer would change the token's
-    text (SentencePiece-style normalizers), which nt does not do."""
+    single_word. nt finds every added token in the raw text; tokenizers finds a
+    `normalized` one in normalized text, which differs under a Prepend('▁') normalizer (the
+    text after the token gets no '▁') or a Replace(' ', '▁') one (a token holding ' ')."""
     tokens = expect(top.get("added_tokens", []), list, where, "added_tokens")
     out = []
     for i, t in enumerate(tokens):
@@ -261,7 +262,8 @@ def _added_tokens(top: dict, where: str, prepended: bool) -> list[dict]:
         if _flag(t, "single_word", False, where, field):
             raise _unsupported(where, f"{field} ({content!r:.40}) sets single_word, which nt does not reproduce")
         special = _flag(t, "special", False, where, field)
-        if prepended and not special and _flag(t, "normalized", False, where, field):
+        normalized = _flag(t, "normalized", not special, where, field)   # AddedToken's default
+        if normalized and (prepend or (replace and " " in content)):
             raise _unsupported(where, f"{field} ({content!r:.40}) is matched after the '▁' normalizer, which nt "
                                       "does not reproduce (nt matches added tokens in the raw text)")
         out.append({"content": content, "id": tid, "special": special,
@@ -405,7 +407,7 @@ def tokenizer_from_json(top, where: str) -> Union[BPE, SentencePieceBPE]:
     model = _model(top, where)
     normalizer, prepend, replace = _normalizer(top.get("normalizer"), where)
     pre = _pre_tokenizer(top.get("pre_tokenizer"), where, replace)
-    added = _added_tokens(top, where, prepend or replace or "metaspace" in pre)
+    added = _added_tokens(top, where, prepend, replace)
     table = _id_table(model["vocab"], added, where)
     if "pre" in pre:
         if prepend or replace:

@@ -166,7 +166,7 @@ VARIANTS = json.loads((TOKENIZERS / "variants.json").read_text(encoding="utf-8")
 def test_options_no_fixture_uses_encode_as_tokenizers_does(tmp_path, variant):
     """ByteLevel's add_prefix_space, Llama 3 without ignore_merges, Qwen2 without NFC,
     Metaspace "always" with split and its older add_prefix_space form, added tokens' lstrip /
-    rstrip, no fuse_unk / byte_fallback: tokenizers' ids with the change (variants.json)
+    rstrip, normalized added tokens under Gemma's normalizer, no fuse_unk / byte_fallback: tokenizers' ids with the change (variants.json)
     for a third of the strings and all with special tokens."""
     d = copy(tmp_path, variant["base"])
 
@@ -233,6 +233,10 @@ BAD = [  # (fixture, change to tokenizer.json, error, message)
     ("gpt2", lambda t: t["added_tokens"][0].update(id=5), FormatError, "model.vocab gives to"),
     ("llama2", lambda t: t["added_tokens"][0].update(special=False, normalized=True), NotImplementedError,
      "matched after the '▁' normalizer"),
+    ("llama2", lambda t: t["added_tokens"][1].update(normalized=True), NotImplementedError,
+     r"added_tokens\[1\] \('</s>'\) is matched after the '▁' normalizer"),
+    ("model_gemma3_text", lambda t: t["added_tokens"][4].update(normalized=True, content="<end of turn>"),
+     NotImplementedError, "matched after the '▁' normalizer"),
     ("llama2", lambda t: t["post_processor"].update(single=[{"Sequence": {"id": "A", "type_id": 0}},
                                                             {"SpecialToken": {"id": "</s>", "type_id": 0}}]),
      NotImplementedError, "nt adds only a bos"),
