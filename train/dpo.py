@@ -17,8 +17,9 @@ switched off (no second copy in memory), with --full a frozen second load of --b
 log-probabilities are computed once per batch, without recording.
 
 Without --base, the demo: a new tiny GPT-2 (bytes as tokens, saved as OUT/base) on a
-synthetic set whose chosen answer is always the same sentence and whose rejected one is
-random letters (written to OUT/pairs.jsonl).
+synthetic set (written to OUT/pairs.jsonl): the prompt asks to greet or to take leave of a
+random name, the chosen answer is the fitting fixed reply (" hello, NAME!" or
+" goodbye, NAME!"), the rejected one the other reply, so the model must read the request.
 
 OUT receives log.jsonl + loss.png (the DPO loss; val_loss on the held-out pairs),
 metrics.jsonl + rewards.png (TRL's metric names: loss, rewards/chosen, rewards/rejected,

@@ -474,33 +474,30 @@ RewardFn = Callable[..., Sequence[float]]   # (prompts, completions, **record fi
 
 @dataclasses.dataclass
 class Prompt:
-    """A tokenized GRPO prompt and its record's other fields (passed to the reward functions)."""
+    """A tokenized GRPO prompt: its ids (chat messages rendered with the template), the prompt
+    as the record has it (text or messages: what the reward functions get, as in TRL), the
+    record's other fields (passed to the reward functions by name) and where it came from."""
     ids: np.ndarray
-    text: str
+    prompt: object
     fields: dict
     where: str
+
+
+def _prompt(record: dict, where: str, tokenizer, render: Render) -> Prompt:
+    ids = encode(tokenizer, prompt_text(record, where, render))
+    return Prompt(ids, record["prompt"], {k: v for k, v in record.items() if k != "prompt"}, where)
 
 
 def read_prompts(path, tokenizer) -> list[Prompt]:
     """GRPO prompts from JSONL: {"prompt": text or messages, ...any fields the rewards read}."""
     render = renderer_for(tokenizer)
-    out = []
-    for line, record in read_jsonl(path):
-        where = f"{path} line {line}"
-        text = prompt_text(record, where, render)
-        out.append(Prompt(encode(tokenizer, text), text, {k: v for k, v in record.items() if k != "prompt"}, where))
-    return out
+    return [_prompt(record, f"{path} line {line}", tokenizer, render) for line, record in read_jsonl(path)]
 
 
 def prompts_from_records(records: Sequence[dict], tokenizer, name: str = "prompts") -> list[Prompt]:
     """Prompts from in-memory records (the demo task), named `name` record i in errors."""
     render = renderer_for(tokenizer)
-    out = []
-    for i, record in enumerate(records):
-        text = prompt_text(record, f"{name} record {i}", render)
-        out.append(Prompt(encode(tokenizer, text), text, {k: v for k, v in record.items() if k != "prompt"},
-                          f"{name} record {i}"))
-    return out
+    return [_prompt(record, f"{name} record {i}", tokenizer, render) for i, record in enumerate(records)]
 
 
 def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompts: Sequence[Prompt],
@@ -511,7 +508,7 @@ def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompts: Seq
     function, the prompt's record and the completion."""
     if len(weights) != len(reward_fns):
         raise ValueError(f"{len(reward_fns)} reward functions but {len(weights)} weights")
-    texts = [p.text for p in prompts for _ in range(G)]
+    texts = [p.prompt for p in prompts for _ in range(G)]
     fields = {key: [p.fields.get(key) for p in prompts for _ in range(G)] for key in prompts[0].fields}
     total = np.zeros(len(completions))
     by_name = {}

@@ -80,7 +80,8 @@ def test_read_prompts_names_bad_lines(tmp_path):
         align.read_prompts(path, TOK)
     path.write_text('{"prompt": [{"role": "user", "content": "hi"}], "answer": 3}\n')
     (p,) = align.read_prompts(path, TOK)
-    assert p.text.endswith("<|im_start|>assistant\n") and p.fields == {"answer": 3}
+    assert TOK.decode(p.ids).endswith("<|im_start|>assistant\n") and p.fields == {"answer": 3}
+    assert p.prompt == [{"role": "user", "content": "hi"}]     # the reward functions see the messages
 
 
 def tiny_model(seed=0):
