@@ -30,7 +30,7 @@ from typing import Callable, Optional, TextIO
 import numpy as np
 
 from .io.common import FormatError, expect, read_json
-from .tokenizer import BPE, ByteTokenizer, SentencePieceBPE
+from .tokenizer import BPE, ByteTokenizer, SentencePieceBPE, from_pretrained
 
 # nt's sampling defaults, used where neither the command line nor generation_config.json sets one
 SAMPLING_DEFAULTS = {"temperature": 0.7, "top_k": 40, "top_p": 0.95}
@@ -135,8 +135,7 @@ def _environment():
             next(parser.stream)
             return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
-    env = Sandbox(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, "jinja2.ext.loopcontrols"])
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     return env
@@ -156,12 +155,14 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     """The text a Jinja chat template makes of `messages` ([{"role": ..., "content": ...}]),
     rendered as transformers' apply_chat_template renders it (variables messages, tools,
     documents, add_generation_prompt, bos_token, eos_token, and any `extra`, e.g.
-    unk_token). A template that does not compile, touches an unsafe attribute or calls
-    raise_exception is a ChatTemplateError."""
+    unk_token; as transformers, message keys whose value is None are left out). A template
+    that does not compile, touches an unsafe attribute or calls raise_exception is a
+    ChatTemplateError."""
     import jinja2
     compiled = _compile(template)
+    plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
     try:
-        return compiled.render(messages=[dict(m) for m in messages], tools=tools, documents=None,
+        return compiled.render(messages=plain, tools=tools, documents=None,
                                add_generation_prompt=add_generation_prompt, bos_token=bos_token,
                                eos_token=eos_token, **extra)
     except jinja2.exceptions.SecurityError as e:
@@ -194,8 +195,9 @@ def is_hf_folder(path: Path) -> bool:
     """Whether path is a Hugging Face model folder (its config.json names a model_type;
     an nt checkpoint's names a "model")."""
     config = path / "config.json"
-    return path.is_dir() and config.is_file() and "model_type" in expect(read_json(config), dict, str(config),
-                                                                        "the top level")
+    if not (path.is_dir() and config.is_file()):
+        return False
+    return "model_type" in expect(read_json(config), dict, str(config), "the top level")
 
 
 def generation_config(path) -> dict:
@@ -230,7 +232,6 @@ def read_tokenizer(folder):
     """The tokenizer of a folder: Hugging Face's tokenizer.json (nt.tokenizer.from_pretrained)
     when it has one, else nt's / GPT-2's vocab.json + merges.txt (BPE.load)."""
     if (Path(folder) / "tokenizer.json").exists():
-        from .tokenizer import from_pretrained
         return from_pretrained(folder)
     return BPE.load(folder)
 
