@@ -12,7 +12,8 @@ weighted sum), normalises the rewards within each group into advantages
 penalty to the reference, summed over every completion token of the batch and divided by
 their count (TRL's loss_type "bnpo"). A completion ends at its first --eos token (counted
 in the loss) or after -T tokens. The old-policy log-probs are computed by a forward pass
-right after sampling, with the weights that sampled; the reference is the starting model
+right after sampling, with the weights that sampled (with --num-iterations > 1 the same
+sampled batch serves several steps against them); the reference is the starting model
 (LoRA: the base with the adapters off; --full: a frozen second load of --base).
 
 prompts.jsonl holds {"prompt": text or messages, ...} per line; the record's other fields
@@ -67,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
                    help="KL coefficient (k3 estimator; 0: no reference model; default 0.04)")
     p.add_argument("--epsilon", type=float, default=0.2, help="clip range of the policy ratio (default 0.2)")
     p.add_argument("--epsilon-high", type=float, default=None, help="upper clip range (default: --epsilon)")
+    p.add_argument("--num-iterations", type=int, default=1,
+                   help="optimizer steps (micro-batches) on each sampled batch, the old-policy log-probs kept from "
+                        "sampling; above 1 the ratio moves away from 1 and the clip acts (default 1)")
     p.add_argument("--sft-steps", type=int, default=80,
                    help="the demo's supervised warm-up steps on the answers before GRPO (default 80)")
     p.add_argument("--sft-lr", type=float, default=3e-3, help="the demo's warm-up learning rate (default 3e-3)")
@@ -118,7 +122,13 @@ def main(argv=None) -> None:
         reference = align.reference_for(model, extra) if args.beta > 0 else None
         sampler = align.GroupSampler(model, prompts, tokenizer, reward_fns, weights, args.num_generations,
                                      args.batch_size, args.seq_len, int(eos[0]), args.temperature, reference,
-                                     args.seed)
+                                     args.seed, args.num_iterations)
+        per_checkpoint = args.checkpoint_every * args.grad_accum
+        if args.checkpoint_every > 0 and (per_checkpoint % args.num_iterations
+                                          or args.steps * args.grad_accum % args.num_iterations):
+            raise ValueError(f"checkpoints every {args.checkpoint_every} steps of {args.grad_accum} micro-batches "
+                             f"(and at step {args.steps}) must fall between sampled batches, each used "
+                             f"{args.num_iterations} times: make them multiples")
     except (ValueError, FormatError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
 

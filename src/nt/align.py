@@ -594,17 +594,23 @@ class GroupSampler:
     first `eos_id` (included in the loss) or after max_new_tokens. The old-policy
     log-probs come from a forward pass right after sampling, with the same weights (the
     policy that sampled), at the sampling temperature; the reference's from `reference`.
-    Sampling seeds derive from (seed, batches drawn), so state() resumes exactly."""
+    Each sampled batch is handed out `iterations` times (TRL's num_iterations, PPO's
+    epochs): after the first optimizer step on it the policy has moved, the ratio to the old
+    log-probs is no longer 1 and the clip acts. Sampling seeds derive from (seed, batches
+    sampled), so state() resumes exactly, at the boundaries between sampled batches."""
 
     def __init__(self, model, prompts: Sequence[Prompt], tokenizer, reward_fns: Sequence[RewardFn],
                  weights: Sequence[float], G: int, B: int, max_new_tokens: int, eos_id: int,
-                 temperature: float = 1.0, reference: Optional[Reference] = None, seed: int = 0):
+                 temperature: float = 1.0, reference: Optional[Reference] = None, seed: int = 0,
+                 iterations: int = 1):
         if G < 2:
             raise ValueError(f"GRPO needs G >= 2 completions per prompt to compare, got G = {G}")
         if not 0 < B <= len(prompts):
             raise ValueError(f"a batch of {B} prompts needs 1 <= B <= {len(prompts)} (the prompts available)")
         if not temperature > 0:
             raise ValueError(f"GRPO samples: temperature must be > 0, got {temperature}")
+        if iterations < 1:
+            raise ValueError(f"each sampled batch needs at least one iteration, got {iterations}")
         longest = max(len(p.ids) for p in prompts) + max_new_tokens
         if longest > model.config.block_size:
             raise ValueError(f"prompt + {max_new_tokens} new tokens = {longest} exceeds the model's block_size "
@@ -612,13 +618,21 @@ class GroupSampler:
         self.model, self.prompts, self.tokenizer = model, list(prompts), tokenizer
         self.reward_fns, self.weights = list(reward_fns), list(weights)
         self.G, self.B, self.max_new_tokens, self.eos_id = G, B, max_new_tokens, eos_id
-        self.temperature, self.reference, self.seed = temperature, reference, seed
+        self.temperature, self.reference, self.seed, self.iterations = temperature, reference, seed, iterations
         self.epoch, self.position, self.drawn = 0, 0, 0
+        self.batch: Optional[GroupBatch] = None   # the last sampled batch, handed out `uses` times so far
+        self.uses = 0
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
 
     def next_batch(self) -> GroupBatch:
+        if self.batch is None or self.uses == self.iterations:
+            self.batch, self.uses = self._sample(), 0
+        self.uses += 1
+        return self.batch
+
+    def _sample(self) -> GroupBatch:
         if self.position + self.B > len(self.prompts):
             self.epoch, self.position = self.epoch + 1, 0
         prompts = [self.prompts[i] for i in self._order()[self.position:self.position + self.B]]
@@ -646,13 +660,20 @@ class GroupSampler:
                           texts)
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "drawn": self.drawn}
+        return {"epoch": self.epoch, "position": self.position, "drawn": self.drawn, "uses": self.uses}
 
     def set_state(self, state: dict) -> None:
-        values = [state.get(k) for k in ("epoch", "position", "drawn")]
+        """Continue after a saved state. Only a state between sampled batches can be resumed:
+        the batch being reused came from weights that are gone."""
+        values = [state.get(k) for k in ("epoch", "position", "drawn", "uses")]
         if not (all(isinstance(v, int) and v >= 0 for v in values) and values[1] <= len(self.prompts)):
             raise ValueError(f"not a position of {len(self.prompts)} prompts: {state!r}")
-        self.epoch, self.position, self.drawn = values
+        if values[3] not in (0, self.iterations):
+            raise ValueError(f"the state was saved after {values[3]} of the {self.iterations} iterations on one "
+                             "sampled batch, which cannot be sampled again: resume from a checkpoint at a "
+                             "multiple of the iterations")
+        self.epoch, self.position, self.drawn = values[:3]
+        self.batch, self.uses = None, 0
 
 
 class GRPOLoss:

@@ -197,7 +197,8 @@ def test_grpo_demo_reward_rises_long(tmp_path):
     assert evals[-1] >= evals[0] + 0.2
 
 
-@pytest.mark.parametrize("flags", [["--full"], []], ids=["full", "lora"])
+@pytest.mark.parametrize("flags", [["--full"], [], ["--full", "--num-iterations", "2"]],
+                         ids=["full", "lora", "two-iterations"])
 def test_grpo_resumes_exactly(tmp_path, flags):
     """Stopping at step 2 and resuming gives the same metrics, bit for bit, as 4 steps in one go
     (the sampler's seeds follow the batches drawn; the base is reused, not warmed up again)."""
@@ -221,3 +222,32 @@ def test_grpo_script_reports_bad_input(tmp_path):
         grpo.main(["--out-dir", str(tmp_path), "--reward", f"{bad}:nan_reward", "--steps", "1", "--sft-steps", "1"])
     with pytest.raises(SystemExit, match="has no function 'missing'"):
         grpo.main(["--out-dir", str(tmp_path), "--reward", f"{bad}:missing", "--sft-steps", "1"])
+    with pytest.raises(SystemExit, match="must fall between sampled batches"):
+        grpo.main(["--out-dir", str(tmp_path), "--num-iterations", "3", "--checkpoint-every", "2", "--sft-steps", "1"])
+
+
+def test_iterations_reuse_a_batch_against_its_old_logprobs():
+    """With 2 iterations the sampler hands the same batch twice; after an optimizer step the
+    ratio to the sampling policy's log-probs moves off 1 and the loss is the clipped formula
+    on the new log-probs. A state in the middle of a batch's iterations cannot be resumed."""
+    from nt.optim import AdamW
+    model = tiny_model()
+    ps = prompts([{"prompt": "ab"}, {"prompt": "cd"}])
+    s = align.GroupSampler(model, ps, TOK, [length_reward], [1.0], 4, 2, 5, EOS, iterations=2)
+    loss_fn = align.GRPOLoss(beta=0.0, epsilon=0.01)
+    optimizer = AdamW(model.params, lr=3e-2)
+    first = s.next_batch()
+    model.zero_grad()
+    model.tape.backward(loss_fn(model, first))
+    optimizer.step()
+    mid = s.state()
+    second = s.next_batch()
+    assert second is first and s.next_batch() is not first       # a third call samples anew
+    loss = float(loss_fn(model, second).numpy()[0])
+    now = align.inference_logprobs(model, second.idx, second.targets)
+    ratio, adv, m = np.exp(now - second.old), second.advantages[:, None], second.mask
+    want = -(np.minimum(ratio * adv, np.clip(ratio, 0.99, 1.01) * adv) * m).sum() / m.sum()
+    np.testing.assert_allclose(loss, want, rtol=1e-10)
+    assert np.abs(ratio - 1)[m > 0].max() > 0.01 and loss_fn.last["clip_ratio/region_mean"] > 0
+    with pytest.raises(ValueError, match="after 1 of the 2 iterations"):
+        s.set_state(mid)
