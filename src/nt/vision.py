@@ -3,6 +3,7 @@ batches (N, H, W, C) with Numba kernels (nt.kernels.cpu.vision, CUDA twins besid
 
     from nt import vision
     img = vision.load_image("cat.jpg")                    # (H, W, 3) uint8
+    many = vision.load_batch(["a.png", "b.jpg"], (64, 64))  # (2, 64, 64, 3) uint8
     batch = vision.resize(img[None], (224, 224))          # (1, 224, 224, 3) uint8
     x = vision.to_chw(vision.center_crop(batch, (200, 200)), mean=vision.IMAGENET_MEAN,
                       std=vision.IMAGENET_STD)            # (1, 3, 200, 200) float32
@@ -83,6 +84,19 @@ def load_image(path: PathLike, mode: str = "RGB") -> np.ndarray:
         # what Pillow's decoders raise on short or corrupt data
         raise FormatError(f"{path}: broken image data ({type(e).__name__}: {e})") from None
     return array.reshape(array.shape[0], array.shape[1], MODES[mode])
+
+
+def load_batch(paths: Sequence[PathLike], size, mode: str = "RGB") -> np.ndarray:
+    """Images of any sizes as one uint8 (N, OH, OW, C) batch: each file loaded (load_image)
+    and resized to size = (OH, OW) (bilinear, as resize)."""
+    OH, OW = _size(size, "load_batch")
+    paths = list(paths)
+    if not paths:
+        raise ValueError("load_batch: no paths given")
+    out = np.empty((len(paths), OH, OW, MODES.get(mode, 0)), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        out[i] = resize(load_image(path, mode)[None], (OH, OW))[0]
+    return out
 
 
 def save_image(path: PathLike, image: np.ndarray) -> None:
