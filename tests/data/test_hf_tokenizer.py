@@ -331,3 +331,12 @@ def test_mistyped_config_values_are_refused_by_name(tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps([config]))
     with pytest.raises(FormatError, match=r"tokenizer_config\.json: the top level must be dict"):
         from_pretrained(d)
+
+
+def test_nt_does_not_import_the_oracles():
+    import subprocess
+    import sys
+    code = ("import sys, nt.hf_tokenizer, nt.chat, nt.tokenizer as t; t.from_pretrained(sys.argv[1]); "
+            "bad = [m for m in ('tokenizers', 'transformers', 'torch') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code, str(folder("llama3"))], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
