@@ -95,8 +95,6 @@ def group_advantages(rewards, group_size: int, eps: float = ADVANTAGE_EPS) -> np
     return adv.reshape(-1)
 
 
-
-
 # ---------------------------------------------------------------------- shared by both loops
 
 def encode(tokenizer, text: str) -> np.ndarray:
@@ -211,10 +209,12 @@ class MetricsLog:
             self.pending = []
 
     def write(self, **entry) -> None:
+        """Append one entry (a step's metrics, or an evaluation's)."""
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
     def entries(self) -> list[dict]:
+        """Every entry written so far."""
         return [json.loads(line) for line in self.path.read_text().splitlines()]
 
     def plot(self, keys: Sequence[str], name: str) -> Optional[Path]:
@@ -265,10 +265,11 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
 
 
 def _messages(value, where: str, field: str) -> list[dict]:
+    """`value` checked to be chat messages (a non-empty list of role/content strings)."""
     if not (isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                       and isinstance(m.get("content"), str) for m in value)):
         raise BadRecord(f"{where}: {field!r} must be text or a non-empty list of "
-                        "{{\"role\": ..., \"content\": ...}} messages")
+                        '{"role": ..., "content": ...} messages')
     return value
 
 
@@ -461,6 +462,7 @@ def synthetic_preferences(n: int, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(path, records: Sequence[dict]) -> Path:
+    """Write records one JSON object per line (a demo's data set, for the user to read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -484,6 +486,7 @@ class Prompt:
 
 
 def _prompt(record: dict, where: str, tokenizer, render: Render) -> Prompt:
+    """One record as a Prompt (errors name `where`)."""
     ids = encode(tokenizer, prompt_text(record, where, render))
     return Prompt(ids, record["prompt"], {k: v for k, v in record.items() if k != "prompt"}, where)
 
@@ -508,13 +511,13 @@ def score(reward_fns: Sequence[RewardFn], weights: Sequence[float], prompts: Seq
     function, the prompt's record and the completion."""
     if len(weights) != len(reward_fns):
         raise ValueError(f"{len(reward_fns)} reward functions but {len(weights)} weights")
-    texts = [p.prompt for p in prompts for _ in range(G)]
+    prompt_values = [p.prompt for p in prompts for _ in range(G)]
     fields = {key: [p.fields.get(key) for p in prompts for _ in range(G)] for key in prompts[0].fields}
     total = np.zeros(len(completions))
     by_name = {}
     for fn, weight in zip(reward_fns, weights):
         name = getattr(fn, "__name__", repr(fn))
-        values = fn(texts, list(completions), **fields)
+        values = fn(prompt_values, list(completions), **fields)
         if not hasattr(values, "__len__") or len(values) != len(completions):
             raise ValueError(f"reward function {name} returned {getattr(values, '__len__', None) and len(values)} "
                              f"values for {len(completions)} completions")
@@ -703,7 +706,7 @@ class GRPOLoss:
         clipped = ((ratio < 1 - self.epsilon) & (batch.advantages[:, None] < 0)) | \
                   ((ratio > 1 + self.epsilon_high) & (batch.advantages[:, None] > 0))
         self.last = {"loss": float(_host(model, loss)[0]), "reward": float(batch.rewards.mean()),
-                     "reward_std": float(batch.rewards.std(ddof=1)) if len(batch.rewards) > 1 else 0.0,
+                     "reward_std": float(batch.rewards.std(ddof=1)),
                      "clip_ratio/region_mean": float((clipped * mask).sum() / tokens),
                      "completions/mean_length": float(tokens / len(mask))}
         if batch.ref is not None:
