@@ -14,7 +14,6 @@ and write into an output the caller allocated: bilinear resize, crop (+ horizont
 grayscale, and normalise to float CHW. An output of an integer type gets values rounded
 half up by `rounding` = 0.5 (0.0 for float outputs): the kernels store by truncation.
 """
-import numpy as np
 from numba import njit, prange
 
 
