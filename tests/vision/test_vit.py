@@ -155,3 +155,15 @@ def test_hebbian_readout_learns_a_new_digit():
         sys.path.remove(TRAIN)
     before, after = hebbian_vit.main(["--trials", "5"])
     assert after > before + 0.02
+
+
+def test_a_vit_checkpoint_loads_back(tmp_path):
+    """load_model knows ViT (the model table names it), so a trained classifier can be reloaded."""
+    from nt.io import load_model, save_checkpoint
+    from nt.models import ViT, ViTConfig
+    cfg = ViTConfig(image_size=8, patch=4, channels=1, width=16, depth=1, heads=2, classes=3)
+    model = ViT(cfg, seed=3)
+    images = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    want = model(images)[0].copy()
+    save_checkpoint(tmp_path / "ck", model, step=1)
+    np.testing.assert_array_equal(load_model(tmp_path / "ck")(images)[0], want)

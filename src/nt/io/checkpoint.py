@@ -214,9 +214,10 @@ def _read_state(path: Path) -> dict:
 def _model_table() -> dict:
     """The classes a config.json may name: its "model" -> (model class, config class,
     parameter layout function). Nothing else in nt.models is reachable from a file."""
-    from ..models import gpt2, llama
+    from ..models import gpt2, llama, vit
     return {"GPT2": (gpt2.GPT2, gpt2.GPT2Config, gpt2.param_layout),
-            "Llama": (llama.Llama, llama.LlamaConfig, llama.param_layout)}
+            "Llama": (llama.Llama, llama.LlamaConfig, llama.param_layout),
+            "ViT": (vit.ViT, vit.ViTConfig, vit.param_layout)}
 
 
 def _number(where: str, key: str, value) -> float:
