@@ -251,3 +251,12 @@ def test_iterations_reuse_a_batch_against_its_old_logprobs():
     assert np.abs(ratio - 1)[m > 0].max() > 0.01 and loss_fn.last["clip_ratio/region_mean"] > 0
     with pytest.raises(ValueError, match="after 1 of the 2 iterations"):
         s.set_state(mid)
+
+
+def test_completion_ends_and_empty_completions():
+    """A completion counts up to and including its first EOS; one that starts with EOS is the
+    empty text (one counted token, the EOS: the loss still sees it stop); without EOS, all."""
+    rows = np.array([[EOS, 65, EOS], [65, 66, EOS], [65, 66, 67]], dtype=np.int32)
+    lengths = align.completion_lengths(rows, EOS)
+    np.testing.assert_array_equal(lengths, [1, 3, 3])
+    assert align.completion_texts(TOK, rows, lengths, EOS) == ["", "AB", "ABC"]
