@@ -1,7 +1,7 @@
 """Supervised fine-tuning on chats: LoRA adapters (default) or every parameter.
 
-    python train/train_gpt2.py --steps 300 --out-dir out/base                 # a base model, if you have none
-    python train/finetune.py --base out/base --out-dir out/sft                # LoRA r=16 on the demo chats
+    python train/train_gpt2.py --steps 200 --checkpoint-every 200 --out-dir out/base   # a base, if you have none
+    python train/finetune.py --base out/base --out-dir out/sft --steps 100 --eval-every 25   # LoRA r=16, demo chats
     python train/finetune.py --base out/base --data chats.jsonl --lora-rank 8 --lora-targets qkv,o --merge
     python train/finetune.py --base model.gguf --full --freeze wte --out-dir out/full
     python train/finetune.py --out-dir out/sft --resume latest                # continue where it stopped
@@ -19,6 +19,11 @@ end adapter/ (adapter_model.safetensors + adapter_config.json, loadable by PEFT)
 --merge (and always after --full) model/ (an nt checkpoint folder of the merged weights),
 tokenizer/ when the tokenizer is nt's BPE, and hf/ (save_pretrained) when the base was a
 Hugging Face folder.
+
+Measured with the two demo commands above (seed 0): the base's val loss 8.34 -> 5.92 in 200
+steps; then the validation loss on the assistant's tokens 6.30 -> 5.16 (step 25) -> 4.66
+(50) -> 4.53 (75) -> 4.49 (100), LoRA r=16 alpha=32 on qkv, o, fc, proj (262,144 trainable
+of 4,273,664 parameters), B=8, T=128, lr 1e-3.
 """
 from __future__ import annotations
 
