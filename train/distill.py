@@ -13,6 +13,12 @@ the teacher's softened distributions at --temperature, CE on the next tokens. Te
 student share the data's tokenizer: a teacher with another vocabulary is refused. Data
 flags as in train_gpt2.py (default: the built-in corpus, BPE 4096); the log, checkpoints
 and resume work as there, the val loss being the student's cross-entropy.
+
+Measured (built-in corpus, BPE 4096, B=16, T=64, lr 2e-3, seed 0): teacher = the GPT-2 mini
+of `train_gpt2.py --steps 200 --checkpoint-every 200 --out-dir out/base` (4.27M parameters,
+val loss 5.92); student GPT-2 tiny (0.37M), `--teacher out/base --steps 200`: val loss
+8.31 -> 6.64 (step 50) -> 6.07 (200) with --alpha 0.5 --temperature 2, against 6.68 -> 6.29
+for the same student on the cross-entropy alone (--alpha 0).
 """
 from __future__ import annotations
 
