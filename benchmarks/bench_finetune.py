@@ -12,6 +12,18 @@ forward + backward (accumulate_grads), the clipping factor (clip_factor) and Ada
 step(grad_scale=). After one warm-up step each (compilation, arenas), timed steps
 alternate LoRA, full, LoRA, full, ... so drift in the machine's speed hits both alike;
 the median of each is reported. Targets (issue 12): LoRA step <= 0.6x, peak RSS <= 0.5x.
+
+Measured 2026-11-30 on the 2-core VM while it was quiet (`--steps 3`): LoRA 7046 ms, full
+8736 ms (0.81x); peak RSS 3699 MiB vs 5278 MiB (0.70x): both targets missed. (Under a load
+of ~10 runnable processes the LoRA worker fell to 1.35x: its many small gemms suffer most
+from contention.) Where a LoRA step goes (nt.profile, all 30 layers): the base's forward
+gemms 37%, their input-gradient gemms 31% (the frozen weights' dW gemms are skipped), the
+adapters' own gemms 15% (7 per layer; the backward's two reductions over the B*T rows
+cost most), attention 9%. Forward + input gradient are about two thirds of a full step
+by themselves, so 0.6x needs cheaper adapters (one gemm for q, k, v's shared input) and
+less than the full dX path. The memory is the activations and their grad mirror (4.6 GiB
+arena at B=4, T=256), which LoRA needs as full training does: the weights' grads and
+AdamW's moments (1.5 GiB) are what it saves.
 """
 from __future__ import annotations
 
