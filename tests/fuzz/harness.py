@@ -41,6 +41,7 @@ MEM_MB = int(os.environ.get("NT_FUZZ_MEM_MB", 2048))   # nt + numba import peaks
 CASE_TIMEOUT = float(os.environ.get("NT_FUZZ_TIMEOUT", 10))
 START_TIMEOUT = 180.0        # importing nt in a worker (slow only on a loaded machine)
 FIRST_CASE_TIMEOUT = 120.0   # a cold numba cache compiles kernels on a worker's first load
+SAVED_PER_CLASS = 20         # failing cases kept on disk per failure class
 
 PACKAGE = __package__   # "fuzz" under pytest, "tests.fuzz" under python -m tests.fuzz.run
 PACKAGE_ROOT = Path(__file__).resolve().parents[len(PACKAGE.split("."))]
@@ -305,7 +306,11 @@ def run_campaign(fmt: str, seeds: Iterable[int], work: Path, jobs: int = 1, time
                 out = judge(worker.run(folder, case.params, timeout))
                 if case.seed < 0 and out.kind != "ok":   # a valid seed must load cleanly
                     out = Outcome("fail", f"valid seed rejected ({out.label})", out.message, out.where, out.traceback)
-                saved = _save_failure(work / "failures", case, out) if out.kind == "fail" else None
+                saved = None
+                if out.kind == "fail":
+                    with lock:   # keep a few cases per class: 2,000 copies of one bug fill a disk
+                        keep = len(report.classes.get(failure_key(fmt, out), [])) < SAVED_PER_CLASS
+                    saved = _save_failure(work / "failures", case, out) if keep else None
                 if out.kind == "fail" and out.label != "Invalid":
                     # a fresh process for the next case: the failure may have left nt in a bad
                     # state. Not after Invalid: the loader returned normally and only our
