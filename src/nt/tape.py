@@ -54,6 +54,13 @@ class Tape:
         self.recording = recording
         self.rng_calls = 0
 
+    def begin_forward(self, recording: bool = True) -> None:
+        """What a model does before each forward: in training mode a recorded forward gets
+        the next dropout step (fresh masks), then the arenas rewind (reset)."""
+        if self.training and recording:
+            self.step += 1
+        self.reset(recording)
+
     @property
     def k(self):
         """The device's kernel module (nt.backend owns it)."""

@@ -216,3 +216,17 @@ def test_lora_step_allocates_nothing(monkeypatch):
     array_args, nrt_allocs, _ = measure_step_allocations(monkeypatch, model.tape.k, step)
     assert model.tape.acts.grows == grows
     assert nrt_allocs == array_args, "a kernel allocated memory in a steady LoRA step"
+
+
+def test_lora_dropout_draws_fresh_masks_each_training_step():
+    """GPT-2 has no dropout of its own, but its LoRA adapters do: two training forwards of
+    the same batch must differ (the tape's dropout step advances), eval forwards must not."""
+    for make in (lambda: GPT2(GPT), lambda: Llama(LLAMA)):
+        model = make()
+        lora = LoRA(model, rank=4, alpha=8, targets=list(targets_of(model))[:2], dropout=0.5)
+        lora.params.flat[:] = np.random.default_rng(8).standard_normal(lora.params.size).astype(np.float32)
+        idx, tgt = batch()
+        first, second = model(idx, tgt)[1], model(idx, tgt)[1]
+        assert first != second
+        model.eval()
+        assert model(idx, tgt)[1] == model(idx, tgt)[1]

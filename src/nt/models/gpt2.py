@@ -114,7 +114,7 @@ class GPT2(LanguageModel):
         with (B, T) targets (-1 = ignore), the (1,) mean-loss tensor. Records for backward()."""
         cfg, p, t = self.config, self.params, self.tape
         self._check_batch(idx, targets)
-        t.reset()
+        t.begin_forward()   # LoRA dropout draws fresh masks each training step
         self.logits = self._head(self._trunk(idx))
         self.loss = ops.cross_entropy(t, self.logits, targets, cfg.vocab_size) if targets is not None else None
         return self.logits, self.loss

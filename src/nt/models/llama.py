@@ -288,9 +288,7 @@ class Llama(LanguageModel):
         """
         cfg, p, t = self.config, self.params, self.tape
         self._check_batch(idx, targets)
-        if t.training:
-            t.step += 1  # a fresh dropout mask per training forward
-        t.reset()
+        t.begin_forward()
         x = self._trunk(idx)
         self.logits = self._classify(self._norm(x, p["norm_f"]))
         self.loss = None

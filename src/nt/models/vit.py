@@ -125,7 +125,7 @@ class ViT:
         cross-entropy tensor. Records for backward() unless record=False (inference)."""
         cfg, p, t = self.config, self.params, self.tape
         self._check_batch(images, labels)
-        t.reset(recording=record)
+        t.begin_forward(recording=record)
         x = t.new(images.shape)
         t.k.copy_(x.data, t.k.to_device(np.ascontiguousarray(images, dtype=t.dtype)))
         h = ops.patch_embed(t, x, p["patchw"], p["patchb"], cfg.patch)
