@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from . import gguf_struct
-from .mutators import Field, byte_mutation, field_mutation, json_mutation, pick
+from .mutators import DupDict, Field, byte_mutation, dumps, field_mutation, json_mutation, pick
 
 DIRECTORY = "<directory>"   # a case file that is replaced by an (empty) folder
 
@@ -441,7 +441,9 @@ def _file_mutation(rng, name: str, data: bytes) -> tuple[bytes, str]:
     return byte_mutation(rng, data)
 
 
-def _folder_mutate(rng, seed: Seed, seeds: list):
+def _folder_mutate(rng, seed: Seed, seeds: list, file_mutation: Callable = None):
+    """1-3 mutations of a folder: mostly of one file's contents, sometimes of the folder."""
+    file_mutation = file_mutation or _file_mutation
     files = dict(seed.files)
     notes = []
     for _ in range(_count(rng)):
@@ -450,7 +452,7 @@ def _folder_mutate(rng, seed: Seed, seeds: list):
             notes.append(_folder_mutation(rng, files, seed, seeds))
             continue
         name = pick(rng, live)
-        files[name], note = _file_mutation(rng, name, files[name])
+        files[name], note = file_mutation(rng, name, files[name])
         notes.append(f"{name}: {note}")
     return files, notes
 
@@ -523,8 +525,49 @@ def _line_mutation(rng, data: bytes) -> tuple[bytes, str]:
     return b"\n".join(lines), f"merges line {i}: {how}"
 
 
+def _token_map_mutation(rng, data: bytes) -> tuple[bytes, str]:
+    """vocab.json / special_tokens.json ({token: id}) with a consistent-looking lie: a token
+    respelled (outside the byte alphabet, empty, a lone surrogate, another token's name),
+    two tokens sharing an id, ids swapped, or an id pushed out of the vocabulary's range."""
+    try:
+        vocab = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return byte_mutation(rng, data)
+    if not isinstance(vocab, dict) or not vocab:
+        return json_mutation(rng, data)
+    items = list(vocab.items())
+    i = int(rng.integers(len(items)))
+    key, value = items[i]
+    how = pick(rng, ["respell", "respell", "share_id", "swap_ids", "id_range"])
+    if how == "respell":
+        new = pick(rng, ["\u00e9", "a b", "\u0000", "", "<|endoftext|>", "\ud800", "\u0120" * 300,
+                         items[int(rng.integers(len(items)))][0]])
+        items[i] = (new, value)
+        note = f"token {key!r:.20} respelled {new!r:.20}"
+    elif how == "share_id":
+        other = items[int(rng.integers(len(items)))]
+        items[i] = (key, other[1])
+        note = f"token {key!r:.20} given the id of {other[0]!r:.20} ({other[1]!r})"
+    elif how == "swap_ids":
+        j = int(rng.integers(len(items)))
+        items[i], items[j] = (key, items[j][1]), (items[j][0], value)
+        note = f"ids of tokens #{i} and #{j} swapped"
+    else:
+        new = pick(rng, [-1, len(items), len(items) + 1000, 2 ** 31, 2 ** 40, 0])
+        items[i] = (key, new)
+        note = f"token {key!r:.20} id {value!r} -> {new}"
+    # DupDict keeps a respelling that collides with another token as a duplicate key
+    return dumps(DupDict(items)).encode("utf-8"), note
+
+
+def _tok_file_mutation(rng, name: str, data: bytes) -> tuple[bytes, str]:
+    if name in ("vocab.json", "special_tokens.json") and rng.random() < 0.5:
+        return _token_map_mutation(rng, data)
+    return _file_mutation(rng, name, data)
+
+
 def tok_mutate(rng, seed: Seed, seeds: list):
-    return _folder_mutate(rng, seed, seeds)
+    return _folder_mutate(rng, seed, seeds, _tok_file_mutation)
 
 
 def tok_exercise(folder: Path, params: dict) -> None:
