@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .backend import backend
-from .tensor import Arena, Tensor
+from .tensor import ActivationArena, Arena, Tensor
 
 
 class Tape:
@@ -27,7 +27,7 @@ class Tape:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"tape dtype must be float32 or float64, got {self.dtype}")
-        self.acts = Arena(device, self.dtype, with_grad=True, name="acts")
+        self.acts = ActivationArena(device, self.dtype, name="acts")
         self.saved = Arena(device, self.dtype, with_grad=False, name="saved")
         # the forward's integer inputs (token ids, targets), copied in as llm.c copies its
         # inputs: a caller may reuse its arrays before the backward reads them
@@ -105,21 +105,41 @@ class Tape:
     def backward(self, out: Tensor, grad: Optional[np.ndarray] = None) -> None:
         """Backpropagate from `out`, seeding its grad with ones (or `grad`).
 
-        Activation grads are zeroed first; parameter grads ACCUMULATE (call the
-        model's or params' zero_grad() between steps, or not, to accumulate micro-batches).
+        Activation grads start at zero and share memory as their lifetimes allow
+        (ActivationArena.plan_grads); parameter grads ACCUMULATE (call the model's or
+        params' zero_grad() between steps, or not, to accumulate micro-batches).
         """
         if not self.recording:
             raise RuntimeError("this forward ran without recording; call tape.reset() "
                                "(recording=True) before the forward you want to differentiate")
         if out.arena is not self.acts:
             raise ValueError("backward() needs a tensor produced on this tape")
-        self.acts.zero_grad()
-        if grad is None:
-            self.k.fill_(out.gflat, 1.0)
-        else:
+        if grad is not None:
             grad = np.asarray(grad, dtype=self.dtype)
             if grad.shape != out.shape:
                 raise ValueError(f"seed grad has shape {grad.shape}, output has {out.shape}")
-            self.k.copy_(out.gflat, self.k.to_device(grad.reshape(-1)))
-        for backward_fn, args in reversed(self.records):
-            backward_fn(self.k, *args)
+        steps = list(reversed(self.records))
+        touches = [[self.acts.block(out.offset)]] + [self._touched(args) for _, args in steps]
+        zero_before = self.acts.plan_grads(touches)
+        for s, step in enumerate([None] + steps):
+            for i in zero_before[s]:
+                g, size = self.acts.block_span(i)
+                self.k.fill_(self.acts.gbuf[g:g + size], 0.0)
+            if step is None:   # step 0: seed the output's grad
+                if grad is None:
+                    self.k.fill_(out.gflat, 1.0)
+                else:
+                    self.k.copy_(out.gflat, self.k.to_device(grad.reshape(-1)))
+            else:
+                backward_fn, args = step
+                backward_fn(self.k, *args)
+
+    def _touched(self, args) -> list[int]:
+        """The activation allocations a recorded backward reads or writes grads of: every
+        activation Tensor among its arguments (and inside argument tuples)."""
+        blocks = []
+        for a in args:
+            for t in (a if isinstance(a, (tuple, list)) else (a,)):
+                if isinstance(t, Tensor) and t.arena is self.acts:
+                    blocks.append(self.acts.block(t.offset))
+        return blocks

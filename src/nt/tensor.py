@@ -1,12 +1,15 @@
 """Tensors are small handles into arenas: one flat buffer for values, one for grads.
 
-An `Arena` is a bump allocator over one contiguous buffer (and, when it tracks grads, a
-second buffer with the same layout). A `Tensor` is (arena, offset, shape); its `.data`
-and `.grad` are views made on demand, so an arena may grow during the first step
-without invalidating the handles made before.
+An `Arena` is a bump allocator over one contiguous buffer (and, for parameters, a second
+buffer with the same layout for their grads). An `ActivationArena` holds op outputs; their
+grads live in a buffer planned at each backward, where a grad occupies memory only while
+it is alive. A `Tensor` is (arena, offset, shape); its `.data` and `.grad` are views made
+on demand, so an arena may grow during the first step without invalidating the handles
+made before.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -62,14 +65,117 @@ class Arena:
         """Rewind: the next allocations reuse the same memory at the same offsets."""
         self.top = 0
 
-    def zero_grad(self) -> None:
-        """Zero the grads of everything allocated since the last reset."""
-        if self.with_grad and self.top:
-            self.k.fill_(self.gbuf[:self.top], 0.0)
+    def grad_view(self, offset: int, size: int):
+        """The grad of elements [offset, offset + size): the mirror's, or None without grads."""
+        return None if self.gbuf is None else self.gbuf[offset:offset + size]
 
     @property
     def nbytes(self) -> int:
-        return self.buf.shape[0] * self.dtype.itemsize * (2 if self.with_grad else 1)
+        grads = 0 if self.gbuf is None else self.gbuf.shape[0]
+        return (self.buf.shape[0] + grads) * self.dtype.itemsize
+
+
+class ActivationArena(Arena):
+    """The tape's arena for op outputs, with grads that do not mirror it.
+
+    An activation's grad is needed only from the backward of the last op that reads the
+    activation (the first backward to run that touches it) to the backward of the op
+    that made it. `plan_grads`, called by Tape.backward with what each backward touches,
+    gives each allocation a grad slot for exactly that stretch and hands the slot on when
+    it dies (first fit), so the grad buffer holds the most grads alive at once instead of
+    one per activation; the plan is the same every step of the same shapes, so a steady
+    step grows nothing. Grads exist only during backward(): read them there.
+    """
+
+    def __init__(self, device: str, dtype, name: str):
+        super().__init__(device, dtype, with_grad=False, name=name)
+        self.gbuf = self.k.empty(0, self.dtype)
+        self.starts: list[int] = []      # offset of every allocation since the last reset, ascending
+        self.gstarts: Optional[list[int]] = None   # each allocation's grad offset in gbuf, once planned
+
+    def alloc(self, shape: Sequence[int]) -> "Tensor":
+        t = super().alloc(shape)
+        self.starts.append(t.offset)
+        self.gstarts = None
+        return t
+
+    def reset(self) -> None:
+        super().reset()
+        self.starts.clear()
+        self.gstarts = None
+
+    def block(self, offset: int) -> int:
+        """The allocation that holds element `offset` (views share their allocation's grad)."""
+        return bisect.bisect_right(self.starts, offset) - 1
+
+    def block_span(self, i: int) -> tuple[int, int]:
+        """(grad offset, size) of allocation i's grad slot."""
+        end = self.starts[i + 1] if i + 1 < len(self.starts) else self.top
+        return self.gstarts[i], end - self.starts[i]
+
+    def grad_view(self, offset: int, size: int):
+        if self.gstarts is None:
+            raise RuntimeError("activation grads exist only while tape.backward() runs (they share memory); "
+                               "read a parameter's grad, or an activation's inside a backward")
+        i = self.block(offset)
+        g = self.gstarts[i] + offset - self.starts[i]
+        return self.gbuf[g:g + size]
+
+    def plan_grads(self, touches: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Give every allocation in `touches` a grad slot. touches[s] lists the allocations
+        whose grads step s of the backward reads or writes (step 0 seeds the output's grad,
+        then the recorded ops in backward order). A slot is live from the first step that
+        touches its allocation to the last; dead slots are reused. Returns, per step, the
+        allocations whose slots must be zeroed before it (grads accumulate with +=)."""
+        n = len(self.starts)
+        first, last = [-1] * n, [-1] * n
+        for s, blocks in enumerate(touches):
+            for i in blocks:
+                if first[i] < 0:
+                    first[i] = s
+                last[i] = s
+        sizes = [(self.starts[i + 1] if i + 1 < n else self.top) - self.starts[i] for i in range(n)]
+        born: list[list[int]] = [[] for _ in touches]
+        dies: list[list[int]] = [[] for _ in touches]
+        for i in range(n):
+            if first[i] >= 0:
+                born[first[i]].append(i)
+                dies[last[i]].append(i)
+        gstarts = [0] * n
+        free: list[list[int]] = []   # [start, size] of dead slots, by start
+        end = 0
+        for s in range(len(touches)):
+            for i in born[s]:
+                gstarts[i], end = _take(free, sizes[i], end)
+            for i in dies[s]:
+                _give(free, gstarts[i], sizes[i])
+        if end > self.gbuf.shape[0]:
+            self.gbuf = self.k.empty(max(end, 2 * self.gbuf.shape[0]), self.dtype)
+            self.grows += 1
+        self.gstarts = gstarts
+        return born
+
+
+def _take(free: list, size: int, end: int) -> tuple[int, int]:
+    """A slot of `size` from the first dead slot that fits, else from the end; (start, new end)."""
+    for j, (start, room) in enumerate(free):
+        if room >= size:
+            if room == size:
+                free.pop(j)
+            else:
+                free[j] = [start + size, room - size]
+            return start, end
+    return end, end + size
+
+
+def _give(free: list, start: int, size: int) -> None:
+    """Return a slot to the dead list, merged with its neighbours."""
+    j = bisect.bisect_left(free, [start, size])
+    free.insert(j, [start, size])
+    if j + 1 < len(free) and free[j][0] + free[j][1] == free[j + 1][0]:
+        free[j][1] += free.pop(j + 1)[1]
+    if j > 0 and free[j - 1][0] + free[j - 1][1] == free[j][0]:
+        free[j - 1][1] += free.pop(j)[1]
 
 
 class Tensor:
@@ -90,10 +196,9 @@ class Tensor:
 
     @property
     def grad(self):
-        """The gradient, same shape; None when the arena keeps no grads."""
-        if self.arena.gbuf is None:
-            return None
-        return self.arena.gbuf[self.offset:self.offset + self.size].reshape(self.shape)
+        """The gradient, same shape; None when the arena keeps no grads (a frozen parameter)."""
+        view = self.arena.grad_view(self.offset, self.size)
+        return None if view is None else view.reshape(self.shape)
 
     @property
     def flat(self):
@@ -101,7 +206,7 @@ class Tensor:
 
     @property
     def gflat(self):
-        return self.arena.gbuf[self.offset:self.offset + self.size]
+        return self.arena.grad_view(self.offset, self.size)
 
     @property
     def dtype(self) -> np.dtype:

@@ -80,3 +80,38 @@ def test_tensor_views_and_bad_dtype():
         Tape("cpu", np.int32)
     with pytest.raises(ValueError, match="unknown device"):
         Tape("tpu")
+
+
+def test_activation_grads_share_memory_as_their_lifetimes_allow():
+    """An activation's grad lives from the first backward that touches it to its producer's
+    backward; dead slots are reused, so the grad buffer is far smaller than the activations
+    while every parameter grad stays exact (the GPT-2 tests compare them with a reference)."""
+    from nt.models import GPT2, GPT2Config
+    model = GPT2(GPT2Config(block_size=32, vocab_size=64, n_layer=4, n_head=2, n_embd=32), seed=0)
+    idx = np.random.default_rng(0).integers(0, 64, (2, 32)).astype(np.int32)
+    model.forward(idx, np.roll(idx, -1, 1))
+    model.backward()
+    acts = model.tape.acts
+    assert acts.gbuf.shape[0] < acts.top // 3
+    logits, _ = model.forward(idx, np.roll(idx, -1, 1))   # a new forward: no plan until its backward
+    with pytest.raises(RuntimeError, match="only while tape.backward"):
+        logits.grad
+
+
+def test_grad_slots_never_overlap_while_alive():
+    from nt.tensor import ActivationArena
+    arena = ActivationArena("cpu", np.float64, "t")
+    blocks = [arena.alloc((n,)) for n in (16, 48, 16, 32, 64)]
+    touches = [[4], [4, 3], [3, 1], [2, 1], [0, 2], [0]]
+    arena.plan_grads(touches)
+    live = {}
+    for s, step in enumerate(touches):
+        for i in step:
+            live.setdefault(i, [s, s])[1] = s
+    spans = {i: arena.block_span(i) for i in live}
+    for i in live:
+        for j in live:
+            if i < j and not (live[i][1] < live[j][0] or live[j][1] < live[i][0]):   # alive together
+                (gi, si), (gj, sj) = spans[i], spans[j]
+                assert gi + si <= gj or gj + sj <= gi, (i, j)
+    assert arena.gbuf.shape[0] < sum(b.size for b in blocks)
