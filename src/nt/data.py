@@ -226,8 +226,11 @@ class DataLoader:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"loader state is for {key}={state[key]}, this loader has {getattr(self, key)} "
                                  "(different data or settings)")
+        for key in ("epoch", "position"):
+            if isinstance(state[key], bool) or not isinstance(state[key], (int, np.integer)) or state[key] < 0:
+                raise ValueError(f"loader state {key!r} must be an integer >= 0, got {state[key]!r:.40}")
         position = int(state["position"])
-        if not 0 <= position <= self.per_rank:
+        if position > self.per_rank:
             raise ValueError(f"loader position {position} is outside this rank's {self.per_rank} windows")
         self.epoch, self.position = int(state["epoch"]), position
         self._order = self._epoch_order()

@@ -66,13 +66,29 @@ class Optimizer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned (shapes must match this optimizer's)."""
+        """Restore what state_dict() returned. The state is checked as the constructor checks
+        its arguments (a file may hold anything): hyperparameters in range, counters
+        non-negative integers, buffers finite and of this optimizer's shapes."""
         if state.get("type") != type(self).__name__:
             raise ValueError(f"state is for a {state.get('type')!r} optimizer, not {type(self).__name__}")
         names = self._hyper + self._scalars + self._device + self._host
         missing = [n for n in names if n not in state]
         if missing:
             raise ValueError(f"{type(self).__name__} state is missing {missing}")
+        for name in self._hyper + self._scalars:
+            value = state[name]
+            # hyperparameters are finite; a running value may be infinite (Chuck's best loss before any)
+            if not isinstance(value, (int, float, np.integer, np.floating)) or math.isnan(value) \
+                    or (name in self._hyper and not math.isfinite(value)):
+                raise ValueError(f"{type(self).__name__} state {name!r} must be a finite number, got {value!r:.40}")
+            if isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool) \
+                    and not (math.isfinite(value) and value == int(value) and value >= 0):
+                raise ValueError(f"{type(self).__name__} state {name!r} must be an integer >= 0, got {value!r}")
+        self._check_hyper(**{name: state[name] for name in self._hyper})
+        for name in self._device:
+            value = np.asarray(state[name])
+            if value.dtype.kind != "f" or not np.isfinite(value).all():
+                raise ValueError(f"{type(self).__name__} state {name!r} must hold finite floats")
         for name in self._device + self._host:
             current, value = getattr(self, name), np.asarray(state[name])
             if name in self._device:
@@ -88,6 +104,10 @@ class Optimizer:
 
     def _check_state(self) -> None:
         """Raise if loaded host state does not fit these parameters."""
+
+    def _check_hyper(self, **hyper) -> None:
+        """Raise ValueError when hyperparameters break this optimizer's rules (the
+        constructor's arguments and a loaded state are checked alike)."""
 
 
 def _check(cond: bool, what: str) -> None:
@@ -113,15 +133,19 @@ class SGD(Optimizer):
 
     def __init__(self, params: Params, lr: float = 1e-2, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
-        _check(lr >= 0 and 0 <= momentum < 1 and 0 <= dampening <= 1 and weight_decay >= 0,
-               f"SGD: invalid hyperparameters lr={lr} momentum={momentum} dampening={dampening} "
-               f"weight_decay={weight_decay}")
-        _check(not nesterov or (momentum > 0 and dampening == 0),
-               "SGD: nesterov needs momentum > 0 and dampening 0")
+        self._check_hyper(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                          nesterov=nesterov)
         super().__init__(params)
         self.lr, self.momentum, self.dampening = float(lr), float(momentum), float(dampening)
         self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
         self.momentum_buf = self._zeros(params.size, params.dtype)
+
+    def _check_hyper(self, lr, momentum, dampening, weight_decay, nesterov) -> None:
+        _check(0 <= lr < math.inf and 0 <= momentum < 1 and 0 <= dampening <= 1 and 0 <= weight_decay < math.inf,
+               f"SGD: invalid hyperparameters lr={lr} momentum={momentum} dampening={dampening} "
+               f"weight_decay={weight_decay}")
+        _check(not nesterov or (momentum > 0 and dampening == 0),
+               "SGD: nesterov needs momentum > 0 and dampening 0")
 
     def step(self, lr: Optional[float] = None, grad_scale: float = 1.0, *, loss: Optional[float] = None) -> None:
         """One update from the grads in `params.grad` times `grad_scale` (see clip_factor;
@@ -154,9 +178,7 @@ class Adam(Optimizer):
 
     def __init__(self, params: Params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        _check(lr >= 0 and eps > 0 and weight_decay >= 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1,
-               f"{type(self).__name__}: invalid hyperparameters lr={lr} betas={betas} eps={eps} "
-               f"weight_decay={weight_decay}")
+        Adam._check_hyper(self, lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
         super().__init__(params)
         self.lr, self.beta1, self.beta2 = float(lr), float(betas[0]), float(betas[1])
         self.eps, self.weight_decay = float(eps), float(weight_decay)
@@ -174,6 +196,16 @@ class Adam(Optimizer):
 
     def _segments(self, params: Params) -> np.ndarray:
         return np.array([0, params.size], dtype=np.int64)
+
+    def _check_hyper(self, lr, beta1, beta2, eps, weight_decay) -> None:
+        _check(0 <= lr < math.inf and 0 < eps < math.inf and 0 <= weight_decay < math.inf
+               and 0 <= beta1 < 1 and 0 <= beta2 < 1,
+               f"{type(self).__name__}: invalid hyperparameters lr={lr} betas=({beta1}, {beta2}) eps={eps} "
+               f"weight_decay={weight_decay}")
+
+    def _check_state(self) -> None:
+        if float(np.min(self.k.to_host(self.v), initial=0.0)) < 0:
+            raise ValueError(f"{type(self).__name__} state 'v' (second moments) holds negative values")
 
     def _update(self, seg_scale, seg_step, lr: float, grad_scale: float) -> None:
         l2, decay = (0.0, self.weight_decay) if self.decoupled else (self.weight_decay, 0.0)
@@ -305,16 +337,9 @@ class Chuck(Adam):
                  patience: int = 300, lr_decay: float = 0.5, lr_floor: float = 0.01,
                  improve_tol: float = 1e-3):
         super().__init__(params, lr, betas, eps, weight_decay)
-        _check(0 <= loss_beta < 1, f"Chuck: loss_beta must be in [0, 1), got {loss_beta}")
-        _check(trend_window == 0 or trend_window >= 3, f"Chuck: trend_window must be 0 (off) or >= 3, got {trend_window}")
-        _check(0 < damp_down <= 1 <= damp_up and 0 < damp_min <= 1 and 0 <= trend_osc <= 1 and trend_tol >= 0,
-               "Chuck: need 0 < damp_down <= 1 <= damp_up, 0 < damp_min <= 1, 0 <= trend_osc <= 1, trend_tol >= 0")
-        _check(0 <= gnorm_beta < 1 and (gnorm_ratio == 0 or gnorm_ratio >= 1),
-               "Chuck: need 0 <= gnorm_beta < 1 and gnorm_ratio 0 (off) or >= 1")
-        _check(min(noise_patience, freeze_patience, patience, seed) >= 0 and noise_scale >= 0
-               and freeze_threshold >= 0, "Chuck: patiences, seed, noise_scale, freeze_threshold must be >= 0")
-        _check(0 < lr_decay <= 1 and 0 < lr_floor <= 1 and improve_tol >= 0,
-               "Chuck: need 0 < lr_decay <= 1, 0 < lr_floor <= 1, improve_tol >= 0")
+        self._check_own_hyper(loss_beta, trend_window, trend_tol, trend_osc, damp_down, damp_up, damp_min, gnorm_beta,
+                              gnorm_ratio, noise_patience, noise_scale, seed, freeze_threshold, freeze_patience,
+                              patience, lr_decay, lr_floor, improve_tol)
         self.loss_beta = float(loss_beta)
         self.trend_window, self.trend_tol, self.trend_osc = int(trend_window), float(trend_tol), float(trend_osc)
         self.damp_down, self.damp_up, self.damp_min = float(damp_down), float(damp_up), float(damp_min)
@@ -348,7 +373,30 @@ class Chuck(Adam):
     def _segments(self, params: Params) -> np.ndarray:
         return tensor_offsets(params)
 
+    def _check_hyper(self, lr, beta1, beta2, eps, weight_decay, **own) -> None:
+        Adam._check_hyper(self, lr, beta1, beta2, eps, weight_decay)
+        self._check_own_hyper(**own)
+
+    @staticmethod
+    def _check_own_hyper(loss_beta, trend_window, trend_tol, trend_osc, damp_down, damp_up, damp_min, gnorm_beta,
+                         gnorm_ratio, noise_patience, noise_scale, seed, freeze_threshold, freeze_patience, patience,
+                         lr_decay, lr_floor, improve_tol) -> None:
+        """Chuck's own hyperparameters (a loaded state's too: they size its host arrays)."""
+        _check(0 <= loss_beta < 1, f"Chuck: loss_beta must be in [0, 1), got {loss_beta}")
+        _check(trend_window == 0 or trend_window >= 3, f"Chuck: trend_window must be 0 (off) or >= 3, got {trend_window}")
+        _check(0 < damp_down <= 1 <= damp_up < math.inf and 0 < damp_min <= 1 and 0 <= trend_osc <= 1
+               and 0 <= trend_tol < math.inf,
+               "Chuck: need 0 < damp_down <= 1 <= damp_up, 0 < damp_min <= 1, 0 <= trend_osc <= 1, trend_tol >= 0")
+        _check(0 <= gnorm_beta < 1 and (gnorm_ratio == 0 or 1 <= gnorm_ratio < math.inf),
+               "Chuck: need 0 <= gnorm_beta < 1 and gnorm_ratio 0 (off) or >= 1")
+        _check(min(noise_patience, freeze_patience, patience, seed) >= 0 and 0 <= noise_scale < math.inf
+               and 0 <= freeze_threshold < math.inf,
+               "Chuck: patiences, seed, noise_scale, freeze_threshold must be >= 0")
+        _check(0 < lr_decay <= 1 and 0 < lr_floor <= 1 and 0 <= improve_tol < math.inf,
+               "Chuck: need 0 < lr_decay <= 1, 0 < lr_floor <= 1, improve_tol >= 0")
+
     def _check_state(self) -> None:
+        super()._check_state()
         S = self._sqrt_sizes.size
         for name in ("gnorm_avg", "tiny_count", "tensor_steps"):
             if getattr(self, name).shape != (S,):
@@ -581,8 +629,17 @@ class GradScaler:
         return {"type": "GradScaler", **{name: getattr(self, name) for name in self._fields}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Take a state_dict()'s values, checked as the constructor checks its arguments."""
         if state.get("type") != "GradScaler":
             raise ValueError(f"state is for {state.get('type')!r}, not GradScaler")
+        for name in self._fields:
+            value, kind = state[name], type(getattr(self, name))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (kind is int and value != int(value)):
+                raise ValueError(f"GradScaler state {name!r} must be a finite number >= 0, got {value!r:.40}")
+        _check(state["scale"] > 0 and state["growth_factor"] >= 1 and 0 < state["backoff_factor"] <= 1,
+               f"GradScaler state out of range: scale={state['scale']} growth_factor={state['growth_factor']} "
+               f"backoff_factor={state['backoff_factor']}")
         for name in self._fields:
             setattr(self, name, type(getattr(self, name))(state[name]))
 
@@ -596,7 +653,7 @@ class LRSchedule:
     `state_dict()` returns as JSON-ready numbers (`schedule_from_state` rebuilds one)."""
 
     def __init__(self, lr: float, warmup: int = 0):
-        _check(lr >= 0 and warmup >= 0, f"{type(self).__name__}: invalid lr={lr} warmup={warmup}")
+        _check(0 <= lr < math.inf and 0 <= warmup < math.inf, f"{type(self).__name__}: invalid lr={lr} warmup={warmup}")
         self.lr, self.warmup = float(lr), int(warmup)
 
     def __call__(self, step: int) -> float:
@@ -613,10 +670,10 @@ class LRSchedule:
         return {"type": type(self).__name__, **vars(self)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Take the hyperparameters of a state_dict(), checked by the constructor."""
         if state.get("type") != type(self).__name__:
             raise ValueError(f"state is for {state.get('type')!r}, not {type(self).__name__}")
-        for name, value in vars(self).items():
-            setattr(self, name, type(value)(state[name]))
+        vars(self).update(vars(schedule_from_state(state)))
 
 
 class ConstantSchedule(LRSchedule):
@@ -628,7 +685,7 @@ class CosineSchedule(LRSchedule):
 
     def __init__(self, lr: float, warmup: int, total: int, min_ratio: float = 0.1):
         super().__init__(lr, warmup)
-        _check(total > 0 and 0 <= min_ratio <= 1, f"CosineSchedule: invalid total={total} min_ratio={min_ratio}")
+        _check(0 < total < math.inf and 0 <= min_ratio <= 1, f"CosineSchedule: invalid total={total} min_ratio={min_ratio}")
         self.total, self.min_ratio = int(total), float(min_ratio)
 
     def decayed(self, step: int) -> float:
@@ -642,7 +699,7 @@ class LinearSchedule(LRSchedule):
 
     def __init__(self, lr: float, warmup: int, total: int, min_ratio: float = 0.0):
         super().__init__(lr, warmup)
-        _check(total > 0 and 0 <= min_ratio <= 1, f"LinearSchedule: invalid total={total} min_ratio={min_ratio}")
+        _check(0 < total < math.inf and 0 <= min_ratio <= 1, f"LinearSchedule: invalid total={total} min_ratio={min_ratio}")
         self.total, self.min_ratio = int(total), float(min_ratio)
 
     def decayed(self, step: int) -> float:
@@ -655,7 +712,7 @@ class StepSchedule(LRSchedule):
 
     def __init__(self, lr: float, warmup: int, step_size: int, gamma: float = 0.1):
         super().__init__(lr, warmup)
-        _check(step_size > 0 and 0 < gamma <= 1, f"StepSchedule: invalid step_size={step_size} gamma={gamma}")
+        _check(0 < step_size < math.inf and 0 < gamma <= 1, f"StepSchedule: invalid step_size={step_size} gamma={gamma}")
         self.step_size, self.gamma = int(step_size), float(gamma)
 
     def decayed(self, step: int) -> float:
@@ -670,4 +727,8 @@ def schedule_from_state(state: dict) -> LRSchedule:
     if state.get("type") not in SCHEDULES:
         raise ValueError(f"unknown schedule {state.get('type')!r}; known: {sorted(SCHEDULES)}")
     # attribute names are the constructor's argument names, so the constructor validates
-    return SCHEDULES[state["type"]](**{k: v for k, v in state.items() if k != "type"})
+    values = {k: v for k, v in state.items() if k != "type"}
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{state['type']} state {k!r} must be a finite number, got {v!r:.40}")
+    return SCHEDULES[state["type"]](**values)

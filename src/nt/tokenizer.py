@@ -453,7 +453,10 @@ class BPE:
             is_bytes = all(ch in decoder for ch in token)
             if token in explicit or not is_bytes or (len(token) > 1 and i not in made):
                 specials[token] = i
-                vocab[i] = token.encode("utf-8")
+                try:
+                    vocab[i] = token.encode("utf-8")
+                except UnicodeEncodeError:   # a lone surrogate, e.g. "\ud800" escaped in the JSON
+                    raise FormatError(f"{vocab_where}: token {i} ({token!r:.40}) is not valid Unicode text") from None
             else:
                 vocab[i] = bytes(decoder[ch] for ch in token)
         try:

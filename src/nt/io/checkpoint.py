@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from .common import FormatError, atomic_write_text, expect, read_json
+from .common import FormatError, atomic_write_text, expect, read_json, require_finite
 from .safetensors import TensorInfo, load_safetensors, read_safetensors_header, save_safetensors
 
 MODEL_WEIGHTS = "model.safetensors"
@@ -310,7 +310,7 @@ def _restore(where: Path, what: str, apply: Callable[[], None]) -> None:
         apply()
     except FormatError:
         raise
-    except (KeyError, IndexError, TypeError, ValueError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError) as e:
         raise FormatError(f"{where}: the saved {what} does not fit: {type(e).__name__}: {e}") from None
 
 
@@ -440,7 +440,8 @@ def _load_params(path, params) -> None:
     tensors, _ = load_safetensors(path)
     k = params.k
     for name, t in params.items():
-        k.copy_(t.flat, k.to_device(np.ascontiguousarray(tensors[name].reshape(-1), dtype=params.dtype)))
+        values = require_finite(tensors[name].reshape(-1), f"{path}: parameter {name!r}")
+        k.copy_(t.flat, k.to_device(np.ascontiguousarray(values, dtype=params.dtype)))
 
 
 def load_checkpoint(directory, model=None, optimizer=None, *, schedule=None,

@@ -7,6 +7,7 @@ file's real size and sane limits before it sizes an allocation, and every proble
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -85,7 +86,8 @@ def parse_json(raw: bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     if _max_depth(text) > max_depth:
         raise FormatError(f"{where}: JSON nested deeper than {max_depth} levels")
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                         parse_float=_finite_float)
     except (json.JSONDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{where}: not valid JSON: {e}") from None
     return obj
@@ -93,6 +95,15 @@ def parse_json(raw: bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number literal as a float; one too large for a float (1e999) is refused rather
+    than read as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of the float range")
+    return value
 
 
 def read_json(path, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,
@@ -112,6 +123,17 @@ def read_json(path, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_D
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror}") from None
     return parse_json(raw, str(path), max_depth)
+
+
+def require_finite(values: np.ndarray, where: str) -> np.ndarray:
+    """`values` if every one is finite, else a FormatError naming `where`, how many are not
+    and the first one's index: a model with a NaN or inf weight only produces NaN."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        first = np.unravel_index(int(np.argmin(finite)), values.shape)
+        raise FormatError(f"{where}: {int(values.size - np.count_nonzero(finite))} of {values.size} values are "
+                          f"NaN or infinite (the first at index {tuple(int(i) for i in first)})")
+    return values
 
 
 def expect(value, kind, where: str, field: str):

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Optional, Union
 import numpy as np
 
 from .. import ops
-from ..io.common import FormatError
+from ..io.common import FormatError, require_finite
 from ..io.gguf import DEQUANTIZE_TYPES, FILE_TYPES, GGML_TYPE_IDS, GGML_TYPES, WRITE_TYPES, GGUFFile, write_gguf
 from ..tokenizer import (ENDOFTEXT, BPE, SP_BYTE, SP_CONTROL, SP_NORMAL, SP_UNUSED, SP_USER_DEFINED, SentencePieceBPE,
                          bytes_to_unicode)
@@ -204,12 +204,12 @@ def _gpt2_import(f: GGUFFile, cfg: GPT2Config, device: str) -> GPT2:
     for nt_name, gguf_name in GPT2_TENSOR_NAMES:
         view = p[nt_name]
         if nt_name == "wte":
-            view[:cfg.vocab_size] = f.dequantize(gguf_name)
+            view[:cfg.vocab_size] = _dequantized(f, gguf_name)
         elif "{l}" in gguf_name:
             for l in range(cfg.n_layer):
-                view[l] = f.dequantize(gguf_name.format(l=l))
+                view[l] = _dequantized(f, gguf_name.format(l=l))
         else:
-            view[:] = f.dequantize(gguf_name)
+            view[:] = _dequantized(f, gguf_name)
     model.load_flat(host)
     return model
 
@@ -415,9 +415,19 @@ def _kept_quantized(f: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
     return out
 
 
+def _dequantized(f: GGUFFile, name: str) -> np.ndarray:
+    """A tensor as float32, refused (FormatError naming it) when a value is NaN or infinite."""
+    return require_finite(f.dequantize(name), f"{f.path}: tensor {name!r}")
+
+
 def _raw_rows(f: GGUFFile, name: str) -> np.ndarray:
-    """The stored blocks of a (OC, C) matrix as a (OC, bytes per row) uint8 copy."""
-    return np.array(f.raw(name)).reshape(f.tensor_infos[name].shape[0], -1)
+    """The stored blocks of a (OC, C) matrix as a (OC, bytes per row) uint8 copy; the blocks'
+    float16 scales (their first two bytes, in Q8_0 and Q4_0) must be finite."""
+    rows = np.array(f.raw(name)).reshape(f.tensor_infos[name].shape[0], -1)
+    block = {"Q8_0": 34, "Q4_0": 18}[f.tensor_infos[name].type]
+    scales = rows.reshape(-1, block)[:, :2].copy().view("<f2")
+    require_finite(scales, f"{f.path}: tensor {name!r} (block scales)")
+    return rows
 
 
 def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bool) -> Llama:
@@ -425,19 +435,19 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
     model = Llama(cfg, device=device, seed=None, quantized=quantized)
     host = np.zeros(model.params.numel, dtype=np.float32)
     p = _param_views(model, host)
-    p["wte"][:cfg.vocab_size] = f.dequantize("token_embd.weight")
+    p["wte"][:cfg.vocab_size] = _dequantized(f, "token_embd.weight")
     tensors = _layer_tensors(cfg)
     for l in range(cfg.n_layers):
         for n in quantized.keys() & set(_KEPT_MATRICES):
             model.qweights[n][l] = np.concatenate([_raw_rows(f, f"blk.{l}.{g}") for m, g, _, _ in tensors if m == n])
         for n, g, a, b in tensors:
             if n not in quantized:
-                p[n][l][a:b] = f.dequantize(f"blk.{l}.{g}")
-    p["norm_f"][:] = f.dequantize("output_norm.weight")
+                p[n][l][a:b] = _dequantized(f, f"blk.{l}.{g}")
+    p["norm_f"][:] = _dequantized(f, "output_norm.weight")
     if "lm_head" in quantized:
         model.qweights["lm_head"] = _raw_rows(f, "output.weight")
     elif not cfg.tie_embeddings:
-        p["lm_head"][:cfg.vocab_size] = f.dequantize("output.weight")
+        p["lm_head"][:cfg.vocab_size] = _dequantized(f, "output.weight")
     model.load_flat(host)
     return model
 

@@ -149,9 +149,10 @@ class GPT2(LanguageModel):
         """Load an llm.c GPT-2 checkpoint (`gpt2_124M.bin`-style, magic 20240326).
         Sizes this model cannot take (NH not dividing C, a vocabulary padded other than
         to a multiple of 128) are FormatErrors naming the file."""
-        from ..io.common import FormatError
+        from ..io.common import FormatError, require_finite
         from ..io.llmc import read_llmc_checkpoint
         sizes, flat = read_llmc_checkpoint(path)
+        require_finite(flat, f"{path}: the parameters")
         try:
             config = GPT2Config(block_size=sizes.block_size, vocab_size=sizes.vocab_size, n_layer=sizes.n_layer,
                                 n_head=sizes.n_head, n_embd=sizes.n_embd)
