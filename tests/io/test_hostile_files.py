@@ -100,3 +100,12 @@ def test_io_does_not_import_the_models(name):
     """The models import nt.io; nt.io reaches the models only inside functions that build one."""
     imports = module_level_imports(IO_DIR / name)
     assert not [m for m in imports if m.startswith("..models") or m.startswith("nt.models") or m == ".."], imports
+
+
+def test_atomic_write_takes_one_bytes_object_as_one_chunk(tmp_path):
+    """A bytes object passed alone is written as it is (iterating it would write ints)."""
+    from nt.io.common import atomic_write
+    atomic_write(tmp_path / "a.bin", b"\xe2\x96\x81abc")
+    atomic_write(tmp_path / "b.bin", [b"ab", np.arange(2, dtype=np.uint8)])
+    assert (tmp_path / "a.bin").read_bytes() == b"\xe2\x96\x81abc"
+    assert (tmp_path / "b.bin").read_bytes() == b"ab\x00\x01"

@@ -29,7 +29,10 @@ class FormatError(ValueError):
 
 def atomic_write(path, chunks: Iterable) -> None:
     """Write byte-like chunks (bytes, or NumPy arrays written as their raw bytes) to a
-    temporary name beside `path`, fsync, then rename: a crash never leaves half a file."""
+    temporary name beside `path`, fsync, then rename: a crash never leaves half a file.
+    A single bytes object is one chunk (not a sequence of ints)."""
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = [chunks]
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
