@@ -21,6 +21,8 @@ import math
 
 from numba import njit, prange
 
+from .activations import _sigmoid as sigmoid
+
 SIGMOID, IPO = 0, 1   # DPO loss kinds
 
 
@@ -28,15 +30,6 @@ SIGMOID, IPO = 0, 1   # DPO loss kinds
 def log_sigmoid(x):
     """log(1 / (1 + exp(-x))) without overflow for large |x|."""
     return min(x, 0.0) - math.log1p(math.exp(-abs(x)))
-
-
-@njit(cache=True)
-def sigmoid(x):
-    """1 / (1 + exp(-x)), stable for large |x|."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
 
 
 @njit(cache=True)

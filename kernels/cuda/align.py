@@ -10,6 +10,7 @@ import math
 import numpy as np
 from numba import cuda
 
+from .activations import _sigmoid
 from .launch import THREADS, block_sum, blocks
 
 SIGMOID, IPO = 0, 1
@@ -18,14 +19,6 @@ SIGMOID, IPO = 0, 1
 @cuda.jit(device=True, cache=True)
 def _log_sigmoid(x):
     return min(x, 0.0) - math.log1p(math.exp(-abs(x)))
-
-
-@cuda.jit(device=True, cache=True)
-def _sigmoid(x):
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
 
 
 @cuda.jit(device=True, cache=True)
