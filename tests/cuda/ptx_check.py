@@ -1,15 +1,30 @@
-"""Compile every CUDA kernel to PTX with the real numba-cuda compiler (no GPU needed).
+"""Compile every CUDA kernel to PTX with the real numba-cuda compiler, and (with
+--resources) assemble it with ptxas to check registers, spills and memory (no GPU needed).
 
 The simulator runs kernels as Python, so it cannot catch what the CUDA compiler rejects
-(typing, unsupported functions). This script, run by test_ptx.py in a subprocess
-without NUMBA_ENABLE_CUDASIM, type-checks and compiles each kernel for the argument
-types the wrappers pass. It needs libNVVM (the `nvidia-nvvm` wheel that
-`pip install 'nt[cuda]'` brings, or a CUDA toolkit). Usage: python ptx_check.py [dtype ...]
+(typing, unsupported functions), nor what a kernel costs on a GPU. This script, run by
+test_ptx.py in a subprocess without NUMBA_ENABLE_CUDASIM, type-checks and compiles each
+kernel for the argument types the wrappers pass (libNVVM: the `nvidia-nvvm` wheel, or a
+CUDA toolkit). With --resources it assembles each kernel's PTX for sm_80 (A100) and sm_90
+(H100) with `ptxas -v` (the `nvidia-cuda-nvcc` wheel in nt[dev], or a toolkit) and fails on
+register spills, a per-thread stack frame (local memory) above LOCAL_BUDGET, or static
+shared memory above SHARED_LIMIT (ptxas_resources.py); it prints registers / shared / local
+per kernel and arch.
+
+Usage: python ptx_check.py [--resources] [--json FILE] [dtype ...]
+
+To add a kernel: append (kernel, argument types) to signatures(); test_ptx.py fails while
+a kernel of nt.kernels.cuda has none.
 """
+import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
+sys.path.insert(0, os.path.dirname(__file__))
+
+from ptxas_resources import ARCHS, LOCAL_BUDGET, SHARED_LIMIT, Ptxas, find_ptxas, problems  # noqa: E402
 
 from numba import cuda, types  # noqa: E402
 from numba.cuda import dispatcher  # noqa: E402
@@ -125,24 +140,69 @@ def all_kernels():
     return found
 
 
-def main(dtypes):
+def check_resources(compiled, ptxas, options=()) -> tuple:
+    """Assemble every (name, ptx) for each arch in ARCHS (in parallel: ptxas is one process
+    per module); returns ({name: {arch: resources}}, [failure lines])."""
+    jobs = [(name, ptx, arch) for name, ptx in compiled for arch in ARCHS]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(lambda job: ptxas.resources(job[1], job[2], options), jobs))
+    table, failures = {}, []
+    for (name, _, arch), res in zip(jobs, results):
+        table.setdefault(name, {})[arch] = res
+        failures += [f"FAIL {name} {arch}: {why}" for why in problems(res)]
+    return table, failures
+
+
+def _print_table(table):
+    print(f"{'kernel':58s}" + "".join(f"{arch + ' regs/smem/stack':>24s}" for arch in ARCHS))
+    for name, per_arch in table.items():
+        print(f"{name:58s}" + "".join(f"{r['registers']:>10d}{r['shared']:>8d}{r['stack']:>6d}"
+                                      for r in (per_arch[a] for a in ARCHS)))
+
+
+def main(argv):
+    want_resources = "--resources" in argv
+    json_out = argv[argv.index("--json") + 1] if "--json" in argv else None
+    dtypes = [a for a in argv if not a.startswith("--") and a != json_out] or ["float32", "float64"]
     listed = {kernel for kernel, _ in signatures(types.float32)}
     missing = sorted(k.py_func.__qualname__ for k in all_kernels() - listed)
     if missing:  # a new kernel must get its signature above
         print(f"kernels without a signature in ptx_check.py: {missing}")
         return 1
-    failures = 0
-    for name in dtypes:
-        for kernel, sig in signatures(getattr(types, name)):
+    ptxas = None
+    if want_resources:
+        path = find_ptxas()
+        if path is None:
+            print("ptxas not found (pip install nvidia-cuda-nvcc, in nt[dev])")
+            return 1
+        ptxas = Ptxas(path)
+    failures, compiled = 0, []
+    for dtype in dtypes:
+        seen = {}
+        for kernel, sig in signatures(getattr(types, dtype)):
+            name = f"{kernel.py_func.__module__.rsplit('.', 1)[-1]}.{kernel.py_func.__name__}"
+            seen[name] = seen.get(name, 0) + 1
+            name += f"#{seen[name]} [{dtype}]" if seen[name] > 1 else f" [{dtype}]"
             try:
-                cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0))
+                ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0))
+                compiled.append((name, ptx))
             except Exception as e:  # report every failing kernel, not just the first
                 failures += 1
-                print(f"FAIL {kernel.py_func.__module__}.{kernel.py_func.__name__} [{name}]: "
-                      f"{type(e).__name__}: {str(e)[:2000]}")
+                print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")
     print(f"{failures} kernels failed to compile")
+    if ptxas is not None:
+        table, over = check_resources(compiled, ptxas)
+        ptxas.save()
+        _print_table(table)
+        print("\n".join(over))
+        print(f"{len(over)} resource-check failures (budgets: no spills, stack <= {LOCAL_BUDGET} B, "
+              f"static shared <= {SHARED_LIMIT} B)")
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(table, f, indent=1)
+        failures += len(over)
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ["float32", "float64"]))
+    sys.exit(main(sys.argv[1:]))
