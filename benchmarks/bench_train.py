@@ -1,15 +1,20 @@
-"""Training-step speed of nt against PyTorch on the same GPT-2, side by side in one run.
+"""Training-step speed of nt against PyTorch on the same model, side by side in one run.
 
-    python benchmarks/bench_train.py                      # d12 B=4 T=64 and d6 B=8 T=256
+    python benchmarks/bench_train.py                      # every default config, clip on and off
+    python benchmarks/bench_train.py --quick --json       # fewer steps, no start-up timing
+    python benchmarks/bench_train.py --configs llama-mini:8:256 --no-clip --no-compile
     python benchmarks/bench_train.py --configs mini:16:128 --steps 5 --json
-    python benchmarks/bench_train.py --compile            # also torch.compile
 
-Each framework runs in its own spawned worker process (so peak RSS is its own) on the same
-weights and the same batch; the losses must agree before anything is timed. Timed steps
-alternate nt, torch, nt, torch, ... so drift in the machine's speed hits both alike. A step
-is forward + backward + grad clipping + AdamW. FLOPs follow nanoGPT's estimate
-(6 N + 12 L C T per token, N without position embeddings); MFU is against the sgemm rate
-measured at the start of the run with nt's own BLAS call.
+Configs are preset:B:T. GPT-2 presets (d12, d6, mini, ...) run against benchmarks/torch_gpt2.py;
+the LLaMA shapes (LLAMA_SHAPES: llama-mini, smollm2-135m, llama3-gqa) against
+benchmarks/torch_llama.py, the same architecture (RMSNorm, half-split RoPE, SwiGLU, GQA
+through SDPA). Each framework runs in its own spawned worker process (so peak RSS is its
+own) on the same weights and the same batch; the losses must agree before anything is
+timed. Timed steps alternate nt, torch, torch.compile, and clipping on, off, so drift in
+the machine's speed hits all alike. A step is forward + backward + (grad clipping to norm
+1) + AdamW with llm.c's settings; PyTorch uses AdamW(fused=True). FLOPs follow nanoGPT's
+estimate (6 N + 12 L C T per token, N without position embeddings, C the attention width);
+MFU is against the sgemm rate measured at the start of the run with nt's own BLAS call.
 """
 from __future__ import annotations
 
@@ -27,6 +32,16 @@ import time
 import numpy as np
 
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
+DEFAULT_CONFIGS = ["d12:4:64", "d6:8:256", "llama-mini:8:256", "smollm2-135m:4:256", "llama3-gqa:4:256"]
+# LLaMA shapes: (nt preset, overrides). llama-mini gets a real vocabulary (Llama-2's 32000);
+# llama3-gqa is Llama-3.2's attention (4 query heads per kv head, theta 500000, Llama-3's
+# RoPE scaling) at a laptop size.
+LLAMA_SHAPES = {
+    "llama-mini": ("llama-mini", dict(vocab_size=32000)),
+    "smollm2-135m": ("smollm2-135m", {}),
+    "llama3-gqa": ("llama3.2-1b", dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_hidden=1536,
+                                       vocab_size=32000, block_size=8192)),
+}
 
 
 def parse_config(spec: str):
@@ -35,9 +50,25 @@ def parse_config(spec: str):
     return preset, int(B), int(T)
 
 
+def is_llama(preset: str) -> bool:
+    return preset in LLAMA_SHAPES
+
+
 def make_config(preset: str, T: int):
+    """The nt config of a benchmark preset, its block size at least T."""
+    if is_llama(preset):
+        from nt.models import LlamaConfig
+        name, overrides = LLAMA_SHAPES[preset]
+        cfg = LlamaConfig.preset(name, **overrides)
+        cfg.block_size = max(cfg.block_size, T)
+        return cfg
     from nt.models import GPT2Config
     return GPT2Config.preset(preset, vocab_size=50257, block_size=max(T, 64))
+
+
+def make_nt_model(cfg, seed):
+    from nt.models import GPT2, Llama
+    return Llama(cfg, seed=seed) if hasattr(cfg, "dim") else GPT2(cfg, seed=seed)
 
 
 def batch(cfg, B, T, seed=0):
@@ -47,9 +78,15 @@ def batch(cfg, B, T, seed=0):
 
 
 def flops_per_step(cfg, B, T) -> float:
-    C, L = cfg.n_embd, cfg.n_layer
-    n = cfg.vocab_size * C + L * (12 * C * C + 13 * C) + 2 * C  # params without wpe, real V
-    return (6 * n + 12 * L * C * T) * B * T
+    """nanoGPT's 6 N + 12 L C T per token (C: the attention width), times B T tokens."""
+    if hasattr(cfg, "dim"):  # LLaMA: tied classifier, no position embeddings
+        C, L, H, A = cfg.dim, cfg.n_layers, cfg.ffn_hidden, cfg.n_heads * cfg.hs
+        n = cfg.vocab_size * C + L * (C * cfg.qkv_width + A * C + 3 * C * H + 2 * C) + C
+    else:
+        C, L = cfg.n_embd, cfg.n_layer
+        A = C
+        n = cfg.vocab_size * C + L * (12 * C * C + 13 * C) + 2 * C  # params without wpe, real V
+    return (6 * n + 12 * L * A * T) * B * T
 
 
 # ---------------------------------------------------------------------------- workers
@@ -60,27 +97,31 @@ def worker(conn, framework: str, preset: str, B: int, T: int, weights: str, comp
     x, y = batch(cfg, B, T)
     flat = np.fromfile(weights, dtype=np.float32)
     if framework == "nt":
-        from nt.models import GPT2
         from nt.optim import AdamW, clip_factor
-        model = GPT2(cfg, seed=None)
+        model = make_nt_model(cfg, seed=None)
         model.load_flat(flat)
         opt = AdamW(model.params, lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
 
         def loss():
             return model(x, y)[1]
 
-        def step():
+        def step(clip: bool):
             model.forward(x, y)
             model.zero_grad()
             model.backward()
-            _, clip = clip_factor(model.params, CLIP)  # applied inside the AdamW kernel, as llm.c does
-            opt.step(grad_scale=clip)
+            if clip:  # the factor is applied inside the AdamW kernel, as llm.c does
+                opt.step(grad_scale=clip_factor(model.params, CLIP)[1])
+            else:
+                opt.step()
     else:
         import torch
-        from torch_gpt2 import TorchGPT2
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
         torch.manual_seed(0)
-        model = TorchGPT2(cfg)
+        if is_llama(preset):
+            from torch_llama import TorchLlama as Model
+        else:
+            from torch_gpt2 import TorchGPT2 as Model
+        model = Model(cfg)
         model.load_nt_flat(flat)
         opt = model.adamw(LR, WEIGHT_DECAY)
         run = torch.compile(model) if compile_ else model
@@ -90,10 +131,11 @@ def worker(conn, framework: str, preset: str, B: int, T: int, weights: str, comp
             with torch.no_grad():
                 return float(run(tx, ty))
 
-        def step():
+        def step(clip: bool):
             l = run(tx, ty)
             l.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP, foreach=True)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -101,12 +143,12 @@ def worker(conn, framework: str, preset: str, B: int, T: int, weights: str, comp
     reset_peak_rss()
     conn.send(("ready", None))
     while True:
-        cmd = conn.recv()
+        cmd, arg = conn.recv()
         if cmd == "loss":
             conn.send(("loss", loss()))
         elif cmd == "step":
             t0 = time.perf_counter()
-            step()
+            step(arg)
             conn.send(("step", time.perf_counter() - t0))
         elif cmd == "stats":
             conn.send(("stats", peak_rss()))
@@ -142,8 +184,8 @@ class Worker:
         self.proc.start()
         self.expect("ready")
 
-    def ask(self, cmd):
-        self.conn.send(cmd)
+    def ask(self, cmd, arg=None):
+        self.conn.send((cmd, arg))
         return self.expect(cmd)
 
     def expect(self, what):
@@ -176,11 +218,14 @@ def _timed(fn, *args) -> float:
 
 
 STARTUP = """
-import time; t0 = time.perf_counter()
+import sys, time; t0 = time.perf_counter()
 import numpy as np
-from nt.models import GPT2, GPT2Config
+from nt.models import GPT2, GPT2Config, Llama, LlamaConfig
 from nt.optim import AdamW
-m = GPT2(GPT2Config.preset("tiny", vocab_size=256))
+if sys.argv[1] == "llama":
+    m = Llama(LlamaConfig.preset("llama-tiny", vocab_size=256))
+else:
+    m = GPT2(GPT2Config.preset("tiny", vocab_size=256))
 o = AdamW(m.params)
 x = np.zeros((2, 16), np.int32)
 m.forward(x, x); m.zero_grad(); m.backward(); o.step()
@@ -188,25 +233,27 @@ print(time.perf_counter() - t0)
 """
 
 
-def startup_times() -> tuple[float, float]:
-    """Seconds from interpreter start to the first finished training step, with an empty
-    Numba cache (cold: every kernel compiles) and with the cache it left (warm)."""
+def startup_times(family: str) -> tuple[float, float]:
+    """Seconds from interpreter start to the first finished training step of a tiny
+    `family` model ("gpt2" or "llama"), with an empty Numba cache (cold: every kernel
+    compiles) and with the cache it left (warm)."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
         times = []
         for _ in range(2):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", STARTUP], env=env, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-c", STARTUP, family], env=env, check=True, capture_output=True)
             times.append(time.perf_counter() - t0)
     return times[0], times[1]
 
 
-def bench(preset, B, T, steps, warmup, compile_, peak, frameworks):
-    from nt.models import GPT2
+def bench(preset, B, T, steps, warmup, peak, frameworks, clips):
+    """Median step times of every framework under every clip mode, interleaved:
+    {(framework, clip): row}."""
     cfg = make_config(preset, T)
     ctx = mp.get_context("spawn")
     with tempfile.NamedTemporaryFile(suffix=".f32", delete=False) as f:
-        GPT2(cfg, seed=0).params.flat.tofile(f)
+        make_nt_model(cfg, seed=0).params.flat.tofile(f)
         weights = f.name
     try:
         workers = {name: Worker(ctx, name.split("+")[0], preset, B, T, weights, name.endswith("+compile"))
@@ -215,40 +262,81 @@ def bench(preset, B, T, steps, warmup, compile_, peak, frameworks):
         ref = losses["nt"]
         for name, value in losses.items():
             if abs(value - ref) > 1e-3 * abs(ref):
-                raise SystemExit(f"losses disagree before timing: {losses}")
-        times = {name: [] for name in workers}
+                raise SystemExit(f"{preset}: losses disagree before timing: {losses}")
+        times = {(name, clip): [] for name in workers for clip in clips}
         for i in range(warmup + steps):
-            for name, w in workers.items():
-                dt = w.ask("step")
-                if i >= warmup:
-                    times[name].append(dt)
+            for clip in clips:
+                for name, w in workers.items():
+                    dt = w.ask("step", clip)
+                    if i >= warmup:
+                        times[name, clip].append(dt)
         rss = {name: w.ask("stats") for name, w in workers.items()}
     finally:
         os.unlink(weights)
     flops = flops_per_step(cfg, B, T)
     rows = {}
-    for name, ts in times.items():
+    for (name, clip), ts in times.items():
         med = statistics.median(ts)
-        rows[name] = dict(ms=med * 1e3, ms_min=min(ts) * 1e3, ms_max=max(ts) * 1e3, tok_s=B * T / med,
-                          gflops=flops / med / 1e9, mfu=flops / med / 1e9 / peak, rss_mb=rss[name] / 2 ** 20,
-                          loss=losses[name])
+        rows[name, clip] = dict(ms=med * 1e3, ms_min=min(ts) * 1e3, ms_max=max(ts) * 1e3, tok_s=B * T / med,
+                                gflops=flops / med / 1e9, mfu=flops / med / 1e9 / peak,
+                                rss_mb=rss[name] / 2 ** 20, loss=losses[name])
     return rows
+
+
+def report(spec, rows, clip, peak, steps, warmup, as_json):
+    """Print one config's table for one clip mode (and its JSON line)."""
+    preset, B, T = parse_config(spec)
+    cfg = make_config(preset, T)
+    mine = {name: r for (name, c), r in rows.items() if c == clip}
+    print(f"\n{preset} B={B} T={T} (vocab {cfg.vocab_size}), clipping {'on' if clip else 'off'}, "
+          f"{steps} timed steps after {warmup} warm-up")
+    print(f"{'':>14} {'ms/step':>9} {'range':>15} {'tok/s':>8} {'GFLOP/s':>8} {'MFU':>5} {'RSS MiB':>7}")
+    for name, r in mine.items():
+        print(f"{name:>14} {r['ms']:9.0f} {r['ms_min']:7.0f}-{r['ms_max']:<7.0f} {r['tok_s']:8.0f} "
+              f"{r['gflops']:8.1f} {r['mfu']:5.0%} {r['rss_mb']:7.0f}")
+    nt = mine["nt"]
+    line = f"nt: MFU {nt['mfu']:.0%} of the measured sgemm rate"
+    if "torch" in mine:
+        line += f"; tokens/s {nt['tok_s'] / mine['torch']['tok_s']:.2f}x PyTorch eager"
+    if "torch+compile" in mine:
+        line += f", {nt['tok_s'] / mine['torch+compile']['tok_s']:.2f}x torch.compile"
+    print(line)
+    if as_json:
+        obj = {"config": spec, "clip": clip, "nt_tok_s": nt["tok_s"], "mfu": nt["mfu"], "sgemm_gflops": peak,
+               "nt_rss_mb": nt["rss_mb"], "nt_peak_rss_mib": nt["rss_mb"], "nt_ms": nt["ms"]}
+        if "torch" in mine:
+            obj.update(torch_tok_s=mine["torch"]["tok_s"], ratio=nt["tok_s"] / mine["torch"]["tok_s"],
+                       torch_rss_mb=mine["torch"]["rss_mb"])
+        if "torch+compile" in mine:
+            obj.update(compile_tok_s=mine["torch+compile"]["tok_s"],
+                       ratio_compile=nt["tok_s"] / mine["torch+compile"]["tok_s"],
+                       compile_rss_mb=mine["torch+compile"]["rss_mb"])
+        print(json.dumps(obj))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="*", default=["d12:4:64", "d6:8:256"], help="preset:B:T")
+    p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS,
+                   help=f"preset:B:T; GPT-2 presets or one of {sorted(LLAMA_SHAPES)}")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up, no start-up timing")
+    p.add_argument("--no-clip", action="store_true", help="time without gradient clipping only (llm.c's reference)")
+    p.add_argument("--clip-only", action="store_true", help="time with gradient clipping only")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-startup", action="store_true", help="skip the cold/warm start measurement")
-    p.add_argument("--json", action="store_true", help="also print one JSON object per configuration")
+    p.add_argument("--json", action="store_true", help="also print one JSON object per configuration and clip mode")
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.no_startup = 3, 1, True
+    if args.no_clip and args.clip_only:
+        p.error("--no-clip and --clip-only exclude each other")
+    clips = [False] if args.no_clip else [True] if args.clip_only else [True, False]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
     try:
         import torch  # noqa: F401
-        frameworks = ["nt", "torch"] + (["torch+compile"] if args.compile else [])
+        frameworks = ["nt", "torch"] + ([] if args.no_compile else ["torch+compile"])
     except ImportError:
         print("PyTorch is not installed: timing nt alone (pip install torch==2.13.0 to compare)")
         frameworks = ["nt"]
@@ -256,28 +344,14 @@ def main(argv=None):
     peak = sgemm_peak()
     print(f"machine: {os.cpu_count()} cores; sgemm peak measured now: {peak:.0f} GFLOP/s")
     if not args.no_startup:
-        cold, warm = startup_times()
-        print(f"nt start to first finished step: cold (empty Numba cache) {cold:.1f} s, warm {warm:.1f} s")
+        for family in sorted({"llama" if is_llama(parse_config(s)[0]) else "gpt2" for s in args.configs}):
+            cold, warm = startup_times(family)
+            print(f"nt {family} start to first finished step: cold (empty Numba cache) {cold:.1f} s, warm {warm:.1f} s")
     for spec in args.configs:
         preset, B, T = parse_config(spec)
-        rows = bench(preset, B, T, args.steps, args.warmup, args.compile, peak, frameworks)
-        print(f"\n{preset} B={B} T={T} (vocab 50257), {args.steps} timed steps after {args.warmup} warm-up")
-        print(f"{'':>14} {'ms/step':>9} {'range':>15} {'tok/s':>8} {'GFLOP/s':>8} {'MFU':>5} {'RSS MB':>7}")
-        for name, r in rows.items():
-            print(f"{name:>14} {r['ms']:9.0f} {r['ms_min']:7.0f}-{r['ms_max']:<7.0f} {r['tok_s']:8.0f} "
-                  f"{r['gflops']:8.1f} {r['mfu']:5.0%} {r['rss_mb']:7.0f}")
-        if "torch" in rows:
-            print(f"nt / torch eager tokens/s: {rows['nt']['tok_s'] / rows['torch']['tok_s']:.2f}x")
-        if args.json:
-            obj = {"config": spec, "nt_tok_s": rows["nt"]["tok_s"], "mfu": rows["nt"]["mfu"],
-                   "sgemm_gflops": peak, "nt_rss_mb": rows["nt"]["rss_mb"]}
-            if "torch" in rows:
-                obj.update(torch_tok_s=rows["torch"]["tok_s"], ratio=rows["nt"]["tok_s"] / rows["torch"]["tok_s"],
-                           torch_rss_mb=rows["torch"]["rss_mb"])
-            if "torch+compile" in rows:
-                obj.update(compile_tok_s=rows["torch+compile"]["tok_s"],
-                           ratio_compile=rows["nt"]["tok_s"] / rows["torch+compile"]["tok_s"])
-            print(json.dumps(obj))
+        rows = bench(preset, B, T, args.steps, args.warmup, peak, frameworks, clips)
+        for clip in clips:
+            report(spec, rows, clip, peak, args.steps, args.warmup, args.json)
 
 
 if __name__ == "__main__":
