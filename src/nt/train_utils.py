@@ -60,13 +60,14 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 
 import numpy as np
 
+from . import dist
 from .data import (BYTE_VOCAB, DEFAULT_BPE_VOCAB, DataLoader, builtin_corpus, builtin_tokenizer,
                    byte_tokens_to_text, encode_text, text_to_byte_tokens)
 from .io import (latest_checkpoint, load_checkpoint, load_model, load_weights, read_llmc_tokens, resolve_checkpoint,
                  save_run_checkpoint)
 from .io.checkpoint import LATEST, MODEL_WEIGHTS, checkpoint_state
 from .lora import LoRA, all_targets, parse_targets
-from .optim import OPTIMIZERS, CosineSchedule, GradScaler, clip_factor, make_optimizer, scale_grads
+from .optim import OPTIMIZERS, CosineSchedule, GradScaler, make_optimizer, scale_grads
 from .tensor import Tensor
 from .tokenizer import BPE, ByteTokenizer
 
@@ -100,6 +101,8 @@ def add_loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and activation precision")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and sampling")
+    p.add_argument("--zero", type=int, choices=[0, 1], default=0,
+                   help="under mpiexec: 1 shards the optimizer state over the ranks (ZeRO-1; default 0)")
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -220,7 +223,8 @@ def prepare_run(args):
     """What every training script does first: (dtype, data, checkpoint to resume or None),
     printing the data's size."""
     dtype = np.float32 if args.dtype == "float32" else np.float64
-    data = load_data(args)
+    with dist.world().rank0_first():   # rank 0 writes the caches (corpus, tokenizer) the others read
+        data = load_data(args)
     print(f"data: {sum(map(len, data.train)):,} train / {sum(map(len, data.val)):,} val tokens, "
           f"vocab {data.vocab_size}")
     return dtype, data, resume_path(args)
@@ -396,7 +400,16 @@ def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
     params = model.trainable_params
     # a run that trains adapters on a frozen base checkpoints the adapters alone
     stored = params if params is not model.params else None
-    optimizer = make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
+    world, zero = dist.world(), getattr(args, "zero", 0)
+    if world.size > 1:  # every rank starts from rank 0's weights, on its own share of the same data
+        world.check_same("the runs' settings", vars(args), dataclasses.asdict(model.config), params.size)
+        source = dist.RankedSource(source, world)
+        world.broadcast_params(model.params)
+    if zero and args.loss_scale:
+        sys.exit("error: --loss-scale is not supported with --zero 1")
+    # averages the grads over ranks (one rank: the plain optimizer)
+    optimizer = dist.DataParallel(params, lambda p: make_optimizer(args.optimizer, p, args.lr, args.weight_decay),
+                                  zero=zero, w=world)
     schedule = CosineSchedule(args.lr, args.warmup, args.steps, args.min_lr_ratio)
     scaler = GradScaler(params) if args.loss_scale else None
     start = 0
@@ -411,32 +424,40 @@ def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
         if scaler is not None and "scaler" in restored.extra:
             scaler.load_state_dict(restored.extra["scaler"])
         print(f"resumed from {resume} at step {start}")
-    log = LossLog(args.out_dir, start if resume is not None else None)
+    log = LossLog(args.out_dir, start if resume is not None else None) if world.is_main else None
 
     def checkpoint(step: int) -> None:
         state = dict(extra or {})
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
-        path = save_run_checkpoint(args.out_dir, step, model, optimizer, keep_last=args.keep_last,
-                                   loaders={"train": source}, schedule=schedule, extra=state, params=stored)
-        print(f"\nsaved checkpoint {path}", file=sys.stderr, flush=True)
+        if world.size > 1:  # ranks that drifted apart would make a checkpoint of rank 0 alone wrong
+            world.check_same(f"the parameters at step {step}", params.to_flat())
+        saved = dist.Gathered(optimizer.state_dict())  # collective under ZeRO
+        if world.is_main:
+            path = save_run_checkpoint(args.out_dir, step, model, saved, keep_last=args.keep_last,
+                                       loaders={"train": source}, schedule=schedule, extra=state, params=stored)
+            print(f"\nsaved checkpoint {path}", file=sys.stderr, flush=True)
+        world.barrier()
 
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world.size
     times = []
     for step in range(start, args.steps + 1):
         last = step == args.steps
         if evaluate is not None and args.eval_every > 0 and (step % args.eval_every == 0 or last):
             val = evaluate()
-            log.write(step=step, val_loss=val)
-            print(f"\nstep {step}: val loss {val:.4f}", file=sys.stderr, flush=True)
+            if world.is_main:
+                log.write(step=step, val_loss=val)
+                print(f"\nstep {step}: val loss {val:.4f}", file=sys.stderr, flush=True)
         if last:
             break
         t0 = time.perf_counter()
         # zero grads, forward + backward each micro-batch, grads /= grad_accum
         loss = accumulate_grads(model, source.next_batch, args.grad_accum, scaler, loss_fn)
+        optimizer.sync_grads()     # grads averaged over ranks (under ZeRO: this rank's slice)
+        loss = world.mean(loss)
         finite = scaler.unscale_() if scaler is not None else True  # grads /= loss scale, inf/nan check
         # the clipping factor goes into the optimizer's update: no extra pass over the grads
-        norm, clip = clip_factor(params, args.grad_clip) if args.grad_clip > 0 and finite else (float("nan"), 1.0)
+        norm, clip = optimizer.clip_factor(args.grad_clip) if args.grad_clip > 0 and finite else (float("nan"), 1.0)
         lr = schedule(step)
         step_args = {"lr": lr, "grad_scale": clip, "loss": loss}
         if scaler is not None:
@@ -445,10 +466,11 @@ def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
             optimizer.step(**step_args)
         dt = time.perf_counter() - t0
         times.append(dt)
-        log.write(step=step + 1, train_loss=loss, lr=lr, ms=round(dt * 1e3, 2))
-        scaling = f" scale {scaler.scale:g} skipped {scaler.skipped_steps}" if scaler is not None else ""
-        progress(step + 1, args.steps, f"loss {loss:.4f} norm {norm:.2f} lr {lr:.2e}{scaling} "
-                                       f"{dt * 1e3:.0f} ms/step {tokens_per_step / dt:,.0f} tok/s")
+        if world.is_main:
+            log.write(step=step + 1, train_loss=loss, lr=lr, ms=round(dt * 1e3, 2))
+            scaling = f" scale {scaler.scale:g} skipped {scaler.skipped_steps}" if scaler is not None else ""
+            progress(step + 1, args.steps, f"loss {loss:.4f} norm {norm:.2f} lr {lr:.2e}{scaling} "
+                                           f"{dt * 1e3:.0f} ms/step {tokens_per_step / dt:,.0f} tok/s")
         if args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
             checkpoint(step + 1)
     if args.checkpoint_every > 0 and start < args.steps:
@@ -457,8 +479,9 @@ def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
         steady = sorted(times[1:])[len(times[1:]) // 2]
         print(f"median step {steady * 1e3:.1f} ms, {tokens_per_step / steady:,.0f} tokens/s "
               f"(first step with compilation: {times[0]:.1f} s)")
-    png = log.plot(baseline)
-    print(f"loss log: {log.path}" + (f", curve: {png}" if png else ""))
+    if world.is_main:
+        png = log.plot(baseline)
+        print(f"loss log: {log.path}" + (f", curve: {png}" if png else ""))
 
 
 def check_fits(model, vocab_size: int, seq_len: int) -> None:
@@ -475,9 +498,9 @@ def evaluator(model, source: BatchSource, batches: int, loss_fn: LossFn = lm_los
     `source`, rewound before each evaluation, so every evaluation sees the same batches."""
     start = source.state()
 
-    def evaluate() -> float:
+    def evaluate() -> float:   # averaged over ranks (each evaluates its share of a rank-aware source)
         source.set_state(start)
-        return eval_loss(model, (source.next_batch() for _ in range(batches)), loss_fn)
+        return dist.world().mean(eval_loss(model, (source.next_batch() for _ in range(batches)), loss_fn))
     return evaluate
 
 
@@ -485,8 +508,9 @@ def token_loaders(args, data: Data, model, loss_fn: LossFn = lm_loss) -> tuple[D
     """The shuffled training DataLoader over data.train, and evaluate(): loss_fn's mean
     over the first --eval-batches batches of data.val."""
     B, T, V = args.batch_size, args.seq_len, model.config.vocab_size
-    train_loader = DataLoader(data.train, B, T, shuffle=True, seed=args.seed, vocab_size=V)
-    val_loader = DataLoader(data.val, B, T, vocab_size=V)
+    ranks = {"rank": dist.world().rank, "world_size": dist.world().size}  # each rank its share of every batch
+    train_loader = DataLoader(data.train, B, T, shuffle=True, seed=args.seed, vocab_size=V, **ranks)
+    val_loader = DataLoader(data.val, B, T, vocab_size=V, **ranks)
     return train_loader, evaluator(model, val_loader, min(args.eval_batches, val_loader.batches_per_epoch), loss_fn)
 
 
@@ -499,7 +523,7 @@ def pretrain(args, model, data: Data, resume: Optional[Path] = None) -> None:
     baseline = unigram_loss(data.train, data.val, V)
     print(f"unigram baseline val loss: {baseline:.4f}   uniform: {math.log(V):.4f}")
     train(args, model, train_loader, evaluate=evaluate, resume=resume, baseline=baseline)
-    if args.sample_tokens > 0:
+    if args.sample_tokens > 0 and dist.world().is_main:
         sample(args, model, data)
 
 
