@@ -19,7 +19,7 @@ from .tensor import Tensor
 
 __all__ = ["embedding", "linear", "lora_", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
            "glu", "swiglu", "geglu", "softmax", "add", "mul", "scale", "concat", "dropout", "attention",
-           "cross_entropy", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div"]
+           "cross_entropy", "classifier_xent", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div"]
 
 _EMPTY: dict = {}
 
@@ -196,7 +196,7 @@ def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
     matmul and the weight is never expanded. More (prefill): the weight is expanded into
     the tape's scratch (`tape.work`, OC x C float32, reused by every call) for one BLAS call.
 
-    Inference only (CPU): the weight has no gradient, and a backward through this op
+    Inference only (CPU, or CUDA with wq on the device): the weight has no gradient, and a backward through this op
     raises RuntimeError.
     """
     _check(x, "x", None, t)
@@ -210,8 +210,9 @@ def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
     C = x.shape[-1]
     if C % bs:
         raise ValueError(f"linear_q: x has {C} features, not a multiple of the {kind} block size {bs}")
-    if not isinstance(wq, np.ndarray) or wq.dtype != np.uint8 or wq.ndim != 2 or wq.shape[1] != C // bs * ts \
-            or not wq.flags.c_contiguous:
+    if isinstance(wq, np.ndarray) != (t.k.DEVICE == "cpu"):  # a host array on CUDA would be re-uploaded per call
+        raise TypeError(f"linear_q: wq must live on the tape's device ({t.k.DEVICE}), got {type(wq).__name__}")
+    if wq.dtype != np.uint8 or wq.ndim != 2 or wq.shape[1] != C // bs * ts or not wq.flags["C_CONTIGUOUS"]:
         raise ValueError(f"linear_q: wq must be C-contiguous uint8 (OC, {C // bs * ts}) {kind} rows for "
                          f"C={C}, got {getattr(wq, 'dtype', type(wq))} {getattr(wq, 'shape', '')}")
     OC, N = wq.shape[0], x.size // C
@@ -654,6 +655,54 @@ def _cross_entropy_backward(k, loss, logits, lse, targets, V, opts):
     N = logits.size // Vp
     k.softmax_xent_backward(logits.grad.reshape(N, Vp), loss.grad, logits.data.reshape(N, Vp),
                             lse.data, targets.data, V, *opts)
+
+
+def classifier_xent(t: Tape, x: Tensor, weight: Tensor, targets: np.ndarray, vocab_size: Optional[int] = None,
+                    label_smoothing: float = 0.0, z_loss: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The classifier and its loss fused: logits = x @ weight^T (weight (Vp, C), e.g. the
+    tied embedding) and their mean cross-entropy as cross_entropy computes it. Returns
+    (logits (..., Vp), loss (1,)).
+
+    The logits get no gradient memory: the backward overwrites them with their gradient
+    (as llm.c's fused classifier does) and feeds the dX and dW gemms from there, so the
+    (N, Vp) gradient array, the largest activation gradient of a small model, never
+    exists. The logits are readable until the backward runs; nothing else may
+    differentiate them (use linear + cross_entropy when another loss reads the logits too).
+    """
+    _check(x, "x", None, t)
+    _check(weight, "weight", 2, t)
+    Vp, C = weight.shape
+    if x.shape[-1] != C:
+        raise ValueError(f"classifier_xent: x has {x.shape[-1]} features, weight {weight.shape} expects {C}")
+    V = Vp if vocab_size is None else int(vocab_size)
+    if not 0 < V <= Vp:
+        raise ValueError(f"classifier_xent: vocab_size {V} must be in [1, {Vp}] (the weight's rows)")
+    if not (0.0 <= label_smoothing <= 1.0 and z_loss >= 0.0):
+        raise ValueError(f"classifier_xent: need 0 <= label_smoothing <= 1 and z_loss >= 0, "
+                         f"got {label_smoothing} and {z_loss}")
+    targets = check_ids(targets, "targets", V, x.ndim - 1, ignore_index=True)
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"classifier_xent: targets {targets.shape} do not match x {x.shape[:-1]}")
+    opts = (float(label_smoothing), float(z_loss))
+    N = x.size // C
+    targets = t.keep_ids(targets.reshape(N))
+    logits = t.new_saved(x.shape[:-1] + (Vp,))   # saved arena: no grad slot, ever
+    loss = t.new((1,))
+    losses = t.new_saved((N,))
+    lse = t.new_saved((N,))
+    t.k.matmul_forward(logits.data.reshape(N, Vp), x.data.reshape(N, C), weight.data, _none(t.k, t.dtype))
+    t.k.softmax_xent_forward(loss.data, losses.data, lse.data, logits.data.reshape(N, Vp), targets.data, V, *opts)
+    t.record(_classifier_xent_backward, loss, x, weight, logits, lse, targets, V, opts)
+    return logits, loss
+
+
+def _classifier_xent_backward(k, loss, x, weight, logits, lse, targets, V, opts):
+    Vp, C = weight.shape
+    N = x.size // C
+    dlogits = logits.data.reshape(N, Vp)
+    k.softmax_xent_grad_(dlogits, loss.grad, lse.data, targets.data, V, *opts)
+    k.matmul_backward(x.grad.reshape(N, C), _grad(k, weight), _none(k, x.dtype), dlogits,
+                      x.data.reshape(N, C), weight.data)
 
 
 # ----------------------------------------------------------------------------- log-probabilities

@@ -431,7 +431,7 @@ def _raw_rows(f: GGUFFile, name: str) -> np.ndarray:
 
 
 def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bool) -> Llama:
-    quantized = _kept_quantized(f, cfg) if keep_quantized and device == "cpu" else {}
+    quantized = _kept_quantized(f, cfg) if keep_quantized else {}
     model = Llama(cfg, device=device, seed=None, quantized=quantized)
     host = np.zeros(model.params.numel, dtype=np.float32)
     p = _param_views(model, host)
@@ -449,6 +449,8 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
     elif not cfg.tie_embeddings:
         p["lm_head"][:cfg.vocab_size] = _dequantized(f, "output.weight")
     model.load_flat(host)
+    for n, rows in model.qweights.items():  # blocks live where the matmul runs
+        model.qweights[n] = model.tape.k.to_device(rows) if n == "lm_head" else [model.tape.k.to_device(r) for r in rows]
     return model
 
 
@@ -677,7 +679,7 @@ def load(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageMod
     the pattern from gemma3.attention.sliding_window_pattern (default 6: five local layers,
     then a global one) and the local RoPE base from gemma3.rope.freq_base_swa (default 10000).
 
-    keep_quantized=True (Llama on the CPU, without q/k/v biases): Q8_0 / Q4_0 matrices stay
+    keep_quantized=True (Llama without q/k/v biases, CPU or CUDA): Q8_0 / Q4_0 matrices stay
     as their blocks (model.qweights) and run through ops.linear_q, for inference only;
     other types, the embedding and the norms are float32. `model.tokenizer` is the file's
     tokenizer (see tokenizer_from_metadata) or None.
