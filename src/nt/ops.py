@@ -19,7 +19,7 @@ from .tensor import Tensor
 
 __all__ = ["embedding", "linear", "lora_", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
            "glu", "swiglu", "geglu", "softmax", "add", "mul", "scale", "concat", "dropout", "attention",
-           "cross_entropy", "classifier_xent", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div"]
+           "cross_entropy", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div"]
 
 _EMPTY: dict = {}
 
