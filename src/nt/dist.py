@@ -389,18 +389,19 @@ class DataParallel:
         if zero not in (0, 1):
             raise ValueError(f"zero must be 0 or 1, got {zero}")
         self.world = w or world()
-        self.params, self.zero, self.bucket = params, zero, bucket
         N = self.world.size
+        # one rank owns everything: ZeRO is the plain optimizer there
+        self.params, self.zero, self.bucket = params, int(zero and N > 1), bucket
         self.offsets = partition(params.size, N)
-        if zero:
+        if self.zero:
             self.shard = Shard(params, int(self.offsets[self.world.rank]), int(self.offsets[self.world.rank + 1]))
             self.optimizer = make_optimizer(self.shard)
-            if isinstance(self.optimizer, Chuck):
-                raise ValueError("Chuck keeps per-tensor statistics, which a ZeRO shard (a slice of the flat buffer) "
-                                 "does not have: use --zero 0 with --optimizer chuck, or another optimizer")
         else:
             self.shard = None
             self.optimizer = make_optimizer(params)
+        if zero and isinstance(self.optimizer, Chuck):
+            raise ValueError("Chuck keeps per-tensor statistics, which a ZeRO shard (a slice of the flat buffer) "
+                             "does not have: use --zero 0 with --optimizer chuck, or another optimizer")
         self.bytes_sent = 0  # per step, as the collectives' send sizes (for benchmarks)
 
     @property
@@ -429,7 +430,7 @@ class DataParallel:
         """(global grad norm, the factor that clips it to max_norm) of the averaged
         grads; under ZeRO one scalar all-reduce of the shards' sums of squares."""
         from .optim import _partials, clip_factor
-        if not self.zero or self.world.size == 1:
+        if not self.zero:
             return clip_factor(self.params, max_norm)
         local = self.k.sum_squares(self.shard.grad, _partials(self.shard))
         norm = float(np.sqrt(self.world.comm.sum(local)))
@@ -441,7 +442,7 @@ class DataParallel:
         """The optimizer's step (same arguments); under ZeRO the updated slices are then
         all-gathered so every rank holds all parameters."""
         self.optimizer.step(**kwargs)
-        if self.zero and self.world.size > 1:
+        if self.zero:
             self.world.comm.allgather_(self.params.flat, self.offsets)
 
     def state_dict(self) -> dict:
@@ -453,7 +454,7 @@ class DataParallel:
             part = np.ascontiguousarray(state[name])
             full = np.empty(self.params.size, dtype=part.dtype)
             full[self.shard.lo:self.shard.hi] = part
-            self.world.comm.allgather_(full, self.offsets) if self.world.size > 1 else None
+            self.world.comm.allgather_(full, self.offsets)
             state[name] = full
         return state
 

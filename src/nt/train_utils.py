@@ -402,7 +402,8 @@ def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
     stored = params if params is not model.params else None
     world, zero = dist.world(), getattr(args, "zero", 0)
     if world.size > 1:  # every rank starts from rank 0's weights, on its own share of the same data
-        world.check_same("the runs' settings", vars(args), dataclasses.asdict(model.config), params.size)
+        world.check_same("the runs' settings or data", vars(args), dataclasses.asdict(model.config), params.size,
+                         *getattr(source, "shards", ()))
         source = dist.RankedSource(source, world)
         world.broadcast_params(model.params)
     if zero and args.loss_scale:
