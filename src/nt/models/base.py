@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 
-from .. import ops
+from .. import bitnet, ops
 from ..tensor import Arena, Tensor
 
 
@@ -18,6 +18,7 @@ class LanguageModel:
     loss: Optional[Tensor] = None
     tokenizer = None   # a tokenizer (encode/decode/token_bytes) when the model file carried one
     quantized = MappingProxyType({})  # matrix name -> ggml block format kept for inference (Llama)
+    bitlinear = frozenset()  # matrix names run as BitNet b1.58 BitLinear (nt.bitnet)
     adapters = None    # the nt.lora.LoRA attached to this model, if any
 
     def forward(self, idx: np.ndarray, targets: Optional[np.ndarray] = None):
@@ -25,14 +26,18 @@ class LanguageModel:
 
     def _linear(self, x: Tensor, name: str, l: Optional[int] = None, bias: Optional[Tensor] = None) -> Tensor:
         """x @ W^T (+ bias) for the matrix `name` (of layer l): float weights from params, or
-        a quantised matmul on the blocks when the matrix is kept quantised; then the LoRA
+        a quantised matmul on the blocks when the matrix is kept quantised (BitLinear for the
+        names in `bitlinear`, nt.bitnet; TQ2_0 rows: the ternary matmul); then the LoRA
         adapters attached to that matrix, if any, add their low-rank term in place."""
         if name in self.quantized:
             wq = self.qweights[name] if l is None else self.qweights[name][l]
-            out = ops.linear_q(self.tape, x, wq, self.quantized[name])
+            if self.quantized[name] == "TQ2_0":
+                out = bitnet.linear_tq2_0(self.tape, x, wq)
+            else:
+                out = ops.linear_q(self.tape, x, wq, self.quantized[name])
         else:
             w = self.params[name] if l is None else self.params[name][l]
-            out = ops.linear(self.tape, x, w, bias)
+            out = bitnet.bitlinear(self.tape, x, w) if name in self.bitlinear else ops.linear(self.tape, x, w, bias)
         if self.adapters is not None:
             self.adapters.apply(self.tape, x, out, name, l)
         return out

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import ops
+from .. import bitnet, ops
 from ..tape import Tape
 from ..tensor import Params, Tensor
 from .base import LanguageModel
@@ -56,6 +56,10 @@ class LlamaConfig:
     label_smoothing: float = 0.0    # of the training loss (PyTorch's definition)
     z_loss: float = 0.0             # coefficient of logsumexp^2 in the loss (PaLM)
     init_std: float = 0.02
+    bitnet: bool = False            # BitNet b1.58: block projections are BitLinear (ternary, nt.bitnet)
+
+    # fields added after checkpoints were written: absent, they take their default
+    ADDED_FIELDS = ("bitnet",)
 
     PRESETS = {
         # laptop sizes
@@ -106,6 +110,8 @@ class LlamaConfig:
             ops.rope_frequencies(self.hs, self.rope_theta, self.rope_scaling)  # validates it
         if not 0.0 <= self.dropout < 1.0 or self.sliding_window < 0 or self.global_every < 0:
             raise ValueError("need 0 <= dropout < 1, sliding_window >= 0, global_every >= 0")
+        if self.bitnet and self.qkv_bias:
+            raise ValueError("bitnet=True has no projection biases (BitLinear): set qkv_bias=False")
 
     @property
     def hs(self) -> int:
@@ -147,10 +153,15 @@ def param_layout(cfg: LlamaConfig, quantized=()) -> list[tuple[str, tuple, bool]
         layout.append(("qkvb", (L, W), False))
     if cfg.qk_norm:
         layout += [("q_norm", (L, hs), False), ("k_norm", (L, hs), False)]
+    if cfg.bitnet:   # BitNet's sub-layer norms before the output projections (SubLN)
+        layout.append(("attn_sub_norm", (L, cfg.n_heads * hs), False))
     layout.append(("attn_out", (L, C, cfg.n_heads * hs), True))
     if cfg.post_norms:
         layout.append(("post_attn_norm", (L, C), False))
-    layout += [("ffn_norm", (L, C), False), ("gate_up", (L, 2 * H, C), True), ("down", (L, C, H), True)]
+    layout += [("ffn_norm", (L, C), False), ("gate_up", (L, 2 * H, C), True)]
+    if cfg.bitnet:
+        layout.append(("ffn_sub_norm", (L, H), False))
+    layout.append(("down", (L, C, H), True))
     if cfg.post_norms:
         layout.append(("post_ffn_norm", (L, C), False))
     layout.append(("norm_f", (C,), False))
@@ -183,10 +194,13 @@ class Llama(LanguageModel):
         """quantized: {matrix name: "Q8_0" | "Q4_0"} for matrices (of QUANTIZABLE) kept as ggml
         blocks for inference: they are left out of `params` and read by ops.linear_q from
         `qweights[name]` (a list of (OC, bytes) uint8 rows per layer; lm_head: one array),
-        which the caller fills (nt.models.gguf.load(..., keep_quantized=True) does)."""
+        which the caller fills (nt.models.gguf.load(..., keep_quantized=True) does).
+        A BitNet model (config.bitnet) may also keep its projections as "TQ2_0" ternary rows,
+        read by nt.bitnet.linear_tq2_0 (nt.bitnet.pack makes such a model)."""
         self.config = config
         self.quantized = dict(quantized or {})
-        bad = [n for n, kind in self.quantized.items() if n not in QUANTIZABLE or kind not in ops.QUANT_FORMATS]
+        formats = set(ops.QUANT_FORMATS) | ({"TQ2_0"} if config.bitnet else set())
+        bad = [n for n, kind in self.quantized.items() if n not in QUANTIZABLE or kind not in formats]
         if bad or (self.quantized and (config.qkv_bias or dtype != np.float32)):
             raise ValueError(f"cannot quantise {bad or 'with qkv_bias / non-float32'}: names must be among "
                              f"{QUANTIZABLE}, formats among {sorted(ops.QUANT_FORMATS)}, dtype float32, no qkv bias")
@@ -197,6 +211,8 @@ class Llama(LanguageModel):
         self.logits: Optional[Tensor] = None
         self.loss: Optional[Tensor] = None
         self._init_kv_cache(config.n_layers, config.qkv_width)
+        if config.bitnet:
+            self.bitlinear = frozenset(bitnet.BITLINEAR)
         if seed is not None:
             self.init_weights(seed)
 
@@ -260,6 +276,8 @@ class Llama(LanguageModel):
             h = self._norm(h, p["post_attn_norm"][l])
         x = ops.add(t, x, ops.dropout(t, h, cfg.dropout))
         h = self._norm(x, p["ffn_norm"][l])
+        if cfg.bitnet:
+            h = self._norm(h, p["attn_sub_norm"][l])
         h = self._linear(h, "gate_up", l)
         h = ops.glu(t, h, FFN_ACTS[cfg.ffn_kind])
         h = self._linear(h, "down", l)
@@ -267,6 +285,8 @@ class Llama(LanguageModel):
             h = self._norm(h, p["post_ffn_norm"][l])
         return ops.add(t, x, ops.dropout(t, h, cfg.dropout))
 
+        if cfg.bitnet:
+            h = self._norm(h, p["ffn_sub_norm"][l])
     def _trunk(self, idx: np.ndarray, pos0: int = 0, caches: Optional[list] = None) -> Tensor:
         """Embedding and every block: the final residual stream (B, T, C), before the norm."""
         cfg, p, t = self.config, self.params, self.tape
