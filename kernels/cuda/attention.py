@@ -1,251 +1,537 @@
 """Self-attention over a fused qkv buffer, grouped-query aware, causal or bidirectional
-(see the CPU twin).
+(see the CPU twin for the meaning of the arguments).
 
 qkv is (B, T, (NH + 2*NKV) * hs); query head h reads key/value head h // (NH // NKV);
 window > 0 limits each query to the last `window` keys. With q0 > 0 only positions
 q0..T-1 are queries (the rows before are a KV cache); out and lse hold those T - q0 rows.
 causal=False: every query sees every key 0..T-1 (no window then; nt.ops refuses one).
 
-Tiled, flash-attention style: a thread block takes THREADS consecutive rows of one head,
-one row per thread, and walks the keys its rows can see in tiles of KEY_TILE rows that
-the block loads into shared memory together, so each key and value row is read from
-global memory once per block instead of once per query. Each thread runs an online
-softmax over its row with the row's accumulators in local memory, and saves the row's
-log-sum-exp (the quantity the CPU twin saves too). No T x T matrix exists anywhere.
+Flash attention, tiled for the GPU. A thread block owns ROWS consecutive query rows of
+one head; LANES threads share each row, lane c holding the row's elements c, c + LANES,
+c + 2*LANES, ... in registers (at most NACC = HS_MAX / LANES of them). The block walks
+the keys its rows can see in tiles of LANES keys that it loads into shared memory
+together (coalesced: consecutive threads read consecutive columns), so a key row is read
+from global memory once per block, not once per query. Per tile, every lane computes its
+share of the LANES dot products of its row; lane c then sums the shares of key c (through
+shared memory: the simulator has no warp shuffles) and writes the score; every lane of
+the row reads the tile's scores, runs the online softmax (running max m, running sum l)
+and updates its slice of the output. The row's log-sum-exp m + log(l) is saved for the
+backward. No T x T matrix exists, no array lives in local memory, and all math is in
+the inputs' dtype: float32 for training, float64 only when a float64 test asks for it.
 
-The backward is two passes so every grad element has a single writer, without atomics:
-query rows accumulate dq over tiles of keys and values; key rows accumulate dk and dv over
-tiles of the queries (of every head in their group) that see them. Both recompute the
-probabilities from the lse. Shared tiles and accumulators are float64, so float64 runs
-match the CPU to rounding; head sizes up to HS_MAX.
+Decoding one token (T - q0 == 1) has one query per (batch, head) and many keys, so it
+parallelises over keys instead (split-K): each block takes DECODE_SPLIT keys, each of
+its ROWS rows a strided share of them with its own (m, l, output) state, and writes
+those partial states; a second kernel merges them per (batch, head).
+
+The backward first computes D = rowsum(dout * out) once per query row (its own small
+pass), then recomputes the probabilities from the saved lse tile by tile in two
+kernels, so every grad element has a single owner and the result does not depend on
+scheduling (no atomics): query blocks accumulate dq over key tiles; key blocks
+accumulate dk and dv over tiles of the queries (of every head in their group) that see
+them.
+
+Budgets (HS_MAX = 256, LANES = 8, checked by tests/cuda/ptx_check.py): static shared
+memory per block about 21 KB in float32 and 43 KB in float64, under the 48 KB static
+limit; registers: two to four NACC = 32-element slices per thread (see docs/cuda.md).
 """
 import math
 
 import numpy as np
 from numba import cuda
 
-from .launch import SIMULATOR, THREADS, blocks
+from .launch import MAX_BLOCKS, SIMULATOR
 
-HS_MAX = 256                           # largest head size (Gemma 3 uses 256)
-KEY_TILE = 4 if SIMULATOR else 8       # rows per shared tile: 2 x 8 x 256 float64 = 32 KB
+HS_MAX = 256                            # largest head size (Gemma 3 uses 256)
+THREADS = 16 if SIMULATOR else 128      # threads per block, every attention kernel
+NACC = 4 if SIMULATOR else 8            # row elements per thread at most, kept in registers
+KT = 2 if SIMULATOR else 8              # keys per shared tile in the forward
+BKT = 2 if SIMULATOR else 4             # keys (queries) per tile in the backward: it keeps
+                                        # twice the tiles, and float64 must fit 48 KB too
+MIN_LANES = KT                          # lane c < KT finishes key c of a tile
+MAX_LANES = min(32, THREADS)            # a row never spans more than a warp
+MAX_ROWS = THREADS // MIN_LANES
+SHARE = KT * (THREADS + MAX_ROWS)       # [row, key, lane + 1 pad]: per-lane shares of dots
+BSHARE = BKT * (THREADS + MAX_ROWS)
+ROW_KEYS = MAX_ROWS * KT                # [row, key]: scores, p, ds
+ROW_BKEYS = MAX_ROWS * BKT
+ROW_SHARE = THREADS + MAX_ROWS          # [row, lane + 1 pad]
+DECODE_SPLIT = 4 if SIMULATOR else 128  # keys per decode block
+
+
+def lanes_for(hs: int) -> int:
+    """Threads per row for head size hs: the smallest power of two (at least MIN_LANES)
+    that leaves each thread at most NACC of the row's elements. A block holds
+    THREADS // lanes rows: 16 at hs = 64, 8 at 128, 4 at 256 on a GPU."""
+    lanes = MIN_LANES
+    while lanes * NACC < hs:
+        lanes *= 2
+    return lanes
+
+
+# ----------------------------------------------------------------------------- per-lane row slices
+# Lane c of a row holds the row's elements c, c + lanes, c + 2*lanes, ... (at most NACC):
+# consecutive lanes touch consecutive columns, so loads coalesce and shared reads do not
+# conflict. The loops run over the constant NACC and are unrolled, so the slices live in
+# registers, not local memory.
+
+@cuda.jit(device=True, cache=True)
+def _load_slice(x, src, b, t, col, hs, lanes, c, s):
+    """x[i] = src[b, t, col + c + i*lanes] * s (zero past hs)."""
+    for i in range(NACC):
+        k = c + i * lanes
+        if k < hs:
+            x[i] = src[b, t, col + k] * s
+        else:
+            x[i] = 0
 
 
 @cuda.jit(device=True, cache=True)
-def _dot(a, tile, r, hs):
-    """a[:hs] . tile[r, :hs]."""
-    s = 0.0
-    for c in range(hs):
-        s += a[c] * tile[r, c]
+def _dot_slice(x, tile, j, hs, lanes, c):
+    """This lane's share of x . tile[j, :hs]."""
+    s = x.dtype.type(0)
+    for i in range(NACC):
+        k = c + i * lanes
+        if k < hs:
+            s += x[i] * tile[j, k]
     return s
 
 
 @cuda.jit(device=True, cache=True)
-def _load_rows(dst, src, b, row0, n, col, hs):
+def _axpy_slice(x, a, tile, j, hs, lanes, c):
+    """x += a * tile[j, :hs] on this lane's columns."""
+    for i in range(NACC):
+        k = c + i * lanes
+        if k < hs:
+            x[i] += a * tile[j, k]
+
+
+@cuda.jit(device=True, cache=True)
+def _scale_slice(x, a):
+    for i in range(NACC):
+        x[i] *= a
+
+
+@cuda.jit(device=True, cache=True)
+def _store_slice(dst, b, t, col, x, s, hs, lanes, c, add):
+    """dst[b, t, col + this lane's columns] = x * s, or += when add."""
+    for i in range(NACC):
+        k = c + i * lanes
+        if k < hs:
+            if add:
+                dst[b, t, col + k] += x[i] * s
+            else:
+                dst[b, t, col + k] = x[i] * s
+
+
+@cuda.jit(device=True, cache=True)
+def _load_tile(dst, src, b, row0, n, col, hs):
     """The block copies src[b, row0:row0+n, col:col+hs] into dst[:n, :hs]."""
     for e in range(cuda.threadIdx.x, n * hs, cuda.blockDim.x):
         dst[e // hs, e % hs] = src[b, row0 + e // hs, col + e % hs]
 
 
 @cuda.jit(device=True, cache=True)
-def _query_rows(task, n_qblk, NH, NKV, hs, T, window, q0):
-    """Task -> (batch, head, the block's first and last query positions, this thread's
-    query position t, the head's q / k / v columns, t's first visible key)."""
-    rows = cuda.blockDim.x
-    b = task // (NH * n_qblk)
-    h = task // n_qblk % NH
-    first = q0 + task % n_qblk * rows
-    last = min(T, first + rows) - 1
-    t = first + cuda.threadIdx.x
-    ko = (NH + h // (NH // NKV)) * hs
-    jmin = max(0, t - window + 1) if window > 0 else 0
-    return b, h, first, last, t, h * hs, ko, ko + NKV * hs, jmin
+def _share_sum(part, at, lanes):
+    """The sum of the lanes' shares part[at:at + lanes]."""
+    s = part[at]
+    for c in range(1, lanes):
+        s += part[at + c]
+    return s
+
+
+@cuda.jit(device=True, cache=True)
+def _visible(t, j, window, causal):
+    """Query position t may attend key position j."""
+    return (window == 0 or j > t - window) and (not causal or j <= t)
+
+
+# ----------------------------------------------------------------------------- forward
+
+@cuda.jit(cache=True)
+def _attention_forward(out, lse, qkv, NH, NKV, window, q0, causal, lanes):
+    """A block owns `rows` query rows of one head and walks their keys in shared tiles."""
+    B, T, _ = qkv.shape
+    hs = out.shape[2] // NH
+    f = qkv.dtype.type
+    scale = f(1.0) / math.sqrt(f(hs))
+    ninf = f(-math.inf)
+    ks = cuda.shared.array((KT, HS_MAX), qkv.dtype)
+    vs = cuda.shared.array((KT, HS_MAX), qkv.dtype)
+    part = cuda.shared.array(SHARE, qkv.dtype)      # [row, key, lane] shares of q . k
+    scores = cuda.shared.array(ROW_KEYS, qkv.dtype)  # [row, key]
+    q = cuda.local.array(NACC, qkv.dtype)
+    acc = cuda.local.array(NACC, qkv.dtype)
+    rows = cuda.blockDim.x // lanes
+    r = cuda.threadIdx.x // lanes
+    c = cuda.threadIdx.x % lanes
+    n_qblk = (T - q0 + rows - 1) // rows
+    for task in range(cuda.blockIdx.x, B * NH * n_qblk, cuda.gridDim.x):
+        b = task // (NH * n_qblk)
+        h = task // n_qblk % NH
+        first = q0 + task % n_qblk * rows      # the block's query positions first..last
+        last = min(T, first + rows) - 1
+        t = first + r
+        live = t <= last
+        qo = h * hs
+        ko = (NH + h // (NH // NKV)) * hs
+        vo = ko + NKV * hs
+        _load_slice(q, qkv, b, min(t, last), qo, hs, lanes, c, scale)  # rows past the end compute harmlessly
+        _scale_slice(acc, f(0))
+        m = ninf
+        l = f(0)
+        j_lo = max(0, first - window + 1) if window > 0 else 0
+        j_end = last + 1 if causal else T      # one past the block's last visible key
+        for j0 in range(j_lo, j_end, KT):
+            n = min(KT, j_end - j0)
+            _load_tile(ks, qkv, b, j0, n, ko, hs)
+            _load_tile(vs, qkv, b, j0, n, vo, hs)
+            cuda.syncthreads()
+            for j in range(n):
+                part[(r * KT + j) * (lanes + 1) + c] = _dot_slice(q, ks, j, hs, lanes, c)
+            cuda.syncthreads()
+            if c < KT:                         # lane c finishes key j0 + c of its row
+                s = ninf
+                if c < n and live and _visible(t, j0 + c, window, causal):
+                    s = _share_sum(part, (r * KT + c) * (lanes + 1), lanes)
+                scores[r * KT + c] = s
+            cuda.syncthreads()
+            m_tile = scores[r * KT]
+            for j in range(1, KT):
+                m_tile = max(m_tile, scores[r * KT + j])
+            if m_tile > ninf:                  # the row sees a key of this tile
+                m_new = max(m, m_tile)
+                correction = math.exp(m - m_new)
+                l *= correction
+                _scale_slice(acc, correction)
+                for j in range(n):
+                    p = math.exp(scores[r * KT + j] - m_new)
+                    l += p
+                    _axpy_slice(acc, p, vs, j, hs, lanes, c)
+                m = m_new
+            cuda.syncthreads()                 # everyone is done with the tile before the next load
+        if live:
+            _store_slice(out, b, t - q0, qo, acc, f(1) / l, hs, lanes, c, False)
+            if c == 0:
+                lse[b, h, t - q0] = m + math.log(l)
 
 
 @cuda.jit(cache=True)
-def _attention_forward(out, lse, qkv, NH, NKV, window, q0, causal):
+def _attention_decode(parts, qkv, NH, NKV, window, lanes):
+    """One query (position T-1) per (b, h). Block (b, h, split) takes DECODE_SPLIT keys
+    from j_lo + split*DECODE_SPLIT on; its row r walks every rows-th of them with its own
+    online softmax and writes its unnormalised output, max and sum to
+    parts[b, h, split*rows + r]."""
     B, T, _ = qkv.shape
-    Tq = T - q0
-    hs = out.shape[2] // NH
-    scale = 1.0 / math.sqrt(hs)
-    ks = cuda.shared.array((KEY_TILE, HS_MAX), np.float64)
-    vs = cuda.shared.array((KEY_TILE, HS_MAX), np.float64)
-    q = cuda.local.array(HS_MAX, np.float64)
-    acc = cuda.local.array(HS_MAX, np.float64)
-    rows = cuda.blockDim.x
-    n_qblk = (Tq + rows - 1) // rows
-    for task in range(cuda.blockIdx.x, B * NH * n_qblk, cuda.gridDim.x):
-        b, h, first, last, t, qo, ko, vo, jmin = _query_rows(task, n_qblk, NH, NKV, hs, T, window, q0)
-        live = t <= last
-        m = -math.inf
-        l = 0.0
-        if live:
-            for c in range(hs):
-                q[c] = qkv[b, t, qo + c] * scale
-                acc[c] = 0.0
-        j_lo = max(0, first - window + 1) if window > 0 else 0
-        j_end = last + 1 if causal else T   # one past the block's last visible key
-        for j0 in range(j_lo, j_end, KEY_TILE):
-            n = min(KEY_TILE, j_end - j0)
-            _load_rows(ks, qkv, b, j0, n, ko, hs)
-            _load_rows(vs, qkv, b, j0, n, vo, hs)
+    hs = parts.shape[3] - 2
+    f = qkv.dtype.type
+    scale = f(1.0) / math.sqrt(f(hs))
+    part = cuda.shared.array(ROW_SHARE, qkv.dtype)  # [row, lane] shares
+    q = cuda.local.array(NACC, qkv.dtype)
+    acc = cuda.local.array(NACC, qkv.dtype)
+    rows = cuda.blockDim.x // lanes
+    r = cuda.threadIdx.x // lanes
+    c = cuda.threadIdx.x % lanes
+    j_lo = max(0, T - window) if window > 0 else 0
+    n_split = parts.shape[2] // rows
+    for task in range(cuda.blockIdx.x, B * NH * n_split, cuda.gridDim.x):
+        b = task // (NH * n_split)
+        h = task // n_split % NH
+        split = task % n_split
+        ko = (NH + h // (NH // NKV)) * hs
+        vo = ko + NKV * hs
+        start = j_lo + split * DECODE_SPLIT
+        stop = min(T, start + DECODE_SPLIT)
+        _load_slice(q, qkv, b, T - 1, h * hs, hs, lanes, c, scale)
+        _scale_slice(acc, f(0))
+        m = f(-math.inf)
+        l = f(0)
+        for j0 in range(start, stop, rows):
+            j = j0 + r
+            live = j < stop
+            s = f(0)                           # this lane's share of q . k_j, each key read once
+            if live:
+                for i in range(NACC):
+                    k = c + i * lanes
+                    if k < hs:
+                        s += q[i] * qkv[b, j, ko + k]
+            part[r * (lanes + 1) + c] = s
             cuda.syncthreads()
             if live:
-                for r in range(n):
-                    if j0 + r < jmin or (causal and j0 + r > t):
-                        continue
-                    s = _dot(q, ks, r, hs)
-                    if s > m:  # new running max: rescale what was accumulated so far
-                        correction = math.exp(m - s)
-                        l *= correction
-                        for c in range(hs):
-                            acc[c] *= correction
-                        m = s
-                    p = math.exp(s - m)
-                    l += p
-                    for c in range(hs):
-                        acc[c] += p * vs[r, c]
-            cuda.syncthreads()  # the tile is read by everyone before the next load
-        if live:
-            for c in range(hs):
-                out[b, t - q0, qo + c] = acc[c] / l
-            lse[b, h, t - q0] = m + math.log(l)
+                s = _share_sum(part, r * (lanes + 1), lanes)
+                if s > m:                      # new running max: rescale what is accumulated
+                    correction = math.exp(m - s)
+                    l *= correction
+                    _scale_slice(acc, correction)
+                    m = s
+                p = math.exp(s - m)
+                l += p
+                for i in range(NACC):
+                    k = c + i * lanes
+                    if k < hs:
+                        acc[i] += p * qkv[b, j, vo + k]
+            cuda.syncthreads()
+        row = split * rows + r
+        for i in range(NACC):
+            k = c + i * lanes
+            if k < hs:
+                parts[b, h, row, k] = acc[i]
+        if c == 0:
+            parts[b, h, row, hs] = m
+            parts[b, h, row, hs + 1] = l
 
 
 @cuda.jit(cache=True)
-def _attention_backward_q(dqkv, dout, qkv, out, lse, NH, NKV, window, q0, causal):
-    """dq: one query row per thread, over shared tiles of its keys and values."""
-    B, T, _ = qkv.shape
-    Tq = T - q0
+def _decode_combine(out, lse, parts):
+    """Merge the partial softmax states parts[b, h, :] into out[b, 0, h] and lse[b, h, 0]."""
+    B, NH, P, width = parts.shape
+    hs = width - 2
+    f = parts.dtype.type
+    for task in range(cuda.blockIdx.x, B * NH, cuda.gridDim.x):
+        b = task // NH
+        h = task % NH
+        M = f(-math.inf)
+        for p in range(P):
+            M = max(M, parts[b, h, p, hs])
+        L = f(0)
+        for p in range(P):                     # a state that saw no key has m = -inf, l = 0: weight 0
+            L += parts[b, h, p, hs + 1] * math.exp(parts[b, h, p, hs] - M)
+        for k in range(cuda.threadIdx.x, hs, cuda.blockDim.x):
+            o = f(0)
+            for p in range(P):
+                o += parts[b, h, p, k] * math.exp(parts[b, h, p, hs] - M)
+            out[b, 0, h * hs + k] = o / L
+        if cuda.threadIdx.x == 0:
+            lse[b, h, 0] = M + math.log(L)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@cuda.jit(cache=True)
+def _attention_backward_d(D, dout, out, NH, lanes):
+    """D[b, h, t] = dout[b, t, h] . out[b, t, h], the softmax backward's per-row term."""
+    B, Tq, _ = out.shape
     hs = out.shape[2] // NH
-    scale = 1.0 / math.sqrt(hs)
-    ks = cuda.shared.array((KEY_TILE, HS_MAX), np.float64)
-    vs = cuda.shared.array((KEY_TILE, HS_MAX), np.float64)
-    q = cuda.local.array(HS_MAX, np.float64)
-    do = cuda.local.array(HS_MAX, np.float64)
-    dq = cuda.local.array(HS_MAX, np.float64)
-    rows = cuda.blockDim.x
-    n_qblk = (Tq + rows - 1) // rows
+    part = cuda.shared.array(ROW_SHARE, out.dtype)  # [row, lane] shares
+    rows = cuda.blockDim.x // lanes
+    r = cuda.threadIdx.x // lanes
+    c = cuda.threadIdx.x % lanes
+    n_blk = (Tq + rows - 1) // rows
+    for task in range(cuda.blockIdx.x, B * NH * n_blk, cuda.gridDim.x):
+        b = task // (NH * n_blk)
+        h = task // n_blk % NH
+        t = task % n_blk * rows + r
+        s = out.dtype.type(0)
+        if t < Tq:
+            for k in range(c, hs, lanes):
+                s += dout[b, t, h * hs + k] * out[b, t, h * hs + k]
+        part[r * (lanes + 1) + c] = s
+        cuda.syncthreads()
+        if c == 0 and t < Tq:
+            D[b, h, t] = _share_sum(part, r * (lanes + 1), lanes)
+        cuda.syncthreads()
+
+
+@cuda.jit(cache=True)
+def _attention_backward_q(dqkv, dout, qkv, lse, D, NH, NKV, window, q0, causal, lanes):
+    """dq: a block of query rows of one head, over shared tiles of their keys and values."""
+    B, T, _ = qkv.shape
+    hs = dout.shape[2] // NH
+    f = qkv.dtype.type
+    scale = f(1.0) / math.sqrt(f(hs))
+    ks = cuda.shared.array((BKT, HS_MAX), qkv.dtype)
+    vs = cuda.shared.array((BKT, HS_MAX), qkv.dtype)
+    sp = cuda.shared.array(BSHARE, qkv.dtype)      # [row, key, lane] shares of q . k
+    dpp = cuda.shared.array(BSHARE, qkv.dtype)     # and of do . v
+    ds_tile = cuda.shared.array(ROW_BKEYS, qkv.dtype)
+    q = cuda.local.array(NACC, qkv.dtype)
+    do = cuda.local.array(NACC, qkv.dtype)
+    dq = cuda.local.array(NACC, qkv.dtype)
+    rows = cuda.blockDim.x // lanes
+    r = cuda.threadIdx.x // lanes
+    c = cuda.threadIdx.x % lanes
+    n_qblk = (T - q0 + rows - 1) // rows
     for task in range(cuda.blockIdx.x, B * NH * n_qblk, cuda.gridDim.x):
-        b, h, first, last, t, qo, ko, vo, jmin = _query_rows(task, n_qblk, NH, NKV, hs, T, window, q0)
+        b = task // (NH * n_qblk)
+        h = task // n_qblk % NH
+        first = q0 + task % n_qblk * rows
+        last = min(T, first + rows) - 1
+        t = first + r
         live = t <= last
-        D = 0.0  # sum_j p_j dp_j = do . o, the softmax backward's shared term
-        L = 0.0
-        if live:
-            for c in range(hs):
-                q[c] = qkv[b, t, qo + c] * scale
-                do[c] = dout[b, t - q0, qo + c]
-                dq[c] = 0.0
-                D += do[c] * out[b, t - q0, qo + c]
-            L = lse[b, h, t - q0]
+        tl = min(t, last)                      # rows past the end work on a real row, write nothing
+        qo = h * hs
+        ko = (NH + h // (NH // NKV)) * hs
+        vo = ko + NKV * hs
+        _load_slice(q, qkv, b, tl, qo, hs, lanes, c, scale)
+        _load_slice(do, dout, b, tl - q0, qo, hs, lanes, c, f(1))
+        _scale_slice(dq, f(0))
+        L = lse[b, h, tl - q0]
+        Dt = D[b, h, tl - q0]
         j_lo = max(0, first - window + 1) if window > 0 else 0
         j_end = last + 1 if causal else T
-        for j0 in range(j_lo, j_end, KEY_TILE):
-            n = min(KEY_TILE, j_end - j0)
-            _load_rows(ks, qkv, b, j0, n, ko, hs)
-            _load_rows(vs, qkv, b, j0, n, vo, hs)
+        for j0 in range(j_lo, j_end, BKT):
+            n = min(BKT, j_end - j0)
+            _load_tile(ks, qkv, b, j0, n, ko, hs)
+            _load_tile(vs, qkv, b, j0, n, vo, hs)
             cuda.syncthreads()
-            if live:
-                for r in range(n):
-                    if j0 + r < jmin or (causal and j0 + r > t):
-                        continue
-                    p = math.exp(_dot(q, ks, r, hs) - L)
-                    ds = p * (_dot(do, vs, r, hs) - D) * scale
-                    for c in range(hs):
-                        dq[c] += ds * ks[r, c]
+            for j in range(n):
+                at = (r * BKT + j) * (lanes + 1) + c
+                sp[at] = _dot_slice(q, ks, j, hs, lanes, c)
+                dpp[at] = _dot_slice(do, vs, j, hs, lanes, c)
+            cuda.syncthreads()
+            if c < BKT:                        # lane c finishes key j0 + c: ds = p (dp - D) / sqrt(hs)
+                ds = f(0)
+                if c < n and live and _visible(t, j0 + c, window, causal):
+                    at = (r * BKT + c) * (lanes + 1)
+                    p = math.exp(_share_sum(sp, at, lanes) - L)
+                    ds = p * (_share_sum(dpp, at, lanes) - Dt) * scale
+                ds_tile[r * BKT + c] = ds
+            cuda.syncthreads()
+            for j in range(n):
+                _axpy_slice(dq, ds_tile[r * BKT + j], ks, j, hs, lanes, c)
             cuda.syncthreads()
         if live:
-            for c in range(hs):
-                dqkv[b, t, qo + c] += dq[c]
+            _store_slice(dqkv, b, t, qo, dq, f(1), hs, lanes, c, True)
 
 
 @cuda.jit(cache=True)
-def _attention_backward_kv(dqkv, dout, qkv, out, lse, NH, NKV, window, q0, causal):
-    """dk and dv: one key row (b, kv head, j) per thread, over shared tiles of the query
-    rows (of every head in the group) that see it."""
+def _attention_backward_kv(dqkv, dout, qkv, lse, D, NH, NKV, window, q0, causal, lanes):
+    """dk and dv: a block of key rows of one kv head, over shared tiles of the query rows
+    (of every head in the group) that see them. One block owns each key row: no atomics."""
     B, T, _ = qkv.shape
-    hs = out.shape[2] // NH
+    hs = dout.shape[2] // NH
     group = NH // NKV
-    scale = 1.0 / math.sqrt(hs)
-    qs = cuda.shared.array((KEY_TILE, HS_MAX), np.float64)
-    dos = cuda.shared.array((KEY_TILE, HS_MAX), np.float64)
-    Ls = cuda.shared.array(KEY_TILE, np.float64)
-    Ds = cuda.shared.array(KEY_TILE, np.float64)
-    k = cuda.local.array(HS_MAX, np.float64)
-    v = cuda.local.array(HS_MAX, np.float64)
-    dk = cuda.local.array(HS_MAX, np.float64)
-    dv = cuda.local.array(HS_MAX, np.float64)
-    rows = cuda.blockDim.x
+    f = qkv.dtype.type
+    scale = f(1.0) / math.sqrt(f(hs))
+    qs = cuda.shared.array((BKT, HS_MAX), qkv.dtype)
+    dos = cuda.shared.array((BKT, HS_MAX), qkv.dtype)
+    Ls = cuda.shared.array(BKT, qkv.dtype)
+    Ds = cuda.shared.array(BKT, qkv.dtype)
+    sp = cuda.shared.array(BSHARE, qkv.dtype)      # [row, query, lane] shares of k . q
+    dpp = cuda.shared.array(BSHARE, qkv.dtype)     # and of v . do
+    p_tile = cuda.shared.array(ROW_BKEYS, qkv.dtype)
+    ds_tile = cuda.shared.array(ROW_BKEYS, qkv.dtype)
+    k = cuda.local.array(NACC, qkv.dtype)
+    v = cuda.local.array(NACC, qkv.dtype)
+    dk = cuda.local.array(NACC, qkv.dtype)
+    dv = cuda.local.array(NACC, qkv.dtype)
+    rows = cuda.blockDim.x // lanes
+    r = cuda.threadIdx.x // lanes
+    c = cuda.threadIdx.x % lanes
     n_kblk = (T + rows - 1) // rows
     for task in range(cuda.blockIdx.x, B * NKV * n_kblk, cuda.gridDim.x):
         b = task // (NKV * n_kblk)
         kv = task // n_kblk % NKV
-        first = task % n_kblk * rows           # the block's first key position
+        first = task % n_kblk * rows           # the block's key positions first..last
         last = min(T, first + rows) - 1
-        j = first + cuda.threadIdx.x
+        j = first + r
         live = j <= last
         ko = (NH + kv) * hs
         vo = ko + NKV * hs
-        if live:
-            for c in range(hs):
-                k[c] = qkv[b, j, ko + c] * scale
-                v[c] = qkv[b, j, vo + c]
-                dk[c] = 0.0
-                dv[c] = 0.0
+        _load_slice(k, qkv, b, min(j, last), ko, hs, lanes, c, scale)
+        _load_slice(v, qkv, b, min(j, last), vo, hs, lanes, c, f(1))
+        _scale_slice(dk, f(0))
+        _scale_slice(dv, f(0))
         t_lo = max(first, q0) if causal else q0  # queries t_lo..t_hi see some key of the block
         t_hi = min(T, last + window) - 1 if window > 0 else T - 1
         for h in range(kv * group, (kv + 1) * group):
             qo = h * hs
-            for t0 in range(t_lo, t_hi + 1, KEY_TILE):
-                n = min(KEY_TILE, t_hi + 1 - t0)
-                _load_rows(qs, qkv, b, t0, n, qo, hs)
-                _load_rows(dos, dout, b, t0 - q0, n, qo, hs)
-                r = cuda.threadIdx.x
-                if r < n:  # each row's lse and D = do . o, once per tile
-                    Ls[r] = lse[b, h, t0 + r - q0]
-                    D = 0.0
-                    for c in range(hs):
-                        D += dout[b, t0 + r - q0, qo + c] * out[b, t0 + r - q0, qo + c]
-                    Ds[r] = D
+            for t0 in range(t_lo, t_hi + 1, BKT):
+                n = min(BKT, t_hi + 1 - t0)
+                _load_tile(qs, qkv, b, t0, n, qo, hs)
+                _load_tile(dos, dout, b, t0 - q0, n, qo, hs)
+                if cuda.threadIdx.x < n:
+                    Ls[cuda.threadIdx.x] = lse[b, h, t0 + cuda.threadIdx.x - q0]
+                    Ds[cuda.threadIdx.x] = D[b, h, t0 + cuda.threadIdx.x - q0]
                 cuda.syncthreads()
-                if live:
-                    for r in range(n):
-                        t = t0 + r
-                        if (causal and t < j) or (window > 0 and t >= j + window):
-                            continue
-                        p = math.exp(_dot(k, qs, r, hs) - Ls[r])
-                        ds = p * (_dot(v, dos, r, hs) - Ds[r])
-                        for c in range(hs):
-                            dk[c] += ds * qs[r, c]
-                            dv[c] += p * dos[r, c]
+                for i in range(n):
+                    at = (r * BKT + i) * (lanes + 1) + c
+                    sp[at] = _dot_slice(k, qs, i, hs, lanes, c)
+                    dpp[at] = _dot_slice(v, dos, i, hs, lanes, c)
+                cuda.syncthreads()
+                if c < BKT:                    # lane c finishes query t0 + c
+                    p = f(0)
+                    ds = f(0)
+                    if c < n and live and _visible(t0 + c, j, window, causal):
+                        at = (r * BKT + c) * (lanes + 1)
+                        p = math.exp(_share_sum(sp, at, lanes) - Ls[c])
+                        ds = p * (_share_sum(dpp, at, lanes) - Ds[c])
+                    p_tile[r * BKT + c] = p
+                    ds_tile[r * BKT + c] = ds
+                cuda.syncthreads()
+                for i in range(n):
+                    _axpy_slice(dv, p_tile[r * BKT + i], dos, i, hs, lanes, c)
+                    _axpy_slice(dk, ds_tile[r * BKT + i], qs, i, hs, lanes, c)
                 cuda.syncthreads()
         if live:
-            for c in range(hs):
-                dqkv[b, j, ko + c] += dk[c] * scale
-                dqkv[b, j, vo + c] += dv[c]
+            _store_slice(dqkv, b, j, ko, dk, scale, hs, lanes, c, True)
+            _store_slice(dqkv, b, j, vo, dv, f(1), hs, lanes, c, True)
 
 
-def attention_work_shape(T):
-    """No scratch in global memory: tiles live in shared memory, accumulators per thread."""
+# ----------------------------------------------------------------------------- Python side
+
+_scratch = {}
+
+
+def _scratch_array(shape, dtype):
+    """A device array of `shape` for per-call intermediates (the backward's D, the decode's
+    partial states). ops.attention sizes `work` from T alone, too little to hold them, so
+    they live here: one buffer per dtype, grown when a call needs more and reused after, so
+    steady-state steps allocate nothing."""
+    n = int(np.prod(shape))
+    buf = _scratch.get(np.dtype(dtype))
+    if buf is None or buf.size < n:
+        buf = _scratch[np.dtype(dtype)] = cuda.device_array(max(n, 1), dtype)
+    return buf[:n].reshape(shape)
+
+
+def attention_work_shape(T: int) -> tuple:
+    """No scratch from the caller: tiles live in shared memory, row state in registers,
+    the backward's D and the decode's partial states in a reused module buffer."""
     return (0, 0)
 
 
-def _check_head_size(out, NH):
-    if out.shape[2] // NH > HS_MAX:
-        raise ValueError(f"CUDA attention supports head sizes up to {HS_MAX}, got {out.shape[2] // NH}")
+def _grid(n_tasks: int) -> int:
+    return max(1, min(MAX_BLOCKS, n_tasks))
+
+
+def _head_size(out, NH) -> int:
+    hs = out.shape[2] // NH
+    if hs > min(HS_MAX, NACC * MAX_LANES):
+        raise ValueError(f"CUDA attention supports head sizes up to {min(HS_MAX, NACC * MAX_LANES)}, got {hs}")
+    return hs
 
 
 def attention_forward(out, lse, qkv, work, NH, NKV, window, q0, causal=True):
     """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal mask if causal) v; lse (B, NH, T-q0).
-    work: attention_work_shape(T) (empty here)."""
-    _check_head_size(out, NH)
+    work is unused (see attention_work_shape). One query row per (b, h), decoding with a
+    KV cache, takes the split-K path."""
+    hs = _head_size(out, NH)
+    lanes = lanes_for(hs)
+    rows = THREADS // lanes
     B, T, _ = qkv.shape
-    _attention_forward[blocks(B * NH * (T - q0)), THREADS](out, lse, qkv, NH, NKV, window, q0, bool(causal))
+    window, q0 = int(window), int(q0)
+    if T - q0 == 1:  # its one query sees keys max(0, T-window)..T-1, causal or not
+        n_keys = min(T, window) if window > 0 else T
+        n_split = (n_keys + DECODE_SPLIT - 1) // DECODE_SPLIT
+        parts = _scratch_array((B, NH, n_split * rows, hs + 2), qkv.dtype)
+        _attention_decode[_grid(B * NH * n_split), THREADS](parts, qkv, NH, NKV, window, lanes)
+        _decode_combine[_grid(B * NH), THREADS](out, lse, parts)
+        return
+    n_qblk = (T - q0 + rows - 1) // rows
+    _attention_forward[_grid(B * NH * n_qblk), THREADS](out, lse, qkv, NH, NKV, window, q0, bool(causal), lanes)
 
 
 def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0, causal=True):
-    """Accumulate dqkv from dout (two passes: dq, then dk and dv)."""
-    _check_head_size(out, NH)
+    """Accumulate dqkv from dout: D = rowsum(dout * out), then dq, then dk and dv."""
+    hs = _head_size(out, NH)
+    lanes = lanes_for(hs)
+    rows = THREADS // lanes
     B, T, _ = qkv.shape
-    args = (dqkv, dout, qkv, out, lse, NH, NKV, window, q0, bool(causal))
-    _attention_backward_q[blocks(B * NH * (T - q0)), THREADS](*args)
-    _attention_backward_kv[blocks(B * NKV * T), THREADS](*args)
+    Tq = T - int(q0)
+    D = _scratch_array((B, NH, Tq), qkv.dtype)
+    q_blocks = _grid(B * NH * ((Tq + rows - 1) // rows))
+    _attention_backward_d[q_blocks, THREADS](D, dout, out, NH, lanes)
+    args = (dqkv, dout, qkv, lse, D, NH, NKV, int(window), int(q0), bool(causal), lanes)
+    _attention_backward_q[q_blocks, THREADS](*args)
+    _attention_backward_kv[_grid(B * NKV * ((T + rows - 1) // rows)), THREADS](*args)
