@@ -90,20 +90,22 @@ def _load_slice(x, src, b, t, col, hs, lanes, c, s):
 def _dot_slice(x, tile, j, hs, lanes, c):
     """This lane's share of x . tile[j, :hs]."""
     s = x.dtype.type(0)
+    row = tile[j]
     for i in range(NACC):
-        k = c + i * lanes
-        if k < hs:
-            s += x[i] * tile[j, k]
+        k = np.uint32(c + i * lanes)
+        if k < np.uint32(hs):
+            s += x[i] * row[k]
     return s
 
 
 @cuda.jit(device=True, cache=True)
 def _axpy_slice(x, a, tile, j, hs, lanes, c):
     """x += a * tile[j, :hs] on this lane's columns."""
+    row = tile[j]
     for i in range(NACC):
-        k = c + i * lanes
-        if k < hs:
-            x[i] += a * tile[j, k]
+        k = np.uint32(c + i * lanes)
+        if k < np.uint32(hs):
+            x[i] += a * row[k]
 
 
 @cuda.jit(device=True, cache=True)
