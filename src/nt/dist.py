@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import sys
 from typing import Any, Callable, Iterator, Optional
 
@@ -297,7 +298,11 @@ def world() -> World:
     if "NUMBA_NUM_THREADS" not in os.environ:
         local = comm.comm.Split_type(comm.MPI.COMM_TYPE_SHARED).Get_size()
         set_threads(max(1, (os.cpu_count() or 1) // local))
-    if comm.rank != 0:
+    # mpiexec reports a rank that dies by its PID: this table names the rank
+    where = comm.allgather_object(f"{comm.rank}:{os.getpid()}@{socket.gethostname()}")
+    if comm.rank == 0:
+        print(f"nt.dist: {comm.size} ranks (rank:pid@host) {' '.join(where)}", file=sys.stderr, flush=True)
+    else:
         sys.stdout = open(os.devnull, "w")
     return _WORLD
 
