@@ -183,7 +183,12 @@ class LanguageModel:
             return
         n_layers, width = self._kv_shape
         self._kv.reset()
-        self._kv_layers = [self._kv.alloc((batch, capacity, width)) for _ in range(n_layers)]
+        # one block (L, B, capacity, W): the per-layer caches are views of it, so a fused
+        # decoding step (_decode_one) can take every layer's cache as one array
+        self._kv_all = self._kv.alloc((n_layers, batch, capacity, width))
+        step = batch * capacity * width
+        self._kv_layers = [Tensor(self._kv, self._kv_all.offset + l * step, (batch, capacity, width))
+                           for l in range(n_layers)]
         self._kv_len = self._kv_start = 0
 
     def _next_logits(self, rows: np.ndarray) -> np.ndarray:
@@ -205,6 +210,11 @@ class LanguageModel:
             new, pos0 = rows[:, -keep:], 0
             self._kv_start = L - keep
         T = new.shape[1]
+        if B == 1 and T == 1 and pos0 > 0:   # one token: the model's fused step, when it has one
+            logits = self._decode_one(int(new[0, 0]), pos0)
+            if logits is not None:
+                self._kv_len = pos0 + 1
+                return logits[None, :V].astype(np.float64)
         self.tape.reset(recording=False)
         x = self._trunk(np.ascontiguousarray(new, dtype=np.int32), pos0, self._kv_layers)
         C = x.shape[-1]
@@ -217,6 +227,12 @@ class LanguageModel:
         logits = self._head(last)
         self._kv_len = pos0 + T
         return logits.numpy()[:, 0, :V].astype(np.float64)
+
+    def _decode_one(self, token: int, pos: int) -> Optional[np.ndarray]:
+        """The logits row after `token` at position `pos` of a batch of one, its qkv rows
+        appended to the KV cache, in one fused step; None where the model has none (then
+        _next_logits runs the tape path)."""
+        return None
 
     def generate(self, idx: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, seed: Optional[int] = None,

@@ -328,3 +328,51 @@ class Llama(LanguageModel):
     def _head(self, x: Tensor) -> Tensor:
         """Logits of final residual rows (the final norm, then the classifier)."""
         return self._classify(self._norm(x, self.params["norm_f"]))
+
+    def _decode_one(self, token: int, pos: int) -> Optional[np.ndarray]:
+        """One token through every layer in one kernel call (kernels/cpu/decode.py), for the
+        shapes it covers: CPU float32, RMSNorm, SwiGLU, no biases / qk-norm / post-norms /
+        embedding scale / sliding window / adapters / BitLinear, weights float32 or in a
+        block format with an integer dot kernel (quant.QDOT_CODES). Otherwise None."""
+        from nt.kernels.cpu import decode, quant
+        cfg, t = self.config, self.tape
+        if (t.device != "cpu" or t.dtype != np.float32 or self.adapters is not None or self.bitlinear
+                or cfg.norm != "rmsnorm" or cfg.ffn_kind != "swiglu" or cfg.qk_norm or cfg.post_norms
+                or cfg.embed_scale or cfg.qkv_bias or cfg.sliding_window or getattr(cfg, "bitnet", False)
+                or any(kind not in quant.QDOT_CODES for kind in self.quantized.values())):
+            return None
+        plan = getattr(self, "_decode_plan", None)
+        if plan is None or plan[0] is not self._kv_all:   # the cache is new: a new generation
+            plan = self._decode_plan = (self._kv_all,) + self._decode_args()
+        logits = np.empty(plan[-1], np.float32)
+        decode.llama_decode_step(logits, token, pos, *plan[1:-1])
+        return logits
+
+    def _decode_args(self) -> tuple:
+        """llama_decode_step's arguments after (logits, token, pos), and the logits' length."""
+        from nt.kernels.cpu import quant
+        cfg, p, L = self.config, self.params, self.config.n_layers
+        none_f, none_q = np.zeros((L, 0, 0), np.float32), np.zeros((L, 0, 0), np.uint8)
+        wf, wq, codes = [], [], []
+        for name in ("qkvw", "attn_out", "gate_up", "down"):
+            if name in self.quantized:
+                if isinstance(self.qweights[name], list):   # one (L, OC, bytes) array from now on
+                    self.qweights[name] = np.stack(self.qweights[name])
+                wf.append(none_f)
+                wq.append(self.qweights[name])
+                codes.append(quant.QDOT_CODES[self.quantized[name]])
+            else:
+                wf.append(p[name].data)
+                wq.append(none_q)
+                codes.append(-1)
+        if "lm_head" in self.quantized:
+            head_f, head_q = none_f[0], self.qweights["lm_head"]
+            codes.append(quant.QDOT_CODES[self.quantized["lm_head"]])
+        else:
+            head_f, head_q = p["wte" if cfg.tie_embeddings else "lm_head"].data, none_q[0]
+            codes.append(-1)
+        cache = self._kv_all.data[:, 0]
+        inv_freq = ops.rope_frequencies(cfg.hs, cfg.rope_theta, cfg.rope_scaling)
+        return (p["wte"].data, p["attn_norm"].data, p["ffn_norm"].data, p["norm_f"].data, tuple(wf), tuple(wq),
+                np.array(codes, np.int64), head_f, head_q, cache, inv_freq, cfg.rope_pairing == "half",
+                cfg.n_heads, cfg.n_kv_heads, np.float32(cfg.norm_eps), quant.F16_TABLE, head_f.shape[0] or head_q.shape[0])

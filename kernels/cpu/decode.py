@@ -1,0 +1,136 @@
+"""One decoding step of a Llama-family model (B = 1, T = 1) as a handful of kernel launches.
+
+The tape path runs ~15 ops per layer, each a Python call and a parallel region; at 58M
+parameters a token is ~1 ms of arithmetic, so that overhead and thread start-up dominated
+(and 2 threads ran slower than 1). Here one call does the whole token: per layer five
+parallel regions, each splitting output rows (or heads) across threads,
+
+    rmsnorm -> [quantise x] -> qkv rows -> RoPE + KV-cache append      (qkv region)
+    attention over the cache, one head per task                         (heads region)
+    [quantise] -> out rows, added into the residual in place            (out region)
+    rmsnorm -> [quantise] -> gate_i, up_i rows -> silu(gate_i) * up_i   (gate_up region, SwiGLU fused)
+    [quantise] -> down rows, added into the residual                    (down region)
+
+then the final norm and the classifier rows. The small per-token work (a norm, quantising
+one activation row, RoPE of one position) runs on the calling thread between regions. Each
+weight byte is read once per token. A matrix is float32 (code -1: `wf`, rows dotted in
+float32 with reassociation so they vectorise) or ggml blocks (code >= 0, see
+quant.QDOT_CODES: `wq`, integer dots against the activation quantised once per matrix).
+No BLAS is called, so no second thread pool competes with Numba's.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .quant import QDOT_BLOCK, QK, qdot, _quantize_row_q8
+from .rmsnorm import _row_forward as _rmsnorm_row
+from .rope import _rotate_row
+
+
+@njit(cache=True, fastmath=True)
+def _fdot(w, x):
+    s = np.float32(0.0)
+    for c in range(x.shape[0]):
+        s += w[c] * x[c]
+    return s
+
+
+@njit(cache=True)
+def _quantize_for(code, x, xq, xd, xs):
+    """Quantise activation row x for weights of `code` (nothing for float weights)."""
+    if code >= 0:
+        _quantize_row_q8(xq, xd, xs, x, QDOT_BLOCK[code])
+
+
+@njit(cache=True)
+def _row(r, x, wf, wq, code, xq, xd, xs, f16):
+    """Weight row r . activation row x (float) or its quantised form (xq, xd, xs)."""
+    if code < 0:
+        return _fdot(wf[r], x)
+    return qdot(code, wq[r], xq, xd, xs, f16)
+
+
+@njit(parallel=True, cache=True)
+def matvec(out, x, wf, wq, code, xq, xd, xs, f16, accumulate):
+    """out[r] (+)= W[r] . x for every row r, rows split across threads (xq, xd, xs:
+    scratch for x quantised, at least as long as x, x/32, x/32)."""
+    a = xq[:x.shape[0]]
+    _quantize_for(code, x, a, xd, xs)
+    for r in prange(out.shape[0]):
+        v = _row(r, x, wf, wq, code, a, xd, xs, f16)
+        out[r] = out[r] + v if accumulate else v
+
+
+@njit(parallel=True, cache=True)
+def swiglu_matvec(act, x, wf, wq, code, xq, xd, xs, f16):
+    """act[i] = silu(gate_i . x) * (up_i . x), gate rows 0..H-1 and up rows H..2H-1 of W."""
+    a = xq[:x.shape[0]]
+    _quantize_for(code, x, a, xd, xs)
+    H = act.shape[0]
+    for i in prange(H):
+        g = _row(i, x, wf, wq, code, a, xd, xs, f16)
+        u = _row(H + i, x, wf, wq, code, a, xd, xs, f16)
+        act[i] = g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@njit(parallel=True, cache=True)
+def attend(att, cache, pos, NH, NKV, hs, scores):
+    """att (NH*hs,) = causal attention of the q heads in cache[pos] over keys/values
+    cache[0..pos] (rows laid out q | k | v heads), one head per task."""
+    scale = np.float32(1.0 / np.sqrt(hs))
+    group = NH // NKV
+    k0, v0 = NH * hs, (NH + NKV) * hs
+    for h in prange(NH):
+        q = cache[pos, h * hs:(h + 1) * hs]
+        kv = (h // group) * hs
+        s = scores[h]
+        m = np.float32(-np.inf)
+        for t in range(pos + 1):
+            s[t] = _fdot(cache[t, k0 + kv:k0 + kv + hs], q) * scale
+            m = max(m, s[t])
+        z = np.float32(0.0)
+        for t in range(pos + 1):
+            s[t] = np.exp(s[t] - m)
+            z += s[t]
+        o = att[h * hs:(h + 1) * hs]
+        o[:] = 0.0
+        for t in range(pos + 1):
+            p = s[t] / z
+            v = cache[t, v0 + kv:v0 + kv + hs]
+            for c in range(hs):
+                o[c] += p * v[c]
+
+
+@njit(cache=True)
+def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, wf, wq, codes, head_f, head_q,
+                      cache, inv_freq, half, NH, NKV, eps, f16):
+    """The logits (rows of the classifier) after token `token` at position `pos`, whose
+    rotated qkv rows are appended to cache (L, capacity, W) at row pos.
+
+    wf / wq: tuples of the four per-layer matrices (qkv, out, gate_up, down), each (L, OC,
+    C) float32 / (L, OC, bytes) uint8 (an empty array for the unused one); codes (5,): their
+    block codes and the classifier's (-1 float: head_f, else head_q)."""
+    L, C = attn_norm.shape
+    W = cache.shape[2]
+    hs = W // (NH + 2 * NKV)
+    H = (wf[2].shape[1] if codes[2] < 0 else wq[2].shape[1]) // 2
+    width = max(C, H, NH * hs)
+    x = wte[token].copy()
+    h = np.empty(C, np.float32)
+    att = np.empty(NH * hs, np.float32)
+    act = np.empty(H, np.float32)
+    xq = np.empty(width, np.int8)
+    xd = np.empty(width // QK, np.float32)
+    xs = np.empty(width // QK, np.int32)
+    scores = np.empty((NH, pos + 1), np.float32)
+    for l in range(L):
+        _rmsnorm_row(h, x, attn_norm[l], eps)
+        row = cache[l, pos]
+        matvec(row, h, wf[0][l], wq[0][l], codes[0], xq, xd, xs, f16, False)
+        _rotate_row(row, row.copy(), pos, inv_freq, half, 1.0, NH + NKV, hs, False)
+        attend(att, cache[l], pos, NH, NKV, hs, scores)
+        matvec(x, att, wf[1][l], wq[1][l], codes[1], xq, xd, xs, f16, True)
+        _rmsnorm_row(h, x, ffn_norm[l], eps)
+        swiglu_matvec(act, h, wf[2][l], wq[2][l], codes[2], xq, xd, xs, f16)
+        matvec(x, act, wf[3][l], wq[3][l], codes[3], xq, xd, xs, f16, True)
+    _rmsnorm_row(h, x, norm_f, eps)
+    matvec(logits, h, head_f, head_q, codes[4], xq, xd, xs, f16, False)
