@@ -253,10 +253,11 @@ def _attention_decode(parts, qkv, NH, NKV, window, lanes):
             live = j < stop
             s = f(0)                           # this lane's share of q . k_j, each key read once
             if live:
+                key = qkv[b, j]
                 for i in range(NACC):
                     k = c + i * lanes
                     if k < hs:
-                        s += q[i] * qkv[b, j, ko + k]
+                        s += q[i] * key[np.uint32(ko + k)]
             part[r * (lanes + 1) + c] = s
             cuda.syncthreads()
             if live:
@@ -271,7 +272,7 @@ def _attention_decode(parts, qkv, NH, NKV, window, lanes):
                 for i in range(NACC):
                     k = c + i * lanes
                     if k < hs:
-                        acc[i] += p * qkv[b, j, vo + k]
+                        acc[i] += p * key[np.uint32(vo + k)]
             cuda.syncthreads()
         row = split * rows + r
         for i in range(NACC):
