@@ -14,9 +14,9 @@ two scale bytes (one broadcast). All math is float32.
   the ordinary matmul (cuBLAS on hardware), which reuses every weight element N times.
 
 Halves are decoded arithmetically in registers (exact for every bit pattern), so the `f16`
-table argument of the CPU signature is accepted and not used. The warp's reduction goes
-through shared memory with block barriers rather than warp shuffles so that the same code
-runs under the CUDA simulator (which has no shuffles).
+table argument of the CPU signature is accepted and not used. The warp's final reduction
+is a butterfly of shuffles on hardware; the simulator has no shuffles, so there (only) it
+goes through shared memory.
 """
 import math
 
@@ -26,7 +26,7 @@ from numba import cuda
 from .launch import SIMULATOR, THREADS, blocks
 
 QK = 32                       # elements per block = lanes per warp
-WARPS = 1 if SIMULATOR else 4  # warps (output rows in flight) per block of the block matmuls
+WARPS = 4 # warps (output rows in flight) per block of the block matmuls
 MAX_WARPS = 8                 # size of the reduction's shared array (>= WARPS)
 MAX_BLOCKS = 2 if SIMULATOR else 65535
 F16_TABLE = None              # the CPU kernels' half -> float table; the GPU decodes in registers
@@ -58,23 +58,32 @@ def _element(raw, p, lane, q4):
     return d * np.float32(np.int8(raw[p + 2 + lane]))
 
 
-@cuda.jit(device=True, cache=True)
-def _warp_sum(buf, value):
-    """The sum of `value` over the caller's warp (32 consecutive threads), returned to every
-    lane. Every thread of the block must call it (it holds block barriers)."""
-    t = cuda.threadIdx.x
-    base = t - t % QK
-    buf[t] = value
-    cuda.syncthreads()
-    step = QK // 2
-    while step > 0:
-        if t - base < step:
-            buf[t] += buf[t + step]
+if SIMULATOR:
+    @cuda.jit(device=True, cache=True)
+    def _warp_sum(buf, value):
+        """The sum of `value` over the caller's warp (32 consecutive threads), returned to
+        every lane. The simulator has no shuffles: lanes meet in shared memory, and every
+        thread of the block must call this (it holds block barriers; two, as each barrier
+        costs the simulator milliseconds)."""
+        t = cuda.threadIdx.x
+        base = t - t % QK
+        buf[t] = value
         cuda.syncthreads()
-        step //= 2
-    total = buf[base]
-    cuda.syncthreads()  # all lanes have read the sum before the caller's next write to buf
-    return total
+        total = np.float32(0.0)
+        for j in range(QK):
+            total += buf[base + j]
+        cuda.syncthreads()  # all lanes have read buf before the caller's next write to it
+        return total
+else:
+    @cuda.jit(device=True, cache=True)
+    def _warp_sum(buf, value):
+        """The sum of `value` over the caller's warp, returned to every lane: a butterfly of
+        register shuffles (buf, the simulator's shared scratch, is not used)."""
+        step = QK // 2
+        while step > 0:
+            value += cuda.shfl_xor_sync(0xFFFFFFFF, value, step)
+            step //= 2
+        return value
 
 
 @cuda.jit(cache=True)

@@ -449,8 +449,8 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
     elif not cfg.tie_embeddings:
         p["lm_head"][:cfg.vocab_size] = _dequantized(f, "output.weight")
     model.load_flat(host)
-    for n, rows in model.qweights.items():  # blocks live where the matmul runs
-        model.qweights[n] = model.tape.k.to_device(rows) if n == "lm_head" else [model.tape.k.to_device(r) for r in rows]
+    if device != "cpu":   # the blocks live where the matmul runs
+        model.qweights = {n: model.tape.k.to_device(rows) for n, rows in model.qweights.items()}
     return model
 
 
