@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nt import dist
 from nt.io import FormatError, save_checkpoint
 from nt.io.common import atomic_write
 from nt.sft import ChatBatches, Chat, demo_chats, encode_chats, read_chats, renderer_for
@@ -87,7 +88,8 @@ def batches(args, model, tokenizer) -> tuple[ChatBatches, ChatBatches]:
             top = max(int(r.ids.max()) for r in rows)
             if top >= model.config.vocab_size:
                 raise ValueError(f"token id {top} is outside the model's vocabulary of {model.config.vocab_size}")
-            out.append(ChatBatches(rows, B, T, shuffle=shuffle, seed=args.seed))
+            # under mpiexec every rank draws the whole world's batch and keeps its B rows
+            out.append(ChatBatches(rows, B * (dist.world().size if shuffle else 1), T, shuffle=shuffle, seed=args.seed))
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from None
     print(f"data: {out[0].n_rows} training / {out[1].n_rows} validation conversations, "
@@ -130,6 +132,7 @@ def sample_answer(args, model, tokenizer) -> None:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
+    dist.world()   # under mpiexec: only rank 0 prints from here on
     dtype = np.float32 if args.dtype == "float32" else np.float64
     resume = resume_path(args)
     try:
@@ -138,7 +141,9 @@ def main(argv=None) -> None:
     except (ValueError, FormatError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     evaluate = evaluator(model, val, min(args.eval_batches, val.batches_per_epoch))
-    train(args, model, source, evaluate=evaluate, resume=resume, extra=extra)
+    train(args, model, dist.SplitBatches(source), evaluate=evaluate, resume=resume, extra=extra)
+    if not dist.world().is_main:   # rank 0 writes and samples
+        return
     save_outputs(args, model, tokenizer, Path(extra["finetune"]["base"]))
     if args.sample_tokens > 0:
         sample_answer(args, model, tokenizer)

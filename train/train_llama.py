@@ -2,6 +2,7 @@
 
     python train/train_llama.py                              # llama-mini on the built-in corpus
     python train/train_llama.py --preset llama-tiny --steps 50
+    python train/train_llama.py --bitnet                     # BitNet b1.58 (ternary weights) llama-mini
     python train/train_llama.py --preset smollm2-135m -B 1 -T 64 --data shard.bin --vocab-size 49152
     python train/train_llama.py --resume latest --out-dir out/llama   # continue where it stopped
 
@@ -27,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-predict", type=int, default=1, help="multi-token prediction heads (1 = next token only)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--z-loss", type=float, default=0.0)
+    p.add_argument("--bitnet", action="store_true",
+                   help="BitNet b1.58: ternary BitLinear projections with 8-bit activations (nt.bitnet)")
     add_training_args(p)
     return p.parse_args(argv)
 
@@ -42,10 +45,10 @@ def main(argv=None) -> None:
         block_size = max(args.seq_len, LlamaConfig.PRESETS[args.preset].get("block_size", 1024))
         cfg = LlamaConfig.preset(args.preset, vocab_size=data.vocab_size, block_size=block_size,
                                  dropout=args.dropout, n_predict=args.n_predict,
-                                 label_smoothing=args.label_smoothing, z_loss=args.z_loss)
+                                 label_smoothing=args.label_smoothing, z_loss=args.z_loss, bitnet=args.bitnet)
         model = Llama(cfg, device=args.device, dtype=dtype, seed=args.seed)
     cfg = model.config
-    print(f"model: {type(model).__name__} L={cfg.n_layers} C={cfg.dim} NH={cfg.n_heads} NKV={cfg.n_kv_heads} "
+    print(f"model: {type(model).__name__}{' (BitNet b1.58)' if cfg.bitnet else ''} L={cfg.n_layers} C={cfg.dim} NH={cfg.n_heads} NKV={cfg.n_kv_heads} "
           f"hs={cfg.hs} H={cfg.ffn_hidden} V={cfg.vocab_size} (padded {cfg.padded_vocab_size}): "
           f"{model.num_params:,} parameters")
 

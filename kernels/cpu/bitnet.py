@@ -55,8 +55,8 @@ def act_quant(xq, xs, x):
         a = x.dtype.type(EPS)
         for c in range(C):
             a = max(a, abs(x[n, c]))
-        inv = 127.0 / a
-        xs[n] = a / 127.0
+        inv = x.dtype.type(127.0) / a     # in x's precision: float32 codes as the packed path's
+        xs[n] = a / x.dtype.type(127.0)
         for c in range(C):
             xq[n, c] = min(max(np.rint(x[n, c] * inv), -128.0), 127.0) * xs[n]
 

@@ -9,6 +9,7 @@ NUMBA_ENABLE_CUDASIM=1, in Numba's CUDA simulator.
 from .activations import (GELU, GELU_TANH, SIGMOID, SILU, act_backward, act_forward, gelu_backward,
                           gelu_forward, glu_backward, glu_forward)
 from .align import dpo_backward, dpo_forward, grpo_backward, grpo_forward
+from .bitnet import act_quant, bitlinear_backward, bitlinear_forward, weight_quant
 from .attention import attention_backward, attention_forward, attention_work_shape
 from .dropout import dropout_backward, dropout_forward
 from .elementwise import (add_backward, add_forward, concat_backward, concat_forward, mul_backward,

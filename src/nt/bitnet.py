@@ -28,7 +28,7 @@ from .ops import _check, _grad
 from .tape import Tape
 from .tensor import Tensor
 
-__all__ = ["bitlinear", "linear_tq2_0", "weight_quant", "act_quant", "pack_ternary", "ternary_codes", "pack",
+__all__ = ["bitlinear", "linear_tq2_0", "quantized_weight", "weight_quant", "act_quant", "pack_ternary", "ternary_codes", "pack",
            "unpack_weights", "BITLINEAR", "QK", "TQ2_BYTES"]
 
 # the projections of a Llama block that bitnet=True makes BitLinear (embeddings, norms and
@@ -99,14 +99,19 @@ def _linear_tq2_0_backward(k):
 
 # ---------------------------------------------------------------------- quantisers on host arrays
 
-def weight_quant(w: np.ndarray) -> tuple[np.ndarray, float]:
-    """(int8 ternary codes, s) of a float weight tensor by the absmean rule, computed by the
-    same kernel as the training forward."""
+def quantized_weight(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """(codes * s as float32, s) of a float weight tensor by the absmean rule: what the
+    training forward multiplies by (the same kernel)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
-    k = backend("cpu")
     wq, scale = np.empty(w.size, np.float32), np.empty(1, np.float32)
-    k.weight_quant(wq, scale, w.reshape(-1))
-    return ternary_codes(wq.reshape(w.shape), float(scale[0])), float(scale[0])
+    backend("cpu").weight_quant(wq, scale, w.reshape(-1))
+    return wq.reshape(w.shape), float(scale[0])
+
+
+def weight_quant(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """(int8 ternary codes, s) of a float weight tensor by the absmean rule."""
+    wq, s = quantized_weight(w)
+    return ternary_codes(wq, s), s
 
 
 def act_quant(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

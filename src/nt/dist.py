@@ -28,6 +28,7 @@ is noticed by mpiexec, which ends the others.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -211,6 +212,7 @@ class World:
     def __init__(self, comm):
         self.comm = comm
         self.rank, self.size = comm.rank, comm.size
+        self.wait_at_exit = False   # see collectives_done()
 
     @property
     def is_main(self) -> bool:
@@ -223,6 +225,13 @@ class World:
 
     def barrier(self) -> None:
         self.comm.barrier()
+
+    def collectives_done(self) -> None:
+        """Say that this rank takes part in no more collectives (training is over; what is
+        left is rank 0's writing and sampling): at exit it then waits for every rank, since
+        mpiexec ends all ranks when one leaves early. A rank that fails before this exits
+        at once, and mpiexec ends the others, which are waiting in a collective."""
+        self.wait_at_exit = True
 
     @contextlib.contextmanager
     def rank0_first(self) -> Iterator[None]:
@@ -293,8 +302,9 @@ def world() -> World:
     except ImportError:
         raise RuntimeError("started by mpiexec with several ranks, but mpi4py is not installed: "
                            "pip install 'nt[mpi]'") from None
-    _WORLD = World(comm)
+    _WORLD = w = World(comm)
     _abort_on_exception(comm)
+    atexit.register(lambda: w.wait_at_exit and comm.barrier())
     if "NUMBA_NUM_THREADS" not in os.environ:
         local = comm.comm.Split_type(comm.MPI.COMM_TYPE_SHARED).Get_size()
         set_threads(max(1, (os.cpu_count() or 1) // local))
@@ -496,6 +506,39 @@ class Gathered:
         return self._state
 
 
+class SplitBatches:
+    """A batch source whose batches are the whole world's ((N*B, ...) arrays, the same on
+    every rank): each rank keeps its own B rows. Its position is already global, so
+    checkpoints resume on any rank count whose global batch is the same. For sources that
+    are not rank-aware themselves (e.g. nt.sft.ChatBatches built with B * ranks)."""
+
+    def __init__(self, source, w: Optional[World] = None):
+        self.source, self.world = source, w or world()
+
+    def next_batch(self):
+        batch = self.source.next_batch()
+        r, N = self.world.rank, self.world.size
+        rows = lambda a: a[r * (a.shape[0] // N):(r + 1) * (a.shape[0] // N)]  # noqa: E731
+        if isinstance(batch, dict):
+            return {key: rows(value) for key, value in batch.items()}
+        return tuple(rows(a) for a in batch)
+
+    def state(self) -> dict:
+        return self.source.state()
+
+    def set_state(self, state: dict) -> None:
+        self.source.set_state(state)
+
+
+def split_source(source, w: Optional[World] = None):
+    """`source` as this rank's share of every batch: a SplitBatches as it is, a rank-aware
+    DataLoader in a RankedSource; a source that is neither is refused (ValueError)."""
+    w = w or world()
+    if w.size == 1 or isinstance(source, (SplitBatches, RankedSource)):
+        return source
+    return RankedSource(source, w)
+
+
 class RankedSource:
     """A rank-aware DataLoader whose checkpointed position counts windows of the whole
     world (the rank's position x ranks), so a checkpoint resumes on any number of ranks
@@ -523,5 +566,5 @@ class RankedSource:
         self.loader.set_state({**state, "position": int(position) // N})
 
 
-__all__ = ["World", "world", "use", "DataParallel", "Shard", "Gathered", "RankedSource", "SelfComm", "MPIComm",
+__all__ = ["World", "world", "use", "DataParallel", "Shard", "Gathered", "RankedSource", "SplitBatches", "split_source", "SelfComm", "MPIComm",
            "NCCLComm", "partition", "fingerprint", "launched_by_mpi", "set_threads"]

@@ -404,7 +404,7 @@ def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
     if world.size > 1:  # every rank starts from rank 0's weights, on its own share of the same data
         world.check_same("the runs' settings or data", vars(args), dataclasses.asdict(model.config), params.size,
                          *getattr(source, "shards", ()))
-        source = dist.RankedSource(source, world)
+        source = dist.split_source(source, world)
         world.broadcast_params(model.params)
     if zero and args.loss_scale:
         sys.exit("error: --loss-scale is not supported with --zero 1")
@@ -480,6 +480,7 @@ def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
         steady = sorted(times[1:])[len(times[1:]) // 2]
         print(f"median step {steady * 1e3:.1f} ms, {tokens_per_step / steady:,.0f} tokens/s "
               f"(first step with compilation: {times[0]:.1f} s)")
+    world.collectives_done()
     if world.is_main:
         png = log.plot(baseline)
         print(f"loss log: {log.path}" + (f", curve: {png}" if png else ""))

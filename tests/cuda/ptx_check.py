@@ -39,6 +39,7 @@ class _NoDevice:
 dispatcher.get_current_device = _NoDevice
 
 import nt.kernels.cuda as package  # noqa: E402
+from nt.kernels.cuda import bitnet  # noqa: E402
 from nt.kernels.cuda import (activations, align, attention, dropout, elementwise, embedding, layernorm,  # noqa: E402
                              matmul, memory, optim, rmsnorm, rope, softmax_xent)
 from nt.kernels.cuda import hebbian, vision  # noqa: E402
@@ -130,6 +131,13 @@ def signatures(f):
         (vision._to_chw, (f[:, :, :, ::1], f[:, :, :, ::1], F, D1, D1)),
         (hebbian._hebbian_update, (A2, A2, A2, F, F, B)),
     ]
+        (quant._block_matmul, (types.float32[:, ::1], types.float32[:, ::1], types.uint8[:, ::1], B)),
+        (quant._dequantize, (types.float32[::1], types.uint8[::1], B)),
+        (bf16._to_bf16, (types.uint16[::1], types.uint32[::1], B, U)),
+        (bf16._from_bf16, (types.uint32[::1], types.uint16[::1])),
+        (bitnet._weight_scale, (A1, A1)),
+        (bitnet._weight_apply, (A1, A1, A1)),
+        (bitnet._act_quant, (A2, A1, A2)),
 
 
 def all_kernels():

@@ -163,7 +163,7 @@ def test_write_gguf_read_by_gguf_and_by_us(tmp_path):
         "k.arr_str": ["a", "bc"], "k.arr_bool": [True, False], "k.nested": [["a"], ["b", "c"]],
         "k.ints": [1, 2 ** 40],
     }
-    x = rng.standard_normal((3, 64)).astype(np.float32)
+    x = rng.standard_normal((3, 256)).astype(np.float32)   # 256: one block of the K/ternary formats (TQ2_0)
     tensors = {f"w.{t}": (x, t) for t in G.WRITE_TYPES}
     tensors["bias"] = (rng.standard_normal(5).astype(np.float32), "F32")
     path = tmp_path / "w.gguf"
@@ -184,7 +184,7 @@ def test_write_gguf_read_by_gguf_and_by_us(tmp_path):
     for t in r.tensors:
         if t.name.startswith("w."):
             qtype = t.name[2:]
-            assert t.tensor_type == Q[qtype] and t.shape.tolist() == [64, 3]
+            assert t.tensor_type == Q[qtype] and t.shape.tolist() == [256, 3]
             ref = np.asarray(gguf.quants.quantize(x, Q[qtype])).view(np.uint8).reshape(-1)
             assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), ref)
 

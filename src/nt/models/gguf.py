@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
-from .. import ops
+from .. import bitnet, ops
 from ..io.common import FormatError, require_finite
 from ..io.gguf import DEQUANTIZE_TYPES, FILE_TYPES, GGML_TYPE_IDS, GGML_TYPES, WRITE_TYPES, GGUFFile, write_gguf
 from ..tokenizer import (ENDOFTEXT, BPE, SP_BYTE, SP_CONTROL, SP_NORMAL, SP_UNUSED, SP_USER_DEFINED, SentencePieceBPE,
@@ -260,8 +260,12 @@ LLAMA_ARCHS = {
     # times sqrt(dim) (applied by llama.cpp's graph, not stored)
     "gemma3": LlamaArch("half", dict(ffn_kind="geglu", qkv_bias=False, qk_norm=True, post_norms=True,
                                      embed_scale=True)),
+    # BitNet b1.58 (llama.cpp's LLM_ARCH_BITNET): ternary TQ2_0 projections, an RMSNorm before
+    # the attention output and the down projection (attn_sub_norm, ffn_sub_norm)
+    "bitnet": LlamaArch("half", dict(ffn_kind="swiglu", qkv_bias=False, qk_norm=False, post_norms=False,
+                                     embed_scale=False, sliding_window=0, bitnet=True)),
 }
-_LLAMA_COMMON = dict(norm="rmsnorm", rope_scaling=None, n_predict=1)
+_LLAMA_COMMON = dict(norm="rmsnorm", rope_scaling=None, n_predict=1, bitnet=False)
 
 # llama.cpp's gemma3 (llama_load_hparams_gemma3): five local layers then a global one, local
 # layers with RoPE base 10000. Versions that read attention.sliding_window_pattern and
@@ -289,11 +293,16 @@ def _layer_tensors(cfg: LlamaConfig) -> list[tuple[str, str, int, int]]:
         out += [("qkvb", f"{g}.bias", a, b) for g, a, b in qkv]
     if cfg.qk_norm:
         out += [("q_norm", "attn_q_norm.weight", 0, hs), ("k_norm", "attn_k_norm.weight", 0, hs)]
+    if cfg.bitnet:
+        out.append(("attn_sub_norm", "attn_sub_norm.weight", 0, cfg.n_heads * hs))
     out.append(("attn_out", "attn_output.weight", 0, C))
     if cfg.post_norms:
         out.append(("post_attn_norm", "post_attention_norm.weight", 0, C))
     out += [("ffn_norm", "ffn_norm.weight", 0, C), ("gate_up", "ffn_gate.weight", 0, H),
-            ("gate_up", "ffn_up.weight", H, 2 * H), ("down", "ffn_down.weight", 0, C)]
+            ("gate_up", "ffn_up.weight", H, 2 * H)]
+    if cfg.bitnet:
+        out.append(("ffn_sub_norm", "ffn_sub_norm.weight", 0, H))
+    out.append(("down", "ffn_down.weight", 0, C))
     if cfg.post_norms:
         out.append(("post_ffn_norm", "post_ffw_norm.weight", 0, C))
     return out
@@ -399,10 +408,18 @@ def _llama_config(f: GGUFFile, arch: str) -> LlamaConfig:
 
 def _kept_quantized(f: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
     """{nt matrix: ggml type} for the matrices whose every GGUF tensor is one type that
-    ops.linear_q reads (Q8_0, Q4_0); the others are dequantised. None with q/k/v biases
-    (Qwen2): nt's Llama keeps no quantised matrix beside a bias."""
+    ops.linear_q reads (Q8_0, Q4_0, Q4_K, Q6_K); the others are dequantised. None with q/k/v biases
+    (Qwen2): nt's Llama keeps no quantised matrix beside a bias. A BitNet file's projections
+    must all be TQ2_0 and are always kept (nt.bitnet.linear_tq2_0 runs them)."""
     if cfg.qkv_bias:
         return {}
+    if cfg.bitnet:
+        for name in (f"blk.{l}.{g}" for l in range(cfg.n_layers) for m, g, _, _ in _layer_tensors(cfg)
+                     if m in _KEPT_MATRICES):
+            if f.tensor_infos[name].type != "TQ2_0":
+                raise FormatError(f"{f.path}: tensor {name!r} is {f.tensor_infos[name].type}; a bitnet file's "
+                                  "projections must be TQ2_0 (ternary codes and their scales)")
+        return {n: "TQ2_0" for n in _KEPT_MATRICES}
     groups = {n: [f"blk.{l}.{g}" for l in range(cfg.n_layers) for m, g, _, _ in _layer_tensors(cfg) if m == n]
               for n in _KEPT_MATRICES}
     if not cfg.tie_embeddings:
@@ -422,16 +439,19 @@ def _dequantized(f: GGUFFile, name: str) -> np.ndarray:
 
 def _raw_rows(f: GGUFFile, name: str) -> np.ndarray:
     """The stored blocks of a (OC, C) matrix as a (OC, bytes per row) uint8 copy; the blocks'
-    float16 scales (their first two bytes, in Q8_0 and Q4_0) must be finite."""
+    float16 scales (the first two bytes in Q8_0 and Q4_0, the last two in TQ2_0) must be finite."""
     rows = np.array(f.raw(name)).reshape(f.tensor_infos[name].shape[0], -1)
-    block = {"Q8_0": 34, "Q4_0": 18}[f.tensor_infos[name].type]
-    scales = rows.reshape(-1, block)[:, :2].copy().view("<f2")
+    block, at, n = {"Q8_0": (34, 0, 1), "Q4_0": (18, 0, 1), "Q4_K": (144, 0, 2), "Q6_K": (210, 208, 1),
+                    "TQ2_0": (66, 64, 1)}[f.tensor_infos[name].type]   # bytes, first f16 scale, scales
+    scales = rows.reshape(-1, block)[:, at:at + 2 * n].copy().view("<f2")
     require_finite(scales, f"{f.path}: tensor {name!r} (block scales)")
     return rows
 
 
 def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bool) -> Llama:
-    quantized = _kept_quantized(f, cfg) if keep_quantized else {}
+    quantized = _kept_quantized(f, cfg) if keep_quantized or cfg.bitnet else {}
+    if device != "cpu":   # the K-quant integer kernels are CPU-only: dequantise those matrices
+        quantized = {n: k for n, k in quantized.items() if k not in ("Q4_K", "Q6_K")}
     model = Llama(cfg, device=device, seed=None, quantized=quantized)
     host = np.zeros(model.params.numel, dtype=np.float32)
     p = _param_views(model, host)
@@ -488,7 +508,15 @@ def _gemma3_metadata(cfg: LlamaConfig) -> dict:
 
 def _llama_export(model: Llama) -> tuple[dict, dict]:
     cfg = model.config
-    if model.quantized:
+    if model.quantized and not (cfg.bitnet and set(model.quantized.values()) == {"TQ2_0"}):
+def _ternary_weights(model: Llama, name: str, l: int) -> np.ndarray:
+    """Layer l of a BitNet model's projection `name` as the float32 ternary values its forward
+    multiplies by: unpacked TQ2_0 rows, or the quantised latent weights."""
+    if name in model.quantized:
+        return bitnet.unpack_weights(np.asarray(model.qweights[name][l]))
+    return bitnet.quantized_weight(model.params[name][l].numpy())[0]
+
+
         raise ValueError(f"cannot export a Llama that keeps {sorted(model.quantized)} quantised; "
                          "load it with keep_quantized=False")
     arch = _llama_arch(cfg)
@@ -509,6 +537,8 @@ def _llama_export(model: Llama) -> tuple[dict, dict]:
     pairing = LLAMA_ARCHS[arch].rope_pairing
     heads = {"attn_q.weight": NH, "attn_q.bias": NH, "attn_k.weight": NKV, "attn_k.bias": NKV,
              "attn_q_norm.weight": 1, "attn_k_norm.weight": 1}
+    if cfg.bitnet:   # the ternary weights the forward uses (codes times scale), which TQ2_0 keeps exactly
+        p.update({n: np.stack([_ternary_weights(model, n, l) for l in range(cfg.n_layers)]) for n in bitnet.BITLINEAR})
     arrays = {"token_embd.weight": p["wte"][:V]}
     for l in range(cfg.n_layers):
         for n, g, a, b in _layer_tensors(cfg):
@@ -724,6 +754,10 @@ def write(path, model: LanguageModel, dtype: str = "F32", metadata: Optional[dic
     if isinstance(model, GPT2):
         meta, arrays = _gpt2_export(model)
     elif isinstance(model, Llama):
+    bitnet_model = isinstance(model, Llama) and model.config.bitnet
+    if (dtype == "TQ2_0") != bitnet_model:
+        raise ValueError("a BitNet Llama (config.bitnet) is written as TQ2_0, and TQ2_0 holds only BitNet "
+                         f"models' ternary weights; got dtype {dtype!r} for a {'' if bitnet_model else 'non-'}BitNet model")
         meta, arrays = _llama_export(model)
     else:
         raise TypeError(f"cannot export a {type(model).__name__} to GGUF (supported: GPT2, Llama)")
@@ -736,6 +770,9 @@ def write(path, model: LanguageModel, dtype: str = "F32", metadata: Optional[dic
         meta.update(tokenizer_metadata(tokenizer, model.config.vocab_size))
     meta.update(metadata or {})
     _, bs, _ = GGML_TYPES[GGML_TYPE_IDS[dtype]]
-    tensors = {name: (a, dtype if a.ndim >= 2 and a.shape[-1] % bs == 0 else "F32")
+    # BitNet: only the projections are ternary; the embedding and classifier stay F32
+    ternary = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
+    tensors = {name: (a, dtype if a.ndim >= 2 and a.shape[-1] % bs == 0
+                      and (dtype != "TQ2_0" or name.split(".", 2)[-1].startswith(ternary)) else "F32")
                for name, a in arrays.items()}
     write_gguf(path, meta, tensors)
