@@ -129,7 +129,7 @@ class Tape:
                 if grad is None:
                     self.k.fill_(out.gflat, 1.0)
                 else:
-                    self.k.copy_(out.gflat, self.k.to_device(grad.reshape(-1)))
+                    self.k.copy_(out.gflat, grad.reshape(-1))  # copy_ takes a host array: nothing allocated
             else:
                 backward_fn, args = step
                 backward_fn(self.k, *args)

@@ -32,6 +32,19 @@ class Arena:
         self.gbuf = self.k.empty(0, self.dtype) if with_grad else None
         self.top = 0      # next free element
         self.grows = 0    # how many times the buffers were reallocated (a steady step: none)
+        # (id(buffer), offset, shape) -> view: a GPU array view costs tens of microseconds
+        # to build and a step asks for the same views every time; emptied when a buffer moves
+        self.views: dict = {}
+
+    def view(self, buf, offset: int, shape: tuple):
+        """buf[offset:offset + prod(shape)] reshaped to shape (buf is self.buf or self.gbuf), cached."""
+        key = (id(buf), offset, shape)
+        v = self.views.get(key)
+        if v is None:
+            if len(self.views) >= 65536:  # shapes that change every call (a growing decode): start over
+                self.views.clear()
+            v = self.views[key] = buf[offset:offset + math.prod(shape)].reshape(shape)
+        return v
 
     @property
     def k(self):
@@ -53,6 +66,7 @@ class Arena:
         self.buf = self._moved(self.buf, capacity)
         if self.with_grad:
             self.gbuf = self._moved(self.gbuf, capacity)
+        self.views.clear()
         self.grows += 1
 
     def _moved(self, old, capacity):
@@ -67,7 +81,7 @@ class Arena:
 
     def grad_view(self, offset: int, size: int):
         """The grad of elements [offset, offset + size): the mirror's, or None without grads."""
-        return None if self.gbuf is None else self.gbuf[offset:offset + size]
+        return None if self.gbuf is None else self.view(self.gbuf, offset, (size,))
 
     @property
     def nbytes(self) -> int:
@@ -118,8 +132,7 @@ class ActivationArena(Arena):
             raise RuntimeError("activation grads exist only while tape.backward() runs (they share memory); "
                                "read a parameter's grad, or an activation's inside a backward")
         i = self.block(offset)
-        g = self.gstarts[i] + offset - self.starts[i]
-        return self.gbuf[g:g + size]
+        return self.view(self.gbuf, self.gstarts[i] + offset - self.starts[i], (size,))
 
     def plan_grads(self, touches: Sequence[Sequence[int]]) -> list[list[int]]:
         """Give every allocation in `touches` a grad slot. touches[s] lists the allocations
@@ -151,6 +164,7 @@ class ActivationArena(Arena):
                 _give(free, gstarts[i], sizes[i])
         if end > self.gbuf.shape[0]:
             self.gbuf = self.k.empty(max(end, 2 * self.gbuf.shape[0]), self.dtype)
+            self.views.clear()
             self.grows += 1
         self.gstarts = gstarts
         return born
@@ -191,18 +205,18 @@ class Tensor:
 
     @property
     def data(self):
-        """The values, as a view of the arena with this tensor's shape."""
-        return self.arena.buf[self.offset:self.offset + self.size].reshape(self.shape)
+        """The values, as a view of the arena with this tensor's shape (cached by the arena)."""
+        return self.arena.view(self.arena.buf, self.offset, self.shape)
 
     @property
     def grad(self):
         """The gradient, same shape; None when the arena keeps no grads (a frozen parameter)."""
         view = self.arena.grad_view(self.offset, self.size)
-        return None if view is None else view.reshape(self.shape)
+        return None if view is None else self.arena.view(view, 0, self.shape)
 
     @property
     def flat(self):
-        return self.arena.buf[self.offset:self.offset + self.size]
+        return self.arena.view(self.arena.buf, self.offset, (self.size,))
 
     @property
     def gflat(self):
