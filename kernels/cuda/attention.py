@@ -20,7 +20,7 @@ backward. No T x T matrix exists, no array lives in local memory, and all math i
 the inputs' dtype: float32 for training, float64 only when a float64 test asks for it.
 
 Decoding one token (T - q0 == 1) has one query per (batch, head) and many keys, so it
-parallelises over keys instead (split-K): each block takes DECODE_SPLIT keys, each of
+parallelises over keys instead (split-K): each block takes a run of keys, each of
 its ROWS rows a strided share of them with its own (m, l, output) state, and writes
 those partial states; a second kernel merges them per (batch, head).
 
@@ -56,7 +56,7 @@ BSHARE = BKT * (THREADS + MAX_ROWS)
 ROW_KEYS = MAX_ROWS * KT                # [row, key]: scores, p, ds
 ROW_BKEYS = MAX_ROWS * BKT
 ROW_SHARE = THREADS + MAX_ROWS          # [row, lane + 1 pad]
-DECODE_SPLIT = 4 if SIMULATOR else 128  # keys per decode block
+DECODE_BLOCKS = 64 if SIMULATOR else 264  # decode blocks to aim for (2 per SM on an H100)
 
 
 def lanes_for(hs: int) -> int:
@@ -219,9 +219,9 @@ def _attention_forward(out, lse, qkv, NH, NKV, window, q0, causal, lanes):
 
 
 @cuda.jit(cache=True)
-def _attention_decode(parts, qkv, NH, NKV, window, lanes):
-    """One query (position T-1) per (b, h). Block (b, h, split) takes DECODE_SPLIT keys
-    from j_lo + split*DECODE_SPLIT on; its row r walks every rows-th of them with its own
+def _attention_decode(parts, qkv, NH, NKV, window, lanes, split_len):
+    """One query (position T-1) per (b, h). Block (b, h, split) takes split_len keys
+    from j_lo + split*split_len on; its row r walks every rows-th of them with its own
     online softmax and writes its unnormalised output, max and sum to
     parts[b, h, split*rows + r]."""
     B, T, _ = qkv.shape
@@ -242,8 +242,8 @@ def _attention_decode(parts, qkv, NH, NKV, window, lanes):
         split = task % n_split
         ko = (NH + h // (NH // NKV)) * hs
         vo = ko + NKV * hs
-        start = j_lo + split * DECODE_SPLIT
-        stop = min(T, start + DECODE_SPLIT)
+        start = j_lo + split * split_len
+        stop = min(T, start + split_len)
         _load_slice(q, qkv, b, T - 1, h * hs, hs, lanes, c, scale)
         _scale_slice(acc, f(0))
         m = f(-math.inf)
@@ -516,9 +516,12 @@ def attention_forward(out, lse, qkv, work, NH, NKV, window, q0, causal=True):
     window, q0 = int(window), int(q0)
     if T - q0 == 1:  # its one query sees keys max(0, T-window)..T-1, causal or not
         n_keys = min(T, window) if window > 0 else T
-        n_split = (n_keys + DECODE_SPLIT - 1) // DECODE_SPLIT
+        # enough splits to fill the GPU, each at least one key per row
+        want = max(1, DECODE_BLOCKS // (B * NH))
+        split_len = -(-max(rows, -(-n_keys // want)) // rows) * rows
+        n_split = -(-n_keys // split_len)
         parts = _scratch_array((B, NH, n_split * rows, hs + 2), qkv.dtype)
-        _attention_decode[_grid(B * NH * n_split), THREADS](parts, qkv, NH, NKV, window, lanes)
+        _attention_decode[_grid(B * NH * n_split), THREADS](parts, qkv, NH, NKV, window, lanes, split_len)
         _decode_combine[_grid(B * NH), THREADS](out, lse, parts)
         return
     n_qblk = (T - q0 + rows - 1) // rows

@@ -88,7 +88,7 @@ def signatures(f):
         (embedding._embedding_backward_tokens, (A2, A3, I2)),
         (embedding._embedding_backward_positions, (A2, A3, I)),
         (attention._attention_forward, (A3, A3, A3, I, I, I, I, B, I)),
-        (attention._attention_decode, (f[:, :, :, ::1], A3, I, I, I, I)),
+        (attention._attention_decode, (f[:, :, :, ::1], A3, I, I, I, I, I)),
         (attention._decode_combine, (A3, A3, f[:, :, :, ::1])),
         (attention._attention_backward_d, (A3, A3, A3, I, I)),
         (attention._attention_backward_q, (A3, A3, A3, A3, A3, I, I, I, I, B, I)),

@@ -72,7 +72,7 @@ CASES = {  # NH, NKV, window, q0, T, causal, hs
     "gqa-window": (4, 2, 3, 0, 9, True, 5),
     "mqa-bidirectional": (4, 1, 0, 0, 6, False, 4),
     "kv-cache-rows": (2, 1, 0, 5, 9, True, 8),
-    "decode": (2, 1, 0, 10, 11, True, 6),           # split-K over 3 splits of keys
+    "decode": (2, 1, 0, 10, 11, True, 6),           # split-K: 2 splits, rows without keys in the second
     "decode-window-gqa": (4, 2, 6, 12, 13, True, 3),
     "decode-bidirectional": (2, 2, 0, 8, 9, False, 3),
     "wide-head": (1, 1, 0, 0, 5, True, 16),         # a row over several lanes, several slices each
