@@ -506,9 +506,6 @@ def _gemma3_metadata(cfg: LlamaConfig) -> dict:
             "gemma3.rope.freq_base_swa": float(cfg.rope_local_theta or cfg.rope_theta)}
 
 
-def _llama_export(model: Llama) -> tuple[dict, dict]:
-    cfg = model.config
-    if model.quantized and not (cfg.bitnet and set(model.quantized.values()) == {"TQ2_0"}):
 def _ternary_weights(model: Llama, name: str, l: int) -> np.ndarray:
     """Layer l of a BitNet model's projection `name` as the float32 ternary values its forward
     multiplies by: unpacked TQ2_0 rows, or the quantised latent weights."""
@@ -517,6 +514,9 @@ def _ternary_weights(model: Llama, name: str, l: int) -> np.ndarray:
     return bitnet.quantized_weight(model.params[name][l].numpy())[0]
 
 
+def _llama_export(model: Llama) -> tuple[dict, dict]:
+    cfg = model.config
+    if model.quantized and not (cfg.bitnet and set(model.quantized.values()) == {"TQ2_0"}):
         raise ValueError(f"cannot export a Llama that keeps {sorted(model.quantized)} quantised; "
                          "load it with keep_quantized=False")
     arch = _llama_arch(cfg)
@@ -534,11 +534,11 @@ def _ternary_weights(model: Llama, name: str, l: int) -> np.ndarray:
     if arch == "gemma3":
         meta.update(_gemma3_metadata(cfg))
     p = _param_views(model, model.params.to_flat().astype(np.float32, copy=False))
+    if cfg.bitnet:   # the ternary weights the forward uses (codes times scale), which TQ2_0 keeps exactly
+        p.update({n: np.stack([_ternary_weights(model, n, l) for l in range(cfg.n_layers)]) for n in bitnet.BITLINEAR})
     pairing = LLAMA_ARCHS[arch].rope_pairing
     heads = {"attn_q.weight": NH, "attn_q.bias": NH, "attn_k.weight": NKV, "attn_k.bias": NKV,
              "attn_q_norm.weight": 1, "attn_k_norm.weight": 1}
-    if cfg.bitnet:   # the ternary weights the forward uses (codes times scale), which TQ2_0 keeps exactly
-        p.update({n: np.stack([_ternary_weights(model, n, l) for l in range(cfg.n_layers)]) for n in bitnet.BITLINEAR})
     arrays = {"token_embd.weight": p["wte"][:V]}
     for l in range(cfg.n_layers):
         for n, g, a, b in _layer_tensors(cfg):
@@ -751,13 +751,13 @@ def write(path, model: LanguageModel, dtype: str = "F32", metadata: Optional[dic
     (llama.cpp runs on token ids). `metadata` adds or overrides keys last."""
     if dtype not in WRITE_TYPES:
         raise ValueError(f"dtype must be one of {', '.join(WRITE_TYPES)}, got {dtype!r}")
-    if isinstance(model, GPT2):
-        meta, arrays = _gpt2_export(model)
-    elif isinstance(model, Llama):
     bitnet_model = isinstance(model, Llama) and model.config.bitnet
     if (dtype == "TQ2_0") != bitnet_model:
         raise ValueError("a BitNet Llama (config.bitnet) is written as TQ2_0, and TQ2_0 holds only BitNet "
                          f"models' ternary weights; got dtype {dtype!r} for a {'' if bitnet_model else 'non-'}BitNet model")
+    if isinstance(model, GPT2):
+        meta, arrays = _gpt2_export(model)
+    elif isinstance(model, Llama):
         meta, arrays = _llama_export(model)
     else:
         raise TypeError(f"cannot export a {type(model).__name__} to GGUF (supported: GPT2, Llama)")
