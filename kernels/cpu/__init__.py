@@ -22,7 +22,8 @@ from .optim import (adam_update, add_noise_, scale_, segment_sum_squares, sgd_up
 from .rmsnorm import qk_norm_backward, qk_norm_forward, rmsnorm_backward, rmsnorm_forward
 from .rope import rope_backward, rope_forward
 from .softmax_xent import (kl_div_backward, kl_div_forward, logprobs_backward, logprobs_forward, softmax_backward,
-                           softmax_forward, softmax_xent_backward, softmax_xent_forward)
+                           softmax_forward, softmax_xent_backward, softmax_xent_forward,
+                           softmax_xent_grad_)
 from .hebbian import hebbian_update
 from .vision import (cls_pos_backward, cls_pos_forward, crop_flip, grayscale, pool_backward, pool_forward,
                      resize_bilinear, to_chw, unfold_backward, unfold_forward)

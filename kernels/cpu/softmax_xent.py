@@ -116,6 +116,33 @@ def softmax_xent_backward(dlogits, dloss, logits, lse, targets, V, smoothing=0.0
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
+def softmax_xent_grad_(logits, dloss, lse, targets, V, smoothing=0.0, z_loss=0.0):
+    """Overwrite logits (N, Vp) with the loss's gradient: dloss / count * (p (1 + 2 z_loss
+    lse) - (1-eps) onehot - eps/V) on counted rows, 0 on ignored rows and padded columns.
+    The fused classifier's backward (llm.c's trick): the gradient takes the logits' memory,
+    so it never needs its own (N, Vp) array, and feeds the dX and dW gemms from there."""
+    N, Vp = logits.shape
+    count = 0
+    for n in range(N):
+        if targets[n] >= 0:
+            count += 1
+    scale = dloss[0] / count if count > 0 else 0.0
+    for n in prange(N):
+        row = logits[n]
+        tgt = targets[n]
+        if tgt < 0:
+            row[:] = 0.0
+            continue
+        L = lse[n]
+        pscale = like(L, scale * (1.0 + 2.0 * z_loss * L))
+        uniform = like(L, scale * smoothing / V)
+        for v in range(V):
+            row[v] = pscale * vmath.exp(row[v] - L) - uniform
+        row[V:] = 0.0
+        row[tgt] -= scale * (1.0 - smoothing)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def logprobs_forward(lp, lse, logits, targets, V):
     """lp (N,) = log softmax(logits[n, :V])[targets[n]], 0 where the target is -1; lse (N,)
     saved. The (N, V) log-probabilities are never formed."""

@@ -152,6 +152,26 @@ def softmax_xent_backward(dlogits, dloss, logits, lse, targets, V, smoothing=0.0
 
 
 @cuda.jit(cache=True)
+def _xent_grad(logits, dloss, lse, targets, V, smoothing, z_loss):
+    buf = cuda.shared.array(THREADS, np.float64)
+    N, Vp = logits.shape
+    count = _count_targets(buf, targets)
+    scale = dloss[0] / count if count > 0 else 0.0
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        tgt = targets[n]
+        L = lse[n]
+        pscale = scale * (1.0 + 2.0 * z_loss * L)
+        uniform = scale * smoothing / V
+        for v in range(cuda.threadIdx.x, Vp, cuda.blockDim.x):
+            g = 0.0   # ignored rows and padded columns
+            if tgt >= 0 and v < V:
+                g = pscale * math.exp(logits[n, v] - L) - uniform
+                if v == tgt:
+                    g -= scale * (1.0 - smoothing)
+            logits[n, v] = g
+
+
+@cuda.jit(cache=True)
 def _logprobs_forward(lp, lse, logits, targets, V):
     buf = cuda.shared.array(THREADS, np.float64)
     N = logits.shape[0]
@@ -218,6 +238,12 @@ def _kl_backward(dlogits, dloss, logits, teacher, lse, targets, V, temperature):
             ps = math.exp(logits[n, v] * inv_t - lse[n, 0])
             pt = math.exp(teacher[n, v] * inv_t - lse[n, 1])
             dlogits[n, v] += scale * (ps - pt)
+
+
+def softmax_xent_grad_(logits, dloss, lse, targets, V, smoothing=0.0, z_loss=0.0):
+    """Overwrite logits (N, Vp) with the loss's gradient (0 on ignored rows and padded
+    columns): the fused classifier's backward, the gradient in the logits' memory."""
+    _xent_grad[blocks(logits.shape[0], 1), THREADS](logits, dloss, lse, ids_to_device(targets), V, smoothing, z_loss)
 
 
 def logprobs_forward(lp, lse, logits, targets, V):

@@ -44,6 +44,7 @@ def distill_loss(teacher, temperature: float = 2.0, alpha: float = 0.5):
     def loss_fn(student, batch: Any) -> Tensor:
         idx, targets = batch
         teacher_logits = teacher.forward_inference(idx)
+        student.fuse_classifier = False   # kl_div differentiates the student's logits too
         logits, ce = student.forward(idx, targets)
         t = student.tape
         kl = ops.kl_div(t, logits, teacher_logits, temperature, targets, student.config.vocab_size)

@@ -19,7 +19,7 @@ from .tensor import Tensor
 
 __all__ = ["embedding", "linear", "lora_", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
            "glu", "swiglu", "geglu", "softmax", "add", "mul", "scale", "concat", "dropout", "attention",
-           "cross_entropy", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div"]
+           "cross_entropy", "classifier_xent", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div"]
 
 _EMPTY: dict = {}
 
@@ -50,6 +50,9 @@ def _check(x: Tensor, name: str, ndim: Optional[int] = None, t: Optional[Tape] =
         raise ValueError(f"{name} must have {ndim} dims, got shape {x.shape}")
     if t is not None and x.dtype != t.dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but the tape computes in {t.dtype}")
+    if t is not None and t.recording and x.arena is t.saved:
+        raise ValueError(f"{name} has no gradient (e.g. classifier_xent's logits, which their backward "
+                         "overwrites): compute the logits with linear when another op differentiates them")
 
 
 def check_ids(ids, name: str, upper: int, ndim: Optional[int] = None, ignore_index: bool = False) -> np.ndarray:

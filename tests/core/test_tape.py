@@ -93,9 +93,9 @@ def test_activation_grads_share_memory_as_their_lifetimes_allow():
     model.backward()
     acts = model.tape.acts
     assert acts.gbuf.shape[0] < acts.top // 3
-    logits, _ = model.forward(idx, np.roll(idx, -1, 1))   # a new forward: no plan until its backward
+    _, loss = model.forward(idx, np.roll(idx, -1, 1))   # a new forward: no plan until its backward
     with pytest.raises(RuntimeError, match="only while tape.backward"):
-        logits.grad
+        loss.grad
 
 
 def test_grad_slots_never_overlap_while_alive():

@@ -207,6 +207,7 @@ def test_softmax_xent(dtype, targets, opts):
     cpu.softmax_xent_forward(loss, losses, lse, logits, targets, V, *opts)
     parity("softmax_xent_backward", [randn(rng, dtype, N, Vp), np.array([0.7], dtype), logits, lse, targets, V,
                                      *opts], [0], dtype)
+    parity("softmax_xent_grad_", [logits.copy(), np.array([0.7], dtype), lse, targets, V, *opts], [0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

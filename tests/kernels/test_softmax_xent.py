@@ -170,3 +170,66 @@ def test_kl_div_of_identical_logits_is_zero_and_bad_input_is_refused():
             run_op(lambda t, p: ops.kl_div(t, p["a"], p["b"], **kwargs), {"a": z, "b": z})
     with pytest.raises(ValueError, match="same positions"):
         run_op(lambda t, p: ops.kl_div(t, p["a"], p["b"]), {"a": z, "b": z[:3]})
+
+
+# ----------------------------------------------------------------------------- fused classifier + loss
+
+C = 6
+X = np.random.default_rng(7).standard_normal((2, 3, C))
+W = np.random.default_rng(8).standard_normal((VP, C))
+
+
+def classifier(eps=0.0, zc=0.0, targets=TARGETS):
+    return lambda t, p: ops.classifier_xent(t, p["x"], p["w"], targets, V, eps, zc)[1]
+
+
+@pytest.mark.parametrize("eps, zc", [(0.0, 0.0), (0.1, 1e-2)])
+def test_classifier_xent_matches_linear_then_cross_entropy(eps, zc):
+    out = {}
+    t, p, loss = run_op(lambda t, p: out.setdefault("lp", ops.classifier_xent(t, p["x"], p["w"], TARGETS, V, eps, zc))[1],
+                        {"x": X, "w": W})
+    logits = X @ W.T
+    np.testing.assert_allclose(out["lp"][0].data, logits, rtol=1e-12)
+    np.testing.assert_allclose(loss.data[0], reference_options(logits, TARGETS, eps, zc), rtol=1e-12)
+    p.zero_grad()
+    t.backward(loss)
+    fused = p.grad.copy()
+    t2, p2, loss2 = run_op(lambda t, p: ops.cross_entropy(t, ops.linear(t, p["x"], p["w"]), TARGETS, V, eps, zc),
+                           {"x": X, "w": W})
+    p2.zero_grad()
+    t2.backward(loss2)
+    np.testing.assert_allclose(fused, p2.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("eps, zc", [(0.0, 0.0), (0.1, 1e-2)])
+def test_classifier_xent_backward_finite_differences(eps, zc):
+    check_grads(classifier(eps, zc), {"x": X, "w": W})
+
+
+def test_classifier_xent_logits_take_no_grad_memory():
+    t, p, loss = run_op(lambda t, p: ops.classifier_xent(t, p["x"], p["w"], TARGETS, V)[1], {"x": X, "w": W})
+    p.zero_grad()
+    t.backward(loss)
+    # the only activation grads are the loss's (1,) and x's: no (N, Vp) logits grad was planned
+    assert t.acts.gbuf.size < X.size + 2 * 16
+    ignored = np.zeros_like(TARGETS) - 1   # nothing counted: zero loss, zero grads
+    t, p, loss = run_op(lambda t, p: ops.classifier_xent(t, p["x"], p["w"], ignored, V)[1], {"x": X, "w": W})
+    p.zero_grad()
+    t.backward(loss)
+    assert loss.data[0] == 0 and not np.any(p.grad)
+
+
+def test_classifier_xent_refuses_bad_input_and_differentiating_its_logits():
+    with pytest.raises(ValueError, match="features"):
+        run_op(lambda t, p: ops.classifier_xent(t, p["x"], p["w"], TARGETS, V), {"x": X[..., :4], "w": W})
+    with pytest.raises(ValueError, match="outside"):
+        run_op(lambda t, p: ops.classifier_xent(t, p["x"], p["w"], TARGETS + 1, V), {"x": X, "w": W})
+    with pytest.raises(ValueError, match="do not match"):
+        run_op(lambda t, p: ops.classifier_xent(t, p["x"], p["w"], TARGETS[:, :2], V), {"x": X, "w": W})
+    with pytest.raises(ValueError, match="vocab_size"):
+        run_op(lambda t, p: ops.classifier_xent(t, p["x"], p["w"], TARGETS, VP + 1), {"x": X, "w": W})
+    with pytest.raises(ValueError, match="label_smoothing"):
+        run_op(lambda t, p: ops.classifier_xent(t, p["x"], p["w"], TARGETS, V, 1.5), {"x": X, "w": W})
+    with pytest.raises(ValueError, match="no gradient"):
+        run_op(lambda t, p: ops.cross_entropy(t, ops.classifier_xent(t, p["x"], p["w"], TARGETS, V)[0], TARGETS, V),
+               {"x": X, "w": W})

@@ -20,6 +20,10 @@ class LanguageModel:
     quantized = MappingProxyType({})  # matrix name -> ggml block format kept for inference (Llama)
     bitlinear = frozenset()  # matrix names run as BitNet b1.58 BitLinear (nt.bitnet)
     adapters = None    # the nt.lora.LoRA attached to this model, if any
+    # forward with targets runs the classifier and its loss as one op (ops.classifier_xent):
+    # the logits get no gradient memory and hold their gradient after backward(). Set False
+    # when another loss differentiates the logits too (distillation's KL term).
+    fuse_classifier = True
 
     def forward(self, idx: np.ndarray, targets: Optional[np.ndarray] = None):
         raise NotImplementedError
@@ -61,7 +65,8 @@ class LanguageModel:
         """nanoGPT-style: (logits (B, T, V) as a NumPy array, mean loss or None).
 
         The logits are a view of the model's activation memory (on the CPU) and are
-        overwritten by the next forward: copy them to keep them.
+        overwritten by the next forward, and with targets by backward() too (it turns them
+        into their gradient, see fuse_classifier): copy them to keep them.
         """
         logits, loss = self.forward(idx, targets)
         V = self.config.vocab_size

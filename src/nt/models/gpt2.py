@@ -115,8 +115,15 @@ class GPT2(LanguageModel):
         cfg, p, t = self.config, self.params, self.tape
         self._check_batch(idx, targets)
         t.begin_forward()   # LoRA dropout draws fresh masks each training step
-        self.logits = self._head(self._trunk(idx))
-        self.loss = ops.cross_entropy(t, self.logits, targets, cfg.vocab_size) if targets is not None else None
+        x = self._trunk(idx)
+        self.loss = None
+        if targets is not None and self.fuse_classifier:
+            h = ops.layernorm(t, x, p["lnfw"], p["lnfb"])
+            self.logits, self.loss = ops.classifier_xent(t, h, p["wte"], targets, cfg.vocab_size)
+        else:
+            self.logits = self._head(x)
+            if targets is not None:
+                self.loss = ops.cross_entropy(t, self.logits, targets, cfg.vocab_size)
         return self.logits, self.loss
 
     def _trunk(self, idx: np.ndarray, pos0: int = 0, caches: Optional[list] = None) -> Tensor:

@@ -250,12 +250,17 @@ class Llama(LanguageModel):
             return ops.linear(self.tape, h, self.params["wte"])
         return self._linear(h, "lm_head")
 
-    def _loss(self, logits: Tensor, targets: np.ndarray) -> Tensor:
-        """Cross-entropy; label smoothing and z-loss apply in training mode only, so an
-        evaluation reports the plain next-token loss."""
-        cfg = self.config
-        smoothing, z_loss = (cfg.label_smoothing, cfg.z_loss) if self.tape.training else (0.0, 0.0)
-        return ops.cross_entropy(self.tape, logits, targets, cfg.vocab_size, smoothing, z_loss)
+    def _classify_loss(self, h: Tensor, targets: np.ndarray) -> tuple[Tensor, Tensor]:
+        """(logits, cross-entropy) of normed final hidden states; label smoothing and z-loss
+        apply in training mode only, so an evaluation reports the plain next-token loss.
+        One fused op (ops.classifier_xent) unless fuse_classifier is off or lm_head is quantised."""
+        cfg, t = self.config, self.tape
+        smoothing, z_loss = (cfg.label_smoothing, cfg.z_loss) if t.training else (0.0, 0.0)
+        if self.fuse_classifier and "lm_head" not in self.quantized:
+            weight = self.params["wte" if cfg.tie_embeddings else "lm_head"]
+            return ops.classifier_xent(t, h, weight, targets, cfg.vocab_size, smoothing, z_loss)
+        logits = self._classify(h)
+        return logits, ops.cross_entropy(t, logits, targets, cfg.vocab_size, smoothing, z_loss)
 
     def _block(self, x: Tensor, l: int, pos0: int = 0, cache: Optional[Tensor] = None) -> Tensor:
         """One transformer block on positions pos0.. of x. With a cache (B, capacity, W),
@@ -310,15 +315,15 @@ class Llama(LanguageModel):
         self._check_batch(idx, targets)
         t.begin_forward()
         x = self._trunk(idx)
-        self.logits = self._classify(self._norm(x, p["norm_f"]))
         self.loss = None
-        if targets is not None:
-            self.loss = self._loss(self.logits, targets)
+        if targets is None:
+            self.logits = self._classify(self._norm(x, p["norm_f"]))
+        else:
+            self.logits, self.loss = self._classify_loss(self._norm(x, p["norm_f"]), targets)
             if cfg.n_predict > 1:
                 for k in range(1, cfg.n_predict):
                     h = ops.add(t, x, ops.linear(t, x, p["mtp"][k - 1]))
-                    logits_k = self._classify(self._norm(h, p["norm_f"]))
-                    loss_k = self._loss(logits_k, multi_token_targets(targets, k))
+                    _, loss_k = self._classify_loss(self._norm(h, p["norm_f"]), multi_token_targets(targets, k))
                     self.loss = ops.add(t, self.loss, loss_k)
                 self.loss = ops.scale(t, self.loss, 1.0 / cfg.n_predict)
         return self.logits, self.loss
