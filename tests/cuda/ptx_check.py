@@ -130,7 +130,6 @@ def signatures(f):
         (vision._to_chw, (f[:, :, :, ::1], types.uint8[:, :, :, ::1], F, D1, D1)),
         (vision._to_chw, (f[:, :, :, ::1], f[:, :, :, ::1], F, D1, D1)),
         (hebbian._hebbian_update, (A2, A2, A2, F, F, B)),
-    ]
         (quant._block_matmul, (types.float32[:, ::1], types.float32[:, ::1], types.uint8[:, ::1], B)),
         (quant._dequantize, (types.float32[::1], types.uint8[::1], B)),
         (bf16._to_bf16, (types.uint16[::1], types.uint32[::1], B, U)),
@@ -138,6 +137,7 @@ def signatures(f):
         (bitnet._weight_scale, (A1, A1)),
         (bitnet._weight_apply, (A1, A1, A1)),
         (bitnet._act_quant, (A2, A1, A2)),
+    ]
 
 
 def all_kernels():
