@@ -183,31 +183,33 @@ def _lora_backward(k, out, xa, A, B, h, dh, scale, o0):
 
 # ----------------------------------------------------------------------------- layernorm
 
-# ggml block formats linear_q reads: (elements per block, bytes per block, block matmul kernel,
-# dequantiser kernel)
-QUANT_FORMATS = {"Q8_0": (32, 34, "matmul_q8_0", "dequantize_q8_0"),
-                 "Q4_0": (32, 18, "matmul_q4_0", "dequantize_q4_0")}
+# ggml block formats linear_q reads: (elements per block, bytes per block, dequantiser kernel)
+QUANT_FORMATS = {"Q8_0": (32, 34, "dequantize_q8_0"), "Q4_0": (32, 18, "dequantize_q4_0"),
+                 "Q4_K": (256, 144, "dequantize_q4_k"), "Q6_K": (256, 210, "dequantize_q6_k")}
 # From this many rows on (a prompt's prefill) linear_q expands the weight into the tape's
-# scratch and multiplies with BLAS: the block kernels decode each block once per row.
+# scratch and multiplies with BLAS (compute-bound: sgemm beats the integer kernels there).
 DEQUANT_ROWS = 16
 
 
 def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
-    """out = x @ W^T for W (OC, C) kept in a ggml block format: `wq` is the (OC, C/32 *
+    """out = x @ W^T for W (OC, C) kept in a ggml block format: `wq` is the (OC, C/block *
     bytes-per-block) uint8 rows that nt.io.gguf.quantize returns / a GGUF file stores, `kind`
-    "Q8_0" or "Q4_0". Fewer than DEQUANT_ROWS rows (decoding): blocks are decoded inside the
-    matmul and the weight is never expanded. More (prefill): the weight is expanded into
-    the tape's scratch (`tape.work`, OC x C float32, reused by every call) for one BLAS call.
+    one of QUANT_FORMATS. Fewer than DEQUANT_ROWS rows (decoding): each row of x is quantised
+    to int8 blocks (one scale per 32 or 256) and meets the weight blocks in integer dot
+    products (kernels/cpu/quant.py, as llama.cpp does; the weight is never expanded). More
+    (prefill): the weight is expanded into the tape's scratch (`tape.work`, OC x C float32,
+    reused by every call) for one BLAS call.
 
-    Inference only (CPU, or CUDA with wq on the device): the weight has no gradient, and a backward through this op
-    raises RuntimeError.
+    Inference only: the weight has no gradient, and a backward through this op raises
+    RuntimeError.
     """
     _check(x, "x", None, t)
     if kind not in QUANT_FORMATS:
         raise ValueError(f"linear_q: kind must be one of {sorted(QUANT_FORMATS)}, got {kind!r}")
-    bs, ts, block_matmul, dequantize = QUANT_FORMATS[kind]
-    if not hasattr(t.k, block_matmul):
-        raise NotImplementedError(f"linear_q: the {t.k.DEVICE} backend has no {kind} matmul (CPU only)")
+    bs, ts, dequantize = QUANT_FORMATS[kind]
+    block_matmul = getattr(t.k, f"matmul_{kind.lower()}", None)   # float-activation block kernel
+    if not hasattr(t.k, dequantize) or not (hasattr(t.k, "matmul_qdot") or block_matmul):
+        raise NotImplementedError(f"linear_q: the {t.k.DEVICE} backend has no {kind} matmul")
     if t.dtype != np.float32:
         raise TypeError(f"linear_q computes in float32, the tape is {t.dtype}")
     C = x.shape[-1]
@@ -224,9 +226,14 @@ def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
         w = t.work((OC, C))
         getattr(t.k, dequantize)(w.reshape(-1), wq.reshape(-1), t.k.F16_TABLE)
         t.k.matmul_forward(out.data.reshape(N, OC), x.data.reshape(N, C), w, _none(t.k, t.dtype))
-    else:
+    elif hasattr(t.k, "matmul_qdot"):
+        xq = np.empty((N, C), np.int8)                   # the activation rows as int8 blocks
+        xd, xs = np.empty((N, C // bs), np.float32), np.empty((N, C // 32), np.int32)
+        t.k.quantize_rows_q8(xq, xd, xs, x.data.reshape(N, C), bs)
+        t.k.matmul_qdot(out.data.reshape(N, OC), xq, xd, xs, wq, t.k.QDOT_CODES[kind], t.k.F16_TABLE)
+    else:   # a backend with float-activation block kernels only
         lanes = t.work((numba.config.NUMBA_NUM_THREADS, bs))  # 32 accumulation lanes per thread
-        getattr(t.k, block_matmul)(out.data.reshape(N, OC), x.data.reshape(N, C), wq, t.k.F16_TABLE, lanes)
+        block_matmul(out.data.reshape(N, OC), x.data.reshape(N, C), wq, t.k.F16_TABLE, lanes)
     t.record(_linear_q_backward, kind)
     return out
 

@@ -10,14 +10,14 @@ from nt.kernels.cpu import quant
 TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
 
 
-def random_blocks(kind: str, OC: int, C: int, rng) -> np.ndarray:
-    """(OC, bytes) rows of `kind` with random quants and finite, moderate f16 scales."""
+def random_blocks(kind: str, OC: int, C: int, rng, scale=(1e-3, 2e-2)) -> np.ndarray:
+    """(OC, bytes) rows of `kind` with random quants and f16 scales uniform in `scale`."""
     code = quant.QDOT_CODES[kind]
     bs, ts = quant.QDOT_BLOCK[code], quant.QDOT_TYPE_SIZE[code]
     raw = rng.integers(0, 256, (OC * C // bs, ts), dtype=np.uint8)
     scales = {"Q8_0": [0], "Q4_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]
     for at in scales:
-        raw[:, at:at + 2] = rng.uniform(1e-3, 2e-2, (raw.shape[0], 1)).astype("<f2").view(np.uint8)
+        raw[:, at:at + 2] = rng.uniform(*scale, (raw.shape[0], 1)).astype("<f2").view(np.uint8)
     return raw.reshape(OC, -1)
 
 

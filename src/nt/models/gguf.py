@@ -459,7 +459,10 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
     tensors = _layer_tensors(cfg)
     for l in range(cfg.n_layers):
         for n in quantized.keys() & set(_KEPT_MATRICES):
-            model.qweights[n][l] = np.concatenate([_raw_rows(f, f"blk.{l}.{g}") for m, g, _, _ in tensors if m == n])
+            rows = np.concatenate([_raw_rows(f, f"blk.{l}.{g}") for m, g, _, _ in tensors if m == n])
+            if l == 0:   # all layers in one (L, OC, bytes) array: the fused decoder reads it whole
+                model.qweights[n] = np.empty((cfg.n_layers,) + rows.shape, np.uint8)
+            model.qweights[n][l] = rows
         for n, g, a, b in tensors:
             if n not in quantized:
                 p[n][l][a:b] = _dequantized(f, f"blk.{l}.{g}")
@@ -709,8 +712,9 @@ def load(path, device: str = "cpu", keep_quantized: bool = False) -> LanguageMod
     the pattern from gemma3.attention.sliding_window_pattern (default 6: five local layers,
     then a global one) and the local RoPE base from gemma3.rope.freq_base_swa (default 10000).
 
-    keep_quantized=True (Llama without q/k/v biases, CPU or CUDA): Q8_0 / Q4_0 matrices stay
-    as their blocks (model.qweights) and run through ops.linear_q, for inference only;
+    keep_quantized=True (Llama without q/k/v biases, CPU or CUDA): Q8_0 / Q4_0 matrices (on
+    the CPU also Q4_K / Q6_K) stay as their blocks (model.qweights) and run through
+    ops.linear_q and the fused decoding step, for inference only;
     other types, the embedding and the norms are float32. `model.tokenizer` is the file's
     tokenizer (see tokenizer_from_metadata) or None.
 
