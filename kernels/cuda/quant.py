@@ -27,7 +27,7 @@ from .launch import SIMULATOR, THREADS, blocks
 
 QK = 32                       # elements per block = lanes per warp
 WARPS = 4 # warps (output rows in flight) per block of the block matmuls
-MAX_WARPS = 8                 # size of the reduction's shared array (>= WARPS)
+SLOTS = 8 * 32                # the simulator's reduction scratch: up to 8 warps of 32 lanes
 MAX_BLOCKS = 2 if SIMULATOR else 65535
 F16_TABLE = None              # the CPU kernels' half -> float table; the GPU decodes in registers
 
@@ -94,7 +94,7 @@ def _block_matmul(out, x, w, q4):
     size = 18 if q4 else 34
     lane = cuda.threadIdx.x % QK
     warps = cuda.blockDim.x // QK
-    buf = cuda.shared.array(MAX_WARPS * QK, np.float32)
+    buf = cuda.shared.array(SLOTS, np.float32)
     # the loop bounds are the same for every thread of a block, so all reach the barriers
     for first in range(cuda.blockIdx.x * warps, OC, cuda.gridDim.x * warps):
         oc = first + cuda.threadIdx.x // QK

@@ -42,7 +42,7 @@ import nt.kernels.cuda as package  # noqa: E402
 from nt.kernels.cuda import bitnet  # noqa: E402
 from nt.kernels.cuda import (activations, align, attention, dropout, elementwise, embedding, layernorm,  # noqa: E402
                              matmul, memory, optim, rmsnorm, rope, softmax_xent)
-from nt.kernels.cuda import hebbian, vision  # noqa: E402
+from nt.kernels.cuda import bf16, hebbian, quant, vision  # noqa: E402
 from numba.cuda.dispatcher import CUDADispatcher  # noqa: E402
 
 
@@ -130,6 +130,10 @@ def signatures(f):
         (vision._to_chw, (f[:, :, :, ::1], types.uint8[:, :, :, ::1], F, D1, D1)),
         (vision._to_chw, (f[:, :, :, ::1], f[:, :, :, ::1], F, D1, D1)),
         (hebbian._hebbian_update, (A2, A2, A2, F, F, B)),
+        (quant._block_matmul, (types.float32[:, ::1], types.float32[:, ::1], types.uint8[:, ::1], B)),
+        (quant._dequantize, (types.float32[::1], types.uint8[::1], B)),
+        (bf16._to_bf16, (types.uint16[::1], types.uint32[::1], B, U)),
+        (bf16._from_bf16, (types.uint32[::1], types.uint16[::1])),
         (quant._block_matmul, (types.float32[:, ::1], types.float32[:, ::1], types.uint8[:, ::1], B)),
         (quant._dequantize, (types.float32[::1], types.uint8[::1], B)),
         (bf16._to_bf16, (types.uint16[::1], types.uint32[::1], B, U)),
