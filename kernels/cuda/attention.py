@@ -45,7 +45,7 @@ from .launch import MAX_BLOCKS, SIMULATOR
 HS_MAX = 256                            # largest head size (Gemma 3 uses 256)
 THREADS = 16 if SIMULATOR else 128      # threads per block, every attention kernel
 NACC = 4 if SIMULATOR else 8            # row elements per thread at most, kept in registers
-KT = 2 if SIMULATOR else 8              # keys per shared tile in the forward
+KT = 4 if SIMULATOR else 8              # keys per shared tile in the forward
 BKT = 2 if SIMULATOR else 4             # keys (queries) per tile in the backward: it keeps
                                         # twice the tiles, and float64 must fit 48 KB too
 MIN_LANES = KT                          # lane c < KT finishes key c of a tile
