@@ -15,8 +15,7 @@ from .embedding import embedding_backward, embedding_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .lora import lora_backward, lora_forward
 from .matmul import matmul_backward, matmul_forward
-from .quant import (F16_TABLE, QDOT_CODES, dequantize_q4_0, dequantize_q4_k, dequantize_q6_k, dequantize_q8_0,
-                    matmul_q4_0, matmul_q8_0, matmul_qdot, quantize_rows_q8)
+from .quant import F16_TABLE, dequantize_q4_0, dequantize_q8_0, matmul_q4_0, matmul_q8_0
 from .memory import DEVICE, copy_, empty, fill_, synchronize, to_device, to_host
 from .optim import (adam_update, add_noise_, scale_, segment_sum_squares, sgd_update, sum_squares,
                     sum_squares_blocks, unscale_check_)

@@ -207,8 +207,11 @@ def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
     if kind not in QUANT_FORMATS:
         raise ValueError(f"linear_q: kind must be one of {sorted(QUANT_FORMATS)}, got {kind!r}")
     bs, ts, dequantize = QUANT_FORMATS[kind]
-    block_matmul = getattr(t.k, f"matmul_{kind.lower()}", None)   # float-activation block kernel
-    if not hasattr(t.k, dequantize) or not (hasattr(t.k, "matmul_qdot") or block_matmul):
+    qk = getattr(t.k, "quant", None)          # the backend's block-format kernels (kernels/*/quant.py)
+    dequant = getattr(qk, dequantize, None)
+    int_matmul = getattr(qk, "matmul_qdot", None)   # integer dots on int8 activations (CPU)
+    block_matmul = getattr(qk, f"matmul_{kind.lower()}", None)   # float activations (Q8_0 / Q4_0)
+    if dequant is None or not (int_matmul or block_matmul):
         raise NotImplementedError(f"linear_q: the {t.k.DEVICE} backend has no {kind} matmul")
     if t.dtype != np.float32:
         raise TypeError(f"linear_q computes in float32, the tape is {t.dtype}")
@@ -224,13 +227,13 @@ def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
     out = t.new(x.shape[:-1] + (OC,))
     if N >= DEQUANT_ROWS:
         w = t.work((OC, C))
-        getattr(t.k, dequantize)(w.reshape(-1), wq.reshape(-1), t.k.F16_TABLE)
+        dequant(w.reshape(-1), wq.reshape(-1), t.k.F16_TABLE)
         t.k.matmul_forward(out.data.reshape(N, OC), x.data.reshape(N, C), w, _none(t.k, t.dtype))
-    elif hasattr(t.k, "matmul_qdot"):
+    elif int_matmul is not None:
         xq = np.empty((N, C), np.int8)                   # the activation rows as int8 blocks
         xd, xs = np.empty((N, C // bs), np.float32), np.empty((N, C // 32), np.int32)
-        t.k.quantize_rows_q8(xq, xd, xs, x.data.reshape(N, C), bs)
-        t.k.matmul_qdot(out.data.reshape(N, OC), xq, xd, xs, wq, t.k.QDOT_CODES[kind], t.k.F16_TABLE)
+        qk.quantize_rows_q8(xq, xd, xs, x.data.reshape(N, C), bs)
+        int_matmul(out.data.reshape(N, OC), xq, xd, xs, wq, qk.QDOT_CODES[kind], t.k.F16_TABLE)
     else:   # a backend with float-activation block kernels only
         lanes = t.work((numba.config.NUMBA_NUM_THREADS, bs))  # 32 accumulation lanes per thread
         block_matmul(out.data.reshape(N, OC), x.data.reshape(N, C), wq, t.k.F16_TABLE, lanes)
