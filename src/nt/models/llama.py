@@ -276,22 +276,22 @@ class Llama(LanguageModel):
         qkv = ops.rope(t, qkv, NH, NKV, pos0, theta, cfg.rope_pairing, cfg.rope_scaling)
         window = cfg.sliding_window if local else 0
         h = self._attention(qkv, NH, NKV, window, pos0, cache)
+        if cfg.bitnet:
+            h = self._norm(h, p["attn_sub_norm"][l])
         h = self._linear(h, "attn_out", l)
         if cfg.post_norms:
             h = self._norm(h, p["post_attn_norm"][l])
         x = ops.add(t, x, ops.dropout(t, h, cfg.dropout))
         h = self._norm(x, p["ffn_norm"][l])
-        if cfg.bitnet:
-            h = self._norm(h, p["attn_sub_norm"][l])
         h = self._linear(h, "gate_up", l)
         h = ops.glu(t, h, FFN_ACTS[cfg.ffn_kind])
+        if cfg.bitnet:
+            h = self._norm(h, p["ffn_sub_norm"][l])
         h = self._linear(h, "down", l)
         if cfg.post_norms:
             h = self._norm(h, p["post_ffn_norm"][l])
         return ops.add(t, x, ops.dropout(t, h, cfg.dropout))
 
-        if cfg.bitnet:
-            h = self._norm(h, p["ffn_sub_norm"][l])
     def _trunk(self, idx: np.ndarray, pos0: int = 0, caches: Optional[list] = None) -> Tensor:
         """Embedding and every block: the final residual stream (B, T, C), before the norm."""
         cfg, p, t = self.config, self.params, self.tape
