@@ -6,23 +6,24 @@ window > 0 limits each query to the last `window` keys. With q0 > 0 only positio
 q0..T-1 are queries (the rows before are a KV cache); out and lse hold those T - q0 rows.
 causal=False: every query sees every key 0..T-1 (no window then; nt.ops refuses one).
 
-Flash attention, tiled for the GPU. A thread block owns ROWS consecutive query rows of
-one head; LANES threads share each row, lane c holding the row's elements c, c + LANES,
-c + 2*LANES, ... in registers (at most NACC = HS_MAX / LANES of them). The block walks
-the keys its rows can see in tiles of LANES keys that it loads into shared memory
-together (coalesced: consecutive threads read consecutive columns), so a key row is read
-from global memory once per block, not once per query. Per tile, every lane computes its
-share of the LANES dot products of its row; lane c then sums the shares of key c (through
-shared memory: the simulator has no warp shuffles) and writes the score; every lane of
-the row reads the tile's scores, runs the online softmax (running max m, running sum l)
-and updates its slice of the output. The row's log-sum-exp m + log(l) is saved for the
-backward. No T x T matrix exists, no array lives in local memory, and all math is in
-the inputs' dtype: float32 for training, float64 only when a float64 test asks for it.
+Flash attention, tiled for the GPU. Every kernel runs THREADS-thread blocks in which
+`lanes` threads share a row (lanes_for(hs): 8 at head size 64, 16 at 128, 32 at 256), lane
+c holding the row's elements c, c + lanes, c + 2*lanes, ... in registers (at most NACC).
+A forward block owns THREADS / lanes consecutive query rows of one head and walks the
+keys they can see in tiles of KT keys loaded into shared memory together (coalesced:
+consecutive threads read consecutive columns), so a key row is read from global memory
+once per block, not once per query. Per tile, every lane computes its share of its row's
+KT dot products; lane c < KT then sums the lanes' shares of key c (through shared memory:
+the simulator has no warp shuffles) into the row's score; every lane of the row reads
+the tile's scores, runs the online softmax (running max m, running sum l) and updates
+its slice of the output. The row's log-sum-exp m + log(l) is saved for the backward.
+No T x T matrix exists, no array lives in local memory, and all math is in the inputs'
+dtype: float32 when training, float64 only when a float64 test asks for it.
 
 Decoding one token (T - q0 == 1) has one query per (batch, head) and many keys, so it
-parallelises over keys instead (split-K): each block takes a run of keys, each of
-its ROWS rows a strided share of them with its own (m, l, output) state, and writes
-those partial states; a second kernel merges them per (batch, head).
+parallelises over keys instead (split-K): each block takes a run of keys, each of its
+rows a strided share of them with its own (m, l, output) state, and writes those partial
+states; a second kernel merges them per (batch, head).
 
 The backward first computes D = rowsum(dout * out) once per query row (its own small
 pass), then recomputes the probabilities from the saved lse tile by tile in two
@@ -31,9 +32,10 @@ scheduling (no atomics): query blocks accumulate dq over key tiles; key blocks
 accumulate dk and dv over tiles of the queries (of every head in their group) that see
 them.
 
-Budgets (HS_MAX = 256, LANES = 8, checked by tests/cuda/ptx_check.py): static shared
-memory per block about 21 KB in float32 and 43 KB in float64, under the 48 KB static
-limit; registers: two to four NACC = 32-element slices per thread (see docs/cuda.md).
+Budgets (GPU sizes; tests/cuda/ptx_check.py --resources checks them): static shared
+memory at most 21 KB per block in float32 and 43 KB in float64, under the 48 KB static
+limit; 126-168 registers per thread for float32 on sm_80/sm_90, no stack frame, no
+spills (docs/cuda.md, "Attention").
 """
 import math
 
@@ -73,7 +75,9 @@ def lanes_for(hs: int) -> int:
 # Lane c of a row holds the row's elements c, c + lanes, c + 2*lanes, ... (at most NACC):
 # consecutive lanes touch consecutive columns, so loads coalesce and shared reads do not
 # conflict. The loops run over the constant NACC and are unrolled, so the slices live in
-# registers, not local memory.
+# registers, not local memory. Shared tiles are read through a row view with uint32
+# columns: Numba wraps negative signed indices, and that per-element fix-up (hoisted for
+# every unrolled column) cost about 15 registers.
 
 @cuda.jit(device=True, cache=True)
 def _load_slice(x, src, b, t, col, hs, lanes, c, s):
@@ -110,6 +114,7 @@ def _axpy_slice(x, a, tile, j, hs, lanes, c):
 
 @cuda.jit(device=True, cache=True)
 def _scale_slice(x, a):
+    """x *= a (a = 0 clears it)."""
     for i in range(NACC):
         x[i] *= a
 
