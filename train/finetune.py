@@ -132,7 +132,7 @@ def sample_answer(args, model, tokenizer) -> None:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    dist.world()   # under mpiexec: only rank 0 prints from here on
+    dist.world(args.device)   # under mpiexec: only rank 0 prints from here on
     dtype = np.float32 if args.dtype == "float32" else np.float64
     resume = resume_path(args)
     try:

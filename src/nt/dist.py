@@ -67,6 +67,11 @@ class SelfComm:
 
     rank, size = 0, 1
 
+    @property
+    def host(self):
+        """The communicator for host (NumPy) buffers: this one."""
+        return self
+
     def allreduce_(self, buf, bucket: int = DEFAULT_BUCKET) -> None:
         pass
 
@@ -105,6 +110,11 @@ class MPIComm:
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    @property
+    def host(self):
+        """The communicator for host (NumPy) buffers: this one."""
+        return self
 
     def allreduce_(self, buf, bucket: int = DEFAULT_BUCKET) -> None:
         """buf = the sum of every rank's buf, in place, as non-blocking all-reduces of
@@ -147,7 +157,7 @@ class NCCLComm:
     Uneven shards (ZeRO) are N reduces / broadcasts in one NCCL group, one rooted at each
     rank, since NCCL's reduce-scatter and all-gather need equal parts."""
 
-    def __init__(self, host, nccl=None, device_id: Optional[int] = None):
+    def __init__(self, host, nccl=None):
         if nccl is None:
             from cupy.cuda import nccl
         self.nccl, self.host = nccl, host
@@ -286,11 +296,14 @@ def launched_by_mpi() -> bool:
     return any(int(os.environ.get(name, "1") or "1") > 1 for name in _LAUNCHER_SIZE)
 
 
-def world() -> World:
+def world(device: str = "cpu") -> World:
     """This process's World, set up on first call: one rank unless an MPI launcher started
     several (then mpi4py is imported; `pip install 'nt[mpi]'`). Other ranks' stdout goes
     to /dev/null; each rank's threads become the cores / ranks on its machine unless
-    NUMBA_NUM_THREADS is set; an uncaught exception on any rank aborts them all."""
+    NUMBA_NUM_THREADS is set; an uncaught exception on any rank aborts them all.
+
+    device "cuda": rank r uses its machine's GPU (local rank) and the grads travel by NCCL
+    (NCCLComm); call it before anything touches the GPU (prepare_run does)."""
     global _WORLD
     if _WORLD is not None:
         return _WORLD
@@ -298,16 +311,17 @@ def world() -> World:
         _WORLD = World(SelfComm())
         return _WORLD
     try:
-        comm = MPIComm()
+        host = MPIComm()
     except ImportError:
         raise RuntimeError("started by mpiexec with several ranks, but mpi4py is not installed: "
                            "pip install 'nt[mpi]'") from None
+    _abort_on_exception(host)
+    node = host.comm.Split_type(host.MPI.COMM_TYPE_SHARED)
+    comm = host if device != "cuda" else _nccl_on_local_gpu(host, node.Get_rank())
     _WORLD = w = World(comm)
-    _abort_on_exception(comm)
-    atexit.register(lambda: w.wait_at_exit and comm.barrier())
+    atexit.register(lambda: w.wait_at_exit and host.barrier())
     if "NUMBA_NUM_THREADS" not in os.environ:
-        local = comm.comm.Split_type(comm.MPI.COMM_TYPE_SHARED).Get_size()
-        set_threads(max(1, (os.cpu_count() or 1) // local))
+        set_threads(max(1, (os.cpu_count() or 1) // node.Get_size()))
     # mpiexec reports a rank that dies by its PID: this table names the rank
     where = comm.allgather_object(f"{comm.rank}:{os.getpid()}@{socket.gethostname()}")
     if comm.rank == 0:
@@ -315,6 +329,15 @@ def world() -> World:
     else:
         sys.stdout = open(os.devnull, "w")
     return _WORLD
+
+
+def _nccl_on_local_gpu(host: MPIComm, local_rank: int) -> NCCLComm:
+    """Select this rank's GPU (for Numba and CuPy alike), then open NCCL on it."""
+    from numba import cuda
+    import cupy
+    cuda.select_device(local_rank)
+    cupy.cuda.Device(local_rank).use()
+    return NCCLComm(host)
 
 
 def use(w: Optional[World]) -> None:
@@ -469,7 +492,7 @@ class DataParallel:
             part = np.ascontiguousarray(state[name])
             full = np.empty(self.params.size, dtype=part.dtype)
             full[self.shard.lo:self.shard.hi] = part
-            self.world.comm.allgather_(full, self.offsets)
+            self.world.comm.host.allgather_(full, self.offsets)   # host copies: through MPI under NCCL
             state[name] = full
         return state
 

@@ -223,7 +223,7 @@ def prepare_run(args):
     """What every training script does first: (dtype, data, checkpoint to resume or None),
     printing the data's size."""
     dtype = np.float32 if args.dtype == "float32" else np.float64
-    with dist.world().rank0_first():   # rank 0 writes the caches (corpus, tokenizer) the others read
+    with dist.world(args.device).rank0_first():   # rank 0 writes the caches (corpus, tokenizer) the others read
         data = load_data(args)
     print(f"data: {sum(map(len, data.train)):,} train / {sum(map(len, data.val)):,} val tokens, "
           f"vocab {data.vocab_size}")

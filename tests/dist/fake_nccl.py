@@ -65,6 +65,11 @@ class FakeHost:
     def barrier(self) -> None:
         self.group.exchange(self.rank, None)
 
+    def allgather_(self, buf, offsets) -> None:
+        parts = self.group.exchange(self.rank, buf[offsets[self.rank]:offsets[self.rank + 1]].copy())
+        for r, part in enumerate(parts):
+            buf[offsets[r]:offsets[r + 1]] = part
+
     def abort(self, code: int = 1) -> None:
         raise SystemExit(code)
 
