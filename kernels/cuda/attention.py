@@ -13,11 +13,11 @@ A forward block owns THREADS / lanes consecutive query rows of one head and walk
 keys they can see in tiles of KT keys loaded into shared memory together (coalesced:
 consecutive threads read consecutive columns), so a key row is read from global memory
 once per block, not once per query. Per tile, every lane computes its share of its row's
-KT dot products; lane c < KT then sums the lanes' shares of key c (through shared memory:
-the simulator has no warp shuffles) into the row's score; every lane of the row reads
-the tile's scores, runs the online softmax (running max m, running sum l) and updates
-its slice of the output. The row's log-sum-exp m + log(l) is saved for the backward.
-No T x T matrix exists, no array lives in local memory, and all math is in the inputs'
+KT dot products and the row's lanes sum them (register shuffles on a GPU; through shared
+memory under the simulator, which has no shuffles), so every lane holds the tile's
+scores; each runs the online softmax (running max m, running sum l) and updates its
+slice of the output. The row's log-sum-exp m + log(l) is saved for the backward. No
+T x T matrix exists, no array lives in local memory, and all math is in the inputs'
 dtype: float32 when training, float64 only when a float64 test asks for it.
 
 Decoding one token (T - q0 == 1) has one query per (batch, head) and many keys, so it
@@ -47,17 +47,12 @@ from .launch import MAX_BLOCKS, SIMULATOR
 HS_MAX = 256                            # largest head size (Gemma 3 uses 256)
 THREADS = 16 if SIMULATOR else 128      # threads per block, every attention kernel
 NACC = 4 if SIMULATOR else 8            # row elements per thread at most, kept in registers
-KT = 4 if SIMULATOR else 8              # keys per shared tile in the forward
-BKT = 2 if SIMULATOR else 4             # keys (queries) per tile in the backward: it keeps
-                                        # twice the tiles, and float64 must fit 48 KB too
-MIN_LANES = KT                          # lane c < KT finishes key c of a tile
+KT = 4 if SIMULATOR else 8              # keys (or, in dk/dv, queries) per shared tile
+MIN_LANES = 2 if SIMULATOR else 4       # a block holds at most THREADS / MIN_LANES rows
 MAX_LANES = min(32, THREADS)            # a row never spans more than a warp
 MAX_ROWS = THREADS // MIN_LANES
-SHARE = KT * (THREADS + MAX_ROWS)       # [row, key, lane + 1 pad]: per-lane shares of dots
-BSHARE = BKT * (THREADS + MAX_ROWS)
-ROW_KEYS = MAX_ROWS * KT                # [row, key]: scores, p, ds
-ROW_BKEYS = MAX_ROWS * BKT
-ROW_SHARE = THREADS + MAX_ROWS          # [row, lane + 1 pad]
+SHARE = KT * (THREADS + MAX_ROWS)       # simulator only: [row, key, lane + 1 pad] shares of dots
+ROW_SHARE = THREADS + MAX_ROWS          # simulator only: [row, lane + 1 pad]
 DECODE_BLOCKS = 64 if SIMULATOR else 264  # decode blocks to aim for (2 per SM on an H100)
 
 
@@ -114,9 +109,16 @@ def _axpy_slice(x, a, tile, j, hs, lanes, c):
 
 @cuda.jit(device=True, cache=True)
 def _scale_slice(x, a):
-    """x *= a (a = 0 clears it)."""
+    """x *= a."""
     for i in range(NACC):
         x[i] *= a
+
+
+@cuda.jit(device=True, cache=True)
+def _zero_slice(x):
+    """x = 0 (not x *= 0: x starts as whatever the registers held, NaN included)."""
+    for i in range(NACC):
+        x[i] = 0
 
 
 @cuda.jit(device=True, cache=True)
@@ -148,6 +150,44 @@ def _share_sum(part, at, lanes):
 
 
 @cuda.jit(device=True, cache=True)
+def _lane_sum(s, part, r, c, lanes):
+    """The sum of s over the lanes of row r, returned to each of them; every thread of
+    the block calls it. On a GPU a butterfly of register shuffles inside the warp (a row's
+    lanes are consecutive and a power of two; a + b = b + a, so every lane gets the same
+    bits); under the simulator, which has no shuffles, through part[row, lane + 1 pad]
+    and two barriers."""
+    if SIMULATOR:
+        part[r * (lanes + 1) + c] = s
+        cuda.syncthreads()
+        s = _share_sum(part, r * (lanes + 1), lanes)
+        cuda.syncthreads()
+    else:
+        step = 1
+        while step < lanes:
+            s += cuda.shfl_xor_sync(0xFFFFFFFF, s, step)
+            step *= 2
+    return s
+
+
+@cuda.jit(device=True, cache=True)
+def _row_dots(d, x, tile, n, hs, part, r, c, lanes):
+    """d[j] = x . tile[j, :hs] for j < n (d[j] = 0 for n <= j < KT) in every lane of row r,
+    x being the row's slices; every thread of the block calls it. On a GPU a lane sum per
+    key; under the simulator all keys' shares go through part[row, key, lane + 1] at once
+    (two barriers per tile, not per key)."""
+    if SIMULATOR:
+        for j in range(n):
+            part[(r * KT + j) * (lanes + 1) + c] = _dot_slice(x, tile, j, hs, lanes, c)
+        cuda.syncthreads()
+        for j in range(KT):
+            d[j] = _share_sum(part, (r * KT + j) * (lanes + 1), lanes) if j < n else 0
+        cuda.syncthreads()
+    else:
+        for j in range(KT):
+            d[j] = _lane_sum(_dot_slice(x, tile, j, hs, lanes, c), part, r, c, lanes) if j < n else 0
+
+
+@cuda.jit(device=True, cache=True)
 def _visible(t, j, window, causal):
     """Query position t may attend key position j."""
     return (window == 0 or j > t - window) and (not causal or j <= t)
@@ -165,10 +205,10 @@ def _attention_forward(out, lse, qkv, NH, NKV, window, q0, causal, lanes):
     ninf = f(-math.inf)
     ks = cuda.shared.array((KT, HS_MAX), qkv.dtype)
     vs = cuda.shared.array((KT, HS_MAX), qkv.dtype)
-    part = cuda.shared.array(SHARE, qkv.dtype)      # [row, key, lane] shares of q . k
-    scores = cuda.shared.array(ROW_KEYS, qkv.dtype)  # [row, key]
+    part = cuda.shared.array(SHARE, qkv.dtype)     # simulator only: per-lane shares of dots
     q = cuda.local.array(NACC, qkv.dtype)
     acc = cuda.local.array(NACC, qkv.dtype)
+    s = cuda.local.array(KT, qkv.dtype)            # the tile's scores, in every lane of the row
     rows = cuda.blockDim.x // lanes
     r = cuda.threadIdx.x // lanes
     c = cuda.threadIdx.x % lanes
@@ -184,7 +224,7 @@ def _attention_forward(out, lse, qkv, NH, NKV, window, q0, causal, lanes):
         ko = (NH + h // (NH // NKV)) * hs
         vo = ko + NKV * hs
         _load_slice(q, qkv, b, min(t, last), qo, hs, lanes, c, scale)  # rows past the end compute harmlessly
-        _scale_slice(acc, f(0))
+        _zero_slice(acc)
         m = ninf
         l = f(0)
         j_lo = max(0, first - window + 1) if window > 0 else 0
@@ -194,27 +234,23 @@ def _attention_forward(out, lse, qkv, NH, NKV, window, q0, causal, lanes):
             _load_tile(ks, qkv, b, j0, n, ko, hs)
             _load_tile(vs, qkv, b, j0, n, vo, hs)
             cuda.syncthreads()
-            for j in range(n):
-                part[(r * KT + j) * (lanes + 1) + c] = _dot_slice(q, ks, j, hs, lanes, c)
-            cuda.syncthreads()
-            if c < KT:                         # lane c finishes key j0 + c of its row
-                s = ninf
-                if c < n and live and _visible(t, j0 + c, window, causal):
-                    s = _share_sum(part, (r * KT + c) * (lanes + 1), lanes)
-                scores[r * KT + c] = s
-            cuda.syncthreads()
-            m_tile = scores[r * KT]
-            for j in range(1, KT):
-                m_tile = max(m_tile, scores[r * KT + j])
+            _row_dots(s, q, ks, n, hs, part, r, c, lanes)
+            m_tile = ninf
+            for j in range(KT):
+                if j < n and live and _visible(t, j0 + j, window, causal):
+                    m_tile = max(m_tile, s[j])
+                else:
+                    s[j] = ninf
             if m_tile > ninf:                  # the row sees a key of this tile
                 m_new = max(m, m_tile)
                 correction = math.exp(m - m_new)
                 l *= correction
                 _scale_slice(acc, correction)
-                for j in range(n):
-                    p = math.exp(scores[r * KT + j] - m_new)
-                    l += p
-                    _axpy_slice(acc, p, vs, j, hs, lanes, c)
+                for j in range(KT):
+                    if j < n:
+                        p = math.exp(s[j] - m_new)
+                        l += p
+                        _axpy_slice(acc, p, vs, j, hs, lanes, c)
                 m = m_new
             cuda.syncthreads()                 # everyone is done with the tile before the next load
         if live:
@@ -233,7 +269,7 @@ def _attention_decode(parts, qkv, NH, NKV, window, lanes, split_len):
     hs = parts.shape[3] - 2
     f = qkv.dtype.type
     scale = f(1.0) / math.sqrt(f(hs))
-    part = cuda.shared.array(ROW_SHARE, qkv.dtype)  # [row, lane] shares
+    part = cuda.shared.array(ROW_SHARE, qkv.dtype)  # simulator only: [row, lane] shares
     q = cuda.local.array(NACC, qkv.dtype)
     acc = cuda.local.array(NACC, qkv.dtype)
     rows = cuda.blockDim.x // lanes
@@ -250,7 +286,7 @@ def _attention_decode(parts, qkv, NH, NKV, window, lanes, split_len):
         start = j_lo + split * split_len
         stop = min(T, start + split_len)
         _load_slice(q, qkv, b, T - 1, h * hs, hs, lanes, c, scale)
-        _scale_slice(acc, f(0))
+        _zero_slice(acc)
         m = f(-math.inf)
         l = f(0)
         for j0 in range(start, stop, rows):
@@ -263,10 +299,8 @@ def _attention_decode(parts, qkv, NH, NKV, window, lanes, split_len):
                     k = c + i * lanes
                     if k < hs:
                         s += q[i] * key[np.uint32(ko + k)]
-            part[r * (lanes + 1) + c] = s
-            cuda.syncthreads()
+            s = _lane_sum(s, part, r, c, lanes)
             if live:
-                s = _share_sum(part, r * (lanes + 1), lanes)
                 if s > m:                      # new running max: rescale what is accumulated
                     correction = math.exp(m - s)
                     l *= correction
@@ -278,7 +312,6 @@ def _attention_decode(parts, qkv, NH, NKV, window, lanes, split_len):
                     k = c + i * lanes
                     if k < hs:
                         acc[i] += p * key[np.uint32(vo + k)]
-            cuda.syncthreads()
         row = split * rows + r
         for i in range(NACC):
             k = c + i * lanes
@@ -320,7 +353,7 @@ def _attention_backward_d(D, dout, out, NH, lanes):
     """D[b, h, t] = dout[b, t, h] . out[b, t, h], the softmax backward's per-row term."""
     B, Tq, _ = out.shape
     hs = out.shape[2] // NH
-    part = cuda.shared.array(ROW_SHARE, out.dtype)  # [row, lane] shares
+    part = cuda.shared.array(ROW_SHARE, out.dtype)  # simulator only: [row, lane] shares
     rows = cuda.blockDim.x // lanes
     r = cuda.threadIdx.x // lanes
     c = cuda.threadIdx.x % lanes
@@ -333,11 +366,9 @@ def _attention_backward_d(D, dout, out, NH, lanes):
         if t < Tq:
             for k in range(c, hs, lanes):
                 s += dout[b, t, h * hs + k] * out[b, t, h * hs + k]
-        part[r * (lanes + 1) + c] = s
-        cuda.syncthreads()
+        s = _lane_sum(s, part, r, c, lanes)
         if c == 0 and t < Tq:
-            D[b, h, t] = _share_sum(part, r * (lanes + 1), lanes)
-        cuda.syncthreads()
+            D[b, h, t] = s
 
 
 @cuda.jit(cache=True)
@@ -347,14 +378,14 @@ def _attention_backward_q(dqkv, dout, qkv, lse, D, NH, NKV, window, q0, causal, 
     hs = dout.shape[2] // NH
     f = qkv.dtype.type
     scale = f(1.0) / math.sqrt(f(hs))
-    ks = cuda.shared.array((BKT, HS_MAX), qkv.dtype)
-    vs = cuda.shared.array((BKT, HS_MAX), qkv.dtype)
-    sp = cuda.shared.array(BSHARE, qkv.dtype)      # [row, key, lane] shares of q . k
-    dpp = cuda.shared.array(BSHARE, qkv.dtype)     # and of do . v
-    ds_tile = cuda.shared.array(ROW_BKEYS, qkv.dtype)
+    ks = cuda.shared.array((KT, HS_MAX), qkv.dtype)
+    vs = cuda.shared.array((KT, HS_MAX), qkv.dtype)
+    part = cuda.shared.array(SHARE, qkv.dtype)    # simulator only: per-lane shares of dots
     q = cuda.local.array(NACC, qkv.dtype)
     do = cuda.local.array(NACC, qkv.dtype)
     dq = cuda.local.array(NACC, qkv.dtype)
+    s = cuda.local.array(KT, qkv.dtype)           # q . k of the tile's keys
+    dp = cuda.local.array(KT, qkv.dtype)          # do . v
     rows = cuda.blockDim.x // lanes
     r = cuda.threadIdx.x // lanes
     c = cuda.threadIdx.x % lanes
@@ -372,31 +403,22 @@ def _attention_backward_q(dqkv, dout, qkv, lse, D, NH, NKV, window, q0, causal, 
         vo = ko + NKV * hs
         _load_slice(q, qkv, b, tl, qo, hs, lanes, c, scale)
         _load_slice(do, dout, b, tl - q0, qo, hs, lanes, c, f(1))
-        _scale_slice(dq, f(0))
+        _zero_slice(dq)
         L = lse[b, h, tl - q0]
         Dt = D[b, h, tl - q0]
         j_lo = max(0, first - window + 1) if window > 0 else 0
         j_end = last + 1 if causal else T
-        for j0 in range(j_lo, j_end, BKT):
-            n = min(BKT, j_end - j0)
+        for j0 in range(j_lo, j_end, KT):
+            n = min(KT, j_end - j0)
             _load_tile(ks, qkv, b, j0, n, ko, hs)
             _load_tile(vs, qkv, b, j0, n, vo, hs)
             cuda.syncthreads()
-            for j in range(n):
-                at = (r * BKT + j) * (lanes + 1) + c
-                sp[at] = _dot_slice(q, ks, j, hs, lanes, c)
-                dpp[at] = _dot_slice(do, vs, j, hs, lanes, c)
-            cuda.syncthreads()
-            if c < BKT:                        # lane c finishes key j0 + c: ds = p (dp - D) / sqrt(hs)
-                ds = f(0)
-                if c < n and live and _visible(t, j0 + c, window, causal):
-                    at = (r * BKT + c) * (lanes + 1)
-                    p = math.exp(_share_sum(sp, at, lanes) - L)
-                    ds = p * (_share_sum(dpp, at, lanes) - Dt) * scale
-                ds_tile[r * BKT + c] = ds
-            cuda.syncthreads()
-            for j in range(n):
-                _axpy_slice(dq, ds_tile[r * BKT + j], ks, j, hs, lanes, c)
+            _row_dots(s, q, ks, n, hs, part, r, c, lanes)
+            _row_dots(dp, do, vs, n, hs, part, r, c, lanes)
+            for j in range(KT):
+                if j < n and live and _visible(t, j0 + j, window, causal):
+                    p = math.exp(s[j] - L)     # ds = p (dp - D) / sqrt(hs)
+                    _axpy_slice(dq, p * (dp[j] - Dt) * scale, ks, j, hs, lanes, c)
             cuda.syncthreads()
         if live:
             _store_slice(dqkv, b, t, qo, dq, f(1), hs, lanes, c, True)
@@ -411,18 +433,17 @@ def _attention_backward_kv(dqkv, dout, qkv, lse, D, NH, NKV, window, q0, causal,
     group = NH // NKV
     f = qkv.dtype.type
     scale = f(1.0) / math.sqrt(f(hs))
-    qs = cuda.shared.array((BKT, HS_MAX), qkv.dtype)
-    dos = cuda.shared.array((BKT, HS_MAX), qkv.dtype)
-    Ls = cuda.shared.array(BKT, qkv.dtype)
-    Ds = cuda.shared.array(BKT, qkv.dtype)
-    sp = cuda.shared.array(BSHARE, qkv.dtype)      # [row, query, lane] shares of k . q
-    dpp = cuda.shared.array(BSHARE, qkv.dtype)     # and of v . do
-    p_tile = cuda.shared.array(ROW_BKEYS, qkv.dtype)
-    ds_tile = cuda.shared.array(ROW_BKEYS, qkv.dtype)
+    qs = cuda.shared.array((KT, HS_MAX), qkv.dtype)
+    dos = cuda.shared.array((KT, HS_MAX), qkv.dtype)
+    Ls = cuda.shared.array(KT, qkv.dtype)
+    Ds = cuda.shared.array(KT, qkv.dtype)
+    part = cuda.shared.array(SHARE, qkv.dtype)    # simulator only: per-lane shares of dots
     k = cuda.local.array(NACC, qkv.dtype)
     v = cuda.local.array(NACC, qkv.dtype)
     dk = cuda.local.array(NACC, qkv.dtype)
     dv = cuda.local.array(NACC, qkv.dtype)
+    s = cuda.local.array(KT, qkv.dtype)           # k . q of the tile's queries
+    dp = cuda.local.array(KT, qkv.dtype)          # v . do
     rows = cuda.blockDim.x // lanes
     r = cuda.threadIdx.x // lanes
     c = cuda.threadIdx.x % lanes
@@ -438,38 +459,27 @@ def _attention_backward_kv(dqkv, dout, qkv, lse, D, NH, NKV, window, q0, causal,
         vo = ko + NKV * hs
         _load_slice(k, qkv, b, min(j, last), ko, hs, lanes, c, scale)
         _load_slice(v, qkv, b, min(j, last), vo, hs, lanes, c, f(1))
-        _scale_slice(dk, f(0))
-        _scale_slice(dv, f(0))
+        _zero_slice(dk)
+        _zero_slice(dv)
         t_lo = max(first, q0) if causal else q0  # queries t_lo..t_hi see some key of the block
         t_hi = min(T, last + window) - 1 if window > 0 else T - 1
         for h in range(kv * group, (kv + 1) * group):
             qo = h * hs
-            for t0 in range(t_lo, t_hi + 1, BKT):
-                n = min(BKT, t_hi + 1 - t0)
+            for t0 in range(t_lo, t_hi + 1, KT):
+                n = min(KT, t_hi + 1 - t0)
                 _load_tile(qs, qkv, b, t0, n, qo, hs)
                 _load_tile(dos, dout, b, t0 - q0, n, qo, hs)
                 if cuda.threadIdx.x < n:
                     Ls[cuda.threadIdx.x] = lse[b, h, t0 + cuda.threadIdx.x - q0]
                     Ds[cuda.threadIdx.x] = D[b, h, t0 + cuda.threadIdx.x - q0]
                 cuda.syncthreads()
-                for i in range(n):
-                    at = (r * BKT + i) * (lanes + 1) + c
-                    sp[at] = _dot_slice(k, qs, i, hs, lanes, c)
-                    dpp[at] = _dot_slice(v, dos, i, hs, lanes, c)
-                cuda.syncthreads()
-                if c < BKT:                    # lane c finishes query t0 + c
-                    p = f(0)
-                    ds = f(0)
-                    if c < n and live and _visible(t0 + c, j, window, causal):
-                        at = (r * BKT + c) * (lanes + 1)
-                        p = math.exp(_share_sum(sp, at, lanes) - Ls[c])
-                        ds = p * (_share_sum(dpp, at, lanes) - Ds[c])
-                    p_tile[r * BKT + c] = p
-                    ds_tile[r * BKT + c] = ds
-                cuda.syncthreads()
-                for i in range(n):
-                    _axpy_slice(dv, p_tile[r * BKT + i], dos, i, hs, lanes, c)
-                    _axpy_slice(dk, ds_tile[r * BKT + i], qs, i, hs, lanes, c)
+                _row_dots(s, k, qs, n, hs, part, r, c, lanes)
+                _row_dots(dp, v, dos, n, hs, part, r, c, lanes)
+                for i in range(KT):
+                    if i < n and live and _visible(t0 + i, j, window, causal):
+                        p = math.exp(s[i] - Ls[i])
+                        _axpy_slice(dv, p, dos, i, hs, lanes, c)
+                        _axpy_slice(dk, p * (dp[i] - Ds[i]), qs, i, hs, lanes, c)
                 cuda.syncthreads()
         if live:
             _store_slice(dqkv, b, j, ko, dk, scale, hs, lanes, c, True)

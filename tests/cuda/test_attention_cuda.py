@@ -17,6 +17,25 @@ attention = pytest.importorskip("nt.kernels.cuda.attention")
 TOL = dict(rtol=2e-4, atol=2e-5)  # float32 kernels against a float64 reference
 
 
+@pytest.fixture(autouse=True)
+def _nan_local_arrays(monkeypatch):
+    """Simulated local arrays start as NaN, not np.empty's leftovers: a kernel that reads a
+    register slice before writing it (x *= 0 to clear it, say) fails instead of passing by
+    luck, as it would not on a GPU."""
+    from nt.kernels.cuda.launch import SIMULATOR
+    if SIMULATOR:
+        from numba.cuda.simulator.kernelapi import FakeCUDALocal
+        empty = FakeCUDALocal.array
+        monkeypatch.setattr(FakeCUDALocal, "array", lambda self, shape, dtype, alignment=None:
+                            _nan_filled(empty(self, shape, dtype, alignment)))
+
+
+def _nan_filled(a):
+    if a.dtype.kind == "f":
+        a.fill(np.nan)
+    return a
+
+
 def reference(qkv, dout, NH, NKV, window, q0, causal):
     """out, lse and d(qkv) of attention over the fused qkv rows, in float64."""
     B, T, width = qkv.shape
