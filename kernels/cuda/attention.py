@@ -33,9 +33,9 @@ accumulate dk and dv over tiles of the queries (of every head in their group) th
 them.
 
 Budgets (GPU sizes; tests/cuda/ptx_check.py --resources checks them): static shared
-memory at most 21 KB per block in float32 and 43 KB in float64, under the 48 KB static
-limit; 126-168 registers per thread for float32 on sm_80/sm_90, no stack frame, no
-spills (docs/cuda.md, "Attention").
+memory is the two tiles, 16 KB per block in float32 and 32 KB in float64 (under the
+48 KB static limit); 111-168 registers per thread in float32 on sm_80/sm_90, no stack
+frame, no spills (docs/cuda.md, "Attention").
 """
 import math
 
