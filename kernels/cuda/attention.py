@@ -41,8 +41,13 @@ import math
 
 import numpy as np
 from numba import cuda
+from numba.cuda.core import config
 
-from .launch import MAX_BLOCKS, SIMULATOR
+from .launch import MAX_BLOCKS
+
+# Read inside the kernels, so defined here and not imported: Numba's cache keys on this
+# file, and a kernel would keep a stale copy of another file's constant after an edit.
+SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 HS_MAX = 256                            # largest head size (Gemma 3 uses 256)
 THREADS = 16 if SIMULATOR else 128      # threads per block, every attention kernel
