@@ -1,113 +1,230 @@
-"""Inference speed on the CPU: prefill and decode tokens/s of a LLaMA-shaped model loaded
-from GGUF files in F32, F16 (dequantised to float32 at load) and Q8_0 / Q4_0 (kept
-quantised: matmuls on the blocks), and PyTorch/transformers on the same shape when installed.
+"""Inference speed on the CPU: nt, and llama.cpp on the same GGUF files.
 
-    python benchmarks/bench_infer.py                     # ~45M-parameter shape, 128-token prompt
-    python benchmarks/bench_infer.py --dim 768 --layers 12 --ffn 2048 --prompt 256 --decode 64
+    python benchmarks/bench_infer.py                         # nt alone: 58M shape, F32/F16/Q8_0/Q4_0
+    python benchmarks/bench_infer.py --vs-llama-cpp --json   # nt vs llama.cpp, 58M and SmolLM2-135M shapes
 
-Prefill: one forward over the prompt filling the KV cache. Decode: one token at a time
-through the cache (greedy), the mean over --decode steps; the best of --reps runs. Each
-format runs once untimed first (Numba's cache load, page faults). Weights are random:
-speed does not depend on them.
+Files: a Llama with random weights (speed does not depend on them) written as F32 by nt;
+F16, Q8_0, Q4_0 and Q4_K_M made from it by llama.cpp's own quantiser when llama-cpp-python
+is installed (nt's writer otherwise, which makes no Q4_K_M). They are kept in --files-dir.
 
-On a machine shared with other work, each parallel kernel launch waits for every worker
-thread to get a time slice (measured: ~20 ms per launch with 2 threads under a load
-average of 8 on 2 cores, versus microseconds with 1 thread), which dominates decoding, where
-every kernel is small: set NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 there.
+Each measurement is its own process (so each engine's peak RSS is its own), with the
+thread count set for it (nt: NUMBA_NUM_THREADS / OPENBLAS_NUM_THREADS; llama.cpp: n_threads
+and n_threads_batch), engines alternating: nt, llama.cpp, nt, ... --reps times per (file,
+threads), the best run reported. A process warms up first (Numba's cache, page faults).
+  decode: an 8-token prompt, then --decode greedy tokens one at a time, tokens/s
+  prefill: one --prompt-token prompt through the model, tokens/s
+nt loads each file with keep_quantized=True: Q8_0 / Q4_0 / Q4_K / Q6_K matrices stay blocks,
+other types are dequantised to float32 at load (F16, and Q4_K_M's layers that mix types).
 """
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numba
 import numpy as np
 
-import nt
-from nt.models import gguf
-from nt.models import Llama, LlamaConfig
+SHAPES = {   # untied 58M Llama of the issue; SmolLM2-135M's shape (tied embeddings)
+    "58m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden=1536, vocab_size=32000,
+                tie_embeddings=False),
+    "135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=1536, vocab_size=49152,
+                 tie_embeddings=True, rope_theta=100000.0),
+}
+LLAMA_CPP_FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}   # llama_ftype values
 
 
-def run(model, prompt: list[int], n_decode: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s)."""
-    model.eval()
-    model._begin_generation(len(prompt) + n_decode)
-    tokens = list(prompt)
-    t0 = time.perf_counter()
-    logits = model._next_logits(tokens)
-    t1 = time.perf_counter()
-    for _ in range(n_decode):
-        tokens.append(int(np.argmax(logits)))
-        logits = model._next_logits(tokens)
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
-
-
-def bench_transformers(cfg: LlamaConfig, prompt: list[int], n_decode: int):
+def have_llama_cpp() -> bool:
     try:
-        import torch
-        from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+        import llama_cpp  # noqa: F401
+        return True
     except ImportError:
-        print("transformers: not installed, skipped (pip install torch transformers to compare)")
-        return
-    torch.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    hf = LlamaForCausalLM(HFConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
-                                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                                   num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.block_size,
-                                   tie_word_embeddings=cfg.tie_embeddings)).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for timed in (False, True):
-            t0 = time.perf_counter()
-            out = hf(ids, use_cache=True)
-            t1 = time.perf_counter()
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            for _ in range(n_decode):
-                out = hf(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t2 = time.perf_counter()
-    print(f"{'transformers f32':18s} {len(prompt) / (t1 - t0):10.1f} {n_decode / (t2 - t1):10.1f}")
+        return False
 
+
+def make_files(shape: str, types: list[str], folder: Path, llama_cpp_quantiser: bool) -> dict[str, Path]:
+    """{type: GGUF path} for the shape, written once and reused."""
+    from nt.models import Llama, LlamaConfig, gguf
+    folder.mkdir(parents=True, exist_ok=True)
+    f32 = folder / f"{shape}_F32.gguf"
+    if not f32.exists():
+        cfg = LlamaConfig(**SHAPES[shape], block_size=1024, rope_pairing="interleaved")
+        gguf.write(f32, Llama(cfg, seed=0), "F32")
+    files = {"F32": f32}
+    for kind in types:
+        path = folder / f"{shape}_{kind}{'' if llama_cpp_quantiser else '_nt'}.gguf"
+        if kind != "F32" and not path.exists():
+            if llama_cpp_quantiser:
+                import llama_cpp
+                params = llama_cpp.llama_model_quantize_default_params()
+                params.ftype = LLAMA_CPP_FTYPES[kind]
+                if llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), params) != 0:
+                    raise RuntimeError(f"llama.cpp could not quantise {f32} to {kind}")
+            elif kind in ("F16", "Q8_0", "Q4_0"):
+                from nt.models import from_gguf   # nt's writer, from the F32 file's weights
+                gguf.write(path, from_gguf(f32), kind)
+            else:
+                print(f"{kind}: needs llama.cpp's quantiser (pip install llama-cpp-python); skipped")
+                continue
+        files[kind] = path
+    return {k: files[k] for k in types if k in files}
+
+
+# ---------------------------------------------------------------------- one measurement (worker process)
+
+def measure_nt(path: str, prompt: list[int], n_decode: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of nt on the file."""
+    import nt
+    model = nt.models.from_gguf(path, keep_quantized=True).eval()
+
+    def decode(tokens: list[int], n: int) -> float:
+        rows = np.zeros((1, len(tokens) + n), np.int32)
+        rows[0, :len(tokens)] = tokens
+        model._begin_generation(rows.shape[1], 1)
+        L = len(tokens)
+        logits = model._next_logits(rows[:, :L])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            rows[0, L] = int(np.argmax(logits[0]))
+            L += 1
+            logits = model._next_logits(rows[:, :L])
+        return n / (time.perf_counter() - t0)
+
+    def prefill(tokens: list[int]) -> float:
+        model._begin_generation(len(tokens), 1)
+        t0 = time.perf_counter()
+        model._next_logits(np.array([tokens], np.int32))
+        return len(tokens) / (time.perf_counter() - t0)
+
+    decode(prompt[:8], 8)   # warm-up
+    prefill(prompt[:64])
+    return prefill(prompt), decode(prompt[:8], n_decode)
+
+
+def measure_llama_cpp(path: str, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of llama.cpp on the file (default settings otherwise)."""
+    import llama_cpp
+    n_ctx = len(prompt) + n_decode + 16
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=len(prompt), n_ubatch=len(prompt),
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
+    def decode(tokens: list[int], n: int) -> float:
+        llm.reset()
+        llm.eval(tokens)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([int(np.argmax(last_logits()))])
+        return n / (time.perf_counter() - t0)
+
+    def prefill(tokens: list[int]) -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(tokens)
+        return len(tokens) / (time.perf_counter() - t0)
+
+    decode(prompt[:8], 8)   # warm-up
+    prefill(prompt[:64])
+    return prefill(prompt), decode(prompt[:8], n_decode)
+
+
+def worker(a) -> None:
+    prompt = np.random.default_rng(0).integers(3, 32000, a.prompt).tolist()
+    if a.worker == "nt":
+        pre, dec = measure_nt(a.file, prompt, a.decode)
+    else:
+        pre, dec = measure_llama_cpp(a.file, prompt, a.decode, a.threads[0])
+    print(json.dumps({"prefill": pre, "decode": dec}))
+
+
+def run_worker(engine: str, path: Path, threads: int, a) -> dict:
+    """One measurement in a fresh process: tok/s and the process's peak RSS (MB)."""
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, __file__, "--worker", engine, "--file", str(path), "--threads", str(threads),
+           "--prompt", str(a.prompt), "--decode", str(a.decode)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine} on {path} with {threads} threads failed (exit {proc.returncode})")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["rss_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+# ---------------------------------------------------------------------- main
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--ffn", type=int, default=1536)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
-    ap.add_argument("--decode", type=int, default=32, help="tokens decoded one at a time")
-    ap.add_argument("--reps", type=int, default=3, help="runs per format; the best is reported")
-    ap.add_argument("--formats", nargs="+", default=["F32", "F16", "Q8_0", "Q4_0"])
+    ap.add_argument("--vs-llama-cpp", action="store_true", help="run llama.cpp on the same files too")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="default: 58m (with --vs-llama-cpp: both)")
+    ap.add_argument("--types", nargs="+", help="default F32 F16 Q8_0 Q4_0 (+ Q4_K_M with llama.cpp)")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--prompt", type=int, default=512, help="prefill prompt tokens")
+    ap.add_argument("--decode", type=int, default=128, help="greedy tokens decoded one at a time")
+    ap.add_argument("--reps", type=int, default=3, help="runs per engine, file and thread count; the best is kept")
+    ap.add_argument("--files-dir", type=Path, default=Path("/tmp/nt_bench_infer"))
+    ap.add_argument("--json", action="store_true", help="one JSON object per (file, threads) instead of a table")
+    ap.add_argument("--worker", choices=["nt", "llama.cpp"], help=argparse.SUPPRESS)
+    ap.add_argument("--file", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    cfg = LlamaConfig(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, ffn_hidden=a.ffn,
-                      vocab_size=a.vocab, block_size=a.prompt + a.decode, rope_pairing="interleaved",
-                      tie_embeddings=False)
-    src = Llama(cfg, seed=0)
-    prompt = np.random.default_rng(0).integers(0, a.vocab, a.prompt).tolist()
-    print(f"Llama dim={a.dim} layers={a.layers} heads={a.heads}/{a.kv_heads} ffn={a.ffn} vocab={a.vocab} "
-          f"({src.num_params / 1e6:.1f}M params), prompt {a.prompt}, decode {a.decode}, "
-          f"{numba.get_num_threads()} threads")
-    print(f"{'format':18s} {'prefill/s':>10s} {'decode/s':>10s} {'weights MB':>11s}")
-    with tempfile.TemporaryDirectory() as d:
-        for fmt in a.formats:
-            path = Path(d) / f"m_{fmt}.gguf"
-            gguf.write(path, src, fmt)
-            keep = fmt in ("Q8_0", "Q4_0")
-            model = nt.models.from_gguf(path, keep_quantized=keep)
-            mb = (model.params.size * 4 + sum(w.nbytes for ws in model.qweights.values()
-                                               for w in (ws if isinstance(ws, list) else [ws]))) / 1e6
-            run(model, prompt[:8], 2)  # warm-up
-            runs = [run(model, prompt, a.decode) for _ in range(a.reps)]
-            pre, dec = max(r[0] for r in runs), max(r[1] for r in runs)
-            label = f"{fmt}" + (" (kept)" if keep else " (as f32)" if fmt != "F32" else "")
-            print(f"{label:18s} {pre:10.1f} {dec:10.1f} {mb:11.1f}")
-            del model
-    bench_transformers(cfg, prompt, a.decode)
+    if a.worker:
+        return worker(a)
+    llama = have_llama_cpp()
+    if a.vs_llama_cpp and not llama:
+        print("llama-cpp-python is not installed: measuring nt alone "
+              "(CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python to compare)", file=sys.stderr)
+    compare = a.vs_llama_cpp and llama
+    shapes = a.shapes or (["58m", "135m"] if a.vs_llama_cpp else ["58m"])
+    types = a.types or (["F32", "F16", "Q8_0", "Q4_0"] + (["Q4_K_M"] if llama else []))
+    engines = ["nt", "llama.cpp"] if compare else ["nt"]
+    if not a.json:
+        print(f"prompt {a.prompt} tokens (prefill), decode {a.decode} tokens after an 8-token prompt, "
+              f"best of {a.reps}; tok/s, peak RSS MB")
+        head = f"{'file':16s} {'thr':>3s} {'nt dec':>8s} {'nt pre':>8s} {'nt MB':>6s}"
+        if compare:
+            head += f" {'llc dec':>8s} {'llc pre':>8s} {'llc MB':>6s} {'dec x':>6s} {'pre x':>6s}"
+        print(head)
+    for shape in shapes:
+        files = make_files(shape, types, a.files_dir, llama)
+        for kind, path in files.items():
+            for threads in a.threads:
+                runs = {e: [] for e in engines}
+                for _ in range(a.reps):
+                    for e in engines:   # alternating
+                        runs[e].append(run_worker(e, path, threads, a))
+                best = {e: {k: max(r[k] for r in runs[e]) for k in ("decode", "prefill", "rss_mb")} for e in engines}
+                report(shape, kind, path, threads, best, compare, a.json)
+
+
+def report(shape, kind, path, threads, best, compare, as_json) -> None:
+    nt_, llc = best["nt"], best.get("llama.cpp")
+    row = {"file": path.name, "shape": shape, "type": kind, "threads": threads,
+           "nt_decode_tok_s": round(nt_["decode"], 1), "nt_prefill_tok_s": round(nt_["prefill"], 1),
+           "nt_peak_rss_mb": round(nt_["rss_mb"]),
+           "llama_cpp_decode_tok_s": None, "llama_cpp_prefill_tok_s": None, "llama_cpp_peak_rss_mb": None,
+           "decode_ratio": None, "prefill_ratio": None}
+    if compare:
+        row.update(llama_cpp_decode_tok_s=round(llc["decode"], 1), llama_cpp_prefill_tok_s=round(llc["prefill"], 1),
+                   llama_cpp_peak_rss_mb=round(llc["rss_mb"]), decode_ratio=round(nt_["decode"] / llc["decode"], 2),
+                   prefill_ratio=round(nt_["prefill"] / llc["prefill"], 2))
+    if as_json:
+        print(json.dumps(row), flush=True)
+        return
+    line = (f"{shape + ' ' + kind:16s} {threads:3d} {row['nt_decode_tok_s']:8.1f} {row['nt_prefill_tok_s']:8.1f} "
+            f"{row['nt_peak_rss_mb']:6d}")
+    if compare:
+        line += (f" {row['llama_cpp_decode_tok_s']:8.1f} {row['llama_cpp_prefill_tok_s']:8.1f} "
+                 f"{row['llama_cpp_peak_rss_mb']:6d} {row['decode_ratio']:6.2f} {row['prefill_ratio']:6.2f}")
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -41,34 +41,34 @@ def _quantize_for(code, x, xq, xd, xs):
         _quantize_row_q8(xq, xd, xs, x, QDOT_BLOCK[code])
 
 
-@njit(cache=True)
-def _row(r, x, wf, wq, code, xq, xd, xs, f16):
+@njit(cache=True, inline="always")
+def _row(r, x, wf, wq, code, xq, xd, xs):
     """Weight row r . activation row x (float) or its quantised form (xq, xd, xs)."""
     if code < 0:
         return _fdot(wf[r], x)
-    return qdot(code, wq[r], xq, xd, xs, f16)
+    return qdot(code, wq[r], xq, xd, xs)
 
 
 @njit(parallel=True, cache=True)
-def matvec(out, x, wf, wq, code, xq, xd, xs, f16, accumulate):
+def matvec(out, x, wf, wq, code, xq, xd, xs, accumulate):
     """out[r] (+)= W[r] . x for every row r, rows split across threads (xq, xd, xs:
     scratch for x quantised, at least as long as x, x/32, x/32)."""
     a = xq[:x.shape[0]]
     _quantize_for(code, x, a, xd, xs)
     for r in prange(out.shape[0]):
-        v = _row(r, x, wf, wq, code, a, xd, xs, f16)
+        v = _row(r, x, wf, wq, code, a, xd, xs)
         out[r] = out[r] + v if accumulate else v
 
 
 @njit(parallel=True, cache=True)
-def swiglu_matvec(act, x, wf, wq, code, xq, xd, xs, f16):
+def swiglu_matvec(act, x, wf, wq, code, xq, xd, xs):
     """act[i] = silu(gate_i . x) * (up_i . x), gate rows 0..H-1 and up rows H..2H-1 of W."""
     a = xq[:x.shape[0]]
     _quantize_for(code, x, a, xd, xs)
     H = act.shape[0]
     for i in prange(H):
-        g = _row(i, x, wf, wq, code, a, xd, xs, f16)
-        u = _row(H + i, x, wf, wq, code, a, xd, xs, f16)
+        g = _row(i, x, wf, wq, code, a, xd, xs)
+        u = _row(H + i, x, wf, wq, code, a, xd, xs)
         act[i] = g / (np.float32(1.0) + np.exp(-g)) * u
 
 
@@ -102,7 +102,7 @@ def attend(att, cache, pos, NH, NKV, hs, scores):
 
 @njit(cache=True)
 def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, wf, wq, codes, head_f, head_q,
-                      cache, inv_freq, half, NH, NKV, eps, f16):
+                      cache, inv_freq, half, NH, NKV, eps):
     """The logits (rows of the classifier) after token `token` at position `pos`, whose
     rotated qkv rows are appended to cache (L, capacity, W) at row pos.
 
@@ -125,12 +125,12 @@ def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, wf, 
     for l in range(L):
         _rmsnorm_row(h, x, attn_norm[l], eps)
         row = cache[l, pos]
-        matvec(row, h, wf[0][l], wq[0][l], codes[0], xq, xd, xs, f16, False)
+        matvec(row, h, wf[0][l], wq[0][l], codes[0], xq, xd, xs, False)
         _rotate_row(row, row.copy(), pos, inv_freq, half, 1.0, NH + NKV, hs, False)
         attend(att, cache[l], pos, NH, NKV, hs, scores)
-        matvec(x, att, wf[1][l], wq[1][l], codes[1], xq, xd, xs, f16, True)
+        matvec(x, att, wf[1][l], wq[1][l], codes[1], xq, xd, xs, True)
         _rmsnorm_row(h, x, ffn_norm[l], eps)
-        swiglu_matvec(act, h, wf[2][l], wq[2][l], codes[2], xq, xd, xs, f16)
-        matvec(x, act, wf[3][l], wq[3][l], codes[3], xq, xd, xs, f16, True)
+        swiglu_matvec(act, h, wf[2][l], wq[2][l], codes[2], xq, xd, xs)
+        matvec(x, act, wf[3][l], wq[3][l], codes[3], xq, xd, xs, True)
     _rmsnorm_row(h, x, norm_f, eps)
-    matvec(logits, h, head_f, head_q, codes[4], xq, xd, xs, f16, False)
+    matvec(logits, h, head_f, head_q, codes[4], xq, xd, xs, False)

@@ -29,6 +29,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 QK = 32      # elements per block of the 32-element formats
@@ -322,9 +323,9 @@ def matmul_q4_0(out, x, w, f16, scratch):
 
 # ---------------------------------------------------------------------- integer dot products
 # The fast engines' way (llama.cpp's vec_dot): quantise the activation row once per matmul
-# to int8 with one float32 scale per QA elements, then meet each weight block with an
-# integer dot product (int8 or int4/int6 x int8, summed in int32) and one float multiply
-# per block pair.
+# to int8 with one float32 scale per QA elements (quantize_rows_q8), then meet each weight
+# block with integer dot products (int8 / int6 / int4 x int8, summed in int32) and one
+# float multiply per block pair.
 #
 #   weight  code  block  QA    per block pair (da: the activation block's scale)
 #   Q8_0      0     32    32   dw * da * sum(q * a)
@@ -334,114 +335,185 @@ def matmul_q4_0(out, x, w, f16, scratch):
 # asum_g: the sum of the int8 activations of 32-element group g (from quantize_rows_q8).
 #
 # Numba types integer arithmetic as int64 and fully unrolls 32-long loops before LLVM's
-# loop vectoriser sees them (measured: 32 scalar imul per block). So the 32-lane block
-# dots are LLVM intrinsics written here in generic vector IR: load <32 x i8>, widen, multiply,
-# llvm.vector.reduce.add. LLVM lowers that per target; on this AVX2 machine it emits
-# vpmovsxbw + vpmaddwd (int16 products summed pairwise into int32) + vpaddd, ~1.9 ns per
-# Q8_0 block on one core (inspect with matmul_qdot.inspect_asm). Targets without AVX2 get
-# LLVM's lowering for their vector unit (or scalar code): same IR, same integers. The float
-# part has a fixed order (no fastmath), so results are bit-exact against a NumPy reference.
+# loop vectoriser sees them (measured: 32 scalar imul per block). So each row . row dot is
+# an LLVM intrinsic written here in generic vector IR, a loop over blocks that keeps 8 float
+# lanes (as llama.cpp's AVX2 code does):
+#     q, a (32 x i8) -> widen, multiply, add neighbours -> 8 x i32 partial sums
+#     (times the sub-block's integer scale for the K-quants, summed over the super-block)
+#     -> 8 x f32, times the block pair's float scale, added to the lanes
+# and one ordered sum of the 8 lanes at the end. LLVM lowers this per target; on this AVX2
+# machine it emits vpmovsxbw + vpmaddwd (int16 products summed pairwise into int32), and
+# vcvtph2ps for the f16 block scales (check with matmul_qdot.inspect_asm). Other targets
+# get LLVM's lowering of the same IR (their own vector unit, or scalar code): same integers.
+# Lane j of a 32-element block holds the products of elements 2j, 2j+1, 2j+16, 2j+17; of a
+# 16-element half, 2j and 2j+1. The float order is fixed (no fastmath): results are
+# bit-exact against a NumPy reference of this arithmetic (tests/infer/test_qdot.py).
 # The intrinsics read memory unchecked: callers validate shapes at the Python boundary.
 
 QDOT_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q6_K": 3}
 QDOT_BLOCK = (QK, QK, QK_K, QK_K)        # weight elements per block (= activation block QA)
 QDOT_TYPE_SIZE = (34, 18, 144, 210)      # weight bytes per block
 
-
-def _bytes_at(context, builder, arrty, arr, off, offty, n):
-    """<n x i8> loaded (unaligned) from byte `off` of a 1-byte-element array."""
-    data = context.make_array(arrty)(context, builder, arr).data
-    off = context.cast(builder, off, offty, numba.types.intp)
-    ptr = builder.bitcast(builder.gep(data, [off]), ir.VectorType(ir.IntType(8), n).as_pointer())
-    return builder.load(ptr, align=1)
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
-def _splat(value, n, bits=8):
-    return ir.Constant(ir.VectorType(ir.IntType(bits), n), [value] * n)
+def _vec(t, n):
+    return ir.VectorType(t, n)
 
 
-def _sum_i32(builder, v):
-    """llvm.vector.reduce.add of a vector of i32."""
-    name = f"llvm.vector.reduce.add.v{v.type.count}i32"
-    fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ir.IntType(32), [v.type]), name)
-    return builder.call(fn, [v])
+def _consts(t, values):
+    values = list(values)
+    return ir.Constant(_vec(t, len(values)), values)
 
 
-def _dot32(builder, q, a):
-    """sum(q * a) over 32 lanes of i8 (q signed), widened to i32 before multiplying."""
-    v = ir.VectorType(ir.IntType(32), 32)
-    return _sum_i32(builder, builder.mul(builder.sext(q, v), builder.sext(a, v)))
+def _load(builder, base, off, t):
+    """The value of IR type t at byte offset `off` of pointer `base`, unaligned."""
+    p = builder.gep(builder.bitcast(base, _I8.as_pointer()), [off])
+    return builder.load(builder.bitcast(p, t.as_pointer()), align=1)
 
 
-@intrinsic
-def _idot_q8(typingctx, w, wo, a, ao):
-    """sum over 32 of int8 w[wo + j] * int8 a[ao + j]."""
-    def codegen(context, builder, sig, args):
-        q = _bytes_at(context, builder, sig.args[0], args[0], args[1], sig.args[1], 32)
-        x = _bytes_at(context, builder, sig.args[2], args[2], args[3], sig.args[3], 32)
-        return _dot32(builder, q, x)
-    return numba.types.int32(w, wo, a, ao), codegen
+def _lanes8(builder, q, a):
+    """q, a <N x i8> signed (N = 16 or 32) -> <8 x i32>: products summed pairwise (the
+    vpmaddwd pattern), then the two halves added for N = 32."""
+    n = q.type.count
+    p = builder.mul(builder.sext(q, _vec(_I32, n)), builder.sext(a, _vec(_I32, n)))
+    s = builder.add(builder.shuffle_vector(p, p, _consts(_I32, range(0, n, 2))),
+                    builder.shuffle_vector(p, p, _consts(_I32, range(1, n, 2))))
+    if n == 32:
+        s = builder.add(builder.shuffle_vector(s, s, _consts(_I32, range(8))),
+                        builder.shuffle_vector(s, s, _consts(_I32, range(8, 16))))
+    return s
 
 
-@intrinsic
-def _idot_q4(typingctx, w, wo, a, ao):
-    """Q4_0: the 16 bytes at w[wo] hold q_j (low nibble) and q_{j+16} (high); sum over 32
-    of (q - 8) * a[ao + j]."""
-    def codegen(context, builder, sig, args):
-        packed = _bytes_at(context, builder, sig.args[0], args[0], args[1], sig.args[1], 16)
-        lo = builder.and_(packed, _splat(15, 16))
-        hi = builder.lshr(packed, _splat(4, 16))
-        q = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
-        q = builder.sub(q, _splat(8, 32))
-        x = _bytes_at(context, builder, sig.args[2], args[2], args[3], sig.args[3], 32)
-        return _dot32(builder, q, x)
-    return numba.types.int32(w, wo, a, ao), codegen
+def _splat(builder, x, n=8):
+    v = builder.insert_element(ir.Constant(_vec(x.type, n), ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), [0] * n))
 
 
-@intrinsic
-def _idot_nibbles(typingctx, w, wo, shift, a, ao):
-    """Q4_K: sum over 32 of ((w[wo + j] >> shift) & 15) * a[ao + j], shift 0 or 4."""
-    def codegen(context, builder, sig, args):
-        packed = _bytes_at(context, builder, sig.args[0], args[0], args[1], sig.args[1], 32)
-        s = builder.trunc(args[2], ir.IntType(8))
-        q = builder.and_(builder.lshr(packed, _splat_of(builder, s, 32)), _splat(15, 32))
-        x = _bytes_at(context, builder, sig.args[3], args[3], args[4], sig.args[4], 32)
-        return _dot32(builder, q, x)
-    return numba.types.int32(w, wo, shift, a, ao), codegen
+def _half(builder, base, off):
+    """The little-endian IEEE half at byte `off` as float32 (exact)."""
+    return builder.fpext(builder.bitcast(_load(builder, base, off, _I16), ir.HalfType()), _F32)
 
 
-@intrinsic
-def _idot_q6(typingctx, w, lo_at, lo_shift, hi_at, hi_shift, a, ao, sc0, sc1):
-    """Q6_K, 32 elements: q_j = ((w[lo_at + j] >> lo_shift) & 15) | (((w[hi_at + j] >>
-    hi_shift) & 3) << 4); sum over j < 16 of sc0 * (q_j - 32) * a_j plus the same with sc1 over
-    the next 16 (two 16-element sub-blocks with their int8 scales)."""
-    def codegen(context, builder, sig, args):
-        w_, lo_at, lo_shift, hi_at, hi_shift, a_, ao, sc0, sc1 = args
-        ql = _bytes_at(context, builder, sig.args[0], w_, lo_at, sig.args[1], 32)
-        qh = _bytes_at(context, builder, sig.args[0], w_, hi_at, sig.args[3], 32)
-        lo = builder.and_(builder.lshr(ql, _splat_of(builder, builder.trunc(lo_shift, ir.IntType(8)), 32)),
-                          _splat(15, 32))
-        hi = builder.and_(builder.lshr(qh, _splat_of(builder, builder.trunc(hi_shift, ir.IntType(8)), 32)),
-                          _splat(3, 32))
-        q = builder.sub(builder.or_(lo, builder.shl(hi, _splat(4, 32))), _splat(32, 32))
-        x = _bytes_at(context, builder, sig.args[5], a_, ao, sig.args[6], 32)
-        v = ir.VectorType(ir.IntType(32), 32)
-        p = builder.mul(builder.sext(q, v), builder.sext(x, v))
-        i32 = ir.IntType(32)
-        s0, s1 = (builder.trunc(context.cast(builder, s, t, numba.types.int64), i32)
-                  for s, t in ((sc0, sig.args[7]), (sc1, sig.args[8])))
-        scales = _splat_of(builder, s0, 32, i32)
-        for j in range(16, 32):
-            scales = builder.insert_element(scales, s1, ir.Constant(i32, j))
-        return _sum_i32(builder, builder.mul(p, scales))
-    return numba.types.int32(w, lo_at, lo_shift, hi_at, hi_shift, a, ao, sc0, sc1), codegen
+def _nibbles(builder, v, shift, mask):
+    n = v.type.count
+    return builder.and_(builder.lshr(v, _consts(_I8, [shift] * n)), _consts(_I8, [mask] * n))
 
 
-def _splat_of(builder, value, n, ty=ir.IntType(8)):
-    """A vector of n copies of a runtime scalar."""
-    v = ir.Constant(ir.VectorType(ty, n), ir.Undefined)
-    v = builder.insert_element(v, value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+def _idx(builder, i, k):
+    return builder.add(i, ir.Constant(i.type, k)) if k else i
+
+
+def _row_intrinsic(block):
+    """An intrinsic f(w, a, ad, asum, nb) -> float32: weight row w (nb blocks) . int8
+    activation row a with block scales ad and group sums asum. block(builder, ptrs, b, acc,
+    macc) emits one block's work: adds to the 8 float lanes acc and the scalar macc."""
+    @intrinsic
+    def row(typingctx, w, a, ad, asum, nb):
+        def codegen(context, builder, sig, args):
+            ptrs = [context.make_array(t)(context, builder, v).data for t, v in zip(sig.args[:4], args[:4])]
+            acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), [0.0] * 8))
+            macc = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+            nblocks = context.cast(builder, args[4], sig.args[4], numba.types.intp)
+            with cgutils.for_range(builder, nblocks) as loop:
+                block(builder, ptrs, loop.index, acc, macc)
+            lanes = builder.load(acc)
+            total = builder.extract_element(lanes, ir.Constant(_I32, 0))
+            for j in range(1, 8):
+                total = builder.fadd(total, builder.extract_element(lanes, ir.Constant(_I32, j)))
+            return builder.fsub(total, builder.load(macc))
+        return numba.types.float32(w, a, ad, asum, nb), codegen
+    return row
+
+
+def _add_lanes(builder, acc, isum, scale):
+    """acc += float(isum) * scale (8 lanes; scale a float32 scalar)."""
+    term = builder.fmul(builder.sitofp(isum, _vec(_F32, 8)), _splat(builder, scale))
+    builder.store(builder.fadd(builder.load(acc), term), acc)
+
+
+def _block_32(nbytes, unpack):
+    def block(builder, ptrs, b, acc, macc):
+        w, a, ad, _ = ptrs
+        p = builder.mul(b, ir.Constant(b.type, nbytes))
+        q = unpack(builder, w, _idx(builder, p, 2))
+        x = _load(builder, a, builder.mul(b, ir.Constant(b.type, QK)), _vec(_I8, 32))
+        scale = builder.fmul(_half(builder, w, p), builder.load(builder.gep(ad, [b])))
+        _add_lanes(builder, acc, _lanes8(builder, q, x), scale)
+    return block
+
+
+def _unpack_q8_0(builder, w, at):
+    return _load(builder, w, at, _vec(_I8, 32))
+
+
+def _unpack_q4_0(builder, w, at):
+    """16 bytes: element j is the low nibble of byte j, element j + 16 its high nibble; q - 8."""
+    packed = _load(builder, w, at, _vec(_I8, 16))
+    q = builder.shuffle_vector(_nibbles(builder, packed, 0, 15), _nibbles(builder, packed, 4, 15),
+                               _consts(_I32, range(32)))
+    return builder.sub(q, _consts(_I8, [8] * 32))
+
+
+def _byte(builder, w, at):
+    return builder.zext(_load(builder, w, at, _I8), _I32)
+
+
+def _block_q4_k(builder, ptrs, b, acc, macc):
+    """8 groups of 32: group 2c + k is nibble k of qs[c*32 .. c*32 + 31], with 6-bit scale
+    and min packed in the 12 bytes at 4 (see _scale_min_k4)."""
+    w, a, ad, asum = ptrs
+    p = builder.mul(b, ir.Constant(b.type, 144))
+    o = builder.mul(b, ir.Constant(b.type, QK_K))
+    isum = ir.Constant(_vec(_I32, 8), [0] * 8)
+    msum = ir.Constant(_I32, 0)
+    sb = [_byte(builder, w, _idx(builder, p, 4 + i)) for i in range(12)]
+    c63, c15, c6, c4 = (ir.Constant(_I32, v) for v in (63, 15, 6, 4))
+    for g in range(8):
+        if g < 4:
+            sc, m = builder.and_(sb[g], c63), builder.and_(sb[g + 4], c63)
+        else:
+            sc = builder.or_(builder.and_(sb[g + 4], c15), builder.shl(builder.lshr(sb[g - 4], c6), c4))
+            m = builder.or_(builder.lshr(sb[g + 4], c4), builder.shl(builder.lshr(sb[g], c6), c4))
+        packed = _load(builder, w, _idx(builder, p, 16 + (g >> 1) * 32), _vec(_I8, 32))
+        q = _nibbles(builder, packed, 4 * (g & 1), 15)
+        x = _load(builder, a, _idx(builder, o, g * 32), _vec(_I8, 32))
+        isum = builder.add(isum, builder.mul(_lanes8(builder, q, x), _splat(builder, sc)))
+        gsum = builder.load(builder.gep(asum, [_idx(builder, builder.mul(b, ir.Constant(b.type, 8)), g)]))
+        msum = builder.add(msum, builder.mul(m, gsum))
+    da = builder.load(builder.gep(ad, [b]))
+    _add_lanes(builder, acc, isum, builder.fmul(_half(builder, w, p), da))
+    mterm = builder.fmul(builder.fmul(_half(builder, w, _idx(builder, p, 2)), da), builder.sitofp(msum, _F32))
+    builder.store(builder.fadd(builder.load(macc), mterm), macc)
+
+
+def _block_q6_k(builder, ptrs, b, acc, macc):
+    """16 sub-blocks of 16 with int8 scales at 192; element e = n*128 + s*32 + t: low 4 bits
+    nibble s//2 of ql[n*64 + (s%2)*32 + t], high 2 bits bits 2s.. of qh[128 + n*32 + t]; q - 32."""
+    w, a, ad, _ = ptrs
+    p = builder.mul(b, ir.Constant(b.type, 210))
+    o = builder.mul(b, ir.Constant(b.type, QK_K))
+    isum = ir.Constant(_vec(_I32, 8), [0] * 8)
+    for e in range(0, QK_K, 32):
+        n, s = e >> 7, (e >> 5) & 3
+        lo = _nibbles(builder, _load(builder, w, _idx(builder, p, n * 64 + (s & 1) * 32), _vec(_I8, 32)),
+                      4 * (s >> 1), 15)
+        hi = _nibbles(builder, _load(builder, w, _idx(builder, p, 128 + n * 32), _vec(_I8, 32)), 2 * s, 3)
+        q = builder.sub(builder.or_(lo, builder.shl(hi, _consts(_I8, [4] * 32))), _consts(_I8, [32] * 32))
+        x = _load(builder, a, _idx(builder, o, e), _vec(_I8, 32))
+        for h in range(2):
+            half = _consts(_I32, range(16 * h, 16 * h + 16))
+            part = _lanes8(builder, builder.shuffle_vector(q, q, half), builder.shuffle_vector(x, x, half))
+            sc = builder.sext(_load(builder, w, _idx(builder, p, 192 + (e >> 4) + h), _I8), _I32)
+            isum = builder.add(isum, builder.mul(part, _splat(builder, sc)))
+    scale = builder.fmul(_half(builder, w, _idx(builder, p, 208)), builder.load(builder.gep(ad, [b])))
+    _add_lanes(builder, acc, isum, scale)
+
+
+_row_q8_0 = _row_intrinsic(_block_32(34, _unpack_q8_0))
+_row_q4_0 = _row_intrinsic(_block_32(18, _unpack_q4_0))
+_row_q4_k = _row_intrinsic(_block_q4_k)
+_row_q6_k = _row_intrinsic(_block_q6_k)
 
 
 @njit(cache=True)
@@ -476,69 +548,24 @@ def quantize_rows_q8(xq, xd, xs, x, QA):
         _quantize_row_q8(xq[n], xd[n], xs[n], x[n], QA)
 
 
-@njit(cache=True)
-def _qdot_q8_0(w, a, ad, asum, f16):
-    acc = np.float32(0.0)
-    for b in range(a.shape[0] // QK):
-        acc += (_f16(w, b * 34, f16) * ad[b]) * np.float32(_idot_q8(w, b * 34 + 2, a, b * QK))
-    return acc
-
-
-@njit(cache=True)
-def _qdot_q4_0(w, a, ad, asum, f16):
-    acc = np.float32(0.0)
-    for b in range(a.shape[0] // QK):
-        acc += (_f16(w, b * 18, f16) * ad[b]) * np.float32(_idot_q4(w, b * 18 + 2, a, b * QK))
-    return acc
-
-
-@njit(cache=True)
-def _qdot_q4_k(w, a, ad, asum, f16):
-    acc = np.float32(0.0)
-    for b in range(a.shape[0] // QK_K):
-        p, o = b * 144, b * QK_K
-        isum, msum = 0, 0
-        for g in range(8):   # group g = 2c + k: nibble k of qs[c*32 .. c*32 + 31]
-            sc, m = _scale_min_k4(w, p + 4, g)
-            isum += sc * np.int64(_idot_nibbles(w, p + 16 + (g >> 1) * 32, 4 * (g & 1), a, o + g * 32))
-            msum += m * np.int64(asum[b * 8 + g])
-        acc += (_f16(w, p, f16) * ad[b]) * np.float32(isum) - (_f16(w, p + 2, f16) * ad[b]) * np.float32(msum)
-    return acc
-
-
-@njit(cache=True)
-def _qdot_q6_k(w, a, ad, asum, f16):
-    acc = np.float32(0.0)
-    for b in range(a.shape[0] // QK_K):
-        p, o = b * 210, b * QK_K
-        isum = 0
-        for e in range(0, QK_K, 32):   # elements e..e+31 = n*128 + s*32 + t: sub-blocks e/16, e/16 + 1
-            n, s = e >> 7, (e >> 5) & 3
-            isum += np.int64(_idot_q6(w, p + n * 64 + (s & 1) * 32, 4 * (s >> 1), p + 128 + n * 32, 2 * s,
-                                      a, o + e, np.int8(w[p + 192 + (e >> 4)]), np.int8(w[p + 193 + (e >> 4)])))
-        acc += (_f16(w, p + 208, f16) * ad[b]) * np.float32(isum)
-    return acc
-
-
-@njit(cache=True)
-def qdot(code, w, a, ad, asum, f16):
+@njit(cache=True, inline="always")
+def qdot(code, w, a, ad, asum):
     """One weight row w (raw blocks of type `code`, see QDOT_CODES) . one quantised
-    activation row (a int8, ad scales, asum group sums from quantize_rows_q8). Each type
-    is its own function: one body with a runtime branch compiled 2x slower (measured)."""
+    activation row (a int8, ad scales, asum group sums from quantize_rows_q8)."""
     if code == 0:
-        return _qdot_q8_0(w, a, ad, asum, f16)
+        return _row_q8_0(w, a, ad, asum, a.shape[0] // QK)
     if code == 1:
-        return _qdot_q4_0(w, a, ad, asum, f16)
+        return _row_q4_0(w, a, ad, asum, a.shape[0] // QK)
     if code == 2:
-        return _qdot_q4_k(w, a, ad, asum, f16)
-    return _qdot_q6_k(w, a, ad, asum, f16)
+        return _row_q4_k(w, a, ad, asum, a.shape[0] // QK_K)
+    return _row_q6_k(w, a, ad, asum, a.shape[0] // QK_K)
 
 
 @njit(parallel=True, cache=True)
-def matmul_qdot(out, xq, xd, xs, w, code, f16):
+def matmul_qdot(out, xq, xd, xs, w, code):
     """out (N, OC) = x @ W^T on integers: W as rows w (OC, bytes) of block type `code`, x
     quantised by quantize_rows_q8 (xq (N, C) int8, xd, xs) with blocks of QDOT_BLOCK[code].
     Parallel over output rows; each weight row is read once for all N activation rows."""
     for oc in prange(w.shape[0]):
         for n in range(xq.shape[0]):
-            out[n, oc] = qdot(code, w[oc], xq[n], xd[n], xs[n], f16)
+            out[n, oc] = qdot(code, w[oc], xq[n], xd[n], xs[n])

@@ -233,7 +233,7 @@ def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
         xq = np.empty((N, C), np.int8)                   # the activation rows as int8 blocks
         xd, xs = np.empty((N, C // bs), np.float32), np.empty((N, C // 32), np.int32)
         qk.quantize_rows_q8(xq, xd, xs, x.data.reshape(N, C), bs)
-        int_matmul(out.data.reshape(N, OC), xq, xd, xs, wq, qk.QDOT_CODES[kind], t.k.F16_TABLE)
+        int_matmul(out.data.reshape(N, OC), xq, xd, xs, wq, qk.QDOT_CODES[kind])
     else:   # a backend with float-activation block kernels only
         lanes = t.work((numba.config.NUMBA_NUM_THREADS, bs))  # 32 accumulation lanes per thread
         block_matmul(out.data.reshape(N, OC), x.data.reshape(N, C), wq, t.k.F16_TABLE, lanes)

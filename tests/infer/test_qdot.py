@@ -65,9 +65,18 @@ def ref_weight_ints(kind: str, w: np.ndarray, C: int):
     return q.reshape(OC, C), (_f16(blocks, 208), blocks[:, 192:208].view(np.int8).astype(np.int64))
 
 
+def _lanes(prod: np.ndarray) -> np.ndarray:
+    """(..., n) integer products of a 32- or 16-element group -> (..., 8) lane sums: lane j
+    holds elements 2j, 2j+1 (and 2j+16, 2j+17 of a 32-element group), as the kernels add them."""
+    pairs = prod[..., 0::2] + prod[..., 1::2]
+    return pairs[..., :8] + pairs[..., 8:] if prod.shape[-1] == 32 else pairs
+
+
 def ref_matmul(kind: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x (N, C) @ W^T with matmul_qdot's arithmetic: integer block sums, then float32 per
-    block pair, accumulated over blocks in order."""
+    """x (N, C) @ W^T with matmul_qdot's arithmetic: per block, 8 lanes of integer sums
+    (times the sub-block scales for the K-quants), converted to float32 and times the block
+    pair's scale, accumulated per lane over the blocks in order; then the lanes summed in
+    order (Q4_K: minus the running sum of the min terms)."""
     N, C = x.shape
     OC = w.shape[0]
     code = quant.QDOT_CODES[kind]
@@ -75,26 +84,30 @@ def ref_matmul(kind: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     a, ad, asum = ref_quantize(x, QA)
     q, scales = ref_weight_ints(kind, w, C)
     nb = C // QA
-    # integer sums per (n, oc, block [, sub-block])
-    sub = {"Q8_0": 32, "Q4_0": 32, "Q4_K": 32, "Q6_K": 16}[kind]
-    prod = np.einsum("ogs,ngs->nog", q.reshape(OC, C // sub, sub),
-                     a.astype(np.int64).reshape(N, C // sub, sub))      # (N, OC, C/sub)
-    acc = np.zeros((N, OC), np.float32)
+    sub = 16 if kind == "Q6_K" else 32
+    prod = q.reshape(1, OC, C // sub, sub) * a.astype(np.int64).reshape(N, 1, C // sub, sub)
+    lanes = _lanes(prod)                                   # (N, OC, C/sub, 8) exact integers
+    acc = np.zeros((N, OC, 8), np.float32)
+    macc = np.zeros((N, OC), np.float32)
     for b in range(nb):
         da = ad[:, b][:, None]
         if kind in ("Q8_0", "Q4_0"):
-            term = (scales.reshape(OC, nb)[:, b][None, :] * da) * prod[:, :, b].astype(np.float32)
+            isum, scale = lanes[:, :, b], scales.reshape(OC, nb)[:, b][None, :] * da
         elif kind == "Q4_K":
             d, dmin, sc, mins = (s.reshape(OC, nb, *s.shape[1:])[:, b] for s in scales)
-            isum = (prod[:, :, b * 8:(b + 1) * 8] * sc[None]).sum(axis=2)
+            isum = (lanes[:, :, b * 8:(b + 1) * 8] * sc[None, :, :, None]).sum(axis=2)
             msum = (mins[None] * asum[:, None, b * 8:(b + 1) * 8]).sum(axis=2)
-            term = (d[None] * da) * isum.astype(np.float32) - (dmin[None] * da) * msum.astype(np.float32)
+            scale = d[None] * da
+            macc = macc + (dmin[None] * da) * msum.astype(np.float32)
         else:
             d, sc = (s.reshape(OC, nb, *s.shape[1:])[:, b] for s in scales)
-            isum = (prod[:, :, b * 16:(b + 1) * 16] * sc[None]).sum(axis=2)
-            term = (d[None] * da) * isum.astype(np.float32)
-        acc = acc + term.astype(np.float32)
-    return acc
+            isum = (lanes[:, :, b * 16:(b + 1) * 16] * sc[None, :, :, None]).sum(axis=2)
+            scale = d[None] * da
+        acc = acc + isum.astype(np.float32) * scale[..., None]
+    total = acc[..., 0]
+    for j in range(1, 8):
+        total = total + acc[..., j]
+    return total - macc
 
 
 def qdot_matmul(kind: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -104,7 +117,7 @@ def qdot_matmul(kind: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     xq, xd, xs = np.empty((N, C), np.int8), np.empty((N, C // QA), np.float32), np.empty((N, C // 32), np.int32)
     quant.quantize_rows_q8(xq, xd, xs, x, QA)
     out = np.empty((N, w.shape[0]), np.float32)
-    quant.matmul_qdot(out, xq, xd, xs, w, code, quant.F16_TABLE)
+    quant.matmul_qdot(out, xq, xd, xs, w, code)
     return out
 
 

@@ -380,4 +380,4 @@ class Llama(LanguageModel):
         inv_freq = ops.rope_frequencies(cfg.hs, cfg.rope_theta, cfg.rope_scaling)
         return (p["wte"].data, p["attn_norm"].data, p["ffn_norm"].data, p["norm_f"].data, tuple(wf), tuple(wq),
                 np.array(codes, np.int64), head_f, head_q, cache, inv_freq, cfg.rope_pairing == "half",
-                cfg.n_heads, cfg.n_kv_heads, np.float32(cfg.norm_eps), quant.F16_TABLE, head_f.shape[0] or head_q.shape[0])
+                cfg.n_heads, cfg.n_kv_heads, np.float32(cfg.norm_eps), head_f.shape[0] or head_q.shape[0])
