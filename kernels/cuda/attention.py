@@ -140,9 +140,21 @@ def _store_slice(dst, b, t, col, x, s, hs, lanes, c, add):
 
 @cuda.jit(device=True, cache=True)
 def _load_tile(dst, src, b, row0, n, col, hs):
-    """The block copies src[b, row0:row0+n, col:col+hs] into dst[:n, :hs]."""
-    for e in range(cuda.threadIdx.x, n * hs, cuda.blockDim.x):
-        dst[e // hs, e % hs] = src[b, row0 + e // hs, col + e % hs]
+    """The block copies src[b, row0:row0+n, col:col+hs] into dst[:n, :hs], thread t taking
+    elements t, t + blockDim, ... of it (consecutive threads, consecutive columns). The
+    (row, column) of the next element is stepped, not divided out each time: an integer
+    division is some twenty instructions on a GPU."""
+    i = cuda.threadIdx.x // hs
+    k = cuda.threadIdx.x % hs
+    di = cuda.blockDim.x // hs
+    dk = cuda.blockDim.x % hs
+    while i < n:
+        dst[i, k] = src[b, row0 + i, col + k]
+        i += di
+        k += dk
+        if k >= hs:
+            k -= hs
+            i += 1
 
 
 @cuda.jit(device=True, cache=True)

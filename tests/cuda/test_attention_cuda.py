@@ -94,7 +94,7 @@ CASES = {  # NH, NKV, window, q0, T, causal, hs
     "decode": (2, 1, 0, 10, 11, True, 6),           # split-K: 2 splits, rows without keys in the second
     "decode-window-gqa": (4, 2, 6, 12, 13, True, 3),
     "decode-bidirectional": (2, 2, 0, 8, 9, False, 3),
-    "wide-head": (1, 1, 0, 0, 5, True, 16),         # a row over several lanes, several slices each
+    "wide-head": (1, 1, 0, 0, 5, True, 24),         # a row over 8 lanes, 3 elements each; wider than a block
 }
 
 
