@@ -34,7 +34,7 @@ them.
 
 Budgets (GPU sizes; tests/cuda/ptx_check.py --resources checks them): static shared
 memory is the two tiles, 16 KB per block in float32 and 32 KB in float64 (under the
-48 KB static limit); 111-168 registers per thread in float32 on sm_80/sm_90, no stack
+48 KB static limit); 56-164 registers per thread in float32 on sm_80/sm_90, no stack
 frame, no spills (docs/cuda.md, "Attention").
 """
 import math
