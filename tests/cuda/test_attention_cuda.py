@@ -113,6 +113,33 @@ def test_attention_matches_numpy(case):
     np.testing.assert_allclose(dqkv - dqkv0, want_dqkv, **TOL)
 
 
+def _emulated_shfl_xor_sync(cuda, mask, value, lane_mask):
+    """shfl_xor_sync for the simulator, which lacks it: every thread posts its value in
+    shared memory and reads its partner's, between two block barriers. Correct for the
+    attention kernels because every thread of the block calls their lane sums together."""
+    posted = cuda.shared.array(64, np.float64)
+    t = cuda.threadIdx.x
+    posted[t] = value
+    cuda.syncthreads()
+    other = posted[t ^ lane_mask]
+    cuda.syncthreads()
+    return type(value)(other)
+
+
+@pytest.mark.parametrize("case", ["gqa-window", "kv-cache-rows", "decode", "wide-head"])
+def test_shuffle_path_matches_numpy(case, monkeypatch):
+    """The GPU branch of the lane sums (a butterfly of register shuffles, which the
+    simulator lacks) run in the simulator with an emulated shfl_xor_sync."""
+    from nt.kernels.cuda.launch import SIMULATOR
+    if not SIMULATOR:
+        pytest.skip("on a GPU every test runs the shuffle path")
+    from numba.cuda.simulator.kernelapi import FakeCUDAModule
+    assert attention.THREADS <= 64
+    monkeypatch.setattr(FakeCUDAModule, "shfl_xor_sync", _emulated_shfl_xor_sync, raising=False)
+    monkeypatch.setattr(attention, "SIMULATOR", False)
+    test_attention_matches_numpy(case)
+
+
 def test_backward_is_deterministic_and_reuses_its_scratch():
     """Two identical backward runs give bit-identical grads (one owner per grad row, no
     atomics), and the second takes no new scratch."""
