@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                      # every default config, clip on and off
     python benchmarks/bench_train.py --quick --json       # fewer steps, no start-up timing
     python benchmarks/bench_train.py --configs llama-mini:8:256 --no-clip --no-compile
+    python benchmarks/bench_train.py --device cuda        # on a GPU: bench_train_cuda.py and its options
     python benchmarks/bench_train.py --configs mini:16:128 --steps 5 --json
 
 Configs are preset:B:T. GPT-2 presets (d12, d6, mini, ...) run against benchmarks/torch_gpt2.py;
@@ -315,6 +316,13 @@ def report(spec, rows, clip, peak, steps, warmup, as_json):
 
 
 def main(argv=None):
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    known, argv = device.parse_known_args(argv)
+    if known.device == "cuda":  # the GPU benchmark has its own options: see bench_train_cuda.py
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_train_cuda
+        return bench_train_cuda.main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS,
                    help=f"preset:B:T; GPT-2 presets or one of {sorted(LLAMA_SHAPES)}")
