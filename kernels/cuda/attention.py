@@ -197,11 +197,15 @@ def _row_dots(d, x, tile, n, hs, part, r, c, lanes):
             part[(r * KT + j) * (lanes + 1) + c] = _dot_slice(x, tile, j, hs, lanes, c)
         cuda.syncthreads()
         for j in range(KT):
-            d[j] = _share_sum(part, (r * KT + j) * (lanes + 1), lanes) if j < n else 0
+            d[j] = 0
+            if j < n:
+                d[j] = _share_sum(part, (r * KT + j) * (lanes + 1), lanes)
         cuda.syncthreads()
     else:
         for j in range(KT):
-            d[j] = _lane_sum(_dot_slice(x, tile, j, hs, lanes, c), part, r, c, lanes) if j < n else 0
+            d[j] = 0
+            if j < n:  # the same n in every thread: all lanes reach the shuffles
+                d[j] = _lane_sum(_dot_slice(x, tile, j, hs, lanes, c), part, r, c, lanes)
 
 
 @cuda.jit(device=True, cache=True)
