@@ -6,7 +6,7 @@ from .activations import (GELU, GELU_TANH, SIGMOID, SILU, act_backward, act_forw
                           gelu_forward, glu_backward, glu_forward)
 from .align import dpo_backward, dpo_forward, grpo_backward, grpo_forward
 from .bitnet import (act_quant, act_quant_int8, bitlinear_backward, bitlinear_forward, dequantize_tq2_0,
-                     matmul_tq2_0, pack_tq2_0, weight_quant)
+                     matmul_t2, pack_t2, pack_tq2_0, unpack_t2, weight_quant)
 from .attention import attention_backward, attention_forward, attention_work_shape
 from .dropout import dropout_backward, dropout_forward
 from .elementwise import (add_backward, add_forward, concat_backward, concat_forward, mul_backward,

@@ -7,13 +7,14 @@ Training (quantisation-aware, straight-through estimator):
   forward:  out = xq @ Wq^T          backward: dx += dout @ Wq,  dW += dout^T @ xq
 (the backward treats both quantisers as the identity: the STE of the BitNet papers).
 
-Inference reads weights in llama.cpp's TQ2_0 layout, 256 weights in 66 bytes:
+Inference packs the ternary codes 2 bits per weight with one f16 scale per row ("T2", see
+pack_t2) and multiplies them with int8 activation codes in integers: one multiply by the
+row's scale and one by the activation row's a/127 per output (matmul_t2).
+
+GGUF files hold llama.cpp's TQ2_0 instead, 256 weights in 66 bytes:
   qs[64] | d f16           element value d * (q - 1), q = 2-bit field in {0, 1, 2}
-byte g*32 + m of qs holds elements g*128 + 32*l + m (l = 0..3) in bits 2l..2l+1. The
-activations are quantised to int8 as above; each output sums q * x in integers over a
-block, subtracts the block's activation sum (so the -1 offset costs nothing per weight),
-and takes one float multiply by the block scale d; the row's a/127 is applied once at the
-end.
+byte g*32 + m of qs holds elements g*128 + 32*l + m (l = 0..3) in bits 2l..2l+1
+(pack_tq2_0, dequantize_tq2_0).
 """
 import numpy as np
 from numba import njit, prange
@@ -110,12 +111,44 @@ def dequantize_tq2_0(out, raw, f16):
 
 
 # ---------------------------------------------------------------------- ternary matmul (inference)
+# nt's packed rows ("T2"): a row of C ternary weights is C/4 bytes of codes + the row's scale as
+# f16 (2 bytes). Byte k holds q = code + 1 of elements k, k + C/4, k + 2C/4, k + 3C/4 in bits
+# 0-1, 2-3, 4-5, 6-7: four contiguous planes, so the matmul's inner loop is one long,
+# vectorisable pass over k (measured 1.5x faster than on TQ2_0's 32-byte groups).
+
+@njit(parallel=True, cache=True)
+def pack_t2(raw, codes, d16):
+    """raw (OC, C/4 + 2) uint8 <- T2 rows of ternary codes (OC, C) int8 with row scales d16 (OC,) (f16 bits)."""
+    OC, C = codes.shape
+    K = C // 4
+    for o in prange(OC):
+        for k in range(K):
+            byte = 0
+            for l in range(4):
+                byte |= (np.int64(codes[o, k + l * K]) + 1) << (2 * l)
+            raw[o, k] = byte
+        raw[o, K] = d16[o] & 255
+        raw[o, K + 1] = d16[o] >> 8
+
+
+@njit(parallel=True, cache=True)
+def unpack_t2(out, raw, f16):
+    """out (OC, C) float32 <- d * code of T2 rows raw (OC, C/4 + 2)."""
+    OC, C = out.shape
+    K = C // 4
+    for o in prange(OC):
+        d = f16[np.int64(raw[o, K]) | (np.int64(raw[o, K + 1]) << 8)]
+        for k in range(K):
+            byte = np.int64(raw[o, k])
+            for l in range(4):
+                out[o, k + l * K] = d * np.float32(((byte >> (2 * l)) & 3) - 1)
+
 
 @njit(parallel=True, cache=True)
 def act_quant_int8(q, xs, qsum, x):
-    """Per row n of x (N, C) float32: int8 codes q[n] = clip(rint(x * 127 / a), -128, 127)
-    with xs[n] = a / 127 (the act_quant rule), and qsum (N, C/256) int32 the codes' sum
-    per 256-block (what the -1 offset of the TQ2_0 codes subtracts)."""
+    """Per row n of x (N, C) float32: codes q[n] = clip(rint(x * 127 / a), -128, 127) (int8
+    values, stored int16 for the matmul's 16-bit multiplies) with xs[n] = a / 127 (the
+    act_quant rule), and qsum[n] their sum (what the +1 offset of the stored codes adds)."""
     N, C = x.shape
     for n in prange(N):
         a = np.float32(EPS)
@@ -123,35 +156,33 @@ def act_quant_int8(q, xs, qsum, x):
             a = max(a, abs(x[n, c]))
         inv = np.float32(127.0) / a
         xs[n] = a / np.float32(127.0)
-        for b in range(C // QK):
-            total = 0
-            for c in range(b * QK, (b + 1) * QK):
-                v = np.int32(min(max(np.rint(x[n, c] * inv), -128.0), 127.0))
-                q[n, c] = v
-                total += v
-            qsum[n, b] = total
+        total = 0
+        for c in range(C):
+            v = np.int16(min(max(np.rint(x[n, c] * inv), -128.0), 127.0))
+            q[n, c] = v
+            total += v
+        qsum[n] = total
 
 
 @njit(parallel=True, cache=True)
-def matmul_tq2_0(out, q, xs, qsum, w, f16):
-    """out (N, OC) = (q (N, C) int8 * xs) @ W^T for W (OC, C) stored as TQ2_0 rows w (OC,
-    C/256*66) uint8. Integer products summed in int32 per block; per block one multiply by
-    d; per output one multiply by xs[n]. Parallel over output rows."""
+def matmul_t2(out, q, xs, qsum, w, f16):
+    """out (N, OC) = (q (N, C) * xs) @ W^T for W (OC, C) stored as T2 rows w (OC, C/4 + 2).
+
+    Per output: the integer sum of stored code (0..2) times activation code over the row,
+    minus the codes' sum (the +1 offset), then one multiply by the row scale d and one by
+    xs[n]. The running sum is truncated to int32 at every step (it fits: |sum| <= 2 * 128 * C),
+    which lets LLVM keep 32-bit lanes and multiply 16-bit pairs (vpmaddwd on AVX2) instead
+    of widening everything to 64 bits as Numba's integer typing would. Parallel over rows."""
     N, C = q.shape
+    K = C // 4
     for oc in prange(w.shape[0]):
         row = w[oc]
+        d = f16[np.int64(row[K]) | (np.int64(row[K + 1]) << 8)]
         for n in range(N):
             qn = q[n]
-            acc = np.float32(0.0)
-            for b in range(C // QK):
-                p, o = b * TQ2_BYTES, b * QK
-                isum = np.int32(0)
-                for g in range(2):
-                    for m in range(32):
-                        byte = np.int32(row[p + g * 32 + m])
-                        e = o + g * 128 + m
-                        isum += ((byte & 3) * np.int32(qn[e]) + ((byte >> 2) & 3) * np.int32(qn[e + 32])
-                                 + ((byte >> 4) & 3) * np.int32(qn[e + 64]) + (byte >> 6) * np.int32(qn[e + 96]))
-                d = f16[np.int64(row[p + 64]) | (np.int64(row[p + 65]) << 8)]
-                acc += d * np.float32(isum - qsum[n, b])
-            out[n, oc] = acc * xs[n]
+            isum = np.int32(0)
+            for k in range(K):
+                byte = np.int32(row[k])
+                isum = np.int32(isum + np.int32((byte & 3) * qn[k] + ((byte >> 2) & 3) * qn[k + K]
+                                                + ((byte >> 4) & 3) * qn[k + 2 * K] + (byte >> 6) * qn[k + 3 * K]))
+            out[n, oc] = d * np.float32(isum - qsum[n]) * xs[n]

@@ -11,10 +11,11 @@ and its backward is the straight-through estimator: both quantisers count as the
 so dx += dout @ Wq and dW += dout^T @ xq (gradients reach the latent weights and inputs).
 
 Inference: `pack(model)` turns a trained BitNet Llama into one whose projections are
-ternary codes in llama.cpp's TQ2_0 layout (2 bits per weight + one float16 scale per 256:
-2.06 bits per weight) and `linear_tq2_0` multiplies them with int8 activations: integer
-products summed per 256-weight block, one multiply by the block scale, one by the row's
-activation scale. The model's `generate` uses it for prefill and decoding alike.
+ternary codes packed 2 bits per weight with one float16 scale per row ("T2" rows, see
+nt.kernels.cpu.bitnet.pack_t2), and `linear_t2` multiplies them with int8 activation codes:
+integer products summed over the row, then one multiply by the row's weight scale and one
+by the activation row's scale. The model's `generate` uses it for prefill and decoding.
+GGUF files carry the same weights as llama.cpp's TQ2_0 (`to_tq2_0` / `from_tq2_0`).
 """
 from __future__ import annotations
 
@@ -23,18 +24,18 @@ import math
 import numpy as np
 
 from .backend import backend
-from .io.gguf import dequantize
+from .io.gguf import dequantize, quantize
 from .ops import _check, _grad
 from .tape import Tape
 from .tensor import Tensor
 
-__all__ = ["bitlinear", "linear_tq2_0", "quantized_weight", "weight_quant", "act_quant", "pack_ternary", "ternary_codes", "pack",
+__all__ = ["bitlinear", "linear_t2", "to_tq2_0", "from_tq2_0", "quantized_weight", "weight_quant", "act_quant", "pack_ternary", "ternary_codes", "pack",
            "unpack_weights", "BITLINEAR", "QK", "TQ2_BYTES"]
 
 # the projections of a Llama block that bitnet=True makes BitLinear (embeddings, norms and
 # the classifier stay full precision)
 BITLINEAR = ("qkvw", "attn_out", "gate_up", "down")
-QK = 256          # weights per TQ2_0 block
+QK = 256          # weights per TQ2_0 block (GGUF)
 TQ2_BYTES = 66    # bytes per TQ2_0 block
 
 
@@ -65,35 +66,35 @@ def _bitlinear_backward(k, out, x, weight, xq, wq):
     k.bitlinear_backward(x.grad.reshape(N, C), _grad(k, weight), out.grad.reshape(N, OC), xq.data, wq.data)
 
 
-def linear_tq2_0(t: Tape, x: Tensor, w: np.ndarray) -> Tensor:
-    """out = x @ W^T for W (OC, C) stored as TQ2_0 rows `w` (OC, C/256*66) uint8, with x
-    quantised per row to int8 (the BitLinear activation rule) and integer products.
-    Inference only, CPU, float32: a backward through it raises RuntimeError."""
+def linear_t2(t: Tape, x: Tensor, w: np.ndarray) -> Tensor:
+    """out = x @ W^T for W (OC, C) stored as T2 rows `w` (OC, C/4 + 2) uint8 (pack_ternary),
+    with x quantised per row to int8 codes (the BitLinear activation rule) and integer
+    products. Inference only, CPU, float32: a backward through it raises RuntimeError."""
     _check(x, "x", None, t)
-    if not hasattr(t.k, "matmul_tq2_0"):
-        raise NotImplementedError(f"linear_tq2_0: the {t.k.DEVICE} backend has no ternary matmul (CPU only)")
+    if not hasattr(t.k, "matmul_t2"):
+        raise NotImplementedError(f"linear_t2: the {t.k.DEVICE} backend has no ternary matmul (CPU only)")
     if t.dtype != np.float32:
-        raise TypeError(f"linear_tq2_0 computes in float32, the tape is {t.dtype}")
+        raise TypeError(f"linear_t2 computes in float32, the tape is {t.dtype}")
     C = x.shape[-1]
-    if C % QK:
-        raise ValueError(f"linear_tq2_0: x has {C} features, not a multiple of the TQ2_0 block size {QK}")
-    if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != C // QK * TQ2_BYTES \
+    if C % 4:
+        raise ValueError(f"linear_t2: x has {C} features, not a multiple of 4 (four 2-bit codes per byte)")
+    if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != C // 4 + 2 \
             or not w.flags.c_contiguous:
-        raise ValueError(f"linear_tq2_0: w must be C-contiguous uint8 (OC, {C // QK * TQ2_BYTES}) TQ2_0 rows for "
-                         f"C={C}, got {getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
+        raise ValueError(f"linear_t2: w must be C-contiguous uint8 (OC, {C // 4 + 2}) T2 rows for C={C}, "
+                         f"got {getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
     OC, N = w.shape[0], x.size // C
     out = t.new(x.shape[:-1] + (OC,))
-    q = t.ints.alloc((N, C))             # int8 codes (held in int32 memory)
-    qsum = t.ints.alloc((N, C // QK))    # their sum per block
+    q = t.ints.alloc((N, (C + 1) // 2)).data.view(np.int16)   # int8 codes, held as int16 (half an int32 each)
+    qsum = t.ints.alloc((N,))
     xs = t.new_saved((N,))
-    t.k.act_quant_int8(q.data, xs.data, qsum.data, x.data.reshape(N, C))
-    t.k.matmul_tq2_0(out.data.reshape(N, OC), q.data, xs.data, qsum.data, w, t.k.F16_TABLE)
-    t.record(_linear_tq2_0_backward)
+    t.k.act_quant_int8(q, xs.data, qsum.data, x.data.reshape(N, C))
+    t.k.matmul_t2(out.data.reshape(N, OC), q, xs.data, qsum.data, w, t.k.F16_TABLE)
+    t.record(_linear_t2_backward)
     return out
 
 
-def _linear_tq2_0_backward(k):
-    raise RuntimeError("linear_tq2_0 (packed ternary weights) is forward-only: a packed BitNet model runs "
+def _linear_t2_backward(k):
+    raise RuntimeError("linear_t2 (packed ternary weights) is forward-only: a packed BitNet model runs "
                        "inference; train the unpacked model (its latent weights) instead")
 
 
@@ -117,10 +118,9 @@ def weight_quant(w: np.ndarray) -> tuple[np.ndarray, float]:
 def act_quant(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int8 codes (N, C), scales (N,)) of float rows x (N, C) by the absmax rule: x ~ codes * scales[:, None]."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] % QK:
-        raise ValueError(f"act_quant: x must be (N, C) with C a multiple of {QK}, got {x.shape}")
-    q, xs = np.empty(x.shape, np.int32), np.empty(x.shape[0], np.float32)
-    qsum = np.empty((x.shape[0], x.shape[1] // QK), np.int32)
+    if x.ndim != 2:
+        raise ValueError(f"act_quant: x must be (N, C), got {x.shape}")
+    q, xs, qsum = np.empty(x.shape, np.int16), np.empty(x.shape[0], np.float32), np.empty(x.shape[0], np.int32)
     backend("cpu").act_quant_int8(q, xs, qsum, x)
     return q.astype(np.int8), xs
 
@@ -130,38 +130,64 @@ def ternary_codes(wq: np.ndarray, scale: float) -> np.ndarray:
     return np.rint(np.asarray(wq, dtype=np.float64) / scale).astype(np.int8)
 
 
-def pack_ternary(codes: np.ndarray, scale: float) -> np.ndarray:
-    """TQ2_0 rows (OC, C/256*66) uint8 of ternary `codes` (OC, C) in {-1, 0, 1} with one
-    scale (stored as float16 in every block). Raises ValueError for codes outside {-1, 0, 1},
-    rows not a multiple of 256 long, or a non-finite / non-positive scale."""
+def pack_ternary(codes: np.ndarray, scale) -> np.ndarray:
+    """T2 rows (OC, C/4 + 2) uint8 of ternary `codes` (OC, C) in {-1, 0, 1}, each row with
+    its scale (one number, or one per row; stored as float16). Raises ValueError for codes
+    outside {-1, 0, 1}, C not a multiple of 4, or a scale that is not finite, positive and
+    within float16's range."""
     codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[1] % QK:
-        raise ValueError(f"pack_ternary: codes must be (OC, C) with C a multiple of the TQ2_0 block size {QK}, "
+    if codes.ndim != 2 or codes.shape[1] % 4:
+        raise ValueError(f"pack_ternary: codes must be (OC, C) with C a multiple of 4 (four 2-bit codes per byte), "
                          f"got shape {codes.shape}")
     if codes.dtype.kind not in "iu" or (codes.size and (codes.min() < -1 or codes.max() > 1)):
         bad = codes[(codes < -1) | (codes > 1)] if codes.dtype.kind in "iu" else codes.dtype
         raise ValueError(f"pack_ternary: codes must be integers in {{-1, 0, 1}}, got {np.ravel(bad)[:4]} ...")
-    if not (math.isfinite(scale) and 0 < scale < 65504):
-        raise ValueError(f"pack_ternary: scale must be finite, positive and below float16's max, got {scale}")
     OC, C = codes.shape
-    raw = np.empty(OC * C // QK * TQ2_BYTES, dtype=np.uint8)
-    d16 = np.full(OC * C // QK, np.float16(scale).view(np.uint16), dtype=np.uint16)
-    backend("cpu").pack_tq2_0(raw, np.ascontiguousarray(codes, dtype=np.int8).reshape(-1), d16)
-    return raw.reshape(OC, C // QK * TQ2_BYTES)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (OC,))
+    if not np.all(np.isfinite(scale) & (scale > 0) & (scale < 65504)):
+        raise ValueError(f"pack_ternary: scales must be finite, positive and below float16's max, got {scale[:4]} ...")
+    raw = np.empty((OC, C // 4 + 2), dtype=np.uint8)
+    backend("cpu").pack_t2(raw, np.ascontiguousarray(codes, dtype=np.int8), scale.astype(np.float16).view(np.uint16))
+    return raw
+
+
+def unpack_weights(w: np.ndarray) -> np.ndarray:
+    """Float32 (OC, C) values scale * code of T2 rows w (OC, C/4 + 2)."""
+    k = backend("cpu")
+    out = np.empty((w.shape[0], (w.shape[1] - 2) * 4), dtype=np.float32)
+    k.unpack_t2(out, np.ascontiguousarray(w, dtype=np.uint8), k.F16_TABLE)
+    return out
+
+
+def to_tq2_0(w: np.ndarray) -> np.ndarray:
+    """T2 rows as llama.cpp's TQ2_0 rows (OC, C/256 * 66): the same codes, the row scale in every block."""
+    return quantize(unpack_weights(w), "TQ2_0")
+
+
+def from_tq2_0(rows: np.ndarray) -> np.ndarray:
+    """TQ2_0 rows (OC, C/256 * 66) as T2 rows. nt runs one scale per row: every block of a
+    row that is not all zeros must have the same scale (ValueError otherwise), as in files
+    nt writes and BitNet models with a per-tensor scale."""
+    values = dequantize(rows, "TQ2_0", (rows.shape[0], rows.shape[1] // TQ2_BYTES * QK))
+    scale = np.abs(values).max(axis=1)   # d of the row's non-zero blocks (values are 0 or +-d)
+    codes = np.divide(values, scale[:, None], out=np.zeros_like(values), where=scale[:, None] > 0)
+    if not np.array_equal(codes, np.rint(codes)):
+        raise ValueError("TQ2_0 rows whose blocks have different scales: nt's ternary matmul uses one scale per row")
+    return pack_ternary(codes.astype(np.int8), np.where(scale > 0, scale, 1.0))
 
 
 def pack(model):
     """An inference copy of a BitNet Llama (config.bitnet) with its BitLinear projections
-    packed as TQ2_0 rows (model.qweights; they leave the float parameters), run by
-    linear_tq2_0. Other parameters (embedding, norms, classifier) are copied as float32.
-    The projections' fused rows (q|k|v, gate|up) share one scale, as in training."""
+    packed as T2 rows (model.qweights; they leave the float parameters), run by linear_t2.
+    Other parameters (embedding, norms, classifier) are copied as float32. The projections'
+    fused rows (q|k|v, gate|up) share one scale, as in training."""
     from .models.llama import Llama
     cfg = model.config
     if not getattr(cfg, "bitnet", False):
         raise ValueError("pack() needs a BitNet model (LlamaConfig(bitnet=True))")
     if model.quantized:
         raise ValueError(f"the model is already packed/quantised ({sorted(model.quantized)})")
-    packed = Llama(cfg, device="cpu", dtype=np.float32, seed=None, quantized={n: "TQ2_0" for n in BITLINEAR})
+    packed = Llama(cfg, device="cpu", dtype=np.float32, seed=None, quantized={n: "T2" for n in BITLINEAR})
     for name, t in packed.params.items():
         t.data[...] = model.params[name].numpy()
     for name in BITLINEAR:
@@ -170,8 +196,3 @@ def pack(model):
             packed.qweights[name][l] = pack_ternary(codes, s)
     packed.tokenizer = model.tokenizer
     return packed
-
-
-def unpack_weights(w: np.ndarray) -> np.ndarray:
-    """Float32 (OC, C) values d * code of TQ2_0 rows w (OC, C/256*66)."""
-    return dequantize(w, "TQ2_0", (w.shape[0], w.shape[1] // TQ2_BYTES * QK))

@@ -105,68 +105,62 @@ def test_bitlinear_backward_is_the_straight_through_estimator():
 
 # ---------------------------------------------------------------------- packed ternary matmul
 
-def integer_reference(codes: np.ndarray, d: np.ndarray, q: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """out[n, o] = xs[n] * sum over blocks b (in order) of d[o, b] * (integer sum of codes * q
-    over the block), accumulated in float32: the kernel's definition."""
-    N, C = q.shape
-    OC = codes.shape[0]
-    isum = np.einsum("obk,nbk->nob", codes.reshape(OC, -1, 256).astype(np.int64), q.reshape(N, -1, 256).astype(np.int64))
-    out = np.zeros((N, OC), np.float32)
-    for b in range(C // 256):
-        out = out + d[:, b][None, :] * isum[:, :, b].astype(np.float32)
-    return out * xs[:, None]
-
-
 def test_packed_matmul_equals_the_integer_reference_exactly():
     rng = np.random.default_rng(4)
     OC, C, N = 9, 768, 3
     codes = rng.integers(-1, 2, (OC, C)).astype(np.int8)
-    codes[0, :256] = 0                                          # an all-zero block (d = 0 in ggml's rule)
-    d = rng.uniform(0.01, 0.05, (OC, C // 256)).astype(np.float16).astype(np.float32)
-    w = quantize(codes * np.repeat(d, 256, axis=1), "TQ2_0")    # ggml's quantiser: per-block scales
+    codes[0] = 0                                                # an all-zero row
+    scales = rng.uniform(0.01, 0.05, OC).astype(np.float16).astype(np.float32)
+    w = bitnet.pack_ternary(codes, scales)
     x = rng.standard_normal((N, C)).astype(np.float32)
     q, xs = bitnet.act_quant(x)
     t = Tape()
     xt = t.new((N, C))
     xt.data[...] = x
-    out = bitnet.linear_tq2_0(t, xt, w).numpy()
-    d[0, 0] = 0.0
-    np.testing.assert_array_equal(out, integer_reference(codes, d, q, xs))
+    out = bitnet.linear_t2(t, xt, w).numpy()
+    # the definition: an exact integer dot product per output, then the row scale, then the activation scale
+    isum = q.astype(np.int64) @ codes.T.astype(np.int64)
+    np.testing.assert_array_equal(out, scales[None, :] * isum.astype(np.float32) * xs[:, None])
 
 
-def test_pack_ternary_layout_is_gguf_tq2_0():
+def test_packed_layout_and_tq2_0_conversion():
     rng = np.random.default_rng(5)
     codes = rng.integers(-1, 2, (4, 512)).astype(np.int8)
     rows = bitnet.pack_ternary(codes, 0.0371)
-    assert rows.shape == (4, 2 * 66) and rows.dtype == np.uint8
+    assert rows.shape == (4, 512 // 4 + 2) and rows.dtype == np.uint8   # 2 bits per weight + an f16 scale per row
     want = codes.astype(np.float32) * np.float32(np.float16(0.0371))
-    np.testing.assert_array_equal(gguf_dequantize(rows, gguf.GGMLQuantizationType.TQ2_0), want)
     np.testing.assert_array_equal(bitnet.unpack_weights(rows), want)
-    # ggml's TQ2_0 quantiser gives the same bytes for ternary values
-    np.testing.assert_array_equal(rows, quantize(want, "TQ2_0"))
-    np.testing.assert_array_equal(rows, np.asarray(gguf.quants.quantize(want, gguf.GGMLQuantizationType.TQ2_0)))
+    tq = bitnet.to_tq2_0(rows)
+    assert tq.shape == (4, 2 * 66)
+    # the TQ2_0 bytes are ggml's (the gguf package's quantiser) and decode to the same values
+    np.testing.assert_array_equal(tq, np.asarray(gguf.quants.quantize(want, gguf.GGMLQuantizationType.TQ2_0)))
+    np.testing.assert_array_equal(gguf_dequantize(tq, gguf.GGMLQuantizationType.TQ2_0), want)
+    np.testing.assert_array_equal(bitnet.from_tq2_0(tq), rows)
+    mixed = quantize(want * np.repeat([[1.0, 0.5]], 256, axis=1).astype(np.float32), "TQ2_0")  # two scales in a row
+    with pytest.raises(ValueError, match="one scale per row"):
+        bitnet.from_tq2_0(mixed)
 
 
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
         bitnet.pack_ternary(np.full((1, 256), 2, np.int8), 0.1)
     with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
         bitnet.pack_ternary(np.full((1, 256), 0.5), 0.1)
-    with pytest.raises(ValueError, match="multiple of the TQ2_0 block size 256"):
-        bitnet.pack_ternary(np.zeros((2, 100), np.int8), 0.1)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        bitnet.pack_ternary(np.zeros((2, 102), np.int8), 0.1)
     with pytest.raises(ValueError, match="scale"):
         bitnet.pack_ternary(np.zeros((2, 256), np.int8), float("nan"))
     with pytest.raises(ValueError, match="blocks of 256"):
         quantize(np.zeros((2, 100), np.float32), "TQ2_0")
     t = Tape()
-    x = t.new((1, 64))
-    with pytest.raises(ValueError, match="not a multiple of the TQ2_0 block size"):
-        bitnet.linear_tq2_0(t, x, np.zeros((4, 66), np.uint8))
+    x = t.new((1, 66))
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        bitnet.linear_t2(t, x, np.zeros((4, 18), np.uint8))
     x = t.new((1, 256))
-    with pytest.raises(ValueError, match="TQ2_0 rows"):
-        bitnet.linear_tq2_0(t, x, np.zeros((4, 34), np.uint8))
-    with pytest.raises(ValueError, match="multiple of the TQ2_0 block size"):   # llama-tiny's width is 64
-        bitnet.pack(Llama(LlamaConfig.preset("llama-tiny", bitnet=True)))
+    with pytest.raises(ValueError, match="T2 rows"):
+        bitnet.linear_t2(t, x, np.zeros((4, 34), np.uint8))
+    with pytest.raises(ValueError, match="multiples of 256"):   # GGUF's TQ2_0: llama-tiny's width is 64
+        write_gguf(tmp_path / "tiny.gguf", Llama(LlamaConfig.preset("llama-tiny", bitnet=True)), "TQ2_0")
     with pytest.raises(ValueError, match="BitNet"):
         bitnet.pack(Llama(LlamaConfig.preset("llama-tiny")))
     with pytest.raises(ValueError, match="qkv_bias"):
@@ -202,7 +196,7 @@ def test_bitnet_llama_layout_and_training_lowers_the_loss():
 def test_packed_model_generates_what_the_trained_model_computes():
     model = Llama(small_config(), seed=1).eval()
     packed = bitnet.pack(model)
-    assert "qkvw" not in packed.params and packed.qweights["down"][1].shape == (256, 66)
+    assert "qkvw" not in packed.params and packed.qweights["down"][1].shape == (256, 256 // 4 + 2)
     idx = np.random.default_rng(7).integers(0, 97, (1, 12))
     a = model.forward_inference(idx).numpy()[0, :, :97].copy()
     b = packed.forward_inference(idx).numpy()[0, :, :97].copy()
@@ -227,7 +221,7 @@ def test_gguf_tq2_0_export_load_same_logits(tmp_path):
     write_gguf(tmp_path / "p.gguf", packed, "TQ2_0")
     assert (tmp_path / "m.gguf").read_bytes() == (tmp_path / "p.gguf").read_bytes()
     loaded = load_gguf(tmp_path / "m.gguf")
-    assert loaded.config == model.config and set(loaded.quantized.values()) == {"TQ2_0"}
+    assert loaded.config == model.config and set(loaded.quantized.values()) == {"T2"}
     idx = np.random.default_rng(8).integers(0, 97, (2, 10))
     np.testing.assert_array_equal(loaded.forward_inference(idx).numpy(), packed.forward_inference(idx).numpy())
     # the gguf package reads the same ternary values nt multiplies by

@@ -31,12 +31,12 @@ class LanguageModel:
     def _linear(self, x: Tensor, name: str, l: Optional[int] = None, bias: Optional[Tensor] = None) -> Tensor:
         """x @ W^T (+ bias) for the matrix `name` (of layer l): float weights from params, or
         a quantised matmul on the blocks when the matrix is kept quantised (BitLinear for the
-        names in `bitlinear`, nt.bitnet; TQ2_0 rows: the ternary matmul); then the LoRA
+        names in `bitlinear`, nt.bitnet; "T2" rows: the packed ternary matmul); then the LoRA
         adapters attached to that matrix, if any, add their low-rank term in place."""
         if name in self.quantized:
             wq = self.qweights[name] if l is None else self.qweights[name][l]
-            if self.quantized[name] == "TQ2_0":
-                out = bitnet.linear_tq2_0(self.tape, x, wq)
+            if self.quantized[name] == "T2":
+                out = bitnet.linear_t2(self.tape, x, wq)
             else:
                 out = ops.linear_q(self.tape, x, wq, self.quantized[name])
         else:

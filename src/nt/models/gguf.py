@@ -410,7 +410,7 @@ def _kept_quantized(f: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
     """{nt matrix: ggml type} for the matrices whose every GGUF tensor is one type that
     ops.linear_q reads (Q8_0, Q4_0, Q4_K, Q6_K); the others are dequantised. None with q/k/v biases
     (Qwen2): nt's Llama keeps no quantised matrix beside a bias. A BitNet file's projections
-    must all be TQ2_0 and are always kept (nt.bitnet.linear_tq2_0 runs them)."""
+    must all be TQ2_0 and are always kept, as T2 rows (nt.bitnet.linear_t2 runs them)."""
     if cfg.qkv_bias:
         return {}
     if cfg.bitnet:
@@ -419,7 +419,7 @@ def _kept_quantized(f: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
             if f.tensor_infos[name].type != "TQ2_0":
                 raise FormatError(f"{f.path}: tensor {name!r} is {f.tensor_infos[name].type}; a bitnet file's "
                                   "projections must be TQ2_0 (ternary codes and their scales)")
-        return {n: "TQ2_0" for n in _KEPT_MATRICES}
+        return {n: "T2" for n in _KEPT_MATRICES}
     groups = {n: [f"blk.{l}.{g}" for l in range(cfg.n_layers) for m, g, _, _ in _layer_tensors(cfg) if m == n]
               for n in _KEPT_MATRICES}
     if not cfg.tie_embeddings:
@@ -445,6 +445,11 @@ def _raw_rows(f: GGUFFile, name: str) -> np.ndarray:
                     "TQ2_0": (66, 64, 1)}[f.tensor_infos[name].type]   # bytes, first f16 scale, scales
     scales = rows.reshape(-1, block)[:, at:at + 2 * n].copy().view("<f2")
     require_finite(scales, f"{f.path}: tensor {name!r} (block scales)")
+    if f.tensor_infos[name].type == "TQ2_0":   # a BitNet projection: nt runs it as T2 rows
+        try:
+            return bitnet.from_tq2_0(rows)
+        except ValueError as e:
+            raise FormatError(f"{f.path}: tensor {name!r}: {e}") from None
     return rows
 
 
@@ -511,7 +516,7 @@ def _gemma3_metadata(cfg: LlamaConfig) -> dict:
 
 def _ternary_weights(model: Llama, name: str, l: int) -> np.ndarray:
     """Layer l of a BitNet model's projection `name` as the float32 ternary values its forward
-    multiplies by: unpacked TQ2_0 rows, or the quantised latent weights."""
+    multiplies by: unpacked T2 rows, or the quantised latent weights."""
     if name in model.quantized:
         return bitnet.unpack_weights(np.asarray(model.qweights[name][l]))
     return bitnet.quantized_weight(model.params[name][l].numpy())[0]
@@ -519,7 +524,7 @@ def _ternary_weights(model: Llama, name: str, l: int) -> np.ndarray:
 
 def _llama_export(model: Llama) -> tuple[dict, dict]:
     cfg = model.config
-    if model.quantized and not (cfg.bitnet and set(model.quantized.values()) == {"TQ2_0"}):
+    if model.quantized and not (cfg.bitnet and set(model.quantized.values()) == {"T2"}):
         raise ValueError(f"cannot export a Llama that keeps {sorted(model.quantized)} quantised; "
                          "load it with keep_quantized=False")
     arch = _llama_arch(cfg)
@@ -776,6 +781,11 @@ def write(path, model: LanguageModel, dtype: str = "F32", metadata: Optional[dic
     _, bs, _ = GGML_TYPES[GGML_TYPE_IDS[dtype]]
     # BitNet: only the projections are ternary; the embedding and classifier stay F32
     ternary = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
+    uneven = [n for n, a in arrays.items() if dtype == "TQ2_0" and n.split(".", 2)[-1].startswith(ternary)
+              and a.shape[-1] % bs]
+    if uneven:
+        raise ValueError(f"TQ2_0 packs rows in blocks of {bs} weights: {uneven[0]} has shape {arrays[uneven[0]].shape} "
+                         f"(a BitNet model exported to GGUF needs widths that are multiples of {bs})")
     tensors = {name: (a, dtype if a.ndim >= 2 and a.shape[-1] % bs == 0
                       and (dtype != "TQ2_0" or name.split(".", 2)[-1].startswith(ternary)) else "F32")
                for name, a in arrays.items()}

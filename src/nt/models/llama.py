@@ -195,11 +195,11 @@ class Llama(LanguageModel):
         blocks for inference: they are left out of `params` and read by ops.linear_q from
         `qweights[name]` (a list of (OC, bytes) uint8 rows per layer; lm_head: one array),
         which the caller fills (nt.models.gguf.load(..., keep_quantized=True) does).
-        A BitNet model (config.bitnet) may also keep its projections as "TQ2_0" ternary rows,
-        read by nt.bitnet.linear_tq2_0 (nt.bitnet.pack makes such a model)."""
+        A BitNet model (config.bitnet) may also keep its projections as "T2" ternary rows,
+        read by nt.bitnet.linear_t2 (nt.bitnet.pack makes such a model)."""
         self.config = config
         self.quantized = dict(quantized or {})
-        formats = set(ops.QUANT_FORMATS) | ({"TQ2_0"} if config.bitnet else set())
+        formats = set(ops.QUANT_FORMATS) | ({"T2"} if config.bitnet else set())
         bad = [n for n, kind in self.quantized.items() if n not in QUANTIZABLE or kind not in formats]
         if bad or (self.quantized and (config.qkv_bias or dtype != np.float32)):
             raise ValueError(f"cannot quantise {bad or 'with qkv_bias / non-float32'}: names must be among "
