@@ -189,3 +189,28 @@ def test_gpu_sizes_match_numpy(hs):
         got = run(qkv, dout, NH, NKV, window, q0, causal, dqkv0)
         for g, w in zip(got, reference(qkv, dout, NH, NKV, window, q0, causal)):
             np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_random_configurations_match_numpy():
+    """A sweep of random shapes and options (slow under the simulator: CI skips it)."""
+    rng = np.random.default_rng(2026)
+    limit = min(attention.HS_MAX, attention.NACC * attention.MAX_LANES)
+    for _ in range(40):
+        NKV = int(rng.integers(1, 3))
+        NH = NKV * int(rng.integers(1, 3))
+        T = int(rng.integers(1, 14))
+        hs = int(rng.integers(1, limit + 1))
+        causal = bool(rng.random() < 0.7)
+        window = int(rng.integers(1, T + 2)) if causal and rng.random() < 0.5 else 0
+        q0 = int(rng.integers(0, T)) if rng.random() < 0.5 else 0
+        B = int(rng.integers(1, 3))
+        qkv = rng.standard_normal((B, T, (NH + 2 * NKV) * hs)).astype(np.float32)
+        dout = rng.standard_normal((B, T - q0, NH * hs)).astype(np.float32)
+        dqkv0 = rng.standard_normal(qkv.shape).astype(np.float32)
+        out, lse, dqkv = run(qkv, dout, NH, NKV, window, q0, causal, dqkv0)
+        want = reference(qkv, dout, NH, NKV, window, q0, causal)
+        msg = f"NH={NH} NKV={NKV} T={T} hs={hs} causal={causal} window={window} q0={q0} B={B}"
+        np.testing.assert_allclose(out, want[0], **TOL, err_msg=msg)
+        np.testing.assert_allclose(lse, want[1], **TOL, err_msg=msg)
+        np.testing.assert_allclose(dqkv - dqkv0, want[2], **TOL, err_msg=msg)
