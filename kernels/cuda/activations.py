@@ -8,6 +8,7 @@ import math
 
 from numba import cuda
 
+from .fmath import like
 from .launch import THREADS, blocks
 
 GELU_TANH, GELU, SILU, SIGMOID = 0, 1, 2, 3
@@ -19,19 +20,21 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 @cuda.jit(device=True, cache=True)
 def _sigmoid(x):
     # both branches stay finite for any x (exp of a non-positive number)
+    one = like(x, 1.0)
     if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
+        return one / (one + math.exp(-x))
     e = math.exp(x)
-    return e / (1.0 + e)
+    return e / (one + e)
 
 
 @cuda.jit(device=True, cache=True)
 def _act(x, kind):
-    """The activation of one value."""
+    """The activation of one value, in x's float type."""
+    half, one = like(x, 0.5), like(x, 1.0)
     if kind == GELU_TANH:
-        return 0.5 * x * (1.0 + math.tanh(GELU_SCALE * (x + 0.044715 * x * x * x)))
+        return half * x * (one + math.tanh(like(x, GELU_SCALE) * (x + like(x, 0.044715) * x * x * x)))
     if kind == GELU:
-        return 0.5 * x * (1.0 + math.erf(x * INV_SQRT2))
+        return half * x * (one + math.erf(x * like(x, INV_SQRT2)))
     if kind == SILU:
         return x * _sigmoid(x)
     return _sigmoid(x)
@@ -39,17 +42,18 @@ def _act(x, kind):
 
 @cuda.jit(device=True, cache=True)
 def _dact(x, kind):
-    """The activation's derivative at one value."""
+    """The activation's derivative at one value, in x's float type."""
+    half, one = like(x, 0.5), like(x, 1.0)
     if kind == GELU_TANH:
-        th = math.tanh(GELU_SCALE * (x + 0.044715 * x * x * x))
-        sech2 = 1.0 - th * th
-        return 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+        th = math.tanh(like(x, GELU_SCALE) * (x + like(x, 0.044715) * x * x * x))
+        sech2 = one - th * th
+        return half * (one + th) + half * x * sech2 * like(x, GELU_SCALE) * (one + like(x, 3.0 * 0.044715) * x * x)
     if kind == GELU:
-        return 0.5 * (1.0 + math.erf(x * INV_SQRT2)) + x * INV_SQRT_2PI * math.exp(-0.5 * x * x)
+        return half * (one + math.erf(x * like(x, INV_SQRT2))) + x * like(x, INV_SQRT_2PI) * math.exp(-half * x * x)
     sg = _sigmoid(x)
     if kind == SILU:
-        return sg * (1.0 + x * (1.0 - sg))
-    return sg * (1.0 - sg)
+        return sg * (one + x * (one - sg))
+    return sg * (one - sg)
 
 
 @cuda.jit(cache=True)

@@ -8,12 +8,15 @@ numbers, cheap next to the logits). Arithmetic in float64, as on the CPU.
 import math
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float64
 
 from .activations import _sigmoid
-from .launch import THREADS, block_sum, blocks
+from .launch import THREADS, block_sum, blocks, shared_bytes
 
 SIGMOID, IPO = 0, 1
+
+
+_F64_SHARED = shared_bytes(np.dtype(np.float64))  # block_sum buffers: float64, as the CPU's math here
 
 
 @cuda.jit(device=True, cache=True)
@@ -31,7 +34,7 @@ def _dpo_margin(policy, ref, weight, i, B):
 
 @cuda.jit(cache=True)
 def _dpo_forward(loss, losses, policy, ref, weight, beta, label_smoothing, kind):
-    buf = cuda.shared.array(THREADS, np.float64)
+    buf = cuda.shared.array(0, float64)  # THREADS values, sized at launch
     B = losses.shape[0]
     s = 0.0
     for i in range(cuda.threadIdx.x, B, cuda.blockDim.x):
@@ -95,7 +98,7 @@ def _mask_count(buf, mask):
 
 @cuda.jit(cache=True)
 def _grpo_rows(rows, lp, old, ref, adv, mask, beta, eps_low, eps_high):
-    buf = cuda.shared.array(THREADS, np.float64)
+    buf = cuda.shared.array(0, float64)  # THREADS values, sized at launch
     B, T = lp.shape
     for b in range(cuda.blockIdx.x, B, cuda.gridDim.x):
         s = 0.0
@@ -110,7 +113,7 @@ def _grpo_rows(rows, lp, old, ref, adv, mask, beta, eps_low, eps_high):
 @cuda.jit(cache=True)
 def _grpo_mean(loss, rows, mask):
     """loss[0] = sum(rows) / sum(mask); a single block, fixed order."""
-    buf = cuda.shared.array(THREADS, np.float64)
+    buf = cuda.shared.array(0, float64)  # THREADS values, sized at launch
     s = 0.0
     for b in range(cuda.threadIdx.x, rows.shape[0], cuda.blockDim.x):
         s += rows[b]
@@ -122,7 +125,7 @@ def _grpo_mean(loss, rows, mask):
 
 @cuda.jit(cache=True)
 def _grpo_backward(dlp, dloss, lp, old, ref, adv, mask, beta, eps_low, eps_high):
-    buf = cuda.shared.array(THREADS, np.float64)
+    buf = cuda.shared.array(0, float64)  # THREADS values, sized at launch
     count = _mask_count(buf, mask)
     if count == 0:
         return
@@ -137,7 +140,7 @@ def _grpo_backward(dlp, dloss, lp, old, ref, adv, mask, beta, eps_low, eps_high)
 
 def dpo_forward(loss, losses, policy, ref, weight, beta, label_smoothing, kind):
     """loss (1,) = mean over the B pairs of losses (B,) (see nt.kernels.cpu.align)."""
-    _dpo_forward[1, THREADS](loss, losses, policy, ref, weight, beta, label_smoothing, kind)
+    _dpo_forward[1, THREADS, 0, _F64_SHARED](loss, losses, policy, ref, weight, beta, label_smoothing, kind)
 
 
 def dpo_backward(dpolicy, dloss, policy, ref, weight, beta, label_smoothing, kind):
@@ -148,10 +151,11 @@ def dpo_backward(dpolicy, dloss, policy, ref, weight, beta, label_smoothing, kin
 
 def grpo_forward(loss, rows, lp, old, ref, adv, mask, beta, eps_low, eps_high):
     """loss (1,) = masked token mean of the clipped-ratio loss with the k3 KL; rows (B,) the per-row sums."""
-    _grpo_rows[blocks(lp.shape[0], 1), THREADS](rows, lp, old, ref, adv, mask, beta, eps_low, eps_high)
-    _grpo_mean[1, THREADS](loss, rows, mask)
+    _grpo_rows[blocks(lp.shape[0], 1), THREADS, 0, _F64_SHARED](rows, lp, old, ref, adv, mask, beta, eps_low, eps_high)
+    _grpo_mean[1, THREADS, 0, _F64_SHARED](loss, rows, mask)
 
 
 def grpo_backward(dlp, dloss, lp, old, ref, adv, mask, beta, eps_low, eps_high):
     """Accumulate dlp += dloss * mask / count * d l / d lp."""
-    _grpo_backward[blocks(lp.size), THREADS](dlp, dloss, lp, old, ref, adv, mask, beta, eps_low, eps_high)
+    _grpo_backward[blocks(lp.size), THREADS, 0, _F64_SHARED](dlp, dloss, lp, old, ref, adv, mask, beta, eps_low,
+                                                             eps_high)

@@ -1,13 +1,15 @@
 """cuBLAS SGEMM/DGEMM through ctypes, on Numba device arrays (row-major, like blas.py).
 
-UNTESTED ON HARDWARE: written against the cuBLAS v2 API but never run on a GPU (the
-project was developed without one). `available()` is False under the simulator or when
-libcublas cannot be loaded, and matmul then uses its own tiled kernel.
+Required on a GPU: if libcublas cannot be loaded or cublasCreate fails, the first GEMM
+raises a RuntimeError saying so (nt never falls back to a slow kernel silently). Under the
+simulator there is no cuBLAS and matmul.py uses its tiled kernel instead. Written against
+the cuBLAS v2 API and compiled, but not yet run on a GPU (docs/cuda.md).
 
 The library comes from the `nvidia-cublas` wheel (`pip install 'nt[cuda]'`) or a CUDA
 toolkit, found by cuda-pathfinder (a dependency of numba-cuda). The handle runs on the
 legacy default stream, the one Numba launches on by default, so GEMMs and our kernels
-stay ordered without synchronisation.
+stay ordered without synchronisation. Float32 GEMMs use full float32 math unless
+set_tf32(True) allows TF32 tensor cores (10-bit mantissa inputs, faster on sm_80+).
 """
 import ctypes
 import ctypes.util
@@ -15,28 +17,39 @@ import ctypes.util
 import numpy as np
 from numba import cuda
 
-from .launch import SIMULATOR
-
 _OP_N, _OP_T = 0, 1  # cublasOperation_t
+_DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3  # cublasMath_t
 _lib = None
 _handle = None
-_tried = False  # look for the library once, not at every GEMM
+_error = None  # why cuBLAS could not be loaded, once tried
+_tf32 = False
 
 
 def _load():
-    """Load libcublas and create a handle once; None when there is none to load."""
-    global _lib, _handle, _tried
-    if _tried or SIMULATOR:
-        return _handle
-    _tried = True
+    """Load libcublas and create a handle once; raise (every call) if that failed."""
+    global _lib, _handle, _error
+    if _handle is not None:
+        return
+    if _error is None:
+        try:
+            _lib, _handle = _open()
+            _set_math_mode()
+            return
+        except Exception as e:  # remembered: every later GEMM reports the same cause
+            _error = f"{type(e).__name__}: {e}"
+    raise RuntimeError(f"cuBLAS is required for matmuls on a GPU and could not be loaded ({_error}); "
+                       "pip install 'nt[cuda]' (the nvidia-cublas wheel) or install a CUDA toolkit")
+
+
+def _open():
     try:
         from cuda.pathfinder import load_nvidia_dynamic_lib
         path = load_nvidia_dynamic_lib("cublas").abs_path
     except Exception:  # not in a wheel or toolkit cuda-pathfinder knows
         path = None
     path = path or ctypes.util.find_library("cublas")
-    if path is None:  # no cuBLAS anywhere: the tiled kernel serves
-        return None
+    if path is None:
+        raise OSError("libcublas not found")
     lib = ctypes.CDLL(path)
     c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
     for name in ("cublasSgemm_v2", "cublasDgemm_v2"):
@@ -46,18 +59,37 @@ def _load():
                        c_void_p, c_int, c_void_p, c_void_p, c_int]
     lib.cublasCreate_v2.restype = c_int
     lib.cublasCreate_v2.argtypes = [ctypes.POINTER(c_void_p)]
+    lib.cublasSetMathMode.restype = c_int
+    lib.cublasSetMathMode.argtypes = [c_void_p, c_int]
     cuda.current_context()  # cuBLAS binds to the current (primary) context: make Numba's current
     handle = c_void_p()
     status = lib.cublasCreate_v2(ctypes.byref(handle))
     if status != 0:
         raise RuntimeError(f"cublasCreate_v2 failed with status {status}")
-    _lib, _handle = lib, handle
-    return _handle
+    return lib, handle
+
+
+def _set_math_mode():
+    status = _lib.cublasSetMathMode(_handle, _TF32_TENSOR_OP_MATH if _tf32 else _DEFAULT_MATH)
+    if status != 0:
+        raise RuntimeError(f"cublasSetMathMode failed with status {status}")
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let float32 GEMMs use TF32 tensor cores (default off: full float32, as on the CPU)."""
+    global _tf32
+    _tf32 = bool(enabled)
+    if _handle is not None:
+        _set_math_mode()
 
 
 def available() -> bool:
-    """True when GEMMs go to cuBLAS."""
-    return _load() is not None
+    """True when GEMMs can go to cuBLAS (loads it on first call; False when it cannot load)."""
+    try:
+        _load()
+        return True
+    except RuntimeError:
+        return False
 
 
 def _ptr(a) -> int:
@@ -80,6 +112,7 @@ def gemm(trans_a: bool, trans_b: bool, M: int, N: int, K: int, alpha: float, A, 
     so we ask for C^T = op(B)^T op(A)^T: operands swapped, each keeps its transpose flag,
     leading dimensions are the row lengths.
     """
+    _load()
     single = C.dtype == np.float32
     real = ctypes.c_float if single else ctypes.c_double
     fn = _lib.cublasSgemm_v2 if single else _lib.cublasDgemm_v2

@@ -26,14 +26,14 @@ def _uniform(key, i):
 
 @cuda.jit(cache=True)
 def _dropout(dst, src, p, key, accumulate):
-    scale = 1.0 / (1.0 - p)
+    scale = src.dtype.type(1.0 / (1.0 - p))
     for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
-        kept = _uniform(key, i) >= p
+        kept = _uniform(key, i) >= p  # float64, as the CPU: identical masks
         if accumulate:
             if kept:
                 dst[i] += src[i] * scale
         else:
-            dst[i] = src[i] * scale if kept else 0.0
+            dst[i] = src[i] * scale if kept else src.dtype.type(0)
 
 
 def dropout_forward(out, inp, p, key):

@@ -1,8 +1,9 @@
 """Elementwise and structural ops on flat device arrays (or (N, C) rows for concat)."""
-import numpy as np
 from numba import cuda
 
-from .launch import THREADS, block_sum, blocks
+from . import reduce
+from .launch import THREADS, block_sum, blocks, shared_bytes
+from .memory import scratch
 
 
 @cuda.jit(cache=True)
@@ -44,15 +45,15 @@ def _scale_backward_x(dx, dout, s):
 
 
 @cuda.jit(cache=True)
-def _scale_backward_s(ds, dout, x):
-    """ds[0] += sum(x * dout): one block, a fixed order (a few learned scalars use it)."""
-    buf = cuda.shared.array(THREADS, np.float64)
-    s = 0.0
-    for i in range(cuda.threadIdx.x, x.shape[0], cuda.blockDim.x):
+def _scale_backward_s_partial(partial, dout, x):
+    """Stage 1 of ds = sum(x * dout): partial[block, 0] = this block's grid-stride share."""
+    buf = cuda.shared.array(0, x.dtype)
+    s = x.dtype.type(0)
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
         s += x[i] * dout[i]
     s = block_sum(buf, s)
     if cuda.threadIdx.x == 0:
-        ds[0] += s
+        partial[cuda.blockIdx.x, 0] = s
 
 
 @cuda.jit(cache=True)
@@ -101,8 +102,11 @@ def scale_forward(out, x, s):
 def scale_backward(dx, ds, dout, x, s):
     """Accumulate dx += s[0] * dout and, when ds is not empty, ds[0] += sum(x * dout)."""
     _scale_backward_x[blocks(x.shape[0]), THREADS](dx, dout, s)
-    if ds.shape[0] > 0:
-        _scale_backward_s[1, THREADS](ds, dout, x)
+    if ds.shape[0] > 0:  # two stages: a fixed grid for n, then its partials in block order
+        nb = blocks(x.shape[0])
+        partial = scratch(nb, x.dtype).reshape(nb, 1)
+        _scale_backward_s_partial[nb, THREADS, 0, shared_bytes(x.dtype)](partial, dout, x)
+        reduce.sum_partials(ds, partial)
 
 
 def concat_forward(out, a, b):
@@ -120,7 +124,7 @@ def _sum_rows_forward(out, inp):
     """One thread per row, the row summed in order (as on the CPU)."""
     N, C = inp.shape
     for n in range(cuda.grid(1), N, cuda.gridsize(1)):
-        s = 0.0
+        s = inp.dtype.type(0)
         for c in range(C):
             s += inp[n, c]
         out[n] = s

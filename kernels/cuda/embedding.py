@@ -38,7 +38,7 @@ def _embedding_backward_positions(dwpe, dout, pos0):
     for i in range(cuda.grid(1), T * C, cuda.gridsize(1)):
         t = i // C
         c = i % C
-        s = 0.0
+        s = dout.dtype.type(0)
         for b in range(B):
             s += dout[b, t, c]
         dwpe[pos0 + t, c] += s

@@ -11,14 +11,15 @@ def _hebbian_update(weight, x, y, lr, decay, oja):
     for e in range(cuda.grid(1), OC * C, cuda.gridsize(1)):
         i = e // C
         j = e % C
-        hebb = 0.0
-        c = 0.0
+        dt = weight.dtype.type
+        hebb = dt(0)
+        c = dt(0)
         for n in range(N):
             hebb += y[n, i] * x[n, j]
             c += y[n, i] * y[n, i]
         if not oja:
-            c = decay * N
-        weight[i, j] += lr * (hebb - c * weight[i, j]) / N
+            c = dt(decay) * dt(N)
+        weight[i, j] += dt(lr) * (hebb - c * weight[i, j]) / dt(N)
 
 
 def hebbian_update(weight, x, y, lr, decay, oja):

@@ -14,6 +14,18 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 THREADS = 8 if SIMULATOR else 256          # threads per 1-D block (a power of two)
 MAX_BLOCKS = 4 if SIMULATOR else 8192       # grid-stride loops cover the rest
 TILE = 4 if SIMULATOR else 16               # GEMM fallback: TILE x TILE threads per block
+CHUNK_ROWS = 4 if SIMULATOR else 32         # column reductions: rows per stage-1 chunk (reduce.py)
+MAX_CHUNKS = 1024                           # ... and at most this many chunks
+
+# These sizes reach kernels only as launch dimensions or arguments, never as globals read
+# inside a `cache=True` kernel: Numba's cache keys on the kernel's own file, so a kernel
+# that baked in a constant from this file would keep its stale value after an edit.
+# Block reductions size their shared buffers at launch (dynamic shared memory, shared_bytes).
+
+
+def shared_bytes(dtype, n: int = THREADS) -> int:
+    """Dynamic shared memory for a launch whose kernel keeps n values of dtype per block."""
+    return n * dtype.itemsize
 
 
 def blocks(n: int, per_block: int = THREADS) -> int:
@@ -25,8 +37,9 @@ def blocks(n: int, per_block: int = THREADS) -> int:
 def block_sum(buf, value):
     """The sum of `value` over the block's threads, returned to every thread.
 
-    buf is a shared float64 array of at least blockDim.x elements (blockDim.x a power
-    of two); a tree reduction with syncthreads, no warp shuffles, so it also simulates.
+    buf is a shared array of at least blockDim.x elements (blockDim.x a power of two),
+    of the accumulation type; a tree reduction with syncthreads, no warp shuffles, so it
+    also simulates.
     Every thread of the block must call it.
     """
     t = cuda.threadIdx.x

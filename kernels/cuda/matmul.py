@@ -1,55 +1,56 @@
 """Linear layer on the GPU: out = inp @ weight^T + bias, weight stored (OC, C) as in llm.c
 (or (C, OC) with transposed=True: a tied embedding used the other way round).
 
-GEMMs go to cuBLAS when it loads (cublas.py, untested on hardware); otherwise (always
-under the simulator) to the tiled shared-memory kernel below, with the same semantics.
+GEMMs go to cuBLAS on a GPU (cublas.py; a clear error if it cannot load: no silent slow
+path). The tiled shared-memory kernel below, with the same semantics, serves only the
+simulator, which has no cuBLAS. Bias grads are a deterministic two-stage column sum (reduce.py).
 """
-import numpy as np
 from numba import cuda
 
-from . import cublas
-from .launch import MAX_BLOCKS, THREADS, TILE, blocks
+from . import cublas, reduce
+from .launch import MAX_BLOCKS, SIMULATOR, THREADS, TILE, blocks, shared_bytes
 
 
 @cuda.jit(cache=True)
 def _gemm_tiled(trans_a, trans_b, alpha, A, B, beta, C):
     """C[M,N] = alpha * op(A) @ op(B) + beta * C; beta == 0 never reads C.
 
-    Each block computes TILE x TILE tiles of C (grid-stride over tiles), staging TILE-wide
-    slices of op(A) and op(B) in shared memory. Accumulates in float64.
+    Blocks of tile x tile threads (tile = blockDim.x, set at launch) compute tile x tile
+    tiles of C (grid-stride over tiles), staging tile-wide slices of op(A) and op(B) in
+    dynamic shared memory (2 * tile * tile values). Accumulates in C's dtype.
     """
+    dt = C.dtype.type
+    T = cuda.blockDim.x
     M, N = C.shape
     K = A.shape[0] if trans_a else A.shape[1]
-    As = cuda.shared.array((TILE, TILE), np.float64)
-    Bs = cuda.shared.array((TILE, TILE), np.float64)
+    tiles = cuda.shared.array(0, C.dtype)  # op(A) tile at [0, T*T), op(B) tile at [T*T, 2*T*T)
     ty = cuda.threadIdx.y
     tx = cuda.threadIdx.x
-    tiles_n = (N + TILE - 1) // TILE
-    n_tiles = (M + TILE - 1) // TILE * tiles_n
+    tiles_n = (N + T - 1) // T
+    n_tiles = (M + T - 1) // T * tiles_n
     for tile in range(cuda.blockIdx.x, n_tiles, cuda.gridDim.x):
-        i = tile // tiles_n * TILE + ty  # this thread's row and column of C
-        j = tile % tiles_n * TILE + tx
-        acc = 0.0
-        for k0 in range(0, K, TILE):
+        i = tile // tiles_n * T + ty  # this thread's row and column of C
+        j = tile % tiles_n * T + tx
+        acc = dt(0)
+        for k0 in range(0, K, T):
             ka = k0 + tx  # the column of op(A) this thread stages
             kb = k0 + ty  # the row of op(B) this thread stages
-            a = 0.0
+            a = dt(0)
             if i < M and ka < K:
                 a = A[ka, i] if trans_a else A[i, ka]
-            b = 0.0
+            b = dt(0)
             if kb < K and j < N:
                 b = B[j, kb] if trans_b else B[kb, j]
-            As[ty, tx] = a
-            Bs[ty, tx] = b
+            tiles[ty * T + tx] = a
+            tiles[T * T + ty * T + tx] = b
             cuda.syncthreads()
-            for kk in range(TILE):
-                acc += As[ty, kk] * Bs[kk, tx]
+            for kk in range(T):
+                acc += tiles[ty * T + kk] * tiles[T * T + kk * T + tx]
             cuda.syncthreads()
         if i < M and j < N:
-            if beta != 0.0:
-                acc = alpha * acc + beta * C[i, j]
-            else:
-                acc = alpha * acc
+            acc *= dt(alpha)
+            if dt(beta) != dt(0):
+                acc += dt(beta) * C[i, j]
             C[i, j] = acc
 
 
@@ -59,11 +60,18 @@ def gemm(trans_a: bool, trans_b: bool, A, B, beta: float, C, alpha: float = 1.0)
     stride, any row stride)."""
     M, N = C.shape
     K = A.shape[0] if trans_a else A.shape[1]
-    if cublas.available():
-        cublas.gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C)
+    if SIMULATOR:  # the simulator has no cuBLAS; on hardware cublas.gemm raises if it cannot load
+        gemm_tiled(trans_a, trans_b, A, B, beta, C, alpha)
     else:
-        n_tiles = -(-M // TILE) * -(-N // TILE)
-        _gemm_tiled[min(MAX_BLOCKS, n_tiles), (TILE, TILE)](trans_a, trans_b, alpha, A, B, beta, C)
+        cublas.gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C)
+
+
+def gemm_tiled(trans_a: bool, trans_b: bool, A, B, beta: float, C, alpha: float = 1.0) -> None:
+    """gemm() on the tiled kernel (the simulator's GEMM; on a GPU, tests compare it to cuBLAS)."""
+    M, N = C.shape
+    n_tiles = -(-M // TILE) * -(-N // TILE)
+    _gemm_tiled[min(MAX_BLOCKS, n_tiles), (TILE, TILE), 0, shared_bytes(C.dtype, 2 * TILE * TILE)](
+        trans_a, trans_b, alpha, A, B, beta, C)
 
 
 @cuda.jit(cache=True)
@@ -72,18 +80,6 @@ def _broadcast_rows(out, bias):
     N, OC = out.shape
     for i in range(cuda.grid(1), N * OC, cuda.gridsize(1)):
         out[i // OC, i % OC] = bias[i % OC]
-
-
-@cuda.jit(cache=True)
-def _sum_rows_into(dbias, dout):
-    """dbias[o] += sum_n dout[n, o]: one thread per column walks all rows, so each
-    element has a single writer and a fixed summation order (no atomics)."""
-    N, OC = dout.shape
-    for o in range(cuda.grid(1), OC, cuda.gridsize(1)):
-        s = 0.0
-        for n in range(N):
-            s += dout[n, o]
-        dbias[o] += s
 
 
 def matmul_forward(out, inp, weight, bias, transposed=False):
@@ -111,4 +107,4 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, transposed=False):
         else:
             gemm(True, False, dout, inp, 1.0, dweight)
     if dbias.shape[0] > 0:
-        _sum_rows_into[blocks(dbias.shape[0]), THREADS](dbias, dout)
+        reduce.sum_columns_into(dbias, dout)

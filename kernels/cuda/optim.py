@@ -9,9 +9,13 @@ a fixed order (no atomics).
 import math
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float64
 
-from .launch import THREADS, block_sum, blocks
+from .launch import THREADS, block_sum, blocks, shared_bytes
+
+# Sums of squares (grad norms over ~10^8 elements) and inf counts accumulate in float64, as on
+# the CPU: bandwidth-bound kernels where float64 adds costs nothing and keeps clipping exact.
+_F64_SHARED = shared_bytes(np.dtype(np.float64))
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -21,26 +25,31 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 @cuda.jit(cache=True)
 def _adam(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, seg_step,
           lr, beta1, beta2, eps, l2, decay, grad_scale):
+    """As the CPU twin: coefficients once per block in the parameters' dtype (float32 math
+    for a float32 model, as PyTorch's fused AdamW), the bias corrections in float64."""
+    dt = params.dtype.type
+    b1, b2, c1, c2 = dt(beta1), dt(beta2), dt(1.0 - beta1), dt(1.0 - beta2)
+    eps_, l2_, decay_, gs = dt(eps), dt(l2), dt(decay), dt(grad_scale)
     for b in range(cuda.blockIdx.x, block_seg.shape[0], cuda.gridDim.x):
         s = block_seg[b]
         scale = seg_scale[s]
         if scale == 0.0:  # a frozen tensor: parameters and moments untouched
             continue
-        bc1 = 1.0 - beta1 ** seg_step[s]
-        bc2 = 1.0 - beta2 ** seg_step[s]
-        lr_s = lr * scale
+        inv_bc1 = dt(1.0 / (1.0 - beta1 ** seg_step[s]))
+        inv_bc2 = dt(1.0 / (1.0 - beta2 ** seg_step[s]))
+        lr_s = dt(lr * scale)
         for i in range(block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1], cuda.blockDim.x):
             p = params[i]
-            g = grad_scale * grads[i]
+            g = gs * grads[i]
             if decay_mask[i]:
-                g += l2 * p
-            mi = beta1 * m[i] + (1.0 - beta1) * g
-            vi = beta2 * v[i] + (1.0 - beta2) * g * g
+                g += l2_ * p
+            mi = b1 * m[i] + c1 * g
+            vi = b2 * v[i] + c2 * g * g
             m[i] = mi
             v[i] = vi
-            update = (mi / bc1) / (math.sqrt(vi / bc2) + eps)
+            update = (mi * inv_bc1) / (math.sqrt(vi * inv_bc2) + eps_)
             if decay_mask[i]:
-                update += decay * p
+                update += decay_ * p
             params[i] = p - lr_s * update
 
 
@@ -54,22 +63,24 @@ def adam_update(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_s
 
 @cuda.jit(cache=True)
 def _sgd(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first, grad_scale):
+    dt = params.dtype.type
+    lr_, mom, damp, wd, gs = dt(lr), dt(momentum), dt(1) - dt(dampening), dt(weight_decay), dt(grad_scale)
     for i in range(cuda.grid(1), params.shape[0], cuda.gridsize(1)):
         p = params[i]
-        g = grad_scale * grads[i]
+        g = gs * grads[i]
         if decay_mask[i]:
-            g += weight_decay * p
-        if momentum != 0.0:
+            g += wd * p
+        if mom != dt(0):
             if first:
                 b = g
             else:
-                b = momentum * buf[i] + (1.0 - dampening) * g
+                b = mom * buf[i] + damp * g
             buf[i] = b
             if nesterov:
-                g = g + momentum * b
+                g = g + mom * b
             else:
                 g = b
-        params[i] = p - lr * g
+        params[i] = p - lr_ * g
 
 
 def sgd_update(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first,
@@ -81,7 +92,7 @@ def sgd_update(params, grads, buf, decay_mask, lr, momentum, dampening, weight_d
 
 @cuda.jit(cache=True)
 def _block_sum_squares(partial, x, block_offsets):
-    buf = cuda.shared.array(THREADS, np.float64)
+    buf = cuda.shared.array(0, float64)  # THREADS values, sized at launch
     for b in range(cuda.blockIdx.x, partial.shape[0], cuda.gridDim.x):
         s = 0.0
         for i in range(block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1], cuda.blockDim.x):
@@ -103,17 +114,18 @@ def _segments_from_partials(out, partial, block_seg):
 
 def segment_sum_squares(x, block_offsets, block_seg, partial, out):
     """out[s] = sum of x**2 over segment s, in float64; partial (one slot per block) is scratch."""
-    _block_sum_squares[blocks(block_seg.shape[0], 1), THREADS](partial, x, block_offsets)
+    _block_sum_squares[blocks(block_seg.shape[0], 1), THREADS, 0, _F64_SHARED](partial, x, block_offsets)
     _segments_from_partials[1, 1](out, partial, block_seg)
 
 
 @cuda.jit(cache=True)
 def _unscale_check(partial, x, inv_scale):
     """x *= inv_scale; partial[block] = how many results are NaN or +-Inf (as stored)."""
-    buf = cuda.shared.array(THREADS, np.float64)
+    buf = cuda.shared.array(0, float64)  # THREADS values, sized at launch
     c = 0.0
+    inv = x.dtype.type(inv_scale)
     for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-        x[i] = x[i] * inv_scale
+        x[i] = x[i] * inv
         y = x[i]
         if math.isinf(y) or math.isnan(y):
             c += 1.0
@@ -127,8 +139,8 @@ def unscale_check_(x, inv_scale, partials) -> int:
     Block b counts into partials[b] (a float64 device buffer of sum_squares_blocks(n) from
     the caller, as on the CPU), then one block adds the counts: one scalar comes back."""
     nb = blocks(x.shape[0])
-    _unscale_check[nb, THREADS](partials, x, inv_scale)
-    _sum_into_first[1, THREADS](partials[:nb])
+    _unscale_check[nb, THREADS, 0, _F64_SHARED](partials, x, inv_scale)
+    _sum_into_first[1, THREADS, 0, _F64_SHARED](partials[:nb])
     partials[:1].copy_to_host(_host)
     return int(_host[0])
 
@@ -180,7 +192,7 @@ def add_noise_(x, block_offsets, block_seg, seg_sigma, seed, counter):
 @cuda.jit(cache=True)
 def _sum_squares_partial(partial, x):
     """partial[block] = sum of x**2 over this block's grid-stride share, in float64."""
-    buf = cuda.shared.array(THREADS, np.float64)
+    buf = cuda.shared.array(0, float64)  # THREADS values, sized at launch
     s = 0.0
     for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
         s += np.float64(x[i]) * np.float64(x[i])
@@ -192,7 +204,7 @@ def _sum_squares_partial(partial, x):
 @cuda.jit(cache=True)
 def _sum_into_first(partial):
     """partial[0] = sum(partial), one block."""
-    buf = cuda.shared.array(THREADS, np.float64)
+    buf = cuda.shared.array(0, float64)  # THREADS values, sized at launch
     s = 0.0
     for i in range(cuda.threadIdx.x, partial.shape[0], cuda.blockDim.x):
         s += partial[i]
@@ -214,16 +226,17 @@ def sum_squares(x, partials) -> float:
     its partial sum to partials[b] (a float64 device buffer from the caller), then one block
     adds the partials: no allocation, the same order every call."""
     nb = sum_squares_blocks(x.shape[0])
-    _sum_squares_partial[nb, THREADS](partials, x)
-    _sum_into_first[1, THREADS](partials[:nb])
+    _sum_squares_partial[nb, THREADS, 0, _F64_SHARED](partials, x)
+    _sum_into_first[1, THREADS, 0, _F64_SHARED](partials[:nb])
     partials[:1].copy_to_host(_host)
     return float(_host[0])
 
 
 @cuda.jit(cache=True)
 def _scale(x, factor):
+    f = x.dtype.type(factor)
     for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-        x[i] *= factor
+        x[i] *= f
 
 
 def scale_(x, factor):

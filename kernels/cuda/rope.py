@@ -23,9 +23,9 @@ def _rope(out, inp, NH, NKV, pos0, inv_freq, half, sign, accumulate):
         b = r // (T * half_hs)
         t = r // half_hs % T
         i = r % half_hs
-        angle = (pos0 + t) * inv_freq[i]
-        c = math.cos(angle)
-        s = sign * math.sin(angle)
+        angle = (pos0 + t) * inv_freq[i]  # float64: positions of 10^5 need it (as on the CPU)
+        c = inp.dtype.type(math.cos(angle))  # the rotation itself in the data's dtype
+        s = inp.dtype.type(sign * math.sin(angle))
         for h in range(NH + NKV):
             if half:
                 a = h * hs + i

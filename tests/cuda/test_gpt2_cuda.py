@@ -75,3 +75,24 @@ def test_steady_cuda_step_allocates_no_device_memory(monkeypatch, optimizer):
             assert made, "the first step sizes the arenas: the counter must have seen it"
         else:
             assert made[before:] == [], f"a steady step allocated device arrays: {made[before:]}"
+
+
+def test_step_uploads_are_few_and_asynchronous(monkeypatch):
+    """A steady AdamW step copies three small host arrays to the device, each through a
+    pinned staging buffer (asynchronous): the ids, the targets, the step count."""
+    from nt.kernels.cuda import memory
+    cfg = GPT2Config(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8)
+    model = GPT2(cfg, device="cuda", dtype=np.float32, seed=0)
+    opt = AdamW(model.params, lr=LR)
+    uploads = []
+    real = memory._upload
+    monkeypatch.setattr(memory, "_upload", lambda dst, src: (uploads.append(src.copy()), real(dst, src)))
+    rng = np.random.default_rng(2)
+    for step in (1, 2):
+        idx = rng.integers(0, cfg.vocab_size, (2, 5)).astype(np.int32)
+        targets = np.roll(idx, -1, axis=1)
+        del uploads[:]
+        _step(model, opt, idx, targets)
+        assert len(uploads) == 3, [u.shape for u in uploads]
+        assert np.array_equal(uploads[0], idx) and np.array_equal(uploads[1].ravel(), targets.ravel())
+        assert uploads[2].tolist() == [step]

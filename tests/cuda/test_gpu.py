@@ -25,11 +25,28 @@ def test_cublas_matches_tiled_kernel(dtype, trans_a, trans_b, beta):
     dA, dB = gpu.to_device(A), gpu.to_device(B)
     c_blas, c_kernel = gpu.to_device(C0), gpu.to_device(C0)
     cublas.gemm(trans_a, trans_b, M, N, K, 1.0, dA, dB, beta, c_blas)
-    matmul._gemm_tiled[8, (matmul.TILE, matmul.TILE)](trans_a, trans_b, 1.0, dA, dB, beta, c_kernel)
+    matmul.gemm_tiled(trans_a, trans_b, dA, dB, beta, c_kernel)
     want = (A.T if trans_a else A).astype(np.float64) @ (B.T if trans_b else B) + beta * C0
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(gpu.to_host(c_blas), want, **tol)
     np.testing.assert_allclose(gpu.to_host(c_kernel), want, **tol)
+
+
+def test_cublas_tf32_is_an_explicit_option():
+    """TF32 (10-bit mantissa products) only when asked for: off, float32 GEMMs match a
+    float64 product to float32 rounding; on, to TF32's ~1e-3; then off again."""
+    from nt.kernels.cuda import cublas
+    rng = np.random.default_rng(2)
+    M = N = K = 256
+    A, B = randn(rng, np.float32, M, K), randn(rng, np.float32, K, N)
+    want = A.astype(np.float64) @ B
+    dA, dB, dC = gpu.to_device(A), gpu.to_device(B), gpu.empty(M * N, np.float32).reshape(M, N)
+    errors = []
+    for tf32 in (False, True, False):
+        cublas.set_tf32(tf32)
+        cublas.gemm(False, False, M, N, K, 1.0, dA, dB, 0.0, dC)
+        errors.append(np.abs(gpu.to_host(dC) - want).max() / np.abs(want).max())
+    assert errors[0] < 1e-5 and errors[2] < 1e-5 and 1e-5 < errors[1] < 1e-2, errors
 
 
 def test_kernels_at_gpu_sizes():

@@ -64,6 +64,21 @@ def test_matmul(dtype, bias, transposed):
            [0, 1, 2], dtype)
 
 
+def test_missing_cublas_is_a_clear_error(monkeypatch):
+    """On a GPU, matmuls need cuBLAS: when it cannot load, every GEMM raises the cause and
+    the fix (the simulator uses the tiled kernel instead, so this patches the loader)."""
+    from nt.kernels.cuda import cublas
+
+    def no_library():
+        raise OSError("libcublas not found")
+    monkeypatch.setattr(cublas, "_open", no_library)
+    monkeypatch.setattr(cublas, "_handle", None)
+    monkeypatch.setattr(cublas, "_error", None)
+    assert not cublas.available()
+    with pytest.raises(RuntimeError, match=r"cuBLAS is required.*libcublas not found.*nt\[cuda\]"):
+        cublas.gemm(False, False, 2, 2, 2, 1.0, None, None, 0.0, None)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_layernorm(dtype, bias):
@@ -265,6 +280,19 @@ def test_ids_buffer_is_reused_and_refreshed():
     second = gpu.ids_to_device(a[::-1].copy())
     assert first is second  # one buffer per shape: no allocation per step
     np.testing.assert_array_equal(gpu.to_host(second), a[::-1])
+
+
+def test_uploads_go_through_staging_in_turn():
+    """copy_ from the host stages through pinned buffers used in turn: a burst of uploads
+    larger than the ring lands intact (each buffer is rewritten only after its copy)."""
+    from nt.kernels.cuda import memory
+    arrays = [np.arange(i, i + 7, dtype=np.float32) for i in range(2 * len(memory._STAGING) + 1)]
+    dev = [gpu.empty(7, np.float32) for _ in arrays]
+    for d, a in zip(dev, arrays):
+        gpu.copy_(d, a)
+        a[:] = -1  # the caller may reuse its array at once
+    for i, d in enumerate(dev):
+        np.testing.assert_array_equal(gpu.to_host(d), np.arange(i, i + 7, dtype=np.float32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
