@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
 
@@ -25,6 +26,21 @@ def tests_summary(path: str) -> dict:
                                "message": (bad.get("message") or "")[:600]})
     return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
             "failed": failed}
+
+
+def tests_from_log(path: str) -> dict:
+    """The same counts from pytest -v's lines, for a run killed before it wrote its XML."""
+    pattern = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+    outcomes = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = pattern.match(line)
+            if m:
+                outcomes[m.group(1)] = m.group(2)
+    counts = {k: sum(v == k for v in outcomes.values()) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    return {"tests": len(outcomes), "passed": counts["PASSED"], "failures": counts["FAILED"], "errors": counts["ERROR"],
+            "skipped": counts["SKIPPED"], "incomplete": True,
+            "failed": [{"test": t, "kind": o.lower()} for t, o in outcomes.items() if o in ("FAILED", "ERROR")]}
 
 
 def main() -> None:
@@ -55,6 +71,8 @@ def main() -> None:
     xml = os.path.join(a.work, "tests.xml")
     if "tests" in stages and os.path.exists(xml):
         stages["tests"]["result"] = tests_summary(xml)
+    elif os.path.exists(os.path.join(a.work, "tests.log")):
+        stages["tests"]["result"] = tests_from_log(os.path.join(a.work, "tests.log"))
     report = {"tool": "benchmarks/gpu_check.sh", "commit": a.commit, "simulated": bool(a.simulate),
               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a.started)),
               "total_seconds": round(time.time() - a.started, 1), "work_dir": a.work, "stages": stages}
