@@ -58,6 +58,10 @@ def test_kernels_at_gpu_sizes():
            [0], dtype)
     mean, rstd = randn(rng, dtype, N), randn(rng, dtype, N)
     parity("layernorm_forward", [randn(rng, dtype, N, C), mean, rstd, inp, w, w, 1e-5], [0, 1, 2], dtype)
+    cpu.layernorm_forward(randn(rng, dtype, N, C), mean, rstd, inp, w, w, 1e-5)
+    # two-stage weight/bias grads with 256-thread blocks: 3 chunks of 32 rows x 3 column tiles
+    parity("layernorm_backward", [randn(rng, dtype, N, C), randn(rng, dtype, C), randn(rng, dtype, C),
+                                  randn(rng, dtype, N, C), inp, w, mean, rstd], [0, 1, 2], dtype)
     targets = rng.integers(-1, V, N).astype(np.int32)
     parity("softmax_xent_forward", [randn(rng, dtype, 1), randn(rng, dtype, N), randn(rng, dtype, N),
                                     randn(rng, dtype, N, Vp), targets, V], [0, 1, 2], dtype)
