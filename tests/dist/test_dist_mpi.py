@@ -132,10 +132,10 @@ def test_checkpoints_resume_across_rank_counts(runs, data, tmp_path):
 
 @pytest.mark.parametrize("how", ["kill", "raise"])
 def test_a_failing_rank_ends_the_job(how):
-    t0 = time.perf_counter()
-    result = mpiexec("-n", "2", sys.executable, str(HERE / "worker.py"), "1", how, timeout=60)
+    t0 = time.perf_counter()   # ~5 s on an idle machine, mostly start-up; generous bounds for a busy one
+    result = mpiexec("-n", "2", sys.executable, str(HERE / "worker.py"), "1", how, timeout=120)
     assert result.returncode != 0
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 60
     assert "all steps done" not in result.stdout
     if how == "raise":
         assert "rank 1 of 2 failed (RuntimeError: a failure in the step)" in result.stderr
