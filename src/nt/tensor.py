@@ -5,11 +5,14 @@ buffer with the same layout for their grads). An `ActivationArena` holds op outp
 grads live in a buffer planned at each backward, where a grad occupies memory only while
 it is alive. A `Tensor` is (arena, offset, shape); its `.data` and `.grad` are views made
 on demand, so an arena may grow during the first step without invalidating the handles
-made before.
+made before. Growing never copies: a full arena takes a further segment for what comes
+next and merges its segments into one buffer when it is rewound (reset), when their
+contents are dead, so the first step never holds an old and a new copy of the arena.
 """
 from __future__ import annotations
 
 import bisect
+import ctypes
 import math
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -18,6 +21,21 @@ import numpy as np
 from .backend import backend
 
 ALIGN = 16  # elements; keeps every tensor 64-byte aligned in float32
+
+
+def _unmap_freed_buffers() -> None:
+    """glibc raises its mmap threshold each time a big buffer is freed, after which buffers
+    up to that size come from the heap, whose freed middle is never handed back: an arena's
+    merged segments would stay resident. A fixed threshold (1 MiB) gives every big buffer its
+    own mapping, returned to the OS when freed. Steady steps allocate nothing, so the
+    mapping cost is paid only while arenas are sized."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)   # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):   # not glibc: nothing to tune
+        pass
+
+
+_unmap_freed_buffers()
 
 
 class Arena:
@@ -31,7 +49,11 @@ class Arena:
         self.buf = self.k.empty(0, self.dtype)
         self.gbuf = self.k.empty(0, self.dtype) if with_grad else None
         self.top = 0      # next free element
+        self.high = 0     # the highest top since the buffers were last merged
         self.grows = 0    # how many times the buffers were reallocated (a steady step: none)
+        # segments beyond buf made while growing, (start, values, grads): each holds the
+        # elements from its start up to the next one's (the last: to its end)
+        self.more: list[tuple] = []
         # (id(buffer), offset, shape) -> view: a GPU array view costs tens of microseconds
         # to build and a step asks for the same views every time; emptied when a buffer moves
         self.views: dict = {}
@@ -57,36 +79,67 @@ class Arena:
         size = math.prod(shape)
         offset = self.top
         self.top = offset + (size + ALIGN - 1) // ALIGN * ALIGN
-        if self.top > self.buf.shape[0]:
-            self._grow(self.top)
+        self.high = max(self.high, self.top)
+        last_start, last, _ = self.more[-1] if self.more else (0, self.buf, None)
+        if self.top > last_start + last.shape[0]:
+            self._grow(offset)
         return Tensor(self, offset, shape)
 
-    def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.buf.shape[0])
-        self.buf = self._moved(self.buf, capacity)
-        if self.with_grad:
-            self.gbuf = self._moved(self.gbuf, capacity)
-        self.views.clear()
+    def _grow(self, offset: int) -> None:
+        """Room for elements [offset, top) without moving any before: an empty arena gets its
+        buffer, a used one a new segment from `offset` (the last segment's unused tail stays
+        untouched, so it costs no resident memory) at least as large as all before it."""
+        if self.buf.shape[0] == 0 and offset == 0:
+            self.buf = self.k.empty(self.top, self.dtype)
+            if self.with_grad:
+                self.gbuf = self.k.empty(self.top, self.dtype)
+        else:
+            size = max(self.top - offset, offset)
+            self.more.append((offset, self.k.empty(size, self.dtype),
+                              self.k.empty(size, self.dtype) if self.with_grad else None))
         self.grows += 1
 
-    def _moved(self, old, capacity):
-        new = self.k.empty(capacity, self.dtype)
-        if old.shape[0]:
-            self.k.copy_(new[:old.shape[0]], old)
-        return new
+    def _segment(self, offset: int) -> tuple:
+        """(start, values, grads) of the buffer holding element `offset`."""
+        for seg in reversed(self.more):
+            if seg[0] <= offset:
+                return seg
+        return 0, self.buf, self.gbuf
+
+    def values(self, offset: int, shape: tuple):
+        """The values of elements [offset, offset + prod(shape)), shaped (a cached view)."""
+        start, buf, _ = self._segment(offset) if self.more else (0, self.buf, None)
+        return self.view(buf, offset - start, shape)
 
     def reset(self) -> None:
-        """Rewind: the next allocations reuse the same memory at the same offsets."""
+        """Rewind: the next allocations reuse the same memory at the same offsets. After a
+        step that grew, the segments (whose contents are now dead) become one buffer of
+        the step's size, freed before it is made."""
         self.top = 0
+        if self.more:
+            self.more.clear()
+            self.views.clear()
+            self.buf = None
+            if self.with_grad:
+                self.gbuf = None
+            self.buf = self.k.empty(self.high, self.dtype)
+            if self.with_grad:
+                self.gbuf = self.k.empty(self.high, self.dtype)
 
     def grad_view(self, offset: int, size: int):
         """The grad of elements [offset, offset + size): the mirror's, or None without grads."""
-        return None if self.gbuf is None else self.view(self.gbuf, offset, (size,))
+        if self.gbuf is None:
+            return None
+        start, _, gbuf = self._segment(offset) if self.more else (0, None, self.gbuf)
+        return self.view(gbuf, offset - start, (size,))
 
     @property
     def nbytes(self) -> int:
+        """Bytes of every buffer the arena holds (values and grads)."""
+        values = self.buf.shape[0] + sum(seg[1].shape[0] for seg in self.more)
         grads = 0 if self.gbuf is None else self.gbuf.shape[0]
-        return (self.buf.shape[0] + grads) * self.dtype.itemsize
+        grads += sum(seg[2].shape[0] for seg in self.more if seg[2] is not None)
+        return (values + grads) * self.dtype.itemsize
 
 
 class ActivationArena(Arena):
@@ -163,7 +216,9 @@ class ActivationArena(Arena):
             for i in dies[s]:
                 _give(free, gstarts[i], sizes[i])
         if end > self.gbuf.shape[0]:
-            self.gbuf = self.k.empty(max(end, 2 * self.gbuf.shape[0]), self.dtype)
+            size = max(end, 2 * self.gbuf.shape[0])
+            self.gbuf = None   # planned anew each backward: nothing to keep, free it first
+            self.gbuf = self.k.empty(size, self.dtype)
             self.views.clear()
             self.grows += 1
         self.gstarts = gstarts
@@ -206,7 +261,7 @@ class Tensor:
     @property
     def data(self):
         """The values, as a view of the arena with this tensor's shape (cached by the arena)."""
-        return self.arena.view(self.arena.buf, self.offset, self.shape)
+        return self.arena.values(self.offset, self.shape)
 
     @property
     def grad(self):
@@ -216,7 +271,7 @@ class Tensor:
 
     @property
     def flat(self):
-        return self.arena.view(self.arena.buf, self.offset, (self.size,))
+        return self.arena.values(self.offset, (self.size,))
 
     @property
     def gflat(self):
@@ -296,7 +351,7 @@ class Params:
         self.numel = total            # every parameter, trainable or not
         self.size = self.arena.top    # trainable elements: the length of flat and grad
         for arena in (self.arena, self.frozen):
-            arena._grow(arena.top)
+            arena._grow(0)
             self.k.fill_(arena.buf, 0.0)
         self.k.fill_(self.arena.gbuf, 0.0)
         self.norm_partials = None  # scratch for grad-norm reductions, made on first use

@@ -53,6 +53,30 @@ def test_reset_reuses_offsets():
     assert (first.offset, first.shape) == (second.offset, second.shape)
 
 
+def test_arena_grows_without_copying_and_merges_at_reset():
+    """A full arena takes a new segment (earlier tensors keep their memory and values, so the
+    first step never holds two copies of the arena); reset() merges the segments into one
+    buffer of the step's size, and the same allocations then fit without growing."""
+    tape = Tape("cpu", np.float64)
+    arena = tape.saved
+    a = arena.alloc((3, 5))
+    a.data[:] = 7.0
+    first = a.data
+    b = arena.alloc((100,))           # does not fit: a segment, not a copy
+    b.data[:] = 1.0
+    assert arena.more and a.data is first and np.all(a.data == 7.0) and np.all(b.data == 1.0)
+    assert np.shares_memory(a.data, first) and not np.shares_memory(a.data, b.data)
+    c = arena.alloc((1000,))
+    c.data[:] = 3.0
+    assert np.all(a.data == 7.0) and np.all(b.data == 1.0)
+    top, grows = arena.top, arena.grows
+    arena.reset()
+    assert not arena.more and arena.buf.shape[0] == top
+    for shape in ((3, 5), (100,), (1000,)):
+        arena.alloc(shape)
+    assert arena.grows == grows and not arena.more and arena.top == top
+
+
 def test_backward_needs_a_recorded_tape_tensor():
     params = make_params({"x": np.ones((2, 3))})
     tape = Tape("cpu", np.float64)
