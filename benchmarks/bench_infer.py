@@ -19,6 +19,7 @@ other types are dequantised to float32 at load (F16, and Q4_K_M's layers that mi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -45,6 +46,19 @@ def have_llama_cpp() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Send file descriptor 2 (C libraries' logs) to /dev/null while the block runs."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def make_files(shape: str, types: list[str], folder: Path, llama_cpp_quantiser: bool) -> dict[str, Path]:
     """{type: GGUF path} for the shape, written once and reused."""
     from nt.models import Llama, LlamaConfig, gguf
@@ -61,7 +75,9 @@ def make_files(shape: str, types: list[str], folder: Path, llama_cpp_quantiser: 
                 import llama_cpp
                 params = llama_cpp.llama_model_quantize_default_params()
                 params.ftype = LLAMA_CPP_FTYPES[kind]
-                if llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), params) != 0:
+                with quiet_stderr():   # the quantiser logs every tensor
+                    rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), params)
+                if rc != 0:
                     raise RuntimeError(f"llama.cpp could not quantise {f32} to {kind}")
             elif kind in ("F16", "Q8_0", "Q4_0"):
                 from nt.models import from_gguf   # nt's writer, from the F32 file's weights

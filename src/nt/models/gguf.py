@@ -461,6 +461,9 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
     host = np.zeros(model.params.numel, dtype=np.float32)
     p = _param_views(model, host)
     p["wte"][:cfg.vocab_size] = _dequantized(f, "token_embd.weight")
+    embd_type = f.tensor_infos["token_embd.weight"].type
+    if quantized and cfg.tie_embeddings and device == "cpu" and embd_type in ops.QUANT_FORMATS:
+        model.tied_head = (embd_type, _raw_rows(f, "token_embd.weight"))   # the decoder's classifier
     tensors = _layer_tensors(cfg)
     for l in range(cfg.n_layers):
         for n in quantized.keys() & set(_KEPT_MATRICES):

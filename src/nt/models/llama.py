@@ -205,6 +205,9 @@ class Llama(LanguageModel):
             raise ValueError(f"cannot quantise {bad or 'with qkv_bias / non-float32'}: names must be among "
                              f"{QUANTIZABLE}, formats among {sorted(ops.QUANT_FORMATS)}, dtype float32, no qkv bias")
         self.qweights: dict = {n: ([None] * config.n_layers if n != "lm_head" else None) for n in self.quantized}
+        # tied embeddings kept quantised in a GGUF file: (ggml type, (V, bytes) blocks) that the
+        # fused decoding step uses as the classifier, as llama.cpp does (the embedding is float)
+        self.tied_head: Optional[tuple[str, np.ndarray]] = None
         self.tape = Tape(device, dtype)
         self.tape.seed = 0 if seed is None else int(seed)
         self.params = Params(device, dtype, param_layout(config, self.quantized))
@@ -370,9 +373,11 @@ class Llama(LanguageModel):
                 wf.append(p[name].data)
                 wq.append(none_q)
                 codes.append(-1)
-        if "lm_head" in self.quantized:
-            head_f, head_q = none_f[0], self.qweights["lm_head"]
-            codes.append(quant.QDOT_CODES[self.quantized["lm_head"]])
+        if "lm_head" in self.quantized or (cfg.tie_embeddings and self.tied_head is not None):
+            kind, head_q = (self.quantized["lm_head"], self.qweights["lm_head"]) if "lm_head" in self.quantized \
+                else self.tied_head
+            head_f = none_f[0]
+            codes.append(quant.QDOT_CODES[kind])
         else:
             head_f, head_q = p["wte" if cfg.tie_embeddings else "lm_head"].data, none_q[0]
             codes.append(-1)
