@@ -345,7 +345,9 @@ def _attention_decode(parts, qkv, NH, NKV, window, lanes, split_len):
 
 @cuda.jit(cache=True)
 def _decode_combine(out, lse, parts):
-    """Merge the partial softmax states parts[b, h, :] into out[b, 0, h] and lse[b, h, 0]."""
+    """Merge the partial softmax states parts[b, h, :] into out[b, 0, h] and lse[b, h, 0].
+    Each state's weight exp(m - M) is computed once and written over its m (parts is
+    scratch), not once per column."""
     B, NH, P, width = parts.shape
     hs = width - 2
     f = parts.dtype.type
@@ -355,13 +357,17 @@ def _decode_combine(out, lse, parts):
         M = f(-math.inf)
         for p in range(P):
             M = max(M, parts[b, h, p, hs])
+        cuda.syncthreads()                     # every thread has its M before the m's are replaced
+        for p in range(cuda.threadIdx.x, P, cuda.blockDim.x):
+            parts[b, h, p, hs] = math.exp(parts[b, h, p, hs] - M)  # no keys: m = -inf, weight 0
+        cuda.syncthreads()
         L = f(0)
-        for p in range(P):                     # a state that saw no key has m = -inf, l = 0: weight 0
-            L += parts[b, h, p, hs + 1] * math.exp(parts[b, h, p, hs] - M)
+        for p in range(P):
+            L += parts[b, h, p, hs + 1] * parts[b, h, p, hs]
         for k in range(cuda.threadIdx.x, hs, cuda.blockDim.x):
             o = f(0)
             for p in range(P):
-                o += parts[b, h, p, k] * math.exp(parts[b, h, p, hs] - M)
+                o += parts[b, h, p, k] * parts[b, h, p, hs]
             out[b, 0, h * hs + k] = o / L
         if cuda.threadIdx.x == 0:
             lse[b, h, 0] = M + math.log(L)
