@@ -156,8 +156,8 @@ def all_kernels():
 # Float32 builds of these modules' kernels must do no float64 arithmetic (a float64 op runs
 # at 1/64 of the float32 rate on consumer GPUs); elsewhere float64 is reported, and where a
 # kernel of these modules needs it, FLOAT64_NEEDED says why (a test depends on it).
-FLOAT32_MODULES = {"activations", "bf16", "dropout", "elementwise", "embedding", "hebbian", "layernorm", "matmul",
-                   "memory", "optim", "quant", "reduce", "rmsnorm", "rope"}
+FLOAT32_MODULES = {"activations", "attention", "bf16", "dropout", "elementwise", "embedding", "hebbian", "layernorm",
+                   "matmul", "memory", "optim", "quant", "reduce", "rmsnorm", "rope"}
 FLOAT64_NEEDED = {
     "rope._rope": "angle = position * inv_freq and its cos/sin once per (position, pair): float32 "
                   "angles of positions near 10^5 are off by ~1e-2 rad (the rotation is float32)",
