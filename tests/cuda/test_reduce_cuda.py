@@ -67,3 +67,12 @@ def test_learned_scale_grad_many_blocks():
     n = 301
     parity("scale_backward", [randn(rng, np.float64, n), randn(rng, np.float64, 1), randn(rng, np.float64, n),
                               randn(rng, np.float64, n), np.array([0.7])], [0, 1], np.float64)
+
+
+def test_segment_sums_more_segments_than_the_grid():
+    """Per-tensor sums of squares (Chuck's norms): a block per segment finds its table
+    blocks by binary search; more segments than simulated blocks, one without blocks."""
+    rng = np.random.default_rng(3)
+    bo = np.array([0, 10, 25, 31, 40, 52, 60, 61, 75], np.int64)
+    bs = np.array([0, 0, 1, 3, 3, 4, 5, 5], np.int64)  # segment 2 has no block (an empty tensor)
+    parity("segment_sum_squares", [randn(rng, np.float64, 75), bo, bs, np.zeros(8), np.zeros(6)], [4], np.float64)
