@@ -1,8 +1,9 @@
 """The CUDA flash-attention kernels against a plain NumPy reference (float64), under the
 simulator at tiny sizes: causal, bidirectional, sliding window, GQA / MQA, a KV cache
 (q0 > 0), the split-K decode path (one query row), T not a multiple of the tiles, and
-head sizes that spread a row over several lanes. Also: the backward is deterministic,
-its scratch is reused, and an oversized head is refused.
+head sizes that spread a row over several lanes; the GPU's shuffle branch too, with an
+emulated shfl_xor_sync. Also: the backward is deterministic, its scratch is reused, and
+an oversized head is refused. Simulated local arrays start as NaN (see the fixture).
 
 tests/cuda/test_kernels.py checks the same kernels against the CPU twins in float64 too.
 """
@@ -22,8 +23,7 @@ def _nan_local_arrays(monkeypatch):
     """Simulated local arrays start as NaN, not np.empty's leftovers: a kernel that reads a
     register slice before writing it (x *= 0 to clear it, say) fails instead of passing by
     luck, as it would not on a GPU."""
-    from nt.kernels.cuda.launch import SIMULATOR
-    if SIMULATOR:
+    if attention.SIMULATOR:
         from numba.cuda.simulator.kernelapi import FakeCUDALocal
         empty = FakeCUDALocal.array
         monkeypatch.setattr(FakeCUDALocal, "array", lambda self, shape, dtype, alignment=None:
@@ -130,8 +130,7 @@ def _emulated_shfl_xor_sync(cuda, mask, value, lane_mask):
 def test_shuffle_path_matches_numpy(case, monkeypatch):
     """The GPU branch of the lane sums (a butterfly of register shuffles, which the
     simulator lacks) run in the simulator with an emulated shfl_xor_sync."""
-    from nt.kernels.cuda.launch import SIMULATOR
-    if not SIMULATOR:
+    if not attention.SIMULATOR:
         pytest.skip("on a GPU every test runs the shuffle path")
     from numba.cuda.simulator.kernelapi import FakeCUDAModule
     assert attention.THREADS <= 64
