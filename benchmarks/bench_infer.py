@@ -163,6 +163,8 @@ def run_worker(engine: str, path: Path, threads: int, a) -> dict:
     """One measurement in a fresh process: tok/s and the process's peak RSS (MB)."""
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                OMP_NUM_THREADS=str(threads))
+    if engine == "nt" and a.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = a.omp_wait_policy
     cmd = [sys.executable, __file__, "--worker", engine, "--file", str(path), "--threads", str(threads),
            "--prompt", str(a.prompt), "--decode", str(a.decode)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE)
@@ -188,6 +190,9 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=128, help="greedy tokens decoded one at a time")
     ap.add_argument("--reps", type=int, default=3, help="runs per engine, file and thread count; the best is kept")
     ap.add_argument("--files-dir", type=Path, default=Path("/tmp/nt_bench_infer"))
+    ap.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"],
+                    help="for nt's processes (nt's default is PASSIVE: Numba's workers sleep between parallel "
+                         "regions; ACTIVE spins, faster handoffs on an otherwise idle machine)")
     ap.add_argument("--json", action="store_true", help="one JSON object per (file, threads) instead of a table")
     ap.add_argument("--worker", choices=["nt", "llama.cpp"], help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)

@@ -132,6 +132,24 @@ def test_quantized_decoding_matches_dequantized(tmp_path, qtype, tie, monkeypatc
         q.backward()
 
 
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_fused_decoding_step_equals_the_tape_path(pairing, monkeypatch):
+    """Float32 weights, grouped-query heads, Llama-3 RoPE scaling: the one-call decoding step
+    gives the tape path's logits; shapes it does not cover fall back to the tape."""
+    cfg = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=256, vocab_size=300, block_size=64,
+                      rope_pairing=pairing, tie_embeddings=False, rope_scaling=(8.0, 1.0, 4.0, 16))
+    model = Llama(cfg, seed=1)
+    tokens = np.random.default_rng(0).integers(0, 300, 12).astype(np.int32)
+    fused, tape = _step_logits(model, tokens, 4), _tape_step_logits(model, tokens, 4, monkeypatch)
+    assert np.abs(fused - tape).max() <= 1e-5 * np.abs(tape).max()
+    model._begin_generation(8, 1)
+    model._next_logits(tokens[None, :4])
+    assert model._decode_one(int(tokens[4]), 4) is not None
+    windowed = Llama(LlamaConfig(**{**cfg.__dict__, "sliding_window": 4}), seed=1)
+    windowed._begin_generation(8, 1)
+    assert windowed._decode_one(int(tokens[4]), 4) is None
+
+
 def test_k_quant_decoding_matches_dequantized(monkeypatch):
     """Q4_K and Q6_K blocks (random, as no nt writer makes them) kept in a Llama decode like
     the float model holding their dequantised values."""
