@@ -117,7 +117,7 @@ def _emulated_shfl_xor_sync(cuda, mask, value, lane_mask):
     """shfl_xor_sync for the simulator, which lacks it: every thread posts its value in
     shared memory and reads its partner's, between two block barriers. Correct for the
     attention kernels because every thread of the block calls their lane sums together."""
-    posted = cuda.shared.array(64, np.float64)
+    posted = cuda.shared.array(128, np.float64)
     t = cuda.threadIdx.x
     posted[t] = value
     cuda.syncthreads()
@@ -133,7 +133,7 @@ def test_shuffle_path_matches_numpy(case, monkeypatch):
     if not attention.SIMULATOR:
         pytest.skip("on a GPU every test runs the shuffle path")
     from numba.cuda.simulator.kernelapi import FakeCUDAModule
-    assert attention.THREADS <= 64
+    assert attention.THREADS <= 128
     monkeypatch.setattr(FakeCUDAModule, "shfl_xor_sync", _emulated_shfl_xor_sync, raising=False)
     monkeypatch.setattr(attention, "SIMULATOR", False)
     test_attention_matches_numpy(case)
@@ -213,3 +213,32 @@ def test_random_configurations_match_numpy():
         np.testing.assert_allclose(out, want[0], **TOL, err_msg=msg)
         np.testing.assert_allclose(lse, want[1], **TOL, err_msg=msg)
         np.testing.assert_allclose(dqkv - dqkv0, want[2], **TOL, err_msg=msg)
+
+
+GPU_LAYOUT = dict(THREADS=128, NACC=8, KT=8, MIN_LANES=4, MAX_LANES=32, DECODE_BLOCKS=264)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hs, case", [(64, "gqa-window"), (256, "kv-cache-rows"), (128, "decode")])
+def test_gpu_layout_in_the_simulator(hs, case, monkeypatch):
+    """The GPU's exact layout (128-thread blocks, 8-key tiles, 8-32 lanes per row, the
+    shuffle branch with an emulated shfl_xor_sync) run in the simulator: its kernels read
+    these module constants when they run, so patching them is enough. Slow: 128 Python
+    threads per block."""
+    if not attention.SIMULATOR:
+        pytest.skip("on a GPU the layout runs for real (test_gpu_sizes_match_numpy)")
+    from numba.cuda.simulator.kernelapi import FakeCUDAModule
+    for name, value in GPU_LAYOUT.items():
+        monkeypatch.setattr(attention, name, value)
+    monkeypatch.setattr(attention, "MAX_ROWS", attention.THREADS // attention.MIN_LANES)
+    monkeypatch.setattr(attention, "SHARE", attention.KT * (attention.THREADS + attention.MAX_ROWS))
+    monkeypatch.setattr(attention, "ROW_SHARE", attention.THREADS + attention.MAX_ROWS)
+    monkeypatch.setattr(FakeCUDAModule, "shfl_xor_sync", _emulated_shfl_xor_sync, raising=False)
+    monkeypatch.setattr(attention, "SIMULATOR", False)
+    NH, NKV, window, q0, T, causal, _ = CASES[case]
+    rng = np.random.default_rng(hs)
+    qkv = rng.standard_normal((1, T, (NH + 2 * NKV) * hs)).astype(np.float32)
+    dout = rng.standard_normal((1, T - q0, NH * hs)).astype(np.float32)
+    got = run(qkv, dout, NH, NKV, window, q0, causal, np.zeros_like(qkv))
+    for g, w in zip(got, reference(qkv, dout, NH, NKV, window, q0, causal)):
+        np.testing.assert_allclose(g, w, **TOL)
