@@ -18,7 +18,7 @@ from .tape import Tape
 from .tensor import Tensor
 
 __all__ = ["embedding", "linear", "lora_", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
-           "glu", "swiglu", "geglu", "softmax", "add", "mul", "scale", "concat", "dropout", "attention",
+           "glu", "swiglu", "geglu", "softmax", "add", "residual_", "mul", "scale", "concat", "dropout", "attention",
            "cross_entropy", "classifier_xent", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div"]
 
 _EMPTY: dict = {}
@@ -510,6 +510,32 @@ def add(t: Tape, a: Tensor, b: Tensor) -> Tensor:
 
 def _add_backward(k, out, a, b):
     k.add_backward(a.gflat, b.gflat, out.gflat)
+
+
+def residual_(t: Tape, h: Tensor, x: Tensor) -> Tensor:
+    """The residual connection x + h computed in h's memory; returns h. Saves the (B, T, C)
+    activation a new sum would take, and its grad: h's grad slot IS the sum's grad (d/dh
+    of x + h is 1), so the backward only adds it into x's. h's own value is gone, so it
+    must be one that no backward reads: a linear's output (its backward reads its input),
+    a dropout's."""
+    _check_pair(t, h, x, "residual_")
+    if h.arena is not t.acts:
+        raise ValueError("residual_: h must be an op output on this tape (it is overwritten in place)")
+    t.k.add_forward(h.flat, h.flat, x.flat)
+    t.record(_residual_backward, h, x)
+    return h
+
+
+def _residual_backward(k, h, x):
+    k.scale_backward(x.gflat, _none(k, x.dtype), h.gflat, x.flat, _one(k, x.dtype))
+
+
+def _one(k, dtype):
+    """A (1,) array holding 1 (a unit scale), made once per (device, dtype)."""
+    key = (k.DEVICE, np.dtype(dtype), "one")
+    if key not in _EMPTY:
+        _EMPTY[key] = k.to_device(np.ones(1, dtype))
+    return _EMPTY[key]
 
 
 def mul(t: Tape, a: Tensor, b: Tensor) -> Tensor:

@@ -52,3 +52,20 @@ def test_elementwise_rejects_bad_input():
         ops.scale(t, p["a"], p["s"])
     with pytest.raises(TypeError, match="finite"):
         ops.scale(t, p["a"], float("nan"))
+
+
+def test_residual_in_place_matches_add_and_finite_differences():
+    """residual_(h, x) = x + h in h's memory: no new activation, the same values and grads as add."""
+    rng = np.random.default_rng(3)
+    arrays = {"x": rng.standard_normal((2, 3, 4)), "w": rng.standard_normal((4, 4)), "r": rng.standard_normal((2, 3, 4))}
+    t, p, out = run_op(lambda t, p: ops.residual_(t, ops.linear(t, p["x"], p["w"]), p["r"]), arrays)
+    np.testing.assert_allclose(out.data, arrays["x"] @ arrays["w"].T + arrays["r"], rtol=1e-12)
+    top = t.acts.top
+    t.reset()
+    h = ops.linear(t, p["x"], p["w"])
+    assert ops.residual_(t, h, p["r"]) is h and t.acts.top == top
+    check_grads(lambda t, p: ops.residual_(t, ops.linear(t, p["x"], p["w"]), p["r"]), arrays)
+    with pytest.raises(ValueError, match="op output"):
+        run_op(lambda t, p: ops.residual_(t, p["r"], p["x"]), arrays)
+    with pytest.raises(ValueError, match="differ"):
+        run_op(lambda t, p: ops.residual_(t, ops.linear(t, p["x"], p["w"]), p["w"]), arrays)

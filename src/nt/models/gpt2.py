@@ -136,12 +136,12 @@ class GPT2(LanguageModel):
             qkv = self._linear(h, "qkvw", l, p["qkvb"][l])
             h = self._attention(qkv, cfg.n_head, cfg.n_head, 0, pos0, caches[l] if caches else None)
             h = self._linear(h, "attprojw", l, p["attprojb"][l])
-            x = ops.add(t, x, h)
+            x = ops.residual_(t, h, x)
             h = ops.layernorm(t, x, p["ln2w"][l], p["ln2b"][l])
             h = self._linear(h, "fcw", l, p["fcb"][l])
             h = ops.gelu(t, h)
             h = self._linear(h, "fcprojw", l, p["fcprojb"][l])
-            x = ops.add(t, x, h)
+            x = ops.residual_(t, h, x)
         return x
 
     def _head(self, x: Tensor) -> Tensor:

@@ -284,7 +284,7 @@ class Llama(LanguageModel):
         h = self._linear(h, "attn_out", l)
         if cfg.post_norms:
             h = self._norm(h, p["post_attn_norm"][l])
-        x = ops.add(t, x, ops.dropout(t, h, cfg.dropout))
+        x = ops.residual_(t, ops.dropout(t, h, cfg.dropout), x)
         h = self._norm(x, p["ffn_norm"][l])
         h = self._linear(h, "gate_up", l)
         h = ops.glu(t, h, FFN_ACTS[cfg.ffn_kind])
@@ -293,7 +293,7 @@ class Llama(LanguageModel):
         h = self._linear(h, "down", l)
         if cfg.post_norms:
             h = self._norm(h, p["post_ffn_norm"][l])
-        return ops.add(t, x, ops.dropout(t, h, cfg.dropout))
+        return ops.residual_(t, ops.dropout(t, h, cfg.dropout), x)
 
     def _trunk(self, idx: np.ndarray, pos0: int = 0, caches: Optional[list] = None) -> Tensor:
         """Embedding and every block: the final residual stream (B, T, C), before the norm."""
