@@ -313,9 +313,9 @@ def _attention_decode(parts, qkv, NH, NKV, window, lanes, split_len):
         for j0 in range(start, stop, rows):
             j = j0 + r
             live = j < stop
+            key = qkv[b, min(j, stop - 1)]     # rows past the end hold a real row, use nothing
             s = f(0)                           # this lane's share of q . k_j, each key read once
             if live:
-                key = qkv[b, j]
                 for i in range(NACC):
                     k = c + i * lanes
                     if k < hs:
