@@ -196,9 +196,13 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON object per (file, threads) instead of a table")
     ap.add_argument("--worker", choices=["nt", "llama.cpp"], help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
+    ap.add_argument("--make-files", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a)
+    if a.make_files:
+        files = make_files(a.make_files, a.types, a.files_dir, have_llama_cpp())
+        return print(json.dumps({k: str(v) for k, v in files.items()}))
     llama = have_llama_cpp()
     if a.vs_llama_cpp and not llama:
         print("llama-cpp-python is not installed: measuring nt alone "
@@ -215,7 +219,11 @@ def main() -> None:
             head += f" {'llc dec':>8s} {'llc pre':>8s} {'llc MB':>6s} {'dec x':>6s} {'pre x':>6s}"
         print(head)
     for shape in shapes:
-        files = make_files(shape, types, a.files_dir, llama)
+        # in a child process: a child's peak RSS counts its parent's at the fork, so the
+        # parent never loads a model
+        made = subprocess.run([sys.executable, __file__, "--make-files", shape, "--files-dir", str(a.files_dir),
+                               "--types", *types], stdout=subprocess.PIPE, check=True)
+        files = {k: Path(v) for k, v in json.loads(made.stdout.decode().strip().splitlines()[-1]).items()}
         for kind, path in files.items():
             for threads in a.threads:
                 runs = {e: [] for e in engines}
