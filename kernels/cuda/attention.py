@@ -235,11 +235,11 @@ def _attention_forward(out, lse, qkv, NH, NKV, window, q0, causal, lanes):
     c = cuda.threadIdx.x % lanes
     n_qblk = (T - q0 + rows - 1) // rows
     for task in range(cuda.blockIdx.x, B * NH * n_qblk, cuda.gridDim.x):
-        b = task // (NH * n_qblk)
-        h = task // n_qblk % NH
-        # the block's query positions first..last, the last (with the most keys when
-        # causal) scheduled first so that short blocks fill the tail of the grid
-        first = q0 + (n_qblk - 1 - task % n_qblk) * rows
+        # the block's query positions first..last; the block index varies slowest and the
+        # last blocks (the most keys when causal) go first, so short ones fill the tail
+        b = task // NH % B
+        h = task % NH
+        first = q0 + (n_qblk - 1 - task // (B * NH)) * rows
         last = min(T, first + rows) - 1
         t = first + r
         live = t <= last
@@ -420,9 +420,9 @@ def _attention_backward_q(dqkv, dout, qkv, lse, D, NH, NKV, window, q0, causal, 
     c = cuda.threadIdx.x % lanes
     n_qblk = (T - q0 + rows - 1) // rows
     for task in range(cuda.blockIdx.x, B * NH * n_qblk, cuda.gridDim.x):
-        b = task // (NH * n_qblk)
-        h = task // n_qblk % NH
-        first = q0 + (n_qblk - 1 - task % n_qblk) * rows  # the longest first, as in the forward
+        b = task // NH % B
+        h = task % NH
+        first = q0 + (n_qblk - 1 - task // (B * NH)) * rows  # the longest first, as in the forward
         last = min(T, first + rows) - 1
         t = first + r
         live = t <= last
@@ -478,9 +478,9 @@ def _attention_backward_kv(dqkv, dout, qkv, lse, D, NH, NKV, window, q0, causal,
     c = cuda.threadIdx.x % lanes
     n_kblk = (T + rows - 1) // rows
     for task in range(cuda.blockIdx.x, B * NKV * n_kblk, cuda.gridDim.x):
-        b = task // (NKV * n_kblk)
-        kv = task // n_kblk % NKV
-        first = task % n_kblk * rows           # key positions first..last; early keys (most queries) first
+        b = task // NKV % B
+        kv = task % NKV
+        first = task // (B * NKV) * rows       # key positions first..last; early keys (most queries) first
         last = min(T, first + rows) - 1
         j = first + r
         live = j <= last
