@@ -186,3 +186,46 @@ def matmul_t2(out, q, xs, qsum, w, f16):
                 isum = np.int32(isum + np.int32((byte & 3) * qn[k] + ((byte >> 2) & 3) * qn[k + K]
                                                 + ((byte >> 4) & 3) * qn[k + 2 * K] + (byte >> 6) * qn[k + 3 * K]))
             out[n, oc] = d * np.float32(isum - qsum[n]) * xs[n]
+
+
+# ---------------------------------------------------------------------- TQ1_0 (GGUF, 1.69 bits per weight)
+# 256 weights in 54 bytes: qs[48] | qh[4] | d f16. q = code + 1 in {0, 1, 2} are base-3 digits:
+# byte m of qs[0:32] holds elements m + 32j (j = 0..4), byte m of qs[32:48] elements
+# 160 + m + 16j, byte m of qh elements 240 + m + 4j (j = 0..3), the first element the most
+# significant digit; the number v is stored as ceil(v * 256 / 243), so digit j is recovered
+# as ((byte * 3^j) mod 256) * 3 >> 8.
+TQ1_BYTES = 54
+TQ1_GROUPS = ((0, 0, 32, 5), (32, 160, 16, 5), (48, 240, 4, 4))   # (byte offset, first element, bytes, digits)
+
+
+@njit(parallel=True, cache=True)
+def pack_tq1_0(raw, codes, d16):
+    """raw (nb * 54,) uint8 <- TQ1_0 blocks of ternary codes (nb * 256,) int8 with block scales d16 (nb,)."""
+    for b in prange(d16.shape[0]):
+        p, o = b * TQ1_BYTES, b * QK
+        for at, first, nbytes, digits in TQ1_GROUPS:
+            for m in range(nbytes):
+                v = 0
+                for j in range(digits):
+                    v = 3 * v + np.int64(codes[o + first + m + nbytes * j]) + 1
+                for j in range(digits, 5):   # qh's 4 digits sit in the top of a 5-digit number
+                    v *= 3
+                raw[p + at + m] = (v * 256 + 242) // 243
+        raw[p + 52] = d16[b] & 255
+        raw[p + 53] = d16[b] >> 8
+
+
+@njit(parallel=True, cache=True)
+def dequantize_tq1_0(out, raw, f16):
+    """out (nb * 256,) float32 <- d * (q - 1) of TQ1_0 blocks raw (nb * 54,) uint8."""
+    for b in prange(out.shape[0] // QK):
+        p, o = b * TQ1_BYTES, b * QK
+        d = f16[np.int64(raw[p + 52]) | (np.int64(raw[p + 53]) << 8)]
+        for at, first, nbytes, digits in TQ1_GROUPS:
+            for m in range(nbytes):
+                byte = np.int64(raw[p + at + m])
+                pow3 = 1
+                for j in range(digits):
+                    q = (((byte * pow3) & 255) * 3) >> 8
+                    out[o + first + m + nbytes * j] = d * np.float32(q - 1)
+                    pow3 *= 3

@@ -15,7 +15,7 @@ ternary codes packed 2 bits per weight with one float16 scale per row ("T2" rows
 nt.kernels.cpu.bitnet.pack_t2), and `linear_t2` multiplies them with int8 activation codes:
 integer products summed over the row, then one multiply by the row's weight scale and one
 by the activation row's scale. The model's `generate` uses it for prefill and decoding.
-GGUF files carry the same weights as llama.cpp's TQ2_0 (`to_tq2_0` / `from_tq2_0`).
+GGUF files carry the same weights as llama.cpp's TQ2_0 or TQ1_0 (`to_gguf_rows` / `from_gguf_rows`).
 """
 from __future__ import annotations
 
@@ -29,14 +29,14 @@ from .ops import _check, _grad
 from .tape import Tape
 from .tensor import Tensor
 
-__all__ = ["bitlinear", "linear_t2", "to_tq2_0", "from_tq2_0", "quantized_weight", "weight_quant", "act_quant", "pack_ternary", "ternary_codes", "pack",
-           "unpack_weights", "BITLINEAR", "QK", "TQ2_BYTES"]
+__all__ = ["bitlinear", "linear_t2", "to_gguf_rows", "from_gguf_rows", "quantized_weight", "weight_quant", "act_quant", "pack_ternary", "ternary_codes", "pack",
+           "unpack_weights", "BITLINEAR", "QK", "GGUF_TYPES"]
 
 # the projections of a Llama block that bitnet=True makes BitLinear (embeddings, norms and
 # the classifier stay full precision)
 BITLINEAR = ("qkvw", "attn_out", "gate_up", "down")
-QK = 256          # weights per TQ2_0 block (GGUF)
-TQ2_BYTES = 66    # bytes per TQ2_0 block
+QK = 256          # weights per TQ2_0 / TQ1_0 block (GGUF)
+GGUF_TYPES = {"TQ2_0": 66, "TQ1_0": 54}   # llama.cpp's ternary types: bytes per block
 
 
 def bitlinear(t: Tape, x: Tensor, weight: Tensor) -> Tensor:
@@ -159,16 +159,19 @@ def unpack_weights(w: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_tq2_0(w: np.ndarray) -> np.ndarray:
-    """T2 rows as llama.cpp's TQ2_0 rows (OC, C/256 * 66): the same codes, the row scale in every block."""
-    return quantize(unpack_weights(w), "TQ2_0")
+def to_gguf_rows(w: np.ndarray, type: str = "TQ2_0") -> np.ndarray:
+    """T2 rows as llama.cpp's TQ2_0 (OC, C/256 * 66) or TQ1_0 (OC, C/256 * 54) rows: the same
+    codes, the row scale in every block."""
+    if type not in GGUF_TYPES:
+        raise ValueError(f"ternary GGUF types are {GGUF_TYPES}, got {type!r}")
+    return quantize(unpack_weights(w), type)
 
 
-def from_tq2_0(rows: np.ndarray) -> np.ndarray:
-    """TQ2_0 rows (OC, C/256 * 66) as T2 rows. nt runs one scale per row: every block of a
-    row that is not all zeros must have the same scale (ValueError otherwise), as in files
+def from_gguf_rows(rows: np.ndarray, type: str = "TQ2_0") -> np.ndarray:
+    """TQ2_0 or TQ1_0 rows (OC, bytes) as T2 rows. nt runs one scale per row: every block of
+    a row that is not all zeros must have the same scale (ValueError otherwise), as in files
     nt writes and BitNet models with a per-tensor scale."""
-    values = dequantize(rows, "TQ2_0", (rows.shape[0], rows.shape[1] // TQ2_BYTES * QK))
+    values = dequantize(rows, type, (rows.shape[0], rows.shape[1] // GGUF_TYPES[type] * QK))
     scale = np.abs(values).max(axis=1)   # d of the row's non-zero blocks (values are 0 or +-d)
     codes = np.divide(values, scale[:, None], out=np.zeros_like(values), where=scale[:, None] > 0)
     if not np.array_equal(codes, np.rint(codes)):

@@ -123,22 +123,24 @@ def test_packed_matmul_equals_the_integer_reference_exactly():
     np.testing.assert_array_equal(out, scales[None, :] * isum.astype(np.float32) * xs[:, None])
 
 
-def test_packed_layout_and_tq2_0_conversion():
+@pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
+def test_packed_layout_and_gguf_ternary_conversion(qtype):
     rng = np.random.default_rng(5)
     codes = rng.integers(-1, 2, (4, 512)).astype(np.int8)
     rows = bitnet.pack_ternary(codes, 0.0371)
     assert rows.shape == (4, 512 // 4 + 2) and rows.dtype == np.uint8   # 2 bits per weight + an f16 scale per row
     want = codes.astype(np.float32) * np.float32(np.float16(0.0371))
     np.testing.assert_array_equal(bitnet.unpack_weights(rows), want)
-    tq = bitnet.to_tq2_0(rows)
-    assert tq.shape == (4, 2 * 66)
-    # the TQ2_0 bytes are ggml's (the gguf package's quantiser) and decode to the same values
-    np.testing.assert_array_equal(tq, np.asarray(gguf.quants.quantize(want, gguf.GGMLQuantizationType.TQ2_0)))
-    np.testing.assert_array_equal(gguf_dequantize(tq, gguf.GGMLQuantizationType.TQ2_0), want)
-    np.testing.assert_array_equal(bitnet.from_tq2_0(tq), rows)
-    mixed = quantize(want * np.repeat([[1.0, 0.5]], 256, axis=1).astype(np.float32), "TQ2_0")  # two scales in a row
+    tq = bitnet.to_gguf_rows(rows, qtype)
+    assert tq.shape == (4, 2 * bitnet.GGUF_TYPES[qtype])
+    # the bytes are ggml's (the gguf package's quantiser) and decode to the same values
+    Q = gguf.GGMLQuantizationType[qtype]
+    np.testing.assert_array_equal(tq, np.asarray(gguf.quants.quantize(want, Q)))
+    np.testing.assert_array_equal(gguf_dequantize(tq, Q), want)
+    np.testing.assert_array_equal(bitnet.from_gguf_rows(tq, qtype), rows)
+    mixed = quantize(want * np.repeat([[1.0, 0.5]], 256, axis=1).astype(np.float32), qtype)  # two scales in a row
     with pytest.raises(ValueError, match="one scale per row"):
-        bitnet.from_tq2_0(mixed)
+        bitnet.from_gguf_rows(mixed, qtype)
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
@@ -214,11 +216,12 @@ def test_packed_model_generates_what_the_trained_model_computes():
         packed.backward()
 
 
-def test_gguf_tq2_0_export_load_same_logits(tmp_path):
+@pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
+def test_gguf_ternary_export_load_same_logits(tmp_path, qtype):
     model = Llama(small_config(), seed=2).eval()
     packed = bitnet.pack(model)
-    write_gguf(tmp_path / "m.gguf", model, "TQ2_0")
-    write_gguf(tmp_path / "p.gguf", packed, "TQ2_0")
+    write_gguf(tmp_path / "m.gguf", model, qtype)
+    write_gguf(tmp_path / "p.gguf", packed, qtype)
     assert (tmp_path / "m.gguf").read_bytes() == (tmp_path / "p.gguf").read_bytes()
     loaded = load_gguf(tmp_path / "m.gguf")
     assert loaded.config == model.config and set(loaded.quantized.values()) == {"T2"}
@@ -227,9 +230,9 @@ def test_gguf_tq2_0_export_load_same_logits(tmp_path):
     # the gguf package reads the same ternary values nt multiplies by
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     tensors = {t.name: t for t in reader.tensors}
-    assert tensors["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.TQ2_0
+    assert tensors["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType[qtype]
     assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F32
-    down = gguf_dequantize(tensors["blk.1.ffn_down.weight"].data, gguf.GGMLQuantizationType.TQ2_0)
+    down = gguf_dequantize(tensors["blk.1.ffn_down.weight"].data, gguf.GGMLQuantizationType[qtype])
     codes, scale = bitnet.weight_quant(model.params["down"][1].numpy())
     np.testing.assert_array_equal(down, codes * np.float32(np.float16(scale)))   # the scale is stored as float16
     with pytest.raises(ValueError, match="TQ2_0"):

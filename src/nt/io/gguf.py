@@ -79,13 +79,14 @@ _DEQUANTIZE = {
     "Q5_0": quant.dequantize_q5_0, "Q5_1": quant.dequantize_q5_1, "Q8_0": quant.dequantize_q8_0,
     "Q2_K": quant.dequantize_q2_k, "Q3_K": quant.dequantize_q3_k, "Q4_K": quant.dequantize_q4_k,
     "Q5_K": quant.dequantize_q5_k, "Q6_K": quant.dequantize_q6_k, "TQ2_0": bitnet.dequantize_tq2_0,
+    "TQ1_0": bitnet.dequantize_tq1_0,
 }
 _CAST = {"F32": "<f4", "F64": "<f8", "I8": "<i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}
 DEQUANTIZE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
-                    "Q4_K", "Q5_K", "Q6_K", "TQ2_0", "F64", "I8", "I16", "I32", "I64")
-WRITE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "TQ2_0")
+                    "Q4_K", "Q5_K", "Q6_K", "TQ2_0", "TQ1_0", "F64", "I8", "I16", "I32", "I64")
+WRITE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "TQ2_0", "TQ1_0")
 # llama.cpp's general.file_type for a file whose matrices are all of one type
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32, "TQ2_0": 37}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32, "TQ1_0": 36, "TQ2_0": 37}
 
 
 @dataclass(frozen=True)
@@ -350,10 +351,10 @@ def _align(n: int, alignment: int) -> int:
 def quantize(x: np.ndarray, type: str) -> np.ndarray:
     """Encode float values as ggml `type` (one of WRITE_TYPES) along the last axis.
 
-    Returns uint8 of shape (*x.shape[:-1], bytes per row); Q8_0, Q4_0 and TQ2_0 round exactly
-    as ggml's reference quantisers, F16 and BF16 round to nearest even. TQ2_0 (ternary: d =
-    max|x| per 256-block, codes round(x / d) in {-1, 0, 1}) is exact for ternary-valued
-    blocks, e.g. a BitNet weight's codes times its scale; anything else loses precision."""
+    Returns uint8 of shape (*x.shape[:-1], bytes per row); Q8_0, Q4_0, TQ2_0 and TQ1_0 round
+    exactly as ggml's reference quantisers, F16 and BF16 round to nearest even. TQ2_0 and
+    TQ1_0 (ternary: d = max|x| per 256-block, codes round(x / d) in {-1, 0, 1}) are exact for
+    ternary-valued blocks, e.g. a BitNet weight's codes times its scale; anything else loses precision."""
     if type not in WRITE_TYPES:
         raise ValueError(f"nt writes {', '.join(WRITE_TYPES)}; got type {type!r}")
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -370,7 +371,7 @@ def quantize(x: np.ndarray, type: str) -> np.ndarray:
         bits = np.empty(flat.size, dtype=np.uint16)
         quant.quantize_bf16(bits, flat.view(np.uint32))
         raw = bits.astype("<u2").view(np.uint8)
-    elif type == "TQ2_0":
+    elif type in ("TQ2_0", "TQ1_0"):
         blocks = flat.reshape(-1, bs)
         d = np.abs(blocks).max(axis=1, keepdims=True)
         with np.errstate(divide="ignore"):
@@ -378,7 +379,8 @@ def quantize(x: np.ndarray, type: str) -> np.ndarray:
         scaled = blocks * inv
         codes = (np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))).astype(np.int8)  # half away from 0
         raw = np.empty(flat.size // bs * ts, dtype=np.uint8)
-        bitnet.pack_tq2_0(raw, codes.reshape(-1), d.reshape(-1).astype("<f2").view(np.uint16))
+        (bitnet.pack_tq2_0 if type == "TQ2_0" else bitnet.pack_tq1_0)(
+            raw, codes.reshape(-1), d.reshape(-1).astype("<f2").view(np.uint16))
     else:
         nb = flat.size // bs
         raw = np.zeros(nb * ts, dtype=np.uint8)

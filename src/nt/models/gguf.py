@@ -416,9 +416,9 @@ def _kept_quantized(f: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
     if cfg.bitnet:
         for name in (f"blk.{l}.{g}" for l in range(cfg.n_layers) for m, g, _, _ in _layer_tensors(cfg)
                      if m in _KEPT_MATRICES):
-            if f.tensor_infos[name].type != "TQ2_0":
+            if f.tensor_infos[name].type not in bitnet.GGUF_TYPES:
                 raise FormatError(f"{f.path}: tensor {name!r} is {f.tensor_infos[name].type}; a bitnet file's "
-                                  "projections must be TQ2_0 (ternary codes and their scales)")
+                                  "projections must be TQ2_0 or TQ1_0 (ternary codes and their scales)")
         return {n: "T2" for n in _KEPT_MATRICES}
     groups = {n: [f"blk.{l}.{g}" for l in range(cfg.n_layers) for m, g, _, _ in _layer_tensors(cfg) if m == n]
               for n in _KEPT_MATRICES}
@@ -442,12 +442,12 @@ def _raw_rows(f: GGUFFile, name: str) -> np.ndarray:
     float16 scales (the first two bytes in Q8_0 and Q4_0, the last two in TQ2_0) must be finite."""
     rows = np.array(f.raw(name)).reshape(f.tensor_infos[name].shape[0], -1)
     block, at, n = {"Q8_0": (34, 0, 1), "Q4_0": (18, 0, 1), "Q4_K": (144, 0, 2), "Q6_K": (210, 208, 1),
-                    "TQ2_0": (66, 64, 1)}[f.tensor_infos[name].type]   # bytes, first f16 scale, scales
+                    "TQ2_0": (66, 64, 1), "TQ1_0": (54, 52, 1)}[f.tensor_infos[name].type]   # bytes, first f16 scale, scales
     scales = rows.reshape(-1, block)[:, at:at + 2 * n].copy().view("<f2")
     require_finite(scales, f"{f.path}: tensor {name!r} (block scales)")
-    if f.tensor_infos[name].type == "TQ2_0":   # a BitNet projection: nt runs it as T2 rows
+    if f.tensor_infos[name].type in bitnet.GGUF_TYPES:   # a BitNet projection: nt runs it as T2 rows
         try:
-            return bitnet.from_tq2_0(rows)
+            return bitnet.from_gguf_rows(rows, f.tensor_infos[name].type)
         except ValueError as e:
             raise FormatError(f"{f.path}: tensor {name!r}: {e}") from None
     return rows
@@ -764,8 +764,8 @@ def write(path, model: LanguageModel, dtype: str = "F32", metadata: Optional[dic
     if dtype not in WRITE_TYPES:
         raise ValueError(f"dtype must be one of {', '.join(WRITE_TYPES)}, got {dtype!r}")
     bitnet_model = isinstance(model, Llama) and model.config.bitnet
-    if (dtype == "TQ2_0") != bitnet_model:
-        raise ValueError("a BitNet Llama (config.bitnet) is written as TQ2_0, and TQ2_0 holds only BitNet "
+    if (dtype in bitnet.GGUF_TYPES) != bitnet_model:
+        raise ValueError("a BitNet Llama (config.bitnet) is written as TQ2_0 or TQ1_0, and those hold only BitNet "
                          f"models' ternary weights; got dtype {dtype!r} for a {'' if bitnet_model else 'non-'}BitNet model")
     if isinstance(model, GPT2):
         meta, arrays = _gpt2_export(model)
@@ -784,12 +784,12 @@ def write(path, model: LanguageModel, dtype: str = "F32", metadata: Optional[dic
     _, bs, _ = GGML_TYPES[GGML_TYPE_IDS[dtype]]
     # BitNet: only the projections are ternary; the embedding and classifier stay F32
     ternary = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
-    uneven = [n for n, a in arrays.items() if dtype == "TQ2_0" and n.split(".", 2)[-1].startswith(ternary)
+    uneven = [n for n, a in arrays.items() if dtype in bitnet.GGUF_TYPES and n.split(".", 2)[-1].startswith(ternary)
               and a.shape[-1] % bs]
     if uneven:
-        raise ValueError(f"TQ2_0 packs rows in blocks of {bs} weights: {uneven[0]} has shape {arrays[uneven[0]].shape} "
+        raise ValueError(f"{dtype} packs rows in blocks of {bs} weights: {uneven[0]} has shape {arrays[uneven[0]].shape} "
                          f"(a BitNet model exported to GGUF needs widths that are multiples of {bs})")
     tensors = {name: (a, dtype if a.ndim >= 2 and a.shape[-1] % bs == 0
-                      and (dtype != "TQ2_0" or name.split(".", 2)[-1].startswith(ternary)) else "F32")
+                      and (dtype not in bitnet.GGUF_TYPES or name.split(".", 2)[-1].startswith(ternary)) else "F32")
                for name, a in arrays.items()}
     write_gguf(path, meta, tensors)
