@@ -179,6 +179,10 @@ def test_k_quant_decoding_matches_dequantized(monkeypatch):
     lf = _tape_step_logits(ref, tokens, 4, monkeypatch)    # the fused float path = the tape's
     assert np.abs(lr - lf).max() <= 1e-5 * np.abs(lf).max()
     assert np.array_equal(ref.generate(tokens[:4], 5, temperature=0), q.generate(tokens[:4], 5, temperature=0))
+    q.qweights["down"] = q.qweights["down"][:, :, :-210].copy()   # a block short: refused, not read past
+    q._begin_generation(8, 1)
+    with pytest.raises(ValueError, match="quantised down must be"):
+        q._decode_one(int(tokens[0]), 1)
 
 
 def test_linear_q_rejects_bad_input():

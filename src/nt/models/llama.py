@@ -361,13 +361,14 @@ class Llama(LanguageModel):
         from nt.kernels.cpu import quant
         cfg, p, L = self.config, self.params, self.config.n_layers
         none_f, none_q = np.zeros((L, 0, 0), np.float32), np.zeros((L, 0, 0), np.uint8)
+        shapes = {name: (L,) + shape[-2:] for name, shape, _ in param_layout(cfg)}
         wf, wq, codes = [], [], []
         for name in ("qkvw", "attn_out", "gate_up", "down"):
             if name in self.quantized:
                 if isinstance(self.qweights[name], list):   # one (L, OC, bytes) array from now on
                     self.qweights[name] = np.stack(self.qweights[name])
                 wf.append(none_f)
-                wq.append(self.qweights[name])
+                wq.append(_checked_blocks(self.qweights[name], name, self.quantized[name], shapes[name]))
                 codes.append(quant.QDOT_CODES[self.quantized[name]])
             else:
                 wf.append(p[name].data)
@@ -376,6 +377,7 @@ class Llama(LanguageModel):
         if "lm_head" in self.quantized or (cfg.tie_embeddings and self.tied_head is not None):
             kind, head_q = (self.quantized["lm_head"], self.qweights["lm_head"]) if "lm_head" in self.quantized \
                 else self.tied_head
+            head_q = _checked_blocks(head_q, "classifier", kind, (head_q.shape[0], cfg.dim))
             head_f = none_f[0]
             codes.append(quant.QDOT_CODES[kind])
         else:
@@ -386,3 +388,15 @@ class Llama(LanguageModel):
         return (p["wte"].data, p["attn_norm"].data, p["ffn_norm"].data, p["norm_f"].data, tuple(wf), tuple(wq),
                 np.array(codes, np.int64), head_f, head_q, cache, inv_freq, cfg.rope_pairing == "half",
                 cfg.n_heads, cfg.n_kv_heads, np.float32(cfg.norm_eps), head_f.shape[0] or head_q.shape[0])
+
+
+def _checked_blocks(w: np.ndarray, name: str, kind: str, shape: tuple) -> np.ndarray:
+    """w if it holds `shape` (..., OC, C) as C-contiguous uint8 rows of `kind` blocks, else
+    ValueError: the decoding kernels read the blocks unchecked."""
+    bs, ts, _ = ops.QUANT_FORMATS[kind]
+    want = shape[:-1] + (shape[-1] // bs * ts,)
+    if shape[-1] % bs or not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.shape != want \
+            or not w.flags.c_contiguous:
+        raise ValueError(f"quantised {name} must be C-contiguous uint8 {want} ({kind} rows of {shape[-1]} "
+                         f"values), got {getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
+    return w
