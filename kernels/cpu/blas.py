@@ -18,6 +18,7 @@ from llvmlite import ir
 from numba import cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
+from numba.np.ufunc import parallel as _numba_parallel
 
 for _name in ("sgemm", "dgemm", "sgemv", "dgemv"):
     llvm.add_symbol("nt_" + _name, get_cython_function_address("scipy.linalg.cython_blas", _name))
@@ -126,3 +127,9 @@ llvm.add_symbol("nt_blas_set_threads", _set_threads)
 # OpenBLAS's thread pool for every call. With another BLAS these do nothing.
 blas_get_threads = types.ExternalFunction("nt_blas_get_threads", types.intc())
 blas_set_threads = types.ExternalFunction("nt_blas_set_threads", types.void(types.intc))
+
+# Numba's own get_num_threads() inside a kernel calls a ctypes pointer, which keeps the
+# kernel out of the cache; the same C function registered by name caches like the BLAS calls.
+_numba_parallel._launch_threads()
+llvm.add_symbol("nt_numba_num_threads", ctypes.cast(_numba_parallel._get_num_threads, ctypes.c_void_p).value)
+numba_num_threads = types.ExternalFunction("nt_numba_num_threads", types.intc())

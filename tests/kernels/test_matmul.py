@@ -73,3 +73,20 @@ def test_linear_transposed_rejects_mismatch():
     _, p, _ = run_op(lambda t, p: p["x"], {"x": np.ones((2, 5)), "w": np.ones((3, 5))})
     with pytest.raises(ValueError, match="transposed"):
         ops.linear(Tape("cpu", np.float64), p["x"], p["w"], transposed=True)
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("M, N", [(37, 70), (70, 37)])  # cut along columns, then along rows
+def test_split_gemm_matches_numpy(trans_a, trans_b, M, N):
+    """Every slab of the output lands where it belongs, the last one narrower than the
+    others, for each transpose pair, and beta keeps what C held."""
+    from nt.kernels.cpu.matmul import split_gemm
+    rng = np.random.default_rng(4)
+    K = 9
+    A = rng.standard_normal((K, M) if trans_a else (M, K))
+    B = rng.standard_normal((N, K) if trans_b else (K, N))
+    C = rng.standard_normal((M, N))
+    ref = 0.5 * (A.T if trans_a else A) @ (B.T if trans_b else B) + 2.0 * C
+    split_gemm(trans_a, trans_b, M, N, K, 0.5, A, A.shape[1], B, B.shape[1], 2.0, C, N)
+    np.testing.assert_allclose(C, ref, rtol=1e-12, atol=1e-12)
