@@ -458,7 +458,11 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
     if device != "cpu":   # the K-quant integer kernels are CPU-only: dequantise those matrices
         quantized = {n: k for n, k in quantized.items() if k not in ("Q4_K", "Q6_K")}
     model = Llama(cfg, device=device, seed=None, quantized=quantized)
-    host = np.zeros(model.params.numel, dtype=np.float32)
+    # on the CPU the parameters are filled in place (no second copy of the weights at the
+    # peak); elsewhere through one host array
+    in_place = device == "cpu" and model.params.size == model.params.numel
+    host = model.params.flat if in_place else np.empty(model.params.numel, dtype=np.float32)
+    host[:] = 0.0   # the embedding's padded rows
     p = _param_views(model, host)
     p["wte"][:cfg.vocab_size] = _dequantized(f, "token_embd.weight")
     embd_type = f.tensor_infos["token_embd.weight"].type
@@ -479,7 +483,8 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
         model.qweights["lm_head"] = _raw_rows(f, "output.weight")
     elif not cfg.tie_embeddings:
         p["lm_head"][:cfg.vocab_size] = _dequantized(f, "output.weight")
-    model.load_flat(host)
+    if not in_place:
+        model.load_flat(host)
     if device != "cpu":   # the blocks live where the matmul runs
         model.qweights = {n: model.tape.k.to_device(rows) for n, rows in model.qweights.items()}
     return model
