@@ -2,21 +2,21 @@
 
 The tape path runs ~15 ops per layer, each a Python call and a parallel region; at 58M
 parameters a token is ~1 ms of arithmetic, so that overhead and thread start-up dominated
-(and 2 threads ran slower than 1). Here one call does the whole token: per layer five
-parallel regions, each splitting output rows (or heads) across threads,
+(and 2 threads ran slower than 1). Here one call does the whole token: per layer four
+parallel regions, each splitting independent work across threads,
 
-    rmsnorm -> [quantise x] -> qkv rows -> RoPE + KV-cache append      (qkv region)
-    attention over the cache, one head per task                         (heads region)
-    [quantise] -> out rows, added into the residual in place            (out region)
-    rmsnorm -> [quantise] -> gate_i, up_i rows -> silu(gate_i) * up_i   (gate_up region, SwiGLU fused)
-    [quantise] -> down rows, added into the residual                    (down region)
+    rmsnorm -> [quantise x] -> per kv head: its q, k, v rows, RoPE, KV-cache append,
+                               attention of its q heads                 (qkv_attention)
+    [quantise] -> out rows, added into the residual in place            (matvec)
+    rmsnorm -> [quantise] -> gate_i, up_i rows -> silu(gate_i) * up_i   (swiglu_matvec)
+    [quantise] -> down rows, added into the residual                    (matvec)
 
 then the final norm and the classifier rows. The small per-token work (a norm, quantising
-one activation row, RoPE of one position) runs on the calling thread between regions. Each
-weight byte is read once per token. A matrix is float32 (code -1: `wf`, rows dotted in
-float32 with reassociation so they vectorise) or ggml blocks (code >= 0, see
-quant.QDOT_CODES: `wq`, integer dots against the activation quantised once per matrix).
-No BLAS is called, so no second thread pool competes with Numba's.
+one activation row) runs on the calling thread between regions. Each weight byte is read
+once per token. A matrix is float32 (code -1: `wf`, rows dotted in float32 with
+reassociation so they vectorise) or ggml blocks (code >= 0, see quant.QDOT_CODES: `wq`,
+integer dots against the activation quantised once per matrix). No BLAS is called, so no
+second thread pool competes with Numba's.
 """
 import numpy as np
 from numba import njit, prange
@@ -72,32 +72,53 @@ def swiglu_matvec(act, x, wf, wq, code, xq, xd, xs):
         act[i] = g / (np.float32(1.0) + np.exp(-g)) * u
 
 
-@njit(parallel=True, cache=True)
-def attend(att, cache, pos, NH, NKV, hs, scores):
-    """att (NH*hs,) = causal attention of the q heads in cache[pos] over keys/values
-    cache[0..pos] (rows laid out q | k | v heads), one head per task."""
+@njit(cache=True)
+def _attend_head(o, cache, pos, q0, k0, v0, hs, s):
+    """o (hs,) = softmax over t <= pos of q . k_t / sqrt(hs), times v_t: q at cache[pos, q0:],
+    k_t at cache[t, k0:], v_t at cache[t, v0:]; s (pos + 1,) scratch."""
     scale = np.float32(1.0 / np.sqrt(hs))
+    q = cache[pos, q0:q0 + hs]
+    m = np.float32(-np.inf)
+    for t in range(pos + 1):
+        s[t] = _fdot(cache[t, k0:k0 + hs], q) * scale
+        m = max(m, s[t])
+    z = np.float32(0.0)
+    for t in range(pos + 1):
+        s[t] = np.exp(s[t] - m)
+        z += s[t]
+    o[:] = 0.0
+    for t in range(pos + 1):
+        p = s[t] / z
+        v = cache[t, v0:v0 + hs]
+        for c in range(hs):
+            o[c] += p * v[c]
+
+
+@njit(parallel=True, cache=True)
+def qkv_attention(att, x, wf, wq, code, xq, xd, xs, cache, pos, inv_freq, half, NH, NKV, scores):
+    """The first half of attention for position pos, one task per key/value head g: the rows
+    of W . x for g's query heads and for its k and v heads, written to cache[pos] (layout
+    q | k | v heads), RoPE on them, then attention of g's query heads over cache[0..pos] into
+    att (NH*hs,). The tasks share nothing, so one parallel region does the work of three."""
+    a = xq[:x.shape[0]]
+    _quantize_for(code, x, a, xd, xs)
+    hs = cache.shape[1] // (NH + 2 * NKV)
     group = NH // NKV
-    k0, v0 = NH * hs, (NH + NKV) * hs
-    for h in prange(NH):
-        q = cache[pos, h * hs:(h + 1) * hs]
-        kv = (h // group) * hs
-        s = scores[h]
-        m = np.float32(-np.inf)
-        for t in range(pos + 1):
-            s[t] = _fdot(cache[t, k0 + kv:k0 + kv + hs], q) * scale
-            m = max(m, s[t])
-        z = np.float32(0.0)
-        for t in range(pos + 1):
-            s[t] = np.exp(s[t] - m)
-            z += s[t]
-        o = att[h * hs:(h + 1) * hs]
-        o[:] = 0.0
-        for t in range(pos + 1):
-            p = s[t] / z
-            v = cache[t, v0 + kv:v0 + kv + hs]
-            for c in range(hs):
-                o[c] += p * v[c]
+    row = cache[pos]
+    for g in prange(NKV):
+        k0, v0 = (NH + g) * hs, (NH + NKV + g) * hs
+        for r in range(g * group * hs, (g + 1) * group * hs):
+            row[r] = _row(r, x, wf, wq, code, a, xd, xs)
+        for r in range(hs):
+            row[k0 + r] = _row(k0 + r, x, wf, wq, code, a, xd, xs)
+            row[v0 + r] = _row(v0 + r, x, wf, wq, code, a, xd, xs)
+        for h in range(g * group, (g + 1) * group):   # RoPE in place (it rewrites each pair it reads)
+            q = row[h * hs:(h + 1) * hs]
+            _rotate_row(q, q, pos, inv_freq, half, 1.0, 1, hs, False)
+        k = row[k0:k0 + hs]
+        _rotate_row(k, k, pos, inv_freq, half, 1.0, 1, hs, False)
+        for h in range(g * group, (g + 1) * group):
+            _attend_head(att[h * hs:(h + 1) * hs], cache, pos, h * hs, k0, v0, hs, scores[h])
 
 
 @njit(cache=True)
@@ -124,10 +145,8 @@ def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, wf, 
     scores = np.empty((NH, pos + 1), np.float32)
     for l in range(L):
         _rmsnorm_row(h, x, attn_norm[l], eps)
-        row = cache[l, pos]
-        matvec(row, h, wf[0][l], wq[0][l], codes[0], xq, xd, xs, False)
-        _rotate_row(row, row.copy(), pos, inv_freq, half, 1.0, NH + NKV, hs, False)
-        attend(att, cache[l], pos, NH, NKV, hs, scores)
+        qkv_attention(att, h, wf[0][l], wq[0][l], codes[0], xq, xd, xs, cache[l], pos, inv_freq, half, NH, NKV,
+                      scores)
         matvec(x, att, wf[1][l], wq[1][l], codes[1], xq, xd, xs, True)
         _rmsnorm_row(h, x, ffn_norm[l], eps)
         swiglu_matvec(act, h, wf[2][l], wq[2][l], codes[2], xq, xd, xs)
