@@ -75,18 +75,24 @@ def test_linear_transposed_rejects_mismatch():
         ops.linear(Tape("cpu", np.float64), p["x"], p["w"], transposed=True)
 
 
-@pytest.mark.parametrize("trans_a", [False, True])
-@pytest.mark.parametrize("trans_b", [False, True])
-@pytest.mark.parametrize("M, N", [(37, 70), (70, 37)])  # cut along columns, then along rows
-def test_split_gemm_matches_numpy(trans_a, trans_b, M, N):
-    """Every slab of the output lands where it belongs, the last one narrower than the
-    others, for each transpose pair, and beta keeps what C held."""
-    from nt.kernels.cpu.matmul import split_gemm
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("N, C, OC", [(37, 9, 70), (20, 70, 37), (70, 9, 20)])
+def test_matmul_slabs_match_numpy(N, C, OC, transposed):
+    """The kernels cut each product into one slab per thread along its longer side: these
+    shapes cut every product (forward, input grad, weight grad) along columns in one case
+    and rows in another, the last slab narrower than the others, and accumulate."""
+    from nt.kernels.cpu import matmul_backward, matmul_forward
     rng = np.random.default_rng(4)
-    K = 9
-    A = rng.standard_normal((K, M) if trans_a else (M, K))
-    B = rng.standard_normal((N, K) if trans_b else (K, N))
-    C = rng.standard_normal((M, N))
-    ref = 0.5 * (A.T if trans_a else A) @ (B.T if trans_b else B) + 2.0 * C
-    split_gemm(trans_a, trans_b, M, N, K, 0.5, A, A.shape[1], B, B.shape[1], 2.0, C, N)
-    np.testing.assert_allclose(C, ref, rtol=1e-12, atol=1e-12)
+    x, dout, bias = rng.standard_normal((N, C)), rng.standard_normal((N, OC)), rng.standard_normal(OC)
+    w = rng.standard_normal((C, OC) if transposed else (OC, C))
+    wm = w if transposed else w.T  # x @ wm is the product
+    out = np.empty((N, OC))
+    matmul_forward(out, x, w, bias, transposed)
+    np.testing.assert_allclose(out, x @ wm + bias, rtol=1e-12, atol=1e-12)
+    dx0, dw0, db0 = (rng.standard_normal(a.shape) for a in (x, w, bias))
+    dx, dw, db = dx0.copy(), dw0.copy(), db0.copy()
+    matmul_backward(dx, dw, db, dout, x, w, transposed)
+    np.testing.assert_allclose(dx, dx0 + dout @ wm.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, dw0 + (x.T @ dout if transposed else dout.T @ x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(db, db0 + dout.sum(0), rtol=1e-12, atol=1e-12)
