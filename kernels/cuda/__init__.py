@@ -11,6 +11,7 @@ from .activations import (GELU, GELU_TANH, SIGMOID, SILU, act_backward, act_forw
 from .align import dpo_backward, dpo_forward, grpo_backward, grpo_forward
 from .bitnet import act_quant, bitlinear_backward, bitlinear_forward, weight_quant
 from .attention import attention_backward, attention_forward, attention_work_shape
+from .cublas import set_tf32  # float32 GEMMs on TF32 tensor cores: off unless asked for
 from .dropout import dropout_backward, dropout_forward
 from .elementwise import (add_backward, add_forward, concat_backward, concat_forward, mul_backward,
                           mul_forward, scale_backward, scale_forward, sum_rows_backward, sum_rows_forward)
