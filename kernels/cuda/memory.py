@@ -27,9 +27,11 @@ def fill_(x, value):
 def copy_(dst, src):
     """dst[:] = src, where src is a host (NumPy) or device array of the same shape.
 
-    A host array goes through a pinned staging buffer and an asynchronous copy on the
-    default stream (_upload): ordered with the kernels, no wait for the GPU."""
-    if isinstance(src, np.ndarray):
+    A small host array (a step's ids, targets, step counts) goes through a pinned staging
+    buffer and an asynchronous copy on the default stream (_upload): ordered with the
+    kernels, no wait for the GPU. A large one (loading weights, once) is copied directly,
+    so the staging buffers stay small."""
+    if isinstance(src, np.ndarray) and src.nbytes <= _STAGE_BYTES:
         _upload(dst, src)
     else:
         dst.copy_to_device(src)
@@ -45,6 +47,7 @@ class _Staging:
 
 
 _STAGING = [_Staging() for _ in range(4)]  # used in turn: a buffer is reused 4 uploads later
+_STAGE_BYTES = 1 << 22  # 4 MB: ids and targets of B*T up to 10^6 tokens
 _turn = [0]
 
 

@@ -293,6 +293,11 @@ def test_uploads_go_through_staging_in_turn():
         a[:] = -1  # the caller may reuse its array at once
     for i, d in enumerate(dev):
         np.testing.assert_array_equal(gpu.to_host(d), np.arange(i, i + 7, dtype=np.float32))
+    big = np.arange(memory._STAGE_BYTES // 4 + 1, dtype=np.float32)  # weights: copied directly
+    d = gpu.empty(big.size, np.float32)
+    gpu.copy_(d, big)
+    np.testing.assert_array_equal(gpu.to_host(d), big)
+    assert all(stage.buf.nbytes <= memory._STAGE_BYTES for stage in memory._STAGING)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
