@@ -100,6 +100,7 @@ def signatures(f):
         (softmax_xent._xent_rows, (A1, A1, A2, I1, I, F, F)),
         (softmax_xent._xent_mean, (A1, A1, I1)),
         (softmax_xent._xent_backward, (A2, A1, A2, A1, I1, I, F, F)),
+        (softmax_xent._xent_grad, (A2, A1, A1, I1, I, F, F)),  # the fused classifier + loss, in place
         (softmax_xent._logprobs_forward, (A1, A1, A2, I1, I)),
         (softmax_xent._logprobs_backward, (A2, A1, A2, A1, I1, I)),
         (softmax_xent._kl_rows, (A1, A2, A2, A2, I1, I, F)),
