@@ -37,6 +37,8 @@ __all__ = ["bitlinear", "linear_t2", "to_gguf_rows", "from_gguf_rows", "quantize
 BITLINEAR = ("qkvw", "attn_out", "gate_up", "down")
 QK = 256          # weights per TQ2_0 / TQ1_0 block (GGUF)
 GGUF_TYPES = {"TQ2_0": 66, "TQ1_0": 54}   # llama.cpp's ternary types: bytes per block
+# from this many rows on (a prompt's prefill) linear_t2 expands the codes for one BLAS call
+DEQUANT_ROWS = 16
 
 
 def bitlinear(t: Tape, x: Tensor, weight: Tensor) -> Tensor:
@@ -68,8 +70,12 @@ def _bitlinear_backward(k, out, x, weight, xq, wq):
 
 def linear_t2(t: Tape, x: Tensor, w: np.ndarray) -> Tensor:
     """out = x @ W^T for W (OC, C) stored as T2 rows `w` (OC, C/4 + 2) uint8 (pack_ternary),
-    with x quantised per row to int8 codes (the BitLinear activation rule) and integer
-    products. Inference only, CPU, float32: a backward through it raises RuntimeError."""
+    with x quantised per row to int8 codes (the BitLinear activation rule). Fewer than
+    DEQUANT_ROWS rows (decoding): integer products on the packed codes (matmul_t2). More
+    (prefill): the codes are expanded into the tape's scratch (OC x C float32, reused) and
+    multiplied with the dequantised activation codes in one BLAS call, as ops.linear_q does
+    (the same products, summed in float32: BLAS is ~10x the integer kernel at many rows).
+    Inference only, CPU, float32: a backward through it raises RuntimeError."""
     _check(x, "x", None, t)
     if not hasattr(t.k, "matmul_t2"):
         raise NotImplementedError(f"linear_t2: the {t.k.DEVICE} backend has no ternary matmul (CPU only)")
@@ -84,12 +90,19 @@ def linear_t2(t: Tape, x: Tensor, w: np.ndarray) -> Tensor:
                          f"got {getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
     OC, N = w.shape[0], x.size // C
     out = t.new(x.shape[:-1] + (OC,))
+    t.record(_linear_t2_backward)
+    if N >= DEQUANT_ROWS:
+        wf = t.work((OC, C))
+        t.k.unpack_t2(wf, w, t.k.F16_TABLE)
+        xq, xs = t.new_saved((N, C)), t.new_saved((N,))
+        t.k.act_quant(xq.data, xs.data, x.data.reshape(N, C))
+        t.k.matmul_forward(out.data.reshape(N, OC), xq.data, wf, wf.reshape(-1)[:0])   # no bias
+        return out
     q = t.ints.alloc((N, (C + 1) // 2)).data.view(np.int16)   # int8 codes, held as int16 (half an int32 each)
     qsum = t.ints.alloc((N,))
     xs = t.new_saved((N,))
     t.k.act_quant_int8(q, xs.data, qsum.data, x.data.reshape(N, C))
     t.k.matmul_t2(out.data.reshape(N, OC), q, xs.data, qsum.data, w, t.k.F16_TABLE)
-    t.record(_linear_t2_backward)
     return out
 
 

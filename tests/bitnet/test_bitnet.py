@@ -121,6 +121,14 @@ def test_packed_matmul_equals_the_integer_reference_exactly():
     # the definition: an exact integer dot product per output, then the row scale, then the activation scale
     isum = q.astype(np.int64) @ codes.T.astype(np.int64)
     np.testing.assert_array_equal(out, scales[None, :] * isum.astype(np.float32) * xs[:, None])
+    # a prefill's many rows take the expand-then-BLAS path: the same products, a float sum
+    N = bitnet.DEQUANT_ROWS
+    x = rng.standard_normal((N, C)).astype(np.float32)
+    q, xs = bitnet.act_quant(x)
+    xt = t.new((N, C))
+    xt.data[...] = x
+    want = scales[None, :] * (q.astype(np.int64) @ codes.T.astype(np.int64)) * xs[:, None].astype(np.float64)
+    np.testing.assert_allclose(bitnet.linear_t2(t, xt, w).numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
