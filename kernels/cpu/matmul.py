@@ -22,43 +22,44 @@ SLAB_ALIGN = 16  # slab widths are multiples of 16 elements: 64-byte cache lines
 
 
 @njit(cache=True)
-def _gemm_slab(slab, slabs, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
-    """Slab `slab` of `slabs` of the product gemm(trans_a, trans_b, M, N, K, ...) (blas.gemm's
-    arguments): a band of C's columns when N >= M, else of its rows, the band's width a
-    multiple of SLAB_ALIGN (the last band may be empty).
-    Operands go to BLAS as flat arrays starting at the band (reshape refuses a
-    non-contiguous array rather than copying it): one specialization of gemm for all."""
-    a_off = b_off = c_off = 0
+def _band(slab, slabs, M, N):
+    """Rows [r0, r1) and columns [c0, c1) of slab `slab` of `slabs` of an (M, N) output:
+    a band of columns when N >= M, else of rows, its width a multiple of SLAB_ALIGN (the
+    last band may be empty)."""
     if N >= M:
         width = ((N + slabs - 1) // slabs + SLAB_ALIGN - 1) // SLAB_ALIGN * SLAB_ALIGN
-        lo = slab * width
-        rows, cols = M, min(N, lo + width) - lo
-        b_off = lo * ldb if trans_b else lo
-        c_off = lo
-    else:
-        height = ((M + slabs - 1) // slabs + SLAB_ALIGN - 1) // SLAB_ALIGN * SLAB_ALIGN
-        lo = slab * height
-        rows, cols = min(M, lo + height) - lo, N
-        a_off = lo if trans_a else lo * lda
-        c_off = lo * ldc
-    if rows > 0 and cols > 0:
-        gemm(trans_a, trans_b, rows, cols, K, alpha, A.reshape(-1)[a_off:], lda, B.reshape(-1)[b_off:], ldb,
-             beta, C.reshape(-1)[c_off:], ldc)
+        c0 = min(N, slab * width)
+        return 0, M, c0, min(N, c0 + width)
+    height = ((M + slabs - 1) // slabs + SLAB_ALIGN - 1) // SLAB_ALIGN * SLAB_ALIGN
+    r0 = min(M, slab * height)
+    return r0, min(M, r0 + height), 0, N
 
 
+@njit(cache=True)
+def _gemm_slab(slab, slabs, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
+    """Slab `slab` of `slabs` (see _band) of gemm(trans_a, trans_b, M, N, K, ...) (blas.gemm's
+    arguments). Operands go to BLAS as flat arrays starting at the band (reshape refuses
+    a non-contiguous array rather than copying it): one specialization of gemm for all."""
+    r0, r1, c0, c1 = _band(slab, slabs, M, N)
+    if r1 > r0 and c1 > c0:
+        gemm(trans_a, trans_b, r1 - r0, c1 - c0, K, alpha, A.reshape(-1)[r0 if trans_a else r0 * lda:], lda,
+             B.reshape(-1)[c0 * ldb if trans_b else c0:], ldb, beta, C.reshape(-1)[r0 * ldc + c0:], ldc)
+
+
+# Each kernel is one parallel loop over the slabs (every parallel loop costs compile time):
+# the bias fill and the bias grad ride in the same loop as the products.
 @njit(parallel=True, cache=True)
 def matmul_forward(out, inp, weight, bias, transposed=False):
     """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,); bias may be empty (no bias).
     transposed: weight is (C, OC) and out = inp @ weight + bias."""
     N, C = inp.shape
     OC = out.shape[1]
-    beta = 0.0
-    if bias.shape[0] > 0:
-        for n in prange(N):
-            out[n, :] = bias
-        beta = 1.0
+    has_bias = bias.shape[0] > 0
+    beta = 1.0 if has_bias else 0.0
     if N <= GEMV_ROWS:
         for n in range(N):
+            if has_bias:
+                out[n, :] = bias
             if transposed:
                 gemv(True, C, OC, 1.0, weight, OC, inp[n], beta, out[n])
             else:
@@ -68,6 +69,10 @@ def matmul_forward(out, inp, weight, bias, transposed=False):
     blas_threads = blas_get_threads()
     blas_set_threads(1)
     for slab in prange(slabs):
+        if has_bias:
+            r0, r1, c0, c1 = _band(slab, slabs, N, OC)
+            for n in range(r0, r1):
+                out[n, c0:c1] = bias[c0:c1]
         _gemm_slab(slab, slabs, False, not transposed, N, OC, C, 1.0, inp, C, weight, OC if transposed else C,
                    beta, out, OC)
     blas_set_threads(blas_threads)
@@ -79,30 +84,31 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, transposed=False):
     (transposed: dinp += dout @ weight^T, dweight += inp^T @ dout).
 
     Any of dinp, dweight, dbias may be empty: that gradient is not wanted. Each thread
-    computes its slab of dinp, then its slab of dweight, in one parallel region.
+    computes its slab of dinp, its slab of dweight and its share of dbias's columns.
     """
     N, C = inp.shape
     OC = dout.shape[1]
+    # dweight (M, K) = op(A) @ B with the weight's orientation picked here, once, so the
+    # loop has one call per product (each call site costs compile time)
+    if transposed:
+        wa, wb, wM, wN, ldwa, ldwb = inp, dout, C, OC, C, OC
+    else:
+        wa, wb, wM, wN, ldwa, ldwb = dout, inp, OC, C, OC, C
     slabs = numba_num_threads()
     blas_threads = blas_get_threads()
     blas_set_threads(1)
     for slab in prange(slabs):
         if dinp.shape[0] > 0:
-            if transposed:
-                _gemm_slab(slab, slabs, False, True, N, C, OC, 1.0, dout, OC, weight, OC, 1.0, dinp, C)
-            else:
-                _gemm_slab(slab, slabs, False, False, N, C, OC, 1.0, dout, OC, weight, C, 1.0, dinp, C)
+            _gemm_slab(slab, slabs, False, transposed, N, C, OC, 1.0, dout, OC, weight, OC if transposed else C,
+                       1.0, dinp, C)
         if dweight.shape[0] > 0:
-            if transposed:
-                _gemm_slab(slab, slabs, True, False, C, OC, N, 1.0, inp, C, dout, OC, 1.0, dweight, OC)
-            else:
-                _gemm_slab(slab, slabs, True, False, OC, C, N, 1.0, dout, OC, inp, C, 1.0, dweight, C)
+            _gemm_slab(slab, slabs, True, False, wM, wN, N, 1.0, wa, ldwa, wb, ldwb, 1.0, dweight, wN)
+        if dbias.shape[0] > 0:
+            # blocks of BIAS_BLOCK columns, each summed over all rows by one thread: no races, fixed order
+            for blk in range(slab, (OC + BIAS_BLOCK - 1) // BIAS_BLOCK, slabs):
+                o0 = blk * BIAS_BLOCK
+                o1 = min(o0 + BIAS_BLOCK, OC)
+                for n in range(N):
+                    for o in range(o0, o1):
+                        dbias[o] += dout[n, o]
     blas_set_threads(blas_threads)
-    if dbias.shape[0] > 0:
-        # Each task owns a block of columns and walks all rows: no races, fixed order.
-        for blk in prange((OC + BIAS_BLOCK - 1) // BIAS_BLOCK):
-            o0 = blk * BIAS_BLOCK
-            o1 = min(o0 + BIAS_BLOCK, OC)
-            for n in range(N):
-                for o in range(o0, o1):
-                    dbias[o] += dout[n, o]
