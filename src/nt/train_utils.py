@@ -44,7 +44,9 @@ The loop: --optimizer with warmup + cosine decay, --grad-accum micro-batches
 (`accumulate_grads`), --loss-scale, clipping inside the optimizer's update (clip_factor +
 step(grad_scale=)), log.jsonl + loss.png (`LossLog`), a progress bar, checkpoints every
 --checkpoint-every steps (`save_run_checkpoint`), and exact resume: a stopped-and-resumed
-run logs the same losses bit for bit.
+run logs the same losses bit for bit. Under `mpiexec -n N` it trains data parallel
+(nt.dist: grads averaged over ranks, --zero 1 shards the optimizer state; rank 0 logs and
+checkpoints; docs/distributed.md).
 """
 from __future__ import annotations
 
