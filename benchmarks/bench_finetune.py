@@ -13,17 +13,17 @@ step(grad_scale=). After one warm-up step each (compilation, arenas), timed step
 alternate LoRA, full, LoRA, full, ... so drift in the machine's speed hits both alike;
 the median of each is reported. Targets (issue 12): LoRA step <= 0.6x, peak RSS <= 0.5x.
 
-Measured 2026-11-30 on the 2-core VM while it was quiet (`--steps 3`): LoRA 7046 ms, full
-8736 ms (0.81x); peak RSS 3699 MiB vs 5278 MiB (0.70x): both targets missed. (Under a load
-of ~10 runnable processes the LoRA worker fell to 1.35x: its many small gemms suffer most
-from contention.) Where a LoRA step goes (nt.profile, all 30 layers): the base's forward
-gemms 37%, their input-gradient gemms 31% (the frozen weights' dW gemms are skipped), the
-adapters' own gemms 15% (7 per layer; the backward's two reductions over the B*T rows
-cost most), attention 9%. Forward + input gradient are about two thirds of a full step
-by themselves, so 0.6x needs cheaper adapters (one gemm for q, k, v's shared input) and
-less than the full dX path. The memory is the activations and their grad mirror (4.6 GiB
-arena at B=4, T=256), which LoRA needs as full training does: the weights' grads and
-AdamW's moments (1.5 GiB) are what it saves.
+Measured 2026-11-30 (`--steps 2 --json`, under the shared lock, other helpers' tests
+running beside it, so step times are noisy): LoRA 9196 ms, full 10852 ms (0.85x); peak RSS
+2725 MiB vs 3736 MiB (0.73x): both targets missed. Against the README's earlier 3116 and
+4648 MiB (the fused classifier's missing logits gradient, in-place residuals, copy-free
+arena growth and other helpers' changes since), both fell, full by more, so the ratio rose
+although LoRA's footprint fell by 391 MiB. Why the targets are out of reach
+(docs/memory.md): per token LoRA still runs the forward and every input gradient, 299M
+multiply-adds against full's 419M (0.71x by arithmetic, before the adapters' skinny gemms
+run below peak); and LoRA <= 0.5x RSS needs runtime + activations <= ~876 MiB while the
+activations alone are ~1.2 GiB at B=4, T=256: only recomputing them (checkpointing, one
+more forward per step) would get there.
 """
 from __future__ import annotations
 
