@@ -139,3 +139,16 @@ def test_grad_slots_never_overlap_while_alive():
                 (gi, si), (gj, sj) = spans[i], spans[j]
                 assert gi + si <= gj or gj + sj <= gi, (i, j)
     assert arena.gbuf.shape[0] < sum(b.size for b in blocks)
+
+
+def test_params_init_draws_in_chunks_as_one_call_would():
+    """Params.init_ fills a tensor from the generator a chunk at a time (no float64 copy of a
+    whole model): the values equal one rng.normal call; padded rows are zeroed after."""
+    from nt import Params
+    params = Params("cpu", np.float32, [("w", (1100, 1000), True), ("b", (3,), False)])
+    params.init_("w", std=0.02, rng=np.random.default_rng(9), zero_rows_from=1050)
+    want = np.random.default_rng(9).normal(0.0, 0.02, (1100, 1000)).astype(np.float32)
+    want[1050:] = 0.0
+    np.testing.assert_array_equal(params["w"].data, want)
+    params.init_("b", 1.0)
+    assert np.all(params["b"].data == 1.0)

@@ -91,21 +91,18 @@ class GPT2(LanguageModel):
     def init_weights(self, seed: int = 0) -> None:
         """GPT-2 init: N(0, 0.02) matrices and embeddings, residual projections scaled by
         1/sqrt(2L), zero biases, unit layernorm weights, zero padded-vocabulary rows."""
-        cfg = self.config
+        cfg, p = self.config, self.params
         rng = np.random.default_rng(seed)
-        host = np.zeros(self.params.numel, dtype=np.float64)
         residual_std = 0.02 / np.sqrt(2 * cfg.n_layer)
-        for name, t in self.params.items():
-            o = self.params.offsets[name]
-            view = host[o:o + t.size].reshape(t.shape)
+        for name in p:
             if name in ("ln1w", "ln2w", "lnfw"):
-                view[:] = 1.0
+                p.init_(name, 1.0)
             elif name in ("attprojw", "fcprojw"):
-                view[:] = rng.normal(0.0, residual_std, t.shape)
-            elif self.params.decay[name]:
-                view[:] = rng.normal(0.0, 0.02, t.shape)
-        host[self.params.offsets["wte"] + cfg.vocab_size * cfg.n_embd:self.params.offsets["wpe"]] = 0.0
-        self.load_flat(host)
+                p.init_(name, std=residual_std, rng=rng)
+            elif p.decay[name]:
+                p.init_(name, std=0.02, rng=rng, zero_rows_from=cfg.vocab_size if name == "wte" else None)
+            else:
+                p.init_(name, 0.0)
 
     # ------------------------------------------------------------------ forward / backward
 

@@ -222,22 +222,19 @@ class Llama(LanguageModel):
     def init_weights(self, seed: int = 0) -> None:
         """N(0, init_std) matrices and embeddings, residual output projections (attn_out,
         down, mtp) scaled by 1/sqrt(2L), zero biases, unit norm weights, zero padded rows."""
-        cfg = self.config
+        cfg, p = self.config, self.params
         rng = np.random.default_rng(seed)
-        host = np.zeros(self.params.numel, dtype=np.float64)
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for name, t in self.params.items():
-            o = self.params.offsets[name]
-            view = host[o:o + t.size].reshape(t.shape)
+        for name in p:
+            pad = cfg.vocab_size if name in ("wte", "lm_head") else None
             if "norm" in name:
-                view[:] = 1.0
+                p.init_(name, 1.0)
             elif name in ("attn_out", "down", "mtp"):
-                view[:] = rng.normal(0.0, residual_std, t.shape)
-            elif self.params.decay[name]:
-                view[:] = rng.normal(0.0, cfg.init_std, t.shape)
-            if name in ("wte", "lm_head"):
-                view[cfg.vocab_size:] = 0.0
-        self.load_flat(host)
+                p.init_(name, std=residual_std, rng=rng)
+            elif p.decay[name]:
+                p.init_(name, std=cfg.init_std, rng=rng, zero_rows_from=pad)
+            else:
+                p.init_(name, 0.0)
 
     # ------------------------------------------------------------------ forward / backward
 
