@@ -13,17 +13,16 @@ step(grad_scale=). After one warm-up step each (compilation, arenas), timed step
 alternate LoRA, full, LoRA, full, ... so drift in the machine's speed hits both alike;
 the median of each is reported. Targets (issue 12): LoRA step <= 0.6x, peak RSS <= 0.5x.
 
-Measured 2026-11-30 (`--steps 2 --json`, under the shared lock, other helpers' tests
-running beside it, so step times are noisy): LoRA 9196 ms, full 10852 ms (0.85x); peak RSS
-2725 MiB vs 3736 MiB (0.73x): both targets missed. Against the README's earlier 3116 and
-4648 MiB (the fused classifier's missing logits gradient, in-place residuals, copy-free
-arena growth and other helpers' changes since), both fell, full by more, so the ratio rose
-although LoRA's footprint fell by 391 MiB. Why the targets are out of reach
+Measured 2026-11-30 (`--steps 2 --json`, quiet, under the shared lock): LoRA 4618 ms,
+full 5924 ms (0.78x); peak RSS 2121 MiB vs 3737 MiB (0.57x): both targets missed, the
+README's earlier 0.85x and 0.67x (3116 vs 4648 MiB) improved by the fused classifier (no
+logits gradient), in-place residuals, copy-free arena growth and a model init without a
+float64 copy of every parameter (that copy was LoRA's peak). Why the rest is out of reach
 (docs/memory.md): per token LoRA still runs the forward and every input gradient, 299M
 multiply-adds against full's 419M (0.71x by arithmetic, before the adapters' skinny gemms
-run below peak); and LoRA <= 0.5x RSS needs runtime + activations <= ~876 MiB while the
-activations alone are ~1.2 GiB at B=4, T=256: only recomputing them (checkpointing, one
-more forward per step) would get there.
+run below peak). Memory: LoRA keeps the 192 MiB of logits a frozen classifier would not
+need (its input gradient could be taken in the forward, chunk by chunk: ~0.52x), and the
+activations (~1.2 GiB) only shrink by recomputing them (checkpointing: one more forward).
 """
 from __future__ import annotations
 
