@@ -10,6 +10,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def flat_views(layout, flat: np.ndarray) -> dict:
+    """{name: torch tensor} copied out of nt's flat parameter buffer, in `layout`'s order."""
+    views, offset = {}, 0
+    for name, shape, _ in layout:
+        size = int(np.prod(shape))
+        views[name] = torch.from_numpy(flat[offset:offset + size].reshape(shape).copy())
+        offset += size
+    return views
+
+
 class Block(nn.Module):
     def __init__(self, C, NH):
         super().__init__()
@@ -48,11 +58,7 @@ class TorchGPT2(nn.Module):
     def load_nt_flat(self, flat: np.ndarray):
         """Copy weights from nt's flat buffer (llm.c order; padded vocabulary rows dropped)."""
         from nt.models.gpt2 import param_layout
-        cfg, views, offset = self.cfg, {}, 0
-        for name, shape, _ in param_layout(cfg):
-            size = int(np.prod(shape))
-            views[name] = torch.from_numpy(flat[offset:offset + size].reshape(shape).copy())
-            offset += size
+        cfg, views = self.cfg, flat_views(param_layout(self.cfg), flat)
         self.wte.weight.copy_(views["wte"][:cfg.vocab_size])
         self.wpe.weight.copy_(views["wpe"])
         for l, b in enumerate(self.h):

@@ -79,11 +79,8 @@ class TorchLlama(nn.Module):
     def load_nt_flat(self, flat: np.ndarray):
         """Copy weights from nt's flat buffer (nt.models.llama.param_layout order; padded vocabulary rows dropped)."""
         from nt.models.llama import param_layout
-        cfg, views, offset = self.cfg, {}, 0
-        for name, shape, _ in param_layout(cfg):
-            size = int(np.prod(shape))
-            views[name] = torch.from_numpy(flat[offset:offset + size].reshape(shape).copy())
-            offset += size
+        from torch_gpt2 import flat_views
+        cfg, views = self.cfg, flat_views(param_layout(self.cfg), flat)
         self.wte.weight.copy_(views["wte"][:cfg.vocab_size])
         for l, b in enumerate(self.h):
             b.attn_norm.copy_(views["attn_norm"][l])

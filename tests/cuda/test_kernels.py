@@ -38,9 +38,9 @@ def parity(name, args, written, dtype):
         np.testing.assert_allclose(got, want, **TOL[dtype], err_msg=f"{name}: return value")
 
 
-# Inference-only kernels with no CUDA twin yet: ops.linear_q refuses other backends with a
-# clear error (quantised decoding runs on the CPU; a CUDA model loads GGUF weights as float).
-CPU_ONLY = {"matmul_q8_0", "matmul_q4_0", "dequantize_q8_0", "dequantize_q4_0"}
+# Inference-only kernels with no CUDA twin yet: packed ternary (BitNet) decoding runs on the
+# CPU, and nt.bitnet.linear_t2 refuses other backends with a clear error.
+CPU_ONLY = {"act_quant_int8", "matmul_t2", "pack_t2", "unpack_t2", "pack_tq2_0", "dequantize_tq2_0"}
 
 
 def test_backend_has_every_cpu_kernel():
