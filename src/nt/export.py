@@ -41,13 +41,14 @@ def find_checkpoint(path) -> tuple[Path, Path]:
     return checkpoint, path
 
 
-def export(source, out, to: str = "gguf", dtype: str = "Q8_0", log: Callable[[str], None] = print) -> Path:
+def export(source, out, to: str = "gguf", dtype: Optional[str] = None, log: Callable[[str], None] = print) -> Path:
     """Export the model of a run or checkpoint folder (find_checkpoint) with its run's
-    tokenizer to `out`: a GGUF file with matrices as `dtype` (to="gguf"), or a Hugging Face
-    folder (to="hf"). Returns `out`; `log` receives the notes and the summary."""
+    tokenizer to `out`: a GGUF file with matrices as `dtype` (to="gguf"; default Q8_0, or
+    TQ2_0 for a BitNet model, whose projections are ternary), or a Hugging Face folder
+    (to="hf"). Returns `out`; `log` receives the notes and the summary."""
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
-    if to == "gguf" and dtype not in WRITE_TYPES:
+    if to == "gguf" and dtype is not None and dtype not in WRITE_TYPES:
         raise ValueError(f"--type must be one of {', '.join(WRITE_TYPES)}, got {dtype!r}")
     out = Path(out)
     if not out.parent.is_dir():
@@ -64,6 +65,8 @@ def export(source, out, to: str = "gguf", dtype: str = "Q8_0", log: Callable[[st
         log(f"note: no tokenizer folder at {run / 'tokenizer'}: exporting without a tokenizer "
             "(token ids only)")
     if to == "gguf":
+        if dtype is None:
+            dtype = "TQ2_0" if getattr(model.config, "bitnet", False) else "Q8_0"
         gguf.write(out, model, dtype, tokenizer=tokenizer)
         what = f"{dtype} GGUF"
     else:
@@ -82,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a training run folder or a checkpoint folder")
     p.add_argument("out", metavar="OUT", help="the .gguf file (--to gguf) or folder (--to hf) to write")
     p.add_argument("--to", choices=TARGETS, default="gguf", help="the format (default: gguf)")
-    p.add_argument("--type", choices=WRITE_TYPES, default="Q8_0", help="GGUF matrix type (default: Q8_0)")
+    p.add_argument("--type", choices=WRITE_TYPES, default=None,
+                   help="GGUF matrix type (default: Q8_0; TQ2_0 for a BitNet model)")
     return p
 
 

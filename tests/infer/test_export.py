@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from nt.__main__ import main
-from nt.io import load_model
+from nt import bitnet
+from nt.io import latest_checkpoint, load_model
 from nt.models import from_gguf, from_pretrained
 from nt.tokenizer import BPE
 
@@ -126,3 +127,23 @@ def test_errors_are_clear_and_write_nothing(runs, tmp_path, capsys):
     assert main(["export", str(broken), str(out)]) == 1
     assert "656 tokens" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty"]
+
+
+def test_export_bitnet_run_defaults_to_tq2_0(tmp_path, capsys):
+    """A BitNet run exports as TQ2_0 without --type (its projections are ternary; Q8_0, the
+    default for other models, is refused for them) and loads back as the packed model."""
+    from nt.data import builtin_corpus_text
+    text = tmp_path / "data.txt"
+    text.write_text(builtin_corpus_text()[:20_000])
+    spec = importlib.util.spec_from_file_location("train_llama", ROOT / "train" / "train_llama.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--preset", "llama-mini", "--bitnet", "--data", str(text), "--vocab-size", "300", "-B", "1",
+                 "-T", "16", "--steps", "1", "--eval-every", "0", "--sample-tokens", "0",
+                 "--checkpoint-every", "1", "--out-dir", str(tmp_path / "run")])
+    out = tmp_path / "bitnet.gguf"
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 0
+    assert "TQ2_0 GGUF" in capsys.readouterr().out
+    packed, loaded = bitnet.pack(load_model(latest_checkpoint(tmp_path / "run"))), from_gguf(out)
+    idx = np.arange(8, dtype=np.int32)[None] % packed.config.vocab_size
+    np.testing.assert_array_equal(_logits(loaded, idx), _logits(packed, idx))   # both on float16 row scales
