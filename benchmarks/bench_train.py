@@ -94,6 +94,11 @@ def flops_per_step(cfg, B, T) -> float:
 
 def worker(conn, framework: str, preset: str, B: int, T: int, weights: str, compile_: bool):
     """Build one framework's model from `weights` and serve commands: loss, step, stats."""
+    if framework == "torch":
+        # PyTorch must load its own OpenMP runtime before nt (imported by make_config) loads
+        # Numba's libgomp, which then reads nt's OMP_WAIT_POLICY=PASSIVE: in the other order
+        # PyTorch's ops run on that passive runtime, measured 1.45x slower on d12.
+        import torch  # noqa: F401
     cfg = make_config(preset, T)
     x, y = batch(cfg, B, T)
     flat = np.fromfile(weights, dtype=np.float32)
