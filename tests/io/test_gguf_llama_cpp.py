@@ -52,7 +52,10 @@ def test_llama_cpp_runs_nt_exports(tmp_path, arch, dtype, tol):
     gguf.write(tmp_path / "m.gguf", model, dtype)
     got = _llama_cpp_logits(tmp_path / "m.gguf", tokens)
     # llama.cpp computes in its own precision (quantised activations for Q8_0 dot products,
-    # F16 matrices): compare relative to the logits' scale
+    # F16 matrices, and GELU through a float16 lookup table, which leaves GELU models at a few
+    # 1e-4 even in F32: measured 4.0e-4 gpt2, 1.1e-4 gemma3 of the largest logit): compare to the logits' scale
+    if dtype == "F32" and arch in ("gpt2", "gemma3"):
+        tol = 1e-3
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), np.abs(got - ref).max()
 
 
