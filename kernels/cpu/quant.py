@@ -233,6 +233,24 @@ def dequantize_q6_k(out, raw, f16):
 
 # ---------------------------------------------------------------------- quantisers
 
+@njit(inline="always")
+def _q8_scale(x, o, n):
+    """(d, 1/d) of the n values of x from o, ggml's Q8 rule: d = max|x| / 127 (1/d = 0 for zeros)."""
+    amax = np.float32(0.0)
+    for j in range(n):
+        amax = max(amax, abs(x[o + j]))
+    d = amax / np.float32(127.0)
+    return d, (np.float32(1.0) / d if d != 0 else np.float32(0.0))
+
+
+@njit(inline="always")
+def _round_half_away(v):
+    """roundf(v) in float32: halves away from zero, as ggml rounds."""
+    a = abs(v)
+    r = np.floor(a) + np.floor(np.float32(2.0) * (a - np.floor(a)))
+    return -r if v < 0 else r
+
+
 @njit(parallel=True, cache=True)
 def quantize_q8_0(raw, d_out, x):
     """Q8_0 blocks of x (nb*32,) as ggml does: d = max|x| / 127, q = round-half-away(x / d).
@@ -241,17 +259,10 @@ def quantize_q8_0(raw, d_out, x):
     stores d as f16 in each block's first two bytes (exact rounding is NumPy's job)."""
     for b in prange(x.shape[0] // QK):
         o, p = b * QK, b * 34
-        amax = np.float32(0.0)
-        for j in range(QK):
-            amax = max(amax, abs(x[o + j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        d, inv = _q8_scale(x, o, QK)
         d_out[b] = d
         for j in range(QK):
-            v = x[o + j] * inv
-            a = abs(v)
-            r = np.floor(a) + np.floor(np.float32(2.0) * (a - np.floor(a)))  # roundf, in float32
-            q = np.int64(-r if v < 0 else r)
+            q = np.int64(_round_half_away(x[o + j] * inv))
             raw[p + 2 + j] = np.uint8(q & 255)
 
 
@@ -522,17 +533,10 @@ def _quantize_row_q8(xq, xd, xs, x, QA):
     d = max|x| / 127 per QA elements, q = round-half-away(x * (1/d)), all in float32."""
     for b in range(x.shape[0] // QA):
         o = b * QA
-        amax = np.float32(0.0)
-        for j in range(QA):
-            amax = max(amax, abs(x[o + j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        d, inv = _q8_scale(x, o, QA)
         xd[b] = d
         for j in range(QA):
-            v = x[o + j] * inv
-            a = abs(v)
-            r = np.floor(a) + np.floor(np.float32(2.0) * (a - np.floor(a)))
-            xq[o + j] = np.int8(-r if v < 0 else r)
+            xq[o + j] = np.int8(_round_half_away(x[o + j] * inv))
     for g in range(x.shape[0] // QK):
         s = 0
         for j in range(QK):
