@@ -16,8 +16,12 @@ GGUF files hold llama.cpp's TQ2_0 instead, 256 weights in 66 bytes:
 byte g*32 + m of qs holds elements g*128 + 32*l + m (l = 0..3) in bits 2l..2l+1
 (pack_tq2_0, dequantize_tq2_0).
 """
+import numba
 import numpy as np
+from llvmlite import binding as llvm, ir
 from numba import njit, prange
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .matmul import matmul_backward, matmul_forward
 
@@ -144,48 +148,166 @@ def unpack_t2(out, raw, f16):
                 out[o, k + l * K] = d * np.float32(((byte >> (2 * l)) & 3) - 1)
 
 
+# The row dot (decoding: matmul_t2, and the fused decoder's per-row dispatch, decode.py).
+# Stored codes are q = code + 1 in {0, 1, 2}, so a row . int8 activations x is
+#     sum(code * x) = sum(q * x) - sum(x)
+# with sum(x) computed once per activation row by the quantiser. q * x fits a signed 16-bit
+# product of an unsigned byte and a signed byte: the vector loop takes 32 weight bytes
+# (128 weights) per step, unpacks each of the four planes to 32 bytes of q (shift, mask),
+# multiplies them with the plane's 32 activation bytes and adds neighbouring products into
+# 16-bit lanes (AVX2's vpmaddubsw; |q*x + q*x| <= 512, the four planes' sum <= 2048: no
+# saturation), then adds neighbouring 16-bit lanes into eight 32-bit lanes (vpmaddwd with
+# ones). LLVM does not find vpmaddubsw in generic IR here (it proves the 2-bit q small and
+# drops the saturation the pattern needs), so on an AVX2 host the loop calls the x86
+# intrinsics; elsewhere the same sums are written in generic vector IR (widen, multiply, add
+# neighbours) for LLVM to lower to what the target has. Integers throughout: both give the
+# exact sum. A row whose byte count is not a multiple of 32 finishes in a scalar loop.
+T2_CODE = 16    # the fused decoder's weight code for T2 rows (quant.QDOT_CODES are 0..3)
+T2_CHUNK = 32   # weight bytes per step of the vector loop
+_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_AVX2 = numba.config.CPU_NAME is None and bool(llvm.get_host_cpu_features().get("avx2", False))
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _consts(t, values):
+    values = list(values)
+    return ir.Constant(_vec(t, len(values)), values)
+
+
+def _load(builder, base, off, t):
+    """The value of IR type t at byte offset `off` of pointer `base`, unaligned."""
+    p = builder.gep(builder.bitcast(base, _I8.as_pointer()), [off])
+    return builder.load(builder.bitcast(p, t.as_pointer()), align=1)
+
+
+def _pairs(builder, v, t):
+    """Neighbouring lanes of integer vector v added, widened (sign-extended) to lanes of t."""
+    n = v.type.count
+    w = builder.sext(v, _vec(t, n)) if v.type.element != t else v
+    return builder.add(builder.shuffle_vector(w, w, _consts(_I32, range(0, n, 2))),
+                       builder.shuffle_vector(w, w, _consts(_I32, range(1, n, 2))))
+
+
+def _maddubs_generic(builder, q, x):
+    """<32 x i8> q (unsigned) and x (signed) -> <16 x i16>: q*x of neighbours added."""
+    p = builder.mul(builder.zext(q, _vec(_I16, 32)), builder.sext(x, _vec(_I16, 32)))
+    return _pairs(builder, p, _I16)
+
+
+def _maddubs_avx2(builder, q, x):
+    fn = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw",
+                                          fnty=ir.FunctionType(_vec(_I16, 16), [_vec(_I8, 32)] * 2))
+    return builder.call(fn, [q, x])
+
+
+def _pairs32_avx2(builder, v):
+    fn = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.wd",
+                                          fnty=ir.FunctionType(_vec(_I32, 8), [_vec(_I16, 16)] * 2))
+    return builder.call(fn, [v, _consts(_I16, [1] * 16)])
+
+
+def _t2_isum_intrinsic(avx2: bool):
+    """An intrinsic f(w, a, K, n) -> int32: sum over bytes k < 32n of w of sum over planes l
+    of q_l(w[k]) * a[l*K + k] (w, a: uint8 / int8 arrays; reads them unchecked)."""
+    maddubs = _maddubs_avx2 if avx2 else _maddubs_generic
+
+    @intrinsic
+    def t2_isum(typingctx, w, a, K, n):
+        def codegen(context, builder, sig, args):
+            wp, ap = (context.make_array(t)(context, builder, v).data for t, v in zip(sig.args[:2], args[:2]))
+            K, n = (context.cast(builder, v, t, numba.types.intp) for t, v in zip(sig.args[2:], args[2:]))
+            acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_I32, 8), [0] * 8))
+            with cgutils.for_range(builder, n) as loop:
+                k = builder.mul(loop.index, ir.Constant(K.type, T2_CHUNK))
+                packed = _load(builder, wp, k, _vec(_I8, T2_CHUNK))
+                s16 = None
+                for l in range(4):
+                    q = builder.and_(builder.lshr(packed, _consts(_I8, [2 * l] * 32)), _consts(_I8, [3] * 32))
+                    x = _load(builder, ap, builder.add(k, builder.mul(K, ir.Constant(K.type, l))), _vec(_I8, 32))
+                    m = maddubs(builder, q, x)
+                    s16 = m if s16 is None else builder.add(s16, m)
+                s32 = _pairs32_avx2(builder, s16) if avx2 else _pairs(builder, s16, _I32)
+                builder.store(builder.add(builder.load(acc), s32), acc)
+            lanes = builder.load(acc)
+            total = builder.extract_element(lanes, ir.Constant(_I32, 0))
+            for j in range(1, 8):
+                total = builder.add(total, builder.extract_element(lanes, ir.Constant(_I32, j)))
+            return total
+        return numba.types.int32(w, a, K, n), codegen
+    return t2_isum
+
+
+_t2_isum_generic = _t2_isum_intrinsic(False)
+_t2_isum = _t2_isum_intrinsic(True) if _AVX2 else _t2_isum_generic
+
+
+@intrinsic
+def _half_at(typingctx, w, i):
+    """The little-endian IEEE half at byte i of uint8 array w, as float32 (exact)."""
+    def codegen(context, builder, sig, args):
+        p = context.make_array(sig.args[0])(context, builder, args[0]).data
+        h = _load(builder, p, context.cast(builder, args[1], sig.args[1], numba.types.intp), _I16)
+        return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+    return numba.types.float32(w, i), codegen
+
+
+@njit(cache=True)
+def _tail_isum(isum, w, a, K, k0):
+    """isum + the codes . activations of bytes k0..K-1 of T2 row w (the vector loop's rest)."""
+    for k in range(k0, K):
+        byte = np.int32(w[k])
+        isum = np.int32(isum + (byte & 3) * np.int32(a[k]) + ((byte >> 2) & 3) * np.int32(a[k + K])
+                        + ((byte >> 4) & 3) * np.int32(a[k + 2 * K]) + (byte >> 6) * np.int32(a[k + 3 * K]))
+    return isum
+
+
+@njit(cache=True, inline="always")
+def t2dot(w, a, ad, asum):
+    """T2 row w (C/4 + 2 bytes) . int8 activation codes a (C,) with scale ad[0] = max|x|/127
+    and code sum asum[0] (quantize_row_t2): d * (sum(q * a) - sum(a)) * ad[0], d the row's
+    f16 scale. Unchecked: w must hold at least a.shape[0] / 4 + 2 bytes."""
+    K = a.shape[0] // 4
+    n = K // T2_CHUNK
+    isum = _tail_isum(_t2_isum(w, a, K, n), w, a, K, n * T2_CHUNK)
+    return _half_at(w, K) * np.float32(isum - asum[0]) * ad[0]
+
+
+@njit(cache=True)
+def quantize_row_t2(q, xd, xs, x):
+    """BitNet's per-token activation quantiser on one row x (C,) float32: a = max(max|x|,
+    EPS), codes q (C,) int8 = clip(rint(x * 127 / a), -128, 127), xd[0] = a / 127, xs[0] =
+    the codes' sum (what the +1 offset of the stored weight codes adds to a row dot)."""
+    a = np.float32(EPS)
+    for c in range(x.shape[0]):
+        a = max(a, abs(x[c]))
+    inv = np.float32(127.0) / a
+    xd[0] = a / np.float32(127.0)
+    total = 0
+    for c in range(x.shape[0]):
+        v = min(max(np.rint(x[c] * inv), -128.0), 127.0)
+        q[c] = np.int8(v)
+        total += np.int64(v)
+    xs[0] = total
+
+
 @njit(parallel=True, cache=True)
 def act_quant_int8(q, xs, qsum, x):
-    """Per row n of x (N, C) float32: codes q[n] = clip(rint(x * 127 / a), -128, 127) (int8
-    values, stored int16 for the matmul's 16-bit multiplies) with xs[n] = a / 127 (the
-    act_quant rule), and qsum[n] their sum (what the +1 offset of the stored codes adds)."""
-    N, C = x.shape
-    for n in prange(N):
-        a = np.float32(EPS)
-        for c in range(C):
-            a = max(a, abs(x[n, c]))
-        inv = np.float32(127.0) / a
-        xs[n] = a / np.float32(127.0)
-        total = 0
-        for c in range(C):
-            v = np.int16(min(max(np.rint(x[n, c] * inv), -128.0), 127.0))
-            q[n, c] = v
-            total += v
-        qsum[n] = total
+    """quantize_row_t2 on every row of x (N, C): codes q (N, C) int8, scales xs (N,), code sums qsum (N,)."""
+    for n in prange(x.shape[0]):
+        quantize_row_t2(q[n], xs[n:n + 1], qsum[n:n + 1], x[n])
 
 
 @njit(parallel=True, cache=True)
-def matmul_t2(out, q, xs, qsum, w, f16):
-    """out (N, OC) = (q (N, C) * xs) @ W^T for W (OC, C) stored as T2 rows w (OC, C/4 + 2).
-
-    Per output: the integer sum of stored code (0..2) times activation code over the row,
-    minus the codes' sum (the +1 offset), then one multiply by the row scale d and one by
-    xs[n]. The running sum is truncated to int32 at every step (it fits: |sum| <= 2 * 128 * C),
-    which lets LLVM keep 32-bit lanes and multiply 16-bit pairs (vpmaddwd on AVX2) instead
-    of widening everything to 64 bits as Numba's integer typing would. Parallel over rows."""
-    N, C = q.shape
-    K = C // 4
+def matmul_t2(out, q, xs, qsum, w):
+    """out (N, OC) = (q (N, C) * xs) @ W^T for W (OC, C) stored as T2 rows w (OC, C/4 + 2),
+    q, xs, qsum from act_quant_int8: one t2dot per output (an exact integer sum, then the
+    row scale, then the activation scale). Parallel over rows, each read once for all N."""
     for oc in prange(w.shape[0]):
-        row = w[oc]
-        d = f16[np.int64(row[K]) | (np.int64(row[K + 1]) << 8)]
-        for n in range(N):
-            qn = q[n]
-            isum = np.int32(0)
-            for k in range(K):
-                byte = np.int32(row[k])
-                isum = np.int32(isum + np.int32((byte & 3) * qn[k] + ((byte >> 2) & 3) * qn[k + K]
-                                                + ((byte >> 4) & 3) * qn[k + 2 * K] + (byte >> 6) * qn[k + 3 * K]))
-            out[n, oc] = d * np.float32(isum - qsum[n]) * xs[n]
+        for n in range(q.shape[0]):
+            out[n, oc] = t2dot(w[oc], q[n], xs[n:n + 1], qsum[n:n + 1])
 
 
 # ---------------------------------------------------------------------- TQ1_0 (GGUF, 1.69 bits per weight)
