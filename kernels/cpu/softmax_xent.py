@@ -63,6 +63,41 @@ def _log_sum_exp(row, V, scale):
     return m + np.log(s)
 
 
+@njit(cache=True, inline="always")
+def _xent_row_loss(row, tgt, L, V, smoothing, z_loss):
+    """One counted row's loss, its log-sum-exp L given (the formula in the module docstring)."""
+    zsum = like(L, 0.0)
+    if smoothing != 0.0:
+        for v in range(V):
+            zsum += row[v]
+    return (1.0 - smoothing) * (L - row[tgt]) + smoothing * (L - zsum / V) + z_loss * L * L
+
+
+@njit(cache=True, inline="always")
+def _xent_row_grad_(row, tgt, L, V, scale, smoothing, z_loss):
+    """Overwrite a counted row's logits with scale * (p (1 + 2 z_loss L) - (1-eps) onehot -
+    eps/V), padded columns with 0."""
+    pscale = like(L, scale * (1.0 + 2.0 * z_loss * L))
+    uniform = like(L, scale * smoothing / V)
+    for v in range(V):
+        row[v] = pscale * vmath.exp(row[v] - L) - uniform
+    row[V:] = 0.0
+    row[tgt] -= scale * (1.0 - smoothing)
+
+
+@njit(cache=True)
+def xent_mean(loss, losses, targets):
+    """loss (1,) = mean of losses (N,) over targets >= 0 (0 when none counts), summed in a
+    fixed order: the same loss for any thread count."""
+    total = 0.0
+    count = 0
+    for n in range(losses.shape[0]):
+        if targets[n] >= 0:
+            total += losses[n]
+            count += 1
+    loss[0] = total / count if count > 0 else 0.0
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def softmax_xent_forward(loss, losses, lse, logits, targets, V, smoothing=0.0, z_loss=0.0):
     """loss (1,) = mean of losses (N,) over targets >= 0; lse (N,) saved for the backward."""
@@ -72,22 +107,29 @@ def softmax_xent_forward(loss, losses, lse, logits, targets, V, smoothing=0.0, z
         row = logits[n]
         L = _log_sum_exp(row, V, one)
         lse[n] = L
-        zsum = like(L, 0.0)
-        if smoothing != 0.0:
-            for v in range(V):
-                zsum += row[v]
         tgt = targets[n]
-        if tgt >= 0:
-            losses[n] = (1.0 - smoothing) * (L - row[tgt]) + smoothing * (L - zsum / V) + z_loss * L * L
-        else:
+        losses[n] = _xent_row_loss(row, tgt, L, V, smoothing, z_loss) if tgt >= 0 else 0.0
+    xent_mean(loss, losses, targets)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def xent_rows_grad_(logits, losses, targets, V, scale, smoothing=0.0, z_loss=0.0):
+    """One block of rows of the chunked classifier (ops.classifier_xent with a frozen
+    weight): each counted row's loss into losses (N,) (0 for ignored rows), then the row
+    overwritten with d(mean loss)/d(logits) for a unit loss grad, `scale` being 1 / (the
+    rows counted in the whole batch); ignored rows and padded columns become 0."""
+    N = logits.shape[0]
+    one = like(logits[0, 0], 1.0)
+    for n in prange(N):
+        row = logits[n]
+        tgt = targets[n]
+        if tgt < 0:
             losses[n] = 0.0
-    total = 0.0
-    count = 0
-    for n in range(N):
-        if targets[n] >= 0:
-            total += losses[n]
-            count += 1
-    loss[0] = total / count if count > 0 else 0.0
+            row[:] = 0.0
+            continue
+        L = _log_sum_exp(row, V, one)
+        losses[n] = _xent_row_loss(row, tgt, L, V, smoothing, z_loss)
+        _xent_row_grad_(row, tgt, L, V, scale, smoothing, z_loss)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -133,13 +175,7 @@ def softmax_xent_grad_(logits, dloss, lse, targets, V, smoothing=0.0, z_loss=0.0
         if tgt < 0:
             row[:] = 0.0
             continue
-        L = lse[n]
-        pscale = like(L, scale * (1.0 + 2.0 * z_loss * L))
-        uniform = like(L, scale * smoothing / V)
-        for v in range(V):
-            row[v] = pscale * vmath.exp(row[v] - L) - uniform
-        row[V:] = 0.0
-        row[tgt] -= scale * (1.0 - smoothing)
+        _xent_row_grad_(row, tgt, lse[n], V, scale, smoothing, z_loss)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -195,13 +231,7 @@ def kl_div_forward(loss, rows, lse, logits, teacher, targets, V, temperature):
             zt = t_row[v] * inv_t - Lt
             kl += vmath.exp(zt) * (zt - (s_row[v] * inv_t - Ls))
         rows[n] = temperature * temperature * kl
-    total = 0.0
-    count = 0
-    for n in range(N):   # fixed order: the same loss for any thread count
-        if targets[n] >= 0:
-            total += rows[n]
-            count += 1
-    loss[0] = total / count if count > 0 else 0.0
+    xent_mean(loss, rows, targets)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

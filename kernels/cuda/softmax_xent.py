@@ -172,6 +172,39 @@ def _xent_grad(logits, dloss, lse, targets, V, smoothing, z_loss):
 
 
 @cuda.jit(cache=True)
+def _xent_rows_grad(logits, losses, targets, V, scale, smoothing, z_loss):
+    buf = cuda.shared.array(THREADS, np.float64)
+    N, Vp = logits.shape
+    tid = cuda.threadIdx.x
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
+        tgt = targets[n]
+        if tgt < 0:
+            for v in range(tid, Vp, cuda.blockDim.x):
+                logits[n, v] = 0.0
+            if tid == 0:
+                losses[n] = 0.0
+            continue
+        z_tgt = logits[n, tgt]   # read before any thread overwrites it (the reductions below sync)
+        L = _row_lse(buf, logits[n], V, 1.0)
+        zsum = 0.0
+        if smoothing != 0.0:
+            for v in range(tid, V, cuda.blockDim.x):
+                zsum += logits[n, v]
+            zsum = block_sum(buf, zsum)
+        if tid == 0:
+            losses[n] = (1.0 - smoothing) * (L - z_tgt) + smoothing * (L - zsum / V) + z_loss * L * L
+        pscale = scale * (1.0 + 2.0 * z_loss * L)
+        uniform = scale * smoothing / V
+        for v in range(tid, Vp, cuda.blockDim.x):   # each thread rewrites only the columns it read
+            g = 0.0
+            if v < V:
+                g = pscale * math.exp(logits[n, v] - L) - uniform
+                if v == tgt:
+                    g -= scale * (1.0 - smoothing)
+            logits[n, v] = g
+
+
+@cuda.jit(cache=True)
 def _logprobs_forward(lp, lse, logits, targets, V):
     buf = cuda.shared.array(THREADS, np.float64)
     N = logits.shape[0]
@@ -244,6 +277,19 @@ def softmax_xent_grad_(logits, dloss, lse, targets, V, smoothing=0.0, z_loss=0.0
     """Overwrite logits (N, Vp) with the loss's gradient (0 on ignored rows and padded
     columns): the fused classifier's backward, the gradient in the logits' memory."""
     _xent_grad[blocks(logits.shape[0], 1), THREADS](logits, dloss, lse, ids_to_device(targets), V, smoothing, z_loss)
+
+
+def xent_rows_grad_(logits, losses, targets, V, scale, smoothing=0.0, z_loss=0.0):
+    """One block of rows of the chunked classifier: losses (N,) per row, then the logits
+    overwritten with d(mean loss)/d(logits) for a unit loss grad, scale = 1 / (rows counted
+    in the whole batch); ignored rows and padded columns become 0."""
+    _xent_rows_grad[blocks(logits.shape[0], 1), THREADS](logits, losses, ids_to_device(targets), V, scale,
+                                                         smoothing, z_loss)
+
+
+def xent_mean(loss, losses, targets):
+    """loss (1,) = mean of losses (N,) over targets >= 0 (0 when none counts)."""
+    _xent_mean[1, THREADS](loss, losses, ids_to_device(targets))
 
 
 def logprobs_forward(lp, lse, logits, targets, V):

@@ -696,17 +696,30 @@ def _cross_entropy_backward(k, loss, logits, lse, targets, V, opts):
                             lse.data, targets.data, V, *opts)
 
 
+# rows of logits the chunked classifier holds at a time (tape.work scratch): 128 x 49152
+# floats is 25 MB, against 192 MiB for SmolLM2's whole B=4 T=256 batch; 128-row gemms still
+# run near full speed
+XENT_CHUNK_ROWS = 128
+
+
 def classifier_xent(t: Tape, x: Tensor, weight: Tensor, targets: np.ndarray, vocab_size: Optional[int] = None,
-                    label_smoothing: float = 0.0, z_loss: float = 0.0) -> tuple[Tensor, Tensor]:
+                    label_smoothing: float = 0.0, z_loss: float = 0.0) -> tuple[Optional[Tensor], Tensor]:
     """The classifier and its loss fused: logits = x @ weight^T (weight (Vp, C), e.g. the
     tied embedding) and their mean cross-entropy as cross_entropy computes it. Returns
-    (logits (..., Vp), loss (1,)).
+    (logits (..., Vp), loss (1,)), or (None, loss) when the logits are never formed (below).
 
     The logits get no gradient memory: the backward overwrites them with their gradient
     (as llm.c's fused classifier does) and feeds the dX and dW gemms from there, so the
     (N, Vp) gradient array, the largest activation gradient of a small model, never
     exists. The logits are readable until the backward runs; nothing else may
     differentiate them (use linear + cross_entropy when another loss reads the logits too).
+
+    Frozen weight, training mode, recording tape (LoRA and frozen-base fine-tuning): the
+    logits are not kept at all and None is returned for them. The forward takes
+    XENT_CHUNK_ROWS rows at a time through the tape's scratch: logits, loss, their gradient
+    in place, and x's gradient from it (for a unit loss grad, into an (N, C) saved array);
+    the backward only scales that by the loss's grad. Evaluation (eval() mode), inference
+    and a trainable classifier keep the path above and return the logits.
     """
     _check(x, "x", None, t)
     _check(weight, "weight", 2, t)
@@ -724,6 +737,8 @@ def classifier_xent(t: Tape, x: Tensor, weight: Tensor, targets: np.ndarray, voc
         raise ValueError(f"classifier_xent: targets {targets.shape} do not match x {x.shape[:-1]}")
     opts = (float(label_smoothing), float(z_loss))
     N = x.size // C
+    if weight.grad is None and t.training and t.recording:
+        return None, _classifier_xent_chunked(t, x, weight, targets.reshape(N), V, opts)
     targets = t.keep_ids(targets.reshape(N))
     logits = t.new_saved(x.shape[:-1] + (Vp,))   # saved arena: no grad slot, ever
     loss = t.new((1,))
@@ -742,6 +757,38 @@ def _classifier_xent_backward(k, loss, x, weight, logits, lse, targets, V, opts)
     k.softmax_xent_grad_(dlogits, loss.grad, lse.data, targets.data, V, *opts)
     k.matmul_backward(x.grad.reshape(N, C), _grad(k, weight), _none(k, x.dtype), dlogits,
                       x.data.reshape(N, C), weight.data)
+
+
+def _classifier_xent_chunked(t: Tape, x: Tensor, weight: Tensor, targets: np.ndarray, V: int, opts) -> Tensor:
+    """classifier_xent with a frozen weight: the loss, and x's gradient for a unit loss grad
+    (dx, saved), computed XENT_CHUNK_ROWS rows at a time; the (N, Vp) logits never exist.
+    The gradient is linear in the loss's grad (also with label smoothing and z-loss), so
+    the backward is dx scaled by it."""
+    k = t.k
+    Vp, C = weight.shape
+    N = targets.shape[0]
+    counted = int(np.count_nonzero(targets >= 0))   # the mean's denominator, over the whole batch
+    scale = 1.0 / counted if counted else 0.0
+    targets = t.keep_ids(targets)
+    loss = t.new((1,))
+    losses = t.new_saved((N,))
+    dx = t.new_saved((N, C))
+    k.fill_(dx.data, 0.0)
+    xs = x.data.reshape(N, C)
+    for n0 in range(0, N, XENT_CHUNK_ROWS):
+        n1 = min(N, n0 + XENT_CHUNK_ROWS)
+        logits = t.work((n1 - n0, Vp))
+        k.matmul_forward(logits, xs[n0:n1], weight.data, _none(k, t.dtype))
+        k.softmax_xent.xent_rows_grad_(logits, losses.data[n0:n1], targets.data[n0:n1], V, scale, *opts)
+        k.matmul_backward(dx.data[n0:n1], _grad(k, weight), _none(k, t.dtype), logits, xs[n0:n1], weight.data)
+    k.softmax_xent.xent_mean(loss.data, losses.data, targets.data)
+    t.record(_classifier_xent_chunked_backward, loss, x, dx)
+    return loss
+
+
+def _classifier_xent_chunked_backward(k, loss, x, dx):
+    # x.grad += loss.grad[0] * dx
+    k.scale_backward(x.gflat, _none(k, x.dtype), dx.flat, dx.flat, loss.grad)
 
 
 # ----------------------------------------------------------------------------- log-probabilities

@@ -19,7 +19,7 @@ def batch(seed=0, B=2, T=8, V=64):
 
 def grads(model, idx, targets) -> dict:
     model.zero_grad()
-    model(idx, targets)
+    model.forward(idx, targets)
     model.backward()
     return {n: np.array(t.grad) for n, t in model.params.items() if t.grad is not None}
 
@@ -50,7 +50,7 @@ def test_frozen_weights_run_only_the_input_gradient_gemm(monkeypatch):
     real = k.matmul_backward
     monkeypatch.setattr(k, "matmul_backward", lambda dx, dw, db, *a: (wanted.append((dw.shape[0], db.shape[0])),
                                                                         real(dx, dw, db, *a)))
-    model(*batch())
+    model.forward(*batch())
     model.backward()
     assert wanted and all(w == (0, 0) for w in wanted)   # every linear skipped dW and dbias
 
@@ -80,7 +80,7 @@ def test_optimizer_never_touches_frozen_parameters_and_steps_allocate_nothing(mo
 def test_whole_model_frozen_and_unfrozen():
     model = GPT2(GPT).freeze()
     assert model.params.size == 0 and model.num_params == model.params.numel > 0
-    model(*batch())
+    model.forward(*batch())
     model.backward()                                      # runs, writes no parameter grad
     with pytest.raises(ValueError, match="no trainable parameters"):
         AdamW(model.params)

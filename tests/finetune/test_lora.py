@@ -21,6 +21,12 @@ def batch(seed=0, B=2, T=8, V=64):
     return idx, np.roll(idx, -1, axis=1)
 
 
+def loss_of(model, idx, targets) -> float:
+    """The forward's loss; in training mode an adapted model forms no logits (its
+    classifier is frozen, see ops.classifier_xent), so model(idx, targets) has none to give."""
+    return float(model.forward(idx, targets)[1].numpy()[0])
+
+
 def lora_linear(t, p, o0=3):
     out = ops.linear(t, p["x"], p["W"], p["b"])
     return ops.lora_(t, out, p["x"], p["A"], p["B"], 0.7, o0)
@@ -85,19 +91,16 @@ MODELS = [(lambda: GPT2(GPT, dtype=np.float64), ["qkv", "o", "fc", "proj"]),
 def test_adapters_train_only_themselves_and_start_as_identity(make, targets):
     model = make()
     idx, targets_ = batch()
-    before, _ = model(idx, targets_)
-    before = before.copy()
+    before = model(idx)[0].copy()
     base = model.params.to_flat()
     lora = LoRA(model, rank=4, alpha=8, targets=targets, dropout=0.1)
-    after, _ = model(idx, targets_)
-    np.testing.assert_array_equal(after, before)                   # B = 0: the identity at first
+    np.testing.assert_array_equal(model(idx)[0], before)                   # B = 0: the identity at first
     assert model.params.size == 0 and model.trainable_params is lora.params
     opt = AdamW(lora.params, lr=1e-2)
     losses = []
     for _ in range(8):
         model.zero_grad()
-        _, loss = model(idx, targets_)
-        losses.append(loss)
+        losses.append(loss_of(model, idx, targets_))
         model.backward()
         opt.step()
     assert losses[-1] < losses[0] - 0.05
@@ -113,15 +116,15 @@ def test_adapter_gradients_match_finite_differences(make, targets):
     flat[:] = rng.standard_normal(flat.size) * 0.1                 # B != 0 so every path carries grad
     idx, tgt = batch(T=5)
     model.zero_grad()
-    model(idx, tgt)
+    model.forward(idx, tgt)
     model.backward()
     analytic = lora.params.grad.copy()
     for i in rng.choice(flat.size, 40, replace=False):
         old = flat[i]
         flat[i] = old + 1e-6
-        plus = model(idx, tgt)[1]
+        plus = loss_of(model, idx, tgt)
         flat[i] = old - 1e-6
-        minus = model(idx, tgt)[1]
+        minus = loss_of(model, idx, tgt)
         flat[i] = old
         assert analytic[i] == pytest.approx((plus - minus) / 2e-6, rel=1e-5, abs=1e-8)
 
@@ -199,7 +202,7 @@ def test_bad_lora_requests_are_refused(tmp_path):
         LoRA.load(tmp_path, Llama(LLAMA))
 
 
-def test_lora_step_allocates_nothing(monkeypatch):
+def test_lora_step_allocates_nothing(monkeypatch, submodule_array_args):
     model = Llama(LlamaConfig.preset("llama-tiny", vocab_size=64), seed=0)
     lora = LoRA(model, rank=4, alpha=8, targets=list(targets_of(model)), dropout=0.1)
     opt = AdamW(lora.params, lr=1e-3)
@@ -213,9 +216,10 @@ def test_lora_step_allocates_nothing(monkeypatch):
     step()
     step()
     grows = model.tape.acts.grows
+    extra = submodule_array_args(model.tape.k.softmax_xent)   # the chunked frozen classifier's kernels
     array_args, nrt_allocs, _ = measure_step_allocations(monkeypatch, model.tape.k, step)
     assert model.tape.acts.grows == grows
-    assert nrt_allocs == array_args, "a kernel allocated memory in a steady LoRA step"
+    assert extra[0] > 0 and nrt_allocs == array_args + extra[0], "a kernel allocated memory in a steady LoRA step"
 
 
 def test_lora_dropout_draws_fresh_masks_each_training_step():
@@ -226,7 +230,7 @@ def test_lora_dropout_draws_fresh_masks_each_training_step():
         lora = LoRA(model, rank=4, alpha=8, targets=list(targets_of(model))[:2], dropout=0.5)
         lora.params.flat[:] = np.random.default_rng(8).standard_normal(lora.params.size).astype(np.float32)
         idx, tgt = batch()
-        first, second = model(idx, tgt)[1], model(idx, tgt)[1]
+        first, second = loss_of(model, idx, tgt), loss_of(model, idx, tgt)
         assert first != second
         model.eval()
-        assert model(idx, tgt)[1] == model(idx, tgt)[1]
+        assert loss_of(model, idx, tgt) == loss_of(model, idx, tgt)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from helpers import check_grads, run_op
-from nt import ops
+from nt import Params, Tape, ops
 
 V, VP = 10, 16  # real vocabulary and padded width
 
@@ -233,3 +233,80 @@ def test_classifier_xent_refuses_bad_input_and_differentiating_its_logits():
     with pytest.raises(ValueError, match="no gradient"):
         run_op(lambda t, p: ops.cross_entropy(t, ops.classifier_xent(t, p["x"], p["w"], TARGETS, V)[0], TARGETS, V),
                {"x": X, "w": W})
+
+
+# ----------------------------------------------------------------------------- chunked (frozen classifier)
+
+N_ROWS = 4 * 5   # several chunks of CHUNK rows, the last one partial
+CHUNK = 6
+XC = np.random.default_rng(9).standard_normal((4, 5, C))
+TC = np.random.default_rng(10).integers(-1, V, (4, 5)).astype(np.int32)
+
+
+def frozen_classifier(x, targets, eps=0.0, zc=0.0, dloss=1.0, training=True, recording=True):
+    """(logits or None, loss, x's grad) of classifier_xent with W frozen (float64)."""
+    params = Params("cpu", np.float64, [("x", x.shape, False), ("w", W.shape, False)])
+    params["x"].data[...] = x
+    params["w"].data[...] = W
+    params = params.with_trainable(["x"])
+    assert params["w"].grad is None
+    t = Tape("cpu", np.float64)
+    t.training = training
+    t.reset(recording)
+    logits, loss = ops.classifier_xent(t, params["x"], params["w"], targets, V, eps, zc)
+    logits = None if logits is None else logits.data.copy()   # the backward overwrites them
+    grad = None
+    if recording:
+        params.zero_grad()
+        t.backward(loss, np.array([dloss]))
+        grad = params["x"].grad.copy()
+    return logits, loss.data[0], grad
+
+
+@pytest.mark.parametrize("eps, zc", [(0.0, 0.0), (0.1, 1e-2)])
+def test_frozen_classifier_is_chunked_and_matches_the_full_path(monkeypatch, eps, zc):
+    monkeypatch.setattr(ops, "XENT_CHUNK_ROWS", CHUNK)
+    logits, loss, grad = frozen_classifier(XC, TC, eps, zc, dloss=0.7)
+    assert logits is None                                           # training + recording: never formed
+    t2, p2, loss2 = run_op(lambda t, p: ops.cross_entropy(t, ops.linear(t, p["x"], p["w"]), TC, V, eps, zc),
+                           {"x": XC, "w": W})
+    p2.zero_grad()
+    t2.backward(loss2, np.array([0.7]))
+    np.testing.assert_allclose(loss, loss2.data[0], rtol=1e-13)
+    np.testing.assert_allclose(grad, p2["x"].grad, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(loss, reference_options(XC @ W.T, TC, eps, zc), rtol=1e-12)
+
+
+def test_frozen_classifier_grad_matches_finite_differences(monkeypatch):
+    monkeypatch.setattr(ops, "XENT_CHUNK_ROWS", CHUNK)
+    _, _, grad = frozen_classifier(XC, TC, 0.1, 1e-2)
+    x = XC.copy()
+    for i in np.random.default_rng(11).choice(x.size, 40, replace=False):
+        old = x.flat[i]
+        x.flat[i] = old + 1e-6
+        plus = frozen_classifier(x, TC, 0.1, 1e-2, recording=False)[1]
+        x.flat[i] = old - 1e-6
+        minus = frozen_classifier(x, TC, 0.1, 1e-2, recording=False)[1]
+        x.flat[i] = old
+        np.testing.assert_allclose(grad.flat[i], (plus - minus) / 2e-6, rtol=1e-6, atol=1e-9)
+
+
+def test_frozen_classifier_keeps_logits_outside_training_and_counts_nothing_ignored(monkeypatch):
+    monkeypatch.setattr(ops, "XENT_CHUNK_ROWS", CHUNK)
+    logits, loss, _ = frozen_classifier(XC, TC, training=False)     # eval mode: the logits as before
+    np.testing.assert_allclose(logits, XC @ W.T, rtol=1e-12)
+    assert frozen_classifier(XC, TC, recording=False)[0] is not None  # inference: as before
+    np.testing.assert_allclose(frozen_classifier(XC, TC)[1], loss, rtol=1e-13)
+    _, loss, grad = frozen_classifier(XC, np.full_like(TC, -1))
+    assert loss == 0 and not np.any(grad)
+
+
+def test_frozen_classifier_holds_no_logits(monkeypatch):
+    """Only CHUNK rows of logits exist at a time (the tape's scratch); the saved arena holds
+    x's (N, C) gradient and the per-row losses, not (N, Vp)."""
+    monkeypatch.setattr(ops, "XENT_CHUNK_ROWS", CHUNK)
+    params = Params("cpu", np.float64, [("x", XC.shape, False), ("w", W.shape, False)]).with_trainable(["x"])
+    t = Tape("cpu", np.float64)
+    ops.classifier_xent(t, params["x"], params["w"], TC, V)
+    assert t.saved.top <= N_ROWS * C + 2 * 64   # dx and the losses, each rounded up to the alignment
+    assert t._work.shape[0] == CHUNK * VP
