@@ -1,27 +1,61 @@
 """BLAS ?gemm and ?gemv callable from inside `@njit` code, without allocating and with caching.
 
-SciPy exports the Fortran BLAS it links (OpenBLAS) as Cython functions. We register their
-addresses under fixed symbol names with llvmlite, and an intrinsic emits a direct call to
+We call the Fortran BLAS that SciPy bundles (OpenBLAS): its routines' addresses are
+registered under fixed symbol names with llvmlite, and an intrinsic emits a direct call to
 that name. Because compiled code refers to the symbol by name rather than by a ctypes
 pointer baked into the function, `cache=True` works. Scalars are passed through stack slots
 in the caller's frame, so a call allocates nothing.
+
+The library is opened directly (ctypes) rather than through `scipy.linalg.cython_blas`:
+importing `scipy.linalg` for four addresses cost 15 MB of resident memory (its Python
+modules and LAPACK wrappers), a tenth of a small training run's runtime.
 """
 import ctypes
 import glob
+import importlib.util
 import os
 from typing import Optional
 
 import llvmlite.binding as llvm
 import numpy as np
-import scipy
 from llvmlite import ir
 from numba import cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
-from numba.np.ufunc import parallel as _numba_parallel
 
-for _name in ("sgemm", "dgemm", "sgemv", "dgemv"):
-    llvm.add_symbol("nt_" + _name, get_cython_function_address("scipy.linalg.cython_blas", _name))
+ROUTINES = ("sgemm", "dgemm", "sgemv", "dgemv")
+
+
+def _scipy_openblas() -> Optional[ctypes.CDLL]:
+    """The OpenBLAS library SciPy's wheels bundle (scipy.libs/ or scipy/.dylibs/), opened
+    without importing SciPy, or None (SciPy built against another BLAS)."""
+    spec = importlib.util.find_spec("scipy")
+    if spec is None or spec.origin is None:
+        return None
+    here = os.path.dirname(spec.origin)
+    for path in sorted(glob.glob(here + ".libs/*openblas*") + glob.glob(os.path.join(here, ".dylibs", "*openblas*"))):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+_OPENBLAS = _scipy_openblas()
+
+
+def _routine_address(name: str) -> int:
+    """Address of the Fortran-ABI routine `name` (all arguments by reference, 32-bit ints):
+    the bundled OpenBLAS's `scipy_<name>_` (what scipy.linalg.cython_blas itself calls), or
+    SciPy's Cython export when the bundle is not found."""
+    symbol = getattr(_OPENBLAS, f"scipy_{name}_", None) if _OPENBLAS is not None else None
+    if symbol is not None:
+        return ctypes.cast(symbol, ctypes.c_void_p).value
+    return get_cython_function_address("scipy.linalg.cython_blas", name)
+
+
+for _name in ROUTINES:
+    llvm.add_symbol("nt_" + _name, _routine_address(_name))
 
 _N, _T = 78, 84  # Fortran 'N' and 'T'
 
@@ -97,17 +131,13 @@ def gemv(trans_a, M, N, alpha, A, lda, x, beta, y):
 def _openblas_thread_functions() -> Optional[tuple]:
     """Addresses of (get_num_threads, set_num_threads) of the OpenBLAS SciPy bundles, or
     None when SciPy links another BLAS."""
-    here = os.path.dirname(scipy.__file__)
-    for path in sorted(glob.glob(here + ".libs/*openblas*") + glob.glob(os.path.join(here, ".dylibs", "*openblas*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            get = getattr(lib, prefix + "_get_num_threads", None)
-            set_ = getattr(lib, prefix + "_set_num_threads", None)
-            if get is not None and set_ is not None:
-                return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (get, set_))
+    if _OPENBLAS is None:
+        return None
+    for prefix in ("scipy_openblas", "openblas"):
+        get = getattr(_OPENBLAS, prefix + "_get_num_threads", None)
+        set_ = getattr(_OPENBLAS, prefix + "_set_num_threads", None)
+        if get is not None and set_ is not None:
+            return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (get, set_))
     return None
 
 
@@ -128,8 +158,13 @@ llvm.add_symbol("nt_blas_set_threads", _set_threads)
 blas_get_threads = types.ExternalFunction("nt_blas_get_threads", types.intc())
 blas_set_threads = types.ExternalFunction("nt_blas_set_threads", types.void(types.intc))
 
-# Numba's own get_num_threads() inside a kernel calls a ctypes pointer, which keeps the
-# kernel out of the cache; the same C function registered by name caches like the BLAS calls.
-_numba_parallel._launch_threads()
-llvm.add_symbol("nt_numba_num_threads", ctypes.cast(_numba_parallel._get_num_threads, ctypes.c_void_p).value)
-numba_num_threads = types.ExternalFunction("nt_numba_num_threads", types.intc())
+# Numba's thread count inside a PARALLEL kernel (use it nowhere else). numba.get_num_threads()
+# in a kernel calls a ctypes pointer, which keeps the kernel out of the cache; instead we
+# call by name the C function behind it, `get_num_threads`, which Numba's threading layer
+# registers with LLVM when its pool starts. Every parallel kernel starts the pool before its
+# code is linked (at compile time, and when loaded from the cache: Numba's parfor reload
+# hook), so the symbol is always there when such a kernel needs it, and `import nt` starts
+# no thread pool: the OpenMP runtime is not loaded until the first parallel kernel runs, so
+# a library imported after nt (PyTorch) still brings its own. Declared returning intp as
+# Numba's parfor code declares it (one module cannot hold two declarations of one name).
+numba_num_threads = types.ExternalFunction("get_num_threads", types.intp())

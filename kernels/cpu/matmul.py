@@ -3,7 +3,8 @@
 With transposed=True the weight is stored (C, OC) and out = inp @ weight: a tied
 embedding used the other way round, without copying it.
 
-Every product is cut into one slab of the output per Numba thread, each slab one BLAS
+Every product is cut into one slab of the output per Numba thread (the count read inside
+the kernel through blas.numba_num_threads, so the kernels cache), each slab one BLAS
 call with OpenBLAS held to a single thread (_gemm_slab). OpenBLAS's own threading loses
 up to 2.5x on the shapes a training step has most of: the classifier's input grad
 (256 x 768 outputs summed over K = 50304) kept the two cores busy 2.3x longer than the
