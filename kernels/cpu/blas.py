@@ -7,8 +7,10 @@ pointer baked into the function, `cache=True` works. Scalars are passed through 
 in the caller's frame, so a call allocates nothing.
 
 The library is opened directly (ctypes) rather than through `scipy.linalg.cython_blas`:
-importing `scipy.linalg` for four addresses cost 15 MB of resident memory (its Python
-modules and LAPACK wrappers), a tenth of a small training run's runtime.
+importing `scipy.linalg` for four addresses cost `import nt` 15 MB of resident memory and
+its LAPACK wrappers' load time. (Numba's CPU target imports scipy.linalg itself when the
+first kernel runs, so a training run's peak does not change; a process that imports nt
+without running a kernel, such as data preparation, stays lighter.)
 """
 import ctypes
 import glob
