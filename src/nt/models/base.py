@@ -22,7 +22,8 @@ class LanguageModel:
     adapters = None    # the nt.lora.LoRA attached to this model, if any
     # forward with targets runs the classifier and its loss as one op (ops.classifier_xent):
     # the logits get no gradient memory and hold their gradient after backward(). Set False
-    # when another loss differentiates the logits too (distillation's KL term).
+    # when another loss differentiates the logits too (distillation's KL term). A frozen
+    # classifier in training mode goes further: the logits are never formed (None returned).
     fuse_classifier = True
 
     def forward(self, idx: np.ndarray, targets: Optional[np.ndarray] = None):
@@ -61,16 +62,20 @@ class LanguageModel:
                                  f"got {getattr(targets, 'shape', None)}")
             ops.check_ids(targets, "targets", cfg.vocab_size, 2, ignore_index=True)
 
-    def __call__(self, idx: np.ndarray, targets: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[float]]:
+    def __call__(self, idx: np.ndarray, targets: Optional[np.ndarray] = None) -> tuple[Optional[np.ndarray], Optional[float]]:
         """nanoGPT-style: (logits (B, T, V) as a NumPy array, mean loss or None).
 
         The logits are a view of the model's activation memory (on the CPU) and are
         overwritten by the next forward, and with targets by backward() too (it turns them
         into their gradient, see fuse_classifier): copy them to keep them.
+        With targets, in training mode, a model whose classifier is frozen (LoRA, frozen-base
+        fine-tuning) never forms the logits (ops.classifier_xent takes them a chunk of rows at
+        a time): the logits are then None; call eval() first to get them.
         """
         logits, loss = self.forward(idx, targets)
         V = self.config.vocab_size
-        return logits.numpy()[..., :V], (float(loss.numpy()[0]) if loss is not None else None)
+        return (logits.numpy()[..., :V] if logits is not None else None,
+                float(loss.numpy()[0]) if loss is not None else None)
 
     def forward_inference(self, idx: np.ndarray) -> Tensor:
         """The (B, T, Vp) logits tensor of (B, T) ids, with the tape not recording (no
