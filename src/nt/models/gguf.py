@@ -204,12 +204,12 @@ def _gpt2_import(f: GGUFFile, cfg: GPT2Config, device: str) -> GPT2:
     for nt_name, gguf_name in GPT2_TENSOR_NAMES:
         view = p[nt_name]
         if nt_name == "wte":
-            view[:cfg.vocab_size] = _dequantized(f, gguf_name)
+            _dequantized(f, gguf_name, view[:cfg.vocab_size])
         elif "{l}" in gguf_name:
             for l in range(cfg.n_layer):
-                view[l] = _dequantized(f, gguf_name.format(l=l))
+                _dequantized(f, gguf_name.format(l=l), view[l])
         else:
-            view[:] = _dequantized(f, gguf_name)
+            _dequantized(f, gguf_name, view)
     model.load_flat(host)
     return model
 
@@ -432,15 +432,17 @@ def _kept_quantized(f: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
     return out
 
 
-def _dequantized(f: GGUFFile, name: str) -> np.ndarray:
-    """A tensor as float32, refused (FormatError naming it) when a value is NaN or infinite."""
-    return require_finite(f.dequantize(name), f"{f.path}: tensor {name!r}")
+def _dequantized(f: GGUFFile, name: str, out: np.ndarray) -> np.ndarray:
+    """A tensor as float32 written into `out` (a parameter's slice: no temporary copy),
+    refused (FormatError naming it) when a value is NaN or infinite."""
+    return require_finite(f.dequantize(name, out), f"{f.path}: tensor {name!r}")
 
 
 def _raw_rows(f: GGUFFile, name: str) -> np.ndarray:
     """The stored blocks of a (OC, C) matrix as a (OC, bytes per row) uint8 copy; the blocks'
     float16 scales (the first two bytes in Q8_0 and Q4_0, the last two in TQ2_0) must be finite."""
     rows = np.array(f.raw(name)).reshape(f.tensor_infos[name].shape[0], -1)
+    f.release(name)   # the copy is what the model keeps: the mapped pages leave the RSS
     block, at, n = {"Q8_0": (34, 0, 1), "Q4_0": (18, 0, 1), "Q4_K": (144, 0, 2), "Q6_K": (210, 208, 1),
                     "TQ2_0": (66, 64, 1), "TQ1_0": (54, 52, 1)}[f.tensor_infos[name].type]   # bytes, first f16 scale, scales
     scales = rows.reshape(-1, block)[:, at:at + 2 * n].copy().view("<f2")
@@ -464,7 +466,7 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
     host = model.params.flat if in_place else np.empty(model.params.numel, dtype=np.float32)
     host[:] = 0.0   # the embedding's padded rows
     p = _param_views(model, host)
-    p["wte"][:cfg.vocab_size] = _dequantized(f, "token_embd.weight")
+    _dequantized(f, "token_embd.weight", p["wte"][:cfg.vocab_size])
     embd_type = f.tensor_infos["token_embd.weight"].type
     if quantized and cfg.tie_embeddings and device == "cpu" and embd_type in ops.QUANT_FORMATS:
         model.tied_head = (embd_type, _raw_rows(f, "token_embd.weight"))   # the decoder's classifier
@@ -477,12 +479,12 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
             model.qweights[n][l] = rows
         for n, g, a, b in tensors:
             if n not in quantized:
-                p[n][l][a:b] = _dequantized(f, f"blk.{l}.{g}")
-    p["norm_f"][:] = _dequantized(f, "output_norm.weight")
+                _dequantized(f, f"blk.{l}.{g}", p[n][l][a:b])
+    _dequantized(f, "output_norm.weight", p["norm_f"])
     if "lm_head" in quantized:
         model.qweights["lm_head"] = _raw_rows(f, "output.weight")
     elif not cfg.tie_embeddings:
-        p["lm_head"][:cfg.vocab_size] = _dequantized(f, "output.weight")
+        _dequantized(f, "output.weight", p["lm_head"][:cfg.vocab_size])
     if not in_place:
         model.load_flat(host)
     if device != "cpu":   # the blocks live where the matmul runs
