@@ -33,6 +33,13 @@ import time
 import numpy as np
 
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
+# The thread settings `import nt` puts into os.environ (when the user has not set them), as
+# they were before nt was imported. Spawned workers inherit the parent's environment, and
+# the parent imports nt (the sgemm rate, the configs) before it starts them: PyTorch's
+# OpenMP runtime would read nt's OMP_WAIT_POLICY=PASSIVE when `import torch` loads it, and
+# run every op on sleeping workers. The PyTorch worker puts these values back first.
+NT_THREAD_ENV = ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+USER_THREAD_ENV = {name: os.environ.get(name) for name in NT_THREAD_ENV}
 DEFAULT_CONFIGS = ["d12:4:64", "d6:8:256", "llama-mini:8:256", "smollm2-135m:4:256", "llama3-gqa:4:256"]
 # LLaMA shapes: (nt preset, overrides). llama-mini gets a real vocabulary (Llama-2's 32000);
 # llama3-gqa is Llama-3.2's attention (4 query heads per kv head, theta 500000, Llama-3's
@@ -92,12 +99,19 @@ def flops_per_step(cfg, B, T) -> float:
 
 # ---------------------------------------------------------------------------- workers
 
-def worker(conn, framework: str, preset: str, B: int, T: int, weights: str, compile_: bool):
+def worker(conn, framework: str, preset: str, B: int, T: int, weights: str, compile_: bool,
+           user_env: dict):
     """Build one framework's model from `weights` and serve commands: loss, step, stats."""
     if framework == "torch":
-        # PyTorch must load its own OpenMP runtime before nt (imported by make_config) loads
-        # Numba's libgomp, which then reads nt's OMP_WAIT_POLICY=PASSIVE: in the other order
-        # PyTorch's ops run on that passive runtime, measured 1.45x slower on d12.
+        # PyTorch must load its own OpenMP runtime with the user's thread settings, not the
+        # PASSIVE wait policy nt sets for Numba (inherited from the parent, see
+        # USER_THREAD_ENV), and before nt (imported by make_config) loads Numba's libgomp:
+        # on a passive runtime PyTorch's ops ran 1.45x slower on d12.
+        for name, value in user_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         import torch  # noqa: F401
     cfg = make_config(preset, T)
     x, y = batch(cfg, B, T)
@@ -262,7 +276,8 @@ def bench(preset, B, T, steps, warmup, peak, frameworks, clips):
         make_nt_model(cfg, seed=0).params.flat.tofile(f)
         weights = f.name
     try:
-        workers = {name: Worker(ctx, name.split("+")[0], preset, B, T, weights, name.endswith("+compile"))
+        workers = {name: Worker(ctx, name.split("+")[0], preset, B, T, weights, name.endswith("+compile"),
+                                USER_THREAD_ENV)
                    for name in frameworks}
         losses = {name: w.ask("loss") for name, w in workers.items()}
         ref = losses["nt"]
