@@ -8,7 +8,10 @@
 
 Each adapted matrix W (OC, C) gets, per layer, A (r, C) and B (OC_part, r), and its
 linear computes W x + (alpha / r) B A dropout(x) for the output rows the target names
-(q, k or v of nt's fused qkv matrix, gate or up of gate_up). The base model is frozen when
+(q, k or v of nt's fused qkv matrix, gate or up of gate_up). Adapters on one matrix are
+stored stacked (`<matrix>.A` (L, G r, C), `<matrix>.B` (L, sum of OC_part, r)) so that,
+without dropout, they run as one group: one gemm over C for all G of them (ops.lora_). With
+dropout each has its own mask, as PEFT's modules do, so each runs alone. The base model is frozen when
 the adapters attach (no grads, no weight-gradient gemms); the adapters live in their own
 `Params`, one flat buffer, so the optimizer, clipping and checkpoints work on them as on a
 whole model. A is initialised as PEFT does (Kaiming-uniform with a = sqrt(5): U(-1/sqrt(C),
@@ -28,7 +31,7 @@ import numpy as np
 from . import ops
 from .io.common import FormatError, atomic_write_text, read_json
 from .io.safetensors import load_safetensors, save_safetensors
-from .tensor import Params
+from .tensor import Params, Tensor
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -70,8 +73,9 @@ def targets_of(model) -> dict[str, Target]:
 
 class LoRA:
     """Adapters on `targets` of every layer of `model` (which is frozen and gets
-    `model.adapters = self`). `params` holds, per target t, `t.A` (L, r, C) and `t.B`
-    (L, OC_part, r)."""
+    `model.adapters = self`). `params` holds, per adapted matrix m, `m.A` (L, G r, C) and
+    `m.B` (L, sum of OC_part, r): its G targets' A and B stacked in column order
+    (A(name, l) and B(name, l) are one target's)."""
 
     def __init__(self, model, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0,
                  seed: int = 0):
@@ -98,41 +102,69 @@ class LoRA:
         self.scale = self.alpha / self.rank
         self.targets = {t: available[t] for t in targets}
         self.n_layers = model.params[available[targets[0]].matrix].shape[0]
+        self._by_matrix: dict[str, list[str]] = {}   # matrix -> its targets, by first column
+        for name in sorted(self.targets, key=lambda n: self.targets[n].o0):
+            self._by_matrix.setdefault(self.targets[name].matrix, []).append(name)
         layout = []
-        for name, tg in self.targets.items():
-            layout += [(f"{name}.A", (self.n_layers, self.rank, tg.cols), True),
-                       (f"{name}.B", (self.n_layers, tg.rows, self.rank), True)]
+        self._slot: dict[str, tuple[int, int]] = {}   # target -> (index in its group, first row of its B)
+        self._parts: dict = {}                         # matrix or target -> (G, 2) int64 (o0, rows)
+        for matrix, names in self._by_matrix.items():
+            tgs = [self.targets[n] for n in names]
+            b0 = 0
+            for i, (name, tg) in enumerate(zip(names, tgs)):
+                self._slot[name] = (i, b0)
+                self._parts[name] = np.array([[tg.o0, tg.rows]], dtype=np.int64)
+                b0 += tg.rows
+            self._parts[matrix] = np.array([[tg.o0, tg.rows] for tg in tgs], dtype=np.int64)
+            layout += [(f"{matrix}.A", (self.n_layers, len(names) * self.rank, tgs[0].cols), True),
+                       (f"{matrix}.B", (self.n_layers, b0, self.rank), True)]
         self.params = Params(model.params.device, model.params.dtype, layout)
         self.enabled = True
         self._merged: Optional[dict] = None   # (target, layer) -> the base rows before merge()
-        self._by_matrix: dict[str, list[str]] = {}
-        for name, tg in self.targets.items():
-            self._by_matrix.setdefault(tg.matrix, []).append(name)
         self.init_weights(seed)
         model.freeze()
         model.adapters = self
 
+    def A(self, name: str, layer: int) -> Tensor:
+        """Target `name`'s A (r, C) of layer `layer`: rows of its matrix's stacked A."""
+        i, _ = self._slot[name]
+        stacked = self.params[f"{self.targets[name].matrix}.A"][layer]
+        C = stacked.shape[1]
+        return Tensor(stacked.arena, stacked.offset + i * self.rank * C, (self.rank, C))
+
+    def B(self, name: str, layer: int) -> Tensor:
+        """Target `name`'s B (OC_part, r) of layer `layer`: rows of its matrix's stacked B."""
+        _, b0 = self._slot[name]
+        stacked = self.params[f"{self.targets[name].matrix}.B"][layer]
+        return Tensor(stacked.arena, stacked.offset + b0 * self.rank, (self.targets[name].rows, self.rank))
+
     def init_weights(self, seed: int = 0) -> None:
-        """A ~ U(-1/sqrt(C), 1/sqrt(C)) (PEFT's Kaiming-uniform, a = sqrt(5)); B = 0."""
+        """A ~ U(-1/sqrt(C), 1/sqrt(C)) (PEFT's Kaiming-uniform, a = sqrt(5)); B = 0. Drawn
+        target by target in the order given, (L, r, C) each."""
         rng = np.random.default_rng(seed)
         host = np.zeros(self.params.numel, dtype=np.float64)
         for name, tg in self.targets.items():
-            a = self.params[f"{name}.A"]
-            o = self.params.offsets[f"{name}.A"]
+            matrix = self.params[f"{tg.matrix}.A"]
+            o = self.params.offsets[f"{tg.matrix}.A"]
+            stacked = host[o:o + matrix.size].reshape(matrix.shape)
+            i, _ = self._slot[name]
             bound = 1.0 / math.sqrt(tg.cols)
-            host[o:o + a.size] = rng.uniform(-bound, bound, a.size)
+            stacked[:, i * self.rank:(i + 1) * self.rank] = rng.uniform(-bound, bound, (self.n_layers, self.rank, tg.cols))
         self.params.load_flat(host)
 
     # ------------------------------------------------------------------ forward
 
     def apply(self, tape, x, out, matrix: str, layer: Optional[int]) -> None:
         """Add the adapters on `matrix` (layer `layer`) into the linear output `out` of input x."""
-        if not self.enabled or self._merged is not None or layer is None:
+        if not self.enabled or self._merged is not None or layer is None or matrix not in self._by_matrix:
             return
-        for name in self._by_matrix.get(matrix, ()):
+        if self.dropout == 0.0:   # one group: the gemms over C run once for all of the matrix's adapters
+            ops.lora_(tape, out, x, self.params[f"{matrix}.A"][layer], self.params[f"{matrix}.B"][layer],
+                      self.scale, self._parts[matrix])
+            return
+        for name in self._by_matrix[matrix]:
             xa = ops.dropout(tape, x, self.dropout)   # its own mask per adapter, as PEFT's modules have
-            ops.lora_(tape, out, xa, self.params[f"{name}.A"][layer], self.params[f"{name}.B"][layer],
-                      self.scale, self.targets[name].o0)
+            ops.lora_(tape, out, xa, self.A(name, layer), self.B(name, layer), self.scale, self._parts[name])
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -147,8 +179,8 @@ class LoRA:
 
     def _delta(self, name: str, layer: int) -> np.ndarray:
         k = self.params.k
-        A = np.asarray(k.to_host(self.params[f"{name}.A"][layer].data), dtype=np.float64)
-        B = np.asarray(k.to_host(self.params[f"{name}.B"][layer].data), dtype=np.float64)
+        A = np.asarray(k.to_host(self.A(name, layer).data), dtype=np.float64)
+        B = np.asarray(k.to_host(self.B(name, layer).data), dtype=np.float64)
         return self.scale * (B @ A)
 
     def merge(self) -> None:
@@ -189,8 +221,8 @@ class LoRA:
         for name, tg in self.targets.items():
             for l in range(self.n_layers):
                 module = "base_model.model." + tg.module.format(l=l)
-                out[f"{module}.lora_A.weight"] = np.array(k.to_host(self.params[f"{name}.A"][l].data))
-                out[f"{module}.lora_B.weight"] = np.array(k.to_host(self.params[f"{name}.B"][l].data))
+                out[f"{module}.lora_A.weight"] = np.array(k.to_host(self.A(name, l).data))
+                out[f"{module}.lora_B.weight"] = np.array(k.to_host(self.B(name, l).data))
         return out
 
     def config(self) -> dict:
@@ -254,7 +286,7 @@ class LoRA:
                 module = "base_model.model." + tg.module.format(l=l)
                 for part in ("A", "B"):
                     value = tensors[f"{module}.lora_{part}.weight"]
-                    dest = lora.params[f"{name}.{part}"][l]
+                    dest = (lora.A if part == "A" else lora.B)(name, l)
                     if tuple(value.shape) != dest.shape:
                         lora.detach()
                         raise FormatError(f"{directory / ADAPTER_WEIGHTS}: {module}.lora_{part}.weight has shape "

@@ -141,13 +141,16 @@ def _linear_backward(k, out, x, weight, bias, transposed):
 
 # ----------------------------------------------------------------------------- LoRA
 
-def lora_(t: Tape, out: Tensor, xa: Tensor, A: Tensor, B: Tensor, scale: float, o0: int = 0) -> Tensor:
-    """Add a LoRA adapter's output into a linear's output, in place, and return `out`:
+def lora_(t: Tape, out: Tensor, xa: Tensor, A: Tensor, B: Tensor, scale: float, parts: np.ndarray) -> Tensor:
+    """Add G LoRA adapters that read the same input into a linear's output, in place, and
+    return `out`:
 
-        out[..., o0:o0+OCp] += scale * (xa @ A^T) @ B^T        A (r, C), B (OCp, r)
+        h = xa @ A^T;  out[..., o0_g:o0_g+rows_g] += scale * h[:, g r:(g+1) r] @ B_g^T
 
-    xa is the adapter's input (the linear's input, or a dropout of it); o0 picks the
-    column block of a fused output (q, k or v of a fused qkv). Two small gemms: B @ A is
+    A (G r, C) stacks the adapters' A matrices, B (sum of rows_g, r) their B matrices, and
+    parts (G, 2) int64 holds each one's (o0_g, rows_g): the column block of a fused output
+    it adds to (q, k and v of a fused qkv; gate and up). xa is the adapters' input (the
+    linear's input, or a dropout of it). The gemms over C run once for the group, B @ A is
     never formed. The backward gives xa, A and B their grads from out's grad, which the
     base linear reads too (the sum's grad reaches both terms unchanged). Call it right
     after the linear that made `out`, before anything reads it."""
@@ -155,30 +158,35 @@ def lora_(t: Tape, out: Tensor, xa: Tensor, A: Tensor, B: Tensor, scale: float, 
     _check(xa, "xa", None, t)
     _check(A, "A", 2, t)
     _check(B, "B", 2, t)
-    r, C = A.shape
-    OCp = B.shape[0]
+    Gr, C = A.shape
+    r = B.shape[1]
     OC = out.shape[-1]
     if xa.shape[-1] != C or xa.shape[:-1] != out.shape[:-1]:
         raise ValueError(f"lora_: adapter input {xa.shape} does not fit A {A.shape} and out {out.shape}")
-    if B.shape[1] != r:
-        raise ValueError(f"lora_: B {B.shape} must be (OCp, r) for A {A.shape}")
-    if not 0 <= o0 <= OC - OCp:
-        raise ValueError(f"lora_: columns {o0}..{o0 + OCp} are outside the output's {OC}")
+    if not (isinstance(parts, np.ndarray) and parts.dtype == np.int64 and parts.ndim == 2 and parts.shape[1] == 2
+            and parts.shape[0] > 0 and parts.flags.c_contiguous):
+        raise ValueError("lora_: parts must be a C-contiguous (G, 2) int64 array of (first column, rows)")
+    o0s, rows = parts[:, 0], parts[:, 1]
+    if r < 1 or Gr != parts.shape[0] * r or int(rows.sum()) != B.shape[0]:
+        raise ValueError(f"lora_: A {A.shape} and B {B.shape} do not stack {parts.shape[0]} adapters of "
+                         f"rows {rows.tolist()}")
+    if np.any(rows < 1) or np.any(o0s < 0) or np.any(o0s + rows > OC):
+        raise ValueError(f"lora_: column blocks {parts.tolist()} are outside the output's {OC}")
     if not np.isfinite(scale):
         raise ValueError(f"lora_: scale must be finite, got {scale}")
     N = out.size // OC
-    h = t.new_saved((N, r))    # xa @ A^T, for B's grad
-    dh = t.new_saved((N, r))   # the backward's scratch for the grad of h
-    t.k.lora_forward(out.data.reshape(N, OC), h.data, xa.data.reshape(N, C), A.data, B.data, float(scale), int(o0))
-    t.record(_lora_backward, out, xa, A, B, h, dh, float(scale), int(o0))
+    h = t.new_saved((N, Gr))    # xa @ A^T, for B's grad
+    dh = t.new_saved((N, Gr))   # the backward's scratch for the grad of h
+    t.k.lora_forward(out.data.reshape(N, OC), h.data, xa.data.reshape(N, C), A.data, B.data, float(scale), parts)
+    t.record(_lora_backward, out, xa, A, B, h, dh, float(scale), parts)
     return out
 
 
-def _lora_backward(k, out, xa, A, B, h, dh, scale, o0):
+def _lora_backward(k, out, xa, A, B, h, dh, scale, parts):
     C, OC = A.shape[1], out.shape[-1]
     N = out.size // OC
     k.lora_backward(xa.grad.reshape(N, C), _grad(k, A), _grad(k, B), dh.data, out.grad.reshape(N, OC),
-                    h.data, xa.data.reshape(N, C), A.data, B.data, scale, o0)
+                    h.data, xa.data.reshape(N, C), A.data, B.data, scale, parts)
 
 
 # ----------------------------------------------------------------------------- layernorm

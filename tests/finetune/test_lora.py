@@ -27,28 +27,38 @@ def loss_of(model, idx, targets) -> float:
     return float(model.forward(idx, targets)[1].numpy()[0])
 
 
-def lora_linear(t, p, o0=3):
+ONE = np.array([[3, 4]], dtype=np.int64)           # one adapter: output columns 3..6 of 9
+TWO = np.array([[0, 3], [5, 4]], dtype=np.int64)   # a group of two on one input: columns 0..2 and 5..8
+
+
+def lora_linear(t, p, parts=ONE):
     out = ops.linear(t, p["x"], p["W"], p["b"])
-    return ops.lora_(t, out, p["x"], p["A"], p["B"], 0.7, o0)
+    return ops.lora_(t, out, p["x"], p["A"], p["B"], 0.7, parts)
+
+
+def lora_arrays(rng, T, parts, r=2):
+    return {"x": rng.standard_normal((2, T, 6)), "W": rng.standard_normal((9, 6)), "b": rng.standard_normal(9),
+            "A": rng.standard_normal((len(parts) * r, 6)), "B": rng.standard_normal((int(parts[:, 1].sum()), r))}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_lora_op_matches_numpy(dtype):
-    rng = np.random.default_rng(0)
-    arrays = {"x": rng.standard_normal((2, 3, 6)), "W": rng.standard_normal((9, 6)), "b": rng.standard_normal(9),
-              "A": rng.standard_normal((2, 6)), "B": rng.standard_normal((4, 2))}
-    _, _, out = run_op(lora_linear, arrays, dtype)
+@pytest.mark.parametrize("parts", [ONE, TWO])
+def test_lora_op_matches_numpy(dtype, parts):
+    arrays = lora_arrays(np.random.default_rng(0), 3, parts)
+    _, _, out = run_op(lambda t, p: lora_linear(t, p, parts), arrays, dtype)
     ref = arrays["x"] @ arrays["W"].T + arrays["b"]
-    ref[..., 3:7] += 0.7 * arrays["x"] @ arrays["A"].T @ arrays["B"].T
+    b0 = 0
+    for g, (o0, rows) in enumerate(parts):   # each adapter on its own, as PEFT runs them
+        A, B = arrays["A"][2 * g:2 * g + 2], arrays["B"][b0:b0 + rows]
+        ref[..., o0:o0 + rows] += 0.7 * arrays["x"] @ A.T @ B.T
+        b0 += rows
     np.testing.assert_allclose(out.data, ref, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
 
 
 @pytest.mark.parametrize("T", [1, 4])
-def test_lora_op_gradients(T):
-    rng = np.random.default_rng(1)
-    check_grads(lora_linear, {"x": rng.standard_normal((2, T, 6)), "W": rng.standard_normal((9, 6)),
-                              "b": rng.standard_normal(9), "A": rng.standard_normal((2, 6)),
-                              "B": rng.standard_normal((4, 2))})
+@pytest.mark.parametrize("parts", [ONE, TWO])
+def test_lora_op_gradients(T, parts):
+    check_grads(lambda t, p: lora_linear(t, p, parts), lora_arrays(np.random.default_rng(1), T, parts))
 
 
 def test_lora_op_with_frozen_base_weight_gives_x_A_B_grads_and_none_to_w():
@@ -61,7 +71,7 @@ def test_lora_op_with_frozen_base_weight_gives_x_A_B_grads_and_none_to_w():
     for n, a in arrays.items():
         p[n].data[...] = a
     t = Tape("cpu", np.float64)
-    out = ops.lora_(t, ops.linear(t, p["x"], p["W"]), p["x"], p["A"], p["B"], 2.0, 0)
+    out = ops.lora_(t, ops.linear(t, p["x"], p["W"]), p["x"], p["A"], p["B"], 2.0, np.array([[0, 5]]))
     dout = rng.standard_normal(out.shape)
     t.backward(out, dout)
     x, W, A, B = (arrays[n] for n in "xWAB")
@@ -73,14 +83,16 @@ def test_lora_op_with_frozen_base_weight_gives_x_A_B_grads_and_none_to_w():
 
 
 def test_lora_op_refuses_bad_shapes():
-    rng = np.random.default_rng(3)
-    arrays = {"x": rng.standard_normal((3, 6)), "W": rng.standard_normal((5, 6)), "b": np.zeros(5),
-              "A": rng.standard_normal((2, 6)), "B": rng.standard_normal((4, 2))}
+    arrays = lora_arrays(np.random.default_rng(3), 3, ONE)
     with pytest.raises(ValueError, match="outside the output"):
-        run_op(lambda t, p: lora_linear(t, p, o0=2), arrays)
-    arrays["B"] = rng.standard_normal((4, 3))
-    with pytest.raises(ValueError, match="must be \\(OCp, r\\)"):
-        run_op(lambda t, p: lora_linear(t, p, o0=0), arrays)
+        run_op(lambda t, p: lora_linear(t, p, np.array([[6, 4]])), arrays)
+    with pytest.raises(ValueError, match="do not stack"):
+        run_op(lambda t, p: lora_linear(t, p, TWO), arrays)
+    with pytest.raises(ValueError, match="int64"):
+        run_op(lambda t, p: lora_linear(t, p, np.array([3, 4])), arrays)
+    arrays["B"] = np.zeros((4, 3))
+    with pytest.raises(ValueError, match="do not stack"):
+        run_op(lambda t, p: lora_linear(t, p), arrays)
 
 
 MODELS = [(lambda: GPT2(GPT, dtype=np.float64), ["qkv", "o", "fc", "proj"]),
