@@ -176,16 +176,16 @@ def lora_(t: Tape, out: Tensor, xa: Tensor, A: Tensor, B: Tensor, scale: float, 
         raise ValueError(f"lora_: scale must be finite, got {scale}")
     N = out.size // OC
     h = t.new_saved((N, Gr))    # xa @ A^T, for B's grad
-    dh = t.new_saved((N, Gr))   # the backward's scratch for the grad of h
     t.k.lora_forward(out.data.reshape(N, OC), h.data, xa.data.reshape(N, C), A.data, B.data, float(scale), parts)
-    t.record(_lora_backward, out, xa, A, B, h, dh, float(scale), parts)
+    t.record(_lora_backward, out, xa, A, B, h, float(scale), parts, t)
     return out
 
 
-def _lora_backward(k, out, xa, A, B, h, dh, scale, parts):
+def _lora_backward(k, out, xa, A, B, h, scale, parts, t):
     C, OC = A.shape[1], out.shape[-1]
     N = out.size // OC
-    k.lora_backward(xa.grad.reshape(N, C), _grad(k, A), _grad(k, B), dh.data, out.grad.reshape(N, OC),
+    dh = t.work(h.shape)   # the grad of h lives only inside this call: the tape's scratch, not a slot per adapter
+    k.lora_backward(xa.grad.reshape(N, C), _grad(k, A), _grad(k, B), dh, out.grad.reshape(N, OC),
                     h.data, xa.data.reshape(N, C), A.data, B.data, scale, parts)
 
 
