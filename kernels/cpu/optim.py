@@ -5,6 +5,8 @@ table: block b is `x[block_offsets[b]:block_offsets[b+1]]` and belongs to tensor
 `block_seg[b]`; blocks never straddle two tensors. Every block is one parallel task, so
 one launch covers all tensors, balanced, and per-tensor sums have a fixed order.
 """
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -18,28 +20,34 @@ REDUCE_FASTMATH = {"reassoc", "contract"}
 
 
 @njit(parallel=True, cache=True)
-def adam_update(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, seg_step,
-                lr, beta1, beta2, eps, l2, decay, grad_scale):
+def adam_update(params, grads, m, v, block_offsets, block_seg, block_decay, seg_scale, seg_step,
+                lr, beta1, beta2, eps, l2, decay, grad_scale, zero_grads):
     """Adam / AdamW over the blocks of the flat buffer, in place.
 
     Block b is params[block_offsets[b]:block_offsets[b+1]], inside tensor s = block_seg[b]
     with scale seg_scale[s] (0 = frozen: parameters and moments untouched) and step count
-    seg_step[s] (from 1, drives the bias corrections). Every element with decay_mask 1
-    gets L2-coupled decay `l2` (PyTorch's Adam: added to the gradient before the moments)
-    and decoupled decay `decay` (AdamW: added to the update). The gradient is read times
-    `grad_scale` (a clipping factor, as llm.c folds it in: no separate pass over the grads):
+    seg_step[s] (from 1, drives the bias corrections). A block with block_decay[b] 1 gets
+    L2-coupled decay `l2` (PyTorch's Adam: added to the gradient before the moments) and
+    decoupled decay `decay` (AdamW: added to the update); blocks never straddle a change of
+    decay, so one flag per block replaces a byte per parameter. The gradient is read times
+    grad_scale[0] (a 1-element float64 array: the clipping factor, which a device can
+    compute without a host read-back; llm.c folds it in the same way, no separate pass):
         g = grad_scale*grad + l2*p;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
         p -= lr*scale * ((m/bc1) / (sqrt(v/bc2) + eps) + decay*p)
-    Elements with decay_mask 0 get neither decay. One parallel region for all tensors
-    (a region per tensor was 2-4x slower on a busy 2-core machine).
+    With zero_grads the grads are left zero for the next backward, in this same pass (a
+    frozen tensor's too). One parallel region for all tensors (a region per tensor was
+    2-4x slower on a busy 2-core machine).
     """
     for b in prange(block_seg.shape[0]):
         s = block_seg[b]
         scale = seg_scale[s]
-        if scale == 0.0:
-            continue
         lo, hi = block_offsets[b], block_offsets[b + 1]
-        P, G, M, V, D = params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], decay_mask[lo:hi]
+        P, G, M, V = params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi]
+        if scale == 0.0:
+            if zero_grads:  # a loop: a slice assignment inside prange became a lost nested parfor
+                for i in range(hi - lo):
+                    G[i] = 0.0
+            continue
         # every coefficient in the parameters' float type, so a float32 update runs in
         # float32 SIMD lanes (PyTorch's fused AdamW also computes in the parameter type)
         p0 = P[0]
@@ -47,48 +55,56 @@ def adam_update(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_s
         c1, c2 = like(p0, 1.0 - beta1), like(p0, 1.0 - beta2)
         inv_bc1 = like(p0, 1.0 / (1.0 - beta1 ** seg_step[s]))
         inv_bc2 = like(p0, 1.0 / (1.0 - beta2 ** seg_step[s]))
-        eps_, l2_, decay_, lr_s = like(p0, eps), like(p0, l2), like(p0, decay), like(p0, lr * scale)
-        gs = like(p0, grad_scale)
+        eps_, lr_s = like(p0, eps), like(p0, lr * scale)
+        l2_, decay_ = like(p0, l2), like(p0, decay)
+        gs = like(p0, grad_scale[0])
+        decays = block_decay[b] != 0  # the same for the whole block: the branches are uniform
         for i in range(hi - lo):
             p = P[i]
             g = gs * G[i]
-            if D[i]:
+            if zero_grads:
+                G[i] = 0.0
+            if decays:
                 g += l2_ * p
             mi = b1 * M[i] + c1 * g
             vi = b2 * V[i] + c2 * g * g
             M[i] = mi
             V[i] = vi
             update = (mi * inv_bc1) / (np.sqrt(vi * inv_bc2) + eps_)
-            if D[i]:
+            if decays:
                 update += decay_ * p
             P[i] = p - lr_s * update
 
 
 @njit(parallel=True, cache=True)
-def sgd_update(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first,
-               grad_scale):
-    """SGD with momentum (PyTorch's rule), in place.
+def sgd_update(params, grads, buf, block_offsets, block_decay, lr, momentum, dampening, weight_decay, nesterov,
+               first, grad_scale):
+    """SGD with momentum (PyTorch's rule), in place, over the blocks of the flat buffer
+    (block b is params[block_offsets[b]:block_offsets[b+1]], decay flag block_decay[b]):
 
-        g = grad_scale*grad + wd*p (decay_mask 1 only)
+        g = grad_scale[0]*grad + wd*p (blocks with decay only)
         b = g on the first step, else momentum*b + (1-dampening)*g   (skipped if momentum 0)
         p -= lr * (g + momentum*b if nesterov else b)
     """
-    for i in prange(params.shape[0]):
-        p = params[i]
-        g = grad_scale * grads[i]
-        if decay_mask[i]:
-            g += weight_decay * p
-        if momentum != 0.0:
-            if first:
-                b = g
-            else:
-                b = momentum * buf[i] + (1.0 - dampening) * g
-            buf[i] = b
-            if nesterov:
-                g = g + momentum * b
-            else:
-                g = b
-        params[i] = p - lr * g
+    gs = grad_scale[0]
+    for blk in prange(block_decay.shape[0]):
+        wd = weight_decay if block_decay[blk] != 0 else 0.0
+        for i in range(block_offsets[blk], block_offsets[blk + 1]):
+            p = params[i]
+            g = gs * grads[i]
+            if wd != 0.0:
+                g += wd * p
+            if momentum != 0.0:
+                if first:
+                    b = g
+                else:
+                    b = momentum * buf[i] + (1.0 - dampening) * g
+                buf[i] = b
+                if nesterov:
+                    g = g + momentum * b
+                else:
+                    g = b
+            params[i] = p - lr * g
 
 
 def sum_squares_blocks(n: int) -> int:
@@ -112,6 +128,17 @@ def sum_squares(x, partials):
     for blk in range(nblocks):
         total += partials[blk]
     return total
+
+
+def clip_scale_(x, partials, max_norm, out) -> None:
+    """out[0] = the factor that clips x's global L2 norm to max_norm (max_norm / (norm +
+    1e-6) when the norm is above it, else 1; a non-finite norm also gives 1, see GradScaler),
+    out[1] = the norm. out is a float64 array of 2 on x's device, so adam_update and
+    sgd_update read the factor where it is made (no host read-back on a GPU); partials as
+    for sum_squares."""
+    norm = math.sqrt(sum_squares(x, partials))
+    out[0] = max_norm / (norm + 1e-6) if math.isfinite(norm) and norm > max_norm > 0 else 1.0
+    out[1] = norm
 
 
 @njit(parallel=True, cache=True, fastmath=REDUCE_FASTMATH)

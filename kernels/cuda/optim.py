@@ -23,71 +23,83 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 @cuda.jit(cache=True)
-def _adam(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, seg_step,
-          lr, beta1, beta2, eps, l2, decay, grad_scale):
+def _adam(params, grads, m, v, block_offsets, block_seg, block_decay, seg_scale, seg_step,
+          lr, beta1, beta2, eps, l2, decay, grad_scale, zero_grads):
     """As the CPU twin: coefficients once per block in the parameters' dtype (float32 math
-    for a float32 model, as PyTorch's fused AdamW), the bias corrections in float64."""
+    for a float32 model, as PyTorch's fused AdamW), the bias corrections in float64; the
+    clipping factor read from device memory (grad_scale[0])."""
     dt = params.dtype.type
     b1, b2, c1, c2 = dt(beta1), dt(beta2), dt(1.0 - beta1), dt(1.0 - beta2)
-    eps_, l2_, decay_, gs = dt(eps), dt(l2), dt(decay), dt(grad_scale)
+    eps_, l2_, decay_, gs = dt(eps), dt(l2), dt(decay), dt(grad_scale[0])
     for b in range(cuda.blockIdx.x, block_seg.shape[0], cuda.gridDim.x):
         s = block_seg[b]
         scale = seg_scale[s]
         if scale == 0.0:  # a frozen tensor: parameters and moments untouched
+            if zero_grads:
+                for i in range(block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1], cuda.blockDim.x):
+                    grads[i] = 0.0
             continue
         inv_bc1 = dt(1.0 / (1.0 - beta1 ** seg_step[s]))
         inv_bc2 = dt(1.0 / (1.0 - beta2 ** seg_step[s]))
         lr_s = dt(lr * scale)
+        decays = block_decay[b] != 0
         for i in range(block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1], cuda.blockDim.x):
             p = params[i]
             g = gs * grads[i]
-            if decay_mask[i]:
+            if zero_grads:
+                grads[i] = 0.0
+            if decays:
                 g += l2_ * p
             mi = b1 * m[i] + c1 * g
             vi = b2 * v[i] + c2 * g * g
             m[i] = mi
             v[i] = vi
             update = (mi * inv_bc1) / (math.sqrt(vi * inv_bc2) + eps_)
-            if decay_mask[i]:
+            if decays:
                 update += decay_ * p
             params[i] = p - lr_s * update
 
 
-def adam_update(params, grads, m, v, decay_mask, block_offsets, block_seg, seg_scale, seg_step,
-                lr, beta1, beta2, eps, l2, decay, grad_scale):
-    """Adam / AdamW over the blocks of the flat buffer, in place (see the CPU twin)."""
-    _adam[blocks(block_seg.shape[0], 1), THREADS](params, grads, m, v, decay_mask, block_offsets, block_seg,
+def adam_update(params, grads, m, v, block_offsets, block_seg, block_decay, seg_scale, seg_step,
+                lr, beta1, beta2, eps, l2, decay, grad_scale, zero_grads):
+    """Adam / AdamW over the blocks of the flat buffer, in place (see the CPU twin);
+    grad_scale is a 1-element float64 device array."""
+    _adam[blocks(block_seg.shape[0], 1), THREADS](params, grads, m, v, block_offsets, block_seg, block_decay,
                                                   seg_scale, seg_step, lr, beta1, beta2, eps, l2, decay,
-                                                  grad_scale)
+                                                  grad_scale, zero_grads)
 
 
 @cuda.jit(cache=True)
-def _sgd(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first, grad_scale):
+def _sgd(params, grads, buf, block_offsets, block_decay, lr, momentum, dampening, weight_decay, nesterov, first,
+         grad_scale):
     dt = params.dtype.type
-    lr_, mom, damp, wd, gs = dt(lr), dt(momentum), dt(1) - dt(dampening), dt(weight_decay), dt(grad_scale)
-    for i in range(cuda.grid(1), params.shape[0], cuda.gridsize(1)):
-        p = params[i]
-        g = gs * grads[i]
-        if decay_mask[i]:
-            g += wd * p
-        if mom != dt(0):
-            if first:
-                b = g
-            else:
-                b = mom * buf[i] + damp * g
-            buf[i] = b
-            if nesterov:
-                g = g + mom * b
-            else:
-                g = b
-        params[i] = p - lr_ * g
+    lr_, mom, damp, gs = dt(lr), dt(momentum), dt(1) - dt(dampening), dt(grad_scale[0])
+    for blk in range(cuda.blockIdx.x, block_decay.shape[0], cuda.gridDim.x):
+        wd = dt(weight_decay) if block_decay[blk] != 0 else dt(0)
+        for i in range(block_offsets[blk] + cuda.threadIdx.x, block_offsets[blk + 1], cuda.blockDim.x):
+            p = params[i]
+            g = gs * grads[i]
+            if wd != dt(0):
+                g += wd * p
+            if mom != dt(0):
+                if first:
+                    b = g
+                else:
+                    b = mom * buf[i] + damp * g
+                buf[i] = b
+                if nesterov:
+                    g = g + mom * b
+                else:
+                    g = b
+            params[i] = p - lr_ * g
 
 
-def sgd_update(params, grads, buf, decay_mask, lr, momentum, dampening, weight_decay, nesterov, first,
-               grad_scale):
-    """SGD with momentum (PyTorch's rule), in place; grads read times grad_scale."""
-    _sgd[blocks(params.shape[0]), THREADS](params, grads, buf, decay_mask, lr, momentum, dampening,
-                                           weight_decay, nesterov, first, grad_scale)
+def sgd_update(params, grads, buf, block_offsets, block_decay, lr, momentum, dampening, weight_decay, nesterov,
+               first, grad_scale):
+    """SGD with momentum (PyTorch's rule) over the blocks of the flat buffer, in place;
+    grads read times grad_scale[0] (a 1-element float64 device array)."""
+    _sgd[blocks(block_decay.shape[0], 1), THREADS](params, grads, buf, block_offsets, block_decay, lr, momentum,
+                                                   dampening, weight_decay, nesterov, first, grad_scale)
 
 
 @cuda.jit(cache=True)
@@ -251,6 +263,27 @@ def sum_squares(x, partials) -> float:
     _sum_into_first[1, THREADS, 0, _F64_SHARED](partials[:nb])
     partials[:1].copy_to_host(_host)
     return float(_host[0])
+
+
+@cuda.jit(cache=True)
+def _clip_from_sum(out, partial, max_norm):
+    """out = [factor, norm] from the sum of squares in partial[0] (one thread): the CPU's rule."""
+    if cuda.grid(1) == 0:
+        norm = math.sqrt(partial[0])
+        out[1] = norm
+        out[0] = 1.0
+        if not (math.isinf(norm) or math.isnan(norm)) and norm > max_norm and max_norm > 0:
+            out[0] = max_norm / (norm + 1e-6)
+
+
+def clip_scale_(x, partials, max_norm, out) -> None:
+    """out[0] = the factor that clips x's global L2 norm to max_norm, out[1] = the norm (see
+    the CPU twin), all on the device: nothing is read back, so a step that passes `out` to
+    adam_update as its grad_scale stays asynchronous."""
+    nb = sum_squares_blocks(x.shape[0])
+    _sum_squares_partial[nb, THREADS, 0, _F64_SHARED](partials, x)
+    _sum_into_first[1, THREADS, 0, _F64_SHARED](partials[:nb])
+    _clip_from_sum[1, 1](out, partials, float(max_norm))
 
 
 @cuda.jit(cache=True)

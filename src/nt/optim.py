@@ -42,12 +42,50 @@ class Optimizer:
                              "names those to train)")
         self.params = params
         self.step_count = 0
-        self.decay_mask = self.k.to_device(params.decay_mask())
+        # the kernels' block table: the segments (one over everything, Chuck's: the tensors)
+        # cut into blocks that never straddle a segment or a change of weight decay, each
+        # block with its decay flag (a byte per block where a mask took a byte per parameter)
+        self._seg_offsets = self._segments(params)
+        block_offsets, block_seg, block_decay = block_table(self._seg_offsets, params.decay_mask())
+        self._block_offsets = self.k.to_device(block_offsets)
+        self._block_seg = self.k.to_device(block_seg)
+        self._block_decay = self.k.to_device(block_decay)
+        # the clipping factor the kernels read: [factor, norm] in float64 on the device, set
+        # by clip_scale() or from a host float by step(grad_scale=...)
+        self._grad_scale_host = np.array([1.0, math.nan])
+        self._grad_scale = self.k.to_device(self._grad_scale_host.copy())
+
+    def _segments(self, params: Params) -> np.ndarray:
+        """The optimizer's segments as offsets (S+1,): one over the whole buffer here."""
+        return np.array([0, params.size], dtype=np.int64)
 
     @property
     def k(self):
         """The parameters' kernel module (nt.backend owns it)."""
         return self.params.k
+
+    def clip_scale(self, max_norm: float):
+        """The factor that clips the global norm of `params.grad` to max_norm, computed on
+        the parameters' device into this optimizer's [factor, norm] buffer, which it returns:
+        pass it to step(grad_scale=...). Nothing is read back to the host (on a GPU the step
+        stays asynchronous); read the norm when it is wanted: `k.to_host(buf)[1]`. The rule
+        is clip_factor's (factor 1 within the limit or for a non-finite norm)."""
+        self.k.optim.clip_scale_(self.params.grad, _partials(self.params), float(max_norm), self._grad_scale)
+        return self._grad_scale
+
+    def _scale_arg(self, grad_scale):
+        """The device array the kernels read the clipping factor from: `grad_scale` itself
+        when it is one (a clip_scale() result: float64, on the device), else a host number
+        written into the optimizer's own buffer."""
+        if isinstance(grad_scale, (int, float, np.integer, np.floating)):
+            self._grad_scale_host[0] = grad_scale
+            self.k.copy_(self._grad_scale, self._grad_scale_host)
+            return self._grad_scale
+        if grad_scale.dtype != np.float64 or grad_scale.ndim != 1 or grad_scale.shape[0] < 1:
+            raise ValueError(f"grad_scale must be a number or a float64 array whose first element is the factor, "
+                             f"got {getattr(grad_scale, 'dtype', type(grad_scale))} of shape "
+                             f"{getattr(grad_scale, 'shape', None)}")
+        return grad_scale
 
     def _zeros(self, n: int, dtype):
         buf = self.k.empty(n, dtype)
@@ -147,14 +185,15 @@ class SGD(Optimizer):
         _check(not nesterov or (momentum > 0 and dampening == 0),
                "SGD: nesterov needs momentum > 0 and dampening 0")
 
-    def step(self, lr: Optional[float] = None, grad_scale: float = 1.0, *, loss: Optional[float] = None) -> None:
-        """One update from the grads in `params.grad` times `grad_scale` (see clip_factor;
-        the grads themselves are not changed); lr overrides the default for this step.
-        `loss` is accepted by every optimizer and used by those that watch it (Chuck)."""
+    def step(self, lr: Optional[float] = None, grad_scale=1.0, *, loss: Optional[float] = None) -> None:
+        """One update from the grads in `params.grad` times `grad_scale` (a number, or
+        clip_scale()'s device array; the grads themselves are not changed); lr overrides the
+        default for this step. `loss` is accepted by every optimizer and used by those that
+        watch it (Chuck)."""
         self.step_count += 1
-        self.k.sgd_update(self.params.flat, self.params.grad, self.momentum_buf, self.decay_mask,
-                          self.lr if lr is None else lr, self.momentum, self.dampening,
-                          self.weight_decay, self.nesterov, self.step_count == 1, float(grad_scale))
+        self.k.sgd_update(self.params.flat, self.params.grad, self.momentum_buf, self._block_offsets,
+                          self._block_decay, self.lr if lr is None else lr, self.momentum, self.dampening,
+                          self.weight_decay, self.nesterov, self.step_count == 1, self._scale_arg(grad_scale))
 
 
 # ============================================================================ Adam / AdamW
@@ -184,18 +223,11 @@ class Adam(Optimizer):
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.m = self._zeros(params.size, params.dtype)
         self.v = self._zeros(params.size, params.dtype)
-        # the kernel's block table: for Adam one segment over everything (scale 1, its step
-        # count set every step); Chuck's segments are the tensors
-        self._seg_offsets = self._segments(params)
-        block_offsets, block_seg = block_table(self._seg_offsets)
-        self._block_offsets = self.k.to_device(block_offsets)
-        self._block_seg = self.k.to_device(block_seg)
+        # Adam's one segment has scale 1 and the step count set every step; Chuck's
+        # segments are the tensors, each with its own scale and count
         self._one = self.k.to_device(np.ones(1, dtype=np.float64))
         self._step_host = np.zeros(1, dtype=np.int64)
         self._step = self.k.to_device(self._step_host)  # on a GPU: a device copy, refreshed each step
-
-    def _segments(self, params: Params) -> np.ndarray:
-        return np.array([0, params.size], dtype=np.int64)
 
     def _check_hyper(self, lr, beta1, beta2, eps, weight_decay) -> None:
         _check(0 <= lr < math.inf and 0 < eps < math.inf and 0 <= weight_decay < math.inf
@@ -207,20 +239,25 @@ class Adam(Optimizer):
         if float(np.min(self.k.to_host(self.v), initial=0.0)) < 0:
             raise ValueError(f"{type(self).__name__} state 'v' (second moments) holds negative values")
 
-    def _update(self, seg_scale, seg_step, lr: float, grad_scale: float) -> None:
+    def _update(self, seg_scale, seg_step, lr: float, grad_scale, zero_grad: bool) -> None:
         l2, decay = (0.0, self.weight_decay) if self.decoupled else (self.weight_decay, 0.0)
-        self.k.adam_update(self.params.flat, self.params.grad, self.m, self.v, self.decay_mask,
-                           self._block_offsets, self._block_seg, seg_scale, seg_step,
-                           lr, self.beta1, self.beta2, self.eps, l2, decay, float(grad_scale))
+        self.k.adam_update(self.params.flat, self.params.grad, self.m, self.v, self._block_offsets,
+                           self._block_seg, self._block_decay, seg_scale, seg_step,
+                           lr, self.beta1, self.beta2, self.eps, l2, decay, self._scale_arg(grad_scale),
+                           bool(zero_grad))
 
-    def step(self, lr: Optional[float] = None, grad_scale: float = 1.0, *, loss: Optional[float] = None) -> None:
-        """One update from the grads in `params.grad` times `grad_scale` (see clip_factor;
-        the grads themselves are not changed); lr overrides the default for this step.
-        `loss` is accepted by every optimizer and used by those that watch it (Chuck)."""
+    def step(self, lr: Optional[float] = None, grad_scale=1.0, *, loss: Optional[float] = None,
+             zero_grad: bool = False) -> None:
+        """One update from the grads in `params.grad` times `grad_scale` (a number, or
+        clip_scale()'s device array); lr overrides the default for this step. The grads are
+        not changed, unless `zero_grad`: then they are left zero for the next backward,
+        written in the update's own pass (instead of params.zero_grad()'s separate pass over
+        the buffer). `loss` is accepted by every optimizer and used by those that watch it
+        (Chuck)."""
         self.step_count += 1
         self._step_host[0] = self.step_count
         self.k.copy_(self._step, self._step_host)
-        self._update(self._one, self._step, self.lr if lr is None else lr, grad_scale)
+        self._update(self._one, self._step, self.lr if lr is None else lr, grad_scale, zero_grad)
 
 
 class AdamW(Adam):
@@ -250,15 +287,28 @@ def tensor_offsets(params: Params) -> np.ndarray:
     return offsets
 
 
-def block_table(seg_offsets: np.ndarray, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    """(block_offsets (NB+1,), block_seg (NB,)) int64: the segments cut into blocks of at
-    most `block` elements that never straddle two segments (the kernels' parallel tasks)."""
+def block_table(seg_offsets: np.ndarray, decay_mask: Optional[np.ndarray] = None,
+                block: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(block_offsets (NB+1,) int64, block_seg (NB,) int64, block_decay (NB,) uint8): the
+    segments cut into blocks of at most `block` elements (the kernels' parallel tasks) that
+    never straddle two segments nor a change of `decay_mask` (one uint8 per element; none:
+    no decay anywhere), block_decay[b] being the mask over block b."""
+    n = int(seg_offsets[-1])
+    if decay_mask is None:
+        decay_mask = np.zeros(n, dtype=np.uint8)
+    if decay_mask.shape != (n,):
+        raise ValueError(f"decay mask has shape {decay_mask.shape}, expected ({n},)")
+    changes = np.flatnonzero(np.diff(decay_mask.astype(np.int8))) + 1
+    cuts = np.union1d(seg_offsets, changes).astype(np.int64)  # sorted: every run of one segment and flag
     starts, segs = [], []
-    for s in range(seg_offsets.size - 1):
-        for b in range(int(seg_offsets[s]), int(seg_offsets[s + 1]), block):
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        seg = int(np.searchsorted(seg_offsets, lo, side="right")) - 1
+        for b in range(int(lo), int(hi), block):
             starts.append(b)
-            segs.append(s)
-    return np.array(starts + [int(seg_offsets[-1])], dtype=np.int64), np.array(segs, dtype=np.int64)
+            segs.append(seg)
+    starts = np.array(starts, dtype=np.int64)
+    return (np.append(starts, n).astype(np.int64), np.array(segs, dtype=np.int64),
+            (decay_mask[starts] != 0).astype(np.uint8))
 
 
 def loss_trend(window: np.ndarray) -> tuple[float, float]:
@@ -454,10 +504,14 @@ class Chuck(Adam):
             self.tiny_count[:] = np.where(tiny, self.tiny_count + 1, 0)
             self.scale[self.tiny_count >= self.freeze_patience] = 0.0
 
-    def step(self, loss: Optional[float] = None, lr: Optional[float] = None, grad_scale: float = 1.0) -> None:
-        """One update from the grads in `params.grad` times `grad_scale` (see clip_factor);
-        `loss` is the loss they came from (needed unless mechanisms a, c and e are all
-        off); lr overrides the base lr."""
+    def step(self, loss: Optional[float] = None, lr: Optional[float] = None, grad_scale=1.0,
+             zero_grad: bool = False) -> None:
+        """One update from the grads in `params.grad` times `grad_scale` (a number or
+        clip_scale()'s array, whose factor Chuck reads back: its per-tensor rules run on the
+        host); `loss` is the loss they came from (needed unless mechanisms a, c and e are
+        all off); lr overrides the base lr; zero_grad as in Adam.step."""
+        if not isinstance(grad_scale, (int, float, np.integer, np.floating)):
+            grad_scale = float(self.k.to_host(self._scale_arg(grad_scale))[0])
         noise_due = False
         if self._watches_loss:
             if loss is None or not math.isfinite(float(loss)):
@@ -471,7 +525,7 @@ class Chuck(Adam):
         self.last_lr = lr_eff
         self.k.copy_(self._scale_dev, self.scale)
         self.k.copy_(self._steps_dev, self.tensor_steps)
-        self._update(self._scale_dev, self._steps_dev, lr_eff, grad_scale)
+        self._update(self._scale_dev, self._steps_dev, lr_eff, grad_scale, zero_grad)
         if noise_due:
             sigma = self.noise_scale * lr_eff * self._segment_norms(self.params.flat) / self._sqrt_sizes
             sigma[self.scale == 0] = 0.0
@@ -524,7 +578,7 @@ def clip_factor(params: Params, max_norm: float) -> tuple[float, float]:
     as llm.c does, instead of clip_grad_norm's extra pass over the grads. A non-finite
     norm gives factor 1 (see GradScaler)."""
     norm = grad_norm(params)
-    if math.isfinite(norm) and norm > max_norm > 0:
+    if math.isfinite(norm) and norm > max_norm > 0:  # the kernels' clip_scale_ has this rule too
         return norm, max_norm / (norm + 1e-6)
     return norm, 1.0
 

@@ -179,6 +179,58 @@ def test_clip_inside_the_update_equals_clipping_the_grads(make):
     assert factors[0] < 1.0 and factors[1] == 1.0 and factors[2] < 1.0
 
 
+@pytest.mark.parametrize("make", [
+    lambda p: SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1),
+    lambda p: AdamW(p, lr=1e-2, weight_decay=0.1),
+    lambda p: Chuck(p, lr=1e-2, weight_decay=0.1, gnorm_ratio=2.0, trend_window=0, noise_patience=0,
+                    patience=0),
+])
+def test_clip_scale_on_the_device_equals_clip_factor(make):
+    """step(grad_scale=opt.clip_scale(c)) (the factor made and read where the grads live)
+    updates bit for bit as step(grad_scale=clip_factor(...)[1]); its buffer holds the norm."""
+    rng = np.random.default_rng(4)
+    a, b = GPT2(CFG, seed=0), GPT2(CFG, seed=0)
+    opt_a, opt_b = make(a.params), make(b.params)
+    for s in (3.0, 0.5, 5.0):
+        g = (rng.standard_normal(a.params.size) * s / np.sqrt(a.params.size)).astype(np.float32)
+        a.params.grad[:] = g
+        b.params.grad[:] = g
+        norm, factor = clip_factor(a.params, 1.0)
+        opt_a.step(grad_scale=factor)
+        buf = opt_b.clip_scale(1.0)
+        assert (buf[0], buf[1]) == (factor, norm)
+        opt_b.step(grad_scale=buf)
+        assert np.array_equal(a.params.flat, b.params.flat)
+    with pytest.raises(ValueError, match="grad_scale"):
+        opt_b.step(grad_scale=np.ones(1, np.float32))
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: AdamW(p, lr=1e-2, weight_decay=0.1),
+    lambda p: Chuck(p, lr=1e-2, weight_decay=0.1, freeze_threshold=1e-3, freeze_patience=1, trend_window=0,
+                    noise_patience=0, patience=0),
+])
+def test_step_zero_grad_leaves_zero_grads_and_the_same_update(make):
+    """step(zero_grad=True) is step() then params.zero_grad(), in one pass: the same
+    parameters and moments bit for bit, the grads zero (a frozen tensor's too)."""
+    rng = np.random.default_rng(5)
+    a, b = GPT2(CFG, seed=0), GPT2(CFG, seed=0)
+    opt_a, opt_b = make(a.params), make(b.params)
+    for t in range(3):
+        g = rng.standard_normal(a.params.size).astype(np.float32)
+        g[:opt_b._seg_offsets[1]] *= 1e-9  # the first tensor below Chuck's freeze threshold: frozen
+        a.params.grad[:] = g
+        b.params.grad[:] = g
+        opt_a.step(grad_scale=0.5)
+        a.params.zero_grad()
+        opt_b.step(grad_scale=0.5, zero_grad=True)
+        assert not b.params.grad.any()
+        assert np.array_equal(a.params.flat, b.params.flat)
+        assert np.array_equal(opt_a.m, opt_b.m) and np.array_equal(opt_a.v, opt_b.v)
+    if isinstance(opt_b, Chuck):
+        assert opt_b.stats()["frozen"] >= 1
+
+
 # ---------------------------------------------------------------- schedules
 
 def test_schedules_values():
