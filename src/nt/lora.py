@@ -159,12 +159,23 @@ class LoRA:
         if not self.enabled or self._merged is not None or layer is None or matrix not in self._by_matrix:
             return
         if self.dropout == 0.0:   # one group: the gemms over C run once for all of the matrix's adapters
-            ops.lora_(tape, out, x, self.params[f"{matrix}.A"][layer], self.params[f"{matrix}.B"][layer],
-                      self.scale, self._parts[matrix])
+            ops.lora_(tape, out, x, *self.group(matrix, layer))
             return
         for name in self._by_matrix[matrix]:
             xa = ops.dropout(tape, x, self.dropout)   # its own mask per adapter, as PEFT's modules have
             ops.lora_(tape, out, xa, self.A(name, layer), self.B(name, layer), self.scale, self._parts[name])
+
+    def group(self, matrix: str, layer: Optional[int]) -> Optional[tuple]:
+        """(A, B, scale, parts) of all adapters on `matrix` in layer `layer`, as ops.lora_ and
+        ops.glu_linear take them; None when none applies (no adapter on it, disabled, merged).
+        Adapters with dropout run one by one (apply()), so they have no group."""
+        if not self.enabled or self._merged is not None or layer is None or matrix not in self._by_matrix:
+            return None
+        if self.dropout != 0.0:
+            raise ValueError(f"LoRA adapters with dropout {self.dropout} each draw their own mask: they run one "
+                             "by one (apply()), not as a group")
+        return (self.params[f"{matrix}.A"][layer], self.params[f"{matrix}.B"][layer], self.scale,
+                self._parts[matrix])
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

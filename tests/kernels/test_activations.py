@@ -113,3 +113,60 @@ def test_softmax_forward_and_backward(T):
 def test_softmax_is_finite_for_huge_logits():
     _, _, out = run_op(lambda t, p: ops.softmax(t, p["x"]), {"x": np.array([[1e30, 0.0, -1e30]])}, np.float32)
     np.testing.assert_array_equal(out.data, [[1.0, 0.0, 0.0]])
+
+
+# ----------------------------------------------------------------------------- glu_linear (GLU output recomputed)
+
+GL_PARTS = np.array([[0, 3], [4, 1]], dtype=np.int64)   # two adapters on the 5 outputs, r = 2
+
+
+def glu_linear_arrays(T, seed=12):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((2, T, 8)), "W": rng.standard_normal((5, 4)),
+            "A": rng.standard_normal((4, 4)), "B": rng.standard_normal((4, 2))}
+
+
+def fused_mlp(act, adapted):
+    return lambda t, p: ops.glu_linear(t, p["x"], p["W"], act, (p["A"], p["B"], 0.6, GL_PARTS) if adapted else None)
+
+
+def unfused_mlp(act, adapted):
+    def build(t, p):
+        g = ops.glu(t, p["x"], act)
+        out = ops.linear(t, g, p["W"])
+        return ops.lora_(t, out, g, p["A"], p["B"], 0.6, GL_PARTS) if adapted else out
+    return build
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("adapted", [False, True])
+def test_glu_linear_equals_glu_then_linear(act, adapted):
+    arrays = glu_linear_arrays(3)
+    results = []
+    for build in (fused_mlp(act, adapted), unfused_mlp(act, adapted)):
+        t, p, out = run_op(build, arrays)
+        dout = np.random.default_rng(1).standard_normal(out.shape)
+        p.zero_grad()
+        t.backward(out, dout)
+        results.append((out.data.copy(), p.grad.copy(), t.acts.high))
+    (out, grad, high), (out_ref, grad_ref, high_ref) = results
+    np.testing.assert_allclose(out, out_ref, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-12, atol=1e-14)
+    assert high_ref - high == 2 * 3 * 4 + (16 - 2 * 3 * 4 % 16) % 16   # the (N, H) GLU output is not kept
+
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("adapted", [False, True])
+def test_glu_linear_backward_finite_differences(T, adapted):
+    check_grads(fused_mlp("silu", adapted), glu_linear_arrays(T))
+
+
+def test_glu_linear_rejects_bad_input():
+    arrays = glu_linear_arrays(2)
+    with pytest.raises(ValueError, match="needs 2 x 2"):
+        run_op(lambda t, p: ops.glu_linear(t, p["x"], p["B"]), arrays)   # a (4, 2) weight reads H = 2
+    with pytest.raises(ValueError, match="act must be"):
+        run_op(lambda t, p: ops.glu_linear(t, p["x"], p["W"], "relu"), arrays)
+    with pytest.raises(ValueError, match="outside the output"):
+        run_op(lambda t, p: ops.glu_linear(t, p["x"], p["W"], "silu", (p["A"], p["B"], 0.6, np.array([[0, 3], [5, 1]]))),
+               arrays)
