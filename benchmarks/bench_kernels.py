@@ -17,12 +17,7 @@ import time
 import numpy as np
 
 import nt
-
-
-def block_table(n: int, block: int = 16384):
-    """(block_offsets, block_seg) of one tensor of n elements, as nt.optim builds them."""
-    starts = list(range(0, n, block))
-    return np.array(starts + [n], dtype=np.int64), np.zeros(len(starts), dtype=np.int64)
+from nt.optim import block_table
 
 
 def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator):
@@ -55,9 +50,9 @@ def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator):
         ("matmul_forward (logits)", [r(N, Vp), r(N, C), r(Vp, C), np.empty(0, f)]),
         ("softmax_xent_forward", [r(1), r(N), r(N), logits, targets, V]),
         ("softmax_xent_backward", [r(N, Vp), np.ones(1, f), logits, xlse, targets, V]),
-        ("adam_update (1 layer)", [r(P), r(P), r(P), np.abs(r(P)), np.ones(P, np.uint8),
-                                   *block_table(P), np.ones(1), np.ones(1, np.int64),
-                                   1e-4, 0.9, 0.95, 1e-8, 0.0, 0.1, 1.0]),
+        ("adam_update (1 layer)", [r(P), r(P), r(P), np.abs(r(P)),
+                                   *block_table(np.array([0, P]), np.ones(P, np.uint8)), np.ones(1), np.ones(1, np.int64),
+                                   1e-4, 0.9, 0.95, 1e-8, 0.0, 0.1, np.ones(1), False]),
         # partials: long enough for either backend's block count (each uses its prefix)
         ("sum_squares (1 layer)", [r(P), np.zeros(max(nt.backend("cpu").sum_squares_blocks(P), 8192))]),
         ("rmsnorm_forward", [r(N, C), r(N), r(N, C), r(C), 1e-5]),

@@ -20,14 +20,14 @@ from .layernorm import layernorm_backward, layernorm_forward
 from .lora import lora_backward, lora_forward
 from .matmul import matmul_backward, matmul_forward
 from .memory import DEVICE, copy_, empty, fill_, ids_to_device, synchronize, to_device, to_host
-from .optim import (adam_update, add_noise_, scale_, segment_sum_squares, sgd_update, sum_squares,
+from .optim import (adam_update, add_noise_, clip_scale_, scale_, segment_sum_squares, sgd_update, sum_squares,
                     sum_squares_blocks, unscale_check_)
 from .quant import F16_TABLE, dequantize_q4_0, dequantize_q8_0, matmul_q4_0, matmul_q8_0
 from .rmsnorm import qk_norm_backward, qk_norm_forward, rmsnorm_backward, rmsnorm_forward
 from .rope import rope_backward, rope_forward
 from .softmax_xent import (kl_div_backward, kl_div_forward, logprobs_backward, logprobs_forward, softmax_backward,
                            softmax_forward, softmax_xent_backward, softmax_xent_forward,
-                           softmax_xent_grad_)
+                           softmax_xent_grad_, xent_mean, xent_rows_grad_)
 from .hebbian import hebbian_update
 from .vision import (cls_pos_backward, cls_pos_forward, crop_flip, grayscale, pool_backward, pool_forward,
                      resize_bilinear, to_chw, unfold_backward, unfold_forward)

@@ -243,13 +243,15 @@ def test_block_table_optimizer_kernels(dtype):
     n = 300
     bo = np.array([0, 64, 100, 170, 234, 300], np.int64)  # 5 blocks over 3 tensors
     bs = np.array([0, 0, 1, 2, 2], np.int64)
-    mask = (rng.random(n) < 0.5).astype(np.uint8)
-    parity("adam_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n),
-                           np.abs(randn(rng, dtype, n)), mask, bo, bs, np.array([1.0, 0.0, 0.5]),
-                           np.array([3, 1, 7], np.int64), 1e-2, 0.9, 0.95, 1e-8, 0.01, 0.1, 0.7], [0, 2, 3], dtype)
+    decay = np.array([1, 0, 1, 1, 0], np.uint8)  # one weight-decay flag per block
+    for zero_grads in (False, True):
+        parity("adam_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n),
+                               np.abs(randn(rng, dtype, n)), bo, bs, decay, np.array([1.0, 0.0, 0.5]),
+                               np.array([3, 1, 7], np.int64), 1e-2, 0.9, 0.95, 1e-8, 0.01, 0.1, np.array([0.7]),
+                               zero_grads], [0, 1, 2, 3], dtype)
     for first, nesterov, momentum in [(True, False, 0.9), (False, True, 0.9), (False, False, 0.0)]:
-        parity("sgd_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n), mask,
-                              0.1, momentum, 0.1, 0.01, nesterov, first, 0.7], [0, 2], dtype)
+        parity("sgd_update", [randn(rng, dtype, n), randn(rng, dtype, n), randn(rng, dtype, n), bo, decay,
+                              0.1, momentum, 0.1, 0.01, nesterov, first, np.array([0.7])], [0, 2], dtype)
     parity("segment_sum_squares", [randn(rng, dtype, n), bo, bs, np.zeros(5), np.zeros(3)], [4], dtype)
     x = randn(rng, dtype, n)
     x[3], x[7] = np.inf, -np.inf
