@@ -284,10 +284,15 @@ class Llama(LanguageModel):
         x = ops.residual_(t, ops.dropout(t, h, cfg.dropout), x)
         h = self._norm(x, p["ffn_norm"][l])
         h = self._linear(h, "gate_up", l)
-        h = ops.glu(t, h, FFN_ACTS[cfg.ffn_kind])
-        if cfg.bitnet:
-            h = self._norm(h, p["ffn_sub_norm"][l])
-        h = self._linear(h, "down", l)
+        lora = self.adapters
+        if cfg.bitnet or "down" in self.quantized or "down" in self.bitlinear or (lora is not None and lora.dropout):
+            h = ops.glu(t, h, FFN_ACTS[cfg.ffn_kind])
+            if cfg.bitnet:
+                h = self._norm(h, p["ffn_sub_norm"][l])
+            h = self._linear(h, "down", l)
+        else:   # the GLU output is recomputed in the backward, not stored (ops.glu_linear)
+            h = ops.glu_linear(t, h, p["down"][l], FFN_ACTS[cfg.ffn_kind],
+                               lora.group("down", l) if lora is not None else None)
         if cfg.post_norms:
             h = self._norm(h, p["post_ffn_norm"][l])
         return ops.residual_(t, ops.dropout(t, h, cfg.dropout), x)
