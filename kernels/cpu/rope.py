@@ -43,7 +43,8 @@ def _rotate_row(out, inp, p, inv_freq, half, sign, NQK, hs, accumulate):
 
 @njit(parallel=True, cache=True)
 def rope_forward(out, qkv, NH, NKV, pos0, inv_freq, half):
-    """out (B, T, W) = qkv with q and k heads rotated to positions pos0..pos0+T-1."""
+    """out (B, T, W) = qkv with q and k heads rotated to positions pos0..pos0+T-1; out may
+    be qkv itself (each pair is read before it is written). Negated inv_freq rotates back."""
     B, T, W = qkv.shape
     hs = W // (NH + 2 * NKV)
     v_off = (NH + NKV) * hs
@@ -51,7 +52,8 @@ def rope_forward(out, qkv, NH, NKV, pos0, inv_freq, half):
         b = bt // T
         t = bt % T
         _rotate_row(out[b, t], qkv[b, t], pos0 + t, inv_freq, half, 1.0, NH + NKV, hs, False)
-        out[b, t, v_off:] = qkv[b, t, v_off:]
+        for c in range(v_off, W):   # a loop, not a slice copy: ops.rope_ passes out is qkv
+            out[b, t, c] = qkv[b, t, c]
 
 
 @njit(parallel=True, cache=True)

@@ -377,12 +377,28 @@ def rope_frequencies(hs: int, theta: float, scaling: Optional[tuple] = None) -> 
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def _rope_table(k, hs: int, theta: float, scaling: Optional[tuple]):
-    """The op's frequencies as a device array, made once per (device, hs, theta, scaling)."""
-    key = (k.DEVICE, hs, theta, scaling)
+def _rope_table(k, hs: int, theta: float, scaling: Optional[tuple], sign: float = 1.0):
+    """The op's frequencies (times sign: -1 turns a rotation into its inverse) as a device
+    array, made once per (device, hs, theta, scaling, sign)."""
+    key = (k.DEVICE, hs, theta, scaling, sign)
     if key not in _ROPE_FREQS:
-        _ROPE_FREQS[key] = k.to_device(rope_frequencies(hs, theta, scaling))
+        _ROPE_FREQS[key] = k.to_device(sign * rope_frequencies(hs, theta, scaling))
     return _ROPE_FREQS[key]
+
+
+def _rope_args(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int], pos0: int, theta: float,
+               pairing: str, scaling: Optional[tuple], name: str) -> tuple:
+    """rope_forward's arguments after (out, qkv), checked; and the inverse rotation's table."""
+    NH, NKV, hs = _qkv_heads(t, qkv, n_head, n_kv_head, name)
+    if pairing not in ROPE_PAIRINGS:
+        raise ValueError(f"{name}: pairing must be one of {ROPE_PAIRINGS}, got {pairing!r}")
+    if hs % 2:
+        raise ValueError(f"{name}: head size {hs} must be even")
+    if pos0 < 0 or not theta > 0:
+        raise ValueError(f"{name}: need pos0 >= 0 and theta > 0, got pos0={pos0}, theta={theta}")
+    scaling = None if scaling is None else tuple(float(v) for v in scaling)
+    args = (NH, NKV, int(pos0), _rope_table(t.k, hs, float(theta), scaling), pairing == "half")
+    return args, _rope_table(t.k, hs, float(theta), scaling, -1.0)
 
 
 def rope(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, pos0: int = 0,
@@ -394,16 +410,8 @@ def rope(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, pos
     (i, i + hs/2) (HF transformers, GPT-NeoX); "interleaved": pairs (2i, 2i + 1) (Meta's
     LLaMA reference, RoFormer, llama.cpp's LLAMA arch).
     """
-    NH, NKV, hs = _qkv_heads(t, qkv, n_head, n_kv_head, "rope")
-    if pairing not in ROPE_PAIRINGS:
-        raise ValueError(f"rope: pairing must be one of {ROPE_PAIRINGS}, got {pairing!r}")
-    if hs % 2:
-        raise ValueError(f"rope: head size {hs} must be even")
-    if pos0 < 0 or not theta > 0:
-        raise ValueError(f"rope: need pos0 >= 0 and theta > 0, got pos0={pos0}, theta={theta}")
-    scaling = None if scaling is None else tuple(float(v) for v in scaling)
+    args, _ = _rope_args(t, qkv, n_head, n_kv_head, pos0, theta, pairing, scaling, "rope")
     out = t.new(qkv.shape)
-    args = (NH, NKV, int(pos0), _rope_table(t.k, hs, float(theta), scaling), pairing == "half")
     t.k.rope_forward(out.data, qkv.data, *args)
     t.record(_rope_backward, out, qkv, args)
     return out
@@ -411,6 +419,25 @@ def rope(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, pos
 
 def _rope_backward(k, out, qkv, args):
     k.rope_backward(qkv.grad, out.grad, *args)
+
+
+def rope_(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, pos0: int = 0,
+          theta: float = 10000.0, pairing: str = "half", scaling: Optional[tuple] = None) -> Tensor:
+    """rope() in qkv's own memory; returns qkv. Saves a (B, T, W) activation and its grad
+    (118 MiB at SmolLM2-135M B=4 T=256). The rotation needs no input in its backward, so
+    the shared grad slot is rotated back in place (the same kernel with negated angles).
+    qkv's unrotated value is gone: it must be an op output no backward reads (a linear's,
+    qk_norm's), used by nothing but this op."""
+    if qkv.arena is not t.acts:
+        raise ValueError("rope_: qkv must be an op output on this tape (it is overwritten in place)")
+    args, inverse = _rope_args(t, qkv, n_head, n_kv_head, pos0, theta, pairing, scaling, "rope_")
+    t.k.rope_forward(qkv.data, qkv.data, *args)   # each pair is read, then written, by one thread
+    t.record(_rope_inplace_backward, qkv, args[:3] + (inverse,) + args[4:])
+    return qkv
+
+
+def _rope_inplace_backward(k, qkv, inverse_args):
+    k.rope_forward(qkv.grad, qkv.grad, *inverse_args)
 
 
 # ----------------------------------------------------------------------------- pointwise

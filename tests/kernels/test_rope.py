@@ -108,3 +108,21 @@ def test_rope_llama3_scaling_matches_reference_and_rotates_by_it():
     np.testing.assert_allclose(out.data[..., :(NH + NKV) * hs], expected, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="scaling"):
         ops.rope_frequencies(hs, theta, (32.0, 4.0, 1.0, 8192))
+
+
+@pytest.mark.parametrize("pairing", ["interleaved", "half"])
+def test_rope_in_place_equals_rope_and_its_gradients(pairing):
+    """rope_ rotates an op output in its own memory; the backward rotates the shared grad
+    slot back. Forward equal to rope, gradients checked by finite differences."""
+    NH, NKV, hs = 2, 1, 4
+    qkv = np.random.default_rng(3).standard_normal((2, 3, (NH + 2 * NKV) * hs))
+    _, _, want = run_op(lambda t, p: ops.rope(t, ops.scale(t, p["qkv"], 2.0), NH, NKV, 5, 10.0, pairing), {"qkv": qkv})
+    t, _, got = run_op(lambda t, p: ops.rope_(t, ops.scale(t, p["qkv"], 2.0), NH, NKV, 5, 10.0, pairing), {"qkv": qkv})
+    np.testing.assert_array_equal(got.data, want.data)
+    check_grads(lambda t, p: ops.rope_(t, ops.scale(t, p["qkv"], 2.0), NH, NKV, 5, 10.0, pairing), {"qkv": qkv})
+
+
+def test_rope_in_place_refuses_a_parameter():
+    t, p, _ = run_op(lambda t, p: p["qkv"], {"qkv": np.ones((1, 2, 16))})
+    with pytest.raises(ValueError, match="op output"):
+        ops.rope_(t, p["qkv"], 2, 1)

@@ -273,7 +273,7 @@ class Llama(LanguageModel):
         if cfg.qk_norm:
             qkv = ops.qk_norm(t, qkv, p["q_norm"][l], p["k_norm"][l], NH, NKV, cfg.norm_eps)
         theta = cfg.rope_local_theta if (local and cfg.rope_local_theta) else cfg.rope_theta
-        qkv = ops.rope(t, qkv, NH, NKV, pos0, theta, cfg.rope_pairing, cfg.rope_scaling)
+        qkv = ops.rope_(t, qkv, NH, NKV, pos0, theta, cfg.rope_pairing, cfg.rope_scaling)
         window = cfg.sliding_window if local else 0
         h = self._attention(qkv, NH, NKV, window, pos0, cache)
         if cfg.bitnet:
