@@ -74,6 +74,21 @@ def worker(conn, mode: str, preset: str, B: int, T: int, threads: int) -> None:
             return
 
 
+def multiply_adds(cfg, T: int, rank: int) -> tuple[float, float]:
+    """Multiply-adds per token of a full and of a LoRA (every projection) training step: the
+    gemms (forward linears and classifier; every input gradient; full: every weight
+    gradient; LoRA: the adapters' 2 forward and 4 backward gemms, 3 r (C_in + C_out) per
+    adapted linear) and causal attention (QK^T and PV over (T+1)/2 keys on average, the
+    backward counted as 2.5 forwards). Elementwise work and AdamW are left out."""
+    C, H, hs, L = cfg.dim, cfg.ffn_hidden, cfg.hs, cfg.n_layers
+    q, kv = cfg.n_heads * hs, cfg.n_kv_heads * hs
+    linears = [(C, q), (C, kv), (C, kv), (q, C), (C, H), (C, H), (H, C)]   # (in, out): q k v o gate up down
+    forward = L * sum(i * o for i, o in linears) + C * cfg.padded_vocab_size
+    attention = L * cfg.n_heads * hs * (T + 1) / 2 * 2 * 3.5
+    adapters = L * sum(3 * rank * (i + o) for i, o in linears)
+    return 3 * forward + attention, 2 * forward + adapters + attention
+
+
 def run(preset: str, B: int, T: int, steps: int, threads: int) -> dict:
     """Warm up both workers, time `steps` interleaved steps each, read their peak RSS."""
     os.environ["NUMBA_NUM_THREADS"] = str(threads)
@@ -101,13 +116,17 @@ def run(preset: str, B: int, T: int, steps: int, threads: int) -> dict:
         conn.send("stop")
         proc.join()
     lora_ms, full_ms = statistics.median(times["lora"]), statistics.median(times["full"])
+    from nt.models import LlamaConfig
+    full_madds, lora_madds = multiply_adds(LlamaConfig.preset(preset, block_size=T), T, RANK)
     return {"config": {"preset": preset, "B": B, "T": T, "dtype": "float32", "threads": threads, "rank": RANK,
                        "alpha": ALPHA, "targets": "q,k,v,o,gate,up,down", "optimizer": "AdamW",
                        "timed_steps": steps, "lora_trainable": workers["lora"][2]["trainable"],
                        "full_trainable": workers["full"][2]["trainable"]},
             "lora_ms": round(lora_ms, 1), "full_ms": round(full_ms, 1),
             "lora_rss_mib": round(rss["lora"], 1), "full_rss_mib": round(rss["full"], 1),
-            "step_ratio": round(lora_ms / full_ms, 3), "rss_ratio": round(rss["lora"] / rss["full"], 3)}
+            "step_ratio": round(lora_ms / full_ms, 3), "rss_ratio": round(rss["lora"] / rss["full"], 3),
+            "step_floor": round(lora_madds / full_madds, 3),
+            "madds_per_token_m": {"full": round(full_madds / 1e6, 1), "lora": round(lora_madds / 1e6, 1)}}
 
 
 def main(argv=None) -> None:
@@ -132,6 +151,9 @@ def main(argv=None) -> None:
     for what, key in (("step", "step_ratio"), ("rss", "rss_ratio")):
         verdict = "met" if r[key] <= TARGETS[what] else "missed"
         print(f"{what} ratio LoRA/full: {r[key]:.3f} (target <= {TARGETS[what]}: {verdict})")
+    m = r["madds_per_token_m"]
+    print(f"floor: LoRA {m['lora']}M vs full {m['full']}M multiply-adds per token = {r['step_floor']:.3f}x "
+          "(gemms and attention at equal speed; see multiply_adds)")
 
 
 if __name__ == "__main__":

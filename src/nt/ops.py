@@ -18,7 +18,7 @@ from .tape import Tape
 from .tensor import Tensor
 
 __all__ = ["embedding", "linear", "lora_", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
-           "glu", "glu_linear", "swiglu", "geglu", "softmax", "add", "residual_", "mul", "scale", "concat", "dropout", "attention",
+           "glu", "glu_linear", "rmsnorm_linear", "swiglu", "geglu", "softmax", "add", "residual_", "mul", "scale", "concat", "dropout", "attention",
            "cross_entropy", "classifier_xent", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div"]
 
 _EMPTY: dict = {}
@@ -508,14 +508,63 @@ def _glu_backward(k, out, x, kind):
     k.glu_backward(x.grad.reshape(N, 2 * H), out.grad.reshape(N, H), x.data.reshape(N, 2 * H), kind)
 
 
+# Ops whose linear reads an input that is not kept but recomputed in the backward (a GLU
+# output, a norm output): the input lives in the tape's scratch in the forward, and again
+# in the backward for the weight's and the adapters' gradients. The linear and its LoRA
+# adapters (stacked as LoRA.group gives them, no dropout) are shared by both ops.
+
+def _scratch_linear(t: Tape, inp, lead: tuple, weight: Tensor, bias: Optional[Tensor],
+                    adapter: Optional[tuple], op: str) -> tuple[Tensor, Optional[Tensor]]:
+    """out = inp (N, C) @ weight^T + bias, plus the adapters' term; returns (out, h), h the
+    adapters' saved xa @ A^T (None without adapters)."""
+    N, C = inp.shape
+    OC = weight.shape[0]
+    if bias is not None:
+        _check(bias, "bias", 1, t)
+        if bias.shape[0] != OC:
+            raise ValueError(f"{op}: bias has {bias.shape[0]} entries, weight has {OC} outputs")
+    out = t.new(lead + (OC,))
+    t.k.matmul_forward(out.data.reshape(N, OC), inp, weight.data, bias.data if bias is not None else _none(t.k, t.dtype))
+    h = None
+    if adapter is not None:
+        A, B, scale, parts = adapter
+        _check_adapters(t, A, B, scale, parts, C, OC, op)
+        h = t.new_saved((N, A.shape[0]))
+        t.k.lora_forward(out.data.reshape(N, OC), h.data, inp, A.data, B.data, float(scale), parts)
+    return out, h
+
+
+def _scratch_views(t: Tape, N: int, C: int, adapter: Optional[tuple]):
+    """(inp, dinp, dh): the recomputed input (N, C), its grad (N, C) and the adapters' dh
+    (N, G r), views of the tape's scratch for one backward call."""
+    Gr = adapter[0].shape[0] if adapter is not None else 0
+    work = t.work((2 * N * C + N * Gr,))
+    return work[:N * C].reshape(N, C), work[N * C:2 * N * C].reshape(N, C), work[2 * N * C:].reshape(N, Gr)
+
+
+def _scratch_linear_grads(k, inp, dinp, dh, out: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          adapter: Optional[tuple], h: Optional[Tensor]) -> None:
+    """dinp = dout @ weight (+ the adapters' share); weight, bias and adapters accumulate
+    their grads from the recomputed inp."""
+    OC = weight.shape[0]
+    N = out.size // OC
+    dout = out.grad.reshape(N, OC)
+    k.fill_(dinp, 0.0)
+    k.matmul_backward(dinp, _grad(k, weight), _grad(k, bias) if bias is not None else _none(k, inp.dtype), dout,
+                      inp, weight.data)
+    if adapter is not None:
+        A, B, scale, parts = adapter
+        k.lora_backward(dinp, _grad(k, A), _grad(k, B), dh, dout, h.data, inp, A.data, B.data, float(scale), parts)
+
+
 def glu_linear(t: Tape, x: Tensor, weight: Tensor, act: str = "silu", adapter: Optional[tuple] = None) -> Tensor:
     """linear(glu(x, act), weight) (a gated MLP's down projection) without keeping the
     (..., H) GLU output: the backward recomputes it from x (the stored gate/up) into the
-    tape's scratch, for weight's gradient and the adapter's. Saves N x H floats per MLP
+    tape's scratch, for weight's gradient and the adapters'. Saves N x H floats per MLP
     (SwiGLU at SmolLM2-135M B=4 T=256: 6 MiB a layer, 189 MiB in all) for one elementwise
     pass more. adapter: (A, B, scale, parts) of LoRA adapters on weight, as ops.lora_ takes
-    them (no dropout: their input is the GLU output itself). Equal to glu, then linear, then
-    lora_ (tests/kernels/test_activations.py)."""
+    them (LoRA.group; no dropout: their input is the GLU output itself). Equal to glu, then
+    linear, then lora_ (tests/kernels/test_activations.py)."""
     _check(x, "x", None, t)
     _check(weight, "weight", 2, t)
     if act not in GLU_ACTS:
@@ -527,33 +576,53 @@ def glu_linear(t: Tape, x: Tensor, weight: Tensor, act: str = "silu", adapter: O
     N = x.size // (2 * H)
     g = t.work((N, H))
     t.k.glu_forward(g, x.data.reshape(N, 2 * H), kind)
-    out = t.new(x.shape[:-1] + (OC,))
-    t.k.matmul_forward(out.data.reshape(N, OC), g, weight.data, _none(t.k, t.dtype))
-    h = None
-    if adapter is not None:
-        A, B, scale, parts = adapter
-        _check_adapters(t, A, B, scale, parts, H, OC, "glu_linear")
-        h = t.new_saved((N, A.shape[0]))
-        t.k.lora_forward(out.data.reshape(N, OC), h.data, g, A.data, B.data, float(scale), parts)
+    out, h = _scratch_linear(t, g, x.shape[:-1], weight, None, adapter, "glu_linear")
     t.record(_glu_linear_backward, out, x, weight, kind, adapter, h, t)
     return out
 
 
 def _glu_linear_backward(k, out, x, weight, kind, adapter, h, t):
-    OC, H = weight.shape
-    N = out.size // OC
-    Gr = adapter[0].shape[0] if adapter is not None else 0
-    work = t.work((2 * N * H + N * Gr,))   # g, its grad and the adapter's dh, for this call only
-    g, dg = work[:N * H].reshape(N, H), work[N * H:2 * N * H].reshape(N, H)
-    xs, dout = x.data.reshape(N, 2 * H), out.grad.reshape(N, OC)
+    H = weight.shape[1]
+    N = out.size // weight.shape[0]
+    g, dg, dh = _scratch_views(t, N, H, adapter)
+    xs = x.data.reshape(N, 2 * H)
     k.glu_forward(g, xs, kind)   # the recomputation
-    k.fill_(dg, 0.0)
-    k.matmul_backward(dg, _grad(k, weight), _none(k, x.dtype), dout, g, weight.data)
-    if adapter is not None:
-        A, B, scale, parts = adapter
-        k.lora_backward(dg, _grad(k, A), _grad(k, B), work[2 * N * H:].reshape(N, Gr), dout, h.data, g,
-                        A.data, B.data, float(scale), parts)
+    _scratch_linear_grads(k, g, dg, dh, out, weight, None, adapter, h)
     k.glu_backward(x.grad.reshape(N, 2 * H), dg, xs, kind)
+
+
+def rmsnorm_linear(t: Tape, x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
+                   bias: Optional[Tensor] = None, adapter: Optional[tuple] = None) -> Tensor:
+    """linear(rmsnorm(x, norm_weight, eps), weight, bias) (a block's qkv or gate_up
+    projection) without keeping the normed (..., C) input: the backward recomputes it from
+    x (the residual stream, kept anyway) and the saved rstd. Saves N x C floats per norm
+    (SmolLM2-135M B=4 T=256: 2 a layer, 141 MiB in all). adapter as for glu_linear.
+    Equal to rmsnorm, then linear, then lora_ (tests/kernels/test_activations.py)."""
+    _check(x, "x", None, t)
+    _check(norm_weight, "norm_weight", 1, t)
+    _check(weight, "weight", 2, t)
+    C = x.shape[-1]
+    if norm_weight.shape[0] != C or weight.shape[1] != C:
+        raise ValueError(f"rmsnorm_linear: x has {C} features; norm weight {norm_weight.shape}, weight {weight.shape}")
+    if not eps > 0:
+        raise ValueError(f"rmsnorm_linear: eps must be positive, got {eps}")
+    N = x.size // C
+    normed = t.work((N, C))
+    rstd = t.new_saved((N,))
+    t.k.rmsnorm_forward(normed, rstd.data, x.data.reshape(N, C), norm_weight.data, float(eps))
+    out, h = _scratch_linear(t, normed, x.shape[:-1], weight, bias, adapter, "rmsnorm_linear")
+    t.record(_rmsnorm_linear_backward, out, x, norm_weight, float(eps), rstd, weight, bias, adapter, h, t)
+    return out
+
+
+def _rmsnorm_linear_backward(k, out, x, norm_weight, eps, rstd, weight, bias, adapter, h, t):
+    C = x.shape[-1]
+    N = x.size // C
+    normed, dnormed, dh = _scratch_views(t, N, C, adapter)
+    xs = x.data.reshape(N, C)
+    k.rmsnorm_forward(normed, rstd.data, xs, norm_weight.data, eps)   # the recomputation (rstd: the same values)
+    _scratch_linear_grads(k, normed, dnormed, dh, out, weight, bias, adapter, h)
+    k.rmsnorm_backward(x.grad.reshape(N, C), _grad(k, norm_weight), dnormed, xs, norm_weight.data, rstd.data)
 
 
 def swiglu(t: Tape, x: Tensor) -> Tensor:
@@ -871,9 +940,9 @@ def _classifier_xent_chunked(t: Tape, x: Tensor, weight: Tensor, targets: np.nda
         n1 = min(N, n0 + XENT_CHUNK_ROWS)
         logits = t.work((n1 - n0, Vp))
         k.matmul_forward(logits, xs[n0:n1], weight.data, _none(k, t.dtype))
-        k.softmax_xent.xent_rows_grad_(logits, losses.data[n0:n1], targets.data[n0:n1], V, scale, *opts)
+        k.xent_rows_grad_(logits, losses.data[n0:n1], targets.data[n0:n1], V, scale, *opts)
         k.matmul_backward(dx.data[n0:n1], _grad(k, weight), _none(k, t.dtype), logits, xs[n0:n1], weight.data)
-    k.softmax_xent.xent_mean(loss.data, losses.data, targets.data)
+    k.xent_mean(loss.data, losses.data, targets.data)
     t.record(_classifier_xent_chunked_backward, loss, x, dx)
     return loss
 

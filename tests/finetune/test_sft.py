@@ -160,7 +160,7 @@ def test_batches_resume_and_pad(tok, demo):
         ChatBatches(rows[:3], 4, 128)
 
 
-def test_lora_step_through_the_loop_allocates_nothing(tok, demo, monkeypatch, submodule_array_args):
+def test_lora_step_through_the_loop_allocates_nothing(tok, demo, monkeypatch):
     _, src = rows_and_batches(tok, demo, B=2)
     model = GPT2(GPT2Config.preset("tiny", vocab_size=tok.vocab_size, block_size=128), seed=0)
     lora = LoRA(model, 4, 8, ["qkv", "o", "fc", "proj"])
@@ -173,10 +173,9 @@ def test_lora_step_through_the_loop_allocates_nothing(tok, demo, monkeypatch, su
     step()
     step()
     grows = model.tape.acts.grows
-    extra = submodule_array_args(model.tape.k.softmax_xent)   # the chunked frozen classifier's kernels
     array_args, nrt_allocs, _ = measure_step_allocations(monkeypatch, model.tape.k, step)
     assert model.tape.acts.grows == grows
-    assert extra[0] > 0 and nrt_allocs == array_args + extra[0], "a kernel allocated memory in a steady step of the loop"
+    assert nrt_allocs == array_args, "a kernel allocated memory in a steady step of the loop"
 
 
 def test_demo_assistant_loss_falls(tok, demo):

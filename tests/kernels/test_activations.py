@@ -170,3 +170,55 @@ def test_glu_linear_rejects_bad_input():
     with pytest.raises(ValueError, match="outside the output"):
         run_op(lambda t, p: ops.glu_linear(t, p["x"], p["W"], "silu", (p["A"], p["B"], 0.6, np.array([[0, 3], [5, 1]]))),
                arrays)
+
+
+# ----------------------------------------------------------------------------- rmsnorm_linear (normed input recomputed)
+
+def rmsnorm_linear_arrays(T, seed=13):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((2, T, 4)), "nw": 1 + 0.1 * rng.standard_normal(4), "W": rng.standard_normal((5, 4)),
+            "b": rng.standard_normal(5), "A": rng.standard_normal((4, 4)), "B": rng.standard_normal((4, 2))}
+
+
+def fused_norm(adapted):
+    return lambda t, p: ops.rmsnorm_linear(t, p["x"], p["nw"], 1e-5, p["W"], p["b"],
+                                           (p["A"], p["B"], 0.6, GL_PARTS) if adapted else None)
+
+
+def unfused_norm(adapted):
+    def build(t, p):
+        n = ops.rmsnorm(t, p["x"], p["nw"], 1e-5)
+        out = ops.linear(t, n, p["W"], p["b"])
+        return ops.lora_(t, out, n, p["A"], p["B"], 0.6, GL_PARTS) if adapted else out
+    return build
+
+
+@pytest.mark.parametrize("adapted", [False, True])
+def test_rmsnorm_linear_equals_rmsnorm_then_linear(adapted):
+    arrays = rmsnorm_linear_arrays(3)
+    results = []
+    for build in (fused_norm(adapted), unfused_norm(adapted)):
+        t, p, out = run_op(build, arrays)
+        p.zero_grad()
+        t.backward(out, np.random.default_rng(2).standard_normal(out.shape))
+        results.append((out.data.copy(), p.grad.copy(), t.acts.high))
+    (out, grad, high), (out_ref, grad_ref, high_ref) = results
+    np.testing.assert_allclose(out, out_ref, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-12, atol=1e-14)
+    assert high_ref - high == 2 * 3 * 4 + (16 - 2 * 3 * 4 % 16) % 16   # the (N, C) normed input is not kept
+
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("adapted", [False, True])
+def test_rmsnorm_linear_backward_finite_differences(T, adapted):
+    check_grads(fused_norm(adapted), rmsnorm_linear_arrays(T))
+
+
+def test_rmsnorm_linear_rejects_bad_input():
+    arrays = rmsnorm_linear_arrays(2)
+    with pytest.raises(ValueError, match="features"):
+        run_op(lambda t, p: ops.rmsnorm_linear(t, p["x"], p["nw"], 1e-5, p["B"]), arrays)
+    with pytest.raises(ValueError, match="eps"):
+        run_op(lambda t, p: ops.rmsnorm_linear(t, p["x"], p["nw"], 0.0, p["W"]), arrays)
+    with pytest.raises(ValueError, match="bias"):
+        run_op(lambda t, p: ops.rmsnorm_linear(t, p["x"], p["nw"], 1e-5, p["W"], p["nw"]), arrays)
