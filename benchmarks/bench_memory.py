@@ -9,11 +9,15 @@ tokens, fp32, 2 threads, llm.c's AdamW with clipping, as train_gpt2.py steps:
 - `default`: the README's first command's model and batch (GPT-2 `mini`, V=4096, B=16, T=64)
 - `d12`: GPT-2 124M, B=4, T=64 (llm.c's CPU reference: 2461 MiB peak)
 - `d6`: 6 layers x 384, B=8, T=256 (torch.compile: 1638 MiB peak)
-Stages (RSS, MiB): Python + NumPy, + Numba, + `import nt`, the model and optimizer built,
-the first step, and the peak (VmHWM) over all steps. Then what the arenas hold (parameters
-+ grads, AdamW's m and v and its one-byte-per-parameter decay mask, activations, their
-planned grads, saved statistics and the classifier's logits, scratch) and the rest: the runtime (interpreter, NumPy, SciPy's BLAS,
-Numba's compiler and the loaded kernels). `--script` also runs `train/train_gpt2.py
+Stages (RSS, MiB): Python + NumPy, + Numba, + `import nt`, + the first kernel call (Numba's
+CPU target and LLVM's JIT start then, even for a kernel loaded from the cache), the model and
+optimizer built, the first step, and the peak (VmHWM) over all steps. After the last step the
+resident memory is split into anonymous memory (what the process allocated: arenas, Python
+objects, Numba's and LLVM's data) and file-backed pages (the shared libraries' code and data
+that ran, 69 MiB of it LLVM's). Then what the arenas hold (parameters + grads, AdamW's m
+and v, activations, their planned grads, saved statistics and the classifier's logits,
+scratch) and the rest: the runtime (interpreter, NumPy, SciPy's BLAS, Numba's compiler and
+the loaded kernels). `--script` also runs `train/train_gpt2.py
 --steps 3` (tokenizer, built-in corpus, evaluation) and reports its peak.
 """
 from __future__ import annotations
@@ -48,6 +52,15 @@ def rss_mib() -> tuple[float, float]:
         return peak, peak
 
 
+def rss_split_mib() -> dict:
+    """Current resident memory split into anonymous and file-backed pages, MiB (Linux)."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return {"anonymous": int(fields["RssAnon"].split()[0]) / 1024, "file": int(fields["RssFile"].split()[0]) / 1024}
+    except (OSError, KeyError):
+        return {}
+
+
 def worker(conn, name: str, steps: int, threads: int) -> None:
     """Measure one config and send back its stages and arena sizes."""
     stages = {"python": rss_mib()[0]}
@@ -56,10 +69,12 @@ def worker(conn, name: str, steps: int, threads: int) -> None:
     import numba
     numba.set_num_threads(threads)
     stages["numba"] = rss_mib()[0]
-    import nt  # noqa: F401
+    import nt
     from nt.models import GPT2, GPT2Config
     from nt.optim import AdamW, clip_factor
     stages["import nt"] = rss_mib()[0]
+    nt.backend("cpu").fill_(np.zeros(16, np.float32), 0.0)
+    stages["first kernel"] = rss_mib()[0]
     c = CONFIGS[name]
     model = GPT2(GPT2Config.preset(c["preset"], vocab_size=c["vocab_size"], block_size=max(c["T"], 64)), seed=0)
     opt = AdamW(model.params, lr=1e-4, weight_decay=0.1)
@@ -81,12 +96,12 @@ def worker(conn, name: str, steps: int, threads: int) -> None:
     stages["peak"] = rss_mib()[1]
     t = model.tape
     arenas = {"params + grads": model.params.arena.nbytes, "AdamW m, v": opt.m.nbytes + opt.v.nbytes,
-              "AdamW decay mask": opt.decay_mask.nbytes,
               "activations": t.acts.nbytes - t.acts.gbuf.nbytes, "activation grads": t.acts.gbuf.nbytes,
               "saved + logits": t.saved.nbytes, "scratch": t._work.nbytes + t.ints.nbytes}
     conn.send({"config": {**c, "params": model.num_params, "steps": steps, "threads": threads},
                "stages_mib": {k: round(v, 1) for k, v in stages.items()},
                "arenas_mib": {k: round(v / MIB, 1) for k, v in arenas.items()},
+               "end_split_mib": {k: round(v, 1) for k, v in rss_split_mib().items()},
                "step_ms": round(1e3 * min(times[1:] or times), 1)})
 
 
@@ -95,7 +110,12 @@ def run_config(name: str, steps: int, threads: int) -> dict:
     here, there = ctx.Pipe()
     proc = ctx.Process(target=worker, args=(there, name, steps, threads))
     proc.start()
-    result = here.recv()
+    there.close()   # so recv() sees the end of the pipe if the worker dies
+    try:
+        result = here.recv()
+    except EOFError:
+        proc.join()
+        raise SystemExit(f"{name}: the worker died (exit code {proc.exitcode}); its error is above") from None
     proc.join()
     arenas = sum(result["arenas_mib"].values())
     result["runtime_mib"] = round(result["stages_mib"]["peak"] - arenas, 1)
@@ -140,7 +160,8 @@ def main(argv=None) -> None:
               f"{r['step_ms']:.0f} ms/step: peak RSS {r['peak_rss_mib']:.0f} MiB{versus}")
         print("  RSS by stage  " + "  ".join(f"{k} {v:.0f}" for k, v in r["stages_mib"].items()))
         print("  arenas        " + "  ".join(f"{k} {v:.0f}" for k, v in r["arenas_mib"].items()))
-        print(f"  runtime       {r['runtime_mib']:.0f} MiB (peak minus arenas)\n")
+        print(f"  runtime       {r['runtime_mib']:.0f} MiB (peak minus arenas)")
+        print("  at the end    " + "  ".join(f"{k} {v:.0f}" for k, v in r["end_split_mib"].items()) + "\n")
 
 
 if __name__ == "__main__":
