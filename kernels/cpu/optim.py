@@ -43,37 +43,31 @@ def adam_update(params, grads, m, v, block_offsets, block_seg, block_decay, seg_
         scale = seg_scale[s]
         lo, hi = block_offsets[b], block_offsets[b + 1]
         P, G, M, V = params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi]
-        if scale == 0.0:
-            if zero_grads:  # a loop: a slice assignment inside prange became a lost nested parfor
-                for i in range(hi - lo):
-                    G[i] = 0.0
-            continue
-        # every coefficient in the parameters' float type, so a float32 update runs in
-        # float32 SIMD lanes (PyTorch's fused AdamW also computes in the parameter type)
-        p0 = P[0]
-        b1, b2 = like(p0, beta1), like(p0, beta2)
-        c1, c2 = like(p0, 1.0 - beta1), like(p0, 1.0 - beta2)
-        inv_bc1 = like(p0, 1.0 / (1.0 - beta1 ** seg_step[s]))
-        inv_bc2 = like(p0, 1.0 / (1.0 - beta2 ** seg_step[s]))
-        eps_, lr_s = like(p0, eps), like(p0, lr * scale)
-        l2_, decay_ = like(p0, l2), like(p0, decay)
-        gs = like(p0, grad_scale[0])
-        decays = block_decay[b] != 0  # the same for the whole block: the branches are uniform
-        for i in range(hi - lo):
-            p = P[i]
-            g = gs * G[i]
-            if zero_grads:
+        if scale != 0.0:
+            # every coefficient in the parameters' float type, so a float32 update runs in
+            # float32 SIMD lanes (PyTorch's fused AdamW also computes in the parameter type)
+            p0 = P[0]
+            b1, b2 = like(p0, beta1), like(p0, beta2)
+            c1, c2 = like(p0, 1.0 - beta1), like(p0, 1.0 - beta2)
+            inv_bc1 = like(p0, 1.0 / (1.0 - beta1 ** seg_step[s]))
+            inv_bc2 = like(p0, 1.0 / (1.0 - beta2 ** seg_step[s]))
+            eps_, lr_s, gs = like(p0, eps), like(p0, lr * scale), like(p0, grad_scale[0])
+            # the block's decay flag picks its coefficients, so the loop has no branch to
+            # vectorize around (0 * p adds nothing to a finite p)
+            decays = block_decay[b] != 0
+            l2_ = like(p0, l2 if decays else 0.0)
+            decay_ = like(p0, decay if decays else 0.0)
+            for i in range(hi - lo):
+                p = P[i]
+                g = gs * G[i] + l2_ * p
+                mi = b1 * M[i] + c1 * g
+                vi = b2 * V[i] + c2 * g * g
+                M[i] = mi
+                V[i] = vi
+                P[i] = p - lr_s * ((mi * inv_bc1) / (np.sqrt(vi * inv_bc2) + eps_) + decay_ * p)
+        if zero_grads:  # while the block's grads are still in cache: the write-back is the cost
+            for i in range(hi - lo):
                 G[i] = 0.0
-            if decays:
-                g += l2_ * p
-            mi = b1 * M[i] + c1 * g
-            vi = b2 * V[i] + c2 * g * g
-            M[i] = mi
-            V[i] = vi
-            update = (mi * inv_bc1) / (np.sqrt(vi * inv_bc2) + eps_)
-            if decays:
-                update += decay_ * p
-            P[i] = p - lr_s * update
 
 
 @njit(parallel=True, cache=True)
