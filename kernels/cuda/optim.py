@@ -30,34 +30,29 @@ def _adam(params, grads, m, v, block_offsets, block_seg, block_decay, seg_scale,
     clipping factor read from device memory (grad_scale[0])."""
     dt = params.dtype.type
     b1, b2, c1, c2 = dt(beta1), dt(beta2), dt(1.0 - beta1), dt(1.0 - beta2)
-    eps_, l2_, decay_, gs = dt(eps), dt(l2), dt(decay), dt(grad_scale[0])
+    eps_, gs = dt(eps), dt(grad_scale[0])
     for b in range(cuda.blockIdx.x, block_seg.shape[0], cuda.gridDim.x):
         s = block_seg[b]
         scale = seg_scale[s]
-        if scale == 0.0:  # a frozen tensor: parameters and moments untouched
-            if zero_grads:
-                for i in range(block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1], cuda.blockDim.x):
-                    grads[i] = 0.0
-            continue
-        inv_bc1 = dt(1.0 / (1.0 - beta1 ** seg_step[s]))
-        inv_bc2 = dt(1.0 / (1.0 - beta2 ** seg_step[s]))
-        lr_s = dt(lr * scale)
-        decays = block_decay[b] != 0
-        for i in range(block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1], cuda.blockDim.x):
-            p = params[i]
-            g = gs * grads[i]
-            if zero_grads:
+        lo, hi = block_offsets[b] + cuda.threadIdx.x, block_offsets[b + 1]
+        if scale != 0.0:  # 0: a frozen tensor, parameters and moments untouched
+            inv_bc1 = dt(1.0 / (1.0 - beta1 ** seg_step[s]))
+            inv_bc2 = dt(1.0 / (1.0 - beta2 ** seg_step[s]))
+            lr_s = dt(lr * scale)
+            decays = block_decay[b] != 0  # the block's flag picks its coefficients, as on the CPU
+            l2_ = dt(l2) if decays else dt(0)
+            decay_ = dt(decay) if decays else dt(0)
+            for i in range(lo, hi, cuda.blockDim.x):
+                p = params[i]
+                g = gs * grads[i] + l2_ * p
+                mi = b1 * m[i] + c1 * g
+                vi = b2 * v[i] + c2 * g * g
+                m[i] = mi
+                v[i] = vi
+                params[i] = p - lr_s * ((mi * inv_bc1) / (math.sqrt(vi * inv_bc2) + eps_) + decay_ * p)
+        if zero_grads:
+            for i in range(lo, hi, cuda.blockDim.x):
                 grads[i] = 0.0
-            if decays:
-                g += l2_ * p
-            mi = b1 * m[i] + c1 * g
-            vi = b2 * v[i] + c2 * g * g
-            m[i] = mi
-            v[i] = vi
-            update = (mi * inv_bc1) / (math.sqrt(vi * inv_bc2) + eps_)
-            if decays:
-                update += decay_ * p
-            params[i] = p - lr_s * update
 
 
 def adam_update(params, grads, m, v, block_offsets, block_seg, block_decay, seg_scale, seg_step,
