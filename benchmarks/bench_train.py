@@ -13,7 +13,8 @@ through SDPA). Each framework runs in its own spawned worker process (so peak RS
 own) on the same weights and the same batch; the losses must agree before anything is
 timed. Timed steps alternate nt, torch, torch.compile, and clipping on, off, so drift in
 the machine's speed hits all alike. A step is forward + backward + (grad clipping to norm
-1) + AdamW with llm.c's settings; PyTorch uses AdamW(fused=True). FLOPs follow nanoGPT's
+1) + AdamW with llm.c's settings (nt zeroes the grads inside AdamW's pass); PyTorch uses
+AdamW(fused=True) and zero_grad(set_to_none=True). FLOPs follow nanoGPT's
 estimate (6 N + 12 L C T per token, N without position embeddings, C the attention width);
 MFU is against the sgemm rate measured at the start of the run with nt's own BLAS call.
 """
@@ -117,22 +118,22 @@ def worker(conn, framework: str, preset: str, B: int, T: int, weights: str, comp
     x, y = batch(cfg, B, T)
     flat = np.fromfile(weights, dtype=np.float32)
     if framework == "nt":
-        from nt.optim import AdamW, clip_factor
+        from nt.optim import AdamW
         model = make_nt_model(cfg, seed=None)
         model.load_flat(flat)
         opt = AdamW(model.params, lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
+        model.zero_grad()  # once: from then on each update leaves the grads zero
 
         def loss():
             return model(x, y)[1]
 
         def step(clip: bool):
             model.forward(x, y)
-            model.zero_grad()
             model.backward()
-            if clip:  # the factor is applied inside the AdamW kernel, as llm.c does
-                opt.step(grad_scale=clip_factor(model.params, CLIP)[1])
-            else:
-                opt.step()
+            # the clip factor is made beside the grads and applied inside the AdamW kernel
+            # (as llm.c does), whose pass also leaves the grads zero for the next backward
+            # (PyTorch's zero_grad(set_to_none=True) costs no pass either)
+            opt.step(grad_scale=opt.clip_scale(CLIP) if clip else 1.0, zero_grad=True)
     else:
         import torch
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
