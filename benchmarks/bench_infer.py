@@ -91,8 +91,10 @@ def make_files(shape: str, types: list[str], folder: Path, llama_cpp_quantiser: 
 
 # ---------------------------------------------------------------------- one measurement (worker process)
 
-def measure_nt(path: str, prompt: list[int], n_decode: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of nt on the file."""
+def measure_nt(path: str, prompt: list[int], n_decode: int) -> tuple[float, float, str]:
+    """(prefill tok/s, decode tok/s, decoding path) of nt on the file: the path is "fused"
+    when every token ran Llama._decode_one's one-call step, "tape" when it fell back to
+    the per-op path (then the numbers do not measure the fused decoder)."""
     import nt
     model = nt.models.from_gguf(path, keep_quantized=True).eval()
 
@@ -117,7 +119,8 @@ def measure_nt(path: str, prompt: list[int], n_decode: int) -> tuple[float, floa
 
     decode(prompt[:8], 8)   # warm-up
     prefill(prompt[:64])
-    return prefill(prompt), decode(prompt[:8], n_decode)
+    pre, dec = prefill(prompt), decode(prompt[:8], n_decode)
+    return pre, dec, "fused" if getattr(model, "_decode_plan", None) is not None else "tape"
 
 
 def measure_llama_cpp(path: str, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float]:
@@ -153,10 +156,10 @@ def measure_llama_cpp(path: str, prompt: list[int], n_decode: int, threads: int)
 def worker(a) -> None:
     prompt = np.random.default_rng(0).integers(3, 32000, a.prompt).tolist()
     if a.worker == "nt":
-        pre, dec = measure_nt(a.file, prompt, a.decode)
+        pre, dec, path = measure_nt(a.file, prompt, a.decode)
     else:
-        pre, dec = measure_llama_cpp(a.file, prompt, a.decode, a.threads[0])
-    print(json.dumps({"prefill": pre, "decode": dec}))
+        (pre, dec), path = measure_llama_cpp(a.file, prompt, a.decode, a.threads[0]), "llama.cpp"
+    print(json.dumps({"prefill": pre, "decode": dec, "path": path}))
 
 
 def run_worker(engine: str, path: Path, threads: int, a) -> dict:
@@ -231,6 +234,7 @@ def main() -> None:
                     for e in engines:   # alternating
                         runs[e].append(run_worker(e, path, threads, a))
                 best = {e: {k: max(r[k] for r in runs[e]) for k in ("decode", "prefill", "rss_mb")} for e in engines}
+                best["nt"]["path"] = "/".join(sorted({r["path"] for r in runs["nt"]}))
                 report(shape, kind, path, threads, best, compare, a.json)
 
 
@@ -238,7 +242,7 @@ def report(shape, kind, path, threads, best, compare, as_json) -> None:
     nt_, llc = best["nt"], best.get("llama.cpp")
     row = {"file": path.name, "shape": shape, "type": kind, "threads": threads,
            "nt_decode_tok_s": round(nt_["decode"], 1), "nt_prefill_tok_s": round(nt_["prefill"], 1),
-           "nt_peak_rss_mb": round(nt_["rss_mb"]),
+           "nt_peak_rss_mb": round(nt_["rss_mb"]), "nt_decode_path": nt_["path"],
            "llama_cpp_decode_tok_s": None, "llama_cpp_prefill_tok_s": None, "llama_cpp_peak_rss_mb": None,
            "decode_ratio": None, "prefill_ratio": None}
     if compare:
@@ -253,6 +257,8 @@ def report(shape, kind, path, threads, best, compare, as_json) -> None:
     if compare:
         line += (f" {row['llama_cpp_decode_tok_s']:8.1f} {row['llama_cpp_prefill_tok_s']:8.1f} "
                  f"{row['llama_cpp_peak_rss_mb']:6d} {row['decode_ratio']:6.2f} {row['prefill_ratio']:6.2f}")
+    if nt_["path"] != "fused":
+        line += f"  (nt decoded on the {nt_['path']} path)"
     print(line, flush=True)
 
 
