@@ -1,4 +1,4 @@
-"""cuBLAS SGEMM/DGEMM through ctypes, on Numba device arrays (row-major, like blas.py).
+"""cuBLAS SGEMM/DGEMM (and GemmEx for bf16) through ctypes, on Numba device arrays (row-major, like blas.py).
 
 Required on a GPU: if libcublas cannot be loaded or cublasCreate fails, the first GEMM
 raises a RuntimeError saying so (nt never falls back to a slow kernel silently). Under the
@@ -10,6 +10,8 @@ toolkit, found by cuda-pathfinder (a dependency of numba-cuda). The handle runs 
 legacy default stream, the one Numba launches on by default, so GEMMs and our kernels
 stay ordered without synchronisation. Float32 GEMMs use full float32 math unless
 set_tf32(True) allows TF32 tensor cores (10-bit mantissa inputs, faster on sm_80+).
+bf16 operands (uint16 bits) with a float32 output go to cublasGemmEx with CUDA_R_16BF
+inputs and CUBLAS_COMPUTE_32F (bf16 tensor cores, float32 accumulation).
 """
 import ctypes
 import ctypes.util
@@ -19,6 +21,9 @@ from numba import cuda
 
 _OP_N, _OP_T = 0, 1  # cublasOperation_t
 _DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3  # cublasMath_t
+_R_32F, _R_16BF = 0, 14  # cudaDataType_t
+_COMPUTE_32F = 68  # cublasComputeType_t: float32 accumulation (bf16 inputs still use tensor cores)
+_GEMM_DEFAULT = -1  # cublasGemmAlgo_t: the library's heuristic
 _lib = None
 _handle = None
 _error = None  # why cuBLAS could not be loaded, once tried
@@ -57,6 +62,9 @@ def _open():
         fn.restype = c_int
         fn.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_int,
                        c_void_p, c_int, c_void_p, c_void_p, c_int]
+    lib.cublasGemmEx.restype = c_int
+    lib.cublasGemmEx.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_int, c_int,
+                                 c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_int, c_int, c_int]
     lib.cublasCreate_v2.restype = c_int
     lib.cublasCreate_v2.argtypes = [ctypes.POINTER(c_void_p)]
     lib.cublasSetMathMode.restype = c_int
@@ -113,6 +121,14 @@ def gemm(trans_a: bool, trans_b: bool, M: int, N: int, K: int, alpha: float, A, 
     leading dimensions are the row lengths.
     """
     _load()
+    if A.dtype == np.uint16:  # bf16 bits, checked by matmul.gemm: B is bf16 too and C float32
+        status = _lib.cublasGemmEx(_handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, N, M, K,
+                                   ctypes.byref(ctypes.c_float(alpha)), _ptr(B), _R_16BF, _ld(B),
+                                   _ptr(A), _R_16BF, _ld(A), ctypes.byref(ctypes.c_float(beta)),
+                                   _ptr(C), _R_32F, _ld(C), _COMPUTE_32F, _GEMM_DEFAULT)
+        if status != 0:
+            raise RuntimeError(f"cuBLAS gemm_ex (bf16) failed with status {status} (M={M}, N={N}, K={K})")
+        return
     single = C.dtype == np.float32
     real = ctypes.c_float if single else ctypes.c_double
     fn = _lib.cublasSgemm_v2 if single else _lib.cublasDgemm_v2

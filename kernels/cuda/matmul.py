@@ -4,10 +4,18 @@
 GEMMs go to cuBLAS on a GPU (cublas.py; a clear error if it cannot load: no silent slow
 path). The tiled shared-memory kernel below, with the same semantics, serves only the
 simulator, which has no cuBLAS. Bias grads are a deterministic two-stage column sum (reduce.py).
+
+bf16 mixed precision (matmul_forward_bf16 / matmul_backward_bf16, used by a tape with
+precision="bf16"): the operands are rounded to bf16 (RNE) and multiplied with float32
+accumulation into float32 outputs and grads. On a GPU that is cuBLAS gemm_ex (bf16 inputs,
+CUBLAS_COMPUTE_32F); under the simulator the bf16 operands are widened back to float32
+(exactly) and the tiled kernel multiplies them in float32: a product of two bf16 values is
+exact in float32, so both compute the same sums, up to the order of the additions.
 """
+import numpy as np
 from numba import cuda
 
-from . import cublas, reduce
+from . import bf16, cublas, reduce
 from .launch import MAX_BLOCKS, SIMULATOR, THREADS, TILE, blocks, shared_bytes
 
 
@@ -57,9 +65,16 @@ def _gemm_tiled(trans_a, trans_b, alpha, A, B, beta, C):
 def gemm(trans_a: bool, trans_b: bool, A, B, beta: float, C, alpha: float = 1.0) -> None:
     """Row-major C = alpha * op(A) @ op(B) + beta * C (beta 0 or 1), on cuBLAS or the tiled
     kernel. Operands may be row blocks or column blocks of larger matrices (unit column
-    stride, any row stride)."""
+    stride, any row stride). A and B may both be bf16 bits (uint16) with C float32: float32
+    accumulation of exact products (module docstring)."""
     M, N = C.shape
     K = A.shape[0] if trans_a else A.shape[1]
+    if A.dtype != C.dtype or B.dtype != C.dtype:
+        if not (A.dtype == B.dtype == np.uint16 and C.dtype == np.float32):
+            raise TypeError(f"gemm: operands {A.dtype}, {B.dtype} with output {C.dtype}: need one float "
+                            "dtype throughout, or bf16 (uint16) operands with a float32 output")
+        if SIMULATOR:
+            A, B = bf16.widen(A, 0), bf16.widen(B, 1)
     if SIMULATOR:  # the simulator has no cuBLAS; on hardware cublas.gemm raises if it cannot load
         gemm_tiled(trans_a, trans_b, A, B, beta, C, alpha)
     else:
@@ -106,5 +121,35 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, transposed=False):
             gemm(True, False, inp, dout, 1.0, dweight)
         else:
             gemm(True, False, dout, inp, 1.0, dweight)
+    if dbias.shape[0] > 0:
+        reduce.sum_columns_into(dbias, dout)
+
+
+def matmul_forward_bf16(out, inp, weight, bias, transposed, shadows) -> None:
+    """matmul_forward with bf16 operands: inp rounded to bf16 here, weight's bf16 copy from
+    `shadows` (bf16.Shadows, rounded once per forward); float32 accumulation, out and bias float32."""
+    if out.dtype != np.float32:
+        raise TypeError(f"bf16 matmuls need float32 activations, got {out.dtype}")
+    N, OC = out.shape
+    beta = 0.0
+    if bias.shape[0] > 0:
+        _broadcast_rows[blocks(N * OC), THREADS](out, bias)
+        beta = 1.0
+    gemm(False, not transposed, bf16.operand(inp, 0), shadows.of(weight), beta, out)
+
+
+def matmul_backward_bf16(dinp, dweight, dbias, dout, inp, weight, transposed, shadows) -> None:
+    """matmul_backward with bf16 operands: dout and inp rounded to bf16, the weight's copy
+    from `shadows` (the one its forward used); grads accumulate in float32 (dbias from the
+    float32 dout)."""
+    g = bf16.operand(dout, 0)
+    if dinp.shape[0] > 0:
+        gemm(False, transposed, g, shadows.of(weight), 1.0, dinp)
+    if dweight.shape[0] > 0:
+        x = bf16.operand(inp, 1)
+        if transposed:
+            gemm(True, False, x, g, 1.0, dweight)
+        else:
+            gemm(True, False, g, x, 1.0, dweight)
     if dbias.shape[0] > 0:
         reduce.sum_columns_into(dbias, dout)

@@ -6,6 +6,11 @@ backwards need but nobody differentiates (layernorm statistics, attention log-su
 memory at the same offsets and allocates nothing. A third buffer, `work`, is scratch that
 one kernel call at a time may use (attention's score blocks); kernels run one after
 another, so every op shares it.
+
+A CUDA tape may run its matmuls in bf16 mixed precision (`precision="bf16"`, docs/cuda.md):
+the float32 parameters stay the master copy, each weight's bf16 copy is rounded once per
+forward, activations and their grads are rounded to bf16 as matmul operands, and every
+GEMM accumulates in float32 into float32 outputs and grads.
 """
 from __future__ import annotations
 
@@ -18,15 +23,41 @@ from .backend import backend
 from .tensor import ActivationArena, Arena, Tensor
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+class _Bf16Kernels:
+    """The kernels a bf16 tape's ops call: the device's own (looked up on every use, so
+    the profiler's stand-in still sees them), except that the two matmul entry points take
+    bf16 operands with float32 accumulation, reading the weights' bf16 copies."""
+
+    def __init__(self, device: str):
+        from nt.kernels.cuda import bf16, matmul   # the tape checked the device is cuda
+        self.device = device
+        self.shadows = bf16.Shadows()
+        self._matmul = matmul
+
+    def __getattr__(self, name):
+        return getattr(backend(self.device), name)
+
+    def matmul_forward(self, out, inp, weight, bias, transposed=False):
+        self._matmul.matmul_forward_bf16(out, inp, weight, bias, transposed, self.shadows)
+
+    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, transposed=False):
+        self._matmul.matmul_backward_bf16(dinp, dweight, dbias, dout, inp, weight, transposed, self.shadows)
+
+
 class Tape:
     """Records ops in order; `backward(out)` runs their backward kernels in reverse."""
 
-    def __init__(self, device: str = "cpu", dtype=np.float32):
+    def __init__(self, device: str = "cpu", dtype=np.float32, precision: str = "fp32"):
         backend(device)  # an unknown or unavailable device fails here
         self.device = device
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"tape dtype must be float32 or float64, got {self.dtype}")
+        self._bf16: Optional[_Bf16Kernels] = None
+        self.set_precision(precision)
         self.acts = ActivationArena(device, self.dtype, name="acts")
         self.saved = Arena(device, self.dtype, with_grad=False, name="saved")
         # the forward's integer inputs (token ids, targets), copied in as llm.c copies its
@@ -42,11 +73,33 @@ class Tape:
         self.step = 0
         self.rng_calls = 0
 
+    @property
+    def precision(self) -> str:
+        """"fp32": every op in the tape's dtype; "bf16": matmuls with bf16 operands (CUDA)."""
+        return "fp32" if self._bf16 is None else "bf16"
+
+    def set_precision(self, precision: str) -> None:
+        """Choose how matmuls compute: "fp32" (in the tape's dtype, the default) or "bf16"
+        (mixed precision on CUDA: bf16 operands, float32 accumulation, outputs, grads and
+        master weights; the other kernels stay float32). A model's tape is switched with
+        `model.tape.set_precision("bf16")`."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "bf16" and (self.device != "cuda" or self.dtype != np.float32):
+            raise ValueError(f"bf16 mixed precision runs on CUDA with a float32 tape (float32 master weights, "
+                             f"bf16 matmul operands); this tape is {self.device} {self.dtype}: use "
+                             f"precision='fp32' here (the CPU backend has no bf16 matmul)")
+        if precision != self.precision:
+            self._bf16 = _Bf16Kernels(self.device) if precision == "bf16" else None
+
     def reset(self, recording: bool = True) -> None:
         """Forget the recorded ops and rewind the arenas for the next forward.
 
-        With `recording=False` ops still run but record nothing (inference).
+        With `recording=False` ops still run but record nothing (inference). A bf16 tape
+        rounds its weights' bf16 copies again for this forward (the weights may have changed).
         """
+        if self._bf16 is not None:
+            self._bf16.shadows.stale()
         self.acts.reset()
         self.saved.reset()
         self.ints.reset()
@@ -63,8 +116,8 @@ class Tape:
 
     @property
     def k(self):
-        """The device's kernel module (nt.backend owns it)."""
-        return backend(self.device)
+        """The device's kernel module (nt.backend owns it), or its bf16 variant."""
+        return backend(self.device) if self._bf16 is None else self._bf16
 
     def rng_key(self) -> int:
         """A fresh 64-bit key for the next random op of this forward (dropout), derived

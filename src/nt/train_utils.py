@@ -102,6 +102,9 @@ def add_loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation (default 8)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and activation precision")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: mixed precision on CUDA (bf16 matmul operands, float32 accumulation and master "
+                        "weights; docs/cuda.md); fp32 (default): every op in --dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and sampling")
     p.add_argument("--zero", type=int, choices=[0, 1], default=0,
                    help="under mpiexec: 1 shards the optimizer state over the ranks (ZeRO-1; default 0)")
@@ -399,6 +402,10 @@ def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
     `baseline` is drawn in loss.png."""
     if args.grad_accum < 1:
         sys.exit(f"error: --grad-accum must be >= 1, got {args.grad_accum}")
+    try:   # callers that build args without add_loop_args train in the model's own precision
+        model.tape.set_precision(getattr(args, "precision", model.tape.precision))
+    except ValueError as e:
+        sys.exit(f"error: --precision: {e}")
     params = model.trainable_params
     # a run that trains adapters on a frozen base checkpoints the adapters alone
     stored = params if params is not model.params else None

@@ -135,7 +135,8 @@ def signatures(f):
         (hebbian._hebbian_update, (A2, A2, A2, F, F, B)),
         (quant._block_matmul, (types.float32[:, ::1], types.float32[:, ::1], types.uint8[:, ::1], B)),
         (quant._dequantize, (types.float32[::1], types.uint8[::1], B)),
-        (bf16._to_bf16, (types.uint16[::1], types.uint32[::1], B, U)),
+        (bf16._to_bf16, (types.uint16[:, ::1], types.uint32[:, ::1], B, U)),
+        (bf16._to_bf16, (types.uint16[:, ::1], types.uint32[:, :], B, U)),   # a column block (bf16 matmul operand)
         (bf16._from_bf16, (types.uint32[::1], types.uint16[::1])),
         (bitnet._weight_scale, (A1, A1)),
         (bitnet._weight_apply, (A1, A1, A1)),
