@@ -3,12 +3,13 @@ eager and torch.compile) on GPT-2, tokens/s, MFU and peak device memory.
 
     python benchmarks/bench_train_cuda.py                     # d12, B = 16, 32, 64, T = 1024
     python benchmarks/bench_train.py --device cuda --json     # the same, from bench_train.py
-    python benchmarks/bench_train_cuda.py --configs d12:8:1024 --frameworks nt torch --steps 5
+    python benchmarks/bench_train_cuda.py --configs d12:8:1024 --frameworks nt nt-bf16 torch --steps 5
 
 Each (framework, config) runs in a fresh process (its own CUDA context, so peak memory is its
 own). A step is forward + backward + grad clipping (1.0) + AdamW, on one fixed random batch,
-from the same initial weights. nt trains in float32 (its bf16 path is not built yet, see
-docs/cuda.md); PyTorch in bf16 autocast with float32 master weights. FLOPs per step follow
+from the same initial weights. nt trains in float32 ("nt") and in bf16 mixed precision
+("nt-bf16": bf16 matmul operands on cuBLAS gemm_ex, float32 accumulation, activations and
+master weights; docs/cuda.md); PyTorch in bf16 autocast with float32 master weights. FLOPs per step follow
 nanoGPT's estimate (bench_train.flops_per_step); MFU is against the GPU's dense bf16 peak
 (a table by device name, or --peak-tflops). Needs a GPU: only the argument handling and the
 arithmetic run without one (tests/cuda/test_bench_train_cuda.py).
@@ -25,7 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
-FRAMEWORKS = ("nt", "torch", "torch+compile")
+FRAMEWORKS = ("nt", "nt-bf16", "torch", "torch+compile")
 DEFAULT_CONFIGS = ["d12:16:1024", "d12:32:1024", "d12:64:1024"]
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, by a substring of the name
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1,
@@ -74,12 +75,13 @@ def run_one(framework: str, spec: str, steps: int, warmup: int, peak_override: f
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     y = np.roll(x, -1, axis=1)
-    if framework == "nt":
+    if framework in ("nt", "nt-bf16"):
         from numba import cuda
 
         from nt.models import GPT2
         from nt.optim import AdamW, clip_factor
         model = GPT2(cfg, device="cuda", seed=0)
+        model.tape.set_precision("bf16" if framework == "nt-bf16" else "fp32")
         opt = AdamW(model.params, lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
         free0, total = cuda.current_context().get_memory_info()
 
@@ -137,7 +139,7 @@ def run_one(framework: str, spec: str, steps: int, warmup: int, peak_override: f
     row = summarise(framework, spec, flops_per_step(cfg, B, T), times, peak_tflops(name, peak_override), B, T,
                     memory(), loss)
     row["device"] = name
-    row["dtype"] = "float32" if framework == "nt" else "bf16 autocast"
+    row["dtype"] = {"nt": "float32", "nt-bf16": "bf16 matmuls, float32 activations"}.get(framework, "bf16 autocast")
     return row
 
 
@@ -152,6 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per (framework, config) run")
     p.add_argument("--json", action="store_true", help="also print one JSON object per run")
+    p.add_argument("--out", default=None, help="also write the rows to this JSON file (a list, rewritten after each run)")
     p.add_argument("--worker", nargs=2, metavar=("FRAMEWORK", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for spec in args.configs:
@@ -170,6 +173,7 @@ def main(argv=None) -> None:
         print(json.dumps(run_one(*args.worker, args.steps, args.warmup, args.peak_tflops)))
         return
     print(f"{'config':14s} {'framework':14s} {'step ms':>9s} {'tok/s':>10s} {'MFU':>6s} {'peak MiB':>9s} {'loss':>8s}")
+    rows = []
     for spec in args.configs:
         for framework in args.frameworks:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, spec, "--steps", str(args.steps),
@@ -187,6 +191,10 @@ def main(argv=None) -> None:
                       f"{row['mfu']:6.1%} {row['peak_memory_mib']:9.0f} {row['loss']:8.4f}")
             if args.json:
                 print(json.dumps(row))
+            rows.append(row)
+            if args.out:   # after every run: a caller's time box may stop the next one
+                with open(args.out, "w") as f:
+                    json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@
 #                leaves its per-test results in the log
 #   3 resources  registers / shared / local memory of every kernel as loaded on this GPU
 #   4 kernels    bench_kernels.py's CUDA column at B=8, T=1024 (GPT-2 124M layer shapes)
-#   5 train      20 float32 steps against the CPU's loss curve; GPT-2 d12 B=8 T=1024 step time
-#                against summed kernel time (the host's overhead)
+#   5 train      20 float32 steps against the CPU's loss curve (1e-4), and 20 bf16 mixed-precision
+#                steps against the same curve (2e-2); GPT-2 d12 B=8 T=1024 step time against
+#                summed kernel time (the host's overhead)
+#   5b speed     bench_train_cuda.py at d12 B=8 T=1024: nt bf16, nt float32 and PyTorch eager bf16
+#                autocast, tokens/s, MFU and peak memory (needs PyTorch; not under --simulate)
 #   6 decode     KV-cache decoding: GPT-2 d12 float32, a Llama kept as Q8_0 / Q4_0 blocks
 #   7 sanitizer  compute-sanitizer memcheck and racecheck on one tiny step, if installed
 # The stages share a time budget (default 540 s, so a 10-minute slot holds the whole run with
@@ -110,6 +113,12 @@ main() {
     stage resources 60 $PY $G/resources.py --out "$WORK/resources.json" $SIMFLAG
     stage kernels 60 $PY $G/kernels.py --out "$WORK/kernels.json" $SIMFLAG "${KERNELS[@]}"
     stage train 120 $PY $G/train.py --out "$WORK/train.json" $SIMFLAG "${TRAIN[@]}"
+    if [ "$SIM" = 1 ]; then
+        printf 'speed\t-1\t0\tskipped: simulator\n' >> "$WORK/stages.tsv"
+    else   # each framework in its own process (its own CUDA context and peak memory)
+        stage speed 150 $PY benchmarks/bench_train_cuda.py --configs d12:8:1024 --frameworks nt-bf16 nt torch \
+            --steps 5 --warmup 2 --timeout 60 --out "$WORK/speed.json"
+    fi
     stage decode 90 $PY $G/decode.py --out "$WORK/decode.json" $SIMFLAG "${DECODE[@]}"
     if [ "$SIM" = 1 ]; then
         printf 'sanitizer\t-1\t0\tskipped: simulator\n' >> "$WORK/stages.tsv"

@@ -1,7 +1,8 @@
 """Stage 7's workload for compute-sanitizer (memcheck, racecheck): one tiny step of each
 kind of kernel nt launches, so the checkers see every kernel at least once and finish in
-seconds: a GPT-2 training step with AdamW, a Llama step (RMSNorm, RoPE, GQA, SwiGLU), a
-quantised decode and the bf16 conversions. Exits non-zero if anything raised."""
+seconds: a GPT-2 training step with AdamW (float32, then bf16 mixed precision: cuBLAS
+gemm_ex and the operand casts), a Llama step (RMSNorm, RoPE, GQA, SwiGLU), a quantised
+decode and the bf16 conversions. Exits non-zero if anything raised."""
 from __future__ import annotations
 
 import os
@@ -27,6 +28,10 @@ def main() -> None:
         loss = train.step(model, AdamW(model.params, lr=1e-3), x, np.roll(x, -1, axis=1))
         print(type(model).__name__, "loss", loss)
         print("generated", model.generate(x[0, :4], 3, temperature=0))
+    model = GPT2(GPT2Config.preset("tiny", vocab_size=64, block_size=16), device="cuda", seed=0)
+    model.tape.set_precision("bf16")
+    x = rng.integers(0, 64, (2, 16)).astype(np.int32)
+    print("GPT2 bf16 loss", train.step(model, AdamW(model.params, lr=1e-3), x, np.roll(x, -1, axis=1)))
     k = nt.backend("cuda")
     x = k.to_device(rng.standard_normal(1000).astype(np.float32))
     b = k.empty(1000, np.uint16)

@@ -1,7 +1,9 @@
 """Stage 5: GPT-2 training on the GPU against the CPU, then where a GPU step's time goes.
 
 Parity: the same model, batch and AdamW on both devices, `steps` steps (forward, backward,
-grad clipping, update) on one fixed batch; the float32 loss curves must agree to 1e-4.
+grad clipping, update) on one fixed batch; the float32 loss curves must agree to 1e-4, and
+the GPU's bf16 mixed-precision curve (tape precision "bf16") must stay within 2e-2 of the
+CPU's float32 one.
 Timing: a larger config on the GPU alone; the median step time (host clock around a
 synchronised step) against the summed kernel time of the same step from nt.profile, which
 synchronises around each kernel call: wall minus kernels is the host's share (Python,
@@ -19,12 +21,13 @@ from common import Report, parse
 LR, CLIP = 1e-3, 1.0
 
 
-def build(preset: str, B: int, T: int, V: int, device: str, layers: int = 0):
+def build(preset: str, B: int, T: int, V: int, device: str, layers: int = 0, precision: str = "fp32"):
     """Model, AdamW and one batch; `layers` > 0 overrides the preset's depth (the simulator's runs)."""
     from nt.models import GPT2, GPT2Config
     from nt.optim import AdamW
     cfg = GPT2Config.preset(preset, vocab_size=V, block_size=T, **({"n_layer": layers} if layers else {}))
     model = GPT2(cfg, device=device, seed=0)
+    model.tape.set_precision(precision)
     opt = AdamW(model.params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (B, T)).astype(np.int32)
@@ -44,20 +47,21 @@ def step(model, opt, x, y) -> float:
 
 def parity(report: Report, preset: str, B: int, T: int, V: int, steps: int, layers: int) -> dict:
     curves, times = {}, {}
-    for device in ("cpu", "cuda"):
-        model, opt, x, y = build(preset, B, T, V, device, layers)
-        curves[device], times[device] = [], []
+    for run, device, precision in (("cpu", "cpu", "fp32"), ("cuda", "cuda", "fp32"), ("cuda_bf16", "cuda", "bf16")):
+        model, opt, x, y = build(preset, B, T, V, device, layers, precision)
+        curves[run], times[run] = [], []
         for _ in range(steps):
             t0 = time.perf_counter()
-            curves[device].append(step(model, opt, x, y))
-            times[device].append(time.perf_counter() - t0)
+            curves[run].append(step(model, opt, x, y))
+            times[run].append(time.perf_counter() - t0)
             report.set("parity_progress", {"curves": curves})
     diff = [abs(a - b) for a, b in zip(curves["cpu"], curves["cuda"])]
+    diff_bf16 = [abs(a - b) for a, b in zip(curves["cpu"], curves["cuda_bf16"])]
     return {"config": dict(preset=preset, B=B, T=T, V=V, steps=steps, dtype="float32"), "loss_cpu": curves["cpu"],
             "loss_cuda": curves["cuda"], "max_abs_diff": max(diff), "target": 1e-4, "ok": max(diff) <= 1e-4,
-            "step_ms_cpu": 1e3 * statistics.median(times["cpu"][1:] or times["cpu"]),
-            "step_ms_cuda": 1e3 * statistics.median(times["cuda"][1:] or times["cuda"]),
-            "bf16": "not measured: nt has no bf16 training path yet (docs/cuda.md)"}
+            "loss_cuda_bf16": curves["cuda_bf16"], "max_abs_diff_bf16": max(diff_bf16), "target_bf16": 2e-2,
+            "ok_bf16": max(diff_bf16) <= 2e-2,
+            **{f"step_ms_{run}": 1e3 * statistics.median(t[1:] or t) for run, t in times.items()}}
 
 
 def timing(preset: str, B: int, T: int, V: int, steps: int, profiled: int, layers: int) -> dict:

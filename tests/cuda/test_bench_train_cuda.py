@@ -21,6 +21,8 @@ def test_configs_parse_and_bad_ones_are_refused():
         btc.parse_args(["--steps", "0"])
     args = btc.parse_args([])
     assert args.configs == ["d12:16:1024", "d12:32:1024", "d12:64:1024"] and args.frameworks == list(btc.FRAMEWORKS)
+    args = btc.parse_args(["--frameworks", "nt-bf16", "nt", "--out", "rows.json"])   # gpu_check.sh's speed stage
+    assert args.frameworks == ["nt-bf16", "nt"] and args.out == "rows.json"
 
 
 def test_bench_train_hands_device_cuda_over():
