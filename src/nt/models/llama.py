@@ -244,6 +244,18 @@ class Llama(LanguageModel):
             return ops.rmsnorm(t, x, weight, cfg.norm_eps)
         return ops.layernorm(t, x, weight, None, cfg.norm_eps)
 
+    def _norm_linear(self, x: Tensor, norm: str, name: str, l: int, bias: Optional[Tensor] = None) -> Tensor:
+        """linear(norm(x)) of matrix `name` in layer l (then its adapters), through
+        ops.rmsnorm_linear (the normed input recomputed in the backward, not stored) where
+        nothing needs it kept: layernorm models, quantised or BitLinear matrices and LoRA
+        dropout take the plain path."""
+        cfg, p, t, lora = self.config, self.params, self.tape, self.adapters
+        if (cfg.norm != "rmsnorm" or name in self.quantized or name in self.bitlinear
+                or (lora is not None and lora.dropout)):
+            return self._linear(self._norm(x, p[norm][l]), name, l, bias)
+        return ops.rmsnorm_linear(t, x, p[norm][l], cfg.norm_eps, p[name][l], bias,
+                                  lora.group(name, l) if lora is not None else None)
+
     def _classify(self, h: Tensor) -> Tensor:
         """Logits of normed final hidden states: the tied embedding or the lm_head."""
         if self.config.tie_embeddings:
@@ -268,8 +280,7 @@ class Llama(LanguageModel):
         cfg, p, t = self.config, self.params, self.tape
         NH, NKV = cfg.n_heads, cfg.n_kv_heads
         local = cfg.is_local(l)
-        h = self._norm(x, p["attn_norm"][l])
-        qkv = self._linear(h, "qkvw", l, p["qkvb"][l] if cfg.qkv_bias else None)
+        qkv = self._norm_linear(x, "attn_norm", "qkvw", l, p["qkvb"][l] if cfg.qkv_bias else None)
         if cfg.qk_norm:
             qkv = ops.qk_norm(t, qkv, p["q_norm"][l], p["k_norm"][l], NH, NKV, cfg.norm_eps)
         theta = cfg.rope_local_theta if (local and cfg.rope_local_theta) else cfg.rope_theta
@@ -282,8 +293,7 @@ class Llama(LanguageModel):
         if cfg.post_norms:
             h = self._norm(h, p["post_attn_norm"][l])
         x = ops.residual_(t, ops.dropout(t, h, cfg.dropout), x)
-        h = self._norm(x, p["ffn_norm"][l])
-        h = self._linear(h, "gate_up", l)
+        h = self._norm_linear(x, "ffn_norm", "gate_up", l)
         lora = self.adapters
         if cfg.bitnet or "down" in self.quantized or "down" in self.bitlinear or (lora is not None and lora.dropout):
             h = ops.glu(t, h, FFN_ACTS[cfg.ffn_kind])
