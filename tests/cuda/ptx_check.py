@@ -101,6 +101,7 @@ def signatures(f):
         (softmax_xent._xent_mean, (A1, A1, I1)),
         (softmax_xent._xent_backward, (A2, A1, A2, A1, I1, I, F, F)),
         (softmax_xent._xent_grad, (A2, A1, A1, I1, I, F, F)),  # the fused classifier + loss, in place
+        (softmax_xent._xent_rows_grad, (A2, A1, I1, I, F, F, F)),  # the chunked classifier's rows
         (softmax_xent._logprobs_forward, (A1, A1, A2, I1, I)),
         (softmax_xent._logprobs_backward, (A2, A1, A2, A1, I1, I)),
         (softmax_xent._kl_rows, (A1, A2, A2, A2, I1, I, F)),
@@ -108,8 +109,9 @@ def signatures(f):
         (optim._sum_squares_partial, (D1, A1)),
         (optim._sum_into_first, (D1,)),
         (optim._scale, (A1, F)),
-        (optim._adam, (A1, A1, A1, A1, types.uint8[::1], L1, L1, D1, L1) + (F,) * 7),
-        (optim._sgd, (A1, A1, A1, types.uint8[::1]) + (F,) * 4 + (B, B, F)),
+        (optim._adam, (A1, A1, A1, A1, L1, L1, types.uint8[::1], D1, L1) + (F,) * 6 + (D1, B)),
+        (optim._sgd, (A1, A1, A1, L1, types.uint8[::1]) + (F,) * 4 + (B, B, D1)),
+        (optim._clip_from_sum, (D1, D1, F)),
         (optim._block_sum_squares, (D1, A1, L1)),
         (optim._segments_from_partials, (D1, D1, L1)),
         (optim._unscale_check, (D1, A1, F)),
@@ -170,6 +172,7 @@ FLOAT64_NEEDED = {
     "optim._sum_squares_partial": "grad-norm sums of squares over ~10^8 elements in float64, as the CPU",
     "optim._block_sum_squares": "per-tensor sums of squares in float64 (Chuck's norms), as the CPU",
     "optim._sum_into_first": "adds float64 partials",
+    "optim._clip_from_sum": "one thread: the clip factor from the float64 sum of squares, the CPU's rule",
     "optim._segments_from_partials": "adds float64 partials",
     "optim._unscale_check": "inf/NaN counts into the caller's float64 partials (the unscale is float32)",
     "bf16._to_bf16": "stochastic rounding's 16 random bits are dropout's 53-bit uniform times 2^16 "
