@@ -304,18 +304,25 @@ def test_uploads_go_through_staging_in_turn():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lora(dtype):
-    """The adapter's gemms write a column block of the output (a strided view) on both backends."""
+    """The adapter's gemms write column blocks of the output (strided views) on both backends:
+    one adapter, and a group of two stacked adapters (parts = (first column, rows) each)."""
     rng = np.random.default_rng(11)
     N, C, OC, r, OCp, o0 = 5, 6, 9, 2, 4, 3
+    one = np.array([[o0, OCp]], np.int64)
     xa, A, B = randn(rng, dtype, N, C), randn(rng, dtype, r, C), randn(rng, dtype, OCp, r)
     out, h = randn(rng, dtype, N, OC), empty(dtype, N, r)
-    parity("lora_forward", [out, h, xa, A, B, 0.7, o0], [0, 1], dtype)
+    parity("lora_forward", [out, h, xa, A, B, 0.7, one], [0, 1], dtype)
     dout, dh = randn(rng, dtype, N, OC), empty(dtype, N, r)
     dxa, dA, dB = randn(rng, dtype, N, C), randn(rng, dtype, r, C), randn(rng, dtype, OCp, r)
     h = xa @ A.T
-    parity("lora_backward", [dxa, dA, dB, dh, dout, h, xa, A, B, 0.7, o0], [0, 1, 2, 3], dtype)
+    parity("lora_backward", [dxa, dA, dB, dh, dout, h, xa, A, B, 0.7, one], [0, 1, 2, 3], dtype)
     frozen = empty(dtype, 0, C), empty(dtype, 0, r)  # adapters frozen (a reference pass): dA, dB skipped
-    parity("lora_backward", [dxa, frozen[0], frozen[1], dh, dout, h, xa, A, B, 0.7, o0], [0, 3], dtype)
+    parity("lora_backward", [dxa, frozen[0], frozen[1], dh, dout, h, xa, A, B, 0.7, one], [0, 3], dtype)
+    parts = np.array([[0, 3], [5, 4]], np.int64)                      # a group of two: OC = 9, r = 2
+    A2, B2, h2 = randn(rng, dtype, 2 * r, C), randn(rng, dtype, 7, r), empty(dtype, N, 2 * r)
+    parity("lora_forward", [out, h2, xa, A2, B2, 0.7, parts], [0, 1], dtype)
+    parity("lora_backward", [dxa, randn(rng, dtype, 2 * r, C), randn(rng, dtype, 7, r), empty(dtype, N, 2 * r), dout,
+                             xa @ A2.T, xa, A2, B2, 0.7, parts], [0, 1, 2, 3], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
