@@ -66,10 +66,9 @@ def ref_weight_ints(kind: str, w: np.ndarray, C: int):
 
 
 def _lanes(prod: np.ndarray) -> np.ndarray:
-    """(..., n) integer products of a 32- or 16-element group -> (..., 8) lane sums: lane j
-    holds elements 2j, 2j+1 (and 2j+16, 2j+17 of a 32-element group), as the kernels add them."""
-    pairs = prod[..., 0::2] + prod[..., 1::2]
-    return pairs[..., :8] + pairs[..., 8:] if prod.shape[-1] == 32 else pairs
+    """(..., n) integer products of a 32- or 16-element group -> (..., n/4) lane sums: lane j
+    holds elements 4j .. 4j+3, as vpmaddubsw + vpmaddwd add them."""
+    return prod.reshape(prod.shape[:-1] + (prod.shape[-1] // 4, 4)).sum(axis=-1)
 
 
 def ref_matmul(kind: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -99,9 +98,10 @@ def ref_matmul(kind: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
             msum = (mins[None] * asum[:, None, b * 8:(b + 1) * 8]).sum(axis=2)
             scale = d[None] * da
             macc = macc + (dmin[None] * da) * msum.astype(np.float32)
-        else:
+        else:   # 16 sub-blocks of 16 (4 lanes each), two to a group of 8 lanes
             d, sc = (s.reshape(OC, nb, *s.shape[1:])[:, b] for s in scales)
-            isum = (lanes[:, :, b * 16:(b + 1) * 16] * sc[None, :, :, None]).sum(axis=2)
+            scaled = lanes[:, :, b * 16:(b + 1) * 16] * sc[None, :, :, None]
+            isum = scaled.reshape(N, OC, 8, 8).sum(axis=2)
             scale = d[None] * da
         acc = acc + isum.astype(np.float32) * scale[..., None]
     total = acc[..., 0]
@@ -134,7 +134,7 @@ def test_activation_quantiser_matches_numpy(QA):
 
 
 @pytest.mark.parametrize("kind", TYPES)
-@pytest.mark.parametrize("N,OC", [(1, 1), (1, 7), (3, 5)])
+@pytest.mark.parametrize("N,OC", [(1, 1), (1, 4), (1, 7), (3, 5), (2, 9)])
 def test_integer_matmul_is_bit_exact_to_numpy(kind, N, OC):
     rng = np.random.default_rng(N * 10 + OC)
     C = 512
@@ -163,3 +163,29 @@ def test_q8_0_and_q4_0_of_nt_quantiser_track_the_float_matmul():
         float_kernel = gguf.quantized_matmul(x, wq, kind)
         got = qdot_matmul(kind, x, wq)
         assert np.abs(got - float_kernel).max() < 0.03 * np.abs(float_kernel).max()
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_generic_ir_gives_the_avx2_bits(kind, monkeypatch):
+    """The IR a non-AVX2 target gets (no vpmaddubsw / vpsignb by name) computes the same
+    integers, so the same bits: compiled here, uncached, with the AVX2 switch off."""
+    from numba import njit
+    code = quant.QDOT_CODES[kind]
+    monkeypatch.setattr(quant, "_AVX2", False)
+    rows_dot = quant._rows_intrinsic(quant._BLOCKS[code])
+
+    @njit
+    def generic(w, a, ad, asum, nb):
+        return rows_dot(w, (0, 1, 2), a, ad, asum, nb)
+
+    rng = np.random.default_rng(7)
+    C = 512
+    w = random_blocks(kind, 3, C, rng)
+    w[0, 2:34] = 128 if kind == "Q8_0" else w[0, 2:34]    # q = -128: |q| = 128 (vpsignb wraps)
+    x = rng.standard_normal((1, C)).astype(np.float32)
+    QA = quant.QDOT_BLOCK[code]
+    xq, xd, xs = np.empty((1, C), np.int8), np.empty((1, C // QA), np.float32), np.empty((1, C // 32), np.int32)
+    quant.quantize_rows_q8(xq, xd, xs, x, QA)
+    got = np.array(generic(w, xq[0], xd[0], xs[0], C // QA), np.float32)
+    assert np.array_equal(got, ref_matmul(kind, x, w)[0])
+    assert np.array_equal(got, qdot_matmul(kind, x, w)[0])
