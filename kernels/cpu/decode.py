@@ -15,8 +15,10 @@ then the final norm and the classifier rows. The small per-token work (a norm, q
 one activation row) runs on the calling thread between regions. Each weight byte is read
 once per token. A matrix is float32 (code -1: `wf`, rows dotted in float32 with
 reassociation so they vectorise) or ggml blocks (code >= 0, see quant.QDOT_CODES: `wq`,
-integer dots against the activation quantised once per matrix). No BLAS is called, so no
-second thread pool competes with Numba's.
+integer dots against the activation quantised once per matrix), four rows per call where
+the rows allow (quant.qdot: one pass over the activation serves four weight rows). A new
+weight code slots in at _quantize_for, _row and _rows4. No BLAS is called, so no second
+thread pool competes with Numba's.
 """
 import numpy as np
 from numba import njit, prange
@@ -43,33 +45,68 @@ def _quantize_for(code, x, xq, xd, xs):
 
 @njit(cache=True, inline="always")
 def _row(r, x, wf, wq, code, xq, xd, xs):
-    """Weight row r . activation row x (float) or its quantised form (xq, xd, xs)."""
+    """Weight row r . activation row x (float) or its quantised form (xq, xd, xs). The one
+    place a matrix's weight code is dispatched (with _rows4 and _quantize_for)."""
     if code < 0:
         return _fdot(wf[r], x)
-    return qdot(code, wq[r], xq, xd, xs)
+    return qdot(code, wq, (r,), xq, xd, xs)[0]
+
+
+@njit(cache=True, inline="always")
+def _rows4(r0, r1, r2, r3, x, wf, wq, code, xq, xd, xs):
+    """Four weight rows . x in one pass over the activation (see quant.qdot)."""
+    if code < 0:
+        return _fdot(wf[r0], x), _fdot(wf[r1], x), _fdot(wf[r2], x), _fdot(wf[r3], x)
+    return qdot(code, wq, (r0, r1, r2, r3), xq, xd, xs)
+
+
+@njit(cache=True, inline="always")
+def _rows_into(dst, o, r0, r1, x, wf, wq, code, xq, xd, xs, accumulate):
+    """dst[o + r - r0] (+)= W[r] . x for r in [r0, r1), four rows at a time."""
+    r = r0
+    while r < r1:
+        if r + 4 <= r1:
+            v = _rows4(r, r + 1, r + 2, r + 3, x, wf, wq, code, xq, xd, xs)
+            n = 4
+        else:
+            v = (_row(r, x, wf, wq, code, xq, xd, xs), np.float32(0.0), np.float32(0.0), np.float32(0.0))
+            n = 1
+        for k in range(n):
+            i = o + r - r0 + k
+            dst[i] = dst[i] + v[k] if accumulate else v[k]
+        r += n
 
 
 @njit(parallel=True, cache=True)
 def matvec(out, x, wf, wq, code, xq, xd, xs, accumulate):
-    """out[r] (+)= W[r] . x for every row r, rows split across threads (xq, xd, xs:
-    scratch for x quantised, at least as long as x, x/32, x/32)."""
+    """out[r] (+)= W[r] . x for every row r, groups of 4 rows split across threads (xq, xd,
+    xs: scratch for x quantised, at least as long as x, x/32, x/32)."""
     a = xq[:x.shape[0]]
     _quantize_for(code, x, a, xd, xs)
-    for r in prange(out.shape[0]):
-        v = _row(r, x, wf, wq, code, a, xd, xs)
-        out[r] = out[r] + v if accumulate else v
+    OC = out.shape[0]
+    for g in prange((OC + 3) // 4):
+        _rows_into(out, 4 * g, 4 * g, min(4 * g + 4, OC), x, wf, wq, code, a, xd, xs, accumulate)
+
+
+@njit(cache=True, inline="always")
+def _silu_mul(g, u):
+    return g / (np.float32(1.0) + np.exp(-g)) * u
 
 
 @njit(parallel=True, cache=True)
 def swiglu_matvec(act, x, wf, wq, code, xq, xd, xs):
-    """act[i] = silu(gate_i . x) * (up_i . x), gate rows 0..H-1 and up rows H..2H-1 of W."""
+    """act[i] = silu(gate_i . x) * (up_i . x), gate rows 0..H-1 and up rows H..2H-1 of W;
+    gate and up rows i, i+1 in one four-row pass."""
     a = xq[:x.shape[0]]
     _quantize_for(code, x, a, xd, xs)
     H = act.shape[0]
-    for i in prange(H):
-        g = _row(i, x, wf, wq, code, a, xd, xs)
-        u = _row(H + i, x, wf, wq, code, a, xd, xs)
-        act[i] = g / (np.float32(1.0) + np.exp(-g)) * u
+    for p in prange((H + 1) // 2):
+        i = 2 * p
+        if i + 1 < H:
+            g0, g1, u0, u1 = _rows4(i, i + 1, H + i, H + i + 1, x, wf, wq, code, a, xd, xs)
+            act[i], act[i + 1] = _silu_mul(g0, u0), _silu_mul(g1, u1)
+        else:
+            act[i] = _silu_mul(_row(i, x, wf, wq, code, a, xd, xs), _row(H + i, x, wf, wq, code, a, xd, xs))
 
 
 @njit(cache=True)
@@ -107,11 +144,10 @@ def qkv_attention(att, x, wf, wq, code, xq, xd, xs, cache, pos, inv_freq, half, 
     row = cache[pos]
     for g in prange(NKV):
         k0, v0 = (NH + g) * hs, (NH + NKV + g) * hs
-        for r in range(g * group * hs, (g + 1) * group * hs):
-            row[r] = _row(r, x, wf, wq, code, a, xd, xs)
-        for r in range(hs):
-            row[k0 + r] = _row(k0 + r, x, wf, wq, code, a, xd, xs)
-            row[v0 + r] = _row(v0 + r, x, wf, wq, code, a, xd, xs)
+        q0 = g * group * hs
+        _rows_into(row, q0, q0, q0 + group * hs, x, wf, wq, code, a, xd, xs, False)
+        _rows_into(row, k0, k0, k0 + hs, x, wf, wq, code, a, xd, xs, False)
+        _rows_into(row, v0, v0, v0 + hs, x, wf, wq, code, a, xd, xs, False)
         for h in range(g * group, (g + 1) * group):   # RoPE in place (it rewrites each pair it reads)
             q = row[h * hs:(h + 1) * hs]
             _rotate_row(q, q, pos, inv_freq, half, 1.0, 1, hs, False)
