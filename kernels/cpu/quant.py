@@ -82,17 +82,6 @@ def quantize_bf16(out, bits):
 # ---------------------------------------------------------------------- 32-element blocks
 
 @njit(parallel=True, cache=True)
-def dequantize_q4_0(out, raw, f16):
-    for b in prange(out.shape[0] // QK):
-        p, o = b * 18, b * QK
-        d = _f16(raw, p, f16)
-        for j in range(16):
-            x = np.int64(raw[p + 2 + j])
-            out[o + j] = d * np.float32((x & 15) - 8)
-            out[o + j + 16] = d * np.float32((x >> 4) - 8)
-
-
-@njit(parallel=True, cache=True)
 def dequantize_q4_1(out, raw, f16):
     for b in prange(out.shape[0] // QK):
         p, o = b * 20, b * QK
@@ -129,15 +118,6 @@ def dequantize_q5_1(out, raw, f16):
             hi = (x >> 4) | (((qh >> (j + 16)) & 1) << 4)
             out[o + j] = d * np.float32(lo) + m
             out[o + j + 16] = d * np.float32(hi) + m
-
-
-@njit(parallel=True, cache=True)
-def dequantize_q8_0(out, raw, f16):
-    for b in prange(out.shape[0] // QK):
-        p, o = b * 34, b * QK
-        d = _f16(raw, p, f16)
-        for j in range(QK):
-            out[o + j] = np.float32(np.int8(raw[p + 2 + j])) * d
 
 
 # ---------------------------------------------------------------------- K-quant super-blocks
@@ -186,21 +166,6 @@ def _scale_min_k4(raw, p, g):
 
 
 @njit(parallel=True, cache=True)
-def dequantize_q4_k(out, raw, f16):
-    """8 sub-blocks of 32; sub-block g = 2c + k is nibble k of qs[c*32 .. c*32 + 31]."""
-    for b in prange(out.shape[0] // QK_K):
-        p, o = b * 144, b * QK_K
-        d, dmin = _f16(raw, p, f16), _f16(raw, p + 2, f16)
-        for g in range(8):
-            sc, m = _scale_min_k4(raw, p + 4, g)
-            dl, ml = d * np.float32(sc), dmin * np.float32(m)
-            c, k = g >> 1, g & 1
-            for t in range(32):
-                q = (np.int64(raw[p + 16 + c * 32 + t]) >> (4 * k)) & 15
-                out[o + g * 32 + t] = dl * np.float32(q) - ml
-
-
-@njit(parallel=True, cache=True)
 def dequantize_q5_k(out, raw, f16):
     """As Q4_K, plus a 5th bit: bit g of qh[t] for element t of sub-block g."""
     for b in prange(out.shape[0] // QK_K):
@@ -214,21 +179,6 @@ def dequantize_q5_k(out, raw, f16):
                 q = (np.int64(raw[p + 48 + c * 32 + t]) >> (4 * k)) & 15
                 q |= ((np.int64(raw[p + 16 + t]) >> g) & 1) << 4
                 out[o + g * 32 + t] = dl * np.float32(q) - ml
-
-
-@njit(parallel=True, cache=True)
-def dequantize_q6_k(out, raw, f16):
-    """16 sub-blocks of 16 with int8 scales. Element e = n*128 + r: low 4 bits are nibble
-    r//64 of ql[n*64 + r%64], high 2 bits are bits 2*(r//32).. of qh[n*32 + r%32]; q - 32."""
-    for b in prange(out.shape[0] // QK_K):
-        p, o = b * 210, b * QK_K
-        d = _f16(raw, p + 208, f16)
-        for e in range(QK_K):
-            n, r = e >> 7, e & 127
-            lo = (np.int64(raw[p + n * 64 + (r & 63)]) >> (4 * (r >> 6))) & 15
-            hi = (np.int64(raw[p + 128 + n * 32 + (r & 31)]) >> (2 * (r >> 5))) & 3
-            sc = np.int64(np.int8(raw[p + 192 + (e >> 4)]))
-            out[o + e] = (d * np.float32(sc)) * np.float32((lo | (hi << 4)) - 32)
 
 
 # ---------------------------------------------------------------------- quantisers
@@ -643,3 +593,140 @@ def matmul_qdot(out, xq, xd, xs, w, code):
             else:
                 for k in range(r, OC):
                     out[n, k] = qdot(code, w, (k,), xq[n], xd[n], xs[n])[0]
+
+
+# ---------------------------------------------------------------------- vector dequantisers
+# Prefill expands each quantised matrix into float32 for one sgemm (ops.linear_q), so the
+# expansion is on the prompt's critical path. Scalar Numba loops over each block's bytes
+# ran 1-4 ns per element; these intrinsics widen 32 quants at a time (the unpacking of the
+# dot kernels above), multiply by the scales in the same float32 order as the scalar
+# dequantisers (so the same bits as ggml's), and store 32 floats.
+
+def _store32(builder, out, o, v):
+    p = builder.gep(builder.bitcast(out, _F32.as_pointer()), [o])
+    builder.store(v, builder.bitcast(p, v.type.as_pointer()), align=4)
+
+
+def _f32x32(builder, q, signed=True):
+    return (builder.sitofp if signed else builder.uitofp)(q, _vec(_F32, 32))
+
+
+def _deq_32(nbytes, unpack):
+    def block(builder, out, w, b):
+        p = builder.mul(b, ir.Constant(b.type, nbytes))
+        d = _splat(builder, _half(builder, w, p), 32)
+        _store32(builder, out, builder.mul(b, ir.Constant(b.type, QK)),
+                 builder.fmul(_f32x32(builder, unpack(builder, w, _idx(builder, p, 2))), d))
+    return block
+
+
+def _q8_0_quants(builder, w, at):
+    return _load(builder, w, at, _vec(_I8, 32))
+
+
+def _q4_0_quants(builder, w, at):
+    packed = _load(builder, w, at, _vec(_I8, 16))
+    q = builder.shuffle_vector(_nibbles(builder, packed, 0, 15), _nibbles(builder, packed, 4, 15),
+                               _consts(_I32, range(32)))
+    return builder.sub(q, _consts(_I8, [8] * 32))
+
+
+def _deq_q4_k(builder, out, w, b):
+    """dl * q - ml per group of 32 (dl = d*sc, ml = dmin*m), as dequantize_q4_k."""
+    p = builder.mul(b, ir.Constant(b.type, 144))
+    o = builder.mul(b, ir.Constant(b.type, QK_K))
+    d, dmin = _half(builder, w, p), _half(builder, w, _idx(builder, p, 2))
+    sb = [_byte(builder, w, _idx(builder, p, 4 + i)) for i in range(12)]
+    c63, c15, c6, c4 = (ir.Constant(_I32, v) for v in (63, 15, 6, 4))
+    for g in range(8):
+        if g < 4:
+            sc, m = builder.and_(sb[g], c63), builder.and_(sb[g + 4], c63)
+        else:
+            sc = builder.or_(builder.and_(sb[g + 4], c15), builder.shl(builder.lshr(sb[g - 4], c6), c4))
+            m = builder.or_(builder.lshr(sb[g + 4], c4), builder.shl(builder.lshr(sb[g], c6), c4))
+        dl = _splat(builder, builder.fmul(d, builder.sitofp(sc, _F32)), 32)
+        ml = _splat(builder, builder.fmul(dmin, builder.sitofp(m, _F32)), 32)
+        q = _nibbles(builder, _load(builder, w, _idx(builder, p, 16 + (g >> 1) * 32), _vec(_I8, 32)), 4 * (g & 1), 15)
+        _store32(builder, out, _idx(builder, o, g * 32),
+                 builder.fsub(builder.fmul(dl, _f32x32(builder, q, False)), ml))
+
+
+def _deq_q6_k(builder, out, w, b):
+    """(d * sc) * (q - 32) per sub-block of 16, as dequantize_q6_k."""
+    p = builder.mul(b, ir.Constant(b.type, 210))
+    o = builder.mul(b, ir.Constant(b.type, QK_K))
+    d = _half(builder, w, _idx(builder, p, 208))
+    for e in range(0, QK_K, 32):
+        n, s = e >> 7, (e >> 5) & 3
+        lo = _nibbles(builder, _load(builder, w, _idx(builder, p, n * 64 + (s & 1) * 32), _vec(_I8, 32)),
+                      4 * (s >> 1), 15)
+        hi = _nibbles(builder, _load(builder, w, _idx(builder, p, 128 + n * 32), _vec(_I8, 32)), 2 * s, 3)
+        q = builder.sub(builder.or_(lo, builder.shl(hi, _consts(_I8, [4] * 32))), _consts(_I8, [32] * 32))
+        sc = [builder.fmul(d, builder.sitofp(_load(builder, w, _idx(builder, p, 192 + (e >> 4) + h), _I8), _F32))
+              for h in range(2)]
+        scale = builder.shuffle_vector(_splat(builder, sc[0], 32), _splat(builder, sc[1], 32),
+                                       _consts(_I32, [0] * 16 + [32] * 16))
+        _store32(builder, out, _idx(builder, o, e), builder.fmul(scale, _f32x32(builder, q)))
+
+
+def _deq_intrinsic(block):
+    """An intrinsic f(out, raw, b0, b1): blocks b0 .. b1-1 of raw, expanded into out."""
+    @intrinsic
+    def deq(typingctx, out, raw, b0, b1):
+        def codegen(context, builder, sig, args):
+            o, w = (context.make_array(t)(context, builder, v).data for t, v in zip(sig.args[:2], args[:2]))
+            lo, hi = (context.cast(builder, v, t, numba.types.intp) for v, t in zip(args[2:], sig.args[2:]))
+            with cgutils.for_range_slice(builder, lo, hi, ir.Constant(lo.type, 1)) as (b, _):
+                block(builder, o, w, b)
+            return context.get_dummy_value()
+        return numba.types.none(out, raw, b0, b1), codegen
+    return deq
+
+
+_deq_q8_0, _deq_q4_0 = _deq_intrinsic(_deq_32(34, _q8_0_quants)), _deq_intrinsic(_deq_32(18, _q4_0_quants))
+_deq_q4_k_blocks, _deq_q6_k_blocks = _deq_intrinsic(_deq_q4_k), _deq_intrinsic(_deq_q6_k)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_blocks(out, raw, code):
+    """out (n,) float32 <- raw blocks of type `code` (QDOT_CODES), chunks of blocks split
+    across threads. Same bits as the scalar dequantisers."""
+    nb = out.shape[0] // QDOT_BLOCK[code]
+    chunk = 64
+    for c in prange((nb + chunk - 1) // chunk):
+        b0, b1 = c * chunk, min(c * chunk + chunk, nb)
+        if code == 0:
+            _deq_q8_0(out, raw, b0, b1)
+        elif code == 1:
+            _deq_q4_0(out, raw, b0, b1)
+        elif code == 2:
+            _deq_q4_k_blocks(out, raw, b0, b1)
+        else:
+            _deq_q6_k_blocks(out, raw, b0, b1)
+
+
+@njit(cache=True)
+def dequantize_q8_0(out, raw, f16):
+    """out (n,) float32 <- Q8_0 blocks raw: d * q (f16 unused: the scales widen in vector IR)."""
+    dequantize_blocks(out, raw, 0)
+
+
+@njit(cache=True)
+def dequantize_q4_0(out, raw, f16):
+    """out (n,) float32 <- Q4_0 blocks raw: d * (q - 8)."""
+    dequantize_blocks(out, raw, 1)
+
+
+@njit(cache=True)
+def dequantize_q4_k(out, raw, f16):
+    """out (n,) float32 <- Q4_K super-blocks raw: 8 sub-blocks of 32; sub-block g = 2c + k is
+    nibble k of qs[c*32 .. c*32 + 31]; (d*sc) * q - (dmin*m)."""
+    dequantize_blocks(out, raw, 2)
+
+
+@njit(cache=True)
+def dequantize_q6_k(out, raw, f16):
+    """out (n,) float32 <- Q6_K super-blocks raw: 16 sub-blocks of 16 with int8 scales.
+    Element e = n*128 + r: low 4 bits are nibble r//64 of ql[n*64 + r%64], high 2 bits are
+    bits 2*(r//32).. of qh[n*32 + r%32]; (d*sc) * (q - 32)."""
+    dequantize_blocks(out, raw, 3)
