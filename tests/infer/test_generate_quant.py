@@ -185,6 +185,28 @@ def test_k_quant_decoding_matches_dequantized(monkeypatch):
         q._decode_one(int(tokens[0]), 1)
 
 
+@pytest.mark.parametrize("kind", [None, "Q8_0", "Q4_0"])
+def test_fused_decoding_with_row_counts_not_a_multiple_of_four(kind, monkeypatch):
+    """The fused step takes weight rows four at a time; here every matrix leaves a tail: head
+    size 6 (q rows 12, k and v rows 6 per kv head), vocab 301, and (float) 99 hidden units,
+    an odd count of gate/up pairs. Same logits as the tape path."""
+    rng = np.random.default_rng(2)
+    ffn = 99 if kind is None else 160
+    cfg = LlamaConfig(dim=96, n_layers=2, n_heads=16, n_kv_heads=8, ffn_hidden=ffn, vocab_size=301, block_size=32,
+                      tie_embeddings=False)
+    names = ("qkvw", "attn_out", "gate_up", "down", "lm_head")
+    q = Llama(cfg, seed=0, quantized=dict.fromkeys(names, kind) if kind else None)
+    for name in q.quantized:
+        shape = Llama(cfg, seed=0).params[name].shape
+        blocks = [gguf.quantize(rng.standard_normal(shape[-2:]).astype(np.float32) * 0.1, kind)
+                  for _ in range(cfg.n_layers if name != "lm_head" else 1)]
+        q.qweights[name] = blocks if name != "lm_head" else blocks[0]
+    tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6, 300, 3], np.int32)
+    fused, tape = _step_logits(q, tokens, 4), _tape_step_logits(q, tokens, 4, monkeypatch)
+    assert q._decode_plan is not None
+    assert np.abs(fused - tape).max() <= 1e-5 * np.abs(tape).max()
+
+
 def test_linear_q_rejects_bad_input():
     t = nt.tape.Tape("cpu", np.float32)
     x = t.new((2, 64))
