@@ -79,18 +79,19 @@ def run_one(framework: str, spec: str, steps: int, warmup: int, peak_override: f
         from numba import cuda
 
         from nt.models import GPT2
-        from nt.optim import AdamW, clip_factor
+        from nt.optim import AdamW
         model = GPT2(cfg, device="cuda", seed=0)
         model.tape.set_precision("bf16" if framework == "nt-bf16" else "fp32")
         opt = AdamW(model.params, lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
         free0, total = cuda.current_context().get_memory_info()
+        model.zero_grad()   # once: each AdamW pass leaves the grads zero for the next backward
 
         def step():
             _, loss = model.forward(x, y)
-            model.zero_grad()
             model.backward()
-            _, clip = clip_factor(model.params, CLIP)
-            opt.step(grad_scale=clip)
+            # the clip factor is computed and applied on the device, inside AdamW's pass (as
+            # llm.c does): nothing is read back to the host within the step
+            opt.step(grad_scale=opt.clip_scale(CLIP), zero_grad=True)
             return loss
 
         def finish(loss):

@@ -35,13 +35,12 @@ def build(preset: str, B: int, T: int, V: int, device: str, layers: int = 0, pre
 
 
 def step(model, opt, x, y) -> float:
-    """One training step; its loss (read back to the host, which also synchronises)."""
-    from nt.optim import clip_factor
+    """One training step; its loss (read back to the host, which also synchronises). The
+    clip factor stays on the device (opt.clip_scale, applied inside AdamW's pass)."""
     _, loss = model.forward(x, y)
     model.zero_grad()
     model.backward()
-    _, clip = clip_factor(model.params, CLIP)
-    opt.step(grad_scale=clip)
+    opt.step(grad_scale=opt.clip_scale(CLIP))
     return float(loss.numpy().reshape(-1)[0])
 
 
