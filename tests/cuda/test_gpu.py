@@ -72,3 +72,30 @@ def test_kernels_at_gpu_sizes():
     x = randn(rng, dtype, 1_000_003)
     got = gpu.sum_squares(gpu.to_device(x), gpu.empty(gpu.sum_squares_blocks(x.size), np.float64))
     np.testing.assert_allclose(got, np.sum(x.astype(np.float64) ** 2), rtol=1e-10)
+
+
+def _bf16_gemm_check(trans_a, trans_b, M, N, K):
+    """matmul.gemm on bf16 operands (cuBLAS gemm_ex on a GPU) against the simulator's
+    arithmetic (exactly widened operands on the tiled float32 kernel) and a float64 product
+    of the rounded values."""
+    from nt.kernels.cuda import bf16, matmul
+    from test_mixed_precision import _rounded
+    rng = np.random.default_rng(3)
+    A = randn(rng, np.float32, *((K, M) if trans_a else (M, K)))
+    B = randn(rng, np.float32, *((N, K) if trans_b else (K, N)))
+    a16, b16 = bf16.operand(gpu.to_device(A), 0), bf16.operand(gpu.to_device(B), 1)
+    got, tiled = gpu.empty(M * N, np.float32).reshape(M, N), gpu.empty(M * N, np.float32).reshape(M, N)
+    matmul.gemm(trans_a, trans_b, a16, b16, 0.0, got)
+    matmul.gemm_tiled(trans_a, trans_b, bf16.widen(a16, 0), bf16.widen(b16, 1), 0.0, tiled)
+    want = (_rounded(A).T if trans_a else _rounded(A)) @ (_rounded(B).T if trans_b else _rounded(B))
+    tol = dict(rtol=0, atol=K * 2.0 ** -23 * np.abs(want).max() * 4)   # float32 sums of K exact products
+    np.testing.assert_allclose(gpu.to_host(got), want, **tol)
+    np.testing.assert_allclose(gpu.to_host(tiled), want, **tol)
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, True), (False, False), (True, False)])
+def test_cublas_bf16_gemm_accumulates_in_float32(trans_a, trans_b):
+    """cublasGemmEx with bf16 inputs and COMPUTE_32F at GPT-2 sizes (K = 768, not tile multiples)."""
+    from nt.kernels.cuda import cublas
+    assert cublas.available(), "cuBLAS did not load: pip install 'nt[cuda]'"
+    _bf16_gemm_check(trans_a, trans_b, 200, 136, 768)
