@@ -254,7 +254,7 @@ def _half_at(typingctx, w, i):
     return numba.types.float32(w, i), codegen
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _tail_isum(isum, w, a, K, k0):
     """isum + the codes . activations of bytes k0..K-1 of T2 row w (the vector loop's rest)."""
     for k in range(k0, K):
@@ -273,6 +273,18 @@ def t2dot(w, a, ad, asum):
     n = K // T2_CHUNK
     isum = _tail_isum(_t2_isum(w, a, K, n), w, a, K, n * T2_CHUNK)
     return _half_at(w, K) * np.float32(isum - asum[0]) * ad[0]
+
+
+@njit(parallel=True, cache=True)
+def t2_codes_valid(w):
+    """Whether every 2-bit field in the code bytes of T2 rows w (R, C/4 + 2) holds 0, 1 or 2
+    (a field of 3 is no ternary code; the kernels would multiply by 2). One pass, parallel."""
+    K = w.shape[1] - 2
+    bad = 0
+    for r in prange(w.shape[0]):
+        for k in range(K):
+            bad += (w[r, k] & (w[r, k] >> 1) & 0x55) != 0   # both bits of a field set
+    return bad == 0
 
 
 @njit(cache=True)

@@ -23,6 +23,7 @@ thread pool competes with Numba's.
 import numpy as np
 from numba import njit, prange
 
+from .bitnet import T2_CODE, quantize_row_t2, t2dot
 from .quant import QDOT_BLOCK, QK, qdot, _quantize_row_q8
 from .rmsnorm import _row_forward as _rmsnorm_row
 from .rope import _rotate_row
@@ -38,8 +39,11 @@ def _fdot(w, x):
 
 @njit(cache=True)
 def _quantize_for(code, x, xq, xd, xs):
-    """Quantise activation row x for weights of `code` (nothing for float weights)."""
-    if code >= 0:
+    """Quantise activation row x for weights of `code` (nothing for float weights): BitNet's
+    one absmax scale per row for T2 rows, else int8 blocks of the weights' block size."""
+    if code == T2_CODE:
+        quantize_row_t2(xq, xd, xs, x)
+    elif code >= 0:
         _quantize_row_q8(xq, xd, xs, x, QDOT_BLOCK[code])
 
 
@@ -49,6 +53,8 @@ def _row(r, x, wf, wq, code, xq, xd, xs):
     place a matrix's weight code is dispatched (with _rows4 and _quantize_for)."""
     if code < 0:
         return _fdot(wf[r], x)
+    if code == T2_CODE:
+        return t2dot(wq[r], xq, xd, xs)
     return qdot(code, wq, (r,), xq, xd, xs)[0]
 
 
@@ -57,6 +63,9 @@ def _rows4(r0, r1, r2, r3, x, wf, wq, code, xq, xd, xs):
     """Four weight rows . x in one pass over the activation (see quant.qdot)."""
     if code < 0:
         return _fdot(wf[r0], x), _fdot(wf[r1], x), _fdot(wf[r2], x), _fdot(wf[r3], x)
+    if code == T2_CODE:
+        return t2dot(wq[r0], xq, xd, xs), t2dot(wq[r1], xq, xd, xs), t2dot(wq[r2], xq, xd, xs), \
+            t2dot(wq[r3], xq, xd, xs)
     return qdot(code, wq, (r0, r1, r2, r3), xq, xd, xs)
 
 
@@ -158,14 +167,15 @@ def qkv_attention(att, x, wf, wq, code, xq, xd, xs, cache, pos, inv_freq, half, 
 
 
 @njit(cache=True)
-def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, wf, wq, codes, head_f, head_q,
-                      cache, inv_freq, half, NH, NKV, eps):
+def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, attn_sub_norm, ffn_sub_norm, wf, wq,
+                      codes, head_f, head_q, cache, inv_freq, half, NH, NKV, eps):
     """The logits (rows of the classifier) after token `token` at position `pos`, whose
     rotated qkv rows are appended to cache (L, capacity, W) at row pos.
 
     wf / wq: tuples of the four per-layer matrices (qkv, out, gate_up, down), each (L, OC,
     C) float32 / (L, OC, bytes) uint8 (an empty array for the unused one); codes (5,): their
-    block codes and the classifier's (-1 float: head_f, else head_q)."""
+    block codes and the classifier's (-1 float: head_f, else head_q). attn_sub_norm (L, NH*hs)
+    / ffn_sub_norm (L, H): BitNet's RMSNorms before the out / down projections, or (L, 0)."""
     L, C = attn_norm.shape
     W = cache.shape[2]
     hs = W // (NH + 2 * NKV)
@@ -176,16 +186,20 @@ def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, wf, 
     att = np.empty(NH * hs, np.float32)
     act = np.empty(H, np.float32)
     xq = np.empty(width, np.int8)
-    xd = np.empty(width // QK, np.float32)
+    xd = np.empty(width // QK + 1, np.float32)   # + 1: a T2 row's one scale
     xs = np.empty(width // QK, np.int32)
     scores = np.empty((NH, pos + 1), np.float32)
     for l in range(L):
         _rmsnorm_row(h, x, attn_norm[l], eps)
         qkv_attention(att, h, wf[0][l], wq[0][l], codes[0], xq, xd, xs, cache[l], pos, inv_freq, half, NH, NKV,
                       scores)
+        if attn_sub_norm.shape[1]:
+            _rmsnorm_row(att, att, attn_sub_norm[l], eps)
         matvec(x, att, wf[1][l], wq[1][l], codes[1], xq, xd, xs, True)
         _rmsnorm_row(h, x, ffn_norm[l], eps)
         swiglu_matvec(act, h, wf[2][l], wq[2][l], codes[2], xq, xd, xs)
+        if ffn_sub_norm.shape[1]:
+            _rmsnorm_row(act, act, ffn_sub_norm[l], eps)
         matvec(x, act, wf[3][l], wq[3][l], codes[3], xq, xd, xs, True)
     _rmsnorm_row(h, x, norm_f, eps)
     matvec(logits, h, head_f, head_q, codes[4], xq, xd, xs, False)

@@ -4,7 +4,11 @@ import pytest
 from numba import njit
 
 from nt import bitnet
+from nt.io.gguf import quantize
 from nt.kernels.cpu import bitnet as kb
+from nt.models import Llama, LlamaConfig
+
+from infer.test_generate_quant import _step_logits, _tape_step_logits
 
 
 @njit(cache=True)
@@ -57,3 +61,74 @@ def test_t2_activation_quantiser_is_bitnets_absmax_rule():
         a = max(np.abs(row).max(), np.float32(1e-5))
         np.testing.assert_array_equal(q, np.clip(np.rint(row * (np.float32(127) / a)), -128, 127).astype(np.int8))
         assert xd[0] == a / np.float32(127) and xs[0] == q.astype(np.int64).sum()
+
+
+# ---------------------------------------------------------------------- BitNet Llama in the fused decoder
+
+def bitnet_variants(seed=0):
+    """An untrained BitNet Llama (random sub-norm weights) as the three inference models the
+    benchmark compares: T2 (packed), Q8_0 blocks and float32 matrices of its ternary weights.
+    Widths 128 / 192: whole vector steps and a scalar tail in the T2 row dot."""
+    cfg = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=300, block_size=32,
+                      bitnet=True)
+    model = Llama(cfg, seed=seed).eval()
+    rng = np.random.default_rng(seed)
+    for name in ("attn_sub_norm", "ffn_sub_norm"):
+        model.params[name].data[...] = rng.uniform(0.5, 1.5, model.params[name].shape)
+    t2 = bitnet.pack(model)
+    q8 = Llama(cfg, seed=None, quantized={n: "Q8_0" for n in bitnet.BITLINEAR})
+    f32 = Llama(cfg, seed=None)
+    f32.bitlinear = frozenset()   # plain float matmuls of the (already ternary) weights
+    for v in (q8, f32):
+        for name, t in v.params.items():
+            if name not in bitnet.BITLINEAR:
+                t.data[...] = model.params[name].numpy()
+        for name in bitnet.BITLINEAR:
+            for l in range(cfg.n_layers):
+                wq = bitnet.quantized_weight(model.params[name][l].numpy())[0]
+                if v is q8:
+                    q8.qweights[name][l] = quantize(wq, "Q8_0")
+                else:
+                    f32.params[name][l].data[...] = wq
+    return model, {"T2": t2, "Q8_0": q8.eval(), "F32": f32.eval()}
+
+
+@pytest.mark.parametrize("kind", ["T2", "Q8_0", "F32"])
+def test_bitnet_fused_decoding_equals_the_tape_path(kind, monkeypatch):
+    """The fused step (sub-norms, T2 rows with per-token int8 activations) computes what the
+    tape path computes: the same quantisers and integer dots; the float parts (norms,
+    attention, RoPE) are other kernels, so the logits agree to float32 rounding, plus the odd
+    activation code that such rounding moves across a .5 (measured: < 4e-7 of the largest logit)."""
+    _, models = bitnet_variants()
+    model = models[kind]
+    tokens = np.random.default_rng(1).integers(0, 300, 14).astype(np.int32)
+    fused, tape = _step_logits(model, tokens, 4), _tape_step_logits(model, tokens, 4, monkeypatch)
+    assert np.abs(fused - tape).max() <= 1e-4 * np.abs(tape).max()
+    # generate() decodes every token after the prompt through the fused step
+    calls = []
+    step = Llama._decode_one
+    monkeypatch.setattr(Llama, "_decode_one", lambda self, token, pos: calls.append(step(self, token, pos)) or calls[-1])
+    out = model.generate(tokens[:4], 8, temperature=0)
+    assert len(calls) == 7 and all(c is not None for c in calls)
+    monkeypatch.setattr(Llama, "_decode_one", lambda self, token, pos: None)
+    np.testing.assert_array_equal(model.generate(tokens[:4], 8, temperature=0), out)
+
+
+def test_bitnet_latent_weights_and_bad_t2_rows_stay_off_the_fused_step():
+    model, models = bitnet_variants()
+    model._begin_generation(8, 1)
+    model._next_logits(np.array([[1, 2, 3]]))
+    assert model._decode_one(3, 3) is None    # latent float weights: the tape's BitLinear quantisers
+    t2 = models["T2"]
+    down = np.stack(t2.qweights["down"])
+    t2.qweights["down"] = down[:, :, :-1].copy()             # a byte short: refused, not read past
+    t2._begin_generation(8, 1)
+    with pytest.raises(ValueError, match="quantised down must be"):
+        t2._decode_one(1, 1)
+    bad = down.copy()
+    bad[1, 5, 3] = 0b11000000                                # a 2-bit field of 3: no ternary code
+    t2.qweights["down"] = bad
+    t2._begin_generation(8, 1)
+    with pytest.raises(ValueError, match="no ternary code"):
+        t2._decode_one(1, 1)
+    assert kb.t2_codes_valid(down.reshape(-1, down.shape[-1])) and not kb.t2_codes_valid(bad.reshape(-1, 50))

@@ -352,14 +352,18 @@ class Llama(LanguageModel):
     def _decode_one(self, token: int, pos: int) -> Optional[np.ndarray]:
         """One token through every layer in one kernel call (kernels/cpu/decode.py), for the
         shapes it covers: CPU float32, RMSNorm, SwiGLU, no biases / qk-norm / post-norms /
-        embedding scale / sliding window / adapters / BitLinear, weights float32 or in a
-        block format with an integer dot kernel (quant.QDOT_CODES). Otherwise None."""
-        from nt.kernels.cpu import decode, quant
+        embedding scale / sliding window / adapters, weights float32 or in a format with an
+        integer dot kernel (quant.QDOT_CODES, BitNet's packed "T2" rows). A BitNet model
+        (config.bitnet) runs its sub-norms in the step; its projections must be kept packed or
+        quantised, or have left `bitlinear` (float weights already ternary): latent weights
+        need the tape's BitLinear quantisers. Otherwise None."""
+        from nt.kernels.cpu import decode
         cfg, t = self.config, self.tape
-        if (t.device != "cpu" or t.dtype != np.float32 or self.adapters is not None or self.bitlinear
+        if (t.device != "cpu" or t.dtype != np.float32 or self.adapters is not None
+                or any(name not in self.quantized for name in self.bitlinear)
                 or cfg.norm != "rmsnorm" or cfg.ffn_kind != "swiglu" or cfg.qk_norm or cfg.post_norms
-                or cfg.embed_scale or cfg.qkv_bias or cfg.sliding_window or getattr(cfg, "bitnet", False)
-                or any(kind not in quant.QDOT_CODES for kind in self.quantized.values())):
+                or cfg.embed_scale or cfg.qkv_bias or cfg.sliding_window
+                or any(kind not in _decode_codes() for kind in self.quantized.values())):
             return None
         plan = getattr(self, "_decode_plan", None)
         if plan is None or plan[0] is not self._kv_all:   # the cache is new: a new generation
@@ -370,7 +374,6 @@ class Llama(LanguageModel):
 
     def _decode_args(self) -> tuple:
         """llama_decode_step's arguments after (logits, token, pos), and the logits' length."""
-        from nt.kernels.cpu import quant
         cfg, p, L = self.config, self.params, self.config.n_layers
         none_f, none_q = np.zeros((L, 0, 0), np.float32), np.zeros((L, 0, 0), np.uint8)
         shapes = {name: (L,) + shape[-2:] for name, shape, _ in param_layout(cfg)}
@@ -381,7 +384,7 @@ class Llama(LanguageModel):
                     self.qweights[name] = np.stack(self.qweights[name])
                 wf.append(none_f)
                 wq.append(_checked_blocks(self.qweights[name], name, self.quantized[name], shapes[name]))
-                codes.append(quant.QDOT_CODES[self.quantized[name]])
+                codes.append(_decode_codes()[self.quantized[name]])
             else:
                 wf.append(p[name].data)
                 wq.append(none_q)
@@ -391,24 +394,43 @@ class Llama(LanguageModel):
                 else self.tied_head
             head_q = _checked_blocks(head_q, "classifier", kind, (head_q.shape[0], cfg.dim))
             head_f = none_f[0]
-            codes.append(quant.QDOT_CODES[kind])
+            codes.append(_decode_codes()[kind])
         else:
             head_f, head_q = p["wte" if cfg.tie_embeddings else "lm_head"].data, none_q[0]
             codes.append(-1)
+        # BitNet's sub-norms, or (L, 0): none
+        sub = tuple(p[name].data if cfg.bitnet else np.zeros((L, 0), np.float32)
+                    for name in ("attn_sub_norm", "ffn_sub_norm"))
         cache = self._kv_all.data[:, 0]
         inv_freq = ops.rope_frequencies(cfg.hs, cfg.rope_theta, cfg.rope_scaling)
-        return (p["wte"].data, p["attn_norm"].data, p["ffn_norm"].data, p["norm_f"].data, tuple(wf), tuple(wq),
-                np.array(codes, np.int64), head_f, head_q, cache, inv_freq, cfg.rope_pairing == "half",
-                cfg.n_heads, cfg.n_kv_heads, np.float32(cfg.norm_eps), head_f.shape[0] or head_q.shape[0])
+        return (p["wte"].data, p["attn_norm"].data, p["ffn_norm"].data, p["norm_f"].data) + sub + (
+                tuple(wf), tuple(wq), np.array(codes, np.int64), head_f, head_q, cache, inv_freq,
+                cfg.rope_pairing == "half", cfg.n_heads, cfg.n_kv_heads, np.float32(cfg.norm_eps),
+                head_f.shape[0] or head_q.shape[0])
+
+
+def _decode_codes() -> dict[str, int]:
+    """The fused decoder's weight code of each kept format (float32 weights: -1)."""
+    from nt.kernels.cpu import bitnet as bitnet_kernels, quant
+    return {**quant.QDOT_CODES, "T2": bitnet_kernels.T2_CODE}
 
 
 def _checked_blocks(w: np.ndarray, name: str, kind: str, shape: tuple) -> np.ndarray:
-    """w if it holds `shape` (..., OC, C) as C-contiguous uint8 rows of `kind` blocks, else
-    ValueError: the decoding kernels read the blocks unchecked."""
-    bs, ts, _ = ops.QUANT_FORMATS[kind]
-    want = shape[:-1] + (shape[-1] // bs * ts,)
+    """w if it holds `shape` (..., OC, C) as C-contiguous uint8 rows of `kind` (ggml blocks,
+    or T2: C/4 bytes of codes and an f16 scale), else ValueError: the decoding kernels read
+    the rows unchecked."""
+    if kind == "T2":   # C/4 bytes of 2-bit codes, then the row's f16 scale
+        bs, nbytes = 4, shape[-1] // 4 + 2
+    else:
+        bs, ts, _ = ops.QUANT_FORMATS[kind]
+        nbytes = shape[-1] // bs * ts
+    want = shape[:-1] + (nbytes,)
     if shape[-1] % bs or not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.shape != want \
             or not w.flags.c_contiguous:
         raise ValueError(f"quantised {name} must be C-contiguous uint8 {want} ({kind} rows of {shape[-1]} "
                          f"values), got {getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
+    from nt.kernels.cpu import bitnet as bitnet_kernels
+    if kind == "T2" and not bitnet_kernels.t2_codes_valid(w.reshape(-1, nbytes)):
+        raise ValueError(f"{name}: T2 rows hold a 2-bit field of 3, which is no ternary code (pack with "
+                         f"nt.bitnet.pack_ternary)")
     return w
