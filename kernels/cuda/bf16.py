@@ -107,6 +107,13 @@ def operand(x, slot: int):
     return out
 
 
+def address(a) -> int:
+    """The device address of a's first element (under the simulator, of the NumPy array
+    underneath: its arrays have no CUDA interface)."""
+    iface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    return iface["data"][0]
+
+
 class Shadows:
     """bf16 copies of float32 master weights, for a mixed-precision tape's matmuls.
 
@@ -127,9 +134,7 @@ class Shadows:
 
     def of(self, w):
         """The bf16 copy (uint16 bits, contiguous) of the float32 2-D weight w."""
-        # the simulator's arrays are NumPy arrays underneath, with no CUDA interface
-        iface = getattr(w, "__cuda_array_interface__", None) or w.__array_interface__
-        key = (iface["data"][0], w.shape, w.strides)
+        key = (address(w), w.shape, w.strides)
         copy = self.copies.get(key)
         if copy is None:
             copy = self.copies[key] = cuda.device_array(w.shape, dtype=np.uint16)

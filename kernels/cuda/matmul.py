@@ -125,9 +125,16 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, transposed=False):
         reduce.sum_columns_into(dbias, dout)
 
 
+def _bf16_weight(weight, shadows):
+    """weight's bf16 copy from `shadows` (bf16.Shadows), or with shadows None (a weight that
+    lives only for this call, e.g. dequantised into scratch) rounded now into operand slot 2."""
+    return shadows.of(weight) if shadows is not None else bf16.operand(weight, 2)
+
+
 def matmul_forward_bf16(out, inp, weight, bias, transposed, shadows) -> None:
     """matmul_forward with bf16 operands: inp rounded to bf16 here, weight's bf16 copy from
-    `shadows` (bf16.Shadows, rounded once per forward); float32 accumulation, out and bias float32."""
+    `shadows` (bf16.Shadows, rounded once per forward; None: rounded here too); float32
+    accumulation, out and bias float32."""
     if out.dtype != np.float32:
         raise TypeError(f"bf16 matmuls need float32 activations, got {out.dtype}")
     N, OC = out.shape
@@ -135,7 +142,7 @@ def matmul_forward_bf16(out, inp, weight, bias, transposed, shadows) -> None:
     if bias.shape[0] > 0:
         _broadcast_rows[blocks(N * OC), THREADS](out, bias)
         beta = 1.0
-    gemm(False, not transposed, bf16.operand(inp, 0), shadows.of(weight), beta, out)
+    gemm(False, not transposed, bf16.operand(inp, 0), _bf16_weight(weight, shadows), beta, out)
 
 
 def matmul_backward_bf16(dinp, dweight, dbias, dout, inp, weight, transposed, shadows) -> None:
@@ -144,7 +151,7 @@ def matmul_backward_bf16(dinp, dweight, dbias, dout, inp, weight, transposed, sh
     float32 dout)."""
     g = bf16.operand(dout, 0)
     if dinp.shape[0] > 0:
-        gemm(False, transposed, g, shadows.of(weight), 1.0, dinp)
+        gemm(False, transposed, g, _bf16_weight(weight, shadows), 1.0, dinp)
     if dweight.shape[0] > 0:
         x = bf16.operand(inp, 1)
         if transposed:

@@ -31,20 +31,30 @@ class _Bf16Kernels:
     the profiler's stand-in still sees them), except that the two matmul entry points take
     bf16 operands with float32 accumulation, reading the weights' bf16 copies."""
 
-    def __init__(self, device: str):
+    def __init__(self, tape: "Tape"):
         from nt.kernels.cuda import bf16, matmul   # the tape checked the device is cuda
-        self.device = device
+        self.device = tape.device
+        self.tape = tape
         self.shadows = bf16.Shadows()
+        self._bf16 = bf16
         self._matmul = matmul
 
     def __getattr__(self, name):
         return getattr(backend(self.device), name)
 
+    def _copies(self, weight):
+        """The weights' kept bf16 copies, or None for a weight in the tape's scratch (a matrix
+        dequantised there for one call, whose memory the next one reuses): rounded at each use."""
+        work = self.tape._work
+        start = self._bf16.address(work)
+        inside = start <= self._bf16.address(weight) < start + work.shape[0] * work.dtype.itemsize
+        return None if inside else self.shadows
+
     def matmul_forward(self, out, inp, weight, bias, transposed=False):
-        self._matmul.matmul_forward_bf16(out, inp, weight, bias, transposed, self.shadows)
+        self._matmul.matmul_forward_bf16(out, inp, weight, bias, transposed, self._copies(weight))
 
     def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, transposed=False):
-        self._matmul.matmul_backward_bf16(dinp, dweight, dbias, dout, inp, weight, transposed, self.shadows)
+        self._matmul.matmul_backward_bf16(dinp, dweight, dbias, dout, inp, weight, transposed, self._copies(weight))
 
 
 class Tape:
@@ -90,7 +100,7 @@ class Tape:
                              f"bf16 matmul operands); this tape is {self.device} {self.dtype}: use "
                              f"precision='fp32' here (the CPU backend has no bf16 matmul)")
         if precision != self.precision:
-            self._bf16 = _Bf16Kernels(self.device) if precision == "bf16" else None
+            self._bf16 = _Bf16Kernels(self) if precision == "bf16" else None
 
     def reset(self, recording: bool = True) -> None:
         """Forget the recorded ops and rewind the arenas for the next forward.

@@ -171,3 +171,20 @@ def test_steady_bf16_step_allocates_no_device_memory(monkeypatch):
         if i == 2:
             assert made[before:] == [], f"a steady bf16 step allocated device arrays: {made[before:]}"
     assert model.tape.k.shadows.nbytes == 2 * sum(model.params[n].size for n in ("wte", "qkvw", "attprojw", "fcw", "fcprojw"))
+
+
+def test_weights_in_the_tapes_scratch_are_rounded_at_each_use():
+    """A matrix dequantised into the tape's scratch (ops.linear_q's prefill) shares that
+    memory with the next one: its bf16 copy must not be kept like a parameter's."""
+    t = Tape("cuda", precision="bf16")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    out = gpu.empty(3 * 5, np.float32).reshape(3, 5)
+    for _ in range(2):   # two different matrices, one after the other, in the same scratch
+        w = rng.standard_normal((5, 8)).astype(np.float32)
+        scratch = t.work((5, 8))
+        gpu.copy_(scratch, w)
+        t.k.matmul_forward(out, gpu.to_device(x), scratch, gpu.empty(0, np.float32))
+        ref = _rounded(x) @ _rounded(w).T
+        np.testing.assert_allclose(gpu.to_host(out), ref, **_tol(ref, 8))
+    assert t.k.shadows.nbytes == 0
