@@ -162,6 +162,7 @@ def unpack_t2(out, raw, f16):
 # intrinsics; elsewhere the same sums are written in generic vector IR (widen, multiply, add
 # neighbours) for LLVM to lower to what the target has. Integers throughout: both give the
 # exact sum. A row whose byte count is not a multiple of 32 finishes in a scalar loop.
+# Like ggml's integer dots (quant.qdot) it takes several rows per pass over the activation.
 T2_CODE = 16    # the fused decoder's weight code for T2 rows (quant.QDOT_CODES are 0..3)
 T2_CHUNK = 32   # weight bytes per step of the vector loop
 _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
@@ -209,70 +210,84 @@ def _pairs32_avx2(builder, v):
     return builder.call(fn, [v, _consts(_I16, [1] * 16)])
 
 
-def _t2_isum_intrinsic(avx2: bool):
-    """An intrinsic f(w, a, K, n) -> int32: sum over bytes k < 32n of w of sum over planes l
-    of q_l(w[k]) * a[l*K + k] (w, a: uint8 / int8 arrays; reads them unchecked)."""
+def _t2_rows_intrinsic(avx2: bool):
+    """An intrinsic f(w, rows, a, ad, asum) -> R float32s: rows (a tuple of R indices) of the
+    T2 matrix w (OC, K + 2) uint8 . the int8 activation codes a (4K,) with scale ad[0] and
+    code sum asum[0]: per row d * float(sum over k, l of q_l(w[r, k]) * a[l*K + k] - asum[0])
+    * ad[0], d the row's f16 scale. The R rows share one loop over 32-byte steps (each
+    activation load serves all R; R independent accumulator chains), then a scalar loop over
+    the bytes past the last whole step. Reads w and a unchecked."""
     maddubs = _maddubs_avx2 if avx2 else _maddubs_generic
 
     @intrinsic
-    def t2_isum(typingctx, w, a, K, n):
+    def t2_rows(typingctx, w, rows, a, ad, asum):
+        R = rows.count
+
         def codegen(context, builder, sig, args):
-            wp, ap = (context.make_array(t)(context, builder, v).data for t, v in zip(sig.args[:2], args[:2]))
-            K, n = (context.cast(builder, v, t, numba.types.intp) for t, v in zip(sig.args[2:], args[2:]))
-            acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_I32, 8), [0] * 8))
+            wa = context.make_array(sig.args[0])(context, builder, args[0])
+            stride = cgutils.unpack_tuple(builder, wa.strides)[0]
+            base = builder.bitcast(wa.data, _I8.as_pointer())
+            wrows = [builder.gep(base, [builder.mul(r, stride)]) for r in cgutils.unpack_tuple(builder, args[1])]
+            aa = context.make_array(sig.args[2])(context, builder, args[2])
+            ap = aa.data
+            K = builder.udiv(cgutils.unpack_tuple(builder, aa.shape)[0], ir.Constant(stride.type, 4))
+            n = builder.udiv(K, ir.Constant(K.type, T2_CHUNK))
+            acc = [cgutils.alloca_once_value(builder, ir.Constant(_vec(_I32, 8), [0] * 8)) for _ in range(R)]
             with cgutils.for_range(builder, n) as loop:
                 k = builder.mul(loop.index, ir.Constant(K.type, T2_CHUNK))
-                packed = _load(builder, wp, k, _vec(_I8, T2_CHUNK))
-                s16 = None
+                packed = [_load(builder, wr, k, _vec(_I8, T2_CHUNK)) for wr in wrows]
+                s16 = [None] * R
                 for l in range(4):
-                    q = builder.and_(builder.lshr(packed, _consts(_I8, [2 * l] * 32)), _consts(_I8, [3] * 32))
                     x = _load(builder, ap, builder.add(k, builder.mul(K, ir.Constant(K.type, l))), _vec(_I8, 32))
-                    m = maddubs(builder, q, x)
-                    s16 = m if s16 is None else builder.add(s16, m)
-                s32 = _pairs32_avx2(builder, s16) if avx2 else _pairs(builder, s16, _I32)
-                builder.store(builder.add(builder.load(acc), s32), acc)
-            lanes = builder.load(acc)
-            total = builder.extract_element(lanes, ir.Constant(_I32, 0))
-            for j in range(1, 8):
-                total = builder.add(total, builder.extract_element(lanes, ir.Constant(_I32, j)))
-            return total
-        return numba.types.int32(w, a, K, n), codegen
-    return t2_isum
+                    for j in range(R):
+                        q = builder.and_(builder.lshr(packed[j], _consts(_I8, [2 * l] * 32)), _consts(_I8, [3] * 32))
+                        m = maddubs(builder, q, x)
+                        s16[j] = m if s16[j] is None else builder.add(s16[j], m)
+                for j in range(R):
+                    s32 = _pairs32_avx2(builder, s16[j]) if avx2 else _pairs(builder, s16[j], _I32)
+                    builder.store(builder.add(builder.load(acc[j]), s32), acc[j])
+            isum = []
+            for j in range(R):
+                lanes = builder.load(acc[j])
+                total = builder.extract_element(lanes, ir.Constant(_I32, 0))
+                for i in range(1, 8):
+                    total = builder.add(total, builder.extract_element(lanes, ir.Constant(_I32, i)))
+                isum.append(cgutils.alloca_once_value(builder, total))
+            k0 = builder.mul(n, ir.Constant(K.type, T2_CHUNK))
+            with cgutils.for_range(builder, builder.sub(K, k0)) as loop:   # the bytes past the last step
+                k = builder.add(k0, loop.index)
+                x = [builder.sext(_load(builder, ap, builder.add(k, builder.mul(K, ir.Constant(K.type, l))), _I8),
+                                  _I32) for l in range(4)]
+                for j in range(R):
+                    byte = builder.zext(_load(builder, wrows[j], k, _I8), _I32)
+                    t = builder.load(isum[j])
+                    for l in range(4):
+                        q = builder.and_(builder.lshr(byte, ir.Constant(_I32, 2 * l)), ir.Constant(_I32, 3))
+                        t = builder.add(t, builder.mul(q, x[l]))
+                    builder.store(t, isum[j])
+            ad_p, asum_p = (context.make_array(t)(context, builder, v).data for t, v in zip(sig.args[3:], args[3:]))
+            scale, total = builder.load(ad_p), builder.load(asum_p)
+            out = []
+            for j in range(R):
+                d = builder.fpext(builder.bitcast(_load(builder, wrows[j], K, _I16), ir.HalfType()), ir.FloatType())
+                dot = builder.sitofp(builder.sub(builder.load(isum[j]), total), ir.FloatType())
+                out.append(builder.fmul(builder.fmul(d, dot), scale))
+            return context.make_tuple(builder, sig.return_type, out)
+        return numba.types.UniTuple(numba.types.float32, R)(w, rows, a, ad, asum), codegen
+    return t2_rows
 
 
-_t2_isum_generic = _t2_isum_intrinsic(False)
-_t2_isum = _t2_isum_intrinsic(True) if _AVX2 else _t2_isum_generic
-
-
-@intrinsic
-def _half_at(typingctx, w, i):
-    """The little-endian IEEE half at byte i of uint8 array w, as float32 (exact)."""
-    def codegen(context, builder, sig, args):
-        p = context.make_array(sig.args[0])(context, builder, args[0]).data
-        h = _load(builder, p, context.cast(builder, args[1], sig.args[1], numba.types.intp), _I16)
-        return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
-    return numba.types.float32(w, i), codegen
+_t2_rows_generic = _t2_rows_intrinsic(False)
+_t2_rows = _t2_rows_intrinsic(True) if _AVX2 else _t2_rows_generic
 
 
 @njit(cache=True, inline="always")
-def _tail_isum(isum, w, a, K, k0):
-    """isum + the codes . activations of bytes k0..K-1 of T2 row w (the vector loop's rest)."""
-    for k in range(k0, K):
-        byte = np.int32(w[k])
-        isum = np.int32(isum + (byte & 3) * np.int32(a[k]) + ((byte >> 2) & 3) * np.int32(a[k + K])
-                        + ((byte >> 4) & 3) * np.int32(a[k + 2 * K]) + (byte >> 6) * np.int32(a[k + 3 * K]))
-    return isum
-
-
-@njit(cache=True, inline="always")
-def t2dot(w, a, ad, asum):
-    """T2 row w (C/4 + 2 bytes) . int8 activation codes a (C,) with scale ad[0] = max|x|/127
-    and code sum asum[0] (quantize_row_t2): d * (sum(q * a) - sum(a)) * ad[0], d the row's
-    f16 scale. Unchecked: w must hold at least a.shape[0] / 4 + 2 bytes."""
-    K = a.shape[0] // 4
-    n = K // T2_CHUNK
-    isum = _tail_isum(_t2_isum(w, a, K, n), w, a, K, n * T2_CHUNK)
-    return _half_at(w, K) * np.float32(isum - asum[0]) * ad[0]
+def t2dot(w, rows, a, ad, asum):
+    """Rows `rows` (a tuple of 1 to 4 indices) of T2 matrix w (OC, C/4 + 2) . int8
+    activation codes a (C,) with scale ad[0] = max|x|/127 and code sum asum[0]
+    (quantize_row_t2): per row d * (sum(q * a) - sum(a)) * ad[0], as a tuple of float32s.
+    Unchecked: w's rows must hold C/4 + 2 bytes."""
+    return _t2_rows(w, rows, a, ad, asum)
 
 
 @njit(parallel=True, cache=True)
@@ -319,7 +334,7 @@ def matmul_t2(out, q, xs, qsum, w):
     row scale, then the activation scale). Parallel over rows, each read once for all N."""
     for oc in prange(w.shape[0]):
         for n in range(q.shape[0]):
-            out[n, oc] = t2dot(w[oc], q[n], xs[n:n + 1], qsum[n:n + 1])
+            out[n, oc] = t2dot(w, (oc,), q[n], xs[n:n + 1], qsum[n:n + 1])[0]
 
 
 # ---------------------------------------------------------------------- TQ1_0 (GGUF, 1.69 bits per weight)

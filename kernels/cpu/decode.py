@@ -54,7 +54,7 @@ def _row(r, x, wf, wq, code, xq, xd, xs):
     if code < 0:
         return _fdot(wf[r], x)
     if code == T2_CODE:
-        return t2dot(wq[r], xq, xd, xs)
+        return t2dot(wq, (r,), xq, xd, xs)[0]
     return qdot(code, wq, (r,), xq, xd, xs)[0]
 
 
@@ -64,8 +64,7 @@ def _rows4(r0, r1, r2, r3, x, wf, wq, code, xq, xd, xs):
     if code < 0:
         return _fdot(wf[r0], x), _fdot(wf[r1], x), _fdot(wf[r2], x), _fdot(wf[r3], x)
     if code == T2_CODE:
-        return t2dot(wq[r0], xq, xd, xs), t2dot(wq[r1], xq, xd, xs), t2dot(wq[r2], xq, xd, xs), \
-            t2dot(wq[r3], xq, xd, xs)
+        return t2dot(wq, (r0, r1, r2, r3), xq, xd, xs)
     return qdot(code, wq, (r0, r1, r2, r3), xq, xd, xs)
 
 
