@@ -16,7 +16,9 @@ one activation row) runs on the calling thread between regions. Each weight byte
 once per token. A matrix is float32 (code -1: `wf`, rows dotted in float32 with
 reassociation so they vectorise) or ggml blocks (code >= 0, see quant.QDOT_CODES: `wq`,
 integer dots against the activation quantised once per matrix), four rows per call where
-the rows allow (quant.qdot: one pass over the activation serves four weight rows). A new
+the rows allow (quant.qdot: one pass over the activation serves four weight rows), or
+BitNet's packed ternary T2 rows (bitnet.T2_CODE: bitnet.t2dot against the activation
+quantised per token; a BitNet model's sub-norms run before the out and down rows). A new
 weight code slots in at _quantize_for, _row and _rows4. No BLAS is called, so no second
 thread pool competes with Numba's.
 """
@@ -40,7 +42,7 @@ def _fdot(w, x):
 @njit(cache=True)
 def _quantize_for(code, x, xq, xd, xs):
     """Quantise activation row x for weights of `code` (nothing for float weights): BitNet's
-    one absmax scale per row for T2 rows, else int8 blocks of the weights' block size."""
+    one absmax scale per row for T2 rows (xd[0], xs[0]), else int8 blocks of the weights'."""
     if code == T2_CODE:
         quantize_row_t2(xq, xd, xs, x)
     elif code >= 0:
