@@ -268,9 +268,9 @@ def startup_times(family: str) -> tuple[float, float]:
     return times[0], times[1]
 
 
-def bench(preset, B, T, steps, warmup, peak, frameworks, clips):
+def bench(preset, B, T, steps, warmup, peak, frameworks, clips, torch_env):
     """Median step times of every framework under every clip mode, interleaved:
-    {(framework, clip): row}."""
+    {(framework, clip): row}. PyTorch's workers start with the thread settings torch_env."""
     cfg = make_config(preset, T)
     ctx = mp.get_context("spawn")
     with tempfile.NamedTemporaryFile(suffix=".f32", delete=False) as f:
@@ -278,7 +278,7 @@ def bench(preset, B, T, steps, warmup, peak, frameworks, clips):
         weights = f.name
     try:
         workers = {name: Worker(ctx, name.split("+")[0], preset, B, T, weights, name.endswith("+compile"),
-                                USER_THREAD_ENV)
+                                torch_env)
                    for name in frameworks}
         losses = {name: w.ask("loss") for name, w in workers.items()}
         ref = losses["nt"]
@@ -360,6 +360,10 @@ def main(argv=None):
     p.add_argument("--clip-only", action="store_true", help="time with gradient clipping only")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-startup", action="store_true", help="skip the cold/warm start measurement")
+    p.add_argument("--torch-passive", action="store_true",
+                   help="run PyTorch with OMP_WAIT_POLICY=PASSIVE as nt does: faster for PyTorch on a machine "
+                        "shared with other jobs (its spinning OpenMP workers lose their time slices), slower on "
+                        "a quiet one; the default is the user's own setting")
     p.add_argument("--json", action="store_true", help="also print one JSON object per configuration and clip mode")
     args = p.parse_args(argv)
     if args.quick:
@@ -377,14 +381,16 @@ def main(argv=None):
         frameworks = ["nt"]
 
     peak = sgemm_peak()
-    print(f"machine: {os.cpu_count()} cores; sgemm peak measured now: {peak:.0f} GFLOP/s")
+    print(f"machine: {os.cpu_count()} cores; sgemm peak measured now: {peak:.0f} GFLOP/s; PyTorch's OpenMP "
+          f"wait policy: {'PASSIVE' if args.torch_passive else USER_THREAD_ENV['OMP_WAIT_POLICY'] or 'default'}")
     if not args.no_startup:
         for family in sorted({"llama" if is_llama(parse_config(s)[0]) else "gpt2" for s in args.configs}):
             cold, warm = startup_times(family)
             print(f"nt {family} start to first finished step: cold (empty Numba cache) {cold:.1f} s, warm {warm:.1f} s")
     for spec in args.configs:
         preset, B, T = parse_config(spec)
-        rows = bench(preset, B, T, args.steps, args.warmup, peak, frameworks, clips)
+        torch_env = {**USER_THREAD_ENV, "OMP_WAIT_POLICY": "PASSIVE"} if args.torch_passive else USER_THREAD_ENV
+        rows = bench(preset, B, T, args.steps, args.warmup, peak, frameworks, clips, torch_env)
         for clip in clips:
             report(spec, rows, clip, peak, args.steps, args.warmup, args.json)
 
