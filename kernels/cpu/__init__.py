@@ -12,7 +12,7 @@ from .dropout import dropout_backward, dropout_forward
 from .elementwise import (add_backward, add_forward, concat_backward, concat_forward, mul_backward,
                           mul_forward, scale_backward, scale_forward, sum_rows_backward, sum_rows_forward)
 from .embedding import embedding_backward, embedding_forward
-from .layernorm import layernorm_backward, layernorm_forward
+from .layernorm import layernorm_backward, layernorm_forward, residual_layernorm_backward, residual_layernorm_forward
 from .lora import lora_backward, lora_forward
 from .matmul import matmul_backward, matmul_forward
 from .quant import F16_TABLE, dequantize_q4_0, dequantize_q8_0, matmul_q4_0, matmul_q8_0

@@ -16,7 +16,7 @@ from .dropout import dropout_backward, dropout_forward
 from .elementwise import (add_backward, add_forward, concat_backward, concat_forward, mul_backward,
                           mul_forward, scale_backward, scale_forward, sum_rows_backward, sum_rows_forward)
 from .embedding import embedding_backward, embedding_forward
-from .layernorm import layernorm_backward, layernorm_forward
+from .layernorm import layernorm_backward, layernorm_forward, residual_layernorm_backward, residual_layernorm_forward
 from .lora import lora_backward, lora_forward
 from .matmul import matmul_backward, matmul_forward
 from .memory import DEVICE, copy_, empty, fill_, ids_to_device, synchronize, to_device, to_host

@@ -11,55 +11,99 @@ from . import reduce
 from .launch import THREADS, block_sum, blocks, shared_bytes
 
 
+@cuda.jit(device=True, cache=True)
+def _normalize_row(out, mean, rstd, inp, weight, bias, eps, n, m, buf):
+    """Row n of inp with its mean m known: the variance, out[n] and the saved statistics.
+    Every thread of the block calls it; each reads the channels c = tid, tid + blockDim..."""
+    dt = inp.dtype.type
+    C = inp.shape[1]
+    has_bias = bias.shape[0] > 0
+    tid = cuda.threadIdx.x
+    s = dt(0)
+    for c in range(tid, C, cuda.blockDim.x):
+        d = inp[n, c] - m
+        s += d * d
+    r = dt(1) / math.sqrt(block_sum(buf, s) / dt(C) + dt(eps))
+    for c in range(tid, C, cuda.blockDim.x):
+        o = (inp[n, c] - m) * r * weight[c]
+        if has_bias:
+            o += bias[c]
+        out[n, c] = o
+    if tid == 0:
+        mean[n] = m
+        rstd[n] = r
+
+
 @cuda.jit(cache=True)
 def _layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
     """One block per row (grid-stride over rows); threads stride over the channels."""
     dt = inp.dtype.type
     buf = cuda.shared.array(0, inp.dtype)  # blockDim.x values, sized at launch
     N, C = inp.shape
-    has_bias = bias.shape[0] > 0
     tid = cuda.threadIdx.x
     for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
         s = dt(0)
         for c in range(tid, C, cuda.blockDim.x):
             s += inp[n, c]
-        m = block_sum(buf, s) / dt(C)
+        _normalize_row(out, mean, rstd, inp, weight, bias, eps, n, block_sum(buf, s) / dt(C), buf)
+
+
+@cuda.jit(cache=True)
+def _residual_layernorm_forward(out, mean, rstd, h, x, weight, bias, eps):
+    """h += x, then layernorm of h, one block per row: the sum is written and summed for
+    the mean in one read of h and x (each thread later rereads only its own channels)."""
+    dt = h.dtype.type
+    buf = cuda.shared.array(0, h.dtype)
+    N, C = h.shape
+    tid = cuda.threadIdx.x
+    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
         s = dt(0)
         for c in range(tid, C, cuda.blockDim.x):
-            d = inp[n, c] - m
-            s += d * d
-        r = dt(1) / math.sqrt(block_sum(buf, s) / dt(C) + dt(eps))
-        for c in range(tid, C, cuda.blockDim.x):
-            o = (inp[n, c] - m) * r * weight[c]
-            if has_bias:
-                o += bias[c]
-            out[n, c] = o
-        if tid == 0:
-            mean[n] = m
-            rstd[n] = r
+            v = h[n, c] + x[n, c]
+            h[n, c] = v
+            s += v
+        _normalize_row(out, mean, rstd, h, weight, bias, eps, n, block_sum(buf, s) / dt(C), buf)
+
+
+@cuda.jit(device=True, cache=True)
+def _input_grad_row(dinp, dres, has_res, dout, inp, weight, mean, rstd, n, buf):
+    """dx = rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w * xhat)) into dinp[n]; with
+    has_res, dres[n] += the updated dinp[n] too (a residual's pass-through grad)."""
+    dt = inp.dtype.type
+    C = inp.shape[1]
+    tid = cuda.threadIdx.x
+    m = mean[n]
+    r = rstd[n]
+    s1 = dt(0)
+    s2 = dt(0)
+    for c in range(tid, C, cuda.blockDim.x):
+        dnorm = dout[n, c] * weight[c]
+        s1 += dnorm
+        s2 += dnorm * (inp[n, c] - m) * r
+    dnorm_mean = block_sum(buf, s1) / dt(C)
+    dnorm_norm_mean = block_sum(buf, s2) / dt(C)
+    for c in range(tid, C, cuda.blockDim.x):
+        xhat = (inp[n, c] - m) * r
+        d = dinp[n, c] + (dout[n, c] * weight[c] - dnorm_mean - xhat * dnorm_norm_mean) * r
+        dinp[n, c] = d
+        if has_res:
+            dres[n, c] += d
 
 
 @cuda.jit(cache=True)
 def _layernorm_backward_input(dinp, dout, inp, weight, mean, rstd):
-    """dx = rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w * xhat)), one block per row."""
-    dt = inp.dtype.type
+    """The input grad, one block per row."""
     buf = cuda.shared.array(0, inp.dtype)
-    N, C = inp.shape
-    tid = cuda.threadIdx.x
-    for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
-        m = mean[n]
-        r = rstd[n]
-        s1 = dt(0)
-        s2 = dt(0)
-        for c in range(tid, C, cuda.blockDim.x):
-            dnorm = dout[n, c] * weight[c]
-            s1 += dnorm
-            s2 += dnorm * (inp[n, c] - m) * r
-        dnorm_mean = block_sum(buf, s1) / dt(C)
-        dnorm_norm_mean = block_sum(buf, s2) / dt(C)
-        for c in range(tid, C, cuda.blockDim.x):
-            xhat = (inp[n, c] - m) * r
-            dinp[n, c] += (dout[n, c] * weight[c] - dnorm_mean - xhat * dnorm_norm_mean) * r
+    for n in range(cuda.blockIdx.x, inp.shape[0], cuda.gridDim.x):
+        _input_grad_row(dinp, dinp, False, dout, inp, weight, mean, rstd, n, buf)
+
+
+@cuda.jit(cache=True)
+def _residual_layernorm_backward_input(dh, dx, dout, h, weight, mean, rstd):
+    """The sum's grad dh += the norm's input grad, then dx += dh, one block per row."""
+    buf = cuda.shared.array(0, h.dtype)
+    for n in range(cuda.blockIdx.x, h.shape[0], cuda.gridDim.x):
+        _input_grad_row(dh, dx, True, dout, h, weight, mean, rstd, n, buf)
 
 
 @cuda.jit(cache=True)
@@ -89,11 +133,9 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
         out, mean, rstd, inp, weight, bias, eps)
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
-    """Accumulate input, weight and bias grads. dweight / dbias may be empty (frozen or no
-    bias): skipped."""
+def _param_grads(dweight, dbias, dout, inp, mean, rstd):
+    """Weight and bias grads (either may be empty: skipped), deterministic in two stages."""
     N, C = inp.shape
-    _layernorm_backward_input[blocks(N, 1), THREADS, 0, shared_bytes(inp.dtype)](dinp, dout, inp, weight, mean, rstd)
     if dweight.shape[0] or dbias.shape[0]:
         n_chunks, rows = reduce.chunks(N)
         partial = reduce.partials(2, N, C, inp.dtype)
@@ -102,3 +144,25 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
             reduce.sum_partials(dweight, partial[0])
         if dbias.shape[0]:
             reduce.sum_partials(dbias, partial[1])
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    """Accumulate input, weight and bias grads. dweight / dbias may be empty (frozen or no
+    bias): skipped."""
+    _layernorm_backward_input[blocks(inp.shape[0], 1), THREADS, 0, shared_bytes(inp.dtype)](
+        dinp, dout, inp, weight, mean, rstd)
+    _param_grads(dweight, dbias, dout, inp, mean, rstd)
+
+
+def residual_layernorm_forward(out, mean, rstd, h, x, weight, bias, eps):
+    """h += x (the residual sum, in h's memory), then out = layernorm(h), one pass per row."""
+    _residual_layernorm_forward[blocks(h.shape[0], 1), THREADS, 0, shared_bytes(h.dtype)](
+        out, mean, rstd, h, x, weight, bias, eps)
+
+
+def residual_layernorm_backward(dh, dx, dweight, dbias, dout, h, weight, mean, rstd):
+    """dh (the sum's grad) += the norm's input grad, then dx += dh, one pass per row; the
+    weight/bias grads as layernorm_backward's."""
+    _residual_layernorm_backward_input[blocks(h.shape[0], 1), THREADS, 0, shared_bytes(h.dtype)](
+        dh, dx, dout, h, weight, mean, rstd)
+    _param_grads(dweight, dbias, dout, h, mean, rstd)

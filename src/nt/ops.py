@@ -19,7 +19,8 @@ from .tensor import Tensor
 
 __all__ = ["embedding", "linear", "lora_", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
            "glu", "glu_linear", "rmsnorm_linear", "swiglu", "geglu", "softmax", "add", "residual_", "mul", "scale", "concat", "dropout", "attention",
-           "cross_entropy", "classifier_xent", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div"]
+           "cross_entropy", "classifier_xent", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div",
+           "residual_layernorm_"]
 
 _EMPTY: dict = {}
 
@@ -285,6 +286,39 @@ def _layernorm_backward(k, out, x, weight, bias, mean, rstd):
     N = x.size // C
     k.layernorm_backward(x.grad.reshape(N, C), _grad(k, weight), _grad(k, bias), out.grad.reshape(N, C),
                          x.data.reshape(N, C), weight.data, mean.data, rstd.data)
+
+
+def residual_layernorm_(t: Tape, h: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                        eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """residual_(h, x) then layernorm of the sum, as one kernel pass per row (a pre-LN
+    block's `x = x + h; n = ln(x)`). Returns (sum, normed): the sum lives in h's memory
+    (h's value must be one no backward reads, as for residual_), normed is a new tensor.
+    The backward is one pass too: the sum's grad gets the norm's input grad, then x's
+    grad gets the sum's. Equal bit for bit to residual_ then layernorm."""
+    _check_pair(t, h, x, "residual_layernorm_")
+    if h.arena is not t.acts:
+        raise ValueError("residual_layernorm_: h must be an op output on this tape (it is overwritten in place)")
+    _check(weight, "weight", 1, t)
+    C = x.shape[-1]
+    if weight.shape[0] != C or (bias is not None and bias.shape != (C,)):
+        raise ValueError(f"residual_layernorm_: x has {C} features, weight {weight.shape}, "
+                         f"bias {bias and bias.shape}")
+    N = x.size // C
+    out = t.new(x.shape)
+    mean = t.new_saved((N,))
+    rstd = t.new_saved((N,))
+    t.k.residual_layernorm_forward(out.data.reshape(N, C), mean.data, rstd.data, h.data.reshape(N, C),
+                                   x.data.reshape(N, C), weight.data,
+                                   bias.data if bias is not None else _none(t.k, t.dtype), eps)
+    t.record(_residual_layernorm_backward, out, h, x, weight, bias, mean, rstd)
+    return h, out
+
+
+def _residual_layernorm_backward(k, out, h, x, weight, bias, mean, rstd):
+    C = x.shape[-1]
+    N = x.size // C
+    k.residual_layernorm_backward(h.grad.reshape(N, C), x.grad.reshape(N, C), _grad(k, weight), _grad(k, bias),
+                                  out.grad.reshape(N, C), h.data.reshape(N, C), weight.data, mean.data, rstd.data)
 
 
 # ----------------------------------------------------------------------------- rmsnorm

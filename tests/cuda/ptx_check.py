@@ -63,6 +63,8 @@ def signatures(f):
         (layernorm._layernorm_forward, (A2, A1, A1, A2, A1, A1, F)),
         (layernorm._layernorm_backward_input, (A2, A2, A2, A1, A1, A1)),
         (layernorm._layernorm_params_partial, (A3, A2, A2, A1, A1, I)),
+        (layernorm._residual_layernorm_forward, (A2, A1, A1, A2, A2, A1, A1, F)),
+        (layernorm._residual_layernorm_backward_input, (A2, A2, A2, A2, A1, A1, A1)),
         (activations._act_forward, (A1, A1, I)),
         (activations._act_backward, (A1, A1, A1, I)),
         (activations._glu_forward, (A2, A2, I)),

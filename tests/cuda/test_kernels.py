@@ -95,6 +95,22 @@ def test_layernorm(dtype, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_residual_layernorm(dtype, bias):
+    rng = np.random.default_rng(11)
+    N, C = 3, 40
+    h, x, weight = randn(rng, dtype, N, C), randn(rng, dtype, N, C), randn(rng, dtype, C)
+    b = randn(rng, dtype, C) if bias else empty(dtype, 0)
+    mean, rstd = randn(rng, dtype, N), randn(rng, dtype, N)
+    parity("residual_layernorm_forward", [randn(rng, dtype, N, C), mean, rstd, h.copy(), x, weight, b, 1e-5],
+           [0, 1, 2, 3], dtype)
+    cpu.residual_layernorm_forward(randn(rng, dtype, N, C), mean, rstd, h, x, weight, b, 1e-5)  # h: the sum
+    parity("residual_layernorm_backward", [randn(rng, dtype, N, C), randn(rng, dtype, N, C), randn(rng, dtype, C),
+                                           randn(rng, dtype, C) if bias else empty(dtype, 0), randn(rng, dtype, N, C),
+                                           h, weight, mean, rstd], [0, 1, 2, 3], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_activations(dtype):
     rng = np.random.default_rng(2)
     n, N, H = 150, 3, 7

@@ -112,39 +112,40 @@ class GPT2(LanguageModel):
         cfg, p, t = self.config, self.params, self.tape
         self._check_batch(idx, targets)
         t.begin_forward()   # LoRA dropout draws fresh masks each training step
-        x = self._trunk(idx)
+        n = self._trunk(idx)
         self.loss = None
         if targets is not None and self.fuse_classifier:
-            h = ops.layernorm(t, x, p["lnfw"], p["lnfb"])
-            self.logits, self.loss = ops.classifier_xent(t, h, p["wte"], targets, cfg.vocab_size)
+            self.logits, self.loss = ops.classifier_xent(t, n, p["wte"], targets, cfg.vocab_size)
         else:
-            self.logits = self._head(x)
+            self.logits = self._head(n)
             if targets is not None:
                 self.loss = ops.cross_entropy(t, self.logits, targets, cfg.vocab_size)
         return self.logits, self.loss
 
     def _trunk(self, idx: np.ndarray, pos0: int = 0, caches: Optional[list] = None) -> Tensor:
-        """Embeddings and every block on positions pos0..: the final residual (B, T, C).
-        With caches (generation) each layer's qkv rows go to its KV cache."""
+        """Embeddings, every block and the final layernorm on positions pos0..: the normed
+        final residual (B, T, C). With caches (generation) each layer's qkv rows go to its
+        KV cache. Each residual and the layernorm after it (ln_2; the next block's ln_1, or
+        ln_f after the last) run as one op, ops.residual_layernorm_."""
         cfg, p, t = self.config, self.params, self.tape
         x = ops.embedding(t, idx, p["wte"], p["wpe"], pos0)
+        n = ops.layernorm(t, x, p["ln1w"][0], p["ln1b"][0])
         for l in range(cfg.n_layer):
-            h = ops.layernorm(t, x, p["ln1w"][l], p["ln1b"][l])
-            qkv = self._linear(h, "qkvw", l, p["qkvb"][l])
+            qkv = self._linear(n, "qkvw", l, p["qkvb"][l])
             h = self._attention(qkv, cfg.n_head, cfg.n_head, 0, pos0, caches[l] if caches else None)
             h = self._linear(h, "attprojw", l, p["attprojb"][l])
-            x = ops.residual_(t, h, x)
-            h = ops.layernorm(t, x, p["ln2w"][l], p["ln2b"][l])
-            h = self._linear(h, "fcw", l, p["fcb"][l])
+            x, n = ops.residual_layernorm_(t, h, x, p["ln2w"][l], p["ln2b"][l])
+            h = self._linear(n, "fcw", l, p["fcb"][l])
             h = ops.gelu(t, h)
             h = self._linear(h, "fcprojw", l, p["fcprojb"][l])
-            x = ops.residual_(t, h, x)
-        return x
+            last = l == cfg.n_layer - 1
+            x, n = ops.residual_layernorm_(t, h, x, p["lnfw"] if last else p["ln1w"][l + 1],
+                                           p["lnfb"] if last else p["ln1b"][l + 1])
+        return n
 
-    def _head(self, x: Tensor) -> Tensor:
-        """The final layernorm and the tied classifier over the padded vocabulary."""
-        p = self.params
-        return ops.linear(self.tape, ops.layernorm(self.tape, x, p["lnfw"], p["lnfb"]), p["wte"])
+    def _head(self, n: Tensor) -> Tensor:
+        """The tied classifier over the padded vocabulary, on the normed rows _trunk gives."""
+        return ops.linear(self.tape, n, self.params["wte"])
 
     # ------------------------------------------------------------------ llm.c interop
 
