@@ -73,9 +73,10 @@ PRE_TOKENIZERS = ("gpt2", "llama3", "qwen2", "digits")
 def _classes(astral: bool) -> tuple[str, str, str]:
     """Character-class bodies of \\p{L}, \\p{N} and \\s (Unicode White_Space: what the
     `regex` package matches; str.isspace() also accepts U+001C..U+001F)."""
-    chars = [chr(c) for c in range(0x110000)]
-    major = np.array([c[0] for c in map(unicodedata.category, chars)])
-    space = np.array([ch.isspace() for ch in chars[:0x10000]] + [False] * (0x110000 - 0x10000))
+    # one code point at a time: a list of all 1.1M characters held 65 MB at once
+    major = np.fromiter((unicodedata.category(chr(c))[0] for c in range(0x110000)), dtype="U1", count=0x110000)
+    space = np.zeros(0x110000, dtype=bool)
+    space[:0x10000] = np.fromiter((chr(c).isspace() for c in range(0x10000)), dtype=bool, count=0x10000)
     space[0x1C:0x20] = False
     hi = 0x110000 if astral else 0x10000
     return _char_class(major == "L", 0, hi), _char_class(major == "N", 0, hi), _char_class(space, 0, hi)
