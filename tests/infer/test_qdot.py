@@ -172,7 +172,7 @@ def test_generic_ir_gives_the_avx2_bits(kind, monkeypatch):
     from numba import njit
     code = quant.QDOT_CODES[kind]
     monkeypatch.setattr(quant, "_AVX2", False)
-    rows_dot = quant._rows_intrinsic(quant._BLOCKS[code])
+    rows_dot = quant._rows_intrinsic(quant._BLOCKS[code], quant.QDOT_TYPE_SIZE[code])
 
     @njit
     def generic(w, a, ad, asum, nb):
