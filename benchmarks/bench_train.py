@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --configs llama-mini:8:256 --no-clip --no-compile
     python benchmarks/bench_train.py --device cuda        # on a GPU: bench_train_cuda.py and its options
     python benchmarks/bench_train.py --configs mini:16:128 --steps 5 --json
+    python benchmarks/bench_train.py --torch-passive       # on a machine shared with other jobs
 
 Configs are preset:B:T. GPT-2 presets (d12, d6, mini, ...) run against benchmarks/torch_gpt2.py;
 the LLaMA shapes (LLAMA_SHAPES: llama-mini, smollm2-135m, llama3-gqa) against
