@@ -9,8 +9,9 @@ from .bitnet import (act_quant, act_quant_int8, bitlinear_backward, bitlinear_fo
                      matmul_t2, pack_t2, pack_tq2_0, unpack_t2, weight_quant)
 from .attention import attention_backward, attention_forward, attention_work_shape
 from .dropout import dropout_backward, dropout_forward
-from .elementwise import (add_backward, add_forward, concat_backward, concat_forward, mul_backward,
-                          mul_forward, scale_backward, scale_forward, sum_rows_backward, sum_rows_forward)
+from .elementwise import (add_backward, add_forward, bias_act_backward, bias_act_forward, concat_backward,
+                          concat_forward, mul_backward, mul_forward, scale_backward, scale_forward, sum_rows_backward,
+                          sum_rows_forward)
 from .embedding import embedding_backward, embedding_forward
 from .layernorm import layernorm_backward, layernorm_forward, residual_layernorm_backward, residual_layernorm_forward
 from .lora import lora_backward, lora_forward

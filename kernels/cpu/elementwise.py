@@ -1,6 +1,10 @@
 """Elementwise and structural ops on flat arrays (or (N, C) rows for concat)."""
 from numba import njit, prange
 
+from .activations import _act, _dact
+
+COL_BLOCK = 64  # columns per parallel task when reducing a bias grad over rows
+
 
 @njit(parallel=True, cache=True)
 def add_forward(out, a, b):
@@ -94,3 +98,41 @@ def sum_rows_backward(dinp, dout):
     for n in prange(N):
         for c in range(C):
             dinp[n, c] += dout[n]
+
+
+@njit(parallel=True, cache=True)
+def bias_act_forward(out, pre, bias, kind):
+    """pre (N, C) += bias (a matmul's output without its bias; bias may be empty), then
+    out = act(pre) (activations.py's kinds): one pass. pre keeps the pre-activation for
+    the backward."""
+    N, C = pre.shape
+    has_bias = bias.shape[0] > 0
+    for n in prange(N):
+        p = pre[n]
+        o = out[n]
+        for c in range(C):
+            if has_bias:
+                p[c] = p[c] + bias[c]
+            o[c] = _act(p[c], kind)
+
+
+@njit(parallel=True, cache=True)
+def bias_act_backward(dpre, dbias, dout, pre, kind):
+    """Accumulate dpre += act'(pre) * dout and, when dbias is not empty, dbias += the
+    column sums of dpre (so dpre must start at zero: it is the pre-activation's own grad),
+    in blocks of columns, so the result does not depend on the thread count."""
+    N, C = pre.shape
+    for n in prange(N):
+        d = dpre[n]
+        dy = dout[n]
+        p = pre[n]
+        for c in range(C):
+            d[c] += _dact(p[c], kind) * dy[c]
+    if dbias.shape[0] == 0:
+        return
+    for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
+        c0 = blk * COL_BLOCK
+        c1 = min(c0 + COL_BLOCK, C)
+        for n in range(N):
+            for c in range(c0, c1):
+                dbias[c] += dpre[n, c]

@@ -2,6 +2,7 @@
 from numba import cuda
 
 from . import reduce
+from .activations import _act, _dact
 from .launch import THREADS, block_sum, blocks, shared_bytes
 from .memory import scratch
 
@@ -145,3 +146,41 @@ def sum_rows_forward(out, inp):
 def sum_rows_backward(dinp, dout):
     """Accumulate dinp[n, c] += dout[n]."""
     _sum_rows_backward[blocks(dinp.size), THREADS](dinp, dout)
+
+
+@cuda.jit(cache=True)
+def _bias_act_forward(out, pre, bias, kind):
+    """pre += bias, out = act(pre), one thread per element (adjacent threads: adjacent columns)."""
+    N, C = pre.shape
+    has_bias = bias.shape[0] > 0
+    for i in range(cuda.grid(1), N * C, cuda.gridsize(1)):
+        n = i // C
+        c = i % C
+        v = pre[n, c]
+        if has_bias:
+            v += bias[c]
+            pre[n, c] = v
+        out[n, c] = _act(v, kind)
+
+
+@cuda.jit(cache=True)
+def _bias_act_backward(dpre, dout, pre, kind):
+    """dpre += act'(pre) * dout, one thread per element."""
+    N, C = pre.shape
+    for i in range(cuda.grid(1), N * C, cuda.gridsize(1)):
+        n = i // C
+        c = i % C
+        dpre[n, c] += _dact(pre[n, c], kind) * dout[n, c]
+
+
+def bias_act_forward(out, pre, bias, kind):
+    """pre (N, C) += bias (may be empty), then out = act(pre) (activations' kinds), one pass."""
+    _bias_act_forward[blocks(pre.size), THREADS](out, pre, bias, kind)
+
+
+def bias_act_backward(dpre, dbias, dout, pre, kind):
+    """Accumulate dpre += act'(pre) * dout and, when dbias is not empty, dbias += the
+    column sums of dpre (dpre starting at zero), deterministically in two stages."""
+    _bias_act_backward[blocks(pre.size), THREADS](dpre, dout, pre, kind)
+    if dbias.shape[0] > 0:
+        reduce.sum_columns_into(dbias, dpre)

@@ -20,7 +20,7 @@ from .tensor import Tensor
 __all__ = ["embedding", "linear", "lora_", "layernorm", "rmsnorm", "qk_norm", "rope", "gelu", "silu", "sigmoid",
            "glu", "glu_linear", "rmsnorm_linear", "swiglu", "geglu", "softmax", "add", "residual_", "mul", "scale", "concat", "dropout", "attention",
            "cross_entropy", "classifier_xent", "linear_q", "token_logprobs", "sum_rows", "sequence_logprobs", "kl_div",
-           "residual_layernorm_"]
+           "residual_layernorm_", "linear_gelu"]
 
 _EMPTY: dict = {}
 
@@ -501,6 +501,41 @@ def gelu(t: Tape, x: Tensor, approximate: bool = True) -> Tensor:
 
 def _gelu_backward(k, out, x):
     k.gelu_backward(x.gflat, out.gflat, x.flat)
+
+
+def linear_gelu(t: Tape, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """gelu_tanh(x @ weight^T + bias) (GPT-2's MLP up projection) with the bias added and
+    GELU applied in one elementwise pass after a matmul without bias; the pre-activation is
+    kept for the backward, whose one elementwise pass gives its grad, the bias grad summed
+    from it. Equal to linear then gelu up to the matmul's rounding of the bias add."""
+    _check(x, "x", None, t)
+    _check(weight, "weight", 2, t)
+    OC, C = weight.shape
+    if x.shape[-1] != C:
+        raise ValueError(f"linear_gelu: x has {x.shape[-1]} features, weight {weight.shape} expects {C}")
+    if bias is not None:
+        _check(bias, "bias", 1, t)
+        if bias.shape[0] != OC:
+            raise ValueError(f"linear_gelu: bias has {bias.shape[0]} entries, weight has {OC} outputs")
+    N = x.size // C
+    pre = t.new(x.shape[:-1] + (OC,))
+    out = t.new(x.shape[:-1] + (OC,))
+    empty = _none(t.k, t.dtype)
+    t.k.matmul_forward(pre.data.reshape(N, OC), x.data.reshape(N, C), weight.data, empty)
+    t.k.bias_act_forward(out.data.reshape(N, OC), pre.data.reshape(N, OC),
+                         bias.data if bias is not None else empty, t.k.GELU_TANH)
+    t.record(_linear_gelu_backward, out, pre, x, weight, bias)
+    return out
+
+
+def _linear_gelu_backward(k, out, pre, x, weight, bias):
+    C, OC = x.shape[-1], out.shape[-1]
+    N = x.size // C
+    dpre = pre.grad.reshape(N, OC)   # zero until now: nothing else reads pre
+    k.bias_act_backward(dpre, _grad(k, bias) if bias is not None else _none(k, x.dtype), out.grad.reshape(N, OC),
+                        pre.data.reshape(N, OC), k.GELU_TANH)
+    k.matmul_backward(x.grad.reshape(N, C), _grad(k, weight), _none(k, x.dtype), dpre, x.data.reshape(N, C),
+                      weight.data)
 
 
 def silu(t: Tape, x: Tensor) -> Tensor:

@@ -79,6 +79,8 @@ def signatures(f):
         (elementwise._concat, (A2, A2, A2, B)),
         (elementwise._sum_rows_forward, (A1, A2)),
         (elementwise._sum_rows_backward, (A2, A1)),
+        (elementwise._bias_act_forward, (A2, A2, A1, I)),
+        (elementwise._bias_act_backward, (A2, A2, A2, I)),
         (dropout._dropout, (A1, A1, F, U, B)),
         (rmsnorm._rmsnorm_forward, (A2, A1, A2, A1, F)),
         (rmsnorm._rmsnorm_backward_input, (A2, A2, A2, A1, A1)),

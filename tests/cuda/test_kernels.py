@@ -111,6 +111,19 @@ def test_residual_layernorm(dtype, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_bias_act(dtype, bias):
+    rng = np.random.default_rng(12)
+    N, C = 3, 40
+    pre = randn(rng, dtype, N, C)
+    b = randn(rng, dtype, C) if bias else empty(dtype, 0)
+    for kind in (cpu.GELU_TANH, cpu.SILU):
+        parity("bias_act_forward", [randn(rng, dtype, N, C), pre.copy(), b, kind], [0, 1], dtype)
+        parity("bias_act_backward", [empty(dtype, N, C), randn(rng, dtype, C) if bias else empty(dtype, 0),
+                                     randn(rng, dtype, N, C), pre, kind], [0, 1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_activations(dtype):
     rng = np.random.default_rng(2)
     n, N, H = 150, 3, 7

@@ -69,3 +69,62 @@ def test_residual_in_place_matches_add_and_finite_differences():
         run_op(lambda t, p: ops.residual_(t, p["r"], p["x"]), arrays)
     with pytest.raises(ValueError, match="differ"):
         run_op(lambda t, p: ops.residual_(t, ops.linear(t, p["x"], p["w"]), p["w"]), arrays)
+
+
+# ----------------------------------------------------------------------------- bias + GELU
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def linear_gelu_arrays(seed, lead=(2, 3), C=5, OC=70):
+    rng = np.random.default_rng(seed)   # OC = 70 spans two column blocks of the bias-grad reduction
+    return {"x": rng.standard_normal(lead + (C,)), "w": rng.standard_normal((OC, C)) * 0.7,
+            "b": rng.standard_normal(OC)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear_gelu_forward_matches_numpy(dtype):
+    a = linear_gelu_arrays(0)
+    _, _, out = run_op(lambda t, p: ops.linear_gelu(t, p["x"], p["w"], p["b"]), a, dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out.data, gelu_tanh(a["x"] @ a["w"].T + a["b"]), **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear_gelu_equals_linear_then_gelu(dtype):
+    """Values and every grad as linear then gelu (the matmul adds the bias in another order)."""
+    a = linear_gelu_arrays(1)
+    results = []
+    for build in (lambda t, p: ops.linear_gelu(t, p["x"], p["w"], p["b"]),
+                  lambda t, p: ops.gelu(t, ops.linear(t, p["x"], p["w"], p["b"]))):
+        t, p, out = run_op(build, a, dtype)
+        p.zero_grad()
+        t.backward(out, np.random.default_rng(2).standard_normal(out.shape).astype(dtype))
+        results.append((out.data.copy(), p.grad.copy()))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(results[0][0], results[1][0], **tol)
+    np.testing.assert_allclose(results[0][1], results[1][1], **tol)
+
+
+@pytest.mark.parametrize("lead", [(3,), (2, 1)])
+def test_linear_gelu_backward_finite_differences(lead):
+    check_grads(lambda t, p: ops.linear_gelu(t, p["x"], p["w"], p["b"]), linear_gelu_arrays(3, lead))
+    a = linear_gelu_arrays(4, lead, OC=6)
+    del a["b"]
+    _, _, out = run_op(lambda t, p: ops.linear_gelu(t, p["x"], p["w"]), a)
+    np.testing.assert_allclose(out.data, gelu_tanh(a["x"] @ a["w"].T), rtol=1e-12, atol=1e-12)
+    check_grads(lambda t, p: ops.linear_gelu(t, p["x"], p["w"]), a)
+
+
+def test_linear_gelu_rejects_bad_inputs():
+    a = {**linear_gelu_arrays(5, OC=6), "v": np.ones(4)}
+    t, p, _ = run_op(lambda t, p: p["x"], a)
+    with pytest.raises(ValueError, match="features"):
+        ops.linear_gelu(t, ops.linear(t, p["x"], p["w"]), p["w"])
+    with pytest.raises(ValueError, match="bias has 4"):
+        ops.linear_gelu(t, p["x"], p["w"], p["v"])
+    with pytest.raises(ValueError, match="2 dims"):
+        ops.linear_gelu(t, p["x"], p["b"])
+    with pytest.raises(TypeError, match="Tensor"):
+        ops.linear_gelu(t, a["x"], p["w"])

@@ -115,8 +115,9 @@ def test_residual_layernorm_rejects_bad_inputs():
         ops.residual_layernorm_(t, h, p["x"], p["w"], p["w4"])
 
 
-def unfused_gpt2_loss(model, idx, targets):
-    """GPT-2's forward as it was before the fusion: residual_, then layernorm."""
+def unfused_gpt2_loss(model, idx, targets, fused_mlp):
+    """GPT-2's forward as it was before the fusion: residual_, then layernorm (the MLP's
+    linear and GELU fused as the model runs them, or not)."""
     from nt.models.gpt2 import GPT2
     cfg, p, t = model.config, model.params, model.tape
     t.reset()
@@ -125,15 +126,19 @@ def unfused_gpt2_loss(model, idx, targets):
         h = ops.layernorm(t, x, p["ln1w"][l], p["ln1b"][l])
         h = ops.attention(t, ops.linear(t, h, p["qkvw"][l], p["qkvb"][l]), cfg.n_head)
         x = ops.residual_(t, ops.linear(t, h, p["attprojw"][l], p["attprojb"][l]), x)
-        h = ops.gelu(t, ops.linear(t, ops.layernorm(t, x, p["ln2w"][l], p["ln2b"][l]), p["fcw"][l], p["fcb"][l]))
+        n = ops.layernorm(t, x, p["ln2w"][l], p["ln2b"][l])
+        h = ops.linear_gelu(t, n, p["fcw"][l], p["fcb"][l]) if fused_mlp else \
+            ops.gelu(t, ops.linear(t, n, p["fcw"][l], p["fcb"][l]))
         x = ops.residual_(t, ops.linear(t, h, p["fcprojw"][l], p["fcprojb"][l]), x)
     h = ops.layernorm(t, x, p["lnfw"], p["lnfb"])
     assert isinstance(model, GPT2)
     return ops.classifier_xent(t, h, p["wte"], targets, cfg.vocab_size)[1]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gpt2_with_fused_residual_layernorm_equals_unfused_bitwise(dtype):
+@pytest.mark.parametrize("dtype, fused_mlp", [(np.float32, True), (np.float64, True), (np.float64, False)])
+def test_gpt2_fused_residual_layernorm_and_linear_gelu_equal_unfused(dtype, fused_mlp):
+    """Bit for bit against residual_ + layernorm; against the fully unfused model (the
+    fc matmul adding its bias itself) in float64 to 1e-12."""
     from nt.models import GPT2, GPT2Config
     model = GPT2(GPT2Config(block_size=8, vocab_size=70, n_layer=2, n_head=2, n_embd=16), dtype=dtype, seed=3)
     rng = np.random.default_rng(0)
@@ -144,8 +149,12 @@ def test_gpt2_with_fused_residual_layernorm_equals_unfused_bitwise(dtype):
         if run == "fused":
             _, loss = model.forward(idx, targets)
         else:
-            loss = unfused_gpt2_loss(model, idx, targets)
+            loss = unfused_gpt2_loss(model, idx, targets, fused_mlp)
         model.tape.backward(loss)
         results.append((loss.numpy().copy(), model.params.grad.copy()))
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    np.testing.assert_array_equal(results[0][1], results[1][1])
+    if fused_mlp:
+        np.testing.assert_array_equal(results[0][0], results[1][0])
+        np.testing.assert_array_equal(results[0][1], results[1][1])
+    else:
+        np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
