@@ -450,7 +450,11 @@ class Params:
 
     def with_trainable(self, trainable: Optional[Iterable[str]]) -> "Params":
         """New Params with the same layout and values where only `trainable` (None: all)
-        get grads; grads are not carried over."""
+        get grads; grads are not carried over. This Params' grads are released first (else
+        old values + old grads + new values is the build's peak, above a LoRA step's), so
+        afterwards it behaves as all frozen: use the returned one."""
+        self.arena.gbuf, self.arena.with_grad = None, False
+        self.arena.views.clear()
         new = Params(self.device, self.dtype, self.layout, trainable)
         for name, t in self.tensors.items():
             self.k.copy_(new.tensors[name].flat, t.flat)
