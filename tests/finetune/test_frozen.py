@@ -88,6 +88,17 @@ def test_whole_model_frozen_and_unfrozen():
     assert model.params.size == model.num_params
 
 
+def test_freezing_releases_the_old_grads_first():
+    """with_trainable frees the replaced Params' grad buffer (LoRA's build peak), and the
+    replaced Params then has no grads at all rather than dangling ones."""
+    model = GPT2(GPT)
+    old = model.params
+    assert old.arena.gbuf.shape[0] == old.size
+    model.freeze(["wte"])
+    assert old.arena.gbuf is None and all(t.grad is None for _, t in old.items())
+    assert model.params["wte"].grad is not None and model.params["wpe"].grad is None
+
+
 def test_freeze_refuses_unknown_names():
     with pytest.raises(ValueError, match="no parameters named \\['nope'\\]"):
         GPT2(GPT).freeze(["nope"])
