@@ -194,8 +194,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="runs per engine, file and thread count; the best is kept")
     ap.add_argument("--files-dir", type=Path, default=Path("/tmp/nt_bench_infer"))
     ap.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"],
-                    help="for nt's processes (nt's default is PASSIVE: Numba's workers sleep between parallel "
-                         "regions; ACTIVE spins, faster handoffs on an otherwise idle machine)")
+                    help="for nt's processes (default: libgomp's, a worker spins briefly after a parallel region, "
+                         "then sleeps; PASSIVE sleeps at once; ACTIVE spins without end, fastest on an otherwise "
+                         "idle machine)")
     ap.add_argument("--json", action="store_true", help="one JSON object per (file, threads) instead of a table")
     ap.add_argument("--worker", choices=["nt", "llama.cpp"], help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
