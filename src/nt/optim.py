@@ -70,7 +70,7 @@ class Optimizer:
         pass it to step(grad_scale=...). Nothing is read back to the host (on a GPU the step
         stays asynchronous); read the norm when it is wanted: `k.to_host(buf)[1]`. The rule
         is clip_factor's (factor 1 within the limit or for a non-finite norm)."""
-        self.k.optim.clip_scale_(self.params.grad, _partials(self.params), float(max_norm), self._grad_scale)
+        self.k.clip_scale_(self.params.grad, _partials(self.params), float(max_norm), self._grad_scale)
         return self._grad_scale
 
     def _scale_arg(self, grad_scale):
