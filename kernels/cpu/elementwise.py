@@ -119,19 +119,20 @@ def bias_act_forward(out, pre, bias, kind):
 @njit(parallel=True, cache=True)
 def bias_act_backward(dpre, dbias, dout, pre, kind):
     """Accumulate dpre += act'(pre) * dout and, when dbias is not empty, dbias += the
-    column sums of that term, in one pass: each task takes a block of columns over all
-    rows, so every column sums in row order whatever the thread count."""
+    column sums of dpre (so dpre must start at zero: it is the pre-activation's own grad),
+    in blocks of columns, so the result does not depend on the thread count."""
     N, C = pre.shape
-    has_bias = dbias.shape[0] > 0
+    for n in prange(N):
+        d = dpre[n]
+        dy = dout[n]
+        p = pre[n]
+        for c in range(C):
+            d[c] += _dact(p[c], kind) * dy[c]
+    if dbias.shape[0] == 0:
+        return
     for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
         c0 = blk * COL_BLOCK
         c1 = min(c0 + COL_BLOCK, C)
         for n in range(N):
-            d = dpre[n]
-            dy = dout[n]
-            p = pre[n]
             for c in range(c0, c1):
-                g = _dact(p[c], kind) * dy[c]
-                d[c] += g
-                if has_bias:
-                    dbias[c] += g
+                dbias[c] += dpre[n, c]
