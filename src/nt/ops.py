@@ -506,8 +506,9 @@ def _gelu_backward(k, out, x):
 def linear_gelu(t: Tape, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """gelu_tanh(x @ weight^T + bias) (GPT-2's MLP up projection) with the bias added and
     GELU applied in one elementwise pass after a matmul without bias; the pre-activation is
-    kept for the backward, whose one elementwise pass gives its grad, the bias grad summed
-    from it. Equal to linear then gelu up to the matmul's rounding of the bias add."""
+    kept for the backward, whose one elementwise pass gives its grad (the bias grad is
+    summed from it by the matmul's backward). Equal to linear then gelu up to the matmul's
+    rounding of the bias add."""
     _check(x, "x", None, t)
     _check(weight, "weight", 2, t)
     OC, C = weight.shape
@@ -532,10 +533,11 @@ def _linear_gelu_backward(k, out, pre, x, weight, bias):
     C, OC = x.shape[-1], out.shape[-1]
     N = x.size // C
     dpre = pre.grad.reshape(N, OC)   # zero until now: nothing else reads pre
-    k.bias_act_backward(dpre, _grad(k, bias) if bias is not None else _none(k, x.dtype), out.grad.reshape(N, OC),
-                        pre.data.reshape(N, OC), k.GELU_TANH)
-    k.matmul_backward(x.grad.reshape(N, C), _grad(k, weight), _none(k, x.dtype), dpre, x.data.reshape(N, C),
-                      weight.data)
+    # the bias grad is summed by the matmul's backward, inside its pass over dpre: a separate
+    # column-sum pass in the elementwise kernel rereads dpre (CPU: 3.1 -> 5.0 ms at N=2048, 4C=1536)
+    k.bias_act_backward(dpre, _none(k, x.dtype), out.grad.reshape(N, OC), pre.data.reshape(N, OC), k.GELU_TANH)
+    k.matmul_backward(x.grad.reshape(N, C), _grad(k, weight), _grad(k, bias) if bias is not None else _none(k, x.dtype),
+                      dpre, x.data.reshape(N, C), weight.data)
 
 
 def silu(t: Tape, x: Tensor) -> Tensor:
