@@ -150,8 +150,9 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ generation with a KV cache
     # A model with a cache calls _init_kv_cache in __init__, runs attention through
-    # _attention, and provides _trunk(idx, pos0, caches) -> final residual rows (B, T, C)
-    # and _head(x) -> logits tensor.
+    # _attention, and provides _trunk(idx, pos0, caches) -> final hidden rows (B, T, C)
+    # (the residual stream, or already normed, as GPT-2's) and _head(x) -> logits tensor;
+    # both are row-wise, so _next_logits may run _head on the newest rows alone.
 
     use_kv_cache = True
     _kv: Optional[Arena] = None
