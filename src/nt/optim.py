@@ -51,9 +51,11 @@ class Optimizer:
         self._block_seg = self.k.to_device(block_seg)
         self._block_decay = self.k.to_device(block_decay)
         # the clipping factor the kernels read: [factor, norm] in float64 on the device, set
-        # by clip_scale() or from a host float by step(grad_scale=...)
-        self._grad_scale_host = np.array([1.0, math.nan])
-        self._grad_scale = self.k.to_device(self._grad_scale_host.copy())
+        # by clip_scale(); a host number passed to step(grad_scale=...) goes to a buffer of
+        # its own, uploaded only when the number changes (a GPU step uploads nothing else)
+        self._grad_scale = self.k.to_device(np.array([1.0, math.nan]))
+        self._fixed_scale_host = np.array([1.0, math.nan])
+        self._fixed_scale = self.k.to_device(self._fixed_scale_host.copy())
 
     def _segments(self, params: Params) -> np.ndarray:
         """The optimizer's segments as offsets (S+1,): one over the whole buffer here."""
@@ -76,11 +78,12 @@ class Optimizer:
     def _scale_arg(self, grad_scale):
         """The device array the kernels read the clipping factor from: `grad_scale` itself
         when it is one (a clip_scale() result: float64, on the device), else a host number
-        written into the optimizer's own buffer."""
+        written into the optimizer's own buffer (uploaded when it changes)."""
         if isinstance(grad_scale, (int, float, np.integer, np.floating)):
-            self._grad_scale_host[0] = grad_scale
-            self.k.copy_(self._grad_scale, self._grad_scale_host)
-            return self._grad_scale
+            if self._fixed_scale_host[0] != grad_scale:
+                self._fixed_scale_host[0] = grad_scale
+                self.k.copy_(self._fixed_scale, self._fixed_scale_host)
+            return self._fixed_scale
         if grad_scale.dtype != np.float64 or grad_scale.ndim != 1 or grad_scale.shape[0] < 1:
             raise ValueError(f"grad_scale must be a number or a float64 array whose first element is the factor, "
                              f"got {getattr(grad_scale, 'dtype', type(grad_scale))} of shape "
