@@ -42,8 +42,6 @@ from nt.io.gguf import quantize
 from nt.models import Llama, LlamaConfig
 
 TRAIN = Path(__file__).resolve().parent.parent / "train" / "train_llama.py"
-# ~50M parameters: 8 layers of width 768 (12 heads, 4 KV heads) and MLP 2048, 4096-token vocabulary
-SHAPE_50M = dict(dim=768, n_layers=8, n_heads=12, n_kv_heads=4, ffn_hidden=2048, block_size=256)
 
 
 def train(out_dir: Path, steps: int, use_bitnet: bool, seed: int) -> dict:
@@ -169,7 +167,8 @@ def main() -> None:
             mini = Llama(LlamaConfig.preset("llama-mini", vocab_size=4096, bitnet=True), seed=args.seed)
         report["speed"] = speed("llama-mini", mini, args)
     if not args.no_50m:
-        cfg = LlamaConfig(**SHAPE_50M, vocab_size=mini.config.vocab_size, bitnet=True)
+        # ~50M parameters: 8 layers of width 768 (12 heads, 4 KV heads), MLP 2048, mini's vocabulary
+        cfg = LlamaConfig.preset("llama-50m", vocab_size=mini.config.vocab_size, bitnet=True)
         report["speed"] += speed("50M (untrained)", Llama(cfg, seed=args.seed), args)
     report["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     if args.json:

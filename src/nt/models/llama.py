@@ -65,6 +65,7 @@ class LlamaConfig:
         # laptop sizes
         "llama-tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, block_size=64),
         "llama-mini": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=768, block_size=256),
+        "llama-50m": dict(dim=768, n_layers=8, n_heads=12, n_kv_heads=4, ffn_hidden=2048, block_size=256),
         # published small models (shapes as in their released configs)
         "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=1536,
                              vocab_size=49152, block_size=8192, rope_theta=100000.0),
