@@ -18,12 +18,13 @@ byte g*32 + m of qs holds elements g*128 + 32*l + m (l = 0..3) in bits 2l..2l+1
 """
 import numba
 import numpy as np
-from llvmlite import binding as llvm, ir
+from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .matmul import matmul_backward, matmul_forward
+from .quant import _AVX2, _I8, _I16, _I32, _consts, _load, _vec   # the LLVM IR helpers the integer dots share
 
 EPS = 1e-5      # floor of the weight and activation scales (as the BitNet reference code)
 QK = 256        # TQ2_0 elements per block
@@ -165,23 +166,6 @@ def unpack_t2(out, raw, f16):
 # Like ggml's integer dots (quant.qdot) it takes several rows per pass over the activation.
 T2_CODE = 16    # the fused decoder's weight code for T2 rows (quant.QDOT_CODES are 0..3)
 T2_CHUNK = 32   # weight bytes per step of the vector loop
-_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-_AVX2 = numba.config.CPU_NAME is None and bool(llvm.get_host_cpu_features().get("avx2", False))
-
-
-def _vec(t, n):
-    return ir.VectorType(t, n)
-
-
-def _consts(t, values):
-    values = list(values)
-    return ir.Constant(_vec(t, len(values)), values)
-
-
-def _load(builder, base, off, t):
-    """The value of IR type t at byte offset `off` of pointer `base`, unaligned."""
-    p = builder.gep(builder.bitcast(base, _I8.as_pointer()), [off])
-    return builder.load(builder.bitcast(p, t.as_pointer()), align=1)
 
 
 def _pairs(builder, v, t):

@@ -494,6 +494,15 @@ def _byte(builder, w, at):
     return builder.zext(_load(builder, w, at, _I8), _I32)
 
 
+def _scale_min_k4_ir(builder, sb, g):
+    """Q4_K's 6-bit (scale, min) of group g from the 12 scale bytes sb (as _scale_min_k4)."""
+    c63, c15, c6, c4 = (ir.Constant(_I32, v) for v in (63, 15, 6, 4))
+    if g < 4:
+        return builder.and_(sb[g], c63), builder.and_(sb[g + 4], c63)
+    return (builder.or_(builder.and_(sb[g + 4], c15), builder.shl(builder.lshr(sb[g - 4], c6), c4)),
+            builder.or_(builder.lshr(sb[g + 4], c4), builder.shl(builder.lshr(sb[g], c6), c4)))
+
+
 def _block_q4_k(builder, ptrs, b, acc, macc):
     """8 groups of 32: group 2c + k is nibble k of qs[c*32 .. c*32 + 31], with 6-bit scale
     and min packed in the 12 bytes at 4 (see _scale_min_k4)."""
@@ -503,13 +512,8 @@ def _block_q4_k(builder, ptrs, b, acc, macc):
     isum = ir.Constant(_vec(_I32, 8), [0] * 8)
     msum = ir.Constant(_I32, 0)
     sb = [_byte(builder, w, _idx(builder, p, 4 + i)) for i in range(12)]
-    c63, c15, c6, c4 = (ir.Constant(_I32, v) for v in (63, 15, 6, 4))
     for g in range(8):
-        if g < 4:
-            sc, m = builder.and_(sb[g], c63), builder.and_(sb[g + 4], c63)
-        else:
-            sc = builder.or_(builder.and_(sb[g + 4], c15), builder.shl(builder.lshr(sb[g - 4], c6), c4))
-            m = builder.or_(builder.lshr(sb[g + 4], c4), builder.shl(builder.lshr(sb[g], c6), c4))
+        sc, m = _scale_min_k4_ir(builder, sb, g)
         packed = _load(builder, w, _idx(builder, p, 16 + (g >> 1) * 32), _vec(_I8, 32))
         q = _nibbles(builder, packed, 4 * (g & 1), 15)
         x = _load(builder, a, _idx(builder, o, g * 32), _vec(_I8, 32))
@@ -655,13 +659,8 @@ def _deq_q4_k(builder, out, w, b):
     o = builder.mul(b, ir.Constant(b.type, QK_K))
     d, dmin = _half(builder, w, p), _half(builder, w, _idx(builder, p, 2))
     sb = [_byte(builder, w, _idx(builder, p, 4 + i)) for i in range(12)]
-    c63, c15, c6, c4 = (ir.Constant(_I32, v) for v in (63, 15, 6, 4))
     for g in range(8):
-        if g < 4:
-            sc, m = builder.and_(sb[g], c63), builder.and_(sb[g + 4], c63)
-        else:
-            sc = builder.or_(builder.and_(sb[g + 4], c15), builder.shl(builder.lshr(sb[g - 4], c6), c4))
-            m = builder.or_(builder.lshr(sb[g + 4], c4), builder.shl(builder.lshr(sb[g], c6), c4))
+        sc, m = _scale_min_k4_ir(builder, sb, g)
         dl = _splat(builder, builder.fmul(d, builder.sitofp(sc, _F32)), 32)
         ml = _splat(builder, builder.fmul(dmin, builder.sitofp(m, _F32)), 32)
         q = _nibbles(builder, _load(builder, w, _idx(builder, p, 16 + (g >> 1) * 32), _vec(_I8, 32)), 4 * (g & 1), 15)
