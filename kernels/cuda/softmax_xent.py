@@ -61,18 +61,26 @@ def _row_lse(buf, row, V, scale):
     return m + math.log(block_sum(buf, s))
 
 
+@cuda.jit(device=True, cache=True)
+def _row_xent_stats(buf, row, V, smoothing):
+    """(lse, sum of the first V logits: only when label smoothing needs it, else 0) of one
+    row, every thread of the block getting both."""
+    L = _row_lse(buf, row, V, 1.0)
+    zsum = 0.0
+    if smoothing != 0.0:
+        for v in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            zsum += row[v]
+        zsum = block_sum(buf, zsum)
+    return L, zsum
+
+
 @cuda.jit(cache=True)
 def _xent_rows(losses, lse, logits, targets, V, smoothing, z_loss):
     buf = cuda.shared.array(THREADS, np.float64)
     N = logits.shape[0]
     tid = cuda.threadIdx.x
     for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):
-        L = _row_lse(buf, logits[n], V, 1.0)
-        zsum = 0.0
-        if smoothing != 0.0:
-            for v in range(tid, V, cuda.blockDim.x):
-                zsum += logits[n, v]
-            zsum = block_sum(buf, zsum)
+        L, zsum = _row_xent_stats(buf, logits[n], V, smoothing)
         if tid == 0:
             lse[n] = L
             tgt = targets[n]
@@ -185,12 +193,7 @@ def _xent_rows_grad(logits, losses, targets, V, scale, smoothing, z_loss):
                 losses[n] = 0.0
             continue
         z_tgt = logits[n, tgt]   # read before any thread overwrites it (the reductions below sync)
-        L = _row_lse(buf, logits[n], V, 1.0)
-        zsum = 0.0
-        if smoothing != 0.0:
-            for v in range(tid, V, cuda.blockDim.x):
-                zsum += logits[n, v]
-            zsum = block_sum(buf, zsum)
+        L, zsum = _row_xent_stats(buf, logits[n], V, smoothing)
         if tid == 0:
             losses[n] = (1.0 - smoothing) * (L - z_tgt) + smoothing * (L - zsum / V) + z_loss * L * L
         pscale = scale * (1.0 + 2.0 * z_loss * L)
