@@ -252,6 +252,9 @@ def test_softmax_xent(dtype, targets, opts):
     parity("softmax_xent_backward", [randn(rng, dtype, N, Vp), np.array([0.7], dtype), logits, lse, targets, V,
                                      *opts], [0], dtype)
     parity("softmax_xent_grad_", [logits.copy(), np.array([0.7], dtype), lse, targets, V, *opts], [0], dtype)
+    # the chunked classifier's rows (a frozen classifier in training): loss per row, gradient in place
+    parity("xent_rows_grad_", [logits.copy(), randn(rng, dtype, N), targets, V, 0.25, *opts], [0, 1], dtype)
+    parity("xent_mean", [randn(rng, dtype, 1), losses, targets], [0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
