@@ -35,11 +35,11 @@ import time
 import numpy as np
 
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
-# The thread settings `import nt` puts into os.environ (when the user has not set them), as
-# they were before nt was imported. Spawned workers inherit the parent's environment, and
-# the parent imports nt (the sgemm rate, the configs) before it starts them: PyTorch's
-# OpenMP runtime would read nt's OMP_WAIT_POLICY=PASSIVE when `import torch` loads it, and
-# run every op on sleeping workers. The PyTorch worker puts these values back first.
+# The thread settings `import nt` may put into os.environ (OPENBLAS_THREAD_TIMEOUT; earlier
+# versions also OMP_WAIT_POLICY), as they were before nt was imported. Spawned workers
+# inherit the parent's environment, and the parent imports nt (the sgemm rate, the configs)
+# before it starts them; PyTorch must run with the user's own settings, so its worker puts
+# these values back before `import torch`.
 NT_THREAD_ENV = ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
 USER_THREAD_ENV = {name: os.environ.get(name) for name in NT_THREAD_ENV}
 DEFAULT_CONFIGS = ["d12:4:64", "d6:8:256", "llama-mini:8:256", "smollm2-135m:4:256", "llama3-gqa:4:256"]
@@ -105,10 +105,10 @@ def worker(conn, framework: str, preset: str, B: int, T: int, weights: str, comp
            user_env: dict):
     """Build one framework's model from `weights` and serve commands: loss, step, stats."""
     if framework == "torch":
-        # PyTorch must load its own OpenMP runtime with the user's thread settings, not the
-        # PASSIVE wait policy nt sets for Numba (inherited from the parent, see
-        # USER_THREAD_ENV), and before nt (imported by make_config) loads Numba's libgomp:
-        # on a passive runtime PyTorch's ops ran 1.45x slower on d12.
+        # PyTorch must load its own OpenMP runtime with the user's thread settings (not ones
+        # inherited from the parent, see USER_THREAD_ENV), and before nt (imported by
+        # make_config) starts Numba's libgomp: on a passive runtime PyTorch's ops ran 1.45x
+        # slower on d12.
         for name, value in user_env.items():
             if value is None:
                 os.environ.pop(name, None)
