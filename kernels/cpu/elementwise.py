@@ -3,8 +3,6 @@ from numba import njit, prange
 
 from .activations import _act, _dact
 
-COL_BLOCK = 64  # columns per parallel task when reducing a bias grad over rows
-
 
 @njit(parallel=True, cache=True)
 def add_forward(out, a, b):
@@ -117,10 +115,9 @@ def bias_act_forward(out, pre, bias, kind):
 
 
 @njit(parallel=True, cache=True)
-def bias_act_backward(dpre, dbias, dout, pre, kind):
-    """Accumulate dpre += act'(pre) * dout and, when dbias is not empty, dbias += the
-    column sums of dpre (so dpre must start at zero: it is the pre-activation's own grad),
-    in blocks of columns, so the result does not depend on the thread count."""
+def bias_act_backward(dpre, dout, pre, kind):
+    """Accumulate dpre += act'(pre) * dout (the bias grad is summed from dpre by the
+    matmul's backward, in its own pass over it)."""
     N, C = pre.shape
     for n in prange(N):
         d = dpre[n]
@@ -128,11 +125,3 @@ def bias_act_backward(dpre, dbias, dout, pre, kind):
         p = pre[n]
         for c in range(C):
             d[c] += _dact(p[c], kind) * dy[c]
-    if dbias.shape[0] == 0:
-        return
-    for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
-        c0 = blk * COL_BLOCK
-        c1 = min(c0 + COL_BLOCK, C)
-        for n in range(N):
-            for c in range(c0, c1):
-                dbias[c] += dpre[n, c]

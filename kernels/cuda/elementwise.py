@@ -178,9 +178,6 @@ def bias_act_forward(out, pre, bias, kind):
     _bias_act_forward[blocks(pre.size), THREADS](out, pre, bias, kind)
 
 
-def bias_act_backward(dpre, dbias, dout, pre, kind):
-    """Accumulate dpre += act'(pre) * dout and, when dbias is not empty, dbias += the
-    column sums of dpre (dpre starting at zero), deterministically in two stages."""
+def bias_act_backward(dpre, dout, pre, kind):
+    """Accumulate dpre += act'(pre) * dout (the bias grad: the matmul's backward)."""
     _bias_act_backward[blocks(pre.size), THREADS](dpre, dout, pre, kind)
-    if dbias.shape[0] > 0:
-        reduce.sum_columns_into(dbias, dpre)
