@@ -89,3 +89,19 @@ def _fast_simulator_switching():
         sys.setswitchinterval(1e-4)
     yield
     sys.setswitchinterval(old)
+
+
+@pytest.fixture
+def device_allocations(monkeypatch):
+    """A list that records the name of every device/pinned array numba.cuda makes from now
+    on in the test (the no-allocation checks of a steady training step)."""
+    from numba import cuda
+    made = []
+    for name in ("device_array", "to_device", "device_array_like", "pinned_array"):
+        real = getattr(cuda, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            made.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(cuda, name, counting)
+    return made

@@ -50,25 +50,17 @@ def test_gpt2_step_matches_cpu(dtype):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", pytest.param("chuck", marks=pytest.mark.slow)])  # CI time: 15 s
-def test_steady_cuda_step_allocates_no_device_memory(monkeypatch, optimizer):
+def test_steady_cuda_step_allocates_no_device_memory(device_allocations, optimizer):
     """After the first step, a whole step (forward, backward, clipping, the optimizer,
     reading the loss) makes no device array: ids go to cached buffers, scratch is made once.
     (Chuck's noise events, off here, upload their per-tensor sigmas.)"""
-    from numba import cuda
     cfg = GPT2Config(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8)
     model = GPT2(cfg, device="cuda", dtype=np.float32, seed=0)
     opt = AdamW(model.params, lr=LR) if optimizer == "adamw" else Chuck(model.params, lr=LR, noise_patience=0)
     rng = np.random.default_rng(1)
     # step 0 sizes the arenas (growing by segments), step 1's reset merges them: steady from step 2
     batches = [rng.integers(0, cfg.vocab_size, (2, 4)).astype(np.int32) for _ in range(3)]
-    made = []
-    for name in ("device_array", "to_device", "device_array_like", "pinned_array"):
-        real = getattr(cuda, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            made.append(_name)
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(cuda, name, counting)
+    made = device_allocations
     for i, idx in enumerate(batches):
         before = len(made)
         _step(model, opt, idx, np.roll(idx, -1, axis=1))

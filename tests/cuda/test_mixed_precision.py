@@ -145,21 +145,13 @@ def test_training_scripts_flag():
         train_utils.train(args, model, source=None)
 
 
-def test_steady_bf16_step_allocates_no_device_memory(monkeypatch):
+def test_steady_bf16_step_allocates_no_device_memory(device_allocations):
     """Weight copies and operand buffers are made in the first steps, then reused."""
-    from numba import cuda
     cfg = GPT2Config(block_size=4, vocab_size=16, n_layer=1, n_head=2, n_embd=8)
     model = GPT2(cfg, device="cuda", seed=0)
     model.tape.set_precision("bf16")
     opt = AdamW(model.params, lr=1e-2)
-    made = []
-    for name in ("device_array", "to_device", "device_array_like", "pinned_array"):
-        real = getattr(cuda, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            made.append(_name)
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(cuda, name, counting)
+    made = device_allocations
     rng = np.random.default_rng(1)
     for i in range(3):   # step 0 sizes the arenas, step 1 merges their segments: steady from step 2
         idx = rng.integers(0, cfg.vocab_size, (2, 4)).astype(np.int32)
