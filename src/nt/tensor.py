@@ -47,7 +47,7 @@ class Arena:
         self.with_grad = with_grad
         self.name = name
         self.buf = self.k.empty(0, self.dtype)
-        self.gbuf = self.k.empty(0, self.dtype) if with_grad else None
+        self._gbuf = None   # the grad mirror of buf, made on first use (see gbuf)
         self.top = 0      # next free element
         self.high = 0     # the highest top since the buffers were last merged
         self.grows = 0    # how many times the buffers were reallocated (a steady step: none)
@@ -57,6 +57,20 @@ class Arena:
         # (id(buffer), offset, shape) -> view: a GPU array view costs tens of microseconds
         # to build and a step asks for the same views every time; emptied when a buffer moves
         self.views: dict = {}
+
+    @property
+    def gbuf(self):
+        """The grads of buf (None without grads), made zeroed on first use: a model that
+        never runs a backward (inference, evaluation) never pays for a buffer as large as
+        its parameters, neither in memory nor in the pass that zeroes it."""
+        if self._gbuf is None and self.with_grad:
+            self._gbuf = self.k.empty(self.buf.shape[0], self.dtype)
+            self.k.fill_(self._gbuf, 0.0)
+        return self._gbuf
+
+    @gbuf.setter
+    def gbuf(self, value) -> None:
+        self._gbuf = value
 
     def view(self, buf, offset: int, shape: tuple):
         """buf[offset:offset + prod(shape)] reshaped to shape (buf is self.buf or self.gbuf), cached."""
@@ -92,7 +106,7 @@ class Arena:
         if self.buf.shape[0] == 0 and offset == 0:
             self.buf = self.k.empty(self.top, self.dtype)
             if self.with_grad:
-                self.gbuf = self.k.empty(self.top, self.dtype)
+                self._gbuf = None   # its grads: made when first used
         else:
             size = max(self.top - offset, offset)
             self.more.append((offset, self.k.empty(size, self.dtype),
@@ -121,14 +135,12 @@ class Arena:
             self.views.clear()
             self.buf = None
             if self.with_grad:
-                self.gbuf = None
+                self._gbuf = None   # made again, at the new size, when first used
             self.buf = self.k.empty(self.high, self.dtype)
-            if self.with_grad:
-                self.gbuf = self.k.empty(self.high, self.dtype)
 
     def grad_view(self, offset: int, size: int):
         """The grad of elements [offset, offset + size): the mirror's, or None without grads."""
-        if self.gbuf is None:
+        if not self.with_grad:
             return None
         start, _, gbuf = self._segment(offset) if self.more else (0, None, self.gbuf)
         return self.view(gbuf, offset - start, (size,))
@@ -137,7 +149,7 @@ class Arena:
     def nbytes(self) -> int:
         """Bytes of every buffer the arena holds (values and grads)."""
         values = self.buf.shape[0] + sum(seg[1].shape[0] for seg in self.more)
-        grads = 0 if self.gbuf is None else self.gbuf.shape[0]
+        grads = 0 if self._gbuf is None else self._gbuf.shape[0]   # made yet or not
         grads += sum(seg[2].shape[0] for seg in self.more if seg[2] is not None)
         return (values + grads) * self.dtype.itemsize
 
@@ -353,7 +365,6 @@ class Params:
         for arena in (self.arena, self.frozen):
             arena._grow(0)
             self.k.fill_(arena.buf, 0.0)
-        self.k.fill_(self.arena.gbuf, 0.0)
         self.norm_partials = None  # scratch for grad-norm reductions, made on first use
 
     @property
@@ -400,7 +411,9 @@ class Params:
         return self.arena.dtype
 
     def zero_grad(self) -> None:
-        self.k.fill_(self.grad, 0.0)
+        """Set every grad to zero (nothing to do while the grads are not made: they start at zero)."""
+        if self.arena._gbuf is not None:
+            self.k.fill_(self.grad, 0.0)
 
     def decay_mask(self) -> np.ndarray:
         """uint8 per element of `flat`: 1 where weight decay applies (host array)."""
