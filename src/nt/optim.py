@@ -188,15 +188,19 @@ class SGD(Optimizer):
         _check(not nesterov or (momentum > 0 and dampening == 0),
                "SGD: nesterov needs momentum > 0 and dampening 0")
 
-    def step(self, lr: Optional[float] = None, grad_scale=1.0, *, loss: Optional[float] = None) -> None:
+    def step(self, lr: Optional[float] = None, grad_scale=1.0, *, loss: Optional[float] = None,
+             zero_grad: bool = False) -> None:
         """One update from the grads in `params.grad` times `grad_scale` (a number, or
-        clip_scale()'s device array; the grads themselves are not changed); lr overrides the
-        default for this step. `loss` is accepted by every optimizer and used by those that
-        watch it (Chuck)."""
+        clip_scale()'s device array; the grads themselves are not changed unless `zero_grad`,
+        which leaves them zero, as Adam.step does, here in a pass of its own); lr overrides
+        the default for this step. `loss` is accepted by every optimizer and used by those
+        that watch it (Chuck)."""
         self.step_count += 1
         self.k.sgd_update(self.params.flat, self.params.grad, self.momentum_buf, self._block_offsets,
                           self._block_decay, self.lr if lr is None else lr, self.momentum, self.dampening,
                           self.weight_decay, self.nesterov, self.step_count == 1, self._scale_arg(grad_scale))
+        if zero_grad:
+            self.params.zero_grad()
 
 
 # ============================================================================ Adam / AdamW

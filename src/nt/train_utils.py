@@ -41,8 +41,9 @@ frozen, tokenizer, extra for train()); load_pretrained(path) alone reads a run f
 checkpoint, GGUF file or Hugging Face folder with its tokenizer.
 
 The loop: --optimizer with warmup + cosine decay, --grad-accum micro-batches
-(`accumulate_grads`), --loss-scale, clipping inside the optimizer's update (clip_factor +
-step(grad_scale=)), log.jsonl + loss.png (`LossLog`), a progress bar, checkpoints every
+(`accumulate_grads`), --loss-scale, clipping inside the optimizer's update (clip_scale +
+step(grad_scale=, zero_grad=True): the factor made beside the grads, which the update
+leaves zero), log.jsonl + loss.png (`LossLog`), a progress bar, checkpoints every
 --checkpoint-every steps (`save_run_checkpoint`), and exact resume: a stopped-and-resumed
 run logs the same losses bit for bit. Under `mpiexec -n N` it trains data parallel
 (nt.dist: grads averaged over ranks, --zero 1 shards the optimizer state; rank 0 logs and
@@ -366,10 +367,12 @@ def loss_value(model, loss: Tensor) -> float:
 
 
 def accumulate_grads(model, next_batch: Callable[[], Any], micro_batches: int = 1,
-                     scaler: Optional[GradScaler] = None, loss_fn: LossFn = lm_loss) -> float:
+                     scaler: Optional[GradScaler] = None, loss_fn: LossFn = lm_loss,
+                     zero_grad: bool = True) -> float:
     """Gradient accumulation: zero the grads, then `micro_batches` times draw a batch from
     next_batch() and run loss_fn's forward + its backward (grads add up); finally scale
-    the trainable grads by 1/K. Returns the mean loss.
+    the trainable grads by 1/K. Returns the mean loss. zero_grad=False skips the zeroing,
+    for a caller whose optimizer left the grads zero (step(zero_grad=True), as train() does).
 
     Each micro-batch is drawn only after the previous one's backward, so a loader that
     reuses its arrays (DataLoader does) serves K different batches. With K equal
@@ -378,7 +381,8 @@ def accumulate_grads(model, next_batch: Callable[[], Any], micro_batches: int = 
     """
     if micro_batches < 1:
         raise ValueError(f"accumulate_grads needs at least one micro-batch, got {micro_batches}")
-    model.zero_grad()
+    if zero_grad:
+        model.zero_grad()
     total = 0.0
     for _ in range(micro_batches):
         loss = loss_fn(model, next_batch())
@@ -464,6 +468,15 @@ def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
             print(f"\nsaved checkpoint {path}", file=sys.stderr, flush=True)
         world.barrier()
 
+    # The clip factor is made beside the grads (clip_scale: nothing read back before the
+    # update) and the update leaves the grads zero in its own pass (step(zero_grad=True)),
+    # so a step makes one pass over the grads fewer than zero_grad + clip_factor + step.
+    # Under ZeRO each rank updates a shard (the norm is a collective and the rest of the
+    # grads would stay), and with adapters on a base that still has trainable parts
+    # model.zero_grad() covers more than the optimizer: those keep the separate passes.
+    fused = not optimizer.zero and (model.adapters is None or model.params.size == 0)
+    if fused:
+        model.zero_grad()   # once: from here on every update leaves the grads zero
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world.size
     times = []
     for step in range(start, args.steps + 1):
@@ -477,18 +490,27 @@ def train(args, model, source: BatchSource, loss_fn: LossFn = lm_loss, *,
             break
         t0 = time.perf_counter()
         # zero grads, forward + backward each micro-batch, grads /= grad_accum
-        loss = accumulate_grads(model, source.next_batch, args.grad_accum, scaler, loss_fn)
+        loss = accumulate_grads(model, source.next_batch, args.grad_accum, scaler, loss_fn, zero_grad=not fused)
         optimizer.sync_grads()     # grads averaged over ranks (under ZeRO: this rank's slice)
         loss = world.mean(loss)
         finite = scaler.unscale_() if scaler is not None else True  # grads /= loss scale, inf/nan check
         # the clipping factor goes into the optimizer's update: no extra pass over the grads
-        norm, clip = optimizer.clip_factor(args.grad_clip) if args.grad_clip > 0 and finite else (float("nan"), 1.0)
+        norm, clip = float("nan"), 1.0
+        if args.grad_clip > 0 and finite:
+            if fused:   # [factor, norm] on the grads' device, read by the update kernel
+                clip = optimizer.optimizer.clip_scale(args.grad_clip)
+            else:
+                norm, clip = optimizer.clip_factor(args.grad_clip)
         lr = schedule(step)
         step_args = {"lr": lr, "grad_scale": clip, "loss": loss}
+        if fused:
+            step_args["zero_grad"] = True   # a skipped step zeroes them too (GradScaler.update)
         if scaler is not None:
             scaler.step(optimizer, **step_args)  # skipped (and counted) on non-finite grads
         else:
             optimizer.step(**step_args)
+        if not isinstance(clip, float):   # the norm for the log, read after the update is issued
+            norm = float(params.k.to_host(clip)[1])
         dt = time.perf_counter() - t0
         times.append(dt)
         if world.is_main:
