@@ -104,19 +104,24 @@ def _silu_mul(g, u):
 
 
 @njit(parallel=True, cache=True)
-def swiglu_matvec(act, x, wf, wq, code, xq, xd, xs):
-    """act[i] = silu(gate_i . x) * (up_i . x), gate rows 0..H-1 and up rows H..2H-1 of W;
-    gate and up rows i, i+1 in one four-row pass."""
+def swiglu_matvec(act, x, wf, wq, codes, xq, xd, xs):
+    """act[i] = silu(gate_i . x) * (up_i . x): wf / wq / codes are (gate, up) pairs (the
+    float rows, the blocks, the codes: the two parts may hold different block types of one
+    activation format); four gate rows, then the same four up rows, per task."""
     a = xq[:x.shape[0]]
-    _quantize_for(code, x, a, xd, xs)
+    _quantize_for(codes[0], x, a, xd, xs)
     H = act.shape[0]
-    for p in prange((H + 1) // 2):
-        i = 2 * p
-        if i + 1 < H:
-            g0, g1, u0, u1 = _rows4(i, i + 1, H + i, H + i + 1, x, wf, wq, code, a, xd, xs)
-            act[i], act[i + 1] = _silu_mul(g0, u0), _silu_mul(g1, u1)
+    for p in prange((H + 3) // 4):
+        i = 4 * p
+        if i + 4 <= H:
+            g = _rows4(i, i + 1, i + 2, i + 3, x, wf[0], wq[0], codes[0], a, xd, xs)
+            u = _rows4(i, i + 1, i + 2, i + 3, x, wf[1], wq[1], codes[1], a, xd, xs)
+            for k in range(4):
+                act[i + k] = _silu_mul(g[k], u[k])
         else:
-            act[i] = _silu_mul(_row(i, x, wf, wq, code, a, xd, xs), _row(H + i, x, wf, wq, code, a, xd, xs))
+            for k in range(i, H):
+                act[k] = _silu_mul(_row(k, x, wf[0], wq[0], codes[0], a, xd, xs),
+                                   _row(k, x, wf[1], wq[1], codes[1], a, xd, xs))
 
 
 @njit(cache=True)
@@ -142,22 +147,23 @@ def _attend_head(o, cache, pos, q0, k0, v0, hs, s):
 
 
 @njit(parallel=True, cache=True)
-def qkv_attention(att, x, wf, wq, code, xq, xd, xs, cache, pos, inv_freq, half, NH, NKV, scores):
+def qkv_attention(att, x, wf, wq, codes, xq, xd, xs, cache, pos, inv_freq, half, NH, NKV, scores):
     """The first half of attention for position pos, one task per key/value head g: the rows
     of W . x for g's query heads and for its k and v heads, written to cache[pos] (layout
     q | k | v heads), RoPE on them, then attention of g's query heads over cache[0..pos] into
-    att (NH*hs,). The tasks share nothing, so one parallel region does the work of three."""
+    att (NH*hs,). wf / wq / codes: the (q, k, v) parts of W (float rows, blocks, codes; one
+    activation format). The tasks share nothing, so one parallel region does the work of three."""
     a = xq[:x.shape[0]]
-    _quantize_for(code, x, a, xd, xs)
+    _quantize_for(codes[0], x, a, xd, xs)
     hs = cache.shape[1] // (NH + 2 * NKV)
     group = NH // NKV
     row = cache[pos]
     for g in prange(NKV):
         k0, v0 = (NH + g) * hs, (NH + NKV + g) * hs
         q0 = g * group * hs
-        _rows_into(row, q0, q0, q0 + group * hs, x, wf, wq, code, a, xd, xs, False)
-        _rows_into(row, k0, k0, k0 + hs, x, wf, wq, code, a, xd, xs, False)
-        _rows_into(row, v0, v0, v0 + hs, x, wf, wq, code, a, xd, xs, False)
+        _rows_into(row, q0, q0, q0 + group * hs, x, wf[0], wq[0], codes[0], a, xd, xs, False)
+        _rows_into(row, k0, g * hs, (g + 1) * hs, x, wf[1], wq[1], codes[1], a, xd, xs, False)
+        _rows_into(row, v0, g * hs, (g + 1) * hs, x, wf[2], wq[2], codes[2], a, xd, xs, False)
         for h in range(g * group, (g + 1) * group):   # RoPE in place (it rewrites each pair it reads)
             q = row[h * hs:(h + 1) * hs]
             _rotate_row(q, q, pos, inv_freq, half, 1.0, 1, hs, False)
@@ -167,20 +173,30 @@ def qkv_attention(att, x, wf, wq, code, xq, xd, xs, cache, pos, inv_freq, half, 
             _attend_head(att[h * hs:(h + 1) * hs], cache, pos, h * hs, k0, v0, hs, scores[h])
 
 
+@njit(cache=True, inline="always")
+def _part(flat, t, n):
+    """The n rows of one part of a kept matrix: t = (byte offset in flat, code, bytes per
+    row); a float matrix's parts are (0, -1, 0): empty."""
+    return flat[t[0]:t[0] + n * t[2]].reshape((n, t[2]))
+
+
 @njit(cache=True)
 def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, attn_sub_norm, ffn_sub_norm, wf, wq,
-                      codes, head_f, head_q, cache, inv_freq, half, NH, NKV, eps):
+                      parts, head_f, head_q, head_code, cache, inv_freq, half, NH, NKV, H, eps):
     """The logits (rows of the classifier) after token `token` at position `pos`, whose
     rotated qkv rows are appended to cache (L, capacity, W) at row pos.
 
-    wf / wq: tuples of the four per-layer matrices (qkv, out, gate_up, down), each (L, OC,
-    C) float32 / (L, OC, bytes) uint8 (an empty array for the unused one); codes (5,): their
-    block codes and the classifier's (-1 float: head_f, else head_q). attn_sub_norm (L, NH*hs)
-    / ffn_sub_norm (L, H): BitNet's RMSNorms before the out / down projections, or (L, 0)."""
+    wf: the four per-layer matrices (qkv, out, gate_up, down) as float32 (L, OC, C) arrays,
+    an (L, 0, 0) one where a matrix is kept as blocks; wq: their blocks, each one flat uint8
+    array, layer after layer, part after part (q, k, v; gate, up); parts (4, L, 3, 3): per
+    matrix, layer and part (byte offset in wq, block code, bytes per row), code -1 for float,
+    so a layer may mix block types (a Q4_K_M file's Q4_K q/k and Q6_K v rows). head_code:
+    the classifier's (-1 float: head_f, else head_q). H: the MLP's width. attn_sub_norm (L,
+    NH*hs) / ffn_sub_norm (L, H): BitNet's RMSNorms before the out / down projections, or (L, 0)."""
     L, C = attn_norm.shape
     W = cache.shape[2]
     hs = W // (NH + 2 * NKV)
-    H = (wf[2].shape[1] if codes[2] < 0 else wq[2].shape[1]) // 2
+    q1, k1 = NH * hs, (NH + NKV) * hs
     width = max(C, H, NH * hs)
     x = wte[token].copy()
     h = np.empty(C, np.float32)
@@ -191,16 +207,22 @@ def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, attn
     xs = np.empty(width // QK, np.int32)
     scores = np.empty((NH, pos + 1), np.float32)
     for l in range(L):
+        t, f = parts[0, l], wf[0][l]
         _rmsnorm_row(h, x, attn_norm[l], eps)
-        qkv_attention(att, h, wf[0][l], wq[0][l], codes[0], xq, xd, xs, cache[l], pos, inv_freq, half, NH, NKV,
-                      scores)
+        qkv_attention(att, h, (f[:q1], f[q1:k1], f[k1:]),
+                      (_part(wq[0], t[0], q1), _part(wq[0], t[1], k1 - q1), _part(wq[0], t[2], W - k1)),
+                      (t[0, 1], t[1, 1], t[2, 1]), xq, xd, xs, cache[l], pos, inv_freq, half, NH, NKV, scores)
         if attn_sub_norm.shape[1]:
             _rmsnorm_row(att, att, attn_sub_norm[l], eps)
-        matvec(x, att, wf[1][l], wq[1][l], codes[1], xq, xd, xs, True)
+        t = parts[1, l]
+        matvec(x, att, wf[1][l], _part(wq[1], t[0], C), t[0, 1], xq, xd, xs, True)
         _rmsnorm_row(h, x, ffn_norm[l], eps)
-        swiglu_matvec(act, h, wf[2][l], wq[2][l], codes[2], xq, xd, xs)
+        t, f = parts[2, l], wf[2][l]
+        swiglu_matvec(act, h, (f[:H], f[H:]), (_part(wq[2], t[0], H), _part(wq[2], t[1], H)), (t[0, 1], t[1, 1]),
+                      xq, xd, xs)
         if ffn_sub_norm.shape[1]:
             _rmsnorm_row(act, act, ffn_sub_norm[l], eps)
-        matvec(x, act, wf[3][l], wq[3][l], codes[3], xq, xd, xs, True)
+        t = parts[3, l]
+        matvec(x, act, wf[3][l], _part(wq[3], t[0], C), t[0, 1], xq, xd, xs, True)
     _rmsnorm_row(h, x, norm_f, eps)
-    matvec(logits, h, head_f, head_q, codes[4], xq, xd, xs, False)
+    matvec(logits, h, head_f, head_q, head_code, xq, xd, xs, False)

@@ -432,6 +432,25 @@ def _kept_quantized(f: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
     return out
 
 
+def _decode_only(f: GGUFFile, cfg: LlamaConfig, quantized: dict[str, str]) -> dict[str, list[list[str]]]:
+    """{nt matrix: per layer, its GGUF tensors} for the matrices left float (the tape path
+    needs one type per matrix) whose tensors all have integer dot kernels, the parts of each
+    layer sharing one activation format (Q8_0 / Q4_0: 32 values, Q4_K / Q6_K: 256): a Q4_K_M
+    file's qkv (Q4_K q, k; Q6_K v in some layers) and down (Q4_K or Q6_K by layer). The fused
+    decoder runs them on their own blocks (Llama.decode_blocks), as llama.cpp does."""
+    from ..kernels.cpu.quant import QDOT_BLOCK, QDOT_CODES
+    if cfg.qkv_bias or cfg.bitnet:
+        return {}
+    out = {}
+    for n in set(_KEPT_MATRICES) - set(quantized):
+        layers = [[f"blk.{l}.{g}" for m, g, _, _ in _layer_tensors(cfg) if m == n] for l in range(cfg.n_layers)]
+        types = [[f.tensor_infos[t].type for t in layer] for layer in layers]
+        if all(k in QDOT_CODES for ks in types for k in ks) \
+                and all(len({QDOT_BLOCK[QDOT_CODES[k]] for k in ks}) == 1 for ks in types):
+            out[n] = layers
+    return out
+
+
 def _dequantized(f: GGUFFile, name: str, out: np.ndarray) -> np.ndarray:
     """A tensor as float32 written into `out` (a parameter's slice: no temporary copy),
     refused (FormatError naming it) when a value is NaN or infinite."""
@@ -471,7 +490,11 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
     if quantized and cfg.tie_embeddings and device == "cpu" and embd_type in ops.QUANT_FORMATS:
         model.tied_head = (embd_type, _raw_rows(f, "token_embd.weight"))   # the decoder's classifier
     tensors = _layer_tensors(cfg)
+    decode_only = _decode_only(f, cfg, quantized) if keep_quantized and device == "cpu" else {}
+    decode_rows = {n: [] for n in decode_only}
     for l in range(cfg.n_layers):
+        for n, layers in decode_only.items():   # before _dequantized below releases the pages
+            decode_rows[n] += [_raw_rows(f, t).reshape(-1) for t in layers[l]]
         for n in quantized.keys() & set(_KEPT_MATRICES):
             rows = np.concatenate([_raw_rows(f, f"blk.{l}.{g}") for m, g, _, _ in tensors if m == n])
             if l == 0:   # all layers in one (L, OC, bytes) array: the fused decoder reads it whole
@@ -485,6 +508,9 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
         model.qweights["lm_head"] = _raw_rows(f, "output.weight")
     elif not cfg.tie_embeddings:
         _dequantized(f, "output.weight", p["lm_head"][:cfg.vocab_size])
+    model.decode_blocks = {n: (np.concatenate(decode_rows[n]), [[f.tensor_infos[t].type for t in layer]
+                                                                for layer in layers])
+                           for n, layers in decode_only.items()}
     if not in_place:
         model.load_flat(host)
     if device != "cpu":   # the blocks live where the matmul runs

@@ -374,40 +374,80 @@ class Llama(LanguageModel):
         return logits
 
     def _decode_args(self) -> tuple:
-        """llama_decode_step's arguments after (logits, token, pos), and the logits' length."""
+        """llama_decode_step's arguments after (logits, token, pos), and the logits' length.
+        A matrix runs on blocks when it is kept quantised (`quantized`, one type) or when the
+        loader left decode-only blocks beside its float copy (`decode_blocks`: a GGUF
+        matrix whose layers or q/k/v parts mix block types; the tape path reads the float)."""
         cfg, p, L = self.config, self.params, self.config.n_layers
-        none_f, none_q = np.zeros((L, 0, 0), np.float32), np.zeros((L, 0, 0), np.uint8)
+        none_f = np.zeros((L, 0, 0), np.float32)
         shapes = {name: (L,) + shape[-2:] for name, shape, _ in param_layout(cfg)}
-        wf, wq, codes = [], [], []
-        for name in ("qkvw", "attn_out", "gate_up", "down"):
+        decode_blocks = getattr(self, "decode_blocks", {})
+        wf, wq, parts = [], [], np.zeros((4, L, 3, 3), np.int64)
+        parts[:, :, :, 1] = -1
+        for m, name in enumerate(("qkvw", "attn_out", "gate_up", "down")):
             if name in self.quantized:
                 if isinstance(self.qweights[name], list):   # one (L, OC, bytes) array from now on
                     self.qweights[name] = np.stack(self.qweights[name])
-                wf.append(none_f)
-                wq.append(_checked_blocks(self.qweights[name], name, self.quantized[name], shapes[name]))
-                codes.append(_decode_codes()[self.quantized[name]])
+                kind = self.quantized[name]
+                flat = _checked_blocks(self.qweights[name], name, kind, shapes[name]).reshape(-1)
+                kinds = [[kind] * len(_decode_part_rows(cfg, name))] * L
+            elif name in decode_blocks:
+                flat, kinds = decode_blocks[name]
             else:
                 wf.append(p[name].data)
-                wq.append(none_q)
-                codes.append(-1)
+                wq.append(np.zeros(0, np.uint8))
+                continue
+            parts[m] = _decode_parts(flat, kinds, name, _decode_part_rows(cfg, name), shapes[name][-1])
+            wf.append(none_f)
+            wq.append(flat)
         if "lm_head" in self.quantized or (cfg.tie_embeddings and self.tied_head is not None):
             kind, head_q = (self.quantized["lm_head"], self.qweights["lm_head"]) if "lm_head" in self.quantized \
                 else self.tied_head
             head_q = _checked_blocks(head_q, "classifier", kind, (head_q.shape[0], cfg.dim))
-            head_f = none_f[0]
-            codes.append(_decode_codes()[kind])
+            head_f, head_code = none_f[0], _decode_codes()[kind]
         else:
-            head_f, head_q = p["wte" if cfg.tie_embeddings else "lm_head"].data, none_q[0]
-            codes.append(-1)
+            head_f, head_q, head_code = p["wte" if cfg.tie_embeddings else "lm_head"].data, np.zeros((0, 0), np.uint8), -1
         # BitNet's sub-norms, or (L, 0): none
         sub = tuple(p[name].data if cfg.bitnet else np.zeros((L, 0), np.float32)
                     for name in ("attn_sub_norm", "ffn_sub_norm"))
         cache = self._kv_all.data[:, 0]
         inv_freq = ops.rope_frequencies(cfg.hs, cfg.rope_theta, cfg.rope_scaling)
         return (p["wte"].data, p["attn_norm"].data, p["ffn_norm"].data, p["norm_f"].data) + sub + (
-                tuple(wf), tuple(wq), np.array(codes, np.int64), head_f, head_q, cache, inv_freq,
-                cfg.rope_pairing == "half", cfg.n_heads, cfg.n_kv_heads, np.float32(cfg.norm_eps),
+                tuple(wf), tuple(wq), parts, head_f, head_q, head_code, cache, inv_freq,
+                cfg.rope_pairing == "half", cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, np.float32(cfg.norm_eps),
                 head_f.shape[0] or head_q.shape[0])
+
+
+def _decode_part_rows(cfg: LlamaConfig, name: str) -> tuple:
+    """The row counts of a per-layer matrix's parts as the fused decoder splits it."""
+    q, kv = cfg.n_heads * cfg.hs, cfg.n_kv_heads * cfg.hs
+    return {"qkvw": (q, kv, kv), "attn_out": (cfg.dim,), "gate_up": (cfg.ffn_hidden,) * 2, "down": (cfg.dim,)}[name]
+
+
+def _decode_parts(flat: np.ndarray, kinds: list, name: str, rows: tuple, C: int) -> np.ndarray:
+    """(L, 3, 3) (byte offset, code, bytes per row) of each layer's parts in `flat` (uint8,
+    layer after layer, part after part, each part `rows[p]` rows of `kinds[l][p]` blocks of C
+    values). ValueError unless flat holds exactly that and each layer's parts share one
+    activation format (the decoder quantises a matrix's input once): the kernels read unchecked."""
+    from nt.kernels.cpu import quant
+    codes = _decode_codes()
+    out = np.zeros((len(kinds), 3, 3), np.int64)
+    out[:, :, 1] = -1
+    at = 0
+    for l, layer in enumerate(kinds):
+        if len(layer) != len(rows) or any(k not in codes for k in layer):
+            raise ValueError(f"{name} layer {l}: parts {layer}, want {len(rows)} of {sorted(codes)}")
+        if len({quant.QDOT_BLOCK[codes[k]] if k in quant.QDOT_CODES else k for k in layer}) != 1:
+            raise ValueError(f"{name} layer {l}: parts {layer} need different activation formats")
+        for j, (kind, n) in enumerate(zip(layer, rows)):
+            nbytes = _row_bytes(kind, C)
+            out[l, j] = (at, codes[kind], nbytes)
+            at += n * nbytes
+    if not isinstance(flat, np.ndarray) or flat.dtype != np.uint8 or flat.ndim != 1 or flat.size != at \
+            or not flat.flags.c_contiguous:
+        raise ValueError(f"decode blocks of {name} must be one C-contiguous uint8 array of {at} bytes, got "
+                         f"{getattr(flat, 'dtype', type(flat))} {getattr(flat, 'shape', '')}")
+    return out
 
 
 def _decode_codes() -> dict[str, int]:
@@ -416,22 +456,26 @@ def _decode_codes() -> dict[str, int]:
     return {**quant.QDOT_CODES, "T2": bitnet_kernels.T2_CODE}
 
 
+def _row_bytes(kind: str, C: int) -> int:
+    """Bytes of one row of C values as `kind` (ggml blocks, or T2: C/4 bytes of 2-bit codes,
+    then the row's f16 scale); ValueError when C is no whole number of blocks."""
+    bs, ts = (4, 1) if kind == "T2" else ops.QUANT_FORMATS[kind][:2]
+    if C % bs:
+        raise ValueError(f"a {kind} row holds a multiple of {bs} values, not {C}")
+    return C // 4 + 2 if kind == "T2" else C // bs * ts
+
+
 def _checked_blocks(w: np.ndarray, name: str, kind: str, shape: tuple) -> np.ndarray:
     """w if it holds `shape` (..., OC, C) as C-contiguous uint8 rows of `kind` (ggml blocks,
     or T2: C/4 bytes of codes and an f16 scale), else ValueError: the decoding kernels read
     the rows unchecked."""
-    if kind == "T2":   # C/4 bytes of 2-bit codes, then the row's f16 scale
-        bs, nbytes = 4, shape[-1] // 4 + 2
-    else:
-        bs, ts, _ = ops.QUANT_FORMATS[kind]
-        nbytes = shape[-1] // bs * ts
-    want = shape[:-1] + (nbytes,)
-    if shape[-1] % bs or not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.shape != want \
+    want = shape[:-1] + (_row_bytes(kind, shape[-1]),)
+    if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.shape != want \
             or not w.flags.c_contiguous:
         raise ValueError(f"quantised {name} must be C-contiguous uint8 {want} ({kind} rows of {shape[-1]} "
                          f"values), got {getattr(w, 'dtype', type(w))} {getattr(w, 'shape', '')}")
     from nt.kernels.cpu import bitnet as bitnet_kernels
-    if kind == "T2" and not bitnet_kernels.t2_codes_valid(w.reshape(-1, nbytes)):
+    if kind == "T2" and not bitnet_kernels.t2_codes_valid(w.reshape(-1, want[-1])):
         raise ValueError(f"{name}: T2 rows hold a 2-bit field of 3, which is no ternary code (pack with "
                          f"nt.bitnet.pack_ternary)")
     return w
