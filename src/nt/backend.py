@@ -6,11 +6,52 @@ a device's kernels (the profiler's timing proxy) is one assignment that reaches 
 """
 import contextlib
 import importlib
+import importlib.util
+import os
+import sys
 from types import ModuleType
 from typing import Iterator
 
 DEVICES = ("cpu", "cuda")
 _ACTIVE: dict = {}   # device -> the kernel module (or a stand-in) in use
+
+
+def _defer_scipy_linalg() -> None:
+    """Make `scipy.linalg` a package whose body runs on first use.
+
+    Numba's CPU target, started by the first kernel call (even one loaded from the cache),
+    checks that np.dot can work with `import scipy.linalg.cython_blas`. That import runs
+    scipy.linalg's __init__: all of scipy.linalg and, through scipy._lib, numpy.f2py,
+    numpy.testing, unittest, pydoc..., ~140 modules and 13 MiB of resident memory (4% of
+    the default training run's peak) that nt never uses (kernels/cpu/blas.py opens SciPy's
+    OpenBLAS itself). The package module is made here without running its body; its
+    extension submodules (cython_blas) import without it; the body runs, in the same module
+    object, the first time anything asks the package for an attribute it lacks, so
+    `scipy.linalg.solve` or `from scipy.linalg import lu` work as usual."""
+    if "scipy.linalg" in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec("scipy.linalg")
+    except ImportError:   # no SciPy: Numba's check fails the same way without this
+        return
+    if spec is None or spec.loader is None:
+        return
+    package = importlib.util.module_from_spec(spec)
+
+    def load(name: str):
+        del package.__dict__["__getattr__"]   # from now on the package's own attributes
+        try:
+            spec.loader.exec_module(package)
+        except BaseException:
+            sys.modules.pop("scipy.linalg", None)   # as a failed import leaves it: absent
+            raise
+        return getattr(package, name)
+
+    package.__getattr__ = load
+    sys.modules["scipy.linalg"] = package
+
+
+_defer_scipy_linalg()
 
 
 def backend(device: str = "cpu") -> ModuleType:

@@ -45,3 +45,30 @@ def test_training_after_lazy_grads_matches_eager_zero():
         opt.step()
     assert grads[0].any()
     np.testing.assert_array_equal(grads[0], grads[1])
+
+
+SCIPY_LINALG = """
+import json, sys
+import numpy as np
+import nt
+nt.backend("cpu").fill_(np.zeros(16, np.float32), 0.0)    # starts Numba's CPU target
+state = {"loaded_before_use": [m for m in ("numpy.f2py", "numpy.testing", "scipy.linalg._basic") if m in sys.modules]}
+import scipy.linalg.cython_blas
+from scipy.linalg import lu_factor
+import scipy
+state["solve"] = scipy.linalg.solve(np.eye(2), np.ones(2)).tolist()
+state["same"] = scipy.linalg is sys.modules["scipy.linalg"] and callable(lu_factor)
+state["cython_blas"] = scipy.linalg.cython_blas is sys.modules["scipy.linalg.cython_blas"]
+print(json.dumps(state))
+"""
+
+
+def test_scipy_linalg_loads_only_when_used():
+    """Numba's first kernel imports scipy.linalg.cython_blas; the package's body (13 MiB of
+    modules nt never uses) waits until something asks scipy.linalg for an attribute."""
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", SCIPY_LINALG], capture_output=True, text=True, check=True)
+    state = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert state == {"loaded_before_use": [], "solve": [1.0, 1.0], "same": True, "cython_blas": True}
