@@ -969,7 +969,7 @@ def classifier_xent(t: Tape, x: Tensor, weight: Tensor, targets: np.ndarray, voc
         raise ValueError(f"classifier_xent: targets {targets.shape} do not match x {x.shape[:-1]}")
     opts = (float(label_smoothing), float(z_loss))
     N = x.size // C
-    if weight.grad is None and t.training and t.recording:
+    if t.training and t.recording and weight.grad is None:   # .grad makes the grad mirror: ask last
         return None, _classifier_xent_chunked(t, x, weight, targets.reshape(N), V, opts)
     targets = t.keep_ids(targets.reshape(N))
     logits = t.new_saved(x.shape[:-1] + (Vp,))   # saved arena: no grad slot, ever
