@@ -11,6 +11,7 @@ up to 2.5x on the shapes a training step has most of: the classifier's input gra
 same product on one core per half. It also leaves the cores to a single thread pool
 (Numba's): no hand-over between OpenBLAS's spinning workers and Numba's.
 """
+import numpy as np
 from numba import njit, prange
 
 from .blas import blas_get_threads, blas_set_threads, gemm, gemv, numba_num_threads
@@ -48,7 +49,12 @@ def _gemm_slab(slab, slabs, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, be
 
 
 # Each kernel is one parallel loop over the slabs (every parallel loop costs compile time):
-# the bias fill and the bias grad ride in the same loop as the products.
+# the bias fill and the bias grad ride in the same loop as the products. Each distinct
+# argument type is a specialization compiled again on a cold start (~1.5 s for these
+# kernels, ~0.4 s for _gemm_slab): the slab index goes on as intp (a prange index is
+# unsigned in some loops, which made every _gemm_slab and _band twice), the single-row
+# path has one gemv call site, and callers pass `transposed` as a bool always (an omitted
+# default is a type of its own: two compiles of each kernel).
 @njit(parallel=True, cache=True)
 def matmul_forward(out, inp, weight, bias, transposed=False):
     """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,); bias may be empty (no bias).
@@ -58,18 +64,18 @@ def matmul_forward(out, inp, weight, bias, transposed=False):
     has_bias = bias.shape[0] > 0
     beta = 1.0 if has_bias else 0.0
     if N <= GEMV_ROWS:
+        # weight is (rows, cols) row-major: out[n] = W^T inp[n] when transposed, else W inp[n]
+        rows, cols = (C, OC) if transposed else (OC, C)
         for n in range(N):
             if has_bias:
                 out[n, :] = bias
-            if transposed:
-                gemv(True, C, OC, 1.0, weight, OC, inp[n], beta, out[n])
-            else:
-                gemv(False, OC, C, 1.0, weight, C, inp[n], beta, out[n])
+            gemv(transposed, rows, cols, 1.0, weight, cols, inp[n], beta, out[n])
         return
     slabs = numba_num_threads()
     blas_threads = blas_get_threads()
     blas_set_threads(1)
-    for slab in prange(slabs):
+    for s in prange(slabs):
+        slab = np.intp(s)
         if has_bias:
             r0, r1, c0, c1 = _band(slab, slabs, N, OC)
             for n in range(r0, r1):
@@ -98,7 +104,8 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, transposed=False):
     slabs = numba_num_threads()
     blas_threads = blas_get_threads()
     blas_set_threads(1)
-    for slab in prange(slabs):
+    for s in prange(slabs):
+        slab = np.intp(s)
         if dinp.shape[0] > 0:
             _gemm_slab(slab, slabs, False, transposed, N, C, OC, 1.0, dout, OC, weight, OC if transposed else C,
                        1.0, dinp, C)
