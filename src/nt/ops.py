@@ -246,7 +246,7 @@ def linear_q(t: Tape, x: Tensor, wq: np.ndarray, kind: str) -> Tensor:
     if N >= DEQUANT_ROWS:
         w = t.work((OC, C))
         dequant(w.reshape(-1), wq.reshape(-1), t.k.F16_TABLE)
-        t.k.matmul_forward(out.data.reshape(N, OC), x.data.reshape(N, C), w, _none(t.k, t.dtype))
+        t.k.matmul_forward(out.data.reshape(N, OC), x.data.reshape(N, C), w, _none(t.k, t.dtype), False)
     elif int_matmul is not None:
         xq = np.empty((N, C), np.int8)                   # the activation rows as int8 blocks
         xd, xs = np.empty((N, C // bs), np.float32), np.empty((N, C // 32), np.int32)
@@ -522,7 +522,7 @@ def linear_gelu(t: Tape, x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     pre = t.new(x.shape[:-1] + (OC,))
     out = t.new(x.shape[:-1] + (OC,))
     empty = _none(t.k, t.dtype)
-    t.k.matmul_forward(pre.data.reshape(N, OC), x.data.reshape(N, C), weight.data, empty)
+    t.k.matmul_forward(pre.data.reshape(N, OC), x.data.reshape(N, C), weight.data, empty, False)
     t.k.bias_act_forward(out.data.reshape(N, OC), pre.data.reshape(N, OC),
                          bias.data if bias is not None else empty, t.k.GELU_TANH)
     t.record(_linear_gelu_backward, out, pre, x, weight, bias)
@@ -537,7 +537,7 @@ def _linear_gelu_backward(k, out, pre, x, weight, bias):
     # column-sum pass in the elementwise kernel rereads dpre (CPU: 3.1 -> 5.0 ms at N=2048, 4C=1536)
     k.bias_act_backward(dpre, out.grad.reshape(N, OC), pre.data.reshape(N, OC), k.GELU_TANH)
     k.matmul_backward(x.grad.reshape(N, C), _grad(k, weight), _grad(k, bias) if bias is not None else _none(k, x.dtype),
-                      dpre, x.data.reshape(N, C), weight.data)
+                      dpre, x.data.reshape(N, C), weight.data, False)
 
 
 def silu(t: Tape, x: Tensor) -> Tensor:
@@ -595,7 +595,8 @@ def _scratch_linear(t: Tape, inp, lead: tuple, weight: Tensor, bias: Optional[Te
         if bias.shape[0] != OC:
             raise ValueError(f"{op}: bias has {bias.shape[0]} entries, weight has {OC} outputs")
     out = t.new(lead + (OC,))
-    t.k.matmul_forward(out.data.reshape(N, OC), inp, weight.data, bias.data if bias is not None else _none(t.k, t.dtype))
+    t.k.matmul_forward(out.data.reshape(N, OC), inp, weight.data, bias.data if bias is not None else _none(t.k, t.dtype),
+                       False)
     h = None
     if adapter is not None:
         A, B, scale, parts = adapter
@@ -620,9 +621,9 @@ def _scratch_linear_grads(k, inp, dinp, dh, out: Tensor, weight: Tensor, bias: O
     OC = weight.shape[0]
     N = out.size // OC
     dout = out.grad.reshape(N, OC)
-    k.fill_(dinp, 0.0)
+    k.fill_(dinp.reshape(-1), 0.0)
     k.matmul_backward(dinp, _grad(k, weight), _grad(k, bias) if bias is not None else _none(k, inp.dtype), dout,
-                      inp, weight.data)
+                      inp, weight.data, False)
     if adapter is not None:
         A, B, scale, parts = adapter
         k.lora_backward(dinp, _grad(k, A), _grad(k, B), dh, dout, h.data, inp, A.data, B.data, float(scale), parts)
@@ -976,7 +977,7 @@ def classifier_xent(t: Tape, x: Tensor, weight: Tensor, targets: np.ndarray, voc
     loss = t.new((1,))
     losses = t.new_saved((N,))
     lse = t.new_saved((N,))
-    t.k.matmul_forward(logits.data.reshape(N, Vp), x.data.reshape(N, C), weight.data, _none(t.k, t.dtype))
+    t.k.matmul_forward(logits.data.reshape(N, Vp), x.data.reshape(N, C), weight.data, _none(t.k, t.dtype), False)
     t.k.softmax_xent_forward(loss.data, losses.data, lse.data, logits.data.reshape(N, Vp), targets.data, V, *opts)
     t.record(_classifier_xent_backward, loss, x, weight, logits, lse, targets, V, opts)
     return logits, loss
@@ -988,7 +989,7 @@ def _classifier_xent_backward(k, loss, x, weight, logits, lse, targets, V, opts)
     dlogits = logits.data.reshape(N, Vp)
     k.softmax_xent_grad_(dlogits, loss.grad, lse.data, targets.data, V, *opts)
     k.matmul_backward(x.grad.reshape(N, C), _grad(k, weight), _none(k, x.dtype), dlogits,
-                      x.data.reshape(N, C), weight.data)
+                      x.data.reshape(N, C), weight.data, False)
 
 
 def _classifier_xent_chunked(t: Tape, x: Tensor, weight: Tensor, targets: np.ndarray, V: int, opts) -> Tensor:
@@ -1005,14 +1006,14 @@ def _classifier_xent_chunked(t: Tape, x: Tensor, weight: Tensor, targets: np.nda
     loss = t.new((1,))
     losses = t.new_saved((N,))
     dx = t.new_saved((N, C))
-    k.fill_(dx.data, 0.0)
+    k.fill_(dx.data.reshape(-1), 0.0)
     xs = x.data.reshape(N, C)
     for n0 in range(0, N, XENT_CHUNK_ROWS):
         n1 = min(N, n0 + XENT_CHUNK_ROWS)
         logits = t.work((n1 - n0, Vp))
-        k.matmul_forward(logits, xs[n0:n1], weight.data, _none(k, t.dtype))
+        k.matmul_forward(logits, xs[n0:n1], weight.data, _none(k, t.dtype), False)
         k.xent_rows_grad_(logits, losses.data[n0:n1], targets.data[n0:n1], V, scale, *opts)
-        k.matmul_backward(dx.data[n0:n1], _grad(k, weight), _none(k, t.dtype), logits, xs[n0:n1], weight.data)
+        k.matmul_backward(dx.data[n0:n1], _grad(k, weight), _none(k, t.dtype), logits, xs[n0:n1], weight.data, False)
     k.xent_mean(loss.data, losses.data, targets.data)
     t.record(_classifier_xent_chunked_backward, loss, x, dx)
     return loss
