@@ -146,10 +146,14 @@ def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0, cau
                             D += do[c] * o[c]
                         L = lse[b, h, r0 + i - q0]
                         p, ds = P[i], dS[i]
-                        for j in range(lo, hi):
-                            pj = vmath.exp(p[j] - L)
-                            p[j] = pj
-                            ds[j] = pj * (ds[j] - D) * scale
+                        # the visible columns as slices of their own: counted from 0 the
+                        # indices are known non-negative and the loop vectorizes (over
+                        # range(lo, hi) Numba's negative-index wraparound kept it scalar)
+                        pv, dsv = p[lo:hi], ds[lo:hi]
+                        for j in range(pv.shape[0]):
+                            pj = vmath.exp(pv[j] - L)
+                            pv[j] = pj
+                            dsv[j] = pj * (dsv[j] - D) * scale
                         p[:lo] = zero
                         p[hi:N] = zero
                         ds[:lo] = zero
