@@ -77,27 +77,31 @@ def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def linear_gelu_arrays(seed, lead=(2, 3), C=5, OC=70):
-    rng = np.random.default_rng(seed)   # OC = 70 spans two column blocks of the bias-grad reduction
-    return {"x": rng.standard_normal(lead + (C,)), "w": rng.standard_normal((OC, C)) * 0.7,
-            "b": rng.standard_normal(OC)}
+def gelu_mlp_arrays(seed, lead=(2, 3), C=5, H=70, OC=4):
+    rng = np.random.default_rng(seed)   # H = 70 spans two column blocks of the bias-grad reduction
+    return {"x": rng.standard_normal(lead + (C,)), "w": rng.standard_normal((H, C)) * 0.7,
+            "b": rng.standard_normal(H), "wp": rng.standard_normal((OC, H)) * 0.3, "bp": rng.standard_normal(OC)}
+
+
+def gelu_mlp(t, p, biases=True):
+    return ops.gelu_mlp(t, p["x"], p["w"], p["b"] if biases else None, p["wp"], p["bp"] if biases else None)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_linear_gelu_forward_matches_numpy(dtype):
-    a = linear_gelu_arrays(0)
-    _, _, out = run_op(lambda t, p: ops.linear_gelu(t, p["x"], p["w"], p["b"]), a, dtype)
+def test_gelu_mlp_forward_matches_numpy(dtype):
+    a = gelu_mlp_arrays(0)
+    _, _, out = run_op(gelu_mlp, a, dtype)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(out.data, gelu_tanh(a["x"] @ a["w"].T + a["b"]), **tol)
+    np.testing.assert_allclose(out.data, gelu_tanh(a["x"] @ a["w"].T + a["b"]) @ a["wp"].T + a["bp"], **tol)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_linear_gelu_equals_linear_then_gelu(dtype):
-    """Values and every grad as linear then gelu (the matmul adds the bias in another order)."""
-    a = linear_gelu_arrays(1)
+def test_gelu_mlp_equals_linear_gelu_linear(dtype):
+    """Values and every grad as linear, gelu, linear (the fc matmul adds the bias in another order)."""
+    a = gelu_mlp_arrays(1)
     results = []
-    for build in (lambda t, p: ops.linear_gelu(t, p["x"], p["w"], p["b"]),
-                  lambda t, p: ops.gelu(t, ops.linear(t, p["x"], p["w"], p["b"]))):
+    for build in (gelu_mlp,
+                  lambda t, p: ops.linear(t, ops.gelu(t, ops.linear(t, p["x"], p["w"], p["b"])), p["wp"], p["bp"])):
         t, p, out = run_op(build, a, dtype)
         p.zero_grad()
         t.backward(out, np.random.default_rng(2).standard_normal(out.shape).astype(dtype))
@@ -108,23 +112,26 @@ def test_linear_gelu_equals_linear_then_gelu(dtype):
 
 
 @pytest.mark.parametrize("lead", [(3,), (2, 1)])
-def test_linear_gelu_backward_finite_differences(lead):
-    check_grads(lambda t, p: ops.linear_gelu(t, p["x"], p["w"], p["b"]), linear_gelu_arrays(3, lead))
-    a = linear_gelu_arrays(4, lead, OC=6)
-    del a["b"]
-    _, _, out = run_op(lambda t, p: ops.linear_gelu(t, p["x"], p["w"]), a)
-    np.testing.assert_allclose(out.data, gelu_tanh(a["x"] @ a["w"].T), rtol=1e-12, atol=1e-12)
-    check_grads(lambda t, p: ops.linear_gelu(t, p["x"], p["w"]), a)
+def test_gelu_mlp_backward_finite_differences(lead):
+    check_grads(gelu_mlp, gelu_mlp_arrays(3, lead))
+    a = gelu_mlp_arrays(4, lead, H=6)
+    _, _, out = run_op(lambda t, p: gelu_mlp(t, p, biases=False), a)
+    np.testing.assert_allclose(out.data, gelu_tanh(a["x"] @ a["w"].T) @ a["wp"].T, rtol=1e-12, atol=1e-12)
+    check_grads(lambda t, p: gelu_mlp(t, p, biases=False), {k: a[k] for k in ("x", "w", "wp")})
 
 
-def test_linear_gelu_rejects_bad_inputs():
-    a = {**linear_gelu_arrays(5, OC=6), "v": np.ones(4)}
+def test_gelu_mlp_rejects_bad_inputs():
+    a = {**gelu_mlp_arrays(5, H=6), "v": np.ones(4)}
     t, p, _ = run_op(lambda t, p: p["x"], a)
     with pytest.raises(ValueError, match="features"):
-        ops.linear_gelu(t, ops.linear(t, p["x"], p["w"]), p["w"])
-    with pytest.raises(ValueError, match="bias has 4"):
-        ops.linear_gelu(t, p["x"], p["w"], p["v"])
+        ops.gelu_mlp(t, ops.linear(t, p["x"], p["w"]), p["w"], p["b"], p["wp"])
+    with pytest.raises(ValueError, match="fc_b has 4"):
+        ops.gelu_mlp(t, p["x"], p["w"], p["v"], p["wp"])
+    with pytest.raises(ValueError, match="must take the 6 outputs"):
+        ops.gelu_mlp(t, p["x"], p["w"], p["b"], p["w"])
+    with pytest.raises(ValueError, match="proj_b has 6"):
+        ops.gelu_mlp(t, p["x"], p["w"], p["b"], p["wp"], p["b"])
     with pytest.raises(ValueError, match="2 dims"):
-        ops.linear_gelu(t, p["x"], p["b"])
+        ops.gelu_mlp(t, p["x"], p["b"], None, p["wp"])
     with pytest.raises(TypeError, match="Tensor"):
-        ops.linear_gelu(t, a["x"], p["w"])
+        ops.gelu_mlp(t, a["x"], p["w"], p["b"], p["wp"])

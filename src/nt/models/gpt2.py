@@ -126,22 +126,22 @@ class GPT2(LanguageModel):
         """Embeddings, every block and the final layernorm on positions pos0..: the normed
         final residual (B, T, C). With caches (generation) each layer's qkv rows go to its
         KV cache. Each residual and the layernorm after it (ln_2; the next block's ln_1, or
-        ln_f after the last) run as one op, ops.residual_layernorm_, and the MLP's fc
-        linear and GELU as ops.linear_gelu (unless LoRA adapters sit on it)."""
+        ln_f after the last) run as one op, ops.residual_layernorm_, and the MLP as one,
+        ops.gelu_mlp (unless LoRA adapters or packed weights sit on it)."""
         cfg, p, t = self.config, self.params, self.tape
         x = ops.embedding(t, idx, p["wte"], p["wpe"], pos0)
         n = ops.layernorm(t, x, p["ln1w"][0], p["ln1b"][0])
-        plain_fc = self.adapters is None and "fcw" not in self.quantized and "fcw" not in self.bitlinear
+        plain_mlp = self.adapters is None and not {"fcw", "fcprojw"} & (set(self.quantized) | set(self.bitlinear))
         for l in range(cfg.n_layer):
             qkv = self._linear(n, "qkvw", l, p["qkvb"][l])
             h = self._attention(qkv, cfg.n_head, cfg.n_head, 0, pos0, caches[l] if caches else None)
             h = self._linear(h, "attprojw", l, p["attprojb"][l])
             x, n = ops.residual_layernorm_(t, h, x, p["ln2w"][l], p["ln2b"][l])
-            if plain_fc:   # the bias add and GELU in one pass after the matmul
-                h = ops.linear_gelu(t, n, p["fcw"][l], p["fcb"][l])
-            else:          # adapters add their term before the GELU
+            if plain_mlp:   # the GELU output recomputed in the backward, not stored
+                h = ops.gelu_mlp(t, n, p["fcw"][l], p["fcb"][l], p["fcprojw"][l], p["fcprojb"][l])
+            else:           # adapters add their terms to each linear's output
                 h = ops.gelu(t, self._linear(n, "fcw", l, p["fcb"][l]))
-            h = self._linear(h, "fcprojw", l, p["fcprojb"][l])
+                h = self._linear(h, "fcprojw", l, p["fcprojb"][l])
             last = l == cfg.n_layer - 1
             x, n = ops.residual_layernorm_(t, h, x, p["lnfw"] if last else p["ln1w"][l + 1],
                                            p["lnfb"] if last else p["ln1b"][l + 1])
