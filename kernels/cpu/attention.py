@@ -91,17 +91,20 @@ def attention_forward(out, lse, qkv, work, NH, NKV, window, q0, causal=True):
             for i in range(M):
                 lo, hi = _visible(r0 + i, k0, window, causal, k1)
                 s = S[i]
-                m = s[lo]
-                for j in range(lo + 1, hi):
-                    m = max(m, s[j])
+                # the visible columns as a slice of their own, indexed from 0, so the loops
+                # vectorize (over range(lo, hi) Numba keeps negative-index wraparound: scalar exp)
+                sv = s[lo:hi]
+                m = sv[0]
+                for j in range(1, sv.shape[0]):
+                    m = max(m, sv[j])
                 l = zero
-                for j in range(lo, hi):
-                    e = vmath.exp(s[j] - m)
-                    s[j] = e
+                for j in range(sv.shape[0]):
+                    e = vmath.exp(sv[j] - m)
+                    sv[j] = e
                     l += e
                 inv = one / l
-                for j in range(lo, hi):
-                    s[j] *= inv
+                for j in range(sv.shape[0]):
+                    sv[j] *= inv
                 s[:lo] = zero
                 s[hi:N] = zero
                 lse[b, h, r0 + i - q0] = m + np.log(l)
