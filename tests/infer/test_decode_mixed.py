@@ -88,6 +88,17 @@ def test_bad_decode_blocks_are_refused(bad, match):
         q._decode_one(3, 1)
 
 
+def test_decode_step_refuses_a_token_or_position_out_of_range():
+    """The fused kernel indexes the embedding and the KV cache unchecked: the boundary checks."""
+    q, _ = _mixed_pair({"qkvw": [["Q4_K"] * 3] * 2, "down": [["Q6_K"], ["Q4_K"]]})
+    q.eval()
+    q._begin_generation(8, 1)
+    for token, pos in ((CFG.vocab_size, 0), (-1, 0), (3, 8), (3, -1)):
+        with pytest.raises(IndexError, match="decode step"):
+            q._decode_one(token, pos)
+    assert q._decode_one(3, 7) is not None
+
+
 def test_loader_keeps_mixed_matrices_as_decode_blocks(tmp_path):
     """A GGUF file whose v rows and down matrices change type by layer (Q8_0 / Q4_0 here, the
     types nt writes): those matrices load float for the tape path plus decode-only blocks, and

@@ -387,6 +387,10 @@ class Llama(LanguageModel):
         plan = getattr(self, "_decode_plan", None)
         if plan is None or plan[0] is not self._kv_all:   # the cache is new: a new generation
             plan = self._decode_plan = (self._kv_all,) + self._decode_args()
+        # the step writes the cache row at pos and reads the embedding row of token unchecked
+        if not (0 <= token < cfg.vocab_size and 0 <= pos < self._kv_all.shape[2]):
+            raise IndexError(f"decode step: token {token} must be in [0, {cfg.vocab_size}) and position {pos} "
+                             f"in the KV cache's [0, {self._kv_all.shape[2]})")
         logits = np.empty(plan[-1], np.float32)
         decode.llama_decode_step(logits, token, pos, *plan[1:-1])
         return logits
