@@ -544,7 +544,8 @@ def _gelu_mlp_backward(k, out, pre, x, fc_w, fc_b, proj_w, proj_b, t):
     N = x.size // C
     h, dh, _ = _scratch_views(t, N, H, None)
     pres = pre.data.reshape(N, H)           # holds the fc bias since the forward
-    k.act_forward(h.reshape(-1), pre.flat, k.GELU_TANH)   # the recomputation
+    # the recomputation, through the forward's kernel with no bias (one kernel fewer to compile)
+    k.bias_act_forward(h, pres, _none(k, pres.dtype), k.GELU_TANH)
     _scratch_linear_grads(k, h, dh, None, out, proj_w, proj_b, None, None)
     dpre = pre.grad.reshape(N, H)           # zero until now: nothing else reads pre
     k.bias_act_backward(dpre, dh, pres, k.GELU_TANH)
