@@ -9,10 +9,6 @@ from numba import njit, prange
 
 COL_BLOCK = 64  # columns per parallel task when reducing weight/bias grads over rows
 
-# The four public entry points below are plain Python: an @njit wrapper around a parallel
-# kernel re-optimises the linked parallel code once per wrapper (~0.4 s each on a cold
-# start) to save a microsecond of dispatch a call.
-
 
 @njit(parallel=True, cache=True)
 def _forward(out, mean, rstd, inp, res, weight, bias, eps):
@@ -98,23 +94,27 @@ def _backward(dinp, dres, dweight, dbias, dout, inp, weight, mean, rstd):
                     dbias[c] += dout[n, c]
 
 
+@njit(cache=True)
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
     """Normalise each row; save mean and 1/std for the backward. bias may be empty."""
     _forward(out, mean, rstd, inp, inp[:0], weight, bias, eps)
 
 
+@njit(cache=True)
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
     """Accumulate input, weight and bias grads. dweight / dbias may be empty (frozen or
     no bias): that grad is skipped."""
     _backward(dinp, dinp[:0], dweight, dbias, dout, inp, weight, mean, rstd)
 
 
+@njit(cache=True)
 def residual_layernorm_forward(out, mean, rstd, h, x, weight, bias, eps):
     """h += x (the residual sum, in h's memory), then out = layernorm(h), in one pass per
     row; saves mean and 1/std. Equal bit for bit to add_forward then layernorm_forward."""
     _forward(out, mean, rstd, h, x, weight, bias, eps)
 
 
+@njit(cache=True)
 def residual_layernorm_backward(dh, dx, dweight, dbias, dout, h, weight, mean, rstd):
     """The backward of residual_layernorm_forward, h now holding the sum: dh (the sum's
     grad, holding what its other readers gave) += the norm's input grad, then dx += dh,
