@@ -21,6 +21,10 @@ BitNet's packed ternary T2 rows (bitnet.T2_CODE: bitnet.t2dot against the activa
 quantised per token; a BitNet model's sub-norms run before the out and down rows). A new
 weight code slots in at _quantize_for, _row and _rows4. No BLAS is called, so no second
 thread pool competes with Numba's.
+
+Numba's cache keys these kernels on this file alone, with quant's globals (QDOT_BLOCK, the
+qdot dispatch) compiled in: a new code in quant.QDOT_CODES (Q5_0 = 4 was the last) must come
+with an edit here, or a stale cache indexes the old tuples (seen: IndexError on code 4).
 """
 import numpy as np
 from numba import njit, prange

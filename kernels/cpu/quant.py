@@ -93,20 +93,6 @@ def dequantize_q4_1(out, raw, f16):
 
 
 @njit(parallel=True, cache=True)
-def dequantize_q5_0(out, raw, f16):
-    for b in prange(out.shape[0] // QK):
-        p, o = b * 22, b * QK
-        d = _f16(raw, p, f16)
-        qh = _u32(raw, p + 2)
-        for j in range(16):
-            x = np.int64(raw[p + 6 + j])
-            lo = (x & 15) | (((qh >> j) & 1) << 4)
-            hi = (x >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            out[o + j] = d * np.float32(lo - 16)
-            out[o + j + 16] = d * np.float32(hi - 16)
-
-
-@njit(parallel=True, cache=True)
 def dequantize_q5_1(out, raw, f16):
     for b in prange(out.shape[0] // QK):
         p, o = b * 24, b * QK
@@ -293,6 +279,7 @@ def matmul_q4_0(out, x, w, f16, scratch):
 #   Q4_0      1     32    32   dw * da * sum((q - 8) * a)
 #   Q4_K      2    256   256   (d*da) * sum_g sc_g*sum(q*a) - (dmin*da) * sum_g m_g*asum_g
 #   Q6_K      3    256   256   (d*da) * sum_i sc_i * sum((q - 32) * a)
+#   Q5_0      4     32    32   dw * da * sum((q - 16) * a)
 # asum_g: the sum of the int8 activations of 32-element group g (from quantize_rows_q8).
 #
 # Numba types integer arithmetic as int64 and fully unrolls 32-long loops before LLVM's
@@ -300,9 +287,9 @@ def matmul_q4_0(out, x, w, f16, scratch):
 # intrinsic (qdot) written here in vector IR: a loop over blocks for R weight rows at once
 # (they share each activation load and their accumulation chains overlap), 8 float lanes
 # per row (as llama.cpp's AVX2 code keeps):
-#     q (32 x u8: Q4 nibbles, Q6 6-bit values; Q8_0 as |q| with sign(q) moved onto a),
+#     q (32 x u8: Q4 nibbles, Q5 / Q6 5- / 6-bit values; Q8_0 as |q| with sign(q) moved onto a),
 #     a (32 x i8) -> vpmaddubsw: neighbouring products summed into 16 x i16 (the offset of
-#     Q4_0 / Q6_K, 8 . a or 32 . a, subtracted there) -> vpmaddwd with ones (Q4_K / Q6_K:
+#     Q4_0 / Q5_0 / Q6_K, 8 . a, 16 . a or 32 . a, subtracted there) -> vpmaddwd with ones (Q4_K / Q6_K:
 #     with the sub-block scales): 8 x i32, lane j = elements 4j .. 4j+3 (summed over the
 #     super-block for the K-quants) -> 8 x f32, times the block pair's float scale (an f16
 #     widened as a vector: the scalar widening LLVM picks waited on the accumulator,
@@ -316,9 +303,9 @@ def matmul_q4_0(out, x, w, f16, scratch):
 # (tests/infer/test_qdot.py, which also runs the generic IR).
 # The intrinsics read memory unchecked: callers validate shapes at the Python boundary.
 
-QDOT_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q6_K": 3}
-QDOT_BLOCK = (QK, QK, QK_K, QK_K)        # weight elements per block (= activation block QA)
-QDOT_TYPE_SIZE = (34, 18, 144, 210)      # weight bytes per block
+QDOT_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q6_K": 3, "Q5_0": 4}
+QDOT_BLOCK = (QK, QK, QK_K, QK_K, QK)        # weight elements per block (= activation block QA)
+QDOT_TYPE_SIZE = (34, 18, 144, 210, 22)      # weight bytes per block
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -480,14 +467,34 @@ def _lanes_q8_0(builder, w, at, x):
     return _maddwd(builder, _maddubs(builder, _sign(builder, q, q), _sign(builder, x, q)), _ones16())
 
 
-def _lanes_q4_0(builder, w, at, x):
-    """16 bytes: element j is the low nibble of byte j, element j + 16 its high nibble;
-    sum((q - 8) * x) as q . x - 8 . x in int16 pairs."""
+def _q4_0_quants(builder, w, at):
+    """Q4_0's 32 unsigned quants from the 16 bytes at `at`: element j is the low nibble of
+    byte j, element j + 16 its high nibble."""
     packed = _load(builder, w, at, _vec(_I8, 16))
-    q = builder.shuffle_vector(_nibbles(builder, packed, 0, 15), _nibbles(builder, packed, 4, 15),
-                               _consts(_I32, range(32)))
-    pairs = builder.sub(_maddubs(builder, q, x), _maddubs(builder, _consts(_I8, [8] * 32), x))
-    return _maddwd(builder, pairs, _ones16())
+    return builder.shuffle_vector(_nibbles(builder, packed, 0, 15), _nibbles(builder, packed, 4, 15),
+                                  _consts(_I32, range(32)))
+
+
+def _q5_0_quants(builder, w, at):
+    """Q5_0's 32 unsigned 5-bit quants from qh (u32 at `at`) and 16 nibble bytes after it:
+    Q4_0's nibbles, plus 16 where bit j of qh is set. Byte j of a broadcast of qh's byte j//8,
+    masked with bit j%8 and compared (vpshufb, vpand, vpcmpeqb): x86 has no per-byte shift."""
+    qh = _load(builder, w, at, _vec(_I8, 4))
+    spread = builder.shuffle_vector(qh, qh, _consts(_I32, [j // 8 for j in range(32)]))
+    bit = _consts(_I8, [(1 << (j % 8)) - (256 if j % 8 == 7 else 0) for j in range(32)])   # i8 two's complement
+    set_ = builder.icmp_unsigned("==", builder.and_(spread, bit), bit)
+    high = builder.select(set_, _consts(_I8, [16] * 32), _consts(_I8, [0] * 32))
+    return builder.or_(_q4_0_quants(builder, w, _idx(builder, at, 4)), high)
+
+
+def _lanes_offset(quants, offset):
+    """Lanes of a 32-element format whose quants are unsigned with an offset (Q4_0: 8, Q5_0:
+    16): sum((q - offset) * x) as q . x - offset . x in int16 pairs."""
+    def lanes(builder, w, at, x):
+        q = quants(builder, w, at)
+        pairs = builder.sub(_maddubs(builder, q, x), _maddubs(builder, _consts(_I8, [offset] * 32), x))
+        return _maddwd(builder, pairs, _ones16())
+    return lanes
 
 
 def _byte(builder, w, at):
@@ -553,8 +560,10 @@ def _block_q6_k(builder, ptrs, b, acc, macc):
     _add_lanes(builder, acc, isum, scale)
 
 
-_BLOCKS = (_block_32(34, _lanes_q8_0), _block_32(18, _lanes_q4_0), _block_q4_k, _block_q6_k)   # by code
-_rows_q8_0, _rows_q4_0, _rows_q4_k, _rows_q6_k = (_rows_intrinsic(block, size) for block, size in zip(_BLOCKS, QDOT_TYPE_SIZE))
+_BLOCKS = (_block_32(34, _lanes_q8_0), _block_32(18, _lanes_offset(_q4_0_quants, 8)), _block_q4_k, _block_q6_k,
+           _block_32(22, _lanes_offset(_q5_0_quants, 16)))   # by code
+_rows_q8_0, _rows_q4_0, _rows_q4_k, _rows_q6_k, _rows_q5_0 = (
+    _rows_intrinsic(block, size) for block, size in zip(_BLOCKS, QDOT_TYPE_SIZE))
 
 
 @njit(cache=True)
@@ -593,7 +602,9 @@ def qdot(code, w, rows, a, ad, asum):
         return _rows_q4_0(w, rows, a, ad, asum, a.shape[0] // QK)
     if code == 2:
         return _rows_q4_k(w, rows, a, ad, asum, a.shape[0] // QK_K)
-    return _rows_q6_k(w, rows, a, ad, asum, a.shape[0] // QK_K)
+    if code == 3:
+        return _rows_q6_k(w, rows, a, ad, asum, a.shape[0] // QK_K)
+    return _rows_q5_0(w, rows, a, ad, asum, a.shape[0] // QK)
 
 
 QDOT_ROWS = 4   # weight rows per qdot call in the matmuls (measured: 4 > 2 > 1 on AVX2)
@@ -646,11 +657,9 @@ def _q8_0_quants(builder, w, at):
     return _load(builder, w, at, _vec(_I8, 32))
 
 
-def _q4_0_quants(builder, w, at):
-    packed = _load(builder, w, at, _vec(_I8, 16))
-    q = builder.shuffle_vector(_nibbles(builder, packed, 0, 15), _nibbles(builder, packed, 4, 15),
-                               _consts(_I32, range(32)))
-    return builder.sub(q, _consts(_I8, [8] * 32))
+def _offset_quants(quants, offset):
+    """The signed quants q - offset of an unsigned 32-element format (Q4_0, Q5_0)."""
+    return lambda builder, w, at: builder.sub(quants(builder, w, at), _consts(_I8, [offset] * 32))
 
 
 def _deq_q4_k(builder, out, w, b):
@@ -700,7 +709,8 @@ def _deq_intrinsic(block):
     return deq
 
 
-_deq_q8_0, _deq_q4_0 = _deq_intrinsic(_deq_32(34, _q8_0_quants)), _deq_intrinsic(_deq_32(18, _q4_0_quants))
+_deq_q8_0, _deq_q4_0 = _deq_intrinsic(_deq_32(34, _q8_0_quants)), _deq_intrinsic(_deq_32(18, _offset_quants(_q4_0_quants, 8)))
+_deq_q5_0 = _deq_intrinsic(_deq_32(22, _offset_quants(_q5_0_quants, 16)))
 _deq_q4_k_blocks, _deq_q6_k_blocks = _deq_intrinsic(_deq_q4_k), _deq_intrinsic(_deq_q6_k)
 
 
@@ -718,8 +728,10 @@ def dequantize_blocks(out, raw, code):
             _deq_q4_0(out, raw, b0, b1)
         elif code == 2:
             _deq_q4_k_blocks(out, raw, b0, b1)
-        else:
+        elif code == 3:
             _deq_q6_k_blocks(out, raw, b0, b1)
+        else:
+            _deq_q5_0(out, raw, b0, b1)
 
 
 @njit(cache=True)
@@ -747,3 +759,9 @@ def dequantize_q6_k(out, raw, f16):
     Element e = n*128 + r: low 4 bits are nibble r//64 of ql[n*64 + r%64], high 2 bits are
     bits 2*(r//32).. of qh[n*32 + r%32]; (d*sc) * (q - 32)."""
     dequantize_blocks(out, raw, 3)
+
+
+@njit(cache=True)
+def dequantize_q5_0(out, raw, f16):
+    """out (n,) float32 <- Q5_0 blocks raw: d * (q - 16), q = nibble | (bit j of qh) << 4."""
+    dequantize_blocks(out, raw, 4)

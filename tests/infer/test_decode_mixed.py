@@ -124,3 +124,51 @@ def test_loader_keeps_mixed_matrices_as_decode_blocks(tmp_path):
     lq, ld = _step_logits(q, tokens, 4), _step_logits(deq, tokens, 4)
     assert q._decode_plan[8][0].size and q._decode_plan[8][3].size   # blocks, not float
     assert np.abs(lq - ld).max() <= 0.03 * np.abs(ld).max()
+
+
+def test_q5_0_and_q8_0_parts_decode_like_the_float_model():
+    """Q5_0 (what llama.cpp's Q4_K_M writes for rows of no multiple of 256) beside Q8_0 in
+    one layer: both quantise the input to 32-value blocks, so they share one matrix."""
+    kinds = {"qkvw": [["Q5_0", "Q5_0", "Q8_0"], ["Q5_0"] * 3], "down": [["Q5_0"], ["Q8_0"]]}
+    q, ref = _mixed_pair(kinds)
+    tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3], np.int32)
+    lr, lq = _step_logits(ref, tokens, 4), _step_logits(q, tokens, 4)
+    assert q._decode_plan[8][0].size and q._decode_plan[8][3].size
+    assert np.abs(lq - lr).max() <= 0.02 * np.abs(lr).max()
+    assert np.array_equal(ref.generate(tokens[:4], 5, temperature=0), q.generate(tokens[:4], 5, temperature=0))
+
+
+def test_loader_decodes_q5_0_matrices_on_blocks(tmp_path, monkeypatch):
+    """A SmolLM2-style Q4_K_M file in miniature: every projection Q5_0 (no ops.linear_q kernel,
+    so none is kept for the tape path), v and down Q8_0 in layer 1, a Q8_0 tied embedding.
+    All four matrices decode from blocks, the classifier from token_embd's blocks."""
+    import gguf as gguf_package
+    cfg = LlamaConfig.preset("llama-tiny", vocab_size=300, rope_pairing="interleaved", tie_embeddings=True)
+    model = Llama(cfg, seed=1)
+    meta, arrays = gguf_models._llama_export(model)
+    meta["tokenizer.ggml.model"] = "none"
+    write_quantize = gguf.quantize   # nt writes no Q5_0: the gguf package's quantiser does
+
+    def quantize(x, kind):
+        if kind != "Q5_0":
+            return write_quantize(x, kind)
+        return np.asarray(gguf_package.quants.quantize(np.asarray(x, np.float32), gguf_package.GGMLQuantizationType.Q5_0)).view(np.uint8)
+    monkeypatch.setattr(gguf, "quantize", quantize)
+    monkeypatch.setattr(gguf, "WRITE_TYPES", gguf.WRITE_TYPES + ("Q5_0",))
+
+    def kind(name):
+        if arrays[name].ndim < 2:
+            return "F32"
+        if name == "token_embd.weight" or (name.startswith("blk.1.") and name.endswith(("attn_v.weight", "ffn_down.weight"))):
+            return "Q8_0"
+        return "Q5_0"
+    path = tmp_path / "q5.gguf"
+    gguf.write_gguf(path, meta, {n: (a, kind(n)) for n, a in arrays.items()})
+    q = gguf_models.load(path, keep_quantized=True)
+    deq = gguf_models.load(path)
+    assert q.quantized == {} and set(q.decode_blocks) == {"qkvw", "attn_out", "gate_up", "down"}
+    assert q.decode_blocks["qkvw"][1] == [["Q5_0"] * 3, ["Q5_0", "Q5_0", "Q8_0"]] and q.tied_head[0] == "Q8_0"
+    tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int32)
+    lq, ld = _step_logits(q, tokens, 4), _step_logits(deq, tokens, 4)
+    assert all(q._decode_plan[8][m].size for m in range(4)) and q._decode_plan[11].size   # blocks, not float
+    assert np.abs(lq - ld).max() <= 0.03 * np.abs(ld).max()

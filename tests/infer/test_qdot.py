@@ -7,7 +7,7 @@ import pytest
 from nt.io import gguf
 from nt.kernels.cpu import quant
 
-TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
+TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q5_0")
 
 
 def random_blocks(kind: str, OC: int, C: int, rng, scale=(1e-3, 2e-2)) -> np.ndarray:
@@ -15,7 +15,7 @@ def random_blocks(kind: str, OC: int, C: int, rng, scale=(1e-3, 2e-2)) -> np.nda
     code = quant.QDOT_CODES[kind]
     bs, ts = quant.QDOT_BLOCK[code], quant.QDOT_TYPE_SIZE[code]
     raw = rng.integers(0, 256, (OC * C // bs, ts), dtype=np.uint8)
-    scales = {"Q8_0": [0], "Q4_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]
+    scales = {"Q8_0": [0], "Q4_0": [0], "Q4_K": [0, 2], "Q6_K": [208], "Q5_0": [0]}[kind]
     for at in scales:
         raw[:, at:at + 2] = rng.uniform(*scale, (raw.shape[0], 1)).astype("<f2").view(np.uint8)
     return raw.reshape(OC, -1)
@@ -48,6 +48,11 @@ def ref_weight_ints(kind: str, w: np.ndarray, C: int):
     if kind == "Q4_0":
         qs = blocks[:, 2:].astype(np.int64)
         return np.concatenate([qs & 15, qs >> 4], axis=1).reshape(OC, C) - 8, _f16(blocks, 0)
+    if kind == "Q5_0":   # element j: nibble j (as Q4_0) | bit j of the little-endian u32 qh << 4
+        qs = blocks[:, 6:].astype(np.int64)
+        qh = blocks[:, 2:6].copy().view("<u4").astype(np.int64)
+        high = ((qh >> np.arange(32)) & 1) << 4
+        return (np.concatenate([qs & 15, qs >> 4], axis=1) | high).reshape(OC, C) - 16, _f16(blocks, 0)
     if kind == "Q4_K":
         qs = blocks[:, 16:].astype(np.int64).reshape(-1, 4, 32)
         q = np.stack([qs & 15, qs >> 4], axis=2).reshape(OC, C)   # group 2c + k = nibble k of qs[c]
@@ -90,7 +95,7 @@ def ref_matmul(kind: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     macc = np.zeros((N, OC), np.float32)
     for b in range(nb):
         da = ad[:, b][:, None]
-        if kind in ("Q8_0", "Q4_0"):
+        if kind in ("Q8_0", "Q4_0", "Q5_0"):
             isum, scale = lanes[:, :, b], scales.reshape(OC, nb)[:, b][None, :] * da
         elif kind == "Q4_K":
             d, dmin, sc, mins = (s.reshape(OC, nb, *s.shape[1:])[:, b] for s in scales)
@@ -189,3 +194,19 @@ def test_generic_ir_gives_the_avx2_bits(kind, monkeypatch):
     got = np.array(generic(w, xq[0], xd[0], xs[0], C // QA), np.float32)
     assert np.array_equal(got, ref_matmul(kind, x, w)[0])
     assert np.array_equal(got, qdot_matmul(kind, x, w)[0])
+
+
+@pytest.mark.parametrize("C", [224, 576])   # 7 blocks; SmolLM2-135M's dim (18 blocks)
+@pytest.mark.parametrize("OC", [1, 4, 6])
+def test_q5_0_odd_widths_are_bit_exact_and_dequantise_like_numpy(C, OC):
+    """Q5_0 (llama.cpp's stand-in for Q4_K when rows are no multiple of 256): the integer
+    dots at 1 and 4 rows per pass, and the vector dequantiser (d * (q - 16) in float32)."""
+    rng = np.random.default_rng(C + OC)
+    w = random_blocks("Q5_0", OC, C, rng)
+    x = rng.standard_normal((2, C)).astype(np.float32)
+    assert np.array_equal(qdot_matmul("Q5_0", x, w), ref_matmul("Q5_0", x, w))
+    q, d = ref_weight_ints("Q5_0", w, C)
+    want = (np.repeat(d.reshape(OC, -1), 32, axis=1) * q.astype(np.float32)).astype(np.float32)
+    got = np.empty(OC * C, np.float32)
+    quant.dequantize_q5_0(got, w.reshape(-1), quant.F16_TABLE)
+    assert np.array_equal(got.reshape(OC, C), want)

@@ -435,8 +435,10 @@ def _kept_quantized(f: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
 def _decode_only(f: GGUFFile, cfg: LlamaConfig, quantized: dict[str, str]) -> dict[str, list[list[str]]]:
     """{nt matrix: per layer, its GGUF tensors} for the matrices left float (the tape path
     needs one type per matrix) whose tensors all have integer dot kernels, the parts of each
-    layer sharing one activation format (Q8_0 / Q4_0: 32 values, Q4_K / Q6_K: 256): a Q4_K_M
-    file's qkv (Q4_K q, k; Q6_K v in some layers) and down (Q4_K or Q6_K by layer). The fused
+    layer sharing one activation format (Q8_0 / Q4_0 / Q5_0: 32 values, Q4_K / Q6_K: 256): a
+    Q4_K_M file's qkv (Q4_K q, k; Q6_K v in some layers) and down (Q4_K or Q6_K by layer), and
+    where rows are no multiple of 256 (SmolLM2's 576) the Q5_0 matrices llama.cpp writes in
+    place of Q4_K (ops.linear_q has no Q5_0: the tape path reads their float copy). The fused
     decoder runs them on their own blocks (Llama.decode_blocks), as llama.cpp does."""
     from ..kernels.cpu.quant import QDOT_BLOCK, QDOT_CODES
     if cfg.qkv_bias or cfg.bitnet:
@@ -463,7 +465,7 @@ def _raw_rows(f: GGUFFile, name: str) -> np.ndarray:
     rows = np.array(f.raw(name)).reshape(f.tensor_infos[name].shape[0], -1)
     f.release(name)   # the copy is what the model keeps: the mapped pages leave the RSS
     block, at, n = {"Q8_0": (34, 0, 1), "Q4_0": (18, 0, 1), "Q4_K": (144, 0, 2), "Q6_K": (210, 208, 1),
-                    "TQ2_0": (66, 64, 1), "TQ1_0": (54, 52, 1)}[f.tensor_infos[name].type]   # bytes, first f16 scale, scales
+                    "Q5_0": (22, 0, 1), "TQ2_0": (66, 64, 1), "TQ1_0": (54, 52, 1)}[f.tensor_infos[name].type]   # bytes, first f16 scale, scales
     scales = rows.reshape(-1, block)[:, at:at + 2 * n].copy().view("<f2")
     require_finite(scales, f"{f.path}: tensor {name!r} (block scales)")
     if f.tensor_infos[name].type in bitnet.GGUF_TYPES:   # a BitNet projection: nt runs it as T2 rows
@@ -487,10 +489,10 @@ def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bo
     p = _param_views(model, host)
     _dequantized(f, "token_embd.weight", p["wte"][:cfg.vocab_size])
     embd_type = f.tensor_infos["token_embd.weight"].type
-    if quantized and cfg.tie_embeddings and device == "cpu" and embd_type in ops.QUANT_FORMATS:
+    decode_only = _decode_only(f, cfg, quantized) if keep_quantized and device == "cpu" else {}
+    if (quantized or decode_only) and cfg.tie_embeddings and device == "cpu" and embd_type in ops.QUANT_FORMATS:
         model.tied_head = (embd_type, _raw_rows(f, "token_embd.weight"))   # the decoder's classifier
     tensors = _layer_tensors(cfg)
-    decode_only = _decode_only(f, cfg, quantized) if keep_quantized and device == "cpu" else {}
     decode_rows = {n: [] for n in decode_only}
     for l in range(cfg.n_layers):
         for n, layers in decode_only.items():   # before _dequantized below releases the pages

@@ -479,9 +479,14 @@ def _decode_codes() -> dict[str, int]:
 
 
 def _row_bytes(kind: str, C: int) -> int:
-    """Bytes of one row of C values as `kind` (ggml blocks, or T2: C/4 bytes of 2-bit codes,
-    then the row's f16 scale); ValueError when C is no whole number of blocks."""
-    bs, ts = (4, 1) if kind == "T2" else ops.QUANT_FORMATS[kind][:2]
+    """Bytes of one row of C values as `kind` (ggml blocks with an integer dot kernel, or T2:
+    C/4 bytes of 2-bit codes, then the row's f16 scale); ValueError when C is no whole
+    number of blocks."""
+    from nt.kernels.cpu import quant
+    if kind == "T2":
+        bs, ts = 4, 1
+    else:
+        bs, ts = quant.QDOT_BLOCK[quant.QDOT_CODES[kind]], quant.QDOT_TYPE_SIZE[quant.QDOT_CODES[kind]]
     if C % bs:
         raise ValueError(f"a {kind} row holds a multiple of {bs} values, not {C}")
     return C // 4 + 2 if kind == "T2" else C // bs * ts
