@@ -478,8 +478,8 @@ def _raw_rows(f: GGUFFile, name: str) -> np.ndarray:
 
 def _llama_import(f: GGUFFile, cfg: LlamaConfig, device: str, keep_quantized: bool) -> Llama:
     quantized = _kept_quantized(f, cfg) if keep_quantized or cfg.bitnet else {}
-    if device != "cpu":   # the K-quant integer kernels are CPU-only: dequantise those matrices
-        quantized = {n: k for n, k in quantized.items() if k not in ("Q4_K", "Q6_K")}
+    if device != "cpu":   # the K-quant and Q5_0 kernels are CPU-only: dequantise those matrices
+        quantized = {n: k for n, k in quantized.items() if k not in ("Q4_K", "Q6_K", "Q5_0")}
     model = Llama(cfg, device=device, seed=None, quantized=quantized)
     # on the CPU the parameters are filled in place (no second copy of the weights at the
     # peak); elsewhere through one host array
