@@ -203,7 +203,8 @@ def _lora_backward(k, out, xa, A, B, h, scale, parts, t):
 
 # ggml block formats linear_q reads: (elements per block, bytes per block, dequantiser kernel)
 QUANT_FORMATS = {"Q8_0": (32, 34, "dequantize_q8_0"), "Q4_0": (32, 18, "dequantize_q4_0"),
-                 "Q4_K": (256, 144, "dequantize_q4_k"), "Q6_K": (256, 210, "dequantize_q6_k")}
+                 "Q4_K": (256, 144, "dequantize_q4_k"), "Q6_K": (256, 210, "dequantize_q6_k"),
+                 "Q5_0": (32, 22, "dequantize_q5_0")}
 # From this many rows on (a prompt's prefill) linear_q expands the weight into the tape's
 # scratch and multiplies with BLAS (compute-bound: sgemm beats the integer kernels there).
 DEQUANT_ROWS = 16

@@ -213,7 +213,7 @@ def test_linear_q_rejects_bad_input():
     w = gguf.quantize(np.ones((8, 64), np.float32), "Q8_0")
     assert ops.linear_q(t, x, w, "Q8_0").shape == (2, 8)
     with pytest.raises(ValueError, match="kind"):
-        ops.linear_q(t, x, w, "Q5_0")
+        ops.linear_q(t, x, w, "Q5_1")
     with pytest.raises(ValueError, match="uint8"):
         ops.linear_q(t, x, w[:, :-1].copy(), "Q8_0")
     with pytest.raises(ValueError, match="multiple"):
