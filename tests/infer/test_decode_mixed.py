@@ -99,25 +99,31 @@ def test_decode_step_refuses_a_token_or_position_out_of_range():
     assert q._decode_one(3, 7) is not None
 
 
-def test_loader_keeps_mixed_matrices_as_decode_blocks(tmp_path):
-    """A GGUF file whose v rows and down matrices change type by layer (Q8_0 / Q4_0 here, the
-    types nt writes): those matrices load float for the tape path plus decode-only blocks, and
-    the fused step's logits match the dequantised model's."""
-    cfg = LlamaConfig.preset("llama-tiny", vocab_size=300, rope_pairing="interleaved", tie_embeddings=False)
-    model = Llama(cfg, seed=1)
+def _mixed_file(path, model, base: str, embedding: str = ""):
+    """Write model as a GGUF file whose layer-1 v rows and down matrix are Q8_0, the token
+    embedding `embedding` (base when empty), the other matrices `base`, the norms F32;
+    return its loads with and without keep_quantized."""
     meta, arrays = gguf_models._llama_export(model)
     meta["tokenizer.ggml.model"] = "none"
 
     def kind(name):
         if arrays[name].ndim < 2:
             return "F32"
-        if name.endswith(("attn_v.weight", "ffn_down.weight")) and name.startswith("blk.1."):
+        if name == "token_embd.weight" and embedding:
+            return embedding
+        if name.startswith("blk.1.") and name.endswith(("attn_v.weight", "ffn_down.weight")):
             return "Q8_0"
-        return "Q4_0"
-    path = tmp_path / "mixed.gguf"
+        return base
     gguf.write_gguf(path, meta, {n: (a, kind(n)) for n, a in arrays.items()})
-    q = gguf_models.load(path, keep_quantized=True)
-    deq = gguf_models.load(path)
+    return gguf_models.load(path, keep_quantized=True), gguf_models.load(path)
+
+
+def test_loader_keeps_mixed_matrices_as_decode_blocks(tmp_path):
+    """A GGUF file whose v rows and down matrices change type by layer (Q8_0 / Q4_0 here, the
+    types nt writes): those matrices load float for the tape path plus decode-only blocks, and
+    the fused step's logits match the dequantised model's."""
+    cfg = LlamaConfig.preset("llama-tiny", vocab_size=300, rope_pairing="interleaved", tie_embeddings=False)
+    q, deq = _mixed_file(tmp_path / "mixed.gguf", Llama(cfg, seed=1), "Q4_0")
     assert set(q.decode_blocks) == {"qkvw", "down"} and "qkvw" not in q.quantized
     assert q.decode_blocks["qkvw"][1] == [["Q4_0"] * 3, ["Q4_0", "Q4_0", "Q8_0"]]
     tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int32)
@@ -145,9 +151,6 @@ def test_loader_decodes_q5_0_matrices_on_blocks(tmp_path, monkeypatch):
     classifier from token_embd's blocks."""
     import gguf as gguf_package
     cfg = LlamaConfig.preset("llama-tiny", vocab_size=300, rope_pairing="interleaved", tie_embeddings=True)
-    model = Llama(cfg, seed=1)
-    meta, arrays = gguf_models._llama_export(model)
-    meta["tokenizer.ggml.model"] = "none"
     write_quantize = gguf.quantize   # nt writes no Q5_0: the gguf package's quantiser does
 
     def quantize(x, kind):
@@ -156,17 +159,7 @@ def test_loader_decodes_q5_0_matrices_on_blocks(tmp_path, monkeypatch):
         return np.asarray(gguf_package.quants.quantize(np.asarray(x, np.float32), gguf_package.GGMLQuantizationType.Q5_0)).view(np.uint8)
     monkeypatch.setattr(gguf, "quantize", quantize)
     monkeypatch.setattr(gguf, "WRITE_TYPES", gguf.WRITE_TYPES + ("Q5_0",))
-
-    def kind(name):
-        if arrays[name].ndim < 2:
-            return "F32"
-        if name == "token_embd.weight" or (name.startswith("blk.1.") and name.endswith(("attn_v.weight", "ffn_down.weight"))):
-            return "Q8_0"
-        return "Q5_0"
-    path = tmp_path / "q5.gguf"
-    gguf.write_gguf(path, meta, {n: (a, kind(n)) for n, a in arrays.items()})
-    q = gguf_models.load(path, keep_quantized=True)
-    deq = gguf_models.load(path)
+    q, deq = _mixed_file(tmp_path / "q5.gguf", Llama(cfg, seed=1), "Q5_0", embedding="Q8_0")
     assert set(q.decode_blocks) | set(q.quantized) == {"qkvw", "attn_out", "gate_up", "down"}
     assert set(q.decode_blocks) >= {"qkvw", "down"} and set(q.quantized.values()) <= {"Q5_0"}
     assert q.decode_blocks["qkvw"][1] == [["Q5_0"] * 3, ["Q5_0", "Q5_0", "Q8_0"]] and q.tied_head[0] == "Q8_0"
