@@ -75,6 +75,7 @@ def test_one_type_as_parts_equals_the_kept_matrix():
     ({"qkvw": [["Q4_K", "Q8_0", "Q4_K"], ["Q4_K"] * 3]}, "activation formats"),
     ({"qkvw": [["Q4_K"] * 2, ["Q4_K"] * 3]}, "parts"),
     ({"down": "short"}, "decode blocks of down"),
+    ({"down": [["Q6_K"]]}, "1 layers"),                           # one layer's types for two layers
 ])
 def test_bad_decode_blocks_are_refused(bad, match):
     q, _ = _mixed_pair({"qkvw": [["Q4_K"] * 3] * 2, "down": [["Q6_K"], ["Q4_K"]]})

@@ -419,7 +419,7 @@ class Llama(LanguageModel):
                 wf.append(p[name].data)
                 wq.append(np.zeros(0, np.uint8))
                 continue
-            parts[m] = _decode_parts(flat, kinds, name, _decode_part_rows(cfg, name), shapes[name][-1])
+            parts[m] = _decode_parts(flat, kinds, name, _decode_part_rows(cfg, name), shapes[name][-1], L)
             wf.append(none_f)
             wq.append(flat)
         if "lm_head" in self.quantized or (cfg.tie_embeddings and self.tied_head is not None):
@@ -446,14 +446,16 @@ def _decode_part_rows(cfg: LlamaConfig, name: str) -> tuple:
     return {"qkvw": (q, kv, kv), "attn_out": (cfg.dim,), "gate_up": (cfg.ffn_hidden,) * 2, "down": (cfg.dim,)}[name]
 
 
-def _decode_parts(flat: np.ndarray, kinds: list, name: str, rows: tuple, C: int) -> np.ndarray:
+def _decode_parts(flat: np.ndarray, kinds: list, name: str, rows: tuple, C: int, L: int) -> np.ndarray:
     """(L, 3, 3) (byte offset, code, bytes per row) of each layer's parts in `flat` (uint8,
     layer after layer, part after part, each part `rows[p]` rows of `kinds[l][p]` blocks of C
     values). ValueError unless flat holds exactly that and each layer's parts share one
     activation format (the decoder quantises a matrix's input once): the kernels read unchecked."""
     from nt.kernels.cpu import quant
     codes = _decode_codes()
-    out = np.zeros((len(kinds), 3, 3), np.int64)
+    if len(kinds) != L:
+        raise ValueError(f"decode blocks of {name} list {len(kinds)} layers' block types, the model has {L}")
+    out = np.zeros((L, 3, 3), np.int64)
     out[:, :, 1] = -1
     at = 0
     for l, layer in enumerate(kinds):
