@@ -77,13 +77,16 @@ def rmsnorm_forward(out, rstd, inp, weight, eps):
     _rmsnorm_forward[blocks(inp.shape[0], 1), THREADS, 0, shared_bytes(inp.dtype)](out, rstd, inp, weight, eps)
 
 
-def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd):
-    """Accumulate input and weight grads (dweight empty: frozen, skipped)."""
+def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, scratch):
+    """Accumulate input and weight grads (dweight empty: frozen, skipped); scratch (N, C)
+    holds the weight grad's per-chunk partial sums (at most N chunks)."""
     N, C = inp.shape
+    if scratch.shape[0] < N or scratch.shape[1] != C:
+        raise ValueError("rmsnorm_backward: scratch must be (N, C)")
     _rmsnorm_backward_input[blocks(N, 1), THREADS, 0, shared_bytes(inp.dtype)](dinp, dout, inp, weight, rstd)
     if dweight.shape[0]:
         n_chunks, rows = reduce.chunks(N)
-        partial = reduce.partials(1, N, C, inp.dtype)[0]
+        partial = scratch[:n_chunks]
         _rmsnorm_weight_partial[reduce.stage1_grid(n_chunks, C), THREADS](partial, dout, inp, rstd, rows)
         reduce.sum_partials(dweight, partial)
 

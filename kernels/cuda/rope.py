@@ -1,13 +1,12 @@
 """Rotary position embedding on the q and k heads of a fused qkv tensor (see the CPU twin).
 
-Position p = pos0 + t rotates pair i of every q and k head by p * inv_freq[i] (the op's
-float64 frequency table, theta^(-2i/hs) possibly rescaled);
-half=False pairs channels (2i, 2i+1), half=True pairs (i, i + hs/2). One thread per
-(position, pair) computes cos/sin once in float64 and rotates that pair in every head;
-the v heads are copied. The backward rotates by the negative angle and accumulates.
+Position t's pair i of every q and k head is rotated by the angle whose cos and sin are
+cs[t, i] and cs[t, hs/2 + i] (the op's float64 table (T, hs) of (pos0 + t) * inv_freq;
+its inverse table has the sines negated). half=False pairs channels (2i, 2i+1), half=True
+pairs (i, i + hs/2). One thread per (position, pair) reads its cos/sin once and rotates
+that pair in every head. The forward rotates in place (v heads untouched); the backward
+rotates by the negative angle and accumulates (v grads pass through).
 """
-import math
-
 from numba import cuda
 
 from .launch import THREADS, blocks
@@ -15,7 +14,7 @@ from .rmsnorm import _copy_values
 
 
 @cuda.jit(cache=True)
-def _rope(out, inp, NH, NKV, pos0, inv_freq, half, sign, accumulate):
+def _rope(out, inp, NH, NKV, cs, half, sign, accumulate):
     B, T, W = inp.shape
     hs = W // (NH + 2 * NKV)
     half_hs = hs // 2
@@ -23,9 +22,8 @@ def _rope(out, inp, NH, NKV, pos0, inv_freq, half, sign, accumulate):
         b = r // (T * half_hs)
         t = r // half_hs % T
         i = r % half_hs
-        angle = (pos0 + t) * inv_freq[i]  # float64: positions of 10^5 need it (as on the CPU)
-        c = inp.dtype.type(math.cos(angle))  # the rotation itself in the data's dtype
-        s = inp.dtype.type(sign * math.sin(angle))
+        c = inp.dtype.type(cs[t, i])  # the rotation itself in the data's dtype
+        s = inp.dtype.type(sign * cs[t, half_hs + i])
         for h in range(NH + NKV):
             if half:
                 a = h * hs + i
@@ -45,17 +43,24 @@ def _rope(out, inp, NH, NKV, pos0, inv_freq, half, sign, accumulate):
                 out[b, t, a2] = y1
 
 
-def rope_forward(out, qkv, NH, NKV, pos0, inv_freq, half):
-    """out (B, T, W) = qkv with q and k heads rotated to positions pos0..pos0+T-1."""
+def _check_table(cs, T, hs):
+    if cs.shape != (T, hs):
+        raise ValueError("rope: the cos/sin table must be (T, hs)")
+
+
+def rope_forward(qkv, NH, NKV, cs, half):
+    """Rotate qkv's (B, T, W) q and k heads in place by the angles of the table cs (T, hs)
+    (each pair is read, then written, by one thread)."""
     B, T, W = qkv.shape
     hs = W // (NH + 2 * NKV)
-    _rope[blocks(B * T * (hs // 2)), THREADS](out, qkv, NH, NKV, pos0, inv_freq, half, 1.0, False)
-    _copy_values[blocks(B * T * NKV * hs), THREADS](out, qkv, (NH + NKV) * hs, False)
+    _check_table(cs, T, hs)
+    _rope[blocks(B * T * (hs // 2)), THREADS](qkv, qkv, NH, NKV, cs, half, 1.0, False)
 
 
-def rope_backward(dqkv, dout, NH, NKV, pos0, inv_freq, half):
+def rope_backward(dqkv, dout, NH, NKV, cs, half):
     """Accumulate dqkv += dout rotated by the negative angles (v grads pass through)."""
     B, T, W = dout.shape
     hs = W // (NH + 2 * NKV)
-    _rope[blocks(B * T * (hs // 2)), THREADS](dqkv, dout, NH, NKV, pos0, inv_freq, half, -1.0, True)
+    _check_table(cs, T, hs)
+    _rope[blocks(B * T * (hs // 2)), THREADS](dqkv, dout, NH, NKV, cs, half, -1.0, True)
     _copy_values[blocks(B * T * NKV * hs), THREADS](dqkv, dout, (NH + NKV) * hs, True)

@@ -337,15 +337,15 @@ def rmsnorm(t: Tape, x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     out = t.new(x.shape)
     rstd = t.new_saved((N,))
     t.k.rmsnorm_forward(out.data.reshape(N, C), rstd.data, x.data.reshape(N, C), weight.data, float(eps))
-    t.record(_rmsnorm_backward, out, x, weight, rstd)
+    t.record(_rmsnorm_backward, out, x, weight, rstd, t)
     return out
 
 
-def _rmsnorm_backward(k, out, x, weight, rstd):
+def _rmsnorm_backward(k, out, x, weight, rstd, t):
     C = x.shape[-1]
     N = x.size // C
     k.rmsnorm_backward(x.grad.reshape(N, C), _grad(k, weight), out.grad.reshape(N, C),
-                       x.data.reshape(N, C), weight.data, rstd.data)
+                       x.data.reshape(N, C), weight.data, rstd.data, t.work((N, C)))
 
 
 def _qkv_heads(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int], op: str) -> tuple[int, int, int]:
@@ -389,7 +389,7 @@ def _qk_norm_backward(k, out, qkv, q_weight, k_weight, rstd, NH, NKV):
 # ----------------------------------------------------------------------------- rope
 
 ROPE_PAIRINGS = ("half", "interleaved")
-_ROPE_FREQS: dict = {}
+_ROPE_TABLES: dict = {}
 
 
 def rope_frequencies(hs: int, theta: float, scaling: Optional[tuple] = None) -> np.ndarray:
@@ -412,13 +412,20 @@ def rope_frequencies(hs: int, theta: float, scaling: Optional[tuple] = None) -> 
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def _rope_table(k, hs: int, theta: float, scaling: Optional[tuple], sign: float = 1.0):
-    """The op's frequencies (times sign: -1 turns a rotation into its inverse) as a device
-    array, made once per (device, hs, theta, scaling, sign)."""
-    key = (k.DEVICE, hs, theta, scaling, sign)
-    if key not in _ROPE_FREQS:
-        _ROPE_FREQS[key] = k.to_device(sign * rope_frequencies(hs, theta, scaling))
-    return _ROPE_FREQS[key]
+def _rope_tables(k, hs: int, theta: float, scaling: Optional[tuple], pos0: int, T: int) -> tuple:
+    """The kernels' float64 cos/sin tables (T, hs) of the angles (pos0 + t) * inv_freq[i]:
+    row t is [cos | sin], and the inverse rotation's table has the sines negated. One pair
+    per (device, hs, theta, scaling) is kept and remade when the positions change: training
+    makes it once for every layer and step, a decode a one-row pair per token. A remade
+    pair is a new array, so a recorded backward keeps the table of its own forward."""
+    key = (k.DEVICE, hs, theta, scaling)
+    entry = _ROPE_TABLES.get(key)
+    if entry is None or entry[0] != (pos0, T):
+        angles = np.outer(np.arange(pos0, pos0 + T, dtype=np.float64), rope_frequencies(hs, theta, scaling))
+        cos, sin = np.cos(angles), np.sin(angles)
+        entry = ((pos0, T), k.to_device(np.concatenate([cos, sin], 1)), k.to_device(np.concatenate([cos, -sin], 1)))
+        _ROPE_TABLES[key] = entry
+    return entry[1], entry[2]
 
 
 def _rope_args(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int], pos0: int, theta: float,
@@ -432,8 +439,8 @@ def _rope_args(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int], pos0
     if pos0 < 0 or not theta > 0:
         raise ValueError(f"{name}: need pos0 >= 0 and theta > 0, got pos0={pos0}, theta={theta}")
     scaling = None if scaling is None else tuple(float(v) for v in scaling)
-    args = (NH, NKV, int(pos0), _rope_table(t.k, hs, float(theta), scaling), pairing == "half")
-    return args, _rope_table(t.k, hs, float(theta), scaling, -1.0)
+    table, inverse = _rope_tables(t.k, hs, float(theta), scaling, int(pos0), qkv.shape[1])
+    return (NH, NKV, table, pairing == "half"), inverse
 
 
 def rope(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, pos0: int = 0,
@@ -447,7 +454,8 @@ def rope(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, pos
     """
     args, _ = _rope_args(t, qkv, n_head, n_kv_head, pos0, theta, pairing, scaling, "rope")
     out = t.new(qkv.shape)
-    t.k.rope_forward(out.data, qkv.data, *args)
+    t.k.copy_(out.data, qkv.data)
+    t.k.rope_forward(out.data, *args)   # rotates in place
     t.record(_rope_backward, out, qkv, args)
     return out
 
@@ -466,13 +474,13 @@ def rope_(t: Tape, qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, po
     if qkv.arena is not t.acts:
         raise ValueError("rope_: qkv must be an op output on this tape (it is overwritten in place)")
     args, inverse = _rope_args(t, qkv, n_head, n_kv_head, pos0, theta, pairing, scaling, "rope_")
-    t.k.rope_forward(qkv.data, qkv.data, *args)   # each pair is read, then written, by one thread
-    t.record(_rope_inplace_backward, qkv, args[:3] + (inverse,) + args[4:])
+    t.k.rope_forward(qkv.data, *args)
+    t.record(_rope_inplace_backward, qkv, args[:2] + (inverse,) + args[3:])
     return qkv
 
 
 def _rope_inplace_backward(k, qkv, inverse_args):
-    k.rope_forward(qkv.grad, qkv.grad, *inverse_args)
+    k.rope_forward(qkv.grad, *inverse_args)
 
 
 # ----------------------------------------------------------------------------- pointwise
@@ -710,7 +718,8 @@ def _rmsnorm_linear_backward(k, out, x, norm_weight, eps, rstd, weight, bias, ad
     xs = x.data.reshape(N, C)
     k.rmsnorm_forward(normed, rstd.data, xs, norm_weight.data, eps)   # the recomputation (rstd: the same values)
     _scratch_linear_grads(k, normed, dnormed, dh, out, weight, bias, adapter, h)
-    k.rmsnorm_backward(x.grad.reshape(N, C), _grad(k, norm_weight), dnormed, xs, norm_weight.data, rstd.data)
+    # normed is read by nothing after the weight's grad: the norm's scratch for its partial sums
+    k.rmsnorm_backward(x.grad.reshape(N, C), _grad(k, norm_weight), dnormed, xs, norm_weight.data, rstd.data, normed)
 
 
 def swiglu(t: Tape, x: Tensor) -> Tensor:

@@ -74,3 +74,30 @@ def test_qk_norm_rejects_bad_input():
         ops.qk_norm(t, p["qkv"], p["w4"], p["w4"], 3, 2)
     with pytest.raises(ValueError, match="width"):
         ops.qk_norm(t, p["qkv"], p["w4"], p["w4"], 5, 5)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_rmsnorm_backward_over_several_row_chunks(frozen):
+    """rmsnorm_backward sums the weight grad per ROW_CHUNK rows into the scratch, then over
+    the chunks: 37 rows (three chunks, the last one short) against the closed form in
+    float64, with grads accumulated onto what they held; an empty dweight (frozen) leaves
+    the input grad unchanged."""
+    from nt.kernels.cpu import rmsnorm_backward, rmsnorm_forward
+    from nt.kernels.cpu.rmsnorm import ROW_CHUNK
+    rng = np.random.default_rng(4)
+    N, C = 2 * ROW_CHUNK + 5, 9
+    x, w, dy = rng.standard_normal((N, C)), rng.standard_normal(C), rng.standard_normal((N, C))
+    out, rstd = np.empty((N, C)), np.empty(N)
+    rmsnorm_forward(out, rstd, x, w, 1e-5)
+    np.testing.assert_allclose(out, rms_reference(x, w, 1e-5), rtol=1e-12)
+    dx0, dw0 = rng.standard_normal((N, C)), rng.standard_normal(C)
+    dx, dw = dx0.copy(), (np.empty(0) if frozen else dw0.copy())
+    rmsnorm_backward(dx, dw, dy, x, w, rstd, rng.standard_normal((N, C)))   # scratch: any contents
+    xhat = x * rstd[:, None]
+    g = dy * w
+    want_dx = dx0 + rstd[:, None] * (g - xhat * (g * xhat).mean(-1, keepdims=True))
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
+    if not frozen:
+        np.testing.assert_allclose(dw, dw0 + (dy * xhat).sum(0), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="scratch"):
+        rmsnorm_backward(dx, dw, dy, x, w, rstd, np.empty((N - 1, C)))

@@ -126,3 +126,23 @@ def test_rope_in_place_refuses_a_parameter():
     t, p, _ = run_op(lambda t, p: p["qkv"], {"qkv": np.ones((1, 2, 16))})
     with pytest.raises(ValueError, match="op output"):
         ops.rope_(t, p["qkv"], 2, 1)
+
+
+def test_rope_backward_keeps_its_forwards_table():
+    """The ops keep one cos/sin table per (hs, theta, scaling) and remake it when the
+    positions change; a backward recorded before that still rotates by its own angles."""
+    NH, NKV, hs = 2, 1, 4
+    qkv = np.random.default_rng(5).standard_normal((1, 3, (NH + 2 * NKV) * hs))
+    dout = np.random.default_rng(6).standard_normal(qkv.shape)
+    t, p, out = run_op(lambda t, p: ops.rope(t, p["qkv"], NH, NKV, 7, 10.0), {"qkv": qkv})
+    run_op(lambda t, p: ops.rope(t, p["qkv"], NH, NKV, 2, 10.0), {"qkv": qkv[:, :2]})  # remade: other positions
+    p.zero_grad()
+    t.backward(out, dout)
+    # the rotation is orthogonal: the grad is dout rotated back by positions 7..9's angles
+    qk, _ = split(dout, NH, NKV)
+    angles = -np.outer(np.arange(7, 10), 1.0 / 10.0 ** (np.arange(0, hs, 2) / hs))
+    emb = np.concatenate([angles, angles], -1)[None, :, None, :]
+    rotated = np.concatenate([-qk[..., hs // 2:], qk[..., :hs // 2]], -1)
+    want = dout.copy()
+    want[..., :(NH + NKV) * hs] = (qk * np.cos(emb) + rotated * np.sin(emb)).reshape(1, 3, -1)
+    np.testing.assert_allclose(p["qkv"].grad, want, rtol=1e-12, atol=1e-12)
