@@ -392,19 +392,24 @@ def _idx(builder, i, k):
     return builder.add(i, ir.Constant(i.type, k)) if k else i
 
 
-_PREFETCH = True
+_PREFETCH_GROUPS = 2   # how many groups of R rows ahead the loop over blocks prefetches
 
 
-def _prefetch_next_rows(builder, row, R, stride, b, type_size):
-    """Ask for block b of the row R rows on (the next group's) while this one computes: R
-    rows read side by side are R interleaved streams, which the hardware prefetchers
-    followed worse than one (measured below). A prefetch never faults, so past the
-    matrix's end it is harmless."""
+def _prefetch_ahead(builder, row0, R, stride, b, type_size):
+    """Ask for the bytes of the rows _PREFETCH_GROUPS * R rows on that block b's share of one
+    linear sweep covers: R * type_size bytes per block, so over a group's loop over blocks the
+    prefetches walk the later group's rows (consecutive in a matrix) front to back, one
+    sequential stream. Prefetching block b of each of the next group's rows instead (R
+    interleaved streams, which then met R more from the rows being read) kept a 49152-row
+    Q8_0 classifier at 11 GB/s from memory; the sweep reads it at ~20, the plain read rate
+    (measured in docs/inference.md, "Prefetch"). A prefetch never faults: past the matrix's
+    end, or for rows that are not consecutive, it is only a wasted hint."""
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
                                         "llvm.prefetch.p0")
-    at = builder.add(builder.mul(stride, ir.Constant(stride.type, R)), builder.mul(b, ir.Constant(b.type, type_size)))
-    for off in range(0, type_size, 64):
-        builder.call(fn, [builder.gep(row, [_idx(builder, at, off)]), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+    at = builder.add(builder.mul(stride, ir.Constant(stride.type, R * _PREFETCH_GROUPS)),
+                     builder.mul(b, ir.Constant(b.type, R * type_size)))
+    for off in range(0, R * type_size, 64):
+        builder.call(fn, [builder.gep(row0, [_idx(builder, at, off)]), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
                           ir.Constant(_I32, 1)])
 
 
@@ -429,9 +434,8 @@ def _rows_intrinsic(block, type_size):
             macc = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(R)]
             nblocks = context.cast(builder, args[5], sig.args[5], numba.types.intp)
             with cgutils.for_range(builder, nblocks) as loop:
+                _prefetch_ahead(builder, wrows[0], R, stride, loop.index, type_size)
                 for k in range(R):
-                    if _PREFETCH:
-                        _prefetch_next_rows(builder, wrows[k], R, stride, loop.index, type_size)
                     block(builder, [wrows[k]] + ptrs, loop.index, acc[k], macc[k])
             out = []
             for k in range(R):
@@ -469,10 +473,15 @@ def _lanes_q8_0(builder, w, at, x):
 
 def _q4_0_quants(builder, w, at):
     """Q4_0's 32 unsigned quants from the 16 bytes at `at`: element j is the low nibble of
-    byte j, element j + 16 its high nibble."""
+    byte j, element j + 16 its high nibble. The 16 bytes are loaded into both 128-bit halves
+    (vbroadcasti128), the upper half shifted right by 4 (vpsrlvq: a shift per 64-bit lane),
+    then masked: two vector instructions where shifting, masking both halves and inserting
+    one into the other took four (the Q4_0 row dot 1.73 -> 1.48 ns per 32 weights)."""
+    i64x4 = _vec(ir.IntType(64), 4)
     packed = _load(builder, w, at, _vec(_I8, 16))
-    return builder.shuffle_vector(_nibbles(builder, packed, 0, 15), _nibbles(builder, packed, 4, 15),
-                                  _consts(_I32, range(32)))
+    both = builder.bitcast(builder.shuffle_vector(packed, packed, _consts(_I32, list(range(16)) * 2)), i64x4)
+    shifted = builder.lshr(both, ir.Constant(i64x4, [0, 0, 4, 4]))
+    return builder.and_(builder.bitcast(shifted, _vec(_I8, 32)), _consts(_I8, [15] * 32))
 
 
 def _q5_0_quants(builder, w, at):
