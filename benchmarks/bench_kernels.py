@@ -35,6 +35,8 @@ def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator):
     logits, xlse = r(N, Vp), r(N)
     nt.backend("cpu").softmax_xent_forward(r(1), r(N), xlse, logits, targets, V)
     P = 12 * C * C  # one layer's parameters, roughly
+    angles = np.outer(np.arange(T), 10000.0 ** -(np.arange(0, C // NH, 2) / (C // NH)))
+    rope_table = np.concatenate([np.cos(angles), np.sin(angles)], 1)  # float64 (T, hs), as ops.rope passes it
     return [
         ("embedding_forward", [r(B, T, C), ids, r(V, C), r(T, C), 0]),
         ("embedding_backward", [r(V, C), r(T, C), r(B, T, C), ids, 0]),
@@ -56,8 +58,7 @@ def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator):
         # partials: long enough for either backend's block count (each uses its prefix)
         ("sum_squares (1 layer)", [r(P), np.zeros(max(nt.backend("cpu").sum_squares_blocks(P), 8192))]),
         ("rmsnorm_forward", [r(N, C), r(N), r(N, C), r(C), 1e-5]),
-        ("rope_forward", [r(B, T, 3 * C), qkv, NH, NH, 0, 10000.0 ** -(np.arange(0, C // NH, 2) / (C // NH)),
-                          True]),
+        ("rope_forward", [r(B, T, 3 * C), NH, NH, rope_table, True]),
         ("glu_forward (swiglu)", [r(N, 4 * C), r(N, 8 * C), 2]),
     ]
 

@@ -51,7 +51,7 @@ def signatures(f):
     """(kernel, argument types) for every kernel, with float type f."""
     A1, A2, A3 = f[::1], f[:, ::1], f[:, :, ::1]
     I1, I2 = types.int32[::1], types.int32[:, ::1]
-    F, I, B, D1 = types.float64, types.int64, types.boolean, types.float64[::1]
+    F, I, B, D1, D2 = types.float64, types.int64, types.boolean, types.float64[::1], types.float64[:, ::1]
     U, L1 = types.uint64, types.int64[::1]
     return [
         (memory._fill, (A1, F)),
@@ -89,7 +89,7 @@ def signatures(f):
         (rmsnorm._qk_norm_backward_input, (A3, A3, A3, A1, A1, A3, I, I)),
         (rmsnorm._qk_norm_weights_partial, (A3, A3, A3, A3, I, I, I)),
         (rmsnorm._copy_values, (A3, A3, I, B)),
-        (rope._rope, (A3, A3, I, I, I, D1, B, F, B)),
+        (rope._rope, (A3, A3, I, I, D2, B, F, B)),
         (embedding._embedding_forward, (A3, I2, A2, A2, I)),
         (embedding._embedding_backward_tokens, (A2, A3, I2)),
         (embedding._embedding_backward_positions, (A2, A3, I)),
@@ -167,8 +167,8 @@ def all_kernels():
 FLOAT32_MODULES = {"activations", "attention", "bf16", "dropout", "elementwise", "embedding", "hebbian", "layernorm",
                    "matmul", "memory", "optim", "quant", "reduce", "rmsnorm", "rope"}
 FLOAT64_NEEDED = {
-    "rope._rope": "angle = position * inv_freq and its cos/sin once per (position, pair): float32 "
-                  "angles of positions near 10^5 are off by ~1e-2 rad (the rotation is float32)",
+    "rope._rope": "reads the op's float64 cos/sin table once per (position, pair) and converts it: "
+                  "float32 angles of positions near 10^5 are off by ~1e-2 rad (the rotation is float32)",
     "dropout._dropout": "the mask compares a 53-bit uniform with p, bit-identical to the CPU's masks "
                         "(test_kernels' dropout test); one compare per element",
     "optim._adam": "the bias corrections 1 - beta^t, once per table block (the update is float32)",

@@ -173,8 +173,8 @@ def test_rmsnorm_and_qk_norm(dtype):
     inp, w, rstd = randn(rng, dtype, N, C), randn(rng, dtype, C), randn(rng, dtype, N)
     parity("rmsnorm_forward", [randn(rng, dtype, N, C), rstd, inp, w, 1e-6], [0, 1], dtype)
     cpu.rmsnorm_forward(randn(rng, dtype, N, C), rstd, inp, w, 1e-6)
-    parity("rmsnorm_backward", [randn(rng, dtype, N, C), randn(rng, dtype, C), randn(rng, dtype, N, C), inp, w, rstd],
-           [0, 1], dtype)
+    parity("rmsnorm_backward", [randn(rng, dtype, N, C), randn(rng, dtype, C), randn(rng, dtype, N, C), inp, w, rstd,
+                                randn(rng, dtype, N, C)], [0, 1], dtype)   # the last: scratch
     B, T, NH, NKV, hs = 2, 3, 2, 1, 4
     W = (NH + 2 * NKV) * hs
     qkv, qw, kw, rs = randn(rng, dtype, B, T, W), randn(rng, dtype, hs), randn(rng, dtype, hs), randn(rng, dtype, B, T, NH + NKV)
@@ -190,10 +190,10 @@ def test_rope(dtype, half):
     rng = np.random.default_rng(10)
     B, T, NH, NKV, hs, pos0 = 2, 3, 2, 1, 4, 5
     W = (NH + 2 * NKV) * hs
-    inv_freq = 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs)  # float64, as ops.rope passes it
-    parity("rope_forward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, pos0, inv_freq, half],
-           [0], dtype)
-    parity("rope_backward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, pos0, inv_freq, half],
+    angles = np.outer(np.arange(pos0, pos0 + T), 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs))
+    cs = np.concatenate([np.cos(angles), np.sin(angles)], 1)  # float64 (T, hs), as ops.rope passes it
+    parity("rope_forward", [randn(rng, dtype, B, T, W), NH, NKV, cs, half], [0], dtype)
+    parity("rope_backward", [randn(rng, dtype, B, T, W), randn(rng, dtype, B, T, W), NH, NKV, cs, half],
            [0], dtype)
 
 
