@@ -10,17 +10,23 @@ the T - q0 query rows. q0 = 0 is ordinary causal self-attention. causal=False le
 query see every key 0..T-1 (a vision transformer's bidirectional attention); nt.ops
 refuses a window then, so the kernels never combine the two.
 
-The work is cut into blocks of QBLOCK query rows of one head. A block's scores against
-every key its rows can see are one BLAS call (QBLOCK x keys x hs) into the worker's
-slice of `work`; the softmax runs on those rows in place, and a second BLAS call
-multiplies them by the values. Blocks keep the causal waste small (a block computes the
-scores right of its diagonal and zeroes them) and the scratch at QBLOCK x T per worker:
-no T x T matrix is stored. The forward saves only each row's log-sum-exp; the backward
-recomputes the probabilities from it, again a block at a time, with five BLAS calls.
+The work is cut into blocks: up to QBLOCK query positions of G query heads that share one
+kv head (G = NH // NKV when the scratch holds them), so grouped-query attention reads each
+key and value block once per group, in products G times taller (SmolLM2's 3 heads a
+group: 10-12% faster than head by head). A group's query rows are gathered into the
+worker's scratch, head after head (one head, G = 1, is used in place); the block's scores
+against every key its positions can see are one BLAS call (G*QBLOCK x keys x hs), the
+softmax runs on those rows in place, and a second BLAS call multiplies them by the
+values. Blocks keep the causal waste small (a block computes the scores right of its
+diagonal and zeroes them) and the scratch at a few hundred rows of T per worker: no
+T x T matrix is stored. The forward saves only each row's log-sum-exp; the backward
+recomputes the probabilities from it, again a block at a time.
 
 BLAS is called from inside the parallel loop, each call a small matrix product on its
 worker's core: OpenBLAS is held to one thread meanwhile (its own thread pool, woken for
-every small call from two workers at once, made the kernel 2x to 50x slower).
+every small call from two workers at once, made the kernel 2x to 50x slower). The parallel
+kernels only deal tasks to workers; a task is a plain @njit function: inlined into the
+parallel loop, the same code took Numba's parfor passes 1.5x as long to compile.
 """
 import numba
 import numpy as np
@@ -31,28 +37,38 @@ from .blas import blas_get_threads, blas_set_threads, gemm
 from .vmath import like
 
 FASTMATH = {"reassoc", "contract"}
-QBLOCK = 64  # query rows per block: big enough for BLAS, small enough to waste little
+QBLOCK = 64        # query positions per block: big enough for BLAS, small enough to waste little
+MAX_ROWS = 256     # query rows (positions x heads) per block; taller gemms gain little more
+SCORE_BUDGET = 1 << 18  # score entries per worker (rows x T) before long sequences get fewer rows
+HS = 64            # the head size the scratch is sized for (a larger one gets fewer rows)
 
 
 def attention_work_shape(T: int) -> tuple:
-    """The `work` array the attention kernels need: one row per worker thread, holding
-    two (QBLOCK, T) score blocks."""
-    return (numba.get_num_threads(), 2 * QBLOCK * T)
+    """The `work` array the attention kernels need: one row per worker thread, holding a
+    block's two score matrices (rows x T), two gathered matrices (rows x HS: the queries,
+    and the output or its grad) and one number per row."""
+    rows = max(QBLOCK, min(MAX_ROWS, SCORE_BUDGET // T))
+    return (numba.get_num_threads(), rows * (2 * T + 2 * HS + 1))
 
 
 @njit(inline="always")
-def _sizes(qkv, out, NH, NKV, q0):
-    """B, T, qkv's row width, head size, query heads per kv head, query blocks."""
-    B, T, width = qkv.shape
-    return B, T, width, out.shape[2] // NH, NH // NKV, (T - q0 + QBLOCK - 1) // QBLOCK
+def _block_shape(T, q0, hs, group, L):
+    """(G, P): query heads and positions per block that a worker's L scratch numbers hold
+    (rows of 2*T scores, one number and 2*hs gathered values)."""
+    rows = L // (2 * T + 2 * hs + 1)
+    if rows < 1:
+        raise ValueError("attention: work is too small (use attention_work_shape(T))")
+    P = min(QBLOCK, T - q0, rows)
+    G = min(group, rows // P)
+    return G, P
 
 
 @njit(inline="always")
-def _block(blk, q0, T, window, causal):
+def _block_rows(blk, P, q0, T, window, causal):
     """Block blk's first and one-past-last query positions, its first visible key and
     one past its last (the block's last row when causal, else the last key)."""
-    r0 = q0 + blk * QBLOCK
-    r1 = min(T, r0 + QBLOCK)
+    r0 = q0 + blk * P
+    r1 = min(T, r0 + P)
     k0 = max(0, r0 - window + 1) if window > 0 else 0
     return r0, r1, k0, r1 if causal else T
 
@@ -64,105 +80,178 @@ def _visible(t, k0, window, causal, k1):
     return lo, (t + 1 if causal else k1) - k0
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(inline="always")
+def _at(a, ld, row, col):
+    """A flat array from element (row, col) of the matrix with row stride ld it holds:
+    how gemm and _copy take a matrix (its first element and its row stride)."""
+    return a[row * ld + col:]
+
+
+@njit(cache=True)
+def _copy(dst, ldd, src, lds, rows, cols):
+    """dst = src for two (rows, cols) blocks given as flat arrays from their first element
+    with row strides ldd and lds. A function of its own, one loop over 1-D C slices: an
+    inlined copy at every call site (or Numba's array assignment, which drags in its
+    broadcasting and error-message code) cost seconds of compile."""
+    for i in range(rows):
+        d, s = dst[i * ldd:i * ldd + cols], src[i * lds:i * lds + cols]
+        for c in range(cols):
+            d[c] = s[c]
+
+
+# The tasks take qkv, out and their grads flat (fewer array types and index computations
+# to compile): qkv's row of (b, t) is b*T + t, out's is b*(T - q0) + t - q0.
+
+@njit(cache=True, fastmath=FASTMATH)
+def _forward_task(out, lse, qkv, ws, b, kv, h0, G, r0, r1, k0, k1, T, hs, NH, NKV, window, q0, causal):
+    """Heads h0..h0+G-1 (sharing kv head kv) at positions r0..r1-1 of batch row b."""
+    width, ow = (NH + 2 * NKV) * hs, NH * hs
+    x, o = b * T, b * (T - q0) - q0  # qkv's and out's row of position 0
+    M, N = r1 - r0, k1 - k0
+    R = G * M
+    scale = like(qkv[0], 1.0 / np.sqrt(hs))
+    zero, one = like(scale, 0.0), like(scale, 1.0)
+    S = ws[:R * N]
+    # one head (G = 1) is read and written in place; a group is gathered into scratch,
+    # head after head: row g*M + i is head h0+g at position r0+i
+    Q, O = _at(qkv, width, x + r0, h0 * hs), _at(out, ow, o + r0, h0 * hs)
+    ldq, ldo = width, ow
+    if G > 1:
+        Q, O = ws[R * N:R * (N + hs)], ws[R * (N + hs):R * (N + 2 * hs)]
+        ldq, ldo = hs, hs
+        for g in range(G):
+            _copy(Q[g * M * hs:], hs, _at(qkv, width, x + r0, (h0 + g) * hs), width, M, hs)
+    kc = (NH + kv) * hs
+    gemm(False, True, R, N, hs, scale, Q, ldq, _at(qkv, width, x + k0, kc), width, zero, S, N)
+    for row in range(R):
+        g, i = row // M, row % M
+        lo, hi = _visible(r0 + i, k0, window, causal, k1)
+        s = S[row * N:(row + 1) * N]
+        # the visible columns as a slice of their own, indexed from 0, so the loops
+        # vectorize (over range(lo, hi) Numba keeps negative-index wraparound: scalar exp)
+        sv = s[lo:hi]
+        m = sv[0]
+        for j in range(1, sv.shape[0]):
+            m = max(m, sv[j])
+        l = zero
+        for j in range(sv.shape[0]):
+            e = vmath.exp(sv[j] - m)
+            sv[j] = e
+            l += e
+        inv = one / l
+        for j in range(sv.shape[0]):
+            sv[j] *= inv
+        s[:lo] = zero
+        s[hi:] = zero
+        lse[b, h0 + g, r0 + i - q0] = m + np.log(l)
+    gemm(False, False, R, hs, N, one, S, N, _at(qkv, width, x + k0, kc + NKV * hs), width, zero, O, ldo)
+    if G > 1:
+        for g in range(G):
+            _copy(_at(out, ow, o + r0, (h0 + g) * hs), ow, O[g * M * hs:], hs, M, hs)
+
+
+@njit(parallel=True, cache=True)
 def attention_forward(out, lse, qkv, work, NH, NKV, window, q0, causal=True):
     """out (B, T-q0, NH*hs) = softmax(q k^T / sqrt(hs), causal mask if causal) v; lse (B, NH, T-q0).
 
     work: attention_work_shape(T), any contents (it is scratch)."""
-    B, T, width, hs, group, nblk = _sizes(qkv, out, NH, NKV, q0)
-    scale = like(qkv[0, 0, 0], 1.0 / np.sqrt(hs))
-    zero, one = like(scale, 0.0), like(scale, 1.0)
+    B, T = qkv.shape[0], qkv.shape[1]
+    hs, group = out.shape[2] // NH, NH // NKV
+    G, P = _block_shape(T, q0, hs, group, work.shape[1])
+    chunks = (group + G - 1) // G       # blocks of G heads per kv head
+    heads = NKV * chunks
+    nblk = (T - q0 + P - 1) // P
+    x, o = qkv.reshape(qkv.size), out.reshape(out.size)
     W = work.shape[0]
     blas_threads = blas_get_threads()
     blas_set_threads(1)
     for w in prange(W):
-        S = work[w, :QBLOCK * T].reshape((QBLOCK, T))
         # block index varies slowest, so every worker gets a share of the big late blocks
-        for task in range(w, nblk * B * NH, W):
-            blk = task // (B * NH)
-            b = (task // NH) % B
-            h = task % NH
-            kc = (NH + h // group) * hs   # this head's key columns
-            vc = kc + NKV * hs             # and value columns
-            r0, r1, k0, k1 = _block(blk, q0, T, window, causal)
-            M, N = r1 - r0, k1 - k0
-            gemm(False, True, M, N, hs, scale, qkv[b, r0:, h * hs:], width, qkv[b, k0:, kc:], width,
-                 zero, S, T)
-            for i in range(M):
-                lo, hi = _visible(r0 + i, k0, window, causal, k1)
-                s = S[i]
-                # the visible columns as a slice of their own, indexed from 0, so the loops
-                # vectorize (over range(lo, hi) Numba keeps negative-index wraparound: scalar exp)
-                sv = s[lo:hi]
-                m = sv[0]
-                for j in range(1, sv.shape[0]):
-                    m = max(m, sv[j])
-                l = zero
-                for j in range(sv.shape[0]):
-                    e = vmath.exp(sv[j] - m)
-                    sv[j] = e
-                    l += e
-                inv = one / l
-                for j in range(sv.shape[0]):
-                    sv[j] *= inv
-                s[:lo] = zero
-                s[hi:N] = zero
-                lse[b, h, r0 + i - q0] = m + np.log(l)
-            gemm(False, False, M, hs, N, one, S, T, qkv[b, k0:, vc:], width,
-                 zero, out[b, r0 - q0:, h * hs:], NH * hs)
+        for task in range(w, nblk * B * heads, W):
+            blk, b, c = task // (B * heads), (task // heads) % B, task % heads
+            kv = c // chunks
+            h0 = kv * group + (c % chunks) * G
+            r0, r1, k0, k1 = _block_rows(blk, P, q0, T, window, causal)
+            _forward_task(o, lse, x, work[w], b, kv, h0, min(G, (kv + 1) * group - h0),
+                          r0, r1, k0, k1, T, hs, NH, NKV, window, q0, causal)
     blas_set_threads(blas_threads)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH)
+def _backward_task(dqkv, dout, qkv, out, lse, ws, b, kv, h0, G, r0, r1, k0, k1, T, hs, NH, NKV, window, q0, causal):
+    """Add heads h0..h0+G-1's grads at query positions r0..r1-1 of batch row b into dqkv."""
+    width, ow = (NH + 2 * NKV) * hs, NH * hs
+    x, o = b * T, b * (T - q0) - q0
+    M, N = r1 - r0, k1 - k0
+    R = G * M
+    scale = like(qkv[0], 1.0 / np.sqrt(hs))
+    zero, one = like(scale, 0.0), like(scale, 1.0)
+    P, dS, D = ws[:R * N], ws[R * N:2 * R * N], ws[2 * R * N:R * (2 * N + 1)]
+    # one head in place, a group gathered into scratch (as in the forward)
+    Q, dO = _at(qkv, width, x + r0, h0 * hs), _at(dout, ow, o + r0, h0 * hs)
+    ldq, ldo = width, ow
+    if G > 1:
+        base = R * (2 * N + 1)
+        Q, dO = ws[base:base + R * hs], ws[base + R * hs:base + 2 * R * hs]
+        ldq, ldo = hs, hs
+        for g in range(G):
+            _copy(Q[g * M * hs:], hs, _at(qkv, width, x + r0, (h0 + g) * hs), width, M, hs)
+            _copy(dO[g * M * hs:], hs, _at(dout, ow, o + r0, (h0 + g) * hs), ow, M, hs)
+    for row in range(R):
+        # D = sum_j p_j dp_j = do . o, the softmax backward's shared term
+        start = (o + r0 + row % M) * ow + (h0 + row // M) * hs
+        do_, o_ = dout[start:start + hs], out[start:start + hs]
+        d = zero
+        for c in range(hs):
+            d += do_[c] * o_[c]
+        D[row] = d
+    kc = (NH + kv) * hs
+    vc = kc + NKV * hs
+    gemm(False, True, R, N, hs, scale, Q, ldq, _at(qkv, width, x + k0, kc), width, zero, P, N)
+    gemm(False, True, R, N, hs, one, dO, ldo, _at(qkv, width, x + k0, vc), width, zero, dS, N)
+    for row in range(R):
+        g, i = row // M, row % M
+        lo, hi = _visible(r0 + i, k0, window, causal, k1)
+        L, d = lse[b, h0 + g, r0 + i - q0], D[row]
+        p, ds = P[row * N:(row + 1) * N], dS[row * N:(row + 1) * N]
+        # the visible columns as slices of their own: counted from 0 the indices are
+        # known non-negative and the loop vectorizes (over range(lo, hi) Numba's
+        # negative-index wraparound kept it scalar)
+        pv, dsv = p[lo:hi], ds[lo:hi]
+        for j in range(pv.shape[0]):
+            pj = vmath.exp(pv[j] - L)
+            pv[j] = pj
+            dsv[j] = pj * (dsv[j] - d) * scale
+        p[:lo] = zero
+        p[hi:] = zero
+        ds[:lo] = zero
+        ds[hi:] = zero
+    for g in range(G):  # query grads head by head, added in place (as fast as one stacked product)
+        gemm(False, False, M, hs, N, one, dS[g * M * N:], N, _at(qkv, width, x + k0, kc), width,
+             one, _at(dqkv, width, x + r0, (h0 + g) * hs), width)
+    gemm(True, False, N, hs, R, one, dS, N, Q, ldq, one, _at(dqkv, width, x + k0, kc), width)
+    gemm(True, False, N, hs, R, one, P, N, dO, ldo, one, _at(dqkv, width, x + k0, vc), width)
+
+
+@njit(parallel=True, cache=True)
 def attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0, causal=True):
     """Accumulate dqkv from dout (work as for the forward). Tasks own one (batch, kv head)
     pair, so the key and value grads that several query heads and blocks add into have a
     single writer."""
-    B, T, width, hs, group, nblk = _sizes(qkv, out, NH, NKV, q0)
-    scale = like(qkv[0, 0, 0], 1.0 / np.sqrt(hs))
-    zero, one = like(scale, 0.0), like(scale, 1.0)
+    B, T = qkv.shape[0], qkv.shape[1]
+    hs, group = out.shape[2] // NH, NH // NKV
+    G, P = _block_shape(T, q0, hs, group, work.shape[1])
+    nblk = (T - q0 + P - 1) // P
+    flat = (dqkv.reshape(dqkv.size), dout.reshape(dout.size), qkv.reshape(qkv.size), out.reshape(out.size))
     W = work.shape[0]
     blas_threads = blas_get_threads()
     blas_set_threads(1)
     for w in prange(W):
-        P = work[w, :QBLOCK * T].reshape((QBLOCK, T))
-        dS = work[w, QBLOCK * T:2 * QBLOCK * T].reshape((QBLOCK, T))
         for task in range(w, B * NKV, W):
-            b = task // NKV
-            kv = task % NKV
-            kc = (NH + kv) * hs
-            vc = kc + NKV * hs
-            for h in range(kv * group, (kv + 1) * group):
-                qc = h * hs
+            b, kv = task // NKV, task % NKV
+            for h0 in range(kv * group, (kv + 1) * group, G):
                 for blk in range(nblk):
-                    r0, r1, k0, k1 = _block(blk, q0, T, window, causal)
-                    M, N = r1 - r0, k1 - k0
-                    q_rows, do_rows = qkv[b, r0:, qc:], dout[b, r0 - q0:, qc:]
-                    gemm(False, True, M, N, hs, scale, q_rows, width, qkv[b, k0:, kc:], width, zero, P, T)
-                    gemm(False, True, M, N, hs, one, do_rows, NH * hs, qkv[b, k0:, vc:], width, zero, dS, T)
-                    for i in range(M):
-                        lo, hi = _visible(r0 + i, k0, window, causal, k1)
-                        # D = sum_j p_j dp_j = do . o, the softmax backward's shared term
-                        do, o = dout[b, r0 + i - q0, qc:qc + hs], out[b, r0 + i - q0, qc:qc + hs]
-                        D = zero
-                        for c in range(hs):
-                            D += do[c] * o[c]
-                        L = lse[b, h, r0 + i - q0]
-                        p, ds = P[i], dS[i]
-                        # the visible columns as slices of their own: counted from 0 the
-                        # indices are known non-negative and the loop vectorizes (over
-                        # range(lo, hi) Numba's negative-index wraparound kept it scalar)
-                        pv, dsv = p[lo:hi], ds[lo:hi]
-                        for j in range(pv.shape[0]):
-                            pj = vmath.exp(pv[j] - L)
-                            pv[j] = pj
-                            dsv[j] = pj * (dsv[j] - D) * scale
-                        p[:lo] = zero
-                        p[hi:N] = zero
-                        ds[:lo] = zero
-                        ds[hi:N] = zero
-                    gemm(False, False, M, hs, N, one, dS, T, qkv[b, k0:, kc:], width,
-                         one, dqkv[b, r0:, qc:], width)
-                    gemm(True, False, N, hs, M, one, dS, T, q_rows, width, one, dqkv[b, k0:, kc:], width)
-                    gemm(True, False, N, hs, M, one, P, T, do_rows, NH * hs, one, dqkv[b, k0:, vc:], width)
+                    r0, r1, k0, k1 = _block_rows(blk, P, q0, T, window, causal)
+                    _backward_task(*flat, lse, work[w], b, kv, h0, min(G, (kv + 1) * group - h0),
+                                   r0, r1, k0, k1, T, hs, NH, NKV, window, q0, causal)
     blas_set_threads(blas_threads)

@@ -174,3 +174,56 @@ def test_noncausal_attention_refuses_a_window_and_non_bool():
         ops.attention(Tape("cpu", np.float64), p["qkv"], 2, 1, window=2, causal=False)
     with pytest.raises(TypeError, match="causal"):
         ops.attention(Tape("cpu", np.float64), p["qkv"], 2, 1, causal="no")
+
+
+# ----------------------------------------------------------------------------- grouped blocks
+# Query heads that share a kv head are stacked into one block (their rows gathered into
+# the worker's scratch); these cases reach it with 3 and 4 heads a group, two blocks of
+# positions (T not a multiple of the block), a KV cache, a window and no causal mask.
+
+GROUPED = [(6, 2, 0, 0, True), (8, 2, 0, 0, True), (6, 2, 20, 0, True), (8, 2, 0, 5, True),
+           (6, 2, 20, 5, True), (8, 2, 0, 5, False)]
+
+
+@pytest.mark.parametrize("NH,NKV,window,q0,causal", GROUPED)
+def test_grouped_attention_matches_numpy(NH, NKV, window, q0, causal):
+    hs, B, T = 4, 2, 70
+    qkv = np.random.default_rng(11).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    _, _, out = run_op(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, window, q0, causal), {"qkv": qkv})
+    np.testing.assert_allclose(out.data, reference(qkv, NH, NKV, window, causal)[:, q0:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("NH,NKV,window,q0,causal", [(3, 1, 0, 0, True), (4, 1, 30, 3, True), (3, 1, 0, 3, False)])
+def test_grouped_attention_backward_finite_differences(NH, NKV, window, q0, causal):
+    hs, B, T = 2, 1, 67
+    qkv = np.random.default_rng(12).standard_normal((B, T, (NH + 2 * NKV) * hs))
+    check_grads(lambda t, p: ops.attention(t, p["qkv"], NH, NKV, window, q0, causal), {"qkv": qkv}, max_checks=120)
+
+
+@pytest.mark.parametrize("rows", [128, 40])
+def test_grouped_attention_in_less_scratch(rows):
+    """Scratch for fewer rows than a group's block: 128 rows hold two of three heads a block
+    (a second block of one head follows), 40 rows one head at 40 positions; the results
+    are those of the full scratch."""
+    from nt.kernels import cpu
+
+    hs, B, T, NH, NKV = 4, 2, 70, 6, 2
+    rng = np.random.default_rng(13)
+    qkv, dout = rng.standard_normal((B, T, (NH + 2 * NKV) * hs)), rng.standard_normal((B, T, NH * hs))
+    results = []
+    for work in (np.zeros(cpu.attention_work_shape(T)), np.zeros((2, rows * (2 * T + 2 * hs + 1)))):
+        out, lse, dqkv = np.zeros((B, T, NH * hs)), np.zeros((B, NH, T)), np.zeros_like(qkv)
+        cpu.attention_forward(out, lse, qkv, work, NH, NKV, 0, 0, True)
+        cpu.attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, 0, 0, True)
+        results.append((out, dqkv))
+    np.testing.assert_allclose(results[0][0], reference(qkv, NH, NKV), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)
+
+
+def test_attention_refuses_too_little_scratch():
+    from nt.kernels import cpu
+
+    qkv = np.zeros((1, 4, 24))
+    with pytest.raises(ValueError, match="work"):
+        cpu.attention_forward(np.zeros((1, 4, 8)), np.zeros((1, 2, 4)), qkv, np.zeros((2, 10)), 2, 2, 0, 0, True)
