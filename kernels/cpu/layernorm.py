@@ -10,34 +10,39 @@ from numba import njit, prange
 COL_BLOCK = 64  # columns per parallel task when reducing weight/bias grads over rows
 
 
+# The residual kernels are the parallel kernels themselves; the plain ones call them with
+# an empty residual. Every @njit entry point around a parallel kernel links its code and
+# optimises it again (~0.2-0.5 s each on a cold start), so the fused pair, which a GPT-2
+# step calls most, has none.
 @njit(parallel=True, cache=True)
-def _forward(out, mean, rstd, inp, res, weight, bias, eps):
-    """Normalise each row of inp; with res (N, C) not empty, first inp += res in the same
-    pass (the residual sum, written in inp's memory, is what gets normalised)."""
-    N, C = inp.shape
-    has_res = res.shape[0] > 0
+def residual_layernorm_forward(out, mean, rstd, h, x, weight, bias, eps):
+    """h += x (the residual sum, in h's memory), then out = layernorm(h), in one pass per
+    row; saves mean and 1/std. Equal bit for bit to add_forward then layernorm_forward.
+    x may be empty (0 rows): no residual, h is normalised as it is."""
+    N, C = h.shape
+    has_res = x.shape[0] > 0
     has_bias = bias.shape[0] > 0
     for n in prange(N):
-        x = inp[n]
+        row = h[n]
         m = 0.0
         if has_res:
-            r = res[n]
+            r = x[n]
             for c in range(C):
-                x[c] = x[c] + r[c]
-                m += x[c]
+                row[c] = row[c] + r[c]
+                m += row[c]
         else:
             for c in range(C):
-                m += x[c]
+                m += row[c]
         m /= C
         var = 0.0
         for c in range(C):
-            d = x[c] - m
+            d = row[c] - m
             var += d * d
         var /= C
         s = 1.0 / np.sqrt(var + eps)
         o = out[n]
         for c in range(C):
-            o[c] = (x[c] - m) * s * weight[c]
+            o[c] = (row[c] - m) * s * weight[c]
             if has_bias:
                 o[c] += bias[c]
         mean[n] = m
@@ -45,18 +50,20 @@ def _forward(out, mean, rstd, inp, res, weight, bias, eps):
 
 
 @njit(parallel=True, cache=True)
-def _backward(dinp, dres, dweight, dbias, dout, inp, weight, mean, rstd):
-    """Accumulate input, weight and bias grads; with dres (N, C) not empty, also
-    dres += dinp after dinp got the norm's share (the residual's pass-through grad).
+def residual_layernorm_backward(dh, dx, dweight, dbias, dout, h, weight, mean, rstd):
+    """The backward of residual_layernorm_forward, h now holding the sum: dh (the sum's
+    grad, holding what its other readers gave) += the norm's input grad, then dx += dh,
+    in one pass per row; dx may be empty (no residual). dweight / dbias may be empty
+    (frozen or no bias): that grad is skipped.
 
-    dx = rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w * xhat)), per row; the weight and
+    dh += rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w * xhat)), per row; the weight and
     bias grads sum over rows, done in a second pass that gives each task a block of
     columns, so the result does not depend on the thread count.
     """
-    N, C = inp.shape
-    has_res = dres.shape[0] > 0
+    N, C = h.shape
+    has_res = dx.shape[0] > 0
     for n in prange(N):
-        x = inp[n]
+        x = h[n]
         dy = dout[n]
         m = mean[n]
         s = rstd[n]
@@ -69,14 +76,14 @@ def _backward(dinp, dres, dweight, dbias, dout, inp, weight, mean, rstd):
             dnorm_norm_mean += dnorm * xhat
         dnorm_mean /= C
         dnorm_norm_mean /= C
-        dx = dinp[n]
+        d = dh[n]
         for c in range(C):
             xhat = (x[c] - m) * s
-            dx[c] += (dy[c] * weight[c] - dnorm_mean - xhat * dnorm_norm_mean) * s
+            d[c] += (dy[c] * weight[c] - dnorm_mean - xhat * dnorm_norm_mean) * s
         if has_res:
-            dr = dres[n]
+            dr = dx[n]
             for c in range(C):
-                dr[c] += dx[c]
+                dr[c] += d[c]
     has_weight = dweight.shape[0] > 0
     has_bias = dbias.shape[0] > 0
     if not (has_weight or has_bias):
@@ -87,36 +94,22 @@ def _backward(dinp, dres, dweight, dbias, dout, inp, weight, mean, rstd):
         for n in range(N):
             m = mean[n]
             s = rstd[n]
-            for c in range(c0, c1):
-                if has_weight:
-                    dweight[c] += dout[n, c] * (inp[n, c] - m) * s
-                if has_bias:
+            if has_weight:
+                for c in range(c0, c1):
+                    dweight[c] += dout[n, c] * (h[n, c] - m) * s
+            if has_bias:
+                for c in range(c0, c1):
                     dbias[c] += dout[n, c]
 
 
 @njit(cache=True)
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
     """Normalise each row; save mean and 1/std for the backward. bias may be empty."""
-    _forward(out, mean, rstd, inp, inp[:0], weight, bias, eps)
+    residual_layernorm_forward(out, mean, rstd, inp, inp[:0], weight, bias, eps)
 
 
 @njit(cache=True)
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
     """Accumulate input, weight and bias grads. dweight / dbias may be empty (frozen or
     no bias): that grad is skipped."""
-    _backward(dinp, dinp[:0], dweight, dbias, dout, inp, weight, mean, rstd)
-
-
-@njit(cache=True)
-def residual_layernorm_forward(out, mean, rstd, h, x, weight, bias, eps):
-    """h += x (the residual sum, in h's memory), then out = layernorm(h), in one pass per
-    row; saves mean and 1/std. Equal bit for bit to add_forward then layernorm_forward."""
-    _forward(out, mean, rstd, h, x, weight, bias, eps)
-
-
-@njit(cache=True)
-def residual_layernorm_backward(dh, dx, dweight, dbias, dout, h, weight, mean, rstd):
-    """The backward of residual_layernorm_forward, h now holding the sum: dh (the sum's
-    grad, holding what its other readers gave) += the norm's input grad, then dx += dh,
-    in one pass per row; weight/bias grads as layernorm_backward's."""
-    _backward(dh, dx, dweight, dbias, dout, h, weight, mean, rstd)
+    residual_layernorm_backward(dinp, dinp[:0], dweight, dbias, dout, inp, weight, mean, rstd)
