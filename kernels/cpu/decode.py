@@ -24,8 +24,8 @@ thread pool competes with Numba's.
 
 Numba's cache keys these kernels on this file alone, with quant's globals (QDOT_BLOCK, the
 qdot dispatch) and its intrinsics' code compiled in: a new code in quant.QDOT_CODES (Q5_0 = 4
-was the last) or a change to the row dots' code (the last: the prefetch sweep and Q4_0's
-unpacking) must come with an edit here, or a stale cache runs the old code (seen: IndexError
+was the last) or a change to the row dots' code (the last: the K-quants' scales
+as vectors) must come with an edit here, or a stale cache runs the old code (seen: IndexError
 on code 4).
 """
 import numpy as np

@@ -519,24 +519,44 @@ def _scale_min_k4_ir(builder, sb, g):
             builder.or_(builder.lshr(sb[g + 4], c4), builder.shl(builder.lshr(sb[g], c6), c4)))
 
 
+def _scales_mins_k4(builder, w, p):
+    """The 6-bit scales and mins of the Q4_K super-block at byte p as <16 x i8> [sc0 .. sc7,
+    m0 .. m7] (as _scale_min_k4 for each group), unpacked from its 12 scale bytes at p + 4 in
+    a few byte-vector operations instead of ~40 scalar ones per row and super-block."""
+    raw = _load(builder, w, _idx(builder, p, 4), _vec(_I8, 16))   # the 12 scale bytes and 4 of qs (unused)
+    # low bits: sc_g = b[g] & 63, m_g = b[g + 4] & 63 (g < 4); sc_g = b[g + 4] & 15, m_g = b[g + 4] >> 4 (g >= 4)
+    low_src = builder.shuffle_vector(raw, raw, _consts(_I32, [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]))
+    low = builder.shuffle_vector(builder.and_(low_src, _consts(_I8, [63] * 4 + [15] * 4 + [63] * 4 + [0] * 4)),
+                                 _nibbles(builder, low_src, 4, 15), _consts(_I32, list(range(12)) + [28, 29, 30, 31]))
+    # high bits (g >= 4): the top two bits of b[g - 4] (scales) and of b[g] (mins), moved to bits 4-5
+    high_src = builder.shuffle_vector(raw, raw, _consts(_I32, [0, 1, 2, 3] * 2 + [4, 5, 6, 7] * 2))
+    high = builder.and_(builder.lshr(high_src, _consts(_I8, [2] * 16)), _consts(_I8, ([0] * 4 + [0x30] * 4) * 2))
+    return builder.or_(low, high)
+
+
 def _block_q4_k(builder, ptrs, b, acc, macc):
     """8 groups of 32: group 2c + k is nibble k of qs[c*32 .. c*32 + 31], with 6-bit scale
-    and min packed in the 12 bytes at 4 (see _scale_min_k4)."""
+    and min packed in the 12 bytes at 4 (_scales_mins_k4). The min term sum_g m_g * asum_g
+    is one vector multiply and a lane sum (integers: any order gives the same sum)."""
     w, a, ad, asum = ptrs
     p = builder.mul(b, ir.Constant(b.type, 144))
     o = builder.mul(b, ir.Constant(b.type, QK_K))
     isum = ir.Constant(_vec(_I32, 8), [0] * 8)
-    msum = ir.Constant(_I32, 0)
-    sb = [_byte(builder, w, _idx(builder, p, 4 + i)) for i in range(12)]
+    sm = _scales_mins_k4(builder, w, p)
+    scales = builder.zext(builder.shuffle_vector(sm, sm, _consts(_I32, range(8))), _vec(_I16, 8))
     for g in range(8):
-        sc, m = _scale_min_k4_ir(builder, sb, g)
         packed = _load(builder, w, _idx(builder, p, 16 + (g >> 1) * 32), _vec(_I8, 32))
         q = _nibbles(builder, packed, 4 * (g & 1), 15)
         x = _load(builder, a, _idx(builder, o, g * 32), _vec(_I8, 32))
-        sc16 = _splat(builder, builder.trunc(sc, _I16), 16)
+        sc16 = builder.shuffle_vector(scales, scales, _consts(_I32, [g] * 16))
         isum = builder.add(isum, _maddwd(builder, _maddubs(builder, q, x), sc16))
-        gsum = builder.load(builder.gep(asum, [_idx(builder, builder.mul(b, ir.Constant(b.type, 8)), g)]))
-        msum = builder.add(msum, builder.mul(m, gsum))
+    mins = builder.zext(builder.shuffle_vector(sm, sm, _consts(_I32, range(8, 16))), _vec(_I32, 8))
+    gsums = _load(builder, asum, builder.mul(b, ir.Constant(b.type, 32)), _vec(_I32, 8))   # asum[8b .. 8b+7]
+    prod = builder.mul(mins, gsums)
+    for n in (4, 2, 1):   # lane sum, halving
+        prod = builder.add(builder.shuffle_vector(prod, prod, _consts(_I32, range(n))),
+                           builder.shuffle_vector(prod, prod, _consts(_I32, range(n, 2 * n))))
+    msum = builder.extract_element(prod, ir.Constant(_I32, 0))
     da = builder.load(builder.gep(ad, [b]))
     _add_lanes(builder, acc, isum, builder.fmul(_half8(builder, w, p), _splat(builder, da)))
     mterm = builder.fmul(builder.fmul(_half(builder, w, _idx(builder, p, 2)), da), builder.sitofp(msum, _F32))
@@ -547,23 +567,25 @@ def _block_q6_k(builder, ptrs, b, acc, macc):
     """16 sub-blocks of 16 with int8 scales at 192; element e = n*128 + s*32 + t: low 4 bits
     nibble s//2 of ql[n*64 + (s%2)*32 + t], high 2 bits bits 2s.. of qh[128 + n*32 + t]; q - 32.
     Per 32 elements: q . x - 32 . x in int16 pairs, then vpmaddwd with the two sub-blocks'
-    scales (lanes 0-3 the first 16 elements, 4-7 the second)."""
+    scales (lanes 0-3 the first 16 elements, 4-7 the second), shuffled out of the 16 scales
+    widened once per super-block (two scalar loads and broadcasts per 32 elements before)."""
     w, a, ad, _ = ptrs
     p = builder.mul(b, ir.Constant(b.type, 210))
     o = builder.mul(b, ir.Constant(b.type, QK_K))
     isum = ir.Constant(_vec(_I32, 8), [0] * 8)
     c32 = _consts(_I8, [32] * 32)
+    scales = builder.sext(_load(builder, w, _idx(builder, p, 192), _vec(_I8, 16)), _vec(_I16, 16))
     for e in range(0, QK_K, 32):
         n, s = e >> 7, (e >> 5) & 3
         lo = _nibbles(builder, _load(builder, w, _idx(builder, p, n * 64 + (s & 1) * 32), _vec(_I8, 32)),
                       4 * (s >> 1), 15)
-        hi = _nibbles(builder, _load(builder, w, _idx(builder, p, 128 + n * 32), _vec(_I8, 32)), 2 * s, 3)
-        q = builder.or_(lo, builder.shl(hi, _consts(_I8, [4] * 32)))
+        hi = _load(builder, w, _idx(builder, p, 128 + n * 32), _vec(_I8, 32))
+        # bits 2s, 2s+1 of each qh byte moved to bits 4, 5 by one shift and a mask
+        hi = builder.shl(hi, _consts(_I8, [4 - 2 * s] * 32)) if 2 * s < 4 else builder.lshr(hi, _consts(_I8, [2 * s - 4] * 32))
+        q = builder.or_(lo, builder.and_(hi, _consts(_I8, [0x30] * 32)))
         x = _load(builder, a, _idx(builder, o, e), _vec(_I8, 32))
         pairs = builder.sub(_maddubs(builder, q, x), _maddubs(builder, c32, x))
-        sc = [builder.sext(_load(builder, w, _idx(builder, p, 192 + (e >> 4) + h), _I8), _I16) for h in range(2)]
-        scv = builder.shuffle_vector(_splat(builder, sc[0], 16), _splat(builder, sc[1], 16),
-                                     _consts(_I32, [0] * 8 + [16] * 8))
+        scv = builder.shuffle_vector(scales, scales, _consts(_I32, [e >> 4] * 8 + [(e >> 4) + 1] * 8))
         isum = builder.add(isum, _maddwd(builder, pairs, scv))
     scale = builder.fmul(_half8(builder, w, _idx(builder, p, 208)), _splat(builder, builder.load(builder.gep(ad, [b]))))
     _add_lanes(builder, acc, isum, scale)
