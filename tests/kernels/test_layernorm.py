@@ -160,3 +160,25 @@ def test_gpt2_fused_residual_layernorm_and_gelu_mlp_equal_unfused(dtype, fused_m
     else:
         np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
+def test_residual_layernorm_kernels_take_an_empty_residual():
+    """The residual kernels with a 0-row residual are the plain layernorm (the plain entry
+    points are that call), forward and backward, bit for bit."""
+    from nt.kernels import cpu as K
+    rng = np.random.default_rng(8)
+    N, C = 5, 70
+    x, w, b, dy = (rng.standard_normal(s).astype(np.float32) for s in ((N, C), C, C, (N, C)))
+    ref = np.empty((N, C), np.float32), np.empty(N, np.float32), np.empty(N, np.float32)
+    got = tuple(np.empty_like(a) for a in ref)
+    h = x.copy()
+    K.layernorm_forward(*ref, x, w, b, 1e-5)
+    K.residual_layernorm_forward(*got, h, h[:0], w, b, 1e-5)
+    for r, g in zip(ref, got):
+        np.testing.assert_array_equal(r, g)
+    np.testing.assert_array_equal(h, x)  # nothing added
+    grads = [[np.zeros((N, C), np.float32), np.zeros(C, np.float32), np.zeros(C, np.float32)] for _ in range(2)]
+    K.layernorm_backward(*grads[0], dy, x, w, ref[1], ref[2])
+    K.residual_layernorm_backward(grads[1][0], grads[1][0][:0], grads[1][1], grads[1][2], dy, x, w, ref[1], ref[2])
+    for r, g in zip(*grads):
+        np.testing.assert_array_equal(r, g)
