@@ -20,18 +20,21 @@ import nt
 from nt.optim import block_table
 
 
-def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator):
-    """(name, kernel, args) for one transformer layer's kernels, float32."""
+def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator, NKV: int = 0):
+    """(name, kernel, args) for one transformer layer's kernels, float32; NKV key/value heads
+    (grouped-query attention), 0 for NH."""
     N, Vp, f = B * T, (V + 127) // 128 * 128, np.float32
+    NKV = NKV or NH
+    W = C + 2 * NKV * (C // NH)  # fused qkv width: NH query heads, NKV key and NKV value heads
 
     def r(*shape):
         return rng.standard_normal(shape).astype(f)
 
     ids = rng.integers(0, V, (B, T)).astype(np.int32)
     targets = ids.reshape(N)
-    qkv, att, lse = r(B, T, 3 * C), r(B, T, C), r(B, NH, T)
+    qkv, att, lse = r(B, T, W), r(B, T, C), r(B, NH, T)
     work = r(*nt.backend("cpu").attention_work_shape(T))
-    nt.backend("cpu").attention_forward(att, lse, qkv, work, NH, NH, 0, 0)  # valid lse for the backward
+    nt.backend("cpu").attention_forward(att, lse, qkv, work, NH, NKV, 0, 0)  # valid lse for the backward
     logits, xlse = r(N, Vp), r(N)
     nt.backend("cpu").softmax_xent_forward(r(1), r(N), xlse, logits, targets, V)
     P = 12 * C * C  # one layer's parameters, roughly
@@ -44,8 +47,8 @@ def cases(B: int, T: int, C: int, NH: int, V: int, rng: np.random.Generator):
         ("layernorm_backward", [r(N, C), r(C), r(C), r(N, C), r(N, C), r(C), r(N), np.ones(N, f)]),
         ("matmul_forward (qkv)", [r(N, 3 * C), r(N, C), r(3 * C, C), r(3 * C)]),
         ("matmul_backward (qkv)", [r(N, C), r(3 * C, C), r(3 * C), r(N, 3 * C), r(N, C), r(3 * C, C)]),
-        ("attention_forward", [r(B, T, C), r(B, NH, T), qkv, work, NH, NH, 0, 0]),
-        ("attention_backward", [r(B, T, 3 * C), r(B, T, C), qkv, att, lse, work, NH, NH, 0, 0]),
+        ("attention_forward", [r(B, T, C), r(B, NH, T), qkv, work, NH, NKV, 0, 0]),
+        ("attention_backward", [r(B, T, W), r(B, T, C), qkv, att, lse, work, NH, NKV, 0, 0]),
         ("gelu_forward", [r(N * 4 * C), r(N * 4 * C)]),
         ("gelu_backward", [r(N * 4 * C), r(N * 4 * C), r(N * 4 * C)]),
         ("add_forward", [r(N * C), r(N * C), r(N * C)]),
@@ -94,17 +97,18 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=256)
     ap.add_argument("--C", type=int, default=768)
     ap.add_argument("--NH", type=int, default=12)
+    ap.add_argument("--NKV", type=int, default=0, help="key/value heads (grouped-query attention); 0 = NH")
     ap.add_argument("--V", type=int, default=50257)
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     cpu = nt.backend("cpu")
     gpu, sync = cuda_backend()
-    print(f"B={a.B} T={a.T} C={a.C} NH={a.NH} V={a.V} float32, {a.reps} reps")
+    print(f"B={a.B} T={a.T} C={a.C} NH={a.NH} NKV={a.NKV or a.NH} V={a.V} float32, {a.reps} reps")
     if gpu is None:
         print(f"CUDA: skipped ({sync})")
     print(f"{'kernel':26s} {'cpu ms':>10s} {'cuda ms':>10s} {'speedup':>8s}")
-    for name, args in cases(a.B, a.T, a.C, a.NH, a.V, rng):
+    for name, args in cases(a.B, a.T, a.C, a.NH, a.V, rng, a.NKV):
         t_cpu = time_kernel(cpu, name, [x.copy() if isinstance(x, np.ndarray) else x for x in args],
                             a.reps, lambda: None)
         line = f"{name:26s} {1e3 * t_cpu:10.3f}"

@@ -155,14 +155,19 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
 
 
 def residual_layernorm_forward(out, mean, rstd, h, x, weight, bias, eps):
-    """h += x (the residual sum, in h's memory), then out = layernorm(h), one pass per row."""
+    """h += x (the residual sum, in h's memory), then out = layernorm(h), one pass per row.
+    x may be empty (0 rows): no residual, as the CPU kernel."""
+    if x.shape[0] == 0:
+        return layernorm_forward(out, mean, rstd, h, weight, bias, eps)
     _residual_layernorm_forward[blocks(h.shape[0], 1), THREADS, 0, shared_bytes(h.dtype)](
         out, mean, rstd, h, x, weight, bias, eps)
 
 
 def residual_layernorm_backward(dh, dx, dweight, dbias, dout, h, weight, mean, rstd):
     """dh (the sum's grad) += the norm's input grad, then dx += dh, one pass per row; the
-    weight/bias grads as layernorm_backward's."""
+    weight/bias grads as layernorm_backward's. dx may be empty (0 rows): no residual."""
+    if dx.shape[0] == 0:
+        return layernorm_backward(dh, dweight, dbias, dout, h, weight, mean, rstd)
     _residual_layernorm_backward_input[blocks(h.shape[0], 1), THREADS, 0, shared_bytes(h.dtype)](
         dh, dx, dout, h, weight, mean, rstd)
     _param_grads(dweight, dbias, dout, h, mean, rstd)

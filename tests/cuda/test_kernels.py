@@ -96,16 +96,18 @@ def test_layernorm(dtype, bias):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_residual_layernorm(dtype, bias):
+@pytest.mark.parametrize("residual", [True, False])
+def test_residual_layernorm(dtype, bias, residual):
     rng = np.random.default_rng(11)
     N, C = 3, 40
-    h, x, weight = randn(rng, dtype, N, C), randn(rng, dtype, N, C), randn(rng, dtype, C)
+    rows = N if residual else 0  # an empty residual: the plain layernorm (as the CPU kernel takes it)
+    h, x, weight = randn(rng, dtype, N, C), randn(rng, dtype, rows, C), randn(rng, dtype, C)
     b = randn(rng, dtype, C) if bias else empty(dtype, 0)
     mean, rstd = randn(rng, dtype, N), randn(rng, dtype, N)
     parity("residual_layernorm_forward", [randn(rng, dtype, N, C), mean, rstd, h.copy(), x, weight, b, 1e-5],
            [0, 1, 2, 3], dtype)
     cpu.residual_layernorm_forward(randn(rng, dtype, N, C), mean, rstd, h, x, weight, b, 1e-5)  # h: the sum
-    parity("residual_layernorm_backward", [randn(rng, dtype, N, C), randn(rng, dtype, N, C), randn(rng, dtype, C),
+    parity("residual_layernorm_backward", [randn(rng, dtype, N, C), randn(rng, dtype, rows, C), randn(rng, dtype, C),
                                            randn(rng, dtype, C) if bias else empty(dtype, 0), randn(rng, dtype, N, C),
                                            h, weight, mean, rstd], [0, 1, 2, 3], dtype)
 
