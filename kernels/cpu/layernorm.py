@@ -12,8 +12,9 @@ COL_BLOCK = 64  # columns per parallel task when reducing weight/bias grads over
 
 # The residual kernels are the parallel kernels themselves; the plain ones call them with
 # an empty residual. Every @njit entry point around a parallel kernel links its code and
-# optimises it again (~0.2-0.5 s each on a cold start), so the fused pair, which a GPT-2
-# step calls most, has none.
+# optimises it again (~0.2-0.5 s each on a cold start), so nt.ops calls the residual
+# kernels for the plain norm too (an empty residual made once): a step compiles no
+# wrapper. The plain entry points stay for direct callers.
 @njit(parallel=True, cache=True)
 def residual_layernorm_forward(out, mean, rstd, h, x, weight, bias, eps):
     """h += x (the residual sum, in h's memory), then out = layernorm(h), in one pass per
