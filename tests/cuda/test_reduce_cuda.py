@@ -50,7 +50,7 @@ def test_weight_grads_odd_rows_many_columns(dtype):
                                   randn(rng, dtype, N, OC), x, w, mean, rstd], [0, 1, 2], dtype)
     cpu.rmsnorm_forward(randn(rng, dtype, N, OC), rstd, x, w, 1e-6)
     parity("rmsnorm_backward", [randn(rng, dtype, N, OC), randn(rng, dtype, OC), randn(rng, dtype, N, OC), x, w,
-                                rstd], [0, 1], dtype)
+                                rstd, randn(rng, dtype, N, OC)], [0, 1], dtype)   # the last: scratch
     B, T, NH, NKV, hs = 3, 7, 4, 2, 12  # B*T = 21 positions: 6 chunks; 2*hs = 24 columns: 3 tiles
     W = (NH + 2 * NKV) * hs
     qkv, qw, kw = randn(rng, dtype, B, T, W), randn(rng, dtype, hs), randn(rng, dtype, hs)
