@@ -77,6 +77,16 @@ def test_rope_rejects_bad_input():
         ops.rope(t, p["qkv"], 3, 3, pos0=-1)
 
 
+def test_rope_kernels_refuse_a_table_of_another_shape():
+    from nt.kernels.cpu import rope_backward, rope_forward
+    qkv = np.zeros((1, 4, 3 * 8))   # NH = NKV = 1, hs = 8, T = 4
+    for bad in (np.zeros((3, 8)), np.zeros((4, 6))):
+        with pytest.raises(ValueError, match="table"):
+            rope_forward(qkv, 1, 1, bad, True)
+        with pytest.raises(ValueError, match="table"):
+            rope_backward(qkv.copy(), qkv, 1, 1, bad, True)
+
+
 def llama3_scaled_frequencies(hs, theta, factor, low, high, context):
     """Meta's Llama-3.1 apply_scaling, written out as its loop."""
     out = []
