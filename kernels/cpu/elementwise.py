@@ -2,6 +2,7 @@
 from numba import njit, prange
 
 from .activations import _act, _dact
+from .vmath import CONTRACT
 
 
 @njit(parallel=True, cache=True)
@@ -98,7 +99,7 @@ def sum_rows_backward(dinp, dout):
             dinp[n, c] += dout[n]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=CONTRACT)
 def bias_act_forward(out, pre, bias, kind):
     """pre (N, C) += bias (a matmul's output without its bias; bias may be empty), then
     out = act(pre) (activations.py's kinds): one pass. pre keeps the pre-activation for
@@ -114,7 +115,7 @@ def bias_act_forward(out, pre, bias, kind):
             o[c] = _act(p[c], kind)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=CONTRACT)
 def bias_act_backward(dpre, dout, pre, kind):
     """Accumulate dpre += act'(pre) * dout (the bias grad is summed from dpre by the
     matmul's backward, in its own pass over it)."""
