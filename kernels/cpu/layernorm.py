@@ -7,7 +7,10 @@ parameterised kernel, so they give the same bits.
 import numpy as np
 from numba import njit, prange
 
+from .vmath import like
+
 COL_BLOCK = 64  # columns per parallel task when reducing weight/bias grads over rows
+REDUCE = {"reassoc", "contract"}  # lets the row sums vectorise; no other fast-math license
 
 
 # The residual kernels are the parallel kernels themselves; the plain ones call them with
@@ -15,7 +18,7 @@ COL_BLOCK = 64  # columns per parallel task when reducing weight/bias grads over
 # optimises it again (~0.2-0.5 s each on a cold start), so nt.ops calls the residual
 # kernels for the plain norm too (an empty residual made once): a step compiles no
 # wrapper. The plain entry points stay for direct callers.
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=REDUCE)
 def residual_layernorm_forward(out, mean, rstd, h, x, weight, bias, eps):
     """h += x (the residual sum, in h's memory), then out = layernorm(h), in one pass per
     row; saves mean and 1/std. Equal bit for bit to add_forward then layernorm_forward.
@@ -41,16 +44,18 @@ def residual_layernorm_forward(out, mean, rstd, h, x, weight, bias, eps):
             var += d * d
         var /= C
         s = 1.0 / np.sqrt(var + eps)
+        # sums in float64, the row's arithmetic in its own type (8 float32 lanes, not 4)
+        mt, st = like(row[0], m), like(row[0], s)
         o = out[n]
         for c in range(C):
-            o[c] = (row[c] - m) * s * weight[c]
+            o[c] = (row[c] - mt) * st * weight[c]
             if has_bias:
                 o[c] += bias[c]
         mean[n] = m
         rstd[n] = s
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=REDUCE)
 def residual_layernorm_backward(dh, dx, dweight, dbias, dout, h, weight, mean, rstd):
     """The backward of residual_layernorm_forward, h now holding the sum: dh (the sum's
     grad, holding what its other readers gave) += the norm's input grad, then dx += dh,
@@ -68,19 +73,19 @@ def residual_layernorm_backward(dh, dx, dweight, dbias, dout, h, weight, mean, r
         dy = dout[n]
         m = mean[n]
         s = rstd[n]
-        dnorm_mean = 0.0
+        dnorm_mean = 0.0  # float64 sums
         dnorm_norm_mean = 0.0
         for c in range(C):
             xhat = (x[c] - m) * s
             dnorm = dy[c] * weight[c]
             dnorm_mean += dnorm
             dnorm_norm_mean += dnorm * xhat
-        dnorm_mean /= C
-        dnorm_norm_mean /= C
+        a = like(m, dnorm_mean / C)
+        b = like(m, dnorm_norm_mean / C)
         d = dh[n]
         for c in range(C):
             xhat = (x[c] - m) * s
-            d[c] += (dy[c] * weight[c] - dnorm_mean - xhat * dnorm_norm_mean) * s
+            d[c] += (dy[c] * weight[c] - a - xhat * b) * s
         if has_res:
             dr = dx[n]
             for c in range(C):
@@ -90,17 +95,25 @@ def residual_layernorm_backward(dh, dx, dweight, dbias, dout, h, weight, mean, r
     if not (has_weight or has_bias):
         return
     for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
+        # the task's column sums stay in two small local arrays while it walks the rows:
+        # adding straight into dweight / dbias made LLVM reload and re-check them for
+        # aliasing every row (4x slower, 1.4 -> 0.35 ms for 2048 x 384 on one core).
         c0 = blk * COL_BLOCK
-        c1 = min(c0 + COL_BLOCK, C)
+        width = min(COL_BLOCK, C - c0)
+        acc_w = np.zeros(width, dout.dtype)
+        acc_b = np.zeros(width, dout.dtype)
         for n in range(N):
             m = mean[n]
             s = rstd[n]
-            if has_weight:
-                for c in range(c0, c1):
-                    dweight[c] += dout[n, c] * (h[n, c] - m) * s
-            if has_bias:
-                for c in range(c0, c1):
-                    dbias[c] += dout[n, c]
+            dy = dout[n, c0:c0 + width]
+            x = h[n, c0:c0 + width]
+            for c in range(width):
+                acc_w[c] += dy[c] * (x[c] - m) * s
+                acc_b[c] += dy[c]
+        if has_weight:
+            dweight[c0:c0 + width] += acc_w
+        if has_bias:
+            dbias[c0:c0 + width] += acc_b
 
 
 @njit(cache=True)
