@@ -52,14 +52,32 @@ def softmax_backward(dinp, dout, out):
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _sum_exp(row, V, scale, shift):
+    """sum_v exp(scale * row[v] - shift) over the first V entries."""
+    s = like(shift, 0.0)
+    for v in range(V):
+        s += vmath.exp(row[v] * scale - shift)
+    return s
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _log_sum_exp(row, V, scale):
-    """log sum_v exp(scale * row[v]) over the first V entries, shifted by the max for range."""
-    m = like(row[0], -np.inf)
-    for v in range(V):
-        m = max(m, row[v] * scale)
-    s = like(m, 0.0)
-    for v in range(V):
-        s += vmath.exp(row[v] * scale - m)
+    """log sum_v exp(scale * row[v]) over the first V entries, in one pass when it can.
+
+    The usual shift by the row's max costs a pass of its own, as slow as the exp sum: LLVM
+    does not vectorise a max reduction (it did not under reassoc, nnan or a select). So the
+    sum is shifted by the row's first entry instead: no greater than the max, so the sum is
+    >= 1 and nothing that matters underflows; it overflows only if some entry exceeds the
+    first by ~88 - log(V) (logits differ by tens), and an overflowed or NaN sum is redone
+    with the max (NaN entries give NaN either way).
+    """
+    m = row[0] * scale
+    s = _sum_exp(row, V, scale, m)
+    if not s < np.inf:
+        m = like(m, -np.inf)
+        for v in range(V):
+            m = max(m, row[v] * scale)
+        s = _sum_exp(row, V, scale, m)
     return m + np.log(s)
 
 

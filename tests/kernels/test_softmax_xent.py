@@ -310,3 +310,21 @@ def test_frozen_classifier_holds_no_logits(monkeypatch):
     ops.classifier_xent(t, params["x"], params["w"], TC, V)
     assert t.saved.top <= N_ROWS * C + 2 * 64   # dx and the losses, each rounded up to the alignment
     assert t._work.shape[0] == CHUNK * VP
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_rows_far_apart_and_non_finite(dtype):
+    """The log-sum-exp shifts by each row's first logit and falls back to its max when the
+    sum overflows: rows where the first logit is the max, far below it (float32 overflow
+    without the fallback), or NaN / +inf give what a max-shifted reference gives."""
+    logits = np.random.default_rng(5).standard_normal((2, 3, VP)) * 3
+    logits[0, 0, 0] = 40.0      # the max
+    logits[0, 2, 0] = -150.0    # exp(z - z0) would overflow
+    logits[1, 0, 4] = 500.0     # ditto, and the target's row
+    logits[1, 1, 0] = -1e30
+    _, _, loss = run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V), {"logits": logits}, dtype)
+    np.testing.assert_allclose(loss.data[0], reference(logits, TARGETS), rtol=1e-5)
+    for bad in (np.nan, np.inf):
+        logits[0, 0, 2] = bad
+        _, _, loss = run_op(lambda t, p: ops.cross_entropy(t, p["logits"], TARGETS, V), {"logits": logits}, dtype)
+        assert np.isnan(loss.data[0])
