@@ -227,3 +227,43 @@ def test_attention_refuses_too_little_scratch():
     qkv = np.zeros((1, 4, 24))
     with pytest.raises(ValueError, match="work"):
         cpu.attention_forward(np.zeros((1, 4, 8)), np.zeros((1, 2, 4)), qkv, np.zeros((2, 10)), 2, 2, 0, 0, True)
+
+
+def reference_backward(qkv, dout, NH, NKV, window=0, q0=0, causal=True):
+    """dqkv of reference() restricted to query rows q0.. for the output grad dout, by the
+    softmax-grad formulas: dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q, dV = P^T dO."""
+    B, T, W = qkv.shape
+    hs = W // (NH + 2 * NKV)
+    scale, dqkv = 1 / np.sqrt(hs), np.zeros_like(qkv)
+    i, j = np.indices((T, T))
+    allowed = ((j <= i) | (not causal)) & ((j > i - window) if window > 0 else True)
+    for b in range(B):
+        for h in range(NH):
+            kc, vc = (NH + h // (NH // NKV)) * hs, (NH + NKV + h // (NH // NKV)) * hs
+            q, k, v = qkv[b, :, h * hs:(h + 1) * hs], qkv[b, :, kc:kc + hs], qkv[b, :, vc:vc + hs]
+            s = np.where(allowed, q @ k.T * scale, -np.inf)[q0:]
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            do = dout[b, :, h * hs:(h + 1) * hs]
+            ds = p * (do @ v.T - (do * (p @ v)).sum(-1, keepdims=True)) * scale
+            dqkv[b, q0:, h * hs:(h + 1) * hs] += ds @ k
+            dqkv[b, :, kc:kc + hs] += ds.T @ q[q0:]
+            dqkv[b, :, vc:vc + hs] += p.T @ do
+    return dqkv
+
+
+@pytest.mark.parametrize("NH,NKV,window,q0,causal", [(4, 4, 0, 0, True), (6, 2, 40, 0, True), (3, 1, 0, 70, True),
+                                                    (6, 2, 30, 5, True), (6, 2, 0, 5, False)])
+def test_attention_backward_matches_numpy(NH, NKV, window, q0, causal):
+    """The backward over several blocks (keys x queries transposed inside the kernel) against
+    the formulas in NumPy: every entry, where the finite-difference tests sample some."""
+    from nt.kernels import cpu
+
+    hs, B, T = 4, 2, 150
+    rng = np.random.default_rng(14)
+    qkv, dout = rng.standard_normal((B, T, (NH + 2 * NKV) * hs)), rng.standard_normal((B, T - q0, NH * hs))
+    out, lse, dqkv = np.zeros((B, T - q0, NH * hs)), np.zeros((B, NH, T - q0)), np.zeros_like(qkv)
+    work = np.zeros(cpu.attention_work_shape(T))
+    cpu.attention_forward(out, lse, qkv, work, NH, NKV, window, q0, causal)
+    cpu.attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0, causal)
+    np.testing.assert_allclose(dqkv, reference_backward(qkv, dout, NH, NKV, window, q0, causal), rtol=1e-10, atol=1e-10)
