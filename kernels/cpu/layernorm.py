@@ -95,25 +95,22 @@ def residual_layernorm_backward(dh, dx, dweight, dbias, dout, h, weight, mean, r
     if not (has_weight or has_bias):
         return
     for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
-        # the task's column sums stay in two small local arrays while it walks the rows:
-        # adding straight into dweight / dbias made LLVM reload and re-check them for
-        # aliasing every row (4x slower, 1.4 -> 0.35 ms for 2048 x 384 on one core).
+        # row and grad slices, one loop per grad: indexing dout[n, c] / dweight[c] with
+        # both grads in one loop kept LLVM from vectorising it (4x slower, 1.56 -> 0.41 ms
+        # for 2048 x 384 on one core).
         c0 = blk * COL_BLOCK
-        width = min(COL_BLOCK, C - c0)
-        acc_w = np.zeros(width, dout.dtype)
-        acc_b = np.zeros(width, dout.dtype)
+        c1 = min(c0 + COL_BLOCK, C)
+        dw = dweight[c0:c1] if has_weight else dweight[:0]
+        db = dbias[c0:c1] if has_bias else dbias[:0]
         for n in range(N):
             m = mean[n]
             s = rstd[n]
-            dy = dout[n, c0:c0 + width]
-            x = h[n, c0:c0 + width]
-            for c in range(width):
-                acc_w[c] += dy[c] * (x[c] - m) * s
-                acc_b[c] += dy[c]
-        if has_weight:
-            dweight[c0:c0 + width] += acc_w
-        if has_bias:
-            dbias[c0:c0 + width] += acc_b
+            dy = dout[n, c0:c1]
+            x = h[n, c0:c1]
+            for c in range(dw.shape[0]):
+                dw[c] += dy[c] * (x[c] - m) * s
+            for c in range(db.shape[0]):
+                db[c] += dy[c]
 
 
 @njit(cache=True)
