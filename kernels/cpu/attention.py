@@ -186,8 +186,8 @@ def _backward_task(dqkv, dout, qkv, out, lse, ws, b, kv, h0, G, r0, r1, k0, k1, 
     single-threaded OpenBLAS runs the products that make them (K Q^T and V dO^T, N x R)
     up to 20% faster than Q K^T (R x N) when R is one head's 64 rows, and the key and value
     grads' (dS^T Q, P^T dO, now with no transposed operand) ~10% faster; the query grads'
-    product (dS K, now transposed) ~10% slower. Net: one head a block (MHA) -5%, grouped
-    heads (R = 192) level."""
+    product (dS K, now transposed) ~10% slower, so a group's runs as one R-row product.
+    Net: one head a block (MHA) -5%, three or four heads a group -3%."""
     width, ow = (NH + 2 * NKV) * hs, NH * hs
     x, o = b * T, b * (T - q0) - q0
     M, N = r1 - r0, k1 - k0
@@ -237,8 +237,14 @@ def _backward_task(dqkv, dout, qkv, out, lse, ws, b, kv, h0, G, r0, r1, k0, k1, 
             ds[hi:] = zero
     gemm(False, False, N, hs, R, one, dS, R, Q, ldq, one, _at(dqkv, width, x + k0, (NH + kv) * hs), width)
     gemm(False, False, N, hs, R, one, P, R, dO, ldo, one, _at(dqkv, width, x + k0, (NH + NKV + kv) * hs), width)
-    for g in range(G):  # query grads head by head, added in place (stacked through scratch: +0.5 s compile)
-        gemm(True, False, M, hs, N, one, dS[g * M:], R, K, width, one, _at(dqkv, width, x + r0, (h0 + g) * hs), width)
+    if G == 1:
+        gemm(True, False, M, hs, N, one, dS, R, K, width, one, _at(dqkv, width, x + r0, h0 * hs), width)
+    else:  # the group's query grads in one product: gathered into the queries' scratch, added to, put back
+        for g in range(G):
+            _copy(Q[g * M * hs:], hs, _at(dqkv, width, x + r0, (h0 + g) * hs), width, M, hs)
+        gemm(True, False, R, hs, N, one, dS, R, K, width, one, Q, hs)
+        for g in range(G):
+            _copy(_at(dqkv, width, x + r0, (h0 + g) * hs), width, Q[g * M * hs:], hs, M, hs)
 
 
 @njit(parallel=True, cache=True)
