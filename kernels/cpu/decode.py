@@ -124,8 +124,9 @@ def _attend_head(o, cache, pos, q0, k0, v0, hs, s):
 # A phase's chunks (rows of a matrix, heads) are split into one contiguous range per thread;
 # a thread claims chunks of its own range front to back (so it streams its rows as one
 # sequence, which the row dots' prefetch sweep follows), then of the others' ranges. The
-# counters (sync.py) of a phase: see _phase_slots.
-CHUNK_ROWS = 16         # rows of a layer's matrix per claimed chunk (a multiple of 4)
+# counters (sync.py) of a phase, each on its own cache line: done, k/v done, the k/v claim,
+# then one claim counter per range: (T + 3) lines for T threads.
+CHUNK_ROWS = 32         # rows of a layer's matrix per claimed chunk (a multiple of 4)
 HEAD_CHUNK_ROWS = 256   # classifier rows per claimed chunk
 
 
@@ -209,8 +210,8 @@ def _qkv_attention_phase(ctr, b, T, tid, att, x, norm_w, eps, wf, wq, codes, buf
     W . x' written to cache[pos] (layout q | k | v heads), RoPE on q and k, then each query
     head's attention over cache[0..pos] into att (NH*hs,). wf / wq / codes: the (q, k, v)
     parts of W. First the 2 NKV k and v heads, claimed by all threads from one counter, then
-    the NH q heads' halves as ranges; a q head's attention waits for every k/v head, all of
-    them claimed (so being run by a live thread) before any thread moves on to q heads."""
+    the NH q heads as ranges; a q head's attention waits for every k/v head, all of them
+    claimed (so being run by a live thread) before any thread moves on to q heads."""
     W = cache.shape[1]
     hs = W // (NH + 2 * NKV)
     group = NH // NKV
@@ -226,31 +227,17 @@ def _qkv_attention_phase(ctr, b, T, tid, att, x, norm_w, eps, wf, wq, codes, buf
             _rotate_row(k, k, pos, inv_freq, half, 1.0, 1, hs, False)
         fetch_add(ctr, b + LINE, 1)
         c = fetch_add(ctr, b + 2 * LINE, 1)
-    # q heads in halves (9 heads are too coarse to share between 2 threads); the thread that
-    # finishes a head's second half (its fetch_add on the head's counter returns 1, after
-    # the other half's rows were written) runs its RoPE and attention
-    c, j = _next_chunk(ctr, b, 2 * NH, T, tid, 0)
-    while c < 2 * NH:
-        h = c // 2
-        r0, r1 = (h * hs, h * hs + hs // 2) if c % 2 == 0 else (h * hs + hs // 2, (h + 1) * hs)
-        _rows_into(row, r0, r0, r1, xin, wf[0], wq[0], codes[0], a, xd, xs, False)
-        if fetch_add(ctr, b + (T + 3) * LINE + h, 1) == 1:
-            q = row[h * hs:(h + 1) * hs]
-            _rotate_row(q, q, pos, inv_freq, half, 1.0, 1, hs, False)
-            wait_at_least(ctr, b + LINE, 2 * NKV)
-            g = h // group
-            _attend_head(att[h * hs:(h + 1) * hs], cache, pos, h * hs, (NH + g) * hs, (NH + NKV + g) * hs, hs,
-                         scores[h])
+    h, j = _next_chunk(ctr, b, NH, T, tid, 0)
+    while h < NH:
+        _rows_into(row, h * hs, h * hs, (h + 1) * hs, xin, wf[0], wq[0], codes[0], a, xd, xs, False)
+        q = row[h * hs:(h + 1) * hs]
+        _rotate_row(q, q, pos, inv_freq, half, 1.0, 1, hs, False)
+        wait_at_least(ctr, b + LINE, 2 * NKV)
+        g = h // group
+        _attend_head(att[h * hs:(h + 1) * hs], cache, pos, h * hs, (NH + g) * hs, (NH + NKV + g) * hs, hs, scores[h])
         fetch_add(ctr, b, 1)
-        c, j = _next_chunk(ctr, b, 2 * NH, T, tid, j)
-    wait_at_least(ctr, b, 2 * NH)
-
-
-@njit(cache=True, inline="always")
-def _phase_slots(T, NH):
-    """Counters a phase: done, k/v done, k/v claim, T range claims, then NH head counters
-    packed LINE to a line (each touched twice a token)."""
-    return (T + 3 + (NH + LINE - 1) // LINE) * LINE
+        h, j = _next_chunk(ctr, b, NH, T, tid, j)
+    wait_at_least(ctr, b, NH)
 
 
 @njit(cache=True, inline="always")
@@ -273,7 +260,7 @@ def _token(ctr, T, tid, buf, xq, xd, xs, logits, x, att, act, scores, pos, attn_
     W = cache.shape[2]
     hs = W // (NH + 2 * NKV)
     q1, k1 = NH * hs, (NH + NKV) * hs
-    S = _phase_slots(T, NH)
+    S = (T + 3) * LINE   # counters a phase
     for l in range(L):
         b = 4 * l * S
         t, f = parts[0, l], wf[0][l]
@@ -320,7 +307,7 @@ def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, attn
     xq = np.empty((nthreads, width), np.int8)
     xd = np.empty((nthreads, width // QK + 1), np.float32)   # + 1: a T2 row's one scale
     xs = np.empty((nthreads, width // QK), np.int32)
-    ctr = np.zeros((4 * L + 1) * _phase_slots(nthreads, NH), np.int64)
+    ctr = np.zeros((4 * L + 1) * (nthreads + 3) * LINE, np.int64)
     for i in prange(nthreads):
         _token(ctr, nthreads, i, buf[i], xq[i], xd[i], xs[i], logits, x, att, act, scores, pos, attn_norm, ffn_norm,
                norm_f, attn_sub_norm, ffn_sub_norm, wf, wq, parts, head_f, head_q, head_code, cache, inv_freq, half,
