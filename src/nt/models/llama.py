@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import numba
 import numpy as np
 
 from .. import bitnet, ops
@@ -393,7 +392,7 @@ class Llama(LanguageModel):
             raise IndexError(f"decode step: token {token} must be in [0, {cfg.vocab_size}) and position {pos} "
                              f"in the KV cache's [0, {self._kv_all.shape[2]})")
         logits = np.empty(plan[-1], np.float32)
-        decode.llama_decode_step(logits, token, pos, *plan[1:-1], numba.get_num_threads())
+        decode.llama_decode_step(logits, token, pos, *plan[1:-1])
         return logits
 
     def _decode_args(self) -> tuple:
