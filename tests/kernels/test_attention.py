@@ -267,3 +267,27 @@ def test_attention_backward_matches_numpy(NH, NKV, window, q0, causal):
     cpu.attention_forward(out, lse, qkv, work, NH, NKV, window, q0, causal)
     cpu.attention_backward(dqkv, dout, qkv, out, lse, work, NH, NKV, window, q0, causal)
     np.testing.assert_allclose(dqkv, reference_backward(qkv, dout, NH, NKV, window, q0, causal), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("NH,NKV", [(2, 2), (3, 1)])
+def test_attention_score_far_above_the_first(NH, NKV):
+    """The forward shifts each row's exps by its first visible score; a row whose later
+    score is ~100 above it overflows that sum and is redone with the max (float32: the
+    case exp cannot hold)."""
+    from nt.kernels import cpu
+
+    hs, B, T = 8, 1, 70
+    rng = np.random.default_rng(15)
+    qkv = rng.standard_normal((B, T, (NH + 2 * NKV) * hs))
+    qkv[0, :, :NH * hs] = 10.0                        # every query along (1, ..., 1)
+    qkv[0, 0, NH * hs:(NH + NKV) * hs] = -1.0         # key 0: score -28 for every query
+    qkv[0, 66, NH * hs:(NH + NKV) * hs] = 3.0         # key 66: score +85 (a second block)
+    qkv[0, 2, NH * hs:(NH + NKV) * hs] = 3.0          # key 2: the same in the first block
+    dout = rng.standard_normal((B, T, NH * hs))
+    q32, d32 = qkv.astype(np.float32), dout.astype(np.float32)
+    out, lse, dqkv = np.zeros((B, T, NH * hs), np.float32), np.zeros((B, NH, T), np.float32), np.zeros_like(q32)
+    work = np.zeros(cpu.attention_work_shape(T), np.float32)
+    cpu.attention_forward(out, lse, q32, work, NH, NKV, 0, 0, True)
+    np.testing.assert_allclose(out, reference(qkv, NH, NKV), rtol=1e-4, atol=1e-4)
+    cpu.attention_backward(dqkv, d32, q32, out, lse, work, NH, NKV, 0, 0, True)
+    np.testing.assert_allclose(dqkv, reference_backward(qkv, dout, NH, NKV), rtol=1e-3, atol=1e-3)
