@@ -517,13 +517,14 @@ def _gelu_backward(k, out, x):
 
 def gelu_mlp(t: Tape, x: Tensor, fc_w: Tensor, fc_b: Optional[Tensor], proj_w: Tensor,
              proj_b: Optional[Tensor] = None) -> Tensor:
-    """linear(gelu_tanh(linear(x, fc_w, fc_b)), proj_w, proj_b): GPT-2's MLP as one op that
-    keeps only the (..., H) pre-activation. The fc matmul runs without bias; one elementwise
-    pass adds the bias in place and writes the GELU output to the tape's scratch, where the
-    proj matmul reads it; the backward recomputes it from the pre-activation (one pass more)
-    instead of storing it: N x H floats a layer less (GPT-2 d12 B=4 T=64: 3 MiB, d6 B=8
-    T=256: 12 MiB). Equal to linear, gelu, linear up to the fc matmul's rounding of its bias
-    add (tests/kernels/test_elementwise.py)."""
+    """linear(gelu_tanh(linear(x, fc_w, fc_b)), proj_w, proj_b): GPT-2's MLP as one op. The
+    fc matmul runs without bias; one elementwise pass adds the bias in place and writes the
+    GELU output, which the proj matmul reads. Recording, that output is saved for the proj
+    weight's grad (N x H floats a layer: GPT-2 d12 B=4 T=64 3 MiB, d6 B=8 T=256 12 MiB);
+    recomputing it in the backward instead cost a GELU pass a layer, 0.5% of d6's step.
+    Not recording, it goes to the tape's scratch. The (..., H) pre-activation is an
+    activation for its grad. Equal to linear, gelu, linear up to the fc matmul's rounding
+    of its bias add (tests/kernels/test_elementwise.py)."""
     _check(x, "x", None, t)
     _check(fc_w, "fc_w", 2, t)
     _check(proj_w, "proj_w", 2, t)
@@ -544,21 +545,20 @@ def gelu_mlp(t: Tape, x: Tensor, fc_w: Tensor, fc_b: Optional[Tensor], proj_w: T
     pre = t.new(x.shape[:-1] + (H,))
     empty = _none(t.k, t.dtype)
     t.k.matmul_forward(pre.data.reshape(N, H), x.data.reshape(N, C), fc_w.data, empty, False)
-    h = t.work((N, H))
-    t.k.bias_act_forward(h, pre.data.reshape(N, H), fc_b.data if fc_b is not None else empty, t.k.GELU_TANH)
-    out, _ = _scratch_linear(t, h, x.shape[:-1], proj_w, proj_b, None, "gelu_mlp")
-    t.record(_gelu_mlp_backward, out, pre, x, fc_w, fc_b, proj_w, proj_b, t)
+    h = t.new_saved((N, H)) if t.recording else None
+    hd = h.data if h is not None else t.work((N, H))
+    t.k.bias_act_forward(hd, pre.data.reshape(N, H), fc_b.data if fc_b is not None else empty, t.k.GELU_TANH)
+    out, _ = _scratch_linear(t, hd, x.shape[:-1], proj_w, proj_b, None, "gelu_mlp")
+    t.record(_gelu_mlp_backward, out, pre, h, x, fc_w, fc_b, proj_w, proj_b, t)
     return out
 
 
-def _gelu_mlp_backward(k, out, pre, x, fc_w, fc_b, proj_w, proj_b, t):
+def _gelu_mlp_backward(k, out, pre, h, x, fc_w, fc_b, proj_w, proj_b, t):
     C, H = x.shape[-1], pre.shape[-1]
     N = x.size // C
-    h, dh, _ = _scratch_views(t, N, H, None)
     pres = pre.data.reshape(N, H)           # holds the fc bias since the forward
-    # the recomputation, through the forward's kernel with no bias (one kernel fewer to compile)
-    k.bias_act_forward(h, pres, _none(k, pres.dtype), k.GELU_TANH)
-    _scratch_linear_grads(k, h, dh, None, out, proj_w, proj_b, None, None)
+    dh = t.work((N, H))
+    _scratch_linear_grads(k, h.data, dh, None, out, proj_w, proj_b, None, None)
     dpre = pre.grad.reshape(N, H)           # zero until now: nothing else reads pre
     k.bias_act_backward(dpre, dh, pres, k.GELU_TANH)
     # the fc bias grad is summed by the matmul's backward, inside its pass over dpre: a separate
