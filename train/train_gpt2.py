@@ -15,13 +15,39 @@ from nt.models import GPT2, GPT2Config
 from nt.train_utils import add_training_args, prepare_run, pretrain
 
 
+# With neither -B nor --grad-accum given, a step's 16 sequences run as 8 micro-batches of
+# 2: the same tokens and the same updates as one batch of 16 (up to float summation order),
+# with an eighth of the activations, so the default run peaks under 250 MB
+# (docs/memory.md). Either flag given keeps the plain meaning: -B 16, --grad-accum 1.
+BATCH, MICRO_BATCH, EVAL_BATCHES = 16, 2, 8
+DEFAULT_HELP = {
+    "batch_size": f"sequences per micro-batch (default {BATCH}, or {MICRO_BATCH} x {BATCH // MICRO_BATCH} "
+                  f"micro-batches when neither -B nor --grad-accum is given)",
+    "grad_accum": "micro-batches of -B sequences per optimizer step (effective batch: grad_accum * B; default 1, "
+                  f"or {BATCH // MICRO_BATCH} with -B {MICRO_BATCH} when neither flag is given)",
+    "eval_batches": f"validation batches per evaluation (default {EVAL_BATCHES}; in the default run "
+                    f"{EVAL_BATCHES * BATCH // MICRO_BATCH} of {MICRO_BATCH}: the same {EVAL_BATCHES * BATCH} sequences)",
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mini", help=f"model shape: {', '.join(sorted(GPT2Config.PRESETS))}")
     p.add_argument("--init-from", default=None, help="start from an llm.c GPT-2 checkpoint (.bin)")
     p.add_argument("--save", default=None, help="write the final weights as an llm.c checkpoint here")
     add_training_args(p)
-    return p.parse_args(argv)
+    p.set_defaults(batch_size=None, grad_accum=None, eval_batches=None)   # resolved below
+    for action in p._actions:   # argparse has no public way to reword a shared flag's help
+        action.help = DEFAULT_HELP.get(action.dest, action.help)
+    args = p.parse_args(argv)
+    micro = args.batch_size is None and args.grad_accum is None
+    if micro:
+        args.batch_size, args.grad_accum = MICRO_BATCH, BATCH // MICRO_BATCH
+    args.batch_size = BATCH if args.batch_size is None else args.batch_size
+    args.grad_accum = 1 if args.grad_accum is None else args.grad_accum
+    if args.eval_batches is None:   # the default run validates on the same sequences as -B 16
+        args.eval_batches = EVAL_BATCHES * BATCH // MICRO_BATCH if micro else EVAL_BATCHES
+    return args
 
 
 def main(argv=None) -> None:
