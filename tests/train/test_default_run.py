@@ -46,3 +46,13 @@ def test_default_run_logs_the_losses_of_one_batch_of_16(script, tmp_path):
         for k in ("train_loss", "val_loss"):
             if k in big:
                 assert micro[k] == pytest.approx(big[k], rel=0, abs=1e-10)
+
+
+def test_bench_memory_measures_the_default_run(script):
+    """benchmarks/bench_memory.py's `default` config is the batch the default command runs."""
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "bench_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args, c = script.parse_args([]), bench.CONFIGS["default"]
+    assert (c["preset"], c["B"], c["grad_accum"], c["T"]) == (args.preset, args.batch_size, args.grad_accum,
+                                                              args.seq_len)
