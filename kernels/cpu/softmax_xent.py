@@ -81,14 +81,52 @@ def _log_sum_exp(row, V, scale):
     return m + np.log(s)
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _row_max(row, V):
+    """max of row[:V] (NaN entries may be skipped: they make the row's sum NaN anyway).
+    LLVM vectorises no max reduction, nor an elementwise max into a small array here
+    (both ran at the exp pass's speed); eight running maxima over consecutive entries,
+    written out, run 1.5x faster (d6's rows: 4.8 -> 3.2 ms a 512-row chunk, the read
+    alone 2.4)."""
+    n = V // 8
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    for i in range(n):
+        r = row[i * 8:i * 8 + 8]
+        m0 = r[0] if r[0] > m0 else m0
+        m1 = r[1] if r[1] > m1 else m1
+        m2 = r[2] if r[2] > m2 else m2
+        m3 = r[3] if r[3] > m3 else m3
+        m4 = r[4] if r[4] > m4 else m4
+        m5 = r[5] if r[5] > m5 else m5
+        m6 = r[6] if r[6] > m6 else m6
+        m7 = r[7] if r[7] > m7 else m7
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for v in range(n * 8, V):
+        m = max(m, row[v])
+    return m
+
+
 @njit(cache=True, inline="always")
-def _xent_row_loss(row, tgt, L, V, smoothing, z_loss):
-    """One counted row's loss, its log-sum-exp L given (the formula in the module docstring)."""
-    zsum = like(L, 0.0)
+def _logit_sum(row, V, smoothing):
+    """sum of row[:V], needed by label smoothing only (0 without)."""
+    zsum = like(row[0], 0.0)
     if smoothing != 0.0:
         for v in range(V):
             zsum += row[v]
-    return (1.0 - smoothing) * (L - row[tgt]) + smoothing * (L - zsum / V) + z_loss * L * L
+    return zsum
+
+
+@njit(cache=True, inline="always")
+def _xent_loss(zt, zsum, L, V, smoothing, z_loss):
+    """One counted row's loss from its target logit zt, logit sum zsum and log-sum-exp L
+    (the formula in the module docstring)."""
+    return (1.0 - smoothing) * (L - zt) + smoothing * (L - zsum / V) + z_loss * L * L
+
+
+@njit(cache=True, inline="always")
+def _xent_row_loss(row, tgt, L, V, smoothing, z_loss):
+    """One counted row's loss, its log-sum-exp L given."""
+    return _xent_loss(row[tgt], _logit_sum(row, V, smoothing), L, V, smoothing, z_loss)
 
 
 @njit(cache=True, inline="always")
@@ -145,9 +183,26 @@ def xent_rows_grad_(logits, losses, targets, V, scale, smoothing=0.0, z_loss=0.0
             losses[n] = 0.0
             row[:] = 0.0
             continue
-        L = _log_sum_exp(row, V, one)
-        losses[n] = _xent_row_loss(row, tgt, L, V, smoothing, z_loss)
-        _xent_row_grad_(row, tgt, L, V, scale, smoothing, z_loss)
+        # one exp an entry, not two (a log-sum-exp pass, then the probabilities' pass): the
+        # row is overwritten anyway, so the exps are kept in it, shifted by the row's max
+        # (a pass without exps, as cheap as a copy), and the grad pass only scales them
+        m = _row_max(row, V)
+        zt, zsum = row[tgt], _logit_sum(row, V, smoothing)
+        e = row[:V]
+        s = like(m, 0.0)
+        for v in range(V):
+            x = vmath.exp(e[v] - m)
+            e[v] = x
+            s += x
+        L = m + np.log(s)
+        losses[n] = _xent_loss(zt, zsum, L, V, smoothing, z_loss)
+        # p (1 + 2 z_loss L) scale = e / s (1 + 2 z_loss L) scale
+        pscale = like(L, scale * (1.0 + 2.0 * z_loss * L)) / s
+        uniform = like(L, scale * smoothing / V)
+        for v in range(V):
+            e[v] = pscale * e[v] - uniform
+        row[V:] = 0.0
+        row[tgt] -= scale * (1.0 - smoothing)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
