@@ -100,17 +100,6 @@ def _copy(dst, ldd, src, lds, rows, cols):
             d[c] = s[c]
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _exp_sum_(s, m):
-    """Overwrite s with exp(s - m) and return the sum (inf when an exp overflowed)."""
-    l = like(m, 0.0)
-    for j in range(s.shape[0]):
-        e = vmath.exp(s[j] - m)
-        s[j] = e
-        l += e
-    return l
-
-
 # The tasks take qkv, out and their grads flat (fewer array types and index computations
 # to compile): qkv's row of (b, t) is b*T + t, out's is b*(T - q0) + t - q0.
 
@@ -142,18 +131,14 @@ def _forward_task(out, lse, qkv, ws, b, kv, h0, G, r0, r1, k0, k1, T, hs, NH, NK
         # the visible columns as a slice of their own, indexed from 0, so the loops
         # vectorize (over range(lo, hi) Numba keeps negative-index wraparound: scalar exp)
         sv = s[lo:hi]
-        # shifted by the first visible score, not the max: LLVM vectorises no max
-        # reduction, so a max pass cost as much as the exp pass. The sum is still >= 1 (its
-        # first term is 1); only a row whose sum overflows (a score ~88 above the first) or
-        # is NaN takes the max pass and is redone (softmax_xent's _log_sum_exp does the same)
         m = sv[0]
-        l = _exp_sum_(sv, m)
-        if not l < np.inf:   # the exps overwrote the scores: the row's product again
-            gemm(False, True, 1, N, hs, scale, Q[row * ldq:], ldq, _at(qkv, width, x + k0, kc), width, zero, s, N)
-            m = sv[0]
-            for j in range(1, sv.shape[0]):
-                m = max(m, sv[j])
-            l = _exp_sum_(sv, m)
+        for j in range(1, sv.shape[0]):
+            m = max(m, sv[j])
+        l = zero
+        for j in range(sv.shape[0]):
+            e = vmath.exp(sv[j] - m)
+            sv[j] = e
+            l += e
         inv = one / l
         for j in range(sv.shape[0]):
             sv[j] *= inv

@@ -271,9 +271,8 @@ def test_attention_backward_matches_numpy(NH, NKV, window, q0, causal):
 
 @pytest.mark.parametrize("NH,NKV", [(2, 2), (3, 1)])
 def test_attention_score_far_above_the_first(NH, NKV):
-    """The forward shifts each row's exps by its first visible score; a row whose later
-    score is ~100 above it overflows that sum and is redone with the max (float32: the
-    case exp cannot hold)."""
+    """Scores spread over ~110 within a row, in a first and a second block (float32: a
+    softmax shifted by anything but the row's max would overflow exp)."""
     from nt.kernels import cpu
 
     hs, B, T = 8, 1, 70
