@@ -376,8 +376,6 @@ class Llama(LanguageModel):
         (config.bitnet) runs its sub-norms in the step; its projections must be kept packed or
         quantised, or have left `bitlinear` (float weights already ternary): latent weights
         need the tape's BitLinear quantisers. Otherwise None."""
-        import numba
-
         from nt.kernels.cpu import decode
         cfg, t = self.config, self.tape
         if (t.device != "cpu" or t.dtype != np.float32 or self.adapters is not None
@@ -394,7 +392,7 @@ class Llama(LanguageModel):
             raise IndexError(f"decode step: token {token} must be in [0, {cfg.vocab_size}) and position {pos} "
                              f"in the KV cache's [0, {self._kv_all.shape[2]})")
         logits = np.empty(plan[-1], np.float32)
-        decode.llama_decode_step(logits, token, pos, *plan[1:-1], numba.get_num_threads())
+        decode.llama_decode_step(logits, token, pos, *plan[1:-1])
         return logits
 
     def _decode_args(self) -> tuple:
