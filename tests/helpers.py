@@ -1,7 +1,11 @@
-"""Shared test helpers: run an op on a fresh tape, and check its backward by finite differences."""
+"""Shared test helpers: run an op on a fresh tape, check its backward by finite differences,
+import a repository script."""
 from __future__ import annotations
 
+import importlib.util
 import tracemalloc
+from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
@@ -9,6 +13,17 @@ from numba.core.runtime import _nrt_python, rtsys
 
 import nt
 from nt import Params, Tape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: str, name: str) -> ModuleType:
+    """The repository's script at `path` (e.g. "train/train_gpt2.py") imported as module
+    `name`, so a test can call its main() or parse_args() in process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_params(arrays: dict[str, np.ndarray], dtype=np.float64, device: str = "cpu") -> Params:

@@ -1,10 +1,8 @@
 """DPO end to end: preference files (text and chat messages) and their errors, the batch
 layout, the reference (LoRA base / frozen copy), the loss through a model against NumPy,
 a seeded run that learns the synthetic preferences, exact resume, --help."""
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +12,13 @@ from nt.lora import LoRA
 from nt.models import GPT2, GPT2Config
 from nt.sft import chatml
 from nt.tokenizer import ByteTokenizer
+from helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 TOK = ByteTokenizer()
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"align_{name}", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_train_script(name):
+    return load_script(f"train/{name}.py", f"align_{name}")
 
 
 def write(tmp_path, records, name="pairs.jsonl"):
@@ -157,7 +152,7 @@ def test_dpo_loss_through_the_model_matches_numpy(loss_type, smoothing):
 
 
 def test_dpo_help_documents_every_flag():
-    parser = load_script("dpo").parser()
+    parser = load_train_script("dpo").parser()
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
 
@@ -170,7 +165,7 @@ def metrics(out):
 def test_dpo_run_learns_the_synthetic_preferences(tmp_path, flags):
     """A seeded 10-step run on the synthetic set (LoRA, and full weights): reward accuracy
     from chance to above 0.9 on the training batches and on the held-out pairs."""
-    load_script("dpo").main(["--out-dir", str(tmp_path), "--steps", "10", "--eval-every", "10"] + flags)
+    load_train_script("dpo").main(["--out-dir", str(tmp_path), "--steps", "10", "--eval-every", "10"] + flags)
     entries = metrics(tmp_path)
     train = [e for e in entries if "rewards/accuracies" in e]
     evals = [e for e in entries if "eval/rewards/accuracies" in e]
@@ -184,7 +179,7 @@ def test_dpo_run_learns_the_synthetic_preferences(tmp_path, flags):
                          ids=["lora", "full", "ipo"])
 def test_dpo_resumes_exactly(tmp_path, flags):
     """Stopping at step 3 and resuming gives the same metrics, bit for bit, as 5 steps in one go."""
-    dpo = load_script("dpo")
+    dpo = load_train_script("dpo")
     flags = ["--steps", "5", "--eval-every", "0", "--checkpoint-every", "3", "--keep-last", "0"] + flags
     dpo.main(["--out-dir", str(tmp_path / "a")] + flags)
     whole = metrics(tmp_path / "a")
@@ -200,4 +195,4 @@ def test_dpo_resumes_exactly(tmp_path, flags):
 def test_dpo_script_reports_a_bad_record(tmp_path, capsys):
     path = write(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}])
     with pytest.raises(SystemExit, match="line 2: missing field 'rejected'"):
-        load_script("dpo").main(["--data", str(path), "--out-dir", str(tmp_path / "run"), "--steps", "1"])
+        load_train_script("dpo").main(["--data", str(path), "--out-dir", str(tmp_path / "run"), "--steps", "1"])

@@ -1,11 +1,9 @@
 """GRPO end to end: rewards (weighted, named, refused when broken), the sampled batch
 (groups, EOS mask, old-policy log-probs of the sampling policy), the demo's reward rising
 in a seeded run, exact resume, --help, bad inputs naming their record."""
-import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,17 +11,14 @@ import pytest
 from nt import align
 from nt.models import GPT2, GPT2Config
 from nt.tokenizer import ByteTokenizer
+from helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 TOK = ByteTokenizer()
 EOS = ord("\n")
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"align_{name}", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_train_script(name):
+    return load_script(f"train/{name}.py", f"align_{name}")
 
 
 def prompts(records):
@@ -165,12 +160,12 @@ def metrics(out):
 
 
 def test_grpo_help_documents_every_flag():
-    for action in load_script("grpo").parser()._actions:
+    for action in load_train_script("grpo").parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
 
 
 def demo_run(out, steps, extra=()):
-    load_script("grpo").main(["--out-dir", str(out), "--full", "--steps", str(steps), "--eval-every", str(steps),
+    load_train_script("grpo").main(["--out-dir", str(out), "--full", "--steps", str(steps), "--eval-every", str(steps),
                               *extra])
     entries = metrics(out)
     exact = [e["rewards/exact_match/mean"] for e in entries if "reward" in e]
@@ -205,7 +200,7 @@ def test_grpo_demo_reward_rises_long(tmp_path):
 def test_grpo_resumes_exactly(tmp_path, flags):
     """Stopping at step 2 and resuming gives the same metrics, bit for bit, as 4 steps in one go
     (the sampler's seeds follow the batches drawn; the base is reused, not warmed up again)."""
-    grpo = load_script("grpo")
+    grpo = load_train_script("grpo")
     common = ["--steps", "4", "--eval-every", "0", "--checkpoint-every", "2", "--keep-last", "0", "-B", "4",
               "--sft-steps", "5"] + flags
     grpo.main(["--out-dir", str(tmp_path / "a")] + common)
@@ -216,7 +211,7 @@ def test_grpo_resumes_exactly(tmp_path, flags):
 
 
 def test_grpo_script_reports_bad_input(tmp_path):
-    grpo = load_script("grpo")
+    grpo = load_train_script("grpo")
     with pytest.raises(SystemExit, match="G >= 2"):
         grpo.main(["--out-dir", str(tmp_path), "-G", "1", "--sft-steps", "1"])
     bad = tmp_path / "rewards.py"

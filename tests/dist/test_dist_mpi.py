@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
@@ -46,10 +47,7 @@ def on_ranks(n, args):
 
 
 def in_process(args):
-    spec = importlib.util.spec_from_file_location("train_gpt2", ROOT / "train" / "train_gpt2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(args)
+    load_script("train/train_gpt2.py", "train_gpt2").main(args)
 
 
 def losses(out):

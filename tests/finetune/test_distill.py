@@ -1,26 +1,19 @@
 """Distillation: the teacher's no-recording forward, the mixed loss against NumPy, and
 train/distill.py end to end (a teacher trained first, the student's loss falling, exact
 resume with the teacher found from the checkpoint, a teacher of another vocabulary refused)."""
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nt.distill import distill_loss
 from nt.models import GPT2, GPT2Config, Llama, LlamaConfig
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from helpers import load_script
 
 @pytest.fixture(scope="module")
 def distill():
-    spec = importlib.util.spec_from_file_location("distill", ROOT / "train" / "distill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("train/distill.py", "distill").main
 
 
 def log_softmax(z):

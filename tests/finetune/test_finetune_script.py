@@ -2,10 +2,8 @@
 loadable, a stopped-and-resumed run logging the same losses bit for bit (Llama with LoRA
 dropout, so the tape's RNG counter must come back), checkpoints holding the adapters and
 not the base, --merge and --full outputs, and bad input refused before anything is written."""
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +13,14 @@ from nt.lora import LoRA
 from nt.models import GPT2, GPT2Config, Llama, LlamaConfig
 from nt.sft import chatml, demo_chats
 from nt.tokenizer import BPE, CHAT_TOKENS, ENDOFTEXT
+from helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 MODULES = ("json", "textwrap", "string", "shlex")
 IDX = np.arange(32, dtype=np.int32).reshape(2, 16)
 
 
 def script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"train/{name}.py", name)
 
 
 @pytest.fixture(scope="module")

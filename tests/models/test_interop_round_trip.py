@@ -1,7 +1,6 @@
 """Every format a model can leave nt in brings it back with the same logits: a Hugging Face
 folder -> nt -> GGUF (with its tokenizer) -> nt -> Hugging Face folder -> nt, and a fixture
 folder fine-tuned with the training loop and saved back as a folder transformers reads."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 
 import nt
 from nt.models import from_gguf, from_pretrained
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "hf" / "models"
@@ -33,9 +33,7 @@ def test_hf_to_gguf_to_hf_keeps_the_logits(arch, tmp_path):
 def test_a_fixture_folder_fine_tunes_and_saves_back(tmp_path):
     """The acceptance path of a user with a Hugging Face folder: LoRA fine-tuning on chats
     with the shared loop, merged and saved as a folder that nt (and transformers) load."""
-    spec = importlib.util.spec_from_file_location("finetune", ROOT / "train" / "finetune.py")
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
+    finetune = load_script("train/finetune.py", "finetune")
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(f'{{"messages": [{{"role": "user", "content": "{q}?"}}, '
                              f'{{"role": "assistant", "content": "{a}."}}]}}\n'

@@ -1,21 +1,14 @@
 """train/train_gpt2.py's default batch: with neither -B nor --grad-accum, a step's 16
 sequences run as 8 micro-batches of 2 (the default run's memory, docs/memory.md), and that
 run logs the losses a -B 16 run logs, up to float summation order (float64 here)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from helpers import load_script
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_gpt2_default", ROOT / "train" / "train_gpt2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train/train_gpt2.py", "train_gpt2_default")
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -50,9 +43,7 @@ def test_default_run_logs_the_losses_of_one_batch_of_16(script, tmp_path):
 
 def test_bench_memory_measures_the_default_run(script):
     """benchmarks/bench_memory.py's `default` config is the batch the default command runs."""
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "bench_memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_memory.py", "bench_memory")
     args, c = script.parse_args([]), bench.CONFIGS["default"]
     assert (c["preset"], c["B"], c["grad_accum"], c["T"]) == (args.preset, args.batch_size, args.grad_accum,
                                                               args.seq_len)

@@ -1,23 +1,16 @@
 """train/train_gpt2.py with --optimizer chuck, --grad-accum and --loss-scale: a run stopped
 and resumed logs the same losses as an uninterrupted one (Chuck's state, the loss scaler's
 state and the data position all come back), and every optimizer name trains."""
-import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from helpers import load_script
 
 @pytest.fixture(scope="module")
 def train_main():
-    spec = importlib.util.spec_from_file_location("train_gpt2_optim", ROOT / "train" / "train_gpt2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("train/train_gpt2.py", "train_gpt2_optim").main
 
 
 @pytest.fixture(scope="module")

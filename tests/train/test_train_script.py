@@ -1,21 +1,14 @@
 """train/train_gpt2.py and train/train_llama.py end to end on tiny models: a run stopped
 and resumed logs the same losses as an uninterrupted one, bit for bit (Llama with dropout,
 so the tape's RNG counter must come back too)."""
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from helpers import load_script
 
 def script_main(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(f"train/{name}.py", name).main
 
 
 @pytest.fixture(scope="module")
