@@ -7,6 +7,8 @@ parallel regions, each splitting independent work across threads,
 
     rmsnorm -> [quantise x] -> per kv head: its q, k, v rows, RoPE, KV-cache append,
                                attention of its q heads                 (qkv_attention)
+               (or, when the thread count does not divide the kv heads, per head: its rows,
+                RoPE, cache append (qkv_rows); then per q head its attention (attention))
     [quantise] -> out rows, added into the residual in place            (matvec)
     rmsnorm -> [quantise] -> gate_i, up_i rows -> silu(gate_i) * up_i   (swiglu_matvec)
     [quantise] -> down rows, added into the residual                    (matvec)
@@ -152,31 +154,57 @@ def _attend_head(o, cache, pos, q0, k0, v0, hs, s):
             o[c] += p * v[c]
 
 
+@njit(cache=True, inline="always")
+def _head_rows(row, j, x, wf, wq, codes, a, xd, xs, pos, inv_freq, half, NH, NKV, hs):
+    """Head j of the (q | k | v) outputs (NH q heads, then NKV k, then NKV v heads): its hs
+    rows of W . x into row[j*hs:] (the cache row's layout), RoPE on it if it is a q or k head.
+    wf / wq / codes: the (q, k, v) parts of W (float rows, blocks, codes; one activation format)."""
+    part = 0 if j < NH else (1 if j < NH + NKV else 2)
+    r0 = (j - (0, NH, NH + NKV)[part]) * hs
+    _rows_into(row, j * hs, r0, r0 + hs, x, wf[part], wq[part], codes[part], a, xd, xs, False)
+    if part < 2:   # RoPE in place (it rewrites each pair it reads)
+        head = row[j * hs:(j + 1) * hs]
+        _rotate_row(head, head, pos, inv_freq, half, 1.0, 1, hs, False)
+
+
 @njit(parallel=True, cache=True)
 def qkv_attention(att, x, wf, wq, codes, xq, xd, xs, cache, pos, inv_freq, half, NH, NKV, scores):
     """The first half of attention for position pos, one task per key/value head g: the rows
     of W . x for g's query heads and for its k and v heads, written to cache[pos] (layout
     q | k | v heads), RoPE on them, then attention of g's query heads over cache[0..pos] into
-    att (NH*hs,). wf / wq / codes: the (q, k, v) parts of W (float rows, blocks, codes; one
-    activation format). The tasks share nothing, so one parallel region does the work of three."""
+    att (NH*hs,). The tasks share nothing, so one parallel region does the work of three; but
+    NKV tasks split unevenly when the thread count does not divide NKV (SmolLM2-135M's 3 on 2
+    threads: 2:1), and then qkv_rows + attention split the same work per head instead."""
     a = xq[:x.shape[0]]
     _quantize_for(codes[0], x, a, xd, xs)
     hs = cache.shape[1] // (NH + 2 * NKV)
     group = NH // NKV
-    row = cache[pos]
     for g in prange(NKV):
-        k0, v0 = (NH + g) * hs, (NH + NKV + g) * hs
-        q0 = g * group * hs
-        _rows_into(row, q0, q0, q0 + group * hs, x, wf[0], wq[0], codes[0], a, xd, xs, False)
-        _rows_into(row, k0, g * hs, (g + 1) * hs, x, wf[1], wq[1], codes[1], a, xd, xs, False)
-        _rows_into(row, v0, g * hs, (g + 1) * hs, x, wf[2], wq[2], codes[2], a, xd, xs, False)
-        for h in range(g * group, (g + 1) * group):   # RoPE in place (it rewrites each pair it reads)
-            q = row[h * hs:(h + 1) * hs]
-            _rotate_row(q, q, pos, inv_freq, half, 1.0, 1, hs, False)
-        k = row[k0:k0 + hs]
-        _rotate_row(k, k, pos, inv_freq, half, 1.0, 1, hs, False)
+        for k in range(group + 2):   # g's query heads, its k head, its v head
+            j = g * group + k if k < group else (NH + g if k == group else NH + NKV + g)
+            _head_rows(cache[pos], j, x, wf, wq, codes, a, xd, xs, pos, inv_freq, half, NH, NKV, hs)
         for h in range(g * group, (g + 1) * group):
-            _attend_head(att[h * hs:(h + 1) * hs], cache, pos, h * hs, k0, v0, hs, scores[h])
+            _attend_head(att[h * hs:(h + 1) * hs], cache, pos, h * hs, (NH + g) * hs, (NH + NKV + g) * hs, hs, scores[h])
+
+
+@njit(parallel=True, cache=True)
+def qkv_rows(x, wf, wq, codes, xq, xd, xs, cache, pos, inv_freq, half, NH, NKV):
+    """qkv_attention's rows and RoPE alone, one task per head of q | k | v (NH + 2 NKV tasks)."""
+    a = xq[:x.shape[0]]
+    _quantize_for(codes[0], x, a, xd, xs)
+    hs = cache.shape[1] // (NH + 2 * NKV)
+    for j in prange(NH + 2 * NKV):
+        _head_rows(cache[pos], j, x, wf, wq, codes, a, xd, xs, pos, inv_freq, half, NH, NKV, hs)
+
+
+@njit(parallel=True, cache=True)
+def attention(att, cache, pos, NH, NKV, scores):
+    """qkv_attention's attention alone, one task per query head (after qkv_rows)."""
+    hs = cache.shape[1] // (NH + 2 * NKV)
+    group = NH // NKV
+    for h in prange(NH):
+        g = h // group
+        _attend_head(att[h * hs:(h + 1) * hs], cache, pos, h * hs, (NH + g) * hs, (NH + NKV + g) * hs, hs, scores[h])
 
 
 @njit(cache=True, inline="always")
@@ -188,7 +216,7 @@ def _part(flat, t, n):
 
 @njit(cache=True)
 def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, attn_sub_norm, ffn_sub_norm, wf, wq,
-                      parts, head_f, head_q, head_code, cache, inv_freq, half, NH, NKV, H, eps):
+                      parts, head_f, head_q, head_code, cache, inv_freq, half, NH, NKV, H, eps, split_heads):
     """The logits (rows of the classifier) after token `token` at position `pos`, whose
     rotated qkv rows are appended to cache (L, capacity, W) at row pos.
 
@@ -198,7 +226,10 @@ def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, attn
     matrix, layer and part (byte offset in wq, block code, bytes per row), code -1 for float,
     so a layer may mix block types (a Q4_K_M file's Q4_K q/k and Q6_K v rows). head_code:
     the classifier's (-1 float: head_f, else head_q). H: the MLP's width. attn_sub_norm (L,
-    NH*hs) / ffn_sub_norm (L, H): BitNet's RMSNorms before the out / down projections, or (L, 0)."""
+    NH*hs) / ffn_sub_norm (L, H): BitNet's RMSNorms before the out / down projections, or (L, 0).
+    split_heads: the q/k/v rows and the attention in two regions split per head (qkv_rows,
+    attention) instead of one split per kv head (qkv_attention): for a thread count that does
+    not divide NKV."""
     L, C = attn_norm.shape
     W = cache.shape[2]
     hs = W // (NH + 2 * NKV)
@@ -215,9 +246,14 @@ def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, attn
     for l in range(L):
         t, f = parts[0, l], wf[0][l]
         _rmsnorm_row(h, x, attn_norm[l], eps)
-        qkv_attention(att, h, (f[:q1], f[q1:k1], f[k1:]),
-                      (_part(wq[0], t[0], q1), _part(wq[0], t[1], k1 - q1), _part(wq[0], t[2], W - k1)),
-                      (t[0, 1], t[1, 1], t[2, 1]), xq, xd, xs, cache[l], pos, inv_freq, half, NH, NKV, scores)
+        qkv_f = (f[:q1], f[q1:k1], f[k1:])
+        qkv_q = (_part(wq[0], t[0], q1), _part(wq[0], t[1], k1 - q1), _part(wq[0], t[2], W - k1))
+        qkv_codes = (t[0, 1], t[1, 1], t[2, 1])
+        if split_heads:
+            qkv_rows(h, qkv_f, qkv_q, qkv_codes, xq, xd, xs, cache[l], pos, inv_freq, half, NH, NKV)
+            attention(att, cache[l], pos, NH, NKV, scores)
+        else:
+            qkv_attention(att, h, qkv_f, qkv_q, qkv_codes, xq, xd, xs, cache[l], pos, inv_freq, half, NH, NKV, scores)
         if attn_sub_norm.shape[1]:
             _rmsnorm_row(att, att, attn_sub_norm[l], eps)
         t = parts[1, l]

@@ -207,6 +207,39 @@ def test_fused_decoding_with_row_counts_not_a_multiple_of_four(kind, monkeypatch
     assert np.abs(fused - tape).max() <= 1e-5 * np.abs(tape).max()
 
 
+@pytest.mark.parametrize("kind", [None, "Q8_0"])
+def test_decode_step_per_head_split_equals_the_per_kv_head_one(kind):
+    """The decode step splits q/k/v rows and attention per kv head, or (split_heads, for a
+    thread count that does not divide the kv heads: 3 on 2 threads) per head in two regions:
+    the same arithmetic per row and head, so the same bits in logits and KV cache."""
+    from nt.kernels.cpu import decode
+    cfg = LlamaConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=3, ffn_hidden=160, vocab_size=301, block_size=32,
+                      tie_embeddings=False)
+    model = Llama(cfg, seed=0, quantized=dict.fromkeys(("qkvw", "attn_out", "gate_up", "down"), kind) if kind else None)
+    rng = np.random.default_rng(3)
+    shapes = Llama(cfg, seed=0).params
+    for name in model.quantized:
+        model.qweights[name] = [gguf.quantize(rng.standard_normal(shapes[name].shape[-2:]).astype(np.float32) * 0.1,
+                                              kind) for _ in range(cfg.n_layers)]
+    tokens = np.array([3, 1, 4, 1, 5], np.int32)
+    model.eval()
+    model._begin_generation(8, 1)   # room for positions 0..7
+    for i in (4, 5):   # a prefill of 4, then one fused step (position 4): the plan
+        model._next_logits(tokens[None, :i])
+    cache, args = model._kv_all.data, model._decode_plan[1:-1]
+    assert cache.shape[2] > 5
+    before = cache.copy()
+    results = []
+    for split in (False, True):
+        cache[:] = before
+        logits = np.empty(cfg.vocab_size, np.float32)
+        decode.llama_decode_step(logits, 7, 5, *args, split)
+        results.append((logits, cache.copy()))
+    assert np.isfinite(results[0][0]).all()
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1], equal_nan=True)
+    assert not np.array_equal(results[0][1], before, equal_nan=True)   # the step wrote position 5
+
+
 def test_linear_q_rejects_bad_input():
     t = nt.tape.Tape("cpu", np.float32)
     x = t.new((2, 64))
