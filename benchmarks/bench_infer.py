@@ -9,8 +9,10 @@ is installed (nt's writer otherwise, which makes no Q4_K_M). They are kept in --
 
 Each measurement is its own process (so each engine's peak RSS is its own), with the
 thread count set for it (nt: NUMBA_NUM_THREADS / OPENBLAS_NUM_THREADS; llama.cpp: n_threads
-and n_threads_batch), engines alternating: nt, llama.cpp, nt, ... --reps times per (file,
-threads), the best run reported. A process warms up first (Numba's cache, page faults).
+and n_threads_batch), engines and thread counts alternating (nt 1 thread, llama.cpp 1 thread,
+nt 2 threads, llama.cpp 2 threads, nt 1 thread, ...) --reps times per file, the best run
+reported, and nt's decode speed over its 1-thread speed ("vs 1", `nt_decode_vs_1_thread`).
+A process warms up first (Numba's cache, page faults).
   decode: an 8-token prompt, then --decode greedy tokens one at a time, tokens/s
   prefill: one --prompt-token prompt through the model, tokens/s
 nt loads each file with keep_quantized=True: Q8_0 / Q4_0 / Q4_K / Q6_K matrices stay blocks,
@@ -218,7 +220,7 @@ def main() -> None:
     if not a.json:
         print(f"prompt {a.prompt} tokens (prefill), decode {a.decode} tokens after an 8-token prompt, "
               f"best of {a.reps}; tok/s, peak RSS MB")
-        head = f"{'file':16s} {'thr':>3s} {'nt dec':>8s} {'nt pre':>8s} {'nt MB':>6s}"
+        head = f"{'file':16s} {'thr':>3s} {'nt dec':>8s} {'vs 1':>6s} {'nt pre':>8s} {'nt MB':>6s}"
         if compare:
             head += f" {'llc dec':>8s} {'llc pre':>8s} {'llc MB':>6s} {'dec x':>6s} {'pre x':>6s}"
         print(head)
@@ -229,20 +231,26 @@ def main() -> None:
                                "--types", *types], stdout=subprocess.PIPE, check=True)
         files = {k: Path(v) for k, v in json.loads(made.stdout.decode().strip().splitlines()[-1]).items()}
         for kind, path in files.items():
+            # thread counts alternate too, so a thread count's speed-up over one thread is
+            # not the VM's drift between minutes
+            runs = {(threads, e): [] for threads in a.threads for e in engines}
+            for _ in range(a.reps):
+                for threads in a.threads:
+                    for e in engines:
+                        runs[threads, e].append(run_worker(e, path, threads, a))
+            best = {key: {k: max(r[k] for r in rs) for k in ("decode", "prefill", "rss_mb")} for key, rs in runs.items()}
             for threads in a.threads:
-                runs = {e: [] for e in engines}
-                for _ in range(a.reps):
-                    for e in engines:   # alternating
-                        runs[e].append(run_worker(e, path, threads, a))
-                best = {e: {k: max(r[k] for r in runs[e]) for k in ("decode", "prefill", "rss_mb")} for e in engines}
-                best["nt"]["path"] = "/".join(sorted({r["path"] for r in runs["nt"]}))
-                report(shape, kind, path, threads, best, compare, a.json)
+                best[threads, "nt"]["path"] = "/".join(sorted({r["path"] for r in runs[threads, "nt"]}))
+                one = best[1, "nt"]["decode"] if 1 in a.threads else None
+                report(shape, kind, path, threads, {e: best[threads, e] for e in engines}, one, compare, a.json)
 
 
-def report(shape, kind, path, threads, best, compare, as_json) -> None:
+def report(shape, kind, path, threads, best, one_thread_decode, compare, as_json) -> None:
     nt_, llc = best["nt"], best.get("llama.cpp")
+    scaling = round(nt_["decode"] / one_thread_decode, 2) if one_thread_decode else None
     row = {"file": path.name, "shape": shape, "type": kind, "threads": threads,
            "nt_decode_tok_s": round(nt_["decode"], 1), "nt_prefill_tok_s": round(nt_["prefill"], 1),
+           "nt_decode_vs_1_thread": scaling,
            "nt_peak_rss_mb": round(nt_["rss_mb"]), "nt_decode_path": nt_["path"],
            "llama_cpp_decode_tok_s": None, "llama_cpp_prefill_tok_s": None, "llama_cpp_peak_rss_mb": None,
            "decode_ratio": None, "prefill_ratio": None}
@@ -253,8 +261,8 @@ def report(shape, kind, path, threads, best, compare, as_json) -> None:
     if as_json:
         print(json.dumps(row), flush=True)
         return
-    line = (f"{shape + ' ' + kind:16s} {threads:3d} {row['nt_decode_tok_s']:8.1f} {row['nt_prefill_tok_s']:8.1f} "
-            f"{row['nt_peak_rss_mb']:6d}")
+    line = (f"{shape + ' ' + kind:16s} {threads:3d} {row['nt_decode_tok_s']:8.1f} "
+            f"{'' if scaling is None else f'{scaling:.2f}x':>6s} {row['nt_prefill_tok_s']:8.1f} {row['nt_peak_rss_mb']:6d}")
     if compare:
         line += (f" {row['llama_cpp_decode_tok_s']:8.1f} {row['llama_cpp_prefill_tok_s']:8.1f} "
                  f"{row['llama_cpp_peak_rss_mb']:6d} {row['decode_ratio']:6.2f} {row['prefill_ratio']:6.2f}")
