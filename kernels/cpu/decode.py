@@ -1,28 +1,36 @@
-"""One decoding step of a Llama-family model (B = 1, T = 1) as a handful of kernel launches.
+"""One decoding step of a Llama-family model (B = 1, T = 1) in one parallel region.
 
 The tape path runs ~15 ops per layer, each a Python call and a parallel region; at 58M
 parameters a token is ~1 ms of arithmetic, so that overhead and thread start-up dominated
-(and 2 threads ran slower than 1). Here one call does the whole token: per layer four
-parallel regions, each splitting independent work across threads,
+(and 2 threads ran slower than 1). Here one call does the whole token, as phases in order,
+per layer
 
-    rmsnorm -> [quantise x] -> per kv head: its q, k, v rows, RoPE, KV-cache append,
-                               attention of its q heads                 (qkv_attention)
-               (or, when the thread count does not divide the kv heads, per head: its rows,
-                RoPE, cache append (qkv_rows); then per q head its attention (attention))
-    [quantise] -> out rows, added into the residual in place            (matvec)
-    rmsnorm -> [quantise] -> gate_i, up_i rows -> silu(gate_i) * up_i   (swiglu_matvec)
-    [quantise] -> down rows, added into the residual                    (matvec)
+    QKV_ATT  rmsnorm -> [quantise x] -> per kv head: its q, k, v rows, RoPE, KV-cache append,
+             attention of its q heads
+             (or, when the thread count does not divide the kv heads: QKV, per head its
+             rows, RoPE, cache append; then ATT, per q head its attention)
+    OUT      [quantise] -> out rows, added into the residual in place
+    GATE_UP  rmsnorm -> [quantise] -> gate_i, up_i rows -> silu(gate_i) * up_i
+    DOWN     [quantise] -> down rows, added into the residual
 
-then the final norm and the classifier rows. The small per-token work (a norm, quantising
-one activation row) runs on the calling thread between regions. Each weight byte is read
-once per token. A matrix is float32 (code -1: `wf`, rows dotted in float32 with
-reassociation so they vectorise) or ggml blocks (code >= 0, see quant.QDOT_CODES: `wq`,
-integer dots against the activation quantised once per matrix), four rows per call where
-the rows allow (quant.qdot: one pass over the activation serves four weight rows), or
-BitNet's packed ternary T2 rows (bitnet.T2_CODE: bitnet.t2dot against the activation
-quantised per token; a BitNet model's sub-norms run before the out and down rows). A new
-weight code slots in at _quantize_for, _row and _rows4. No BLAS is called, so no second
-thread pool competes with Numba's.
+then HEAD, the final norm and the classifier rows. A phase's work is cut into at most
+nthreads contiguous units. The threads of one parallel region (`_token`) claim units from
+one counter and meet at the phase boundaries on a done counter (kernels/cpu/sync.py)
+instead of opening a region a phase (a fork/join costs ~2.3 us on 2 threads here, and
+SmolLM2-135M had 151 a token). Each thread computes a phase's input (norm, quantised
+activation) itself into its own scratch, so nothing runs on one thread while the others
+wait. Each weight byte is read once per token. A matrix is float32 (code -1: `wf`, rows
+dotted in float32 with reassociation so they vectorise) or ggml blocks (code >= 0, see
+quant.QDOT_CODES: `wq`, integer dots against the activation quantised once per phase),
+four rows per call where the rows allow (quant.qdot: one pass over the activation serves
+four weight rows), or BitNet's packed ternary T2 rows (bitnet.T2_CODE: bitnet.t2dot
+against the activation quantised per token; a BitNet model's sub-norms run before the out
+and down rows). A new
+weight code slots in at _quantize_for, _row and _rows4. Every matrix's rows go through the
+one _rows_into call in _token, inside the parallel region's body (Numba compiles that with
+its arrays marked not aliasing: the same loop in a function called from it ran the
+classifier's rows 6-40% slower), and one inlined copy of the row dots halves the step's
+cold compile. No BLAS is called, so no second thread pool competes with Numba's.
 
 Numba's cache keys these kernels on this file alone, with quant's globals (QDOT_BLOCK, the
 qdot dispatch) and its intrinsics' code compiled in: a new code in quant.QDOT_CODES (Q5_0 = 4
@@ -37,6 +45,7 @@ from .bitnet import T2_CODE, quantize_row_t2, t2dot
 from .quant import QDOT_BLOCK, QK, qdot, _quantize_row_q8
 from .rmsnorm import _row_forward as _rmsnorm_row
 from .rope import _rotate_row
+from .sync import LINE, fetch_add, wait_at_least
 
 
 @njit(cache=True, fastmath=True)
@@ -79,8 +88,12 @@ def _rows4(r0, r1, r2, r3, x, wf, wq, code, xq, xd, xs):
 
 
 @njit(cache=True, inline="always")
-def _rows_into(dst, o, r0, r1, x, wf, wq, code, xq, xd, xs, accumulate):
-    """dst[o + r - r0] (+)= W[r] . x for r in [r0, r1), four rows at a time."""
+def _rows_into(dst, o, r0, r1, x, wf, wq, code, xq, xd, xs, accumulate, dst2, wq2, code2, shift2, pair):
+    """dst[o + r - r0] (+)= W[r] . x for r in [r0, r1), four rows at a time; with `pair`,
+    each group's rows r + shift2 of a second matrix (wf's float rows or wq2's blocks of
+    code2; the same activation) after it into dst2: a GATE_UP unit's gate and up rows, read
+    in step as the per-matrix kernel did (all gate rows, then all up rows, made the 2-thread
+    MLP ~1.5% slower; one loop over both matrices made every matrix's rows slower)."""
     r = r0
     while r < r1:
         if r + 4 <= r1:
@@ -92,44 +105,20 @@ def _rows_into(dst, o, r0, r1, x, wf, wq, code, xq, xd, xs, accumulate):
         for k in range(n):
             i = o + r - r0 + k
             dst[i] = dst[i] + v[k] if accumulate else v[k]
+        if pair:
+            q = r + shift2
+            if n == 4:
+                v = _rows4(q, q + 1, q + 2, q + 3, x, wf, wq2, code2, xq, xd, xs)
+            else:
+                v = (_row(q, x, wf, wq2, code2, xq, xd, xs), np.float32(0.0), np.float32(0.0), np.float32(0.0))
+            for k in range(n):
+                dst2[o + r - r0 + k] = v[k]
         r += n
-
-
-@njit(parallel=True, cache=True)
-def matvec(out, x, wf, wq, code, xq, xd, xs, accumulate):
-    """out[r] (+)= W[r] . x for every row r, groups of 4 rows split across threads (xq, xd,
-    xs: scratch for x quantised, at least as long as x, x/32, x/32)."""
-    a = xq[:x.shape[0]]
-    _quantize_for(code, x, a, xd, xs)
-    OC = out.shape[0]
-    for g in prange((OC + 3) // 4):
-        _rows_into(out, 4 * g, 4 * g, min(4 * g + 4, OC), x, wf, wq, code, a, xd, xs, accumulate)
 
 
 @njit(cache=True, inline="always")
 def _silu_mul(g, u):
     return g / (np.float32(1.0) + np.exp(-g)) * u
-
-
-@njit(parallel=True, cache=True)
-def swiglu_matvec(act, x, wf, wq, codes, xq, xd, xs):
-    """act[i] = silu(gate_i . x) * (up_i . x): wf / wq / codes are (gate, up) pairs (the
-    float rows, the blocks, the codes: the two parts may hold different block types of one
-    activation format); four gate rows, then the same four up rows, per task."""
-    a = xq[:x.shape[0]]
-    _quantize_for(codes[0], x, a, xd, xs)
-    H = act.shape[0]
-    for p in prange((H + 3) // 4):
-        i = 4 * p
-        if i + 4 <= H:
-            g = _rows4(i, i + 1, i + 2, i + 3, x, wf[0], wq[0], codes[0], a, xd, xs)
-            u = _rows4(i, i + 1, i + 2, i + 3, x, wf[1], wq[1], codes[1], a, xd, xs)
-            for k in range(4):
-                act[i + k] = _silu_mul(g[k], u[k])
-        else:
-            for k in range(i, H):
-                act[k] = _silu_mul(_row(k, x, wf[0], wq[0], codes[0], a, xd, xs),
-                                   _row(k, x, wf[1], wq[1], codes[1], a, xd, xs))
 
 
 @njit(cache=True)
@@ -155,68 +144,124 @@ def _attend_head(o, cache, pos, q0, k0, v0, hs, s):
 
 
 @njit(cache=True, inline="always")
-def _head_rows(row, j, x, wf, wq, codes, a, xd, xs, pos, inv_freq, half, NH, NKV, hs):
-    """Head j of the (q | k | v) outputs (NH q heads, then NKV k, then NKV v heads): its hs
-    rows of W . x into row[j*hs:] (the cache row's layout), RoPE on it if it is a q or k head.
-    wf / wq / codes: the (q, k, v) parts of W (float rows, blocks, codes; one activation format)."""
-    part = 0 if j < NH else (1 if j < NH + NKV else 2)
-    r0 = (j - (0, NH, NH + NKV)[part]) * hs
-    _rows_into(row, j * hs, r0, r0 + hs, x, wf[part], wq[part], codes[part], a, xd, xs, False)
-    if part < 2:   # RoPE in place (it rewrites each pair it reads)
-        head = row[j * hs:(j + 1) * hs]
-        _rotate_row(head, head, pos, inv_freq, half, 1.0, 1, hs, False)
-
-
-@njit(parallel=True, cache=True)
-def qkv_attention(att, x, wf, wq, codes, xq, xd, xs, cache, pos, inv_freq, half, NH, NKV, scores):
-    """The first half of attention for position pos, one task per key/value head g: the rows
-    of W . x for g's query heads and for its k and v heads, written to cache[pos] (layout
-    q | k | v heads), RoPE on them, then attention of g's query heads over cache[0..pos] into
-    att (NH*hs,). The tasks share nothing, so one parallel region does the work of three; but
-    NKV tasks split unevenly when the thread count does not divide NKV (SmolLM2-135M's 3 on 2
-    threads: 2:1), and then qkv_rows + attention split the same work per head instead."""
-    a = xq[:x.shape[0]]
-    _quantize_for(codes[0], x, a, xd, xs)
-    hs = cache.shape[1] // (NH + 2 * NKV)
-    group = NH // NKV
-    for g in prange(NKV):
-        for k in range(group + 2):   # g's query heads, its k head, its v head
-            j = g * group + k if k < group else (NH + g if k == group else NH + NKV + g)
-            _head_rows(cache[pos], j, x, wf, wq, codes, a, xd, xs, pos, inv_freq, half, NH, NKV, hs)
-        for h in range(g * group, (g + 1) * group):
-            _attend_head(att[h * hs:(h + 1) * hs], cache, pos, h * hs, (NH + g) * hs, (NH + NKV + g) * hs, hs, scores[h])
-
-
-@njit(parallel=True, cache=True)
-def qkv_rows(x, wf, wq, codes, xq, xd, xs, cache, pos, inv_freq, half, NH, NKV):
-    """qkv_attention's rows and RoPE alone, one task per head of q | k | v (NH + 2 NKV tasks)."""
-    a = xq[:x.shape[0]]
-    _quantize_for(codes[0], x, a, xd, xs)
-    hs = cache.shape[1] // (NH + 2 * NKV)
-    for j in prange(NH + 2 * NKV):
-        _head_rows(cache[pos], j, x, wf, wq, codes, a, xd, xs, pos, inv_freq, half, NH, NKV, hs)
-
-
-@njit(parallel=True, cache=True)
-def attention(att, cache, pos, NH, NKV, scores):
-    """qkv_attention's attention alone, one task per query head (after qkv_rows)."""
-    hs = cache.shape[1] // (NH + 2 * NKV)
-    group = NH // NKV
-    for h in prange(NH):
-        g = h // group
-        _attend_head(att[h * hs:(h + 1) * hs], cache, pos, h * hs, (NH + g) * hs, (NH + NKV + g) * hs, hs, scores[h])
-
-
-@njit(cache=True, inline="always")
 def _part(flat, t, n):
     """The n rows of one part of a kept matrix: t = (byte offset in flat, code, bytes per
     row); a float matrix's parts are (0, -1, 0): empty."""
     return flat[t[0]:t[0] + n * t[2]].reshape((n, t[2]))
 
 
+# The phases of a token, in order: per layer QKV_ATT (or QKV, then ATT), OUT, GATE_UP, DOWN;
+# then HEAD. What a phase's items are (each phase's items are cut into at most nthreads
+# contiguous units):
+QKV_ATT = 0   # kv heads: rows of its q, k and v heads, RoPE, cache append, its q heads' attention
+QKV = 1       # heads of q | k | v: rows, RoPE, cache append
+ATT = 2       # q heads: attention over the cache
+OUT = 3       # groups of 4 out rows, added into the residual
+GATE_UP = 4   # groups of 4 gate rows and the same up rows, silu(gate) * up
+DOWN = 5      # groups of 4 down rows, added into the residual
+HEAD = 6      # groups of 4 classifier rows
+
+
+@njit(parallel=True, cache=True)
+def _token(nthreads, ctr, kinds, layers, items, base, x, att, act, gu, logits, cache, pos, wf, wq, parts, head_f,
+           head_q, head_code, attn_norm, ffn_norm, norm_f, attn_sub_norm, ffn_sub_norm, inv_freq, half, NH, NKV, eps,
+           hbuf, xqbuf, xdbuf, xsbuf, scores):
+    """The token's one parallel region: nthreads workers (more than the pool runs at once is
+    fine: iterations run one after another find the units claimed, or claim them)."""
+    for t in prange(nthreads):
+        hb, xq, xd, xs = hbuf[t], xqbuf[t], xdbuf[t], xsbuf[t]
+        C, H, V = x.shape[0], act.shape[0], logits.shape[0]
+        hs = cache.shape[2] // (NH + 2 * NKV)
+        group = NH // NKV
+        P = kinds.shape[0]
+        p = 0        # the phase of this thread's unit
+        ready = -1   # the phase whose input this thread holds in its scratch
+        xin = x
+        a = xq[:C]
+        k = fetch_add(ctr, LINE, 1)
+        while k < base[P]:
+            while k >= base[p + 1]:
+                p += 1
+            wait_at_least(ctr, 2 * LINE, base[p])
+            kind, l = kinds[p], layers[p]
+            if ready != p:   # this phase's input, into this thread's scratch
+                ready = p
+                if kind == OUT or kind == DOWN:
+                    src, sub, code = (att, attn_sub_norm, parts[1, l, 0, 1]) if kind == OUT \
+                        else (act, ffn_sub_norm, parts[3, l, 0, 1])
+                    xin = src
+                    if sub.shape[1]:   # BitNet's sub-norm
+                        xin = hb[:src.shape[0]]
+                        _rmsnorm_row(xin, src, sub[l], eps)
+                elif kind != ATT:
+                    nw, code = (attn_norm[l], parts[0, l, 0, 1]) if kind <= QKV else \
+                        ((ffn_norm[l], parts[2, l, 0, 1]) if kind == GATE_UP else (norm_f, head_code))
+                    xin = hb[:C]
+                    _rmsnorm_row(xin, x, nw, eps)
+                if kind != ATT:
+                    a = xq[:xin.shape[0]]
+                    _quantize_for(code, xin, a, xd, xs)
+            u, m, n = k - base[p], base[p + 1] - base[p], items[p]
+            i0, i1 = u * n // m, (u + 1) * n // m
+            if kind == ATT:
+                for h in range(i0, i1):
+                    g = h // group
+                    _attend_head(att[h * hs:(h + 1) * hs], cache[l], pos, h * hs, (NH + g) * hs,
+                                 (NH + NKV + g) * hs, hs, scores[h])
+            nseg = (i1 - i0) * (group + 2) if kind == QKV_ATT else \
+                (i1 - i0 if kind == QKV else (0 if kind == ATT else 1))
+            for s in range(nseg):   # row ranges of one matrix part each, through the one row-dot call
+                j, kk, g = 0, 0, 0
+                if kind <= QKV:   # head j of q | k | v
+                    g = i0 + s // (group + 2)
+                    kk = s % (group + 2)
+                    j = i0 + s if kind == QKV else (g * group + kk if kk < group else
+                                                    (NH + g if kk == group else NH + NKV + g))
+                    mat, part = 0, 0 if j < NH else (1 if j < NH + NKV else 2)
+                    first = (0, NH, NH + NKV)[part] * hs   # the part's first row in the (q | k | v) matrix
+                    nrows = (NH, NKV, NKV)[part] * hs
+                    r0, r1 = j * hs - first, j * hs - first + hs
+                    dst, o, acc = cache[l, pos], j * hs, False
+                else:
+                    mat, part = (1, 0) if kind == OUT else ((2, 0) if kind == GATE_UP else (3, 0))
+                    nrows = C if kind != GATE_UP else H
+                    if kind == HEAD:
+                        nrows = V
+                    first = part * H
+                    r0, r1 = 4 * i0, min(4 * i1, nrows)
+                    dst, o, acc = (x, r0, True) if kind == OUT or kind == DOWN else \
+                        ((gu[0], r0, False) if kind == GATE_UP else (logits, r0, False))
+                if kind == HEAD:
+                    wfm, wqm, code = head_f, head_q, head_code
+                    wq2, code2 = wqm, code
+                    first = 0
+                else:
+                    tp = parts[mat, l, part]
+                    wfm, wqm, code = wf[mat][l], _part(wq[mat], tp, nrows), tp[1]
+                    wq2, code2 = wqm, code
+                    if kind == GATE_UP:   # the up rows, read with the gate rows
+                        tp = parts[mat, l, 1]
+                        wq2, code2 = _part(wq[mat], tp, nrows), tp[1]
+                off = first if code < 0 else 0   # float rows: the whole matrix; blocks: the part's own array
+                _rows_into(dst, o, r0 + off, r1 + off, xin, wfm, wqm, code, a, xd, xs, acc,
+                           gu[1], wq2, code2, H if code2 < 0 else 0, kind == GATE_UP)
+                if kind <= QKV and part < 2:   # RoPE in place (it rewrites each pair it reads)
+                    head = dst[j * hs:(j + 1) * hs]
+                    _rotate_row(head, head, pos, inv_freq, half, 1.0, 1, hs, False)
+                if kind == QKV_ATT and kk == group + 1:   # the kv head's k and v are in: its q heads' attention
+                    for h in range(g * group, (g + 1) * group):
+                        _attend_head(att[h * hs:(h + 1) * hs], cache[l], pos, h * hs, (NH + g) * hs,
+                                     (NH + NKV + g) * hs, hs, scores[h])
+                if kind == GATE_UP:
+                    for r in range(r0, r1):
+                        act[r] = _silu_mul(gu[0, r], gu[1, r])
+            fetch_add(ctr, 2 * LINE, 1)
+            k = fetch_add(ctr, LINE, 1)
+
+
 @njit(cache=True)
 def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, attn_sub_norm, ffn_sub_norm, wf, wq,
-                      parts, head_f, head_q, head_code, cache, inv_freq, half, NH, NKV, H, eps, split_heads):
+                      parts, head_f, head_q, head_code, cache, inv_freq, half, NH, NKV, H, eps, nthreads):
     """The logits (rows of the classifier) after token `token` at position `pos`, whose
     rotated qkv rows are appended to cache (L, capacity, W) at row pos.
 
@@ -227,44 +272,40 @@ def llama_decode_step(logits, token, pos, wte, attn_norm, ffn_norm, norm_f, attn
     so a layer may mix block types (a Q4_K_M file's Q4_K q/k and Q6_K v rows). head_code:
     the classifier's (-1 float: head_f, else head_q). H: the MLP's width. attn_sub_norm (L,
     NH*hs) / ffn_sub_norm (L, H): BitNet's RMSNorms before the out / down projections, or (L, 0).
-    split_heads: the q/k/v rows and the attention in two regions split per head (qkv_rows,
-    attention) instead of one split per kv head (qkv_attention): for a thread count that does
-    not divide NKV."""
+    nthreads (>= 1): the workers (numba.get_num_threads() of the caller: read here, it would
+    stop Numba caching this function); the bits do not depend on it. The kv heads are a
+    phase's items when nthreads divides them, else the heads (QKV, then ATT)."""
     L, C = attn_norm.shape
-    W = cache.shape[2]
-    hs = W // (NH + 2 * NKV)
-    q1, k1 = NH * hs, (NH + NKV) * hs
+    hs = cache.shape[2] // (NH + 2 * NKV)
     width = max(C, H, NH * hs)
+    split = NKV % nthreads != 0
+    P = L * (5 if split else 4) + 1
+    kinds, layers, items = np.empty(P, np.int64), np.empty(P, np.int64), np.empty(P, np.int64)
+    p = 0
+    for l in range(L):
+        for kind in (QKV_ATT, QKV, ATT, OUT, GATE_UP, DOWN):
+            if (kind == QKV_ATT and split) or ((kind == QKV or kind == ATT) and not split):
+                continue
+            kinds[p], layers[p] = kind, l
+            p += 1
+    kinds[p], layers[p] = HEAD, 0
+    base = np.zeros(P + 1, np.int64)   # phase p's units: base[p] .. base[p + 1] - 1
+    for p in range(P):
+        kind = kinds[p]
+        items[p] = NKV if kind == QKV_ATT else (NH + 2 * NKV if kind == QKV else (NH if kind == ATT else (
+            (H + 3) // 4 if kind == GATE_UP else ((logits.shape[0] + 3) // 4 if kind == HEAD else (C + 3) // 4))))
+        base[p + 1] = base[p] + min(nthreads, items[p])
     x = wte[token].copy()
-    h = np.empty(C, np.float32)
     att = np.empty(NH * hs, np.float32)
     act = np.empty(H, np.float32)
-    xq = np.empty(width, np.int8)
-    xd = np.empty(width // QK + 1, np.float32)   # + 1: a T2 row's one scale
-    xs = np.empty(width // QK, np.int32)
+    gu = np.empty((2, H), np.float32)
+    # each worker's input row and its quantised form, a cache line or more apart (written per phase)
+    hbuf = np.empty((nthreads, width + 16), np.float32)
+    xqbuf = np.empty((nthreads, width + 64), np.int8)
+    xdbuf = np.empty((nthreads, width // QK + 1 + 16), np.float32)   # + 1: a T2 row's one scale
+    xsbuf = np.empty((nthreads, width // QK + 16), np.int32)
     scores = np.empty((NH, pos + 1), np.float32)
-    for l in range(L):
-        t, f = parts[0, l], wf[0][l]
-        _rmsnorm_row(h, x, attn_norm[l], eps)
-        qkv_f = (f[:q1], f[q1:k1], f[k1:])
-        qkv_q = (_part(wq[0], t[0], q1), _part(wq[0], t[1], k1 - q1), _part(wq[0], t[2], W - k1))
-        qkv_codes = (t[0, 1], t[1, 1], t[2, 1])
-        if split_heads:
-            qkv_rows(h, qkv_f, qkv_q, qkv_codes, xq, xd, xs, cache[l], pos, inv_freq, half, NH, NKV)
-            attention(att, cache[l], pos, NH, NKV, scores)
-        else:
-            qkv_attention(att, h, qkv_f, qkv_q, qkv_codes, xq, xd, xs, cache[l], pos, inv_freq, half, NH, NKV, scores)
-        if attn_sub_norm.shape[1]:
-            _rmsnorm_row(att, att, attn_sub_norm[l], eps)
-        t = parts[1, l]
-        matvec(x, att, wf[1][l], _part(wq[1], t[0], C), t[0, 1], xq, xd, xs, True)
-        _rmsnorm_row(h, x, ffn_norm[l], eps)
-        t, f = parts[2, l], wf[2][l]
-        swiglu_matvec(act, h, (f[:H], f[H:]), (_part(wq[2], t[0], H), _part(wq[2], t[1], H)), (t[0, 1], t[1, 1]),
-                      xq, xd, xs)
-        if ffn_sub_norm.shape[1]:
-            _rmsnorm_row(act, act, ffn_sub_norm[l], eps)
-        t = parts[3, l]
-        matvec(x, act, wf[3][l], _part(wq[3], t[0], C), t[0, 1], xq, xd, xs, True)
-    _rmsnorm_row(h, x, norm_f, eps)
-    matvec(logits, h, head_f, head_q, head_code, xq, xd, xs, False)
+    ctr = np.zeros(3 * LINE, np.int64)   # claims at LINE, done units at 2 LINE: lines of their own
+    _token(nthreads, ctr, kinds, layers, items, base, x, att, act, gu, logits, cache, pos, wf, wq, parts, head_f,
+           head_q, head_code, attn_norm, ffn_norm, norm_f, attn_sub_norm, ffn_sub_norm, inv_freq, half, NH, NKV, eps,
+           hbuf, xqbuf, xdbuf, xsbuf, scores)

@@ -393,9 +393,8 @@ class Llama(LanguageModel):
             raise IndexError(f"decode step: token {token} must be in [0, {cfg.vocab_size}) and position {pos} "
                              f"in the KV cache's [0, {self._kv_all.shape[2]})")
         logits = np.empty(plan[-1], np.float32)
-        # kv heads as tasks split unevenly over a thread count that does not divide them: then per head
-        split_heads = cfg.n_kv_heads % numba.get_num_threads() != 0
-        decode.llama_decode_step(logits, token, pos, *plan[1:-1], split_heads)
+        # the step's workers: Numba's thread count, read here (read inside, it stops the step caching)
+        decode.llama_decode_step(logits, token, pos, *plan[1:-1], numba.get_num_threads())
         return logits
 
     def _decode_args(self) -> tuple:
