@@ -6,32 +6,22 @@ import numpy as np
 import pytest
 from numba import njit, prange
 
-from nt.io import gguf
 from nt.kernels.cpu import decode, sync
-from nt.models import Llama, LlamaConfig
+from nt.models import LlamaConfig
 
-
-def _model(kind):
-    """Grouped-query heads (3 q heads a kv head, 2 kv heads: 1 and 2 threads split them per kv
-    head, 3 and 5 per head), rows not a multiple of 4 (the classifier) or of the units, the given
-    block type on every matrix (None: float32)."""
-    rng = np.random.default_rng(3)
-    cfg = LlamaConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=160, vocab_size=301, block_size=32,
-                      tie_embeddings=False)
-    names = ("qkvw", "attn_out", "gate_up", "down", "lm_head")
-    q = Llama(cfg, seed=0, quantized=dict.fromkeys(names, kind) if kind else None)
-    for name in q.quantized:
-        shape = Llama(cfg, seed=0).params[name].shape
-        blocks = [gguf.quantize(rng.standard_normal(shape[-2:]).astype(np.float32) * 0.1, kind)
-                  for _ in range(cfg.n_layers if name != "lm_head" else 1)]
-        q.qweights[name] = blocks if name != "lm_head" else blocks[0]
-    return q.eval()
+from .test_generate_quant import random_quantized_llama
 
 
 @pytest.mark.parametrize("kind", [None, "Q8_0"])
-def test_any_thread_count_gives_the_same_logits(kind):
-    """1, 2 and more workers than the pool has: identical logits and KV cache, token after token."""
-    model = _model(kind)
+@pytest.mark.parametrize("n_kv_heads", [2, 3])
+def test_any_thread_count_gives_the_same_logits(kind, n_kv_heads):
+    """1, 2 and more workers than the pool has: identical logits and KV cache, token after
+    token. 6 q heads over 2 or 3 kv heads; the kv heads are a phase's units when the thread count divides
+    them (2 kv heads: 1 and 2 threads; 3: 1 and 3), else the heads (rows, then attention).
+    Rows not a multiple of 4 (the classifier's 301) or of the units."""
+    cfg = LlamaConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=n_kv_heads, ffn_hidden=160,
+                      vocab_size=301, block_size=32, tie_embeddings=False)
+    model = random_quantized_llama(cfg, kind, np.random.default_rng(3)).eval()
     tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int32)
     runs = {}
     for nthreads in (1, 2, 3, 5):

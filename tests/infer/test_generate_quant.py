@@ -185,61 +185,33 @@ def test_k_quant_decoding_matches_dequantized(monkeypatch):
         q._decode_one(int(tokens[0]), 1)
 
 
+def random_quantized_llama(cfg: LlamaConfig, kind, rng) -> Llama:
+    """A Llama whose every matrix (the classifier too) is kept as random `kind` blocks
+    (None: float32, seed 0)."""
+    names = ("qkvw", "attn_out", "gate_up", "down", "lm_head")
+    q = Llama(cfg, seed=0, quantized=dict.fromkeys(names, kind) if kind else None)
+    shapes = Llama(cfg, seed=0).params if kind else {}
+    for name in q.quantized:
+        shape = shapes[name].shape
+        blocks = [gguf.quantize(rng.standard_normal(shape[-2:]).astype(np.float32) * 0.1, kind)
+                  for _ in range(cfg.n_layers if name != "lm_head" else 1)]
+        q.qweights[name] = blocks if name != "lm_head" else blocks[0]
+    return q
+
+
 @pytest.mark.parametrize("kind", [None, "Q8_0", "Q4_0"])
 def test_fused_decoding_with_row_counts_not_a_multiple_of_four(kind, monkeypatch):
     """The fused step takes weight rows four at a time; here every matrix leaves a tail: head
     size 6 (q rows 12, k and v rows 6 per kv head), vocab 301, and (float) 99 hidden units,
     an odd count of gate/up pairs. Same logits as the tape path."""
-    rng = np.random.default_rng(2)
     ffn = 99 if kind is None else 160
     cfg = LlamaConfig(dim=96, n_layers=2, n_heads=16, n_kv_heads=8, ffn_hidden=ffn, vocab_size=301, block_size=32,
                       tie_embeddings=False)
-    names = ("qkvw", "attn_out", "gate_up", "down", "lm_head")
-    q = Llama(cfg, seed=0, quantized=dict.fromkeys(names, kind) if kind else None)
-    for name in q.quantized:
-        shape = Llama(cfg, seed=0).params[name].shape
-        blocks = [gguf.quantize(rng.standard_normal(shape[-2:]).astype(np.float32) * 0.1, kind)
-                  for _ in range(cfg.n_layers if name != "lm_head" else 1)]
-        q.qweights[name] = blocks if name != "lm_head" else blocks[0]
+    q = random_quantized_llama(cfg, kind, np.random.default_rng(2))
     tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6, 300, 3], np.int32)
     fused, tape = _step_logits(q, tokens, 4), _tape_step_logits(q, tokens, 4, monkeypatch)
     assert q._decode_plan is not None
     assert np.abs(fused - tape).max() <= 1e-5 * np.abs(tape).max()
-
-
-@pytest.mark.parametrize("kind", [None, "Q8_0"])
-def test_decode_step_per_head_split_equals_the_per_kv_head_one(kind):
-    """The decode step splits q/k/v rows and attention per kv head when the thread count
-    divides the kv heads (1 or 3 threads here), else per head in two phases (QKV, then ATT:
-    2 threads over 3 kv heads): the same arithmetic per row and head, so the same bits in
-    logits and KV cache."""
-    from nt.kernels.cpu import decode
-    cfg = LlamaConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=3, ffn_hidden=160, vocab_size=301, block_size=32,
-                      tie_embeddings=False)
-    model = Llama(cfg, seed=0, quantized=dict.fromkeys(("qkvw", "attn_out", "gate_up", "down"), kind) if kind else None)
-    rng = np.random.default_rng(3)
-    shapes = Llama(cfg, seed=0).params
-    for name in model.quantized:
-        model.qweights[name] = [gguf.quantize(rng.standard_normal(shapes[name].shape[-2:]).astype(np.float32) * 0.1,
-                                              kind) for _ in range(cfg.n_layers)]
-    tokens = np.array([3, 1, 4, 1, 5], np.int32)
-    model.eval()
-    model._begin_generation(8, 1)   # room for positions 0..7
-    for i in (4, 5):   # a prefill of 4, then one fused step (position 4): the plan
-        model._next_logits(tokens[None, :i])
-    cache, args = model._kv_all.data, model._decode_plan[1:-1]
-    assert cache.shape[2] > 5
-    before = cache.copy()
-    results = []
-    for nthreads in (1, 2, 3):
-        cache[:] = before
-        logits = np.empty(cfg.vocab_size, np.float32)
-        decode.llama_decode_step(logits, 7, 5, *args, nthreads)
-        results.append((logits, cache.copy()))
-    assert np.isfinite(results[0][0]).all()
-    for logits, after in results[1:]:
-        assert np.array_equal(results[0][0], logits) and np.array_equal(results[0][1], after, equal_nan=True)
-    assert not np.array_equal(results[0][1], before, equal_nan=True)   # the step wrote position 5
 
 
 def test_linear_q_rejects_bad_input():
