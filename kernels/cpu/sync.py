@@ -15,7 +15,6 @@ deadlock.
 Counters live in an int64 array; callers give each counter its own 64-byte line (index a
 multiple of LINE) so threads bumping one do not invalidate the line another spins on.
 """
-import numba
 from llvmlite import binding as llvm_binding, ir
 from numba import njit, types
 from numba.core import cgutils
